@@ -1,0 +1,153 @@
+"""The one detector contract.
+
+Every detector:
+
+* is built from a config dataclass (the constructor only stores it),
+* ``fit(train)`` on a normal series of shape (T, C),
+* ``channel_scores(windows)`` maps windows (B, W, C) to non-negative per-channel scores
+  (B, C) for the *newest* point of each window, and ``score(windows)`` aggregates them to
+  (B,): higher is more anomalous, always,
+* saves to / loads from an artifact directory that carries its own config, so
+  ``load_detector(path)`` rebuilds it with nothing else.
+
+Detectors that can learn online per stream (the service's cold-start path) also implement
+``partial_fit(series)`` and report ``is_fitted``.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+ARTIFACT_CONFIG = "config.json"
+ARTIFACT_WEIGHTS = "weights.safetensors"
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Fields every detector config has."""
+
+    window: int = 64  # points per window (the newest point is the one scored)
+    aggregate: str = "mean"  # how channel scores become one score: mean | max
+
+
+class Detector(ABC):
+    """Base class: owns validation, aggregation and the artifact format."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+    supports_online: ClassVar[bool] = False
+
+    def __init__(self, config: DetectorConfig | None = None, **overrides: Any) -> None:
+        self.config = replace(config or self.Config(), **overrides)
+
+    # --- what each detector writes ---------------------------------------------------
+    @abstractmethod
+    def _fit(self, train: np.ndarray) -> None:
+        """Learn from a validated float64 series (T, C)."""
+
+    @abstractmethod
+    def _channel_scores(self, windows: np.ndarray) -> np.ndarray:
+        """(B, W, C) float64 windows -> (B, C) non-negative scores."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything learned, as named arrays (what the artifact's weights hold)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    @property
+    @abstractmethod
+    def is_fitted(self) -> bool: ...
+
+    # --- the shared part ---------------------------------------------------------------
+    def fit(self, train: np.ndarray) -> Self:
+        train = as_series(train, "train")
+        if len(train) < self.config.window:
+            raise ValueError(f"train: need at least window={self.config.window} points")
+        self._fit(train)
+        return self
+
+    def partial_fit(self, series: np.ndarray) -> Self:
+        raise NotImplementedError(f"{self.name} does not learn online")
+
+    def channel_scores(self, windows: np.ndarray) -> np.ndarray:
+        windows = as_windows(windows, self.config.window)
+        if not self.is_fitted:
+            raise RuntimeError(f"{self.name}: call fit() before scoring")
+        return self._channel_scores(windows)
+
+    def score(self, windows: np.ndarray) -> np.ndarray:
+        return aggregate_channels(self.channel_scores(windows), self.config.aggregate)
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"detector": self.name, "config": asdict(self.config)}
+        (path / ARTIFACT_CONFIG).write_text(json.dumps(meta, indent=2))
+        state = {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()}
+        save_file(state, str(path / ARTIFACT_WEIGHTS))
+        return path
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> Self:
+        known = {f.name for f in fields(cls.Config)}
+        return cls(cls.Config(**{k: v for k, v in config.items() if k in known}))
+
+
+def aggregate_channels(channel_scores: np.ndarray, how: str) -> np.ndarray:
+    """(B, C) -> (B,).
+
+    >>> aggregate_channels(np.array([[1.0, 3.0]]), "mean").tolist()
+    [2.0]
+    >>> aggregate_channels(np.array([[1.0, 3.0]]), "max").tolist()
+    [3.0]
+    """
+    if how == "mean":
+        return channel_scores.mean(axis=1)
+    if how == "max":
+        return channel_scores.max(axis=1)
+    raise ValueError(f"aggregate: unknown aggregation {how!r} (mean | max)")
+
+
+def as_series(x: np.ndarray, name: str = "series") -> np.ndarray:
+    """Validate a (T, C) or (T,) series of finite numbers; returns float64 (T, C)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected shape (T, C), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return x
+
+
+def as_windows(x: np.ndarray, window: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 3 or x.shape[1] != window:
+        raise ValueError(f"windows: expected shape (B, {window}, C), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("windows: contains NaN or infinite values")
+    return x
+
+
+def sliding_windows(series: np.ndarray, window: int, stride: int = 1) -> np.ndarray:
+    """(T, C) -> (N, window, C) views, newest point last.
+
+    >>> sliding_windows(np.arange(5.0)[:, None], 3).shape
+    (3, 3, 1)
+    """
+    series = np.asarray(series)
+    if len(series) < window:
+        return np.empty((0, window, series.shape[1]), dtype=series.dtype)
+    view = np.lib.stride_tricks.sliding_window_view(series, window, axis=0)  # (N, C, W)
+    return view[::stride].transpose(0, 2, 1)
