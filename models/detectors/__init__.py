@@ -1,4 +1,7 @@
-"""Detector registry: name -> class. Every registered detector passes tests/test_detector_contract.py."""
+"""Detector registry: name -> class.
+
+Every registered detector passes tests/test_detector_contract.py.
+"""
 
 from __future__ import annotations
 

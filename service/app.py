@@ -1,0 +1,120 @@
+"""The application factory: settings in, a ready FastAPI app out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from models.detectors import build_detector
+from service.errors import describe
+from service.metrics import ServiceMetrics
+from service.pipeline import ScoringPipeline
+from service.routers import ops, score, streams
+from service.settings import Settings
+from service.stores.base import StoreRejection, StoreUnavailable, WindowStore
+from service.stores.instrumented import InstrumentedStore
+from service.stores.memory import MemoryWindowStore
+
+log = logging.getLogger("tsad.service")
+
+
+def build_store(settings: Settings) -> WindowStore:
+    if settings.redis_url:
+        from service.stores.redis import RedisWindowStore
+
+        return RedisWindowStore(
+            settings.redis_url, prefix=settings.redis_prefix,
+            ttl_seconds=settings.stream_ttl_seconds,
+            timeout_seconds=settings.redis_timeout_seconds,
+            lock_wait_seconds=settings.lock_wait_seconds)
+    return MemoryWindowStore(ttl_seconds=settings.stream_ttl_seconds)
+
+
+def create_app(settings: Settings | None = None,
+               metrics: ServiceMetrics | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = metrics or ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = InstrumentedStore(build_store(settings), metrics)
+        app.state.pipeline = ScoringPipeline(store, settings, metrics)
+        build_detector(settings.default_detector, window=settings.default_window)
+        app.state.detectors_ready = True
+        try:
+            await store.ping()
+            log.info("store ready", extra={"backend": store.backend})
+        except StoreUnavailable as exc:  # start anyway; /readyz says 503 until it's back
+            log.warning("store unavailable at start-up", extra={"error": str(exc)})
+        yield
+        await store.close()
+
+    app = FastAPI(
+        title="tsad",
+        version="0.1.0",
+        description="Online streaming time-series anomaly detection with language-model "
+        "features. POST points to /score; every point gets a score, a verdict and, when "
+        "anomalous, the channels that explain it.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.detectors_ready = False
+    for module in (score, streams, ops):
+        app.include_router(module.router)
+    _install_error_handlers(app, settings, metrics)
+    _install_request_metrics(app, metrics)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")}
+                  for e in exc.errors()]
+        return JSONResponse({"message": describe(errors), "detail": errors}, status_code=422)
+
+    @app.exception_handler(StoreRejection)
+    async def rejected(_: Request, exc: StoreRejection) -> JSONResponse:
+        detail = [{"type": "value_error", "loc": list(exc.loc), "msg": exc.message}]
+        return JSONResponse({"message": describe(detail), "detail": detail},
+                            status_code=exc.status)
+
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("store unavailable", extra={"error": str(exc)})
+        return JSONResponse(
+            {"message": f"window store unavailable, retry later: {exc}", "detail": None},
+            status_code=503, headers={"Retry-After": str(settings.retry_after_seconds)})
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"message": str(exc.detail), "detail": None},
+                            status_code=exc.status_code, headers=exc.headers)
+
+
+def _install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:
+    access = logging.getLogger("tsad.access")
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            elapsed = time.perf_counter() - start
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.http_requests_total.labels(route, request.method, str(status)).inc()
+            metrics.http_request_duration_seconds.labels(route, request.method).observe(elapsed)
+            access.info("request", extra={"method": request.method, "route": route,
+                                          "status": status,
+                                          "duration_ms": round(elapsed * 1000, 2)})

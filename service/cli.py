@@ -1,0 +1,37 @@
+"""`tsad serve`: run the HTTP service with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run the scoring service",
+        description="Run the HTTP service. Every setting comes from the environment "
+        "(prefix TSAD_, plus PORT and REDIS_URL); flags override host and port. Without "
+        "REDIS_URL the embedded in-memory window store is used (single process).")
+    p.add_argument("--host", default=None, help="bind address (default TSAD_HOST or 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="port (default PORT or 8000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="uvicorn worker processes (needs REDIS_URL when > 1)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.logs import configure_logging
+    from service.settings import Settings
+
+    settings = Settings()  # validated here, before anything binds a port
+    if args.host:
+        settings.host = args.host
+    if args.port:
+        settings.port = args.port
+    if args.workers > 1 and not settings.redis_url:
+        raise SystemExit("--workers > 1 needs REDIS_URL: the in-memory store is per process")
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run("service.main:app", host=settings.host, port=settings.port,
+                workers=args.workers, log_config=None, access_log=False)
+    return 0

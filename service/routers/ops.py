@@ -1,0 +1,38 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import MetricsDep, PipelineDep, SettingsDep
+from service.stores.base import StoreUnavailable
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: store reachable and detectors loaded (503 if not)")
+async def readyz(pipeline: PipelineDep, settings: SettingsDep, request: Request) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        await pipeline.store.ping()
+        checks["store"] = f"ok ({pipeline.store.backend})"
+    except StoreUnavailable as exc:
+        checks["store"] = f"unavailable: {exc}"
+    checks["detectors"] = "ok" if request.app.state.detectors_ready else "not loaded"
+    ready = all(v.startswith("ok") for v in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                        status_code=200 if ready else 503,
+                        headers=None if ready else {"Retry-After":
+                                                    str(settings.retry_after_seconds)})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+async def metrics(m: MetricsDep) -> PlainTextResponse:
+    return PlainTextResponse(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import PipelineDep
+from service.schemas import ErrorOut, ScoreRequest, ScoreResponse
+
+router = APIRouter(tags=["scoring"])
+
+
+@router.post(
+    "/score",
+    response_model=ScoreResponse,
+    responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    summary="Append points to a stream and score them",
+)
+async def score(body: ScoreRequest, pipeline: PipelineDep) -> ScoreResponse:
+    """Points are stored atomically (all or none), then scored: one result per point."""
+    return await pipeline.score(body)

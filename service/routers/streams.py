@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Response, status
+
+from service.deps import PipelineDep, StreamPath
+from service.schemas import ErrorOut, StreamConfigIn, StreamList, StreamOut
+
+router = APIRouter(prefix="/streams", tags=["streams"])
+_ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
+           503: {"model": ErrorOut}}
+
+
+@router.get("", response_model=StreamList, summary="List streams")
+async def list_streams(pipeline: PipelineDep) -> StreamList:
+    return StreamList(streams=await pipeline.list_streams())
+
+
+@router.put("/{stream}", response_model=StreamOut, responses=_ERRORS,
+            summary="Create or configure a stream (channels are fixed once set)")
+async def put_stream(stream: StreamPath, body: StreamConfigIn, pipeline: PipelineDep,
+                     response: Response) -> StreamOut:
+    out, created = await pipeline.put_stream(stream, body)
+    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return out
+
+
+@router.get("/{stream}", response_model=StreamOut, responses=_ERRORS, summary="Describe a stream")
+async def get_stream(stream: StreamPath, pipeline: PipelineDep) -> StreamOut:
+    out = await pipeline.get_stream(stream)
+    if out is None:
+        raise HTTPException(404, f"stream {stream!r} not found")
+    return out
+
+
+@router.delete("/{stream}", status_code=204, responses=_ERRORS,
+               summary="Delete a stream, its window and its state")
+async def delete_stream(stream: StreamPath, pipeline: PipelineDep) -> Response:
+    if not await pipeline.delete_stream(stream):
+        raise HTTPException(404, f"stream {stream!r} not found")
+    return Response(status_code=204)

@@ -1,0 +1,118 @@
+"""Per-stream online scoring: the stream's detector and threshold, and their state blob.
+
+``StreamScorer.process`` takes the points returned by an append (context, then the new
+points) and scores each new point whose window is full. Work goes in chunks: within a
+chunk the detector and threshold are fixed, so scoring is one vectorised call; between
+chunks the detector learns from the chunk's points judged normal (anomalies never teach
+the model what normal is).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.detectors import Detector, build_detector
+from models.detectors.base import aggregate_channels, sliding_windows
+from service.settings import Settings
+from service.stores.base import StreamMeta
+from service.thresholds import QuantileThreshold
+
+CHUNK = 64  # points scored between two online updates
+STATE_VERSION = 1
+
+
+@dataclass
+class ChannelShare:
+    channel: str
+    share: float
+
+
+@dataclass
+class PointResult:
+    score: float | None
+    anomaly: bool
+    threshold: float | None
+    status: str  # warming_up | scored
+    top_channels: list[ChannelShare] | None = None
+
+
+class StreamScorer:
+    def __init__(self, meta: StreamMeta, settings: Settings) -> None:
+        self.meta = meta
+        self.settings = settings
+        self.detector: Detector = build_detector(
+            meta.detector, window=meta.window, warmup=settings.warmup_points)
+        self.threshold = QuantileThreshold(
+            settings.threshold_quantile, settings.threshold_history,
+            settings.threshold_min_scores)
+
+    # --- state -------------------------------------------------------------------------
+    @classmethod
+    def from_blob(cls, meta: StreamMeta, settings: Settings, blob: bytes | None) -> StreamScorer:
+        scorer = cls(meta, settings)
+        if blob:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            if int(arrays.pop("version", np.zeros(1))[0]) == STATE_VERSION:
+                scorer.detector.load_state_dict(_strip(arrays, "det."))
+                scorer.threshold.load_state_dict(_strip(arrays, "thr."))
+        return scorer
+
+    def to_blob(self) -> bytes:
+        arrays = {"version": np.array([STATE_VERSION])}
+        arrays |= {f"det.{k}": v for k, v in self.detector.state_dict().items()}
+        arrays |= {f"thr.{k}": v for k, v in self.threshold.state_dict().items()}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    # --- scoring -----------------------------------------------------------------------
+    def process(self, points: np.ndarray, n_new: int) -> list[PointResult]:
+        """points: (K, 1 + C), oldest first, the last ``n_new`` rows new. One result each."""
+        values = points[:, 1:]
+        window = self.meta.window
+        start = len(points) - n_new
+        results: list[PointResult] = []
+        for lo in range(start, len(points), CHUNK):
+            hi = min(lo + CHUNK, len(points))
+            first_full = max(lo, window - 1)  # earlier points have no full window yet
+            results += [PointResult(None, False, None, "warming_up")] * (first_full - lo)
+            if first_full < hi:
+                windows = sliding_windows(values[first_full - window + 1:hi], window)
+                results += self._score_chunk(windows)
+        return results
+
+    def _score_chunk(self, windows: np.ndarray) -> list[PointResult]:
+        det = self.detector
+        if not det.is_fitted:
+            if not det.supports_online:
+                raise RuntimeError(f"detector {det.name!r} is not fitted and cannot learn online")
+            det.partial_fit(windows)
+            return [PointResult(None, False, None, "warming_up")] * len(windows)
+        channel_scores = det.channel_scores(windows)  # (B, C)
+        scores = aggregate_channels(channel_scores, det.config.aggregate)
+        threshold = self.threshold.value()
+        anomalous = scores > threshold if threshold is not None else np.zeros(len(scores), bool)
+        self.threshold.update(scores)
+        if det.supports_online and (~anomalous).any():
+            det.partial_fit(windows[~anomalous])
+        return [
+            PointResult(
+                score=float(s), anomaly=bool(a), threshold=threshold, status="scored",
+                top_channels=self._explain(cs) if a else None,
+            )
+            for s, a, cs in zip(scores, anomalous, channel_scores, strict=True)
+        ]
+
+    def _explain(self, channel_scores: np.ndarray) -> list[ChannelShare]:
+        total = float(channel_scores.sum()) or 1.0
+        names = self.meta.channel_names or [str(i) for i in range(len(channel_scores))]
+        top = np.argsort(-channel_scores)[: self.settings.top_channels]
+        return [ChannelShare(names[i], round(float(channel_scores[i]) / total, 4)) for i in top]
+
+
+def _strip(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}

@@ -1,0 +1,161 @@
+"""In-process window store: the embedded default when no Redis is configured.
+
+Single process only. Atomicity comes from the event loop: ``append`` has no await between
+its checks and its writes, so no other request can interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from service.stores.base import AppendResult, DuplicatePolicy, StoreRejection, StreamMeta
+
+
+@dataclass
+class _Stream:
+    meta: StreamMeta
+    points: deque = field(default_factory=deque)  # of np.ndarray rows (1 + C,)
+    state: bytes | None = None
+    touched: float = field(default_factory=time.monotonic)
+
+
+class MemoryWindowStore:
+    backend = "memory"
+
+    def __init__(self, ttl_seconds: float = 0) -> None:
+        self.ttl_seconds = ttl_seconds
+        self._streams: dict[str, _Stream] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # outlive their stream: first posts race
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _get(self, stream: str) -> _Stream | None:
+        entry = self._streams.get(stream)
+        if entry is not None and self.ttl_seconds and (
+            time.monotonic() - entry.touched > self.ttl_seconds
+        ):
+            del self._streams[stream]  # idle past its TTL, like a Redis EXPIRE
+            return None
+        return entry
+
+    async def put_stream(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
+        entry = self._get(meta.stream)
+        if entry is None:
+            self._streams[meta.stream] = _Stream(meta=replace(meta, points_seen=0))
+            return replace(meta), True
+        old = entry.meta
+        if old.channels != meta.channels:
+            raise StoreRejection(
+                ("body", "channels"),
+                f"stream {meta.stream!r} has {old.channels} channels; it cannot change",
+                status=409,
+            )
+        if (old.window, old.detector) != (meta.window, meta.detector):
+            entry.state = None
+        while len(entry.points) > meta.window:
+            entry.points.popleft()
+        entry.meta = replace(old, window=meta.window, detector=meta.detector,
+                             channel_names=meta.channel_names)
+        entry.touched = time.monotonic()
+        return replace(entry.meta), False
+
+    async def get_stream(self, stream: str) -> StreamMeta | None:
+        entry = self._get(stream)
+        return replace(entry.meta) if entry else None
+
+    async def list_streams(self) -> list[StreamMeta]:
+        return [replace(e.meta) for s in sorted(self._streams) if (e := self._get(s))]
+
+    async def delete_stream(self, stream: str) -> bool:
+        return self._streams.pop(stream, None) is not None
+
+    async def append(
+        self,
+        stream: str,
+        points: np.ndarray,
+        *,
+        default_window: int,
+        default_detector: str,
+        duplicates: DuplicatePolicy = "reject",
+    ) -> AppendResult:
+        channels = points.shape[1] - 1
+        entry = self._get(stream)
+        # --- checks: nothing is written until all pass --------------------------------
+        if entry is not None and entry.meta.channels != channels:
+            raise StoreRejection(
+                ("body", "points", 0, "values"),
+                f"stream {stream!r} has {entry.meta.channels} channels, got {channels}",
+            )
+        dropped = 0
+        last = entry.meta.last_timestamp if entry else None
+        if last is not None:
+            stored = {row.tobytes() for row in entry.points} if duplicates == "drop" else set()
+            for i, row in enumerate(points):
+                if row[0] > last:
+                    break
+                if duplicates != "drop":
+                    raise StoreRejection(
+                        ("body", "points", i, "timestamp"),
+                        f"timestamp {float(row[0])!r} is not after the stream's last stored "
+                        f"timestamp {last!r}",
+                    )
+                if row.tobytes() not in stored:
+                    raise StoreRejection(
+                        ("body", "points", i, "timestamp"),
+                        f"timestamp {float(row[0])!r} is not after the stream's last stored "
+                        f"timestamp {last!r} and is not an exact duplicate of a stored point",
+                    )
+                dropped = i + 1
+        # --- writes ---------------------------------------------------------------------
+        created = entry is None
+        if entry is None:
+            meta = StreamMeta(stream=stream, channels=channels, window=default_window,
+                              detector=default_detector)
+            entry = self._streams[stream] = _Stream(meta=meta)
+        new = points[dropped:]
+        window = entry.meta.window
+        context = list(entry.points)[-(window - 1):] if window > 1 else []
+        for row in new:
+            entry.points.append(np.array(row, dtype=np.float64))
+        while len(entry.points) > window:
+            entry.points.popleft()
+        if len(new):
+            entry.meta.points_seen += len(new)
+            entry.meta.last_timestamp = float(new[-1, 0])
+        entry.touched = time.monotonic()
+        rows = context + list(new) if len(new) else []
+        out = np.array(rows, dtype=np.float64).reshape(len(rows), 1 + channels)
+        return AppendResult(meta=replace(entry.meta), created=created, dropped=dropped,
+                            accepted=len(new), points=out)
+
+    async def window(self, stream: str) -> np.ndarray:
+        entry = self._get(stream)
+        if entry is None or not entry.points:
+            channels = entry.meta.channels if entry else 0
+            return np.empty((0, 1 + channels))
+        return np.array(entry.points, dtype=np.float64)
+
+    async def load_state(self, stream: str) -> bytes | None:
+        entry = self._get(stream)
+        return entry.state if entry else None
+
+    async def save_state(self, stream: str, blob: bytes) -> None:
+        entry = self._get(stream)
+        if entry is not None:
+            entry.state = blob
+
+    @asynccontextmanager
+    async def lock(self, stream: str) -> AsyncIterator[None]:
+        async with self._locks.setdefault(stream, asyncio.Lock()):
+            yield

@@ -1,0 +1,300 @@
+"""Redis window store: shared by every replica, survives restarts of the service.
+
+Keys of one stream share the ``{stream}`` hash tag, so they live in one Redis Cluster slot
+and the Lua scripts below may touch them together:
+
+    <prefix>:{<stream>}:meta    hash: channels, window, detector, names, counters
+    <prefix>:{<stream>}:win     list: the last ``window`` points, float64 bytes each
+    <prefix>:{<stream>}:state   string: the stream's online detector + threshold state
+    <prefix>:{<stream>}:lock    string: per-stream lease (token, PX expiry)
+    <prefix>:streams            set: stream ids (an index; entries are checked on read)
+
+Every append runs as one Lua script: the ordering and channel checks, the RPUSH, the
+LTRIM and the counters either all happen or none do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.stores.base import (
+    AppendResult,
+    DuplicatePolicy,
+    StoreRejection,
+    StoreUnavailable,
+    StreamMeta,
+    decode_points,
+    encode_point,
+)
+
+# KEYS: meta, win, state. ARGV: channels, default window, default detector, duplicate
+# policy, ttl seconds, created_at, n, then n timestamps, then n encoded points.
+_APPEND = """
+local meta, win, state = KEYS[1], KEYS[2], KEYS[3]
+local channels = tonumber(ARGV[1])
+local policy, ttl, n = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[7])
+local created = 0
+local window, last_ts
+if redis.call('EXISTS', meta) == 1 then
+  local m = redis.call('HMGET', meta, 'channels', 'window', 'last_ts')
+  if tonumber(m[1]) ~= channels then return {'err_channels', m[1]} end
+  window = tonumber(m[2])
+  last_ts = m[3]
+else
+  window = tonumber(ARGV[2])
+  created = 1
+end
+local first = 1
+if last_ts then
+  local last = tonumber(last_ts)
+  local stored = nil
+  for i = 1, n do
+    if tonumber(ARGV[7 + i]) > last then break end
+    if policy ~= 'drop' then return {'err_order', tostring(i - 1), last_ts} end
+    if stored == nil then
+      stored = {}
+      for _, e in ipairs(redis.call('LRANGE', win, 0, -1)) do stored[e] = true end
+    end
+    if not stored[ARGV[7 + n + i]] then return {'err_conflict', tostring(i - 1), last_ts} end
+    first = i + 1
+  end
+end
+if created == 1 then
+  redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARGV[3],
+             'created_at', ARGV[6], 'points_seen', 0)
+end
+local accepted = n - first + 1
+local context = {}
+if accepted > 0 then
+  for i = first, n, 500 do
+    redis.call('RPUSH', win, unpack(ARGV, 7 + n + i, 7 + n + math.min(i + 499, n)))
+  end
+  context = redis.call('LRANGE', win, -(accepted + window - 1), -1)
+  redis.call('LTRIM', win, -window, -1)
+  redis.call('HINCRBY', meta, 'points_seen', accepted)
+  redis.call('HSET', meta, 'last_ts', ARGV[7 + n])
+end
+if ttl > 0 then
+  redis.call('EXPIRE', meta, ttl)
+  redis.call('EXPIRE', win, ttl)
+  if redis.call('EXISTS', state) == 1 then redis.call('EXPIRE', state, ttl) end
+end
+local out = {'ok', tostring(created), tostring(first - 1), tostring(accepted)}
+for _, e in ipairs(context) do out[#out + 1] = e end
+return out
+"""
+
+# KEYS: meta, win, state. ARGV: channels, window, detector, names json, created_at, ttl.
+_PUT = """
+local meta, win, state = KEYS[1], KEYS[2], KEYS[3]
+local channels, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local created = 0
+if redis.call('EXISTS', meta) == 1 then
+  local m = redis.call('HMGET', meta, 'channels', 'window', 'detector')
+  if tonumber(m[1]) ~= channels then return {'err_channels', m[1]} end
+  if tonumber(m[2]) ~= window or m[3] ~= ARGV[3] then redis.call('DEL', state) end
+  redis.call('LTRIM', win, -window, -1)
+else
+  created = 1
+  redis.call('HSET', meta, 'created_at', ARGV[5], 'points_seen', 0)
+end
+redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARGV[3],
+           'names', ARGV[4])
+if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
+return created
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisWindowStore:
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tsad",
+        ttl_seconds: int = 0,
+        timeout_seconds: float = 2.0,
+        lock_lease_seconds: float = 30.0,
+        lock_wait_seconds: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+        self.lock_lease_seconds = lock_lease_seconds
+        self.lock_wait_seconds = lock_wait_seconds
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            health_check_interval=15,
+        )
+        self._append = self._redis.register_script(_APPEND)
+        self._put = self._redis.register_script(_PUT)
+        self._unlock = self._redis.register_script(_UNLOCK)
+
+    # --- keys --------------------------------------------------------------------------
+    def _key(self, stream: str, part: str) -> str:
+        return f"{self.prefix}:{{{stream}}}:{part}"
+
+    def _keys(self, stream: str) -> list[str]:
+        return [self._key(stream, p) for p in ("meta", "win", "state")]
+
+    @property
+    def _index(self) -> str:
+        return f"{self.prefix}:streams"
+
+    async def _call(self, coro):  # noqa: ANN001, ANN202 - any redis coroutine
+        try:
+            return await coro
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+    # --- protocol ----------------------------------------------------------------------
+    async def ping(self) -> None:
+        await self._call(self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def put_stream(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
+        names = json.dumps(meta.channel_names) if meta.channel_names else ""
+        out = await self._call(self._put(
+            keys=self._keys(meta.stream),
+            args=[meta.channels, meta.window, meta.detector, names, repr(meta.created_at),
+                  self.ttl_seconds],
+        ))
+        if isinstance(out, list):
+            raise StoreRejection(
+                ("body", "channels"),
+                f"stream {meta.stream!r} has {int(out[1])} channels; it cannot change",
+                status=409,
+            )
+        await self._call(self._redis.sadd(self._index, meta.stream))
+        stored = await self.get_stream(meta.stream)
+        assert stored is not None
+        return stored, bool(out)
+
+    async def get_stream(self, stream: str) -> StreamMeta | None:
+        raw = await self._call(self._redis.hgetall(self._key(stream, "meta")))
+        return _meta_from_hash(stream, raw) if raw else None
+
+    async def list_streams(self) -> list[StreamMeta]:
+        ids = sorted(s.decode() for s in await self._call(self._redis.smembers(self._index)))
+        out, gone = [], []
+        for stream in ids:
+            meta = await self.get_stream(stream)
+            (out if meta else gone).append(meta or stream)
+        if gone:  # expired by TTL or deleted elsewhere: tidy the index
+            await self._call(self._redis.srem(self._index, *gone))
+        return out
+
+    async def delete_stream(self, stream: str) -> bool:
+        removed = await self._call(self._redis.delete(*self._keys(stream)))
+        await self._call(self._redis.srem(self._index, stream))
+        return bool(removed)
+
+    async def append(
+        self,
+        stream: str,
+        points: np.ndarray,
+        *,
+        default_window: int,
+        default_detector: str,
+        duplicates: DuplicatePolicy = "reject",
+    ) -> AppendResult:
+        channels = points.shape[1] - 1
+        args: list = [channels, default_window, default_detector, duplicates,
+                      self.ttl_seconds, repr(time.time()), len(points)]
+        args += [repr(float(t)) for t in points[:, 0]]
+        args += [encode_point(row) for row in points]
+        out = await self._call(self._append(keys=self._keys(stream), args=args))
+        status = out[0].decode()
+        if status == "err_channels":
+            raise StoreRejection(
+                ("body", "points", 0, "values"),
+                f"stream {stream!r} has {int(out[1])} channels, got {channels}",
+            )
+        if status in ("err_order", "err_conflict"):
+            i, last = int(out[1]), float(out[2])
+            extra = " and is not an exact duplicate of a stored point" * (
+                status == "err_conflict")
+            raise StoreRejection(
+                ("body", "points", i, "timestamp"),
+                f"timestamp {float(points[i, 0])!r} is not after the stream's last stored "
+                f"timestamp {last!r}{extra}",
+            )
+        created, dropped, accepted = int(out[1]), int(out[2]), int(out[3])
+        if created:
+            await self._call(self._redis.sadd(self._index, stream))
+        meta = await self.get_stream(stream)
+        assert meta is not None
+        return AppendResult(meta=meta, created=bool(created), dropped=dropped,
+                            accepted=accepted, points=decode_points(out[4:], channels))
+
+    async def window(self, stream: str) -> np.ndarray:
+        meta = await self.get_stream(stream)
+        if meta is None:
+            return np.empty((0, 1))
+        blobs = await self._call(self._redis.lrange(self._key(stream, "win"), 0, -1))
+        return decode_points(blobs, meta.channels)
+
+    async def load_state(self, stream: str) -> bytes | None:
+        return await self._call(self._redis.get(self._key(stream, "state")))
+
+    async def save_state(self, stream: str, blob: bytes) -> None:
+        ex = self.ttl_seconds or None
+        await self._call(self._redis.set(self._key(stream, "state"), blob, ex=ex))
+
+    @asynccontextmanager
+    async def lock(self, stream: str) -> AsyncIterator[None]:
+        # A lease, not a mutex: a crashed replica's lock expires after lock_lease_seconds.
+        key, token = self._key(stream, "lock"), secrets.token_hex(8)
+        lease_ms = int(self.lock_lease_seconds * 1000)
+        deadline = time.monotonic() + self.lock_wait_seconds
+        delay = 0.002
+        while not await self._call(self._redis.set(key, token, nx=True, px=lease_ms)):
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"stream {stream!r} is busy (lock wait timed out)")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RedisError):  # the lease expires by itself
+                await self._unlock(keys=[key], args=[token])
+
+
+def _meta_from_hash(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
+    get = {k.decode(): v.decode() for k, v in raw.items()}
+    names = get.get("names") or ""
+    last = get.get("last_ts")
+    return StreamMeta(
+        stream=stream,
+        channels=int(get["channels"]),
+        window=int(get["window"]),
+        detector=get["detector"],
+        channel_names=json.loads(names) if names else None,
+        created_at=float(get.get("created_at", 0.0)),
+        points_seen=int(get.get("points_seen", 0)),
+        last_timestamp=float(last) if last else None,
+    )

@@ -1,0 +1,166 @@
+"""One contract, two window stores: the in-memory default and Redis (a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.stores.base import StoreRejection, StreamMeta
+from service.stores.memory import MemoryWindowStore
+from service.stores.redis import RedisWindowStore
+
+W = 8
+
+
+def batch(ts: list[float], channels: int = 2) -> np.ndarray:
+    ts_arr = np.asarray(ts, dtype=np.float64)[:, None]
+    values = ts_arr * np.arange(1, channels + 1)  # deterministic, distinct per point
+    return np.hstack([ts_arr, values])
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request):
+    if request.param == "memory":
+        s = MemoryWindowStore()
+    else:
+        s = RedisWindowStore(request.getfixturevalue("redis_url"))
+    yield s
+    await s.close()
+
+
+async def append(store, stream, points, duplicates="reject"):
+    return await store.append(stream, points, default_window=W,
+                              default_detector="residual_linear", duplicates=duplicates)
+
+
+async def test_first_append_creates_stream(store):
+    result = await append(store, "s1", batch([1, 2, 3]))
+    assert result.created and result.accepted == 3 and result.dropped == 0
+    meta = await store.get_stream("s1")
+    assert (meta.channels, meta.window, meta.points_seen, meta.last_timestamp) == (2, W, 3, 3.0)
+    np.testing.assert_array_equal(result.points, batch([1, 2, 3]))
+
+
+async def test_window_keeps_last_w_points_and_returns_context(store):
+    await append(store, "s", batch(list(range(1, 11))))
+    result = await append(store, "s", batch([11, 12, 13]))
+    # context = the W-1 points before the batch, then the batch
+    np.testing.assert_array_equal(result.points[:, 0], np.arange(4, 14))
+    window = await store.window("s")
+    np.testing.assert_array_equal(window, batch(list(range(6, 14))))
+    assert (await store.get_stream("s")).points_seen == 13
+
+
+async def test_rejections_change_nothing(store):
+    await append(store, "s", batch([1, 2, 3]))
+    before = (await store.get_stream("s"), await store.window("s"))
+    with pytest.raises(StoreRejection) as exc:
+        await append(store, "s", batch([3, 4]))  # 3 is not after the last timestamp
+    assert exc.value.loc == ("body", "points", 0, "timestamp")
+    with pytest.raises(StoreRejection) as exc:
+        await append(store, "s", batch([4, 5], channels=3))
+    assert exc.value.loc[-1] == "values"
+    after = (await store.get_stream("s"), await store.window("s"))
+    assert before[0] == after[0]
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+async def test_drop_policy_is_idempotent_for_exact_duplicates(store):
+    await append(store, "s", batch([1, 2, 3]))
+    result = await append(store, "s", batch([2, 3, 4]), duplicates="drop")
+    assert (result.dropped, result.accepted) == (2, 1)
+    np.testing.assert_array_equal((await store.window("s"))[:, 0], [1, 2, 3, 4])
+    conflicting = batch([4, 5])
+    conflicting[0, 1] += 1.0  # same timestamp, different value: not a duplicate
+    with pytest.raises(StoreRejection):
+        await append(store, "s", conflicting, duplicates="drop")
+    assert (await store.get_stream("s")).points_seen == 4
+
+
+async def test_put_stream_fixes_channels_and_resets_state_on_change(store):
+    meta, created = await store.put_stream(
+        StreamMeta(stream="p", channels=3, window=16, detector="residual_linear",
+                   channel_names=["a", "b", "c"]))
+    assert created and meta.channel_names == ["a", "b", "c"] and meta.window == 16
+    await store.save_state("p", b"state")
+    _, created = await store.put_stream(
+        StreamMeta(stream="p", channels=3, window=16, detector="residual_linear"))
+    assert not created and await store.load_state("p") == b"state"
+    await store.put_stream(StreamMeta(stream="p", channels=3, window=32,
+                                      detector="residual_linear"))
+    assert await store.load_state("p") is None
+    with pytest.raises(StoreRejection) as exc:
+        await store.put_stream(StreamMeta(stream="p", channels=2, window=32,
+                                          detector="residual_linear"))
+    assert exc.value.status == 409 and exc.value.loc[-1] == "channels"
+
+
+async def test_list_and_delete(store):
+    await append(store, "b", batch([1]))
+    await append(store, "a", batch([1]))
+    assert [m.stream for m in await store.list_streams()] == ["a", "b"]
+    assert await store.delete_stream("a")
+    assert not await store.delete_stream("a")
+    assert [m.stream for m in await store.list_streams()] == ["b"]
+    assert await store.get_stream("a") is None
+
+
+async def test_state_round_trip(store):
+    await append(store, "s", batch([1]))
+    assert await store.load_state("s") is None
+    await store.save_state("s", b"\x00\x01binary")
+    assert await store.load_state("s") == b"\x00\x01binary"
+
+
+async def test_concurrent_appends_lose_and_duplicate_nothing(store):
+    """Many writers race on one stream: every accepted point is stored exactly once."""
+    accepted: list[float] = []
+
+    async def writer(k: int) -> None:
+        for j in range(10):
+            ts = float(k * 10 + j + 1)
+            try:
+                await append(store, "race", batch([ts]))
+                accepted.append(ts)
+            except StoreRejection:
+                pass  # lost the race to a later timestamp: rejected whole, fine
+
+    await asyncio.gather(*(writer(k) for k in range(16)))
+    meta = await store.get_stream("race")
+    window = await store.window("race")
+    assert meta.points_seen == len(accepted)
+    assert list(window[:, 0]) == sorted(accepted)[-W:]
+    assert np.all(np.diff(window[:, 0]) > 0)
+
+
+async def test_lock_serialises(store):
+    order: list[str] = []
+
+    async def critical(name: str) -> None:
+        async with store.lock("L"):
+            order.append(f"{name}-in")
+            await asyncio.sleep(0.02)
+            order.append(f"{name}-out")
+
+    await asyncio.gather(critical("a"), critical("b"))
+    assert order in (["a-in", "a-out", "b-in", "b-out"], ["b-in", "b-out", "a-in", "a-out"])
+
+
+async def test_redis_ttl_expires_idle_streams(redis_url):
+    store = RedisWindowStore(redis_url, ttl_seconds=1)
+    await append(store, "ttl", batch([1, 2]))
+    await store.save_state("ttl", b"x")
+    assert await store.get_stream("ttl") is not None
+    await asyncio.sleep(2.2)
+    assert await store.get_stream("ttl") is None
+    assert await store.load_state("ttl") is None
+    assert await store.list_streams() == []
+    await store.close()
+
+
+async def test_redis_keys_carry_hash_tag(redis_url):
+    store = RedisWindowStore(redis_url)
+    assert all("{my.stream:1}" in k for k in store._keys("my.stream:1"))
+    await store.close()
