@@ -25,6 +25,7 @@ from service.schemas import (
     ScoreResponse,
     StreamConfigIn,
     StreamOut,
+    WindowOut,
 )
 from service.scoring import StreamScorer
 from service.settings import Settings
@@ -135,6 +136,13 @@ class ScoringPipeline:
     async def get_stream(self, stream: str) -> StreamOut | None:
         meta = await self.store.get_stream(stream)
         return StreamOut(**meta.to_dict()) if meta else None
+
+    async def get_window(self, stream: str) -> WindowOut | None:
+        if await self.store.get_stream(stream) is None:
+            return None
+        window = await self.store.window(stream)
+        return WindowOut(stream=stream, timestamps=window[:, 0].tolist(),
+                         values=window[:, 1:].tolist())
 
     async def list_streams(self) -> list[StreamOut]:
         return [StreamOut(**m.to_dict()) for m in await self.store.list_streams()]

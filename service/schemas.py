@@ -99,6 +99,14 @@ class StreamOut(BaseModel):
     created_at: float = Field(description="Epoch seconds", examples=[1699990000.0])
 
 
+class WindowOut(BaseModel):
+    stream: str = Field(examples=["web-01.cpu"])
+    timestamps: list[float] = Field(description="Epoch seconds, oldest first",
+                                    examples=[[1700000000.0, 1700000001.0]])
+    values: list[list[float]] = Field(description="One row of channel values per timestamp",
+                                      examples=[[[0.42], [0.44]]])
+
+
 class StreamList(BaseModel):
     streams: list[StreamOut]
 

@@ -78,7 +78,7 @@ class StreamScorer:
         results: list[PointResult] = []
         for lo in range(start, len(points), CHUNK):
             hi = min(lo + CHUNK, len(points))
-            first_full = max(lo, window - 1)  # earlier points have no full window yet
+            first_full = min(max(lo, window - 1), hi)  # earlier points lack a full window
             results += [PointResult(None, False, None, "warming_up")] * (first_full - lo)
             if first_full < hi:
                 windows = sliding_windows(values[first_full - window + 1:hi], window)

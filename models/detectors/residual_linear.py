@@ -67,6 +67,8 @@ class ResidualLinear(Detector):
     def state_dict(self) -> dict[str, np.ndarray]:
         names = ("n", "mean", "m2", "xtx", "xty", "samples", "since_solve", "weights",
                  "solved", "resid_var")
+        if not hasattr(self, "_n"):  # nothing learned yet
+            return {}
         return {k: getattr(self, f"_{k}").copy() for k in names}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:

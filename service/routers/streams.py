@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Response, status
 
 from service.deps import PipelineDep, StreamPath
-from service.schemas import ErrorOut, StreamConfigIn, StreamList, StreamOut
+from service.schemas import ErrorOut, StreamConfigIn, StreamList, StreamOut, WindowOut
 
 router = APIRouter(prefix="/streams", tags=["streams"])
 _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -38,3 +38,12 @@ async def delete_stream(stream: StreamPath, pipeline: PipelineDep) -> Response:
     if not await pipeline.delete_stream(stream):
         raise HTTPException(404, f"stream {stream!r} not found")
     return Response(status_code=204)
+
+
+@router.get("/{stream}/window", response_model=WindowOut, responses=_ERRORS,
+            summary="The stream's stored window: the last `window` points, oldest first")
+async def get_window(stream: StreamPath, pipeline: PipelineDep) -> WindowOut:
+    out = await pipeline.get_window(stream)
+    if out is None:
+        raise HTTPException(404, f"stream {stream!r} not found")
+    return out

@@ -1,0 +1,229 @@
+"""The HTTP API in-process, against both window stores (Redis is a real server)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from service.app import create_app
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from tests.conftest import DATA_DIR
+
+
+def make_client(store: str, request, **overrides) -> TestClient:
+    if store == "redis":
+        overrides["redis_url"] = request.getfixturevalue("redis_url")
+    settings = Settings(warmup_points=64, threshold_min_scores=20, max_batch_points=2000,
+                        **overrides)
+    return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
+
+
+@pytest.fixture(params=["memory", "redis"])
+def client(request):
+    with make_client(request.param, request) as c:
+        yield c
+
+
+def sine_points(start: int, n: int, channels: int = 1) -> list[dict]:
+    return [{"timestamp": float(t), "values": [math.sin(t / (5 + c)) for c in range(channels)]}
+            for t in range(start, start + n)]
+
+
+def post(client: TestClient, stream: str, points: list[dict]):
+    return client.post("/score", json={"stream": stream, "points": points})
+
+
+def test_score_warms_up_then_scores_every_point(client):
+    r = post(client, "s", sine_points(0, 300))
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert len(results) == 300 and r.json()["stream"] == "s"
+    assert [p["timestamp"] for p in results] == [float(t) for t in range(300)]
+    assert results[0] == {"timestamp": 0.0, "score": None, "anomaly": False, "threshold": None,
+                          "status": "warming_up", "top_channels": None}
+    assert results[-1]["status"] == "scored" and results[-1]["score"] is not None
+    assert results[-1]["threshold"] is not None
+    stream = client.get("/streams/s").json()
+    assert (stream["channels"], stream["points_seen"], stream["last_timestamp"]) == (1, 300, 299)
+
+
+def test_rfc3339_timestamps_are_accepted_and_echoed(client):
+    points = [{"timestamp": "2024-01-01T00:00:00Z", "values": [1.0]},
+              {"timestamp": "2024-01-01T00:00:01+00:00", "values": [2.0]},
+              {"timestamp": 1704067202, "values": [3.0]}]
+    r = post(client, "rfc", points)
+    assert r.status_code == 200, r.text
+    assert client.get("/streams/rfc").json()["last_timestamp"] == 1704067202.0
+    window = client.get("/streams/rfc/window").json()
+    assert window["timestamps"] == [1704067200.0, 1704067201.0, 1704067202.0]
+    assert window["values"] == [[1.0], [2.0], [3.0]]
+
+
+BAD_REQUESTS = [
+    # (raw body, field the message must name)
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [NaN]}]}',
+     "body.points.0.values.0"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [Infinity]}]}',
+     "body.points.0.values.0"),
+    (b'{"stream": "s", "points": [{"timestamp": NaN, "values": [1]}]}',
+     "body.points.0.timestamp"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [1, 2]}]}',
+     "body.points.0.values"),  # the stream has one channel
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [1]}, '
+     b'{"timestamp": 1001, "values": [1, 2]}]}', "body.points.1.values"),
+    (b'{"stream": "s", "points": []}', "body.points"),
+    (json.dumps({"stream": "s", "points": sine_points(1000, 2001)}).encode(), "body.points"),
+    (b'{"stream": "s", "points": [{"timestamp": 1001, "values": [1]}, '
+     b'{"timestamp": 1001, "values": [1]}]}', "body.points.1.timestamp"),
+    (b'{"stream": "s", "points": [{"timestamp": 1001, "values": [1]}, '
+     b'{"timestamp": 1000, "values": [1]}]}', "body.points.1.timestamp"),
+    (b'{"stream": "s", "points": [{"timestamp": 5, "values": [1]}]}',
+     "body.points.0.timestamp"),  # not after the stream's last stored timestamp (99)
+    (b'{"stream": "bad/id", "points": [{"timestamp": 1000, "values": [1]}]}', "body.stream"),
+    (b'{"stream": "", "points": [{"timestamp": 1000, "values": [1]}]}', "body.stream"),
+    (json.dumps({"stream": "x" * 129, "points": [{"timestamp": 1000, "values": [1]}]}).encode(),
+     "body.stream"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000}]}', "body.points.0.values"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": []}]}', "body.points.0.values"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": ["a"]}]}',
+     "body.points.0.values.0"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [1]}], "x": 1}', "body.x"),
+    (b'{"stream": "s", "points": [{"timestamp": 10', "body"),  # not JSON
+    (b'[1, 2, 3]', "body"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_REQUESTS)
+def test_bad_input_is_422_naming_the_field_and_changes_nothing(client, body, field):
+    assert post(client, "s", sine_points(0, 100)).status_code == 200
+    before = (client.get("/streams").json(), client.get("/streams/s/window").json())
+    r = client.post("/score", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert field in r.json()["message"], r.json()["message"]
+    after = (client.get("/streams").json(), client.get("/streams/s/window").json())
+    assert before == after
+
+
+def test_duplicate_policy_drop_is_idempotent(request):
+    with make_client("redis", request, duplicates="drop") as client:
+        first = post(client, "d", sine_points(0, 120))
+        retry = post(client, "d", sine_points(100, 30))  # 100..119 stored already
+        assert first.status_code == retry.status_code == 200
+        statuses = [p["status"] for p in retry.json()["results"]]
+        assert statuses[:20] == ["duplicate"] * 20 and "duplicate" not in statuses[20:]
+        assert client.get("/streams/d").json()["points_seen"] == 130
+        changed = sine_points(129, 1)
+        changed[0]["values"] = [42.0]  # same timestamp, other value: a conflict, not a retry
+        r = post(client, "d", changed)
+        assert r.status_code == 422 and "body.points.0.timestamp" in r.json()["message"]
+
+
+def test_stream_lifecycle(client):
+    r = client.put("/streams/cfg", json={"channels": 2, "channel_names": ["cpu", "mem"],
+                                         "window": 32})
+    assert r.status_code == 201 and r.json()["window"] == 32
+    assert client.put("/streams/cfg", json={"channels": 2, "window": 32}).status_code == 200
+    r = client.put("/streams/cfg", json={"channels": 3})
+    assert r.status_code == 409 and "body.channels" in r.json()["message"]
+    r = client.put("/streams/cfg", json={"channels": 2, "channel_names": ["a"]})
+    assert r.status_code == 422 and "body.channel_names" in r.json()["message"]
+    r = client.put("/streams/cfg", json={"channels": 2, "detector": "nope"})
+    assert r.status_code == 422 and "body.detector" in r.json()["message"]
+    r = post(client, "cfg", sine_points(0, 10, channels=3))
+    assert r.status_code == 422 and "body.points.0.values" in r.json()["message"]
+    assert post(client, "cfg", sine_points(0, 10, channels=2)).status_code == 200
+    assert [s["stream"] for s in client.get("/streams").json()["streams"]] == ["cfg"]
+    assert client.delete("/streams/cfg").status_code == 204
+    assert client.get("/streams/cfg").status_code == 404
+    assert client.delete("/streams/cfg").status_code == 404
+    assert client.get("/streams/bad%20id").status_code == 422
+
+
+def test_anomalies_are_explained_by_their_channel(client):
+    client.put("/streams/ex", json={"channels": 3, "channel_names": ["cpu", "mem", "disk"]})
+    points = sine_points(0, 400, channels=3)
+    rng = np.random.default_rng(0)
+    for p in points:
+        p["values"] = [v + 0.05 * rng.standard_normal() for v in p["values"]]
+    points[350]["values"][1] += 4.0
+    results = post(client, "ex", points).json()["results"]
+    assert results[350]["anomaly"]
+    top = results[350]["top_channels"]
+    assert top[0]["channel"] == "mem" and top[0]["share"] > 0.5
+    assert len(top) == 3 and abs(sum(c["share"] for c in top) - 1.0) < 0.01
+
+
+def test_openapi_documents_every_field_with_an_example(client):
+    schema = client.get("/openapi.json").json()
+    comps = schema["components"]["schemas"]
+    for model in ("ScoreRequest", "Point", "ScoreResponse", "PointResultOut", "StreamConfigIn",
+                  "StreamOut", "WindowOut"):
+        for prop_name, prop in comps[model]["properties"].items():
+            documented = "description" in prop or "examples" in prop or "$ref" in prop or (
+                "items" in prop and "$ref" in prop["items"])
+            assert documented, f"{model}.{prop_name} is undocumented"
+    assert "/score" in schema["paths"] and "/streams/{stream}" in schema["paths"]
+
+
+def test_operations_endpoints_and_metrics(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    post(client, "m", sine_points(0, 300))
+    post(client, "m", [{"timestamp": 0, "values": [1]}])  # rejected
+    text = client.get("/metrics").text
+    for line in ('tsad_http_requests_total{method="POST",route="/score",status="200"} 1.0',
+                 'tsad_http_requests_total{method="POST",route="/score",status="422"} 1.0',
+                 "tsad_points_ingested_total 300.0",
+                 "tsad_points_rejected_total 1.0",
+                 'tsad_points_scored_total{detector="residual_linear"}',
+                 'tsad_anomalies_total{detector="residual_linear"}',
+                 "tsad_http_request_duration_seconds_bucket",
+                 'tsad_window_store_operation_duration_seconds_count{backend=',
+                 "tsad_window_store_errors_total"):
+        assert line in text, line
+
+
+def load_nyc_taxi() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with open(DATA_DIR / "nab" / "nyc_taxi.csv") as f:
+        rows = list(csv.reader(f))[1:]
+    parse = lambda s: datetime.fromisoformat(s).replace(tzinfo=UTC).timestamp()  # noqa: E731
+    ts = np.array([parse(r[0]) for r in rows])
+    values = np.array([float(r[1]) for r in rows])
+    windows = json.loads((DATA_DIR / "nab" / "combined_windows.json").read_text())
+    labels = np.zeros(len(ts), bool)
+    for a, b in windows["realKnownCause/nyc_taxi.csv"]:
+        labels |= (ts >= parse(a)) & (ts <= parse(b))
+    return ts, values, labels
+
+
+def test_nyc_taxi_labelled_windows_are_flagged_better_than_chance(request):
+    """End to end through POST /score with default settings: scores rank the labelled
+    anomaly windows above chance and flagged points fall in them more than at random."""
+    from sklearn.metrics import roc_auc_score
+
+    ts, values, labels = load_nyc_taxi()
+    settings = Settings(max_batch_points=1000)
+    with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as client:
+        results = []
+        for lo in range(0, len(ts), 1000):
+            points = [{"timestamp": t, "values": [v]}
+                      for t, v in zip(ts[lo:lo + 1000], values[lo:lo + 1000], strict=True)]
+            r = post(client, "nyc_taxi", points)
+            assert r.status_code == 200
+            results += r.json()["results"]
+    scores = np.array([np.nan if r["score"] is None else r["score"] for r in results])
+    flagged = np.array([r["anomaly"] for r in results])
+    scored = ~np.isnan(scores)
+    auc = roc_auc_score(labels[scored], scores[scored])
+    precision = labels[flagged].mean()
+    assert auc > 0.6, auc
+    assert flagged.sum() > 20 and precision > 1.5 * labels.mean(), (precision, labels.mean())

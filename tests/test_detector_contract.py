@@ -1,0 +1,87 @@
+"""One contract, every registered detector (add a detector to REGISTRY and it is tested here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.detectors import REGISTRY, build_detector, load_detector
+from models.detectors.base import sliding_windows
+
+WINDOW = 16
+
+
+def normal_series(n: int = 1500, channels: int = 2, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None]
+    return np.sin(t / (4.0 + np.arange(channels))) + 0.05 * rng.standard_normal((n, channels))
+
+
+@pytest.fixture(params=sorted(REGISTRY))
+def name(request) -> str:
+    return request.param
+
+
+def test_constructor_only_stores_config(name):
+    det = build_detector(name, window=WINDOW)
+    assert set(vars(det)) == {"config"}
+    assert det.config.window == WINDOW
+    assert not det.is_fitted
+
+
+def test_score_before_fit_raises(name):
+    det = build_detector(name, window=WINDOW)
+    with pytest.raises(RuntimeError):
+        det.score(np.zeros((1, WINDOW, 2)))
+
+
+def test_higher_score_means_more_anomalous(name):
+    series = normal_series()
+    det = build_detector(name, window=WINDOW).fit(series[:1000])
+    clean = sliding_windows(series[1000:], WINDOW)
+    spiked = clean.copy()
+    spiked[:, -1, 0] += 2.0  # a spike on the scored (newest) point
+    s_clean, s_spiked = det.score(clean), det.score(spiked)
+    assert s_clean.shape == (len(clean),) and np.isfinite(s_clean).all()
+    assert (s_clean >= 0).all()
+    assert np.median(s_spiked) > np.quantile(s_clean, 0.99)
+    per_channel = det.channel_scores(spiked)
+    assert per_channel.shape == (len(clean), 2)
+    assert (per_channel[:, 0] > per_channel[:, 1]).mean() > 0.95  # the spike's channel leads
+
+
+def test_artifact_round_trip_gives_identical_scores(name, tmp_path):
+    series = normal_series()
+    det = build_detector(name, window=WINDOW).fit(series[:1000])
+    windows = sliding_windows(series[1000:1200], WINDOW)
+    det.save(tmp_path / "artifact")
+    again = load_detector(tmp_path / "artifact")
+    assert type(again) is type(det) and again.config == det.config
+    np.testing.assert_array_equal(again.score(windows), det.score(windows))
+
+
+def test_bad_input_is_rejected(name):
+    det = build_detector(name, window=WINDOW)
+    with pytest.raises(ValueError, match="train"):
+        det.fit(np.full((100, 1), np.nan))
+    with pytest.raises(ValueError, match="window"):
+        det.fit(np.zeros((WINDOW - 1, 1)))
+    det.fit(normal_series(300))
+    with pytest.raises(ValueError, match="windows"):
+        det.score(np.zeros((3, WINDOW + 1, 2)))
+
+
+def test_online_detectors_learn_from_a_stream(name):
+    cls = REGISTRY[name]
+    if not cls.supports_online:
+        pytest.skip(f"{name} is trained offline only")  # the contract allows it
+    series = normal_series()
+    det = build_detector(name, window=WINDOW, warmup=200)
+    windows = sliding_windows(series, WINDOW)
+    for lo in range(0, 400, 50):
+        det.partial_fit(windows[lo:lo + 50])
+    assert det.is_fitted
+    clean = windows[600:800]
+    spiked = clean.copy()
+    spiked[:, -1, 1] -= 2.0
+    assert np.median(det.score(spiked)) > np.quantile(det.score(clean), 0.99)

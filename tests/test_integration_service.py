@@ -1,0 +1,98 @@
+"""Real processes: the service under uvicorn, a real redis-server, real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from service.process import ServiceProcess
+from tests.conftest import RedisServer
+
+W = 64
+
+
+@pytest.fixture
+def live_service(redis_url):
+    env = {"REDIS_URL": redis_url, "TSAD_DEFAULT_WINDOW": str(W), "TSAD_WARMUP_POINTS": "64"}
+    with ServiceProcess(env) as service:
+        yield service
+
+
+def batch(start: int, n: int) -> list[dict]:
+    return [{"timestamp": float(t), "values": [float(t % 17), float(t % 5)]}
+            for t in range(start, start + n)]
+
+
+def test_32_concurrent_clients_lose_and_duplicate_nothing(live_service):
+    """32 clients post interleaved batches to one stream; every acknowledged point is in
+    the window exactly once, in order, and rejected batches left no trace."""
+    clients, rounds, size = 32, 8, 5
+    accepted: list[int] = []
+    statuses: list[int] = []
+
+    async def client(k: int, http: httpx.AsyncClient) -> None:
+        for r in range(rounds):
+            start = (r * clients + k) * size  # client k owns every 32nd batch
+            resp = await http.post("/score", json={"stream": "shared", "points":
+                                                   batch(start, size)})
+            statuses.append(resp.status_code)
+            if resp.status_code == 200:
+                assert len(resp.json()["results"]) == size
+                accepted.extend(range(start, start + size))
+            else:
+                assert resp.status_code == 422, resp.text
+                assert "body.points.0.timestamp" in resp.json()["message"]
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=clients)
+        async with httpx.AsyncClient(base_url=live_service.url, timeout=30,
+                                     limits=limits) as http:
+            await asyncio.gather(*(client(k, http) for k in range(clients)))
+
+    asyncio.run(main())
+    assert len(statuses) == clients * rounds and accepted
+    meta = httpx.get(f"{live_service.url}/streams/shared").json()
+    window = httpx.get(f"{live_service.url}/streams/shared/window").json()
+    assert meta["points_seen"] == len(accepted) == len(set(accepted))
+    expected = sorted(accepted)[-W:]
+    assert window["timestamps"] == [float(t) for t in expected]
+    assert window["values"] == [[float(t % 17), float(t % 5)] for t in expected]
+
+
+def test_redis_outage_gives_503_and_recovers_by_itself():
+    redis = RedisServer()
+    redis.start()
+    env = {"REDIS_URL": redis.url, "TSAD_WARMUP_POINTS": "64", "TSAD_REDIS_TIMEOUT_SECONDS": "1"}
+    try:
+        with ServiceProcess(env) as service:
+            url = service.url
+            assert httpx.post(f"{url}/score", json={"stream": "o", "points": batch(0, 100)},
+                              timeout=10).status_code == 200
+            redis.stop()
+            r = httpx.post(f"{url}/score", json={"stream": "o", "points": batch(100, 10)},
+                           timeout=10)
+            assert r.status_code == 503
+            assert "store unavailable" in r.json()["message"]
+            assert int(r.headers["Retry-After"]) > 0
+            assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+            assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+            assert "tsad_window_store_up" in httpx.get(f"{url}/metrics").text
+
+            redis.start()  # same port, empty (no persistence in tests)
+            deadline = time.monotonic() + 20
+            while True:
+                r = httpx.post(f"{url}/score", json={"stream": "o", "points": batch(200, 10)},
+                               timeout=10)
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert r.status_code == 200, r.text
+            assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+            metrics = httpx.get(f"{url}/metrics").text
+            assert 'tsad_window_store_up{backend="redis"} 1.0' in metrics
+            assert "tsad_window_store_errors_total{" in metrics
+    finally:
+        redis.stop()
