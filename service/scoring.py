@@ -9,10 +9,10 @@ the model what normal is).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
+import safetensors.numpy
 
 from models.detectors import Detector, build_detector
 from models.detectors.base import aggregate_channels, sliding_windows
@@ -54,8 +54,7 @@ class StreamScorer:
     def from_blob(cls, meta: StreamMeta, settings: Settings, blob: bytes | None) -> StreamScorer:
         scorer = cls(meta, settings)
         if blob:
-            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
+            arrays = safetensors.numpy.load(blob)
             if int(arrays.pop("version", np.zeros(1))[0]) == STATE_VERSION:
                 scorer.detector.load_state_dict(_strip(arrays, "det."))
                 scorer.threshold.load_state_dict(_strip(arrays, "thr."))
@@ -65,9 +64,7 @@ class StreamScorer:
         arrays = {"version": np.array([STATE_VERSION])}
         arrays |= {f"det.{k}": v for k, v in self.detector.state_dict().items()}
         arrays |= {f"thr.{k}": v for k, v in self.threshold.state_dict().items()}
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
     # --- scoring -----------------------------------------------------------------------
     def process(self, points: np.ndarray, n_new: int) -> list[PointResult]:

@@ -136,11 +136,12 @@ class ResidualLinear(Detector):
 
     def _design(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, W, C) -> X (B, C, L) and y (B, C) in channel-scale units, last value removed."""
-        scale = self._scale()
-        last = windows[:, -2, :]  # newest context value
-        x = (windows[:, :-1, :] - last[:, None, :]) / scale  # (B, L, C)
-        y = (windows[:, -1, :] - last) / scale  # (B, C)
-        return x.transpose(0, 2, 1), y
+        scale = self._scale()[None, :, None]
+        wc = np.ascontiguousarray(windows.transpose(0, 2, 1))  # (B, C, W): lags contiguous
+        last = wc[:, :, -2:-1]  # newest context value
+        x = (wc[:, :, :-1] - last) / scale  # (B, C, L)
+        y = (wc[:, :, -1:] - last) / scale  # (B, C, 1)
+        return x, y[:, :, 0]
 
     def _accumulate(self, windows: np.ndarray) -> None:
         x, y = self._design(windows)
