@@ -14,6 +14,7 @@ import sys
 # module path -> each exposes register(subparsers); the parser's `func` runs the command.
 SUBCOMMAND_MODULES = [
     "service.cli",  # serve
+    "service.replay",  # replay
     "models.lm.embed_cli",  # embed
 ]
 

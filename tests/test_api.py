@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from service.app import create_app
 from service.metrics import ServiceMetrics
+from service.replay import load_series, parse_timestamp
 from service.settings import Settings
 from tests.conftest import DATA_DIR
 
@@ -193,15 +192,12 @@ def test_operations_endpoints_and_metrics(client):
 
 
 def load_nyc_taxi() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with open(DATA_DIR / "nab" / "nyc_taxi.csv") as f:
-        rows = list(csv.reader(f))[1:]
-    parse = lambda s: datetime.fromisoformat(s).replace(tzinfo=UTC).timestamp()  # noqa: E731
-    ts = np.array([parse(r[0]) for r in rows])
-    values = np.array([float(r[1]) for r in rows])
+    series = load_series(DATA_DIR / "nab" / "nyc_taxi.csv")
+    ts, values = series[:, 0], series[:, 1]
     windows = json.loads((DATA_DIR / "nab" / "combined_windows.json").read_text())
     labels = np.zeros(len(ts), bool)
     for a, b in windows["realKnownCause/nyc_taxi.csv"]:
-        labels |= (ts >= parse(a)) & (ts <= parse(b))
+        labels |= (ts >= parse_timestamp(a)) & (ts <= parse_timestamp(b))
     return ts, values, labels
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
 from service.process import ServiceProcess
-from tests.conftest import RedisServer
+from tests.conftest import DATA_DIR, RedisServer
 
 W = 64
 
@@ -96,3 +99,18 @@ def test_redis_outage_gives_503_and_recovers_by_itself():
             assert "tsad_window_store_errors_total{" in metrics
     finally:
         redis.stop()
+
+
+def test_replay_cli_posts_a_nab_series_and_reports(live_service, tmp_path):
+    """`tsad replay` against the running service: the README's first-contact path."""
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "models.cli", "replay", str(DATA_DIR / "nab" / "nyc_taxi.csv"),
+         "--stream", "nyc_taxi", "--url", live_service.url, "--batch", "500", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["points"] == 10320 and summary["scored"] > 10000
+    assert summary["anomalies"] > 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 10320 and json.loads(lines[-1])["status"] == "scored"
