@@ -64,6 +64,7 @@ class EncoderConfig:
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
     padding_side: str = "right"  # right | left; pooling is correct for both
     sort_by_length: bool = True  # batch similar lengths together: less padding, same output
+    attn_implementation: str | None = None  # None: transformers' default (sdpa); eager traces
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -250,7 +251,9 @@ class TextEncoder:
         self.tokenizer = prepare_tokenizer(
             AutoTokenizer.from_pretrained(path), self.config.padding_side
         )
-        model = AutoModel.from_pretrained(path, dtype=self.dtype)
+        kw = {"attn_implementation": self.config.attn_implementation} \
+            if self.config.attn_implementation else {}
+        model = AutoModel.from_pretrained(path, dtype=self.dtype, **kw)
         model.eval().requires_grad_(False).to(self.device)  # frozen: weights never change
         self.model = model
         self.uses_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
