@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from models.lm.encoder import Encoder
-from models.lm.metrics import EmbeddingMetrics
+from models.lm.metrics import HIT_LEVELS, EmbeddingMetrics
 from models.lm.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,23 @@ class RedisStore:
             self._failed("set", exc)
 
 
+@dataclass
+class CacheStats:
+    """Plain counters of one CachedEncoder (benchmarks, logs), beside the Prometheus ones."""
+
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HIT_LEVELS, 0))
+    misses: int = 0
+    encode_seconds: float = 0.0
+
+    @property
+    def lookups(self) -> int:
+        return sum(self.hits.values()) + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return sum(self.hits.values()) / self.lookups if self.lookups else 0.0
+
+
 class CachedEncoder:
     """An ``Encoder`` in front of which sit the LRU and Redis.
 
@@ -197,6 +214,7 @@ class CachedEncoder:
         # no metrics given: a private registry, so several encoders never collide on names
         self.metrics = metrics or EmbeddingMetrics(CollectorRegistry())
         self.lru = ByteLRU(self.config.lru_bytes)
+        self.stats = CacheStats()
         self.redis: RedisStore | None = None
         if redis_client is not None:
             self.redis = RedisStore(redis_client, self.config, self.metrics)
@@ -218,6 +236,10 @@ class CachedEncoder:
     def key(self, prompt: str) -> str:
         return prompt_key(self.config.key_prefix, self.encoder.model_id, prompt)
 
+    def _hit(self, level: str, n: int) -> None:
+        self.metrics.hits.labels(level=level).inc(n)
+        self.stats.hits[level] += n
+
     def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """(N,) prompts -> (N, dim) float32 (float16-rounded), row i for texts[i]."""
         texts = list(texts)
@@ -227,14 +249,14 @@ class CachedEncoder:
         for i, k in enumerate(keys):
             first.setdefault(k, i)
         if len(first) < len(keys):
-            self.metrics.hits.labels(level="batch").inc(len(keys) - len(first))
+            self._hit("batch", len(keys) - len(first))
 
         found: dict[str, bytes] = {}
         for k in first:
             value = self.lru.get(k)
             if value is not None:
                 found[k] = value
-        self.metrics.hits.labels(level="lru").inc(len(found))
+        self._hit("lru", len(found))
 
         missing = [k for k in first if k not in found]
         if missing and self.redis is not None:
@@ -246,16 +268,19 @@ class CachedEncoder:
                     redis_hits += 1
                 elif value is not None:  # wrong size: another format wrote this key
                     self.metrics.errors.labels(backend="redis", operation="get").inc()
-            self.metrics.hits.labels(level="redis").inc(redis_hits)
+            self._hit("redis", redis_hits)
             missing = [k for k in missing if k not in found]
 
         if missing:
             self.metrics.misses.inc(len(missing))
+            self.stats.misses += len(missing)
             t0 = time.perf_counter()
             fresh = self.encoder.encode(
                 [texts[first[k]] for k in missing], batch_size or self.config.batch_size
             )
-            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            self.metrics.encode_seconds.observe(elapsed)
+            self.stats.encode_seconds += elapsed
             self.metrics.encode_batch_prompts.observe(len(missing))
             written = {k: to_f16_bytes(v) for k, v in zip(missing, fresh, strict=True)}
             for k, value in written.items():

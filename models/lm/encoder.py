@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -305,3 +306,17 @@ class TextEncoder:
             "dtype": str(self.dtype).removeprefix("torch."),
             "config": json.loads(json.dumps(self.config.__dict__)),
         }
+
+
+_SHARED: dict[EncoderConfig, TextEncoder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_encoder(config: EncoderConfig | None = None, **overrides: Any) -> TextEncoder:
+    """One ``TextEncoder`` per config per process: the model is read-only, so the service,
+    every detector and a test session can share one copy of the weights."""
+    cfg = replace(config or EncoderConfig(), **overrides)
+    with _SHARED_LOCK:
+        if cfg not in _SHARED:
+            _SHARED[cfg] = TextEncoder(cfg)
+        return _SHARED[cfg]
