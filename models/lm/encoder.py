@@ -230,9 +230,10 @@ def length_order(texts: Sequence[str]) -> np.ndarray:
 class TextEncoder:
     """Frozen Hugging Face model -> (N, D) float32 prompt embeddings.
 
-    >>> enc = TextEncoder()  # doctest: +SKIP
-    >>> enc.encode(["From t1 to t4, the values were 0, 33, 66, 99 ..."]).shape  # doctest: +SKIP
-    (1, 384)
+    Example (loads the model, so not a doctest)::
+
+        enc = TextEncoder(pooling="mean")
+        enc.encode(["From t1 to t4, the values were 0, 33, 66, 99 ..."]).shape  # (1, 384)
     """
 
     def __init__(self, config: EncoderConfig | None = None, **overrides: Any) -> None:
