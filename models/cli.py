@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "service.cli",  # serve
     "service.replay",  # replay
     "models.lm.embed_cli",  # embed
+    "models.evaluate_cli",  # evaluate
 ]
 
 
