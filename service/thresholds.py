@@ -57,6 +57,8 @@ from typing import Protocol
 import numpy as np
 
 from service.evt import GPDFit, fit_gpd, gpd_quantile
+from service.settings import Settings
+from service.stores.base import StreamMeta
 
 KINDS = ("spot", "dspot", "quantile")
 DAY_SECONDS = 86_400.0
@@ -372,3 +374,22 @@ class QuantileThreshold:
         if len(buf) == self.history and int(state.get("kind", [2])[0]) == 2:
             self._buf = buf.copy()
             self._count = int(state["count"][0])
+
+
+def stream_spec(settings: Settings, meta: StreamMeta) -> ThresholdSpec:
+    """The server defaults, overridden by the stream's own configuration."""
+    own = meta.threshold or {}
+    budget = meta.alert_budget_per_day or settings.threshold_alert_budget_per_day
+    return ThresholdSpec(
+        kind=own.get("kind") or settings.threshold_kind,
+        q=own.get("q") or settings.threshold_q,
+        depth=own.get("depth") or settings.threshold_depth,
+        level=settings.threshold_level,
+        calibration=settings.threshold_calibration_points,
+        min_scores=settings.threshold_min_scores,
+        max_peaks=settings.threshold_max_peaks,
+        # a stream's own q wins over a server-wide budget; its own budget over everything
+        budget_per_day=meta.alert_budget_per_day or (None if own.get("q") else budget),
+        quantile=settings.threshold_quantile,
+        history=settings.threshold_history,
+    )
