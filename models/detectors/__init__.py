@@ -9,9 +9,13 @@ import json
 from pathlib import Path
 
 from models.detectors.base import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, Detector
+from models.detectors.isolation_forest import IsolationForest
+from models.detectors.pca import PcaReconstruction
+from models.detectors.raw_knn import RawKnn
 from models.detectors.residual_linear import ResidualLinear
 
-REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (ResidualLinear,)}
+REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
+    ResidualLinear, RawKnn, PcaReconstruction, IsolationForest)}
 
 
 def build_detector(name: str, **config: object) -> Detector:

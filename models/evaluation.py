@@ -1,0 +1,136 @@
+"""The evaluation protocol of DESIGN.md: point-wise scores against point labels, TSB-AD's
+metric implementations ("The Elephant in the Room", NeurIPS 2024), no point adjustment.
+
+Metrics: AUC-ROC, Standard-F1 (best F1 over thresholds, no point adjustment),
+Affiliation-F1 (best over TSB-AD's 100 thresholds), VUS-ROC and VUS-PR (the headline).
+
+Protocol for a dataset of entities (MSL's 27 channels, NAB files): every entity is its
+own stream. A detector is fitted on the entity's *training* split only; its test scores
+are normalised with statistics of scores on held-out training data (the last
+``calibration`` share of the training split, scored by a model fitted on the rest), so
+entities are comparable when concatenated. No test label is used anywhere but in the
+metrics.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.detectors import Detector, build_detector
+from models.detectors.base import sliding_windows
+
+METRICS = ("AUC-ROC", "Standard-F1", "Affiliation-F1", "VUS-ROC", "VUS-PR")
+
+
+def evaluate_scores(scores: np.ndarray, labels: np.ndarray,
+                    sliding_window: int = 100) -> dict[str, float]:
+    """The five protocol metrics (fractions in [0, 1]) of point scores against labels."""
+    from TSB_AD.evaluation.basic_metrics import basic_metricor
+    from TSB_AD.evaluation.metrics import generate_curve
+
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(int)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ")
+    grader = basic_metricor()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, _, _, _, _, vus_roc, vus_pr = generate_curve(labels, scores, sliding_window,
+                                                           "opt", 250)
+        return {
+            "AUC-ROC": float(grader.metric_ROC(labels, scores)),
+            "Standard-F1": float(grader.metric_PointF1(labels, scores)),
+            "Affiliation-F1": float(grader.metric_Affiliation(labels, scores)),
+            "VUS-ROC": float(vus_roc),
+            "VUS-PR": float(vus_pr),
+        }
+
+
+def spread_window_scores(window_scores: np.ndarray, n_points: int, window: int,
+                         stride: int, how: str = "max") -> np.ndarray:
+    """Window scores -> point scores. Window i covers points [i*stride, i*stride+window).
+
+    ``newest``: a point takes the score of the window it ends (stride 1 detectors that
+    score their newest point); ``max`` / ``mean``: a point takes the max / mean of the
+    windows covering it. Points no window covers take the nearest window's score.
+
+    >>> spread_window_scores(np.array([1.0, 5.0]), 6, window=4, stride=2).tolist()
+    [1.0, 1.0, 5.0, 5.0, 5.0, 5.0]
+    >>> spread_window_scores(np.array([1.0, 5.0, 2.0]), 6, 4, 1, how="newest").tolist()
+    [1.0, 1.0, 1.0, 1.0, 5.0, 2.0]
+    """
+    window_scores = np.asarray(window_scores, dtype=np.float64)
+    starts = np.arange(len(window_scores)) * stride
+    out = np.full(n_points, np.nan)
+    if how == "newest":
+        out[starts + window - 1] = window_scores
+    elif how in ("max", "mean"):
+        total = np.zeros(n_points)
+        count = np.zeros(n_points)
+        for s, v in zip(starts, window_scores, strict=True):
+            if how == "max":
+                seg = out[s:s + window]
+                out[s:s + window] = np.where(np.isnan(seg), v, np.maximum(seg, v))
+            else:
+                total[s:s + window] += v
+                count[s:s + window] += 1
+        if how == "mean":
+            out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    else:
+        raise ValueError(f"spread: unknown {how!r} (newest | max | mean)")
+    # Fill uncovered points (before the first window, after the last) from neighbours.
+    idx = np.arange(n_points)
+    known = ~np.isnan(out)
+    if not known.any():
+        return np.zeros(n_points)
+    return np.interp(idx, idx[known], out[known], left=out[known][0], right=out[known][-1])
+
+
+@dataclass
+class DetectorSpec:
+    """One row of an evaluation table: a registered detector and how to run it."""
+
+    label: str
+    detector: str
+    params: dict = field(default_factory=dict)
+    columns: Sequence[int] | None = None  # input columns; None = all
+    stride: int = 1  # test windows scored every `stride` points
+    spread: str = "newest"  # how window scores become point scores
+    calibration: float = 0.2  # held-out share of the training split for normalisation
+
+    def build(self) -> Detector:
+        return build_detector(self.detector, **self.params)
+
+
+def select(x: np.ndarray, columns: Sequence[int] | None) -> np.ndarray:
+    return x if columns is None else x[:, list(columns)]
+
+
+def score_series(det: Detector, series: np.ndarray, stride: int, spread: str) -> np.ndarray:
+    """Point scores of a whole series with a fitted detector."""
+    window = det.config.window
+    windows = sliding_windows(series, window, stride)
+    return spread_window_scores(det.score(windows), len(series), window, stride, spread)
+
+
+def score_entity(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
+                 on_model: Callable[[Detector], None] | None = None) -> np.ndarray:
+    """Normalised point scores of one entity's test split (fit on its train split only)."""
+    train, test = select(train, spec.columns), select(test, spec.columns)
+    window = spec.build().config.window
+    cut = int(len(train) * (1 - spec.calibration))
+    center, scale = 0.0, 1.0
+    if spec.calibration > 0 and cut >= window and len(train) - cut >= window:
+        held = spec.build().fit(train[:cut])
+        cal = score_series(held, train[cut:], spec.stride, spec.spread)
+        center = float(np.median(cal))
+        scale = float(np.quantile(cal, 0.75) - np.quantile(cal, 0.25)) or float(
+            np.std(cal)) or 1.0
+    det = spec.build().fit(train)
+    if on_model is not None:
+        on_model(det)
+    return (score_series(det, test, spec.stride, spec.spread) - center) / scale
