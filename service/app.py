@@ -12,14 +12,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from models.detectors import build_detector
+from service.alerts.store import build_alert_store
 from service.errors import describe
 from service.metrics import ServiceMetrics
 from service.pipeline import ScoringPipeline
-from service.routers import ops, score, streams
+from service.routers import alerts, ops, score, streams, webhooks
 from service.settings import Settings
 from service.stores.base import StoreRejection, StoreUnavailable, WindowStore
 from service.stores.instrumented import InstrumentedStore
 from service.stores.memory import MemoryWindowStore
+from service.webhooks.store import build_webhook_store
+from service.webhooks.worker import WebhookWorker
 
 log = logging.getLogger("tsad.service")
 
@@ -43,8 +46,12 @@ def create_app(settings: Settings | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = InstrumentedStore(build_store(settings), metrics)
-        app.state.pipeline = ScoringPipeline(store, settings, metrics)
+        raw = build_store(settings)
+        store = InstrumentedStore(raw, metrics)
+        alert_store = build_alert_store(raw, settings.alert_retention_seconds)
+        app.state.pipeline = ScoringPipeline(store, settings, metrics, alert_store)
+        app.state.webhooks = build_webhook_store(alert_store)
+        worker = WebhookWorker(app.state.webhooks, settings, metrics)
         build_detector(settings.default_detector, window=settings.default_window)
         app.state.detectors_ready = True
         try:
@@ -52,7 +59,9 @@ def create_app(settings: Settings | None = None,
             log.info("store ready", extra={"backend": store.backend})
         except StoreUnavailable as exc:  # start anyway; /readyz says 503 until it's back
             log.warning("store unavailable at start-up", extra={"error": str(exc)})
+        await worker.start()  # deliveries run beside requests, never inside /score
         yield
+        await worker.stop()
         await store.close()
 
     app = FastAPI(
@@ -60,13 +69,14 @@ def create_app(settings: Settings | None = None,
         version="0.1.0",
         description="Online streaming time-series anomaly detection with language-model "
         "features. POST points to /score; every point gets a score, a verdict and, when "
-        "anomalous, the channels that explain it.",
+        "anomalous, the channels that explain it. Anomalies open alerts (/alerts) that are "
+        "delivered to subscribed webhooks (/webhooks), signed and retried.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.detectors_ready = False
-    for module in (score, streams, ops):
+    for module in (score, streams, alerts, webhooks, ops):
         app.include_router(module.router)
     _install_error_handlers(app, settings, metrics)
     _install_request_metrics(app, metrics)

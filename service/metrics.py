@@ -8,6 +8,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+THRESHOLD_BUCKETS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 1000)
 
 
 class ServiceMetrics:
@@ -45,3 +47,35 @@ class ServiceMetrics:
             ["backend"], registry=r)
         self.streams_created_total = Counter(
             "tsad_streams_created_total", "Streams created", registry=r)
+        # --- thresholds: a histogram over all streams (bounded), a gauge for allow-listed
+        self.threshold_value = Histogram(
+            "tsad_threshold_value", "Stream thresholds in force, observed once per scored "
+            "batch (score units)", buckets=THRESHOLD_BUCKETS, registry=r)
+        self.stream_threshold = Gauge(
+            "tsad_stream_threshold", "Current threshold of streams matching "
+            "TSAD_THRESHOLD_METRIC_STREAMS (at most TSAD_THRESHOLD_METRIC_MAX_STREAMS)",
+            ["stream"], registry=r)
+        # --- alerts
+        self.alerts_opened_total = Counter(
+            "tsad_alerts_opened_total", "Alerts opened", ["severity"], registry=r)
+        self.alerts_resolved_total = Counter(
+            "tsad_alerts_resolved_total", "Alerts resolved", registry=r)
+        self.alert_events_total = Counter(
+            "tsad_alert_events_total", "Alert events queued for webhooks", ["type"],
+            registry=r)
+        # --- webhooks
+        self.webhook_deliveries_total = Counter(
+            "tsad_webhook_deliveries_total", "Webhook delivery attempts by outcome "
+            "(delivered, retry, dead_letter, dropped)", ["outcome"], registry=r)
+        self.webhook_request_duration_seconds = Histogram(
+            "tsad_webhook_request_duration_seconds", "HTTP time of one delivery attempt",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.webhook_delivery_latency_seconds = Histogram(
+            "tsad_webhook_delivery_latency_seconds", "From the event's creation to its "
+            "acknowledged delivery (retries included)", buckets=DELIVERY_BUCKETS, registry=r)
+        self.webhook_dead_letters_total = Counter(
+            "tsad_webhook_dead_letters_total", "Deliveries moved to the dead-letter list",
+            registry=r)
+        self.webhook_queue_depth = Gauge(
+            "tsad_webhook_queue_depth", "Deliveries waiting (due or backing off), as last "
+            "seen by this process's worker", registry=r)

@@ -10,12 +10,14 @@ from the next batch.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import time
 
 import numpy as np
 
 from models.detectors import REGISTRY
+from service.alerts.store import AlertStore, build_alert_store
 from service.errors import field_error
 from service.metrics import ServiceMetrics
 from service.schemas import (
@@ -35,10 +37,16 @@ log = logging.getLogger("tsad.pipeline")
 
 
 class ScoringPipeline:
-    def __init__(self, store: WindowStore, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, store: WindowStore, settings: Settings, metrics: ServiceMetrics,
+                 alerts: AlertStore | None = None) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.alerts = alerts or build_alert_store(getattr(store, "inner", store),
+                                                  settings.alert_retention_seconds)
+        self._metric_globs = [g.strip() for g in settings.threshold_metric_streams.split(",")
+                              if g.strip()]
+        self._metric_streams: set[str] = set()
 
     # --- /score ------------------------------------------------------------------------
     async def score(self, req: ScoreRequest) -> ScoreResponse:
@@ -62,9 +70,10 @@ class ScoringPipeline:
             results = []
             if appended.accepted:
                 blob = await self.store.load_state(stream)
-                results, blob = await asyncio.to_thread(
+                results, blob, alerts, events = await asyncio.to_thread(
                     self._run_detector, appended.meta, blob, appended.points, appended.accepted)
-                await self.store.save_state(stream, blob)
+                await self.alerts.commit(stream, blob, alerts, events)
+                self._count_events(events)
         out = [PointResultOut(timestamp=p.timestamp, score=None, anomaly=False, threshold=None,
                               status="duplicate") for p in req.points[:appended.dropped]]
         out += [
@@ -78,16 +87,40 @@ class ScoringPipeline:
         return ScoreResponse(stream=stream, results=out)
 
     def _run_detector(self, meta: StreamMeta, blob: bytes | None, points: np.ndarray,
-                      n_new: int) -> tuple[list, bytes]:
+                      n_new: int) -> tuple[list, bytes, list, list[dict]]:
         start = time.perf_counter()
         scorer = StreamScorer.from_blob(meta, self.settings, blob)
         results = scorer.process(points, n_new)
+        alerts, events = scorer.tracker.drain()
+        self._observe_threshold(meta.stream, scorer.threshold.value())
         scored = sum(r.status == "scored" for r in results)
         self.metrics.points_scored_total.labels(meta.detector).inc(scored)
         self.metrics.anomalies_total.labels(meta.detector).inc(sum(r.anomaly for r in results))
         self.metrics.scoring_duration_seconds.labels(meta.detector).observe(
             time.perf_counter() - start)
-        return results, scorer.to_blob()
+        return results, scorer.to_blob(), alerts, events
+
+    def _observe_threshold(self, stream: str, value: float | None) -> None:
+        if value is None:
+            return
+        self.metrics.threshold_value.observe(value)
+        if stream not in self._metric_streams:  # bounded: an allow-list with a cap
+            if len(self._metric_streams) >= self.settings.threshold_metric_max_streams or \
+                    not any(fnmatch.fnmatchcase(stream, g) for g in self._metric_globs):
+                return
+            self._metric_streams.add(stream)
+        self.metrics.stream_threshold.labels(stream).set(value)
+
+    def _count_events(self, events: list[dict]) -> None:
+        for e in events:
+            self.metrics.alert_events_total.labels(e["type"]).inc()
+            if e["type"] == "alert.opened":
+                self.metrics.alerts_opened_total.labels(e["alert"]["severity"]).inc()
+            elif e["type"] == "alert.resolved":
+                self.metrics.alerts_resolved_total.inc()
+            log.info("alert event", extra={"event": e["type"], "alert": e["alert"]["id"],
+                                           "stream": e["alert"]["stream"],
+                                           "severity": e["alert"]["severity"]})
 
     def _validate_batch(self, req: ScoreRequest) -> np.ndarray:
         """Checks the schema cannot express; returns (N, 1 + C) float64, timestamp first."""
@@ -125,9 +158,18 @@ class ScoringPipeline:
         if cfg.channel_names is not None and len(cfg.channel_names) != cfg.channels:
             raise field_error(("body", "channel_names"),
                               f"expected {cfg.channels} names, got {len(cfg.channel_names)}")
+        threshold = cfg.threshold.model_dump(exclude_none=True) if cfg.threshold else None
+        kind = (threshold or {}).get("kind") or self.settings.threshold_kind
+        if cfg.alert_budget_per_day is not None and kind == "quantile":
+            raise field_error(("body", "alert_budget_per_day"),
+                              "an alert budget needs threshold kind spot or dspot")
+        if cfg.alert_budget_per_day is not None and (threshold or {}).get("q"):
+            raise field_error(("body", "alert_budget_per_day"),
+                              "give either threshold.q or alert_budget_per_day, not both")
         meta = StreamMeta(stream=stream, channels=cfg.channels,
                           window=cfg.window or self.settings.default_window, detector=detector,
-                          channel_names=cfg.channel_names)
+                          channel_names=cfg.channel_names, threshold=threshold or None,
+                          alert_budget_per_day=cfg.alert_budget_per_day)
         stored, created = await self.store.put_stream(meta)
         if created:
             self.metrics.streams_created_total.inc()
@@ -148,6 +190,9 @@ class ScoringPipeline:
         return [StreamOut(**m.to_dict()) for m in await self.store.list_streams()]
 
     async def delete_stream(self, stream: str) -> bool:
+        if stream in self._metric_streams:
+            self._metric_streams.discard(stream)
+            self.metrics.stream_threshold.remove(stream)
         return await self.store.delete_stream(stream)
 
 

@@ -72,6 +72,20 @@ class ScoreResponse(BaseModel):
     results: list[PointResultOut] = Field(description="One result per point, in order")
 
 
+class ThresholdConfigIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["spot", "dspot", "quantile"] | None = Field(
+        None, description="spot: streaming peaks-over-threshold (extreme value theory); "
+        "dspot: the same on the drift-corrected score; quantile: a quantile of recent "
+        "scores (default TSAD_THRESHOLD_KIND)", examples=["spot"])
+    q: float | None = Field(None, gt=0, lt=0.5, description="SPOT/DSPOT risk: probability "
+                            "that a normal score exceeds the threshold (default "
+                            "TSAD_THRESHOLD_Q)", examples=[0.001])
+    depth: int | None = Field(None, ge=2, le=10_000, description="DSPOT moving-average "
+                              "depth in points (default TSAD_THRESHOLD_DEPTH)", examples=[50])
+
+
 class StreamConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,6 +99,13 @@ class StreamConfigIn(BaseModel):
                                examples=[64])
     detector: str | None = Field(None, description="Detector name (default "
                                  "TSAD_DEFAULT_DETECTOR)", examples=["residual_linear"])
+    threshold: ThresholdConfigIn | None = Field(
+        None, description="Threshold overrides; a change restarts the threshold's "
+        "calibration (the detector keeps its state)")
+    alert_budget_per_day: float | None = Field(
+        None, gt=0, le=1e6, description="At most this many alerts a day: converted to the "
+        "SPOT risk q = budget / points per day (measured over calibration); replaces q",
+        examples=[2.0])
 
 
 class StreamOut(BaseModel):
@@ -97,6 +118,11 @@ class StreamOut(BaseModel):
     last_timestamp: float | None = Field(description="Epoch seconds of the newest point",
                                          examples=[1700000000.0])
     created_at: float = Field(description="Epoch seconds", examples=[1699990000.0])
+    threshold: dict | None = Field(None, description="Threshold overrides (kind, q, depth); "
+                                   "null = server defaults", examples=[{"kind": "spot",
+                                                                       "q": 0.001}])
+    alert_budget_per_day: float | None = Field(None, description="Alert budget, if set",
+                                               examples=[2.0])
 
 
 class WindowOut(BaseModel):

@@ -1,10 +1,12 @@
-"""Per-stream online scoring: the stream's detector and threshold, and their state blob.
+"""Per-stream online scoring: the stream's detector, threshold and alert tracker, and
+their state blob.
 
 ``StreamScorer.process`` takes the points returned by an append (context, then the new
 points) and scores each new point whose window is full. Work goes in chunks: within a
 chunk the detector and threshold are fixed, so scoring is one vectorised call; between
 chunks the detector learns from the chunk's points judged normal (anomalies never teach
-the model what normal is).
+the model what normal is). The threshold decides point by point (SPOT moves with every
+peak); the alert tracker then sees every scored point in order.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import safetensors.numpy
 
 from models.detectors import Detector, build_detector
 from models.detectors.base import aggregate_channels, sliding_windows
+from service.alerts.tracker import AlertRules, AlertTracker
 from service.settings import Settings
 from service.stores.base import StreamMeta
-from service.thresholds import QuantileThreshold
+from service.thresholds import build_threshold, stream_spec
 
 CHUNK = 64  # points scored between two online updates
 STATE_VERSION = 1
@@ -45,9 +48,11 @@ class StreamScorer:
         self.settings = settings
         self.detector: Detector = build_detector(
             meta.detector, window=meta.window, warmup=settings.warmup_points)
-        self.threshold = QuantileThreshold(
-            settings.threshold_quantile, settings.threshold_history,
-            settings.threshold_min_scores)
+        self.threshold = build_threshold(stream_spec(settings, meta))
+        self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings))
+
+    def channel_names(self) -> list[str]:
+        return self.meta.channel_names or [str(i) for i in range(self.meta.channels)]
 
     # --- state -------------------------------------------------------------------------
     @classmethod
@@ -58,12 +63,14 @@ class StreamScorer:
             if int(arrays.pop("version", np.zeros(1))[0]) == STATE_VERSION:
                 scorer.detector.load_state_dict(_strip(arrays, "det."))
                 scorer.threshold.load_state_dict(_strip(arrays, "thr."))
+                scorer.tracker.load_state_dict(_strip(arrays, "alr."))
         return scorer
 
     def to_blob(self) -> bytes:
         arrays = {"version": np.array([STATE_VERSION])}
         arrays |= {f"det.{k}": v for k, v in self.detector.state_dict().items()}
         arrays |= {f"thr.{k}": v for k, v in self.threshold.state_dict().items()}
+        arrays |= {f"alr.{k}": v for k, v in self.tracker.state_dict().items()}
         return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
     # --- scoring -----------------------------------------------------------------------
@@ -79,10 +86,10 @@ class StreamScorer:
             results += [PointResult(None, False, None, "warming_up")] * (first_full - lo)
             if first_full < hi:
                 windows = sliding_windows(values[first_full - window + 1:hi], window)
-                results += self._score_chunk(windows)
+                results += self._score_chunk(windows, points[first_full:hi, 0])
         return results
 
-    def _score_chunk(self, windows: np.ndarray) -> list[PointResult]:
+    def _score_chunk(self, windows: np.ndarray, timestamps: np.ndarray) -> list[PointResult]:
         det = self.detector
         if not det.is_fitted:
             if not det.supports_online:
@@ -91,24 +98,32 @@ class StreamScorer:
             return [PointResult(None, False, None, "warming_up")] * len(windows)
         channel_scores = det.channel_scores(windows)  # (B, C)
         scores = aggregate_channels(channel_scores, det.config.aggregate)
-        threshold = self.threshold.value()
-        anomalous = scores > threshold if threshold is not None else np.zeros(len(scores), bool)
-        self.threshold.update(scores)
+        thresholds, anomalous = self.threshold.process(scores, timestamps)
+        self.tracker.observe(timestamps, scores, thresholds, anomalous, channel_scores,
+                             windows)
         if det.supports_online and (~anomalous).any():
             det.partial_fit(windows[~anomalous])
         return [
             PointResult(
-                score=float(s), anomaly=bool(a), threshold=threshold, status="scored",
-                top_channels=self._explain(cs) if a else None,
+                score=float(s), anomaly=bool(a), threshold=None if np.isnan(t) else float(t),
+                status="scored", top_channels=self._explain(cs) if a else None,
             )
-            for s, a, cs in zip(scores, anomalous, channel_scores, strict=True)
+            for s, a, t, cs in zip(scores, anomalous, thresholds, channel_scores, strict=True)
         ]
 
     def _explain(self, channel_scores: np.ndarray) -> list[ChannelShare]:
         total = float(channel_scores.sum()) or 1.0
-        names = self.meta.channel_names or [str(i) for i in range(len(channel_scores))]
+        names = self.channel_names()
         top = np.argsort(-channel_scores)[: self.settings.top_channels]
         return [ChannelShare(names[i], round(float(channel_scores[i]) / total, 4)) for i in top]
+
+
+def alert_rules(settings: Settings) -> AlertRules:
+    return AlertRules(
+        k=settings.alert_k, m=settings.alert_m, critical_ratio=settings.alert_critical_ratio,
+        quiet_points=settings.alert_quiet_points, quiet_seconds=settings.alert_quiet_seconds,
+        cooldown_seconds=settings.alert_cooldown_seconds, top_channels=settings.top_channels,
+        prompt_strategy=settings.alert_prompt_strategy)
 
 
 def _strip(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

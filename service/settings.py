@@ -35,9 +35,53 @@ class Settings(BaseSettings):
         "(422) or drop exact duplicates (idempotent retries)",
     )
     warmup_points: int = Field(256, ge=8, description="points before an online detector scores")
+    threshold_kind: Literal["spot", "dspot", "quantile"] = Field(
+        "spot", description="default per-stream threshold (SPOT/DSPOT: streaming "
+        "peaks-over-threshold; quantile: a quantile of recent scores)")
+    threshold_q: float = Field(1e-3, gt=0, lt=0.5,
+                               description="SPOT/DSPOT risk: P(normal score > threshold)")
+    threshold_alert_budget_per_day: float | None = Field(
+        None, gt=0, description="default alert budget; replaces threshold_q when set")
+    threshold_level: float = Field(0.98, gt=0.5, lt=1.0,
+                                   description="SPOT: calibration quantile that sets t")
+    threshold_calibration_points: int = Field(1000, ge=20, description="SPOT: scores "
+                                              "before the tail fit")
+    threshold_depth: int = Field(50, ge=2, le=10_000, description="DSPOT moving average")
+    threshold_max_peaks: int = Field(500, ge=20, le=100_000, description="SPOT: peaks kept")
     threshold_quantile: float = Field(0.995, gt=0.5, lt=1.0)
     threshold_history: int = Field(2000, ge=10)
     threshold_min_scores: int = Field(100, ge=1)
+    threshold_metric_streams: str = Field(
+        "", description="comma-separated stream globs whose threshold is exported as "
+        "tsad_stream_threshold{stream} (bounded by threshold_metric_max_streams)")
+    threshold_metric_max_streams: int = Field(100, ge=0)
+
+    alert_k: int = Field(1, ge=1, description="open when k of the last m points are anomalous")
+    alert_m: int = Field(1, ge=1, le=1000)
+    alert_critical_ratio: float = Field(
+        2.0, gt=1.0, description="score / threshold at which a point is critical; a "
+        "critical point opens an alert by itself")
+    alert_quiet_points: int = Field(12, ge=0, description="resolve after this many normal "
+                                    "points in a row (0 = use seconds only)")
+    alert_quiet_seconds: float = Field(0.0, ge=0, description="resolve after this long "
+                                       "(stream time) without anomalies (0 = points only)")
+    alert_cooldown_seconds: float = Field(
+        3600.0, ge=0, description="an incident within this long (stream time) after an "
+        "alert resolved reopens it instead of opening a new one")
+    alert_retention_seconds: int = Field(30 * 86400, ge=60,
+                                         description="keep resolved alerts this long")
+    alert_prompt_strategy: Literal["variance", "trend", "autocorr", "all"] = "all"
+
+    webhook_max_attempts: int = Field(8, ge=1, le=100, description="then dead-lettered")
+    webhook_backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; "
+                                           "doubles each attempt, full jitter")
+    webhook_backoff_max_seconds: float = Field(600.0, gt=0)
+    webhook_timeout_seconds: float = Field(5.0, gt=0, description="per request")
+    webhook_poll_seconds: float = Field(0.5, gt=0, description="worker idle poll interval")
+    webhook_concurrency: int = Field(8, ge=1, le=256)
+    webhook_lease_seconds: float = Field(
+        60.0, gt=0, description="a claimed delivery not acknowledged within this long (a "
+        "crashed worker) is delivered again")
     top_channels: int = Field(3, ge=1, description="channels explained per anomalous point")
 
     lock_wait_seconds: float = Field(10.0, gt=0)
@@ -58,6 +102,12 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.threshold_min_scores > self.threshold_history:
             raise ValueError("threshold_min_scores must not exceed threshold_history")
+        if self.alert_k > self.alert_m:
+            raise ValueError("alert_k must not exceed alert_m")
+        if self.alert_quiet_points == 0 and self.alert_quiet_seconds == 0:
+            raise ValueError("alert_quiet_points and alert_quiet_seconds cannot both be 0")
+        if self.webhook_lease_seconds <= self.webhook_timeout_seconds:
+            raise ValueError("webhook_lease_seconds must exceed webhook_timeout_seconds")
         return self
 
 

@@ -28,6 +28,8 @@ class StreamMeta:
     created_at: float = field(default_factory=time.time)
     points_seen: int = 0
     last_timestamp: float | None = None
+    threshold: dict | None = None  # {"kind", "q", "depth"} overrides; None = defaults
+    alert_budget_per_day: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +68,8 @@ class WindowStore(Protocol):
     async def close(self) -> None: ...
 
     async def put_stream(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
-        """Create a stream or update its window/detector/names. Returns (meta, created).
+        """Create a stream or update its window/detector/names/threshold configuration.
+        Returns (meta, created).
 
         Raises StoreRejection when ``channels`` differs from the stored stream's.
         A change of window or detector drops the stream's state blob.

@@ -66,7 +66,8 @@ class MemoryWindowStore:
         while len(entry.points) > meta.window:
             entry.points.popleft()
         entry.meta = replace(old, window=meta.window, detector=meta.detector,
-                             channel_names=meta.channel_names)
+                             channel_names=meta.channel_names, threshold=meta.threshold,
+                             alert_budget_per_day=meta.alert_budget_per_day)
         entry.touched = time.monotonic()
         return replace(entry.meta), False
 

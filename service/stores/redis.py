@@ -96,7 +96,8 @@ for _, e in ipairs(context) do out[#out + 1] = e end
 return out
 """
 
-# KEYS: meta, win, state. ARGV: channels, window, detector, names json, created_at, ttl.
+# KEYS: meta, win, state. ARGV: channels, window, detector, names json, created_at, ttl,
+# threshold json, alert budget ("" = unset).
 _PUT = """
 local meta, win, state = KEYS[1], KEYS[2], KEYS[3]
 local channels, window = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -111,7 +112,7 @@ else
   redis.call('HSET', meta, 'created_at', ARGV[5], 'points_seen', 0)
 end
 redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARGV[3],
-           'names', ARGV[4])
+           'names', ARGV[4], 'threshold', ARGV[7], 'alert_budget', ARGV[8])
 if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
 return created
 """
@@ -178,10 +179,12 @@ class RedisWindowStore:
 
     async def put_stream(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
         names = json.dumps(meta.channel_names) if meta.channel_names else ""
+        threshold = json.dumps(meta.threshold) if meta.threshold else ""
+        budget = repr(meta.alert_budget_per_day) if meta.alert_budget_per_day else ""
         out = await self._call(self._put(
             keys=self._keys(meta.stream),
             args=[meta.channels, meta.window, meta.detector, names, repr(meta.created_at),
-                  self.ttl_seconds],
+                  self.ttl_seconds, threshold, budget],
         ))
         if isinstance(out, list):
             raise StoreRejection(
@@ -288,6 +291,8 @@ def _meta_from_hash(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
     get = {k.decode(): v.decode() for k, v in raw.items()}
     names = get.get("names") or ""
     last = get.get("last_ts")
+    threshold = get.get("threshold") or ""
+    budget = get.get("alert_budget") or ""
     return StreamMeta(
         stream=stream,
         channels=int(get["channels"]),
@@ -297,4 +302,6 @@ def _meta_from_hash(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
         created_at=float(get.get("created_at", 0.0)),
         points_seen=int(get.get("points_seen", 0)),
         last_timestamp=float(last) if last else None,
+        threshold=json.loads(threshold) if threshold else None,
+        alert_budget_per_day=float(budget) if budget else None,
     )

@@ -1,0 +1,1 @@
+"""Alerts: the per-stream lifecycle (open, update, resolve), evidence, persistence."""

@@ -1,0 +1,72 @@
+"""An alert and the events its lifecycle emits, as plain JSON-ready data.
+
+Times named ``*_at`` are the stream's own timestamps (epoch seconds of the points), so a
+replay of history gives the same alerts, ids included; ``created`` on events is the
+wall clock when the service emitted them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Severity = Literal["warning", "critical"]
+SEVERITIES: tuple[str, ...] = ("warning", "critical")
+EVENT_TYPES = ("alert.opened", "alert.updated", "alert.resolved")
+
+
+def alert_id(stream: str, opened_at: float) -> str:
+    """Stable: the same stream and opening timestamp give the same id on any replica.
+
+    >>> alert_id("web-01.cpu", 1700000000.0)
+    'al_4b1deffe08c3cd9c0e68'
+    """
+    digest = hashlib.sha256(f"{stream}\0{opened_at!r}".encode()).hexdigest()
+    return f"al_{digest[:20]}"
+
+
+def severity_of(ratio: float, critical_ratio: float) -> Severity:
+    """warning above the threshold, critical at ``critical_ratio`` times it or more."""
+    return "critical" if ratio >= critical_ratio else "warning"
+
+
+@dataclass
+class Alert:
+    id: str
+    stream: str
+    state: Literal["open", "resolved"]
+    severity: Severity
+    opened_at: float
+    updated_at: float
+    last_anomaly_at: float
+    peak_score: float
+    peak_at: float
+    threshold: float  # the threshold in force at the peak
+    peak_ratio: float  # peak score / threshold
+    resolved_at: float | None = None
+    anomalous_points: int = 0
+    points: int = 0  # points scored while open
+    channels: list[str] = field(default_factory=list)  # every channel that led a point
+    reopened: int = 0  # times an incident within the cooldown reopened it
+    version: int = 0  # bumped by every event; events are <id>-<version>
+    evidence: dict = field(default_factory=dict)
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.resolved_at or self.last_anomaly_at) - self.opened_at
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"duration_seconds": self.duration_seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Alert:
+        d = {k: v for k, v in d.items() if k != "duration_seconds"}
+        return cls(**d)
+
+
+def make_event(kind: str, alert: Alert, reason: str) -> dict:
+    """One webhook event. Its id (alert id + version) is the idempotency key."""
+    return {"id": f"{alert.id}-{alert.version}", "type": kind, "reason": reason,
+            "created": time.time(), "alert": alert.to_dict()}

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query
+
+from service.alerts.schemas import AlertList, AlertOut
+from service.alerts.store import AlertQuery
+from service.deps import PipelineDep
+from service.schemas import STREAM_ID_PATTERN, ErrorOut
+
+router = APIRouter(prefix="/alerts", tags=["alerts"])
+_ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+
+
+@router.get("", response_model=AlertList, responses=_ERRORS,
+            summary="List alerts, newest opening first (filter by stream, state, time)")
+async def list_alerts(
+    pipeline: PipelineDep,
+    stream: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN)] = None,
+    state: Annotated[Literal["open", "resolved"] | None, Query()] = None,
+    since: Annotated[float | None, Query(description="opened_at >= since (epoch s)")] = None,
+    until: Annotated[float | None, Query(description="opened_at <= until (epoch s)")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[0-9eE.+\-]+:al_[0-9a-f]+$",
+                                        description="next_cursor of the previous page")] = None,
+) -> AlertList:
+    query = AlertQuery(stream=stream, state=state, since=since, until=until, limit=limit,
+                       cursor=cursor)
+    alerts, next_cursor = await pipeline.alerts.list(query)
+    return AlertList(alerts=[AlertOut(**a) for a in alerts], next_cursor=next_cursor)
+
+
+@router.get("/{alert_id}", response_model=AlertOut, responses=_ERRORS,
+            summary="One alert with its evidence")
+async def get_alert(alert_id: str, pipeline: PipelineDep) -> AlertOut:
+    alert = await pipeline.alerts.get(alert_id)
+    if alert is None:
+        raise HTTPException(404, f"alert {alert_id!r} not found")
+    return AlertOut(**alert)

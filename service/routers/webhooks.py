@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+
+from service.schemas import ErrorOut
+from service.webhooks.schemas import (
+    DeadLetterList,
+    DeadLetterOut,
+    WebhookCreated,
+    WebhookIn,
+    WebhookList,
+    WebhookOut,
+)
+from service.webhooks.store import Subscription, WebhookStore
+
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+_ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
+           503: {"model": ErrorOut}}
+
+
+def _store(request: Request) -> WebhookStore:
+    return request.app.state.webhooks
+
+
+StoreDep = Annotated[WebhookStore, Depends(_store)]
+
+
+@router.post("", response_model=WebhookCreated, status_code=201, responses=_ERRORS,
+             summary="Subscribe a URL to alert events (the secret is shown only here)")
+async def create_webhook(body: WebhookIn, store: StoreDep) -> WebhookCreated:
+    sub = Subscription(id=f"wh_{secrets.token_hex(8)}", url=str(body.url),
+                       streams=body.streams, min_severity=body.min_severity,
+                       secret=body.secret or f"whsec_{secrets.token_hex(24)}",
+                       created_at=time.time(), description=body.description)
+    await store.add(sub)
+    return WebhookCreated(**sub.public(), secret=sub.secret)
+
+
+@router.get("", response_model=WebhookList, responses=_ERRORS, summary="List subscriptions")
+async def list_webhooks(store: StoreDep) -> WebhookList:
+    subs = sorted((await store.subscriptions()).values(), key=lambda s: s.created_at)
+    return WebhookList(webhooks=[WebhookOut(**s.public()) for s in subs])
+
+
+@router.get("/dead-letters", response_model=DeadLetterList, responses=_ERRORS,
+            summary="Deliveries that failed every attempt, newest first")
+async def dead_letters(store: StoreDep,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DeadLetterList:
+    items = await store.dead_letters(limit)
+    return DeadLetterList(dead_letters=[_dead(d) for d in items])
+
+
+@router.post("/dead-letters/{delivery_id}/replay", status_code=202, responses=_ERRORS,
+             summary="Queue a dead letter for delivery again (attempts start over)")
+async def replay(delivery_id: str, store: StoreDep) -> dict:
+    subs = await store.subscriptions()
+    dead = {d["id"]: d for d in await store.dead_letters(100_000)}
+    if delivery_id not in dead:
+        raise HTTPException(404, f"dead letter {delivery_id!r} not found")
+    if dead[delivery_id]["subscription_id"] not in subs:
+        raise HTTPException(409, f"subscription {dead[delivery_id]['subscription_id']!r} "
+                            "was deleted; nothing to deliver to")
+    d = await store.replay(delivery_id)
+    if d is None:  # replayed by someone else in between
+        raise HTTPException(404, f"dead letter {delivery_id!r} not found")
+    return {"id": d["id"], "status": "queued"}
+
+
+@router.get("/{webhook_id}", response_model=WebhookOut, responses=_ERRORS,
+            summary="One subscription")
+async def get_webhook(webhook_id: str, store: StoreDep) -> WebhookOut:
+    sub = (await store.subscriptions()).get(webhook_id)
+    if sub is None:
+        raise HTTPException(404, f"webhook {webhook_id!r} not found")
+    return WebhookOut(**sub.public())
+
+
+@router.delete("/{webhook_id}", status_code=204, responses=_ERRORS,
+               summary="Unsubscribe; its pending deliveries are dropped")
+async def delete_webhook(webhook_id: str, store: StoreDep) -> Response:
+    if not await store.remove(webhook_id):
+        raise HTTPException(404, f"webhook {webhook_id!r} not found")
+    return Response(status_code=204)
+
+
+def _dead(d: dict) -> DeadLetterOut:
+    return DeadLetterOut(id=d["id"], event_id=d["event_id"], event_type=d["event_type"],
+                         subscription_id=d["subscription_id"], attempts=d["attempts"],
+                         last_error=d.get("last_error"), last_status=d.get("last_status"),
+                         failed_at=d["failed_at"], event=json.loads(d["body"]))

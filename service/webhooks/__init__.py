@@ -1,0 +1,1 @@
+"""Webhook subscriptions and at-least-once delivery of alert events."""

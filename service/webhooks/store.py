@@ -1,0 +1,263 @@
+"""Subscriptions, the delivery queue and the dead-letter list.
+
+Life of an event: the scoring commit appends it to the alert outbox (atomically with the
+alert). The worker *fans it out*: one delivery per matching subscription, id =
+hash(event id, subscription id), written if absent and scheduled now, and only then is
+the event removed from the outbox: a crash in between fans it out again onto the same
+delivery ids, so nothing doubles. Due deliveries are *claimed* with a lease (their due
+time moves to now + lease); a success deletes them, a failure reschedules them with
+backoff, the N-th failure moves them to the dead-letter list, and a worker that dies
+mid-delivery simply lets the lease run out: the delivery is sent again (at-least-once;
+receivers deduplicate on the ``Idempotency-Key`` header, the event id).
+
+Redis keys:
+
+    <prefix>:webhooks                    hash: subscription id -> JSON (secret included)
+    <prefix>:alerts:outbox               list: events to fan out (written by the alert store)
+    <prefix>:webhooks:fanout             list: events being fanned out (crash recovery)
+    <prefix>:webhooks:deliveries         hash: delivery id -> JSON (event body, attempts)
+    <prefix>:webhooks:due                zset: delivery id -> due time (epoch seconds)
+    <prefix>:webhooks:dead               hash: delivery id -> JSON, after the last failure
+    <prefix>:webhooks:dead:idx           zset: delivery id -> time of death
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from service.alerts.model import SEVERITIES
+
+
+@dataclass
+class Subscription:
+    id: str
+    url: str
+    streams: str  # glob over stream ids
+    min_severity: str
+    secret: str
+    created_at: float
+    description: str | None = None
+
+    def wants(self, event: dict) -> bool:
+        alert = event["alert"]
+        return (fnmatch.fnmatchcase(alert["stream"], self.streams)
+                and SEVERITIES.index(alert["severity"]) >= SEVERITIES.index(self.min_severity))
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d.pop("secret")
+        return d
+
+
+def delivery_for(event: dict, raw: str, sub: Subscription) -> dict:
+    digest = hashlib.sha256(f"{event['id']}\0{sub.id}".encode()).hexdigest()[:24]
+    return {"id": f"dl_{digest}", "event_id": event["id"], "event_type": event["type"],
+            "subscription_id": sub.id, "body": raw, "attempts": 0,
+            "created": event["created"], "last_error": None, "last_status": None}
+
+
+class WebhookStore(Protocol):
+    async def add(self, sub: Subscription) -> None: ...
+    async def remove(self, sub_id: str) -> bool: ...
+    async def subscriptions(self) -> dict[str, Subscription]: ...
+    async def recover(self) -> None: ...
+    async def fan_out(self, subs: dict[str, Subscription], limit: int) -> int: ...
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[dict]: ...
+    async def ack(self, delivery: dict) -> None: ...
+    async def retry(self, delivery: dict, due: float) -> None: ...
+    async def bury(self, delivery: dict) -> None: ...
+    async def dead_letters(self, limit: int) -> list[dict]: ...
+    async def replay(self, delivery_id: str) -> dict | None: ...
+    async def depth(self) -> int: ...
+
+
+class MemoryWebhookStore:
+    """In process: same semantics, lost on restart (use Redis for durability)."""
+
+    def __init__(self, alert_store) -> None:  # noqa: ANN001 - a MemoryAlertStore
+        self.outbox = alert_store.outbox
+        self.subs: dict[str, Subscription] = {}
+        self.deliveries: dict[str, dict] = {}
+        self.due: dict[str, float] = {}
+        self.dead: dict[str, dict] = {}
+
+    async def add(self, sub: Subscription) -> None:
+        self.subs[sub.id] = sub
+
+    async def remove(self, sub_id: str) -> bool:
+        return self.subs.pop(sub_id, None) is not None
+
+    async def subscriptions(self) -> dict[str, Subscription]:
+        return dict(self.subs)
+
+    async def recover(self) -> None:
+        return None
+
+    async def fan_out(self, subs: dict[str, Subscription], limit: int) -> int:
+        n = 0
+        while self.outbox and n < limit:
+            raw = self.outbox.popleft()
+            event = json.loads(raw)
+            for sub in subs.values():
+                if sub.wants(event):
+                    d = delivery_for(event, raw, sub)
+                    if d["id"] not in self.deliveries:
+                        self.deliveries[d["id"]] = d
+                        self.due[d["id"]] = time.time()
+            n += 1
+        return n
+
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[dict]:
+        ids = sorted((t, i) for i, t in self.due.items() if t <= now)[:limit]
+        for _, i in ids:
+            self.due[i] = now + lease
+        return [dict(self.deliveries[i]) for _, i in ids]
+
+    async def ack(self, delivery: dict) -> None:
+        self.deliveries.pop(delivery["id"], None)
+        self.due.pop(delivery["id"], None)
+
+    async def retry(self, delivery: dict, due: float) -> None:
+        self.deliveries[delivery["id"]] = delivery
+        self.due[delivery["id"]] = due
+
+    async def bury(self, delivery: dict) -> None:
+        await self.ack(delivery)
+        self.dead[delivery["id"]] = delivery | {"failed_at": time.time()}
+
+    async def dead_letters(self, limit: int) -> list[dict]:
+        return sorted(self.dead.values(), key=lambda d: d["failed_at"], reverse=True)[:limit]
+
+    async def replay(self, delivery_id: str) -> dict | None:
+        dead = self.dead.pop(delivery_id, None)
+        if dead is None:
+            return None
+        d = {k: v for k, v in dead.items() if k != "failed_at"} | {"attempts": 0}
+        self.deliveries[d["id"]] = d
+        self.due[d["id"]] = time.time()
+        return d
+
+    async def depth(self) -> int:
+        return len(self.due)
+
+
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[3], id)
+  local body = redis.call('HGET', KEYS[2], id)
+  if body then out[#out + 1] = body else redis.call('ZREM', KEYS[1], id) end
+end
+return out
+"""
+
+
+class RedisWebhookStore:
+    def __init__(self, alert_store) -> None:  # noqa: ANN001 - a RedisAlertStore
+        self.ws = alert_store.ws
+        self.redis = alert_store.redis
+        self.outbox = alert_store.outbox
+        k = alert_store.key
+        self.k_subs, self.k_fanout = k("webhooks"), k("webhooks:fanout")
+        self.k_deliveries, self.k_due = k("webhooks:deliveries"), k("webhooks:due")
+        self.k_dead, self.k_dead_idx = k("webhooks:dead"), k("webhooks:dead:idx")
+        self._claim = self.redis.register_script(_CLAIM)
+
+    async def _call(self, coro):  # noqa: ANN001, ANN202
+        return await self.ws._call(coro)
+
+    async def add(self, sub: Subscription) -> None:
+        await self._call(self.redis.hset(self.k_subs, sub.id, json.dumps(asdict(sub))))
+
+    async def remove(self, sub_id: str) -> bool:
+        return bool(await self._call(self.redis.hdel(self.k_subs, sub_id)))
+
+    async def subscriptions(self) -> dict[str, Subscription]:
+        raw = await self._call(self.redis.hgetall(self.k_subs))
+        return {k.decode(): Subscription(**json.loads(v)) for k, v in raw.items()}
+
+    async def recover(self) -> None:
+        """Events a crashed worker was fanning out go back to the outbox (the fan-out is
+        idempotent, so a replica's in-flight event fanned out twice is harmless)."""
+        while await self._call(self.redis.lmove(self.k_fanout, self.outbox, "RIGHT", "LEFT")):
+            pass
+
+    async def fan_out(self, subs: dict[str, Subscription], limit: int) -> int:
+        n = 0
+        while n < limit:
+            raw = await self._call(self.redis.lmove(self.outbox, self.k_fanout, "LEFT", "RIGHT"))
+            if raw is None:
+                break
+            event = json.loads(raw)
+            pipe = self.redis.pipeline(transaction=True)
+            now = time.time()
+            for sub in subs.values():
+                if sub.wants(event):
+                    d = delivery_for(event, raw.decode(), sub)
+                    pipe.hsetnx(self.k_deliveries, d["id"], json.dumps(d))
+                    pipe.zadd(self.k_due, {d["id"]: now}, nx=True)
+            pipe.lrem(self.k_fanout, 1, raw)
+            await self._call(pipe.execute())
+            n += 1
+        return n
+
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[dict]:
+        out = await self._call(self._claim(keys=[self.k_due, self.k_deliveries],
+                                           args=[repr(now), limit, repr(now + lease)]))
+        return [json.loads(b) for b in out]
+
+    async def ack(self, delivery: dict) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.k_due, delivery["id"])
+        pipe.hdel(self.k_deliveries, delivery["id"])
+        await self._call(pipe.execute())
+
+    async def retry(self, delivery: dict, due: float) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.k_deliveries, delivery["id"], json.dumps(delivery))
+        pipe.zadd(self.k_due, {delivery["id"]: due})
+        await self._call(pipe.execute())
+
+    async def bury(self, delivery: dict) -> None:
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.k_due, delivery["id"])
+        pipe.hdel(self.k_deliveries, delivery["id"])
+        pipe.hset(self.k_dead, delivery["id"], json.dumps(delivery | {"failed_at": now}))
+        pipe.zadd(self.k_dead_idx, {delivery["id"]: now})
+        await self._call(pipe.execute())
+
+    async def dead_letters(self, limit: int) -> list[dict]:
+        ids = await self._call(self.redis.zrevrange(self.k_dead_idx, 0, limit - 1))
+        if not ids:
+            return []
+        raws = await self._call(self.redis.hmget(self.k_dead, ids))
+        return [json.loads(r) for r in raws if r]
+
+    async def replay(self, delivery_id: str) -> dict | None:
+        raw = await self._call(self.redis.hget(self.k_dead, delivery_id))
+        if raw is None:
+            return None
+        d = {k: v for k, v in json.loads(raw).items() if k != "failed_at"} | {"attempts": 0}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.k_dead, delivery_id)
+        pipe.zrem(self.k_dead_idx, delivery_id)
+        pipe.hset(self.k_deliveries, delivery_id, json.dumps(d))
+        pipe.zadd(self.k_due, {delivery_id: time.time()})
+        await self._call(pipe.execute())
+        return d
+
+    async def depth(self) -> int:
+        return int(await self._call(self.redis.zcard(self.k_due)))
+
+
+def build_webhook_store(alert_store) -> WebhookStore:  # noqa: ANN001
+    if hasattr(alert_store, "redis"):
+        return RedisWebhookStore(alert_store)
+    return MemoryWebhookStore(alert_store)

@@ -1,0 +1,146 @@
+"""The delivery worker: an asyncio task in the app's lifespan, never on the /score path.
+
+Each round: fan new events out to matching subscriptions, claim due deliveries (at most
+``webhook_concurrency``), POST them concurrently with a per-request timeout. 2xx is
+success; anything else (status, timeout, refused connection) is retried after
+``min(max, base * 2^(attempt-1))`` seconds scaled by a uniform random factor in [0.5, 1]
+(jitter that keeps a recovering receiver from a thundering herd yet never retries
+instantly), and after ``webhook_max_attempts`` failures the delivery is dead-lettered.
+A delivery whose subscription was deleted is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+import httpx
+
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.stores.base import StoreUnavailable
+from service.webhooks.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from service.webhooks.store import Subscription, WebhookStore
+
+log = logging.getLogger("tsad.webhooks")
+USER_AGENT = "tsad-webhooks/0.1"
+
+
+def backoff_seconds(attempt: int, base: float, cap: float,
+                    rng: random.Random | None = None) -> float:
+    """Delay after the ``attempt``-th failure (1-based).
+
+    >>> backoff_seconds(1, 2.0, 600.0, random.Random(0)) <= 2.0
+    True
+    >>> 0.5 * 600 <= backoff_seconds(30, 2.0, 600.0) <= 600
+    True
+    """
+    ceiling = min(cap, base * 2 ** min(attempt - 1, 62))
+    return ceiling * (0.5 + 0.5 * (rng or random).random())
+
+
+class WebhookWorker:
+    def __init__(self, store: WebhookStore, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_seconds,
+                                         follow_redirects=False,
+                                         headers={"User-Agent": USER_AGENT})
+        self._task = asyncio.create_task(self._run(), name="webhook-worker")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, self.settings.webhook_timeout_seconds + 2)
+            except TimeoutError:
+                self._task.cancel()
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _run(self) -> None:
+        recovered = False
+        while not self._stop.is_set():
+            busy = False
+            try:
+                if not recovered:
+                    await self.store.recover()
+                    recovered = True
+                busy = await self.step()
+            except StoreUnavailable as exc:
+                log.warning("webhook worker: store unavailable", extra={"error": str(exc)})
+            except Exception:  # the worker must outlive any bug in one round
+                log.exception("webhook worker round failed")
+            if not busy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.settings.webhook_poll_seconds)
+
+    async def step(self) -> bool:
+        """One round; True when it did anything (then the next round starts at once)."""
+        s = self.settings
+        subs = await self.store.subscriptions()
+        fanned = await self.store.fan_out(subs, limit=100)
+        due = await self.store.claim_due(time.time(), s.webhook_concurrency,
+                                         s.webhook_lease_seconds)
+        if due:
+            await asyncio.gather(*(self._deliver(d, subs.get(d["subscription_id"]))
+                                   for d in due))
+        self.metrics.webhook_queue_depth.set(await self.store.depth())
+        return bool(fanned or due)
+
+    async def _deliver(self, delivery: dict, sub: Subscription | None) -> None:
+        if sub is None:
+            self.metrics.webhook_deliveries_total.labels("dropped").inc()
+            await self.store.ack(delivery)
+            return
+        assert self._client is not None
+        delivery["attempts"] += 1
+        body = delivery["body"].encode()
+        ts = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": delivery["event_id"],
+            "X-Tsad-Event": delivery["event_type"],
+            "X-Tsad-Event-Id": delivery["event_id"],
+            "X-Tsad-Delivery": delivery["id"],
+            "X-Tsad-Attempt": str(delivery["attempts"]),
+            TIMESTAMP_HEADER: str(ts),
+            SIGNATURE_HEADER: sign(sub.secret, ts, body),
+        }
+        start = time.perf_counter()
+        try:
+            response = await self._client.post(sub.url, content=body, headers=headers)
+            status, error = response.status_code, None
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+        except httpx.HTTPError as exc:
+            status, error = None, f"{type(exc).__name__}: {exc}"[:300]
+        self.metrics.webhook_request_duration_seconds.observe(time.perf_counter() - start)
+        if error is None:
+            self.metrics.webhook_deliveries_total.labels("delivered").inc()
+            self.metrics.webhook_delivery_latency_seconds.observe(
+                max(time.time() - delivery["created"], 0.0))
+            await self.store.ack(delivery)
+            return
+        delivery["last_error"], delivery["last_status"] = error, status
+        if delivery["attempts"] >= self.settings.webhook_max_attempts:
+            self.metrics.webhook_deliveries_total.labels("dead_letter").inc()
+            self.metrics.webhook_dead_letters_total.inc()
+            log.warning("webhook delivery dead-lettered",
+                        extra={"delivery": delivery["id"], "url": sub.url, "error": error,
+                               "attempts": delivery["attempts"]})
+            await self.store.bury(delivery)
+            return
+        self.metrics.webhook_deliveries_total.labels("retry").inc()
+        delay = backoff_seconds(delivery["attempts"], self.settings.webhook_backoff_seconds,
+                                self.settings.webhook_backoff_max_seconds)
+        await self.store.retry(delivery, time.time() + delay)
