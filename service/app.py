@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from models.detectors import build_detector
+from models.lm import runtime as lm_runtime
+from models.lm.cache import CacheConfig
 from service.alerts.store import build_alert_store
 from service.errors import describe
 from service.metrics import ServiceMetrics
@@ -53,6 +55,11 @@ def create_app(settings: Settings | None = None,
         app.state.webhooks = build_webhook_store(alert_store)
         worker = WebhookWorker(app.state.webhooks, settings, metrics)
         build_detector(settings.default_detector, window=settings.default_window)
+        # language-model detectors share one encoder per process behind the embedding
+        # cache: LRU, plus Redis (shared by replicas) when the service has Redis
+        lm_runtime.configure(CacheConfig(
+            redis_url=settings.redis_url, key_prefix=f"{settings.redis_prefix}:emb:v1"),
+            metrics.embedding)
         app.state.detectors_ready = True
         try:
             await store.ping()

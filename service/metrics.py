@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from models.lm.metrics import EmbeddingMetrics
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 THRESHOLD_BUCKETS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 1000)
@@ -47,7 +49,14 @@ class ServiceMetrics:
             ["backend"], registry=r)
         self.streams_created_total = Counter(
             "tsad_streams_created_total", "Streams created", registry=r)
+        # language-model prompt embeddings (cache hits, misses, encode time): defined once
+        # in models/lm/metrics.py, registered here
+        self.embedding = EmbeddingMetrics(r)
         # --- thresholds: a histogram over all streams (bounded), a gauge for allow-listed
+        self.stream_state_bytes = Histogram(
+            "tsad_stream_state_bytes", "Size of a stream's saved detector/threshold/alert state "
+            "(embedding memories dominate; bounded by TSAD_MEMORY_SIZE)", ["detector"],
+            buckets=(1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6), registry=r)
         self.threshold_value = Histogram(
             "tsad_threshold_value", "Stream thresholds in force, observed once per scored "
             "batch (score units)", buckets=THRESHOLD_BUCKETS, registry=r)

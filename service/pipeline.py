@@ -98,7 +98,9 @@ class ScoringPipeline:
         self.metrics.anomalies_total.labels(meta.detector).inc(sum(r.anomaly for r in results))
         self.metrics.scoring_duration_seconds.labels(meta.detector).observe(
             time.perf_counter() - start)
-        return results, scorer.to_blob(), alerts, events
+        blob = scorer.to_blob()
+        self.metrics.stream_state_bytes.labels(meta.detector).observe(len(blob))
+        return results, blob, alerts, events
 
     def _observe_threshold(self, stream: str, value: float | None) -> None:
         if value is None:

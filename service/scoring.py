@@ -47,7 +47,10 @@ class StreamScorer:
         self.meta = meta
         self.settings = settings
         self.detector: Detector = build_detector(
-            meta.detector, window=meta.window, warmup=settings.warmup_points)
+            meta.detector, window=meta.window, warmup=settings.warmup_points,
+            memory_size=settings.memory_size)
+        # the last fresh verdict (score, threshold, anomaly), repeated between strided scores
+        self._last = np.full(3, np.nan)
         self.threshold = build_threshold(stream_spec(settings, meta))
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings))
 
@@ -64,10 +67,11 @@ class StreamScorer:
                 scorer.detector.load_state_dict(_strip(arrays, "det."))
                 scorer.threshold.load_state_dict(_strip(arrays, "thr."))
                 scorer.tracker.load_state_dict(_strip(arrays, "alr."))
+                scorer._last = arrays.get("last", scorer._last)
         return scorer
 
     def to_blob(self) -> bytes:
-        arrays = {"version": np.array([STATE_VERSION])}
+        arrays = {"version": np.array([STATE_VERSION]), "last": self._last}
         arrays |= {f"det.{k}": v for k, v in self.detector.state_dict().items()}
         arrays |= {f"thr.{k}": v for k, v in self.threshold.state_dict().items()}
         arrays |= {f"alr.{k}": v for k, v in self.tracker.state_dict().items()}
@@ -79,6 +83,7 @@ class StreamScorer:
         values = points[:, 1:]
         window = self.meta.window
         start = len(points) - n_new
+        first_index = self.meta.points_seen - n_new  # stream-wide index of the first new point
         results: list[PointResult] = []
         for lo in range(start, len(points), CHUNK):
             hi = min(lo + CHUNK, len(points))
@@ -86,16 +91,37 @@ class StreamScorer:
             results += [PointResult(None, False, None, "warming_up")] * (first_full - lo)
             if first_full < hi:
                 windows = sliding_windows(values[first_full - window + 1:hi], window)
-                results += self._score_chunk(windows, points[first_full:hi, 0])
+                index = first_index + np.arange(first_full, hi) - start
+                results += self._score_chunk(windows, points[first_full:hi, 0], index)
         return results
 
-    def _score_chunk(self, windows: np.ndarray, timestamps: np.ndarray) -> list[PointResult]:
+    def _score_chunk(self, windows: np.ndarray, timestamps: np.ndarray,
+                     index: np.ndarray) -> list[PointResult]:
         det = self.detector
         if not det.is_fitted:
             if not det.supports_online:
                 raise RuntimeError(f"detector {det.name!r} is not fitted and cannot learn online")
             det.partial_fit(windows)
             return [PointResult(None, False, None, "warming_up")] * len(windows)
+        stride = self.settings.costly_score_stride if det.costly else 1
+        fresh = index % stride == 0
+        fresh_results = iter(self._score_fresh(windows[fresh], timestamps[fresh])
+                             if fresh.any() else [])
+        out = []
+        for is_fresh in fresh:
+            if is_fresh:
+                out.append(next(fresh_results))
+            elif np.isnan(self._last[0]):  # fitted, but no fresh score yet
+                out.append(PointResult(None, False, None, "warming_up"))
+            else:  # between strided scores: repeat the last verdict
+                score, threshold, anomaly = self._last
+                out.append(PointResult(float(score), bool(anomaly),
+                                       None if np.isnan(threshold) else float(threshold),
+                                       "scored"))
+        return out
+
+    def _score_fresh(self, windows: np.ndarray, timestamps: np.ndarray) -> list[PointResult]:
+        det = self.detector
         channel_scores = det.channel_scores(windows)  # (B, C)
         scores = aggregate_channels(channel_scores, det.config.aggregate)
         thresholds, anomalous = self.threshold.process(scores, timestamps)
@@ -103,6 +129,7 @@ class StreamScorer:
                              windows)
         if det.supports_online and (~anomalous).any():
             det.partial_fit(windows[~anomalous])
+        self._last = np.array([scores[-1], thresholds[-1], float(anomalous[-1])])
         return [
             PointResult(
                 score=float(s), anomaly=bool(a), threshold=None if np.isnan(t) else float(t),

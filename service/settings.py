@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         "(422) or drop exact duplicates (idempotent retries)",
     )
     warmup_points: int = Field(256, ge=8, description="points before an online detector scores")
+    costly_score_stride: int = Field(
+        4, ge=1, description="language-model detectors score every Nth point; the points in "
+        "between repeat the last verdict (CPU inference is the bottleneck)")
+    memory_size: int = Field(
+        256, ge=16, le=65536, description="embedding-memory entries per stream channel "
+        "(float16; 384-d MiniLM: 768 bytes each)")
     threshold_kind: Literal["spot", "dspot", "quantile"] = Field(
         "spot", description="default per-stream threshold (SPOT/DSPOT: streaming "
         "peaks-over-threshold; quantile: a quantile of recent scores)")

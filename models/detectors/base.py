@@ -42,6 +42,9 @@ class Detector(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
     supports_online: ClassVar[bool] = False
+    # Costly detectors (a language-model call per window) are scored every
+    # TSAD_COSTLY_SCORE_STRIDE points by the service; points in between repeat the verdict.
+    costly: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: Any) -> None:
         self.config = replace(config or self.Config(), **overrides)

@@ -33,6 +33,7 @@ class EmbeddingMemoryConfig(MemoryConfig):
 class EmbeddingMemory(MemoryDetector):
     name = "embedding_memory"
     Config = EmbeddingMemoryConfig
+    costly = True
 
     def prompts(self, windows: np.ndarray) -> list[str]:
         """(B, W, C) -> B*C prompts, window-major (the text a person can read)."""

@@ -52,7 +52,7 @@ class MemoryDetector(Detector):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if state:
-            self._memory = np.asarray(state["memory"], dtype=np.float32).copy()
+            self._memory = np.asarray(state["memory"], dtype=np.float16).copy()
             self._filled = np.asarray(state["filled"], dtype=np.int64).copy()
             self._offered = np.asarray(state["offered"], dtype=np.int64).copy()
             self._kept = np.asarray(state["kept"], dtype=np.int64).copy()
@@ -71,7 +71,8 @@ class MemoryDetector(Detector):
         return int(self._memory.nbytes) if hasattr(self, "_memory") else 0
 
     def _init_memory(self, channels: int, dim: int) -> None:
-        self._memory = np.zeros((channels, self.config.memory_size, dim), dtype=np.float32)
+        # float16: half the bytes in Redis and in artifacts, the precision of the cache
+        self._memory = np.zeros((channels, self.config.memory_size, dim), dtype=np.float16)
         self._filled = np.zeros(1, dtype=np.int64)  # entries in use (same for all channels)
         self._offered = np.zeros(1, dtype=np.int64)  # windows offered to partial_fit
         self._kept = np.zeros(1, dtype=np.int64)  # candidates considered (reservoir's n)
@@ -130,7 +131,7 @@ class MemoryDetector(Detector):
         """(B, C, D) unit features -> (mean distance to k nearest (B, C), index of the
         nearest entry (B, C))."""
         filled = int(self._filled[0])
-        memory = self._memory[:, :filled]  # (C, M, D)
+        memory = self._memory[:, :filled].astype(np.float32)  # (C, M, D)
         sims = np.einsum("bcd,cmd->bcm", feats, memory)  # cosine: rows are unit vectors
         k = min(self.config.k, filled)
         top = -np.partition(-sims, k - 1, axis=2)[:, :, :k] if k < filled else sims

@@ -1,0 +1,104 @@
+"""Embedding memory: memory bounds, the online update rule, distances, and serving a stream
+with no artifact (memory in Redis, surviving a restart). Real MiniLM, real Redis."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from models.detectors import build_detector
+from models.detectors.base import sliding_windows
+from models.detectors.raw_knn import RawKnn
+from service.app import create_app
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+
+def series(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n, dtype=np.float64)
+    return (np.sin(t / 4.0) + 0.05 * rng.standard_normal(n))[:, None]
+
+
+@pytest.mark.parametrize("name", ["embedding_memory", "raw_knn"])
+def test_identical_windows_are_at_distance_zero(name):
+    s = series(400)
+    det = build_detector(name, window=32, stride=8).fit(s)
+    memorised = sliding_windows(s, 32, 8)[:5]  # windows the memory holds verbatim
+    same = det.score(memorised)
+    np.testing.assert_allclose(same, 0.0, atol=5e-4)  # float16 memory: not exactly 0
+    other = memorised.copy()
+    other[:, ::3, 0] *= -1.0
+    # MiniLM embeddings of number-list prompts sit close together (cosine ~0.99), so
+    # "different" is small in absolute terms but far above the float16 floor
+    assert (det.score(other) > max(2e-3, 4 * same.max())).all()
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "recency"])
+def test_memory_stays_bounded_and_follows_its_policy(policy):
+    det = RawKnn(window=8, stride=1, memory_size=20, policy=policy)
+    windows = sliding_windows(series(600), 8)
+    for lo in range(0, len(windows), 50):
+        det.partial_fit(windows[lo:lo + 50])
+    assert det.memory_entries == 20
+    assert det.memory_bytes == 20 * 8 * 2  # channels x entries x dims, float16
+    state = det.state_dict()
+    assert state["kept"][0] == len(windows)  # every window was a candidate (stride 1)
+    latest = RawKnn(window=8, stride=1).fit(series(600)[-8:])._features(windows[-1:])[0]
+    latest = latest / np.linalg.norm(latest, axis=-1, keepdims=True)
+    held = state["memory"][0].astype(np.float32)
+    hit = np.isclose(held @ latest[0], 1.0, atol=1e-3).any()
+    # recency keeps the newest windows; the reservoir keeps a uniform sample of all
+    assert hit if policy == "recency" else not np.allclose(held[-1], held[0])
+
+
+def test_online_memory_only_takes_every_stride_th_window():
+    det = RawKnn(window=8, stride=4, memory_size=100, min_memory=3)
+    windows = sliding_windows(series(100), 8)
+    det.partial_fit(windows[:6])  # candidates: offered #0 and #4
+    assert det.memory_entries == 2 and not det.is_fitted
+    det.partial_fit(windows[6:10])  # offered #6..#9: #8 is a candidate
+    assert det.memory_entries == 3 and det.is_fitted
+
+
+def test_service_scores_a_stream_with_no_artifact_and_keeps_memory_in_redis(redis_url):
+    settings = Settings(redis_url=redis_url, memory_size=64, costly_score_stride=4)
+
+    def client() -> TestClient:
+        return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
+
+    values = series(700)[:, 0]
+    points = [{"timestamp": float(t), "values": [float(v)]} for t, v in enumerate(values)]
+    with client() as c:
+        r = c.put("/streams/lm", json={"channels": 1, "window": 32,
+                                       "detector": "embedding_memory"})
+        assert r.status_code == 201
+        results = c.post("/score", json={"stream": "lm", "points": points[:600]}).json()
+        statuses = [p["status"] for p in results["results"]]
+        # memory fills with every 16th window (16 entries at least) before the first score;
+        # the detector learns per chunk of 64 points and scores every 4th point
+        first = statuses.index("scored")
+        assert 31 + 15 * 16 <= first <= 31 + 16 * 16 + 64 + 4, first
+        scores = [p["score"] for p in results["results"][first:]]
+        assert all(s is not None and s >= 0 for s in scores)
+        # strided: points between fresh scores repeat the last verdict
+        assert scores[1] == scores[0] or scores[2] == scores[1]
+        metrics = c.get("/metrics").text
+        assert 'tsad_stream_state_bytes_count{detector="embedding_memory"}' in metrics
+        assert "tsad_embedding_cache_misses_total" in metrics
+    with client() as c:  # a new process-equivalent: the memory comes back from Redis
+        r = c.post("/score", json={"stream": "lm", "points": points[600:]})
+        assert r.status_code == 200
+        assert all(p["status"] == "scored" for p in r.json()["results"])
+
+
+def test_prompts_are_what_the_memory_embeds():
+    det = build_detector("embedding_memory", window=8)
+    w = np.arange(16.0).reshape(1, 8, 2)
+    prompts = det.prompts(w)
+    assert len(prompts) == 2 and all(p.startswith("From t1 to t8") for p in prompts)
+    assert "variance" in prompts[0] and math.isfinite(len(prompts[1]))
