@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from models.detectors import build_detector
+from models.lm import runtime as lm_runtime
+from models.lm.cache import CacheConfig
 from service.alerts.store import build_alert_store
 from service.errors import describe
 from service.metrics import ServiceMetrics
@@ -52,6 +54,11 @@ def create_app(settings: Settings | None = None,
         app.state.pipeline = ScoringPipeline(store, settings, metrics, alert_store)
         app.state.webhooks = build_webhook_store(alert_store)
         worker = WebhookWorker(app.state.webhooks, settings, metrics)
+        # detectors that embed prompts share one cached encoder per process: its Redis
+        # level and its metrics (tsad_embedding_*) are the service's
+        lm_runtime.configure(CacheConfig(redis_url=settings.redis_url,
+                                         key_prefix=f"{settings.redis_prefix}:emb:v1"),
+                             metrics.embedding)
         build_detector(settings.default_detector, window=settings.default_window)
         app.state.detectors_ready = True
         try:
