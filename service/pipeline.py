@@ -10,7 +10,6 @@ from the next batch.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import time
 
@@ -19,7 +18,7 @@ import numpy as np
 from models.detectors import REGISTRY
 from service.alerts.store import AlertStore, build_alert_store
 from service.errors import field_error
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, StreamSeries
 from service.schemas import (
     ChannelShareOut,
     PointResultOut,
@@ -44,9 +43,8 @@ class ScoringPipeline:
         self.metrics = metrics
         self.alerts = alerts or build_alert_store(getattr(store, "inner", store),
                                                   settings.alert_retention_seconds)
-        self._metric_globs = [g.strip() for g in settings.threshold_metric_streams.split(",")
-                              if g.strip()]
-        self._metric_streams: set[str] = set()
+        self.stream_series = StreamSeries(metrics, settings.metrics_streams,
+                                          settings.metrics_max_streams)
 
     # --- /score ------------------------------------------------------------------------
     async def score(self, req: ScoreRequest) -> ScoreResponse:
@@ -92,7 +90,13 @@ class ScoringPipeline:
         scorer = StreamScorer.from_blob(meta, self.settings, blob)
         results = scorer.process(points, n_new)
         alerts, events = scorer.tracker.drain()
-        self._observe_threshold(meta.stream, scorer.threshold.value())
+        threshold = scorer.threshold.value()
+        if threshold is not None:
+            self.metrics.threshold_value.observe(threshold)
+        self.stream_series.observe(
+            meta.stream, [r.score for r in results], [r.anomaly for r in results],
+            [r.top_channels[0].channel if r.top_channels else None for r in results],
+            threshold)
         scored = sum(r.status == "scored" for r in results)
         self.metrics.points_scored_total.labels(meta.detector).inc(scored)
         self.metrics.anomalies_total.labels(meta.detector).inc(sum(r.anomaly for r in results))
@@ -102,22 +106,12 @@ class ScoringPipeline:
         self.metrics.stream_state_bytes.labels(meta.detector).observe(len(blob))
         return results, blob, alerts, events
 
-    def _observe_threshold(self, stream: str, value: float | None) -> None:
-        if value is None:
-            return
-        self.metrics.threshold_value.observe(value)
-        if stream not in self._metric_streams:  # bounded: an allow-list with a cap
-            if len(self._metric_streams) >= self.settings.threshold_metric_max_streams or \
-                    not any(fnmatch.fnmatchcase(stream, g) for g in self._metric_globs):
-                return
-            self._metric_streams.add(stream)
-        self.metrics.stream_threshold.labels(stream).set(value)
-
     def _count_events(self, events: list[dict]) -> None:
         for e in events:
             self.metrics.alert_events_total.labels(e["type"]).inc()
             if e["type"] == "alert.opened":
                 self.metrics.alerts_opened_total.labels(e["alert"]["severity"]).inc()
+                self.stream_series.alert_opened(e["alert"]["stream"])
             elif e["type"] == "alert.resolved":
                 self.metrics.alerts_resolved_total.inc()
             log.info("alert event", extra={"event": e["type"], "alert": e["alert"]["id"],
@@ -192,9 +186,7 @@ class ScoringPipeline:
         return [StreamOut(**m.to_dict()) for m in await self.store.list_streams()]
 
     async def delete_stream(self, stream: str) -> bool:
-        if stream in self._metric_streams:
-            self._metric_streams.discard(stream)
-            self.metrics.stream_threshold.remove(stream)
+        self.stream_series.forget(stream)
         return await self.store.delete_stream(stream)
 
 

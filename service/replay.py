@@ -3,6 +3,11 @@
 CSV files need a header; the first column is the timestamp (epoch seconds or an ISO 8601 /
 RFC 3339 date-time, naive = UTC), the others are channel values. ``.npy`` files are
 (T, C) arrays; their timestamps are the row numbers (or --start + row * --step).
+
+At the end it lists the alerts the stream raised during the replay (GET /alerts) and
+prints a JSON summary (points, scored, anomalies, alerts, request latency). ``--plot
+out.png`` draws the series, the scores against the threshold, the anomalies and the
+alerts (needs matplotlib: ``pip install 'tsad[plot]'``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=float, default=0.0, help=".npy: first timestamp")
     p.add_argument("--step", type=float, default=1.0, help=".npy: seconds between rows")
     p.add_argument("--out", type=Path, help="write every result as JSON lines here")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="draw series, scores, threshold and alerts into this PNG (matplotlib)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no line per anomalous point (the bar is off "
+                   "anyway when stderr is not a terminal)")
+    p.add_argument("--reset", action="store_true",
+                   help="delete the stream first (its window and detector state), so the "
+                   "same file can be replayed again")
     p.set_defaults(func=run)
 
 
@@ -63,29 +77,39 @@ def run(args: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    if args.plot:
+        require_matplotlib()  # fail before sending anything, not after the whole replay
     series = load_series(args.file, args.start, args.step)
+    if len(series) == 0:
+        print(f"{args.file}: no points")
+        return 1
     latencies: list[float] = []
-    scored = anomalies = 0
+    results: list[dict] = []
     out = open(args.out, "w") if args.out else None  # noqa: SIM115
     began = time.monotonic()
     with httpx.Client(base_url=args.url, timeout=60) as http, tqdm(
-        total=len(series), unit="pt", desc=args.stream
+        total=len(series), unit="pt", desc=args.stream, disable=True if args.quiet else None
     ) as bar:
+        if args.reset:
+            resp = http.delete(f"/streams/{args.stream}")
+            if resp.status_code not in (204, 404):
+                print(f"error {resp.status_code} deleting {args.stream}: {resp.text}")
+                return 1
         for lo in range(0, len(series), args.batch):
             chunk = series[lo:lo + args.batch]
             body = {"stream": args.stream, "points": [
                 {"timestamp": float(r[0]), "values": r[1:].tolist()} for r in chunk]}
             t0 = time.perf_counter()
-            resp = http.post("/score", json=body)
+            resp = post_score(http, body)
             latencies.append(time.perf_counter() - t0)
             if resp.status_code != 200:
                 bar.close()
                 print(f"error {resp.status_code} at point {lo}: {resp.text}")
                 return 1
             for r in resp.json()["results"]:
-                scored += r["status"] == "scored"
-                if r["anomaly"]:
-                    anomalies += 1
+                results.append(r)
+                if r["anomaly"] and not args.quiet:
                     tqdm.write(f"anomaly at {r['timestamp']}: score {r['score']:.3g} > "
                                f"threshold {r['threshold']:.3g}")
                 if out:
@@ -95,12 +119,144 @@ def run(args: argparse.Namespace) -> int:
                 ahead = (lo + len(chunk)) / args.rate - (time.monotonic() - began)
                 if ahead > 0:
                     time.sleep(ahead)
+        alerts = fetch_alerts(http, args.stream, since=float(series[0, 0]))
     if out:
         out.close()
-    lat = np.array(latencies) * 1000
-    print(json.dumps({"stream": args.stream, "points": len(series), "scored": scored,
-                      "anomalies": anomalies, "requests": len(lat),
-                      "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
-                                     "p95": round(float(np.percentile(lat, 95)), 2),
-                                     "max": round(float(lat.max()), 2)}}))
+    for a in sorted(alerts, key=lambda a: a["opened_at"]):
+        print(describe_alert(a))
+    summary = summarize(args.stream, series, results, alerts, latencies)
+    if args.plot:
+        plot(args.plot, args.stream, series, results, alerts)
+        summary["plot"] = str(args.plot)
+    print(json.dumps(summary))
     return 0
+
+
+def post_score(http, body: dict, attempts: int = 5):  # noqa: ANN001, ANN201
+    """POST /score; a 503 (store unavailable: nothing was stored) is retried after its
+    Retry-After, so a replay rides out a Redis restart. Anything else is returned."""
+    for attempt in range(1, attempts + 1):
+        resp = http.post("/score", json=body)
+        if resp.status_code != 503 or attempt == attempts:
+            return resp
+        time.sleep(min(float(resp.headers.get("Retry-After", 1)), 30))
+    raise AssertionError("unreachable")
+
+
+def fetch_alerts(http, stream: str, since: float) -> list[dict]:  # noqa: ANN001
+    """Every alert of ``stream`` opened at or after ``since`` (stream time), all pages."""
+    alerts: list[dict] = []
+    params: dict = {"stream": stream, "since": since, "limit": 500}
+    while True:
+        resp = http.get("/alerts", params=params)
+        resp.raise_for_status()
+        page = resp.json()
+        alerts += page["alerts"]
+        if not page.get("next_cursor"):
+            return alerts
+        params["cursor"] = page["next_cursor"]
+
+
+def iso(ts: float) -> str:
+    """
+    >>> iso(1404174600)
+    '2014-07-01T00:30:00Z'
+    """
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe_alert(a: dict) -> str:
+    end = f"resolved {iso(a['resolved_at'])}" if a.get("resolved_at") else "still open"
+    return (f"alert {a['id']} {a['severity']}: opened {iso(a['opened_at'])}, {end}; "
+            f"peak {a['peak_score']:.3g} = {a['peak_ratio']:.2f} x threshold at "
+            f"{iso(a['peak_at'])}, {a['anomalous_points']} anomalous points, channels "
+            f"{','.join(a['channels'])}")
+
+
+def summarize(stream: str, series: np.ndarray, results: list[dict], alerts: list[dict],
+              latencies: list[float]) -> dict:
+    lat = np.array(latencies) * 1000
+    return {
+        "stream": stream, "points": len(series),
+        "scored": sum(r["status"] == "scored" for r in results),
+        "anomalies": sum(bool(r["anomaly"]) for r in results),
+        "alerts": len(alerts),
+        "alerts_open": sum(a["state"] == "open" for a in alerts),
+        "alerts_critical": sum(a["severity"] == "critical" for a in alerts),
+        "requests": len(lat),
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
+                       "p95": round(float(np.percentile(lat, 95)), 2),
+                       "max": round(float(lat.max()), 2)},
+    }
+
+
+def require_matplotlib():  # noqa: ANN201
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'tsad[plot]'") from exc
+    matplotlib.use("Agg")  # files only, never a window
+    return matplotlib
+
+
+def plot(path: Path, stream: str, series: np.ndarray, results: list[dict],
+         alerts: list[dict], max_channels: int = 8) -> None:
+    """Two panels sharing the time axis: the values, then the score against the threshold
+    (log scale); anomalous points in red, alerts shaded from opening to resolution."""
+    require_matplotlib()
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    ts = series[:, 0]
+    as_dates = ts.min() > 1e8  # epoch seconds; row numbers (.npy) stay numbers
+
+    def x(values):  # noqa: ANN001, ANN202
+        values = np.asarray(values, dtype=float)
+        return values.astype("datetime64[s]") if as_dates else values
+
+    score = np.array([np.nan if r["score"] is None else r["score"] for r in results])
+    threshold = np.array([np.nan if r["threshold"] is None else r["threshold"]
+                          for r in results])
+    flagged = np.array([bool(r["anomaly"]) for r in results])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(14, 7), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    channels = series.shape[1] - 1
+    for c in range(min(channels, max_channels)):
+        top.plot(x(ts), series[:, 1 + c], lw=0.7,
+                 label=f"channel {c}" if channels > 1 else "value")
+    if flagged.any():
+        top.scatter(x(ts[flagged]), series[flagged, 1], s=14, color="red", zorder=3,
+                    label="anomalous point")
+    positive = np.where(score > 0, score, np.nan)  # log scale: zeros are not drawable
+    bottom.plot(x(ts), positive, lw=0.6, color="tab:blue", label="score")
+    bottom.plot(x(ts), threshold, lw=1.2, color="black", ls="--", label="threshold")
+    if flagged.any():
+        bottom.scatter(x(ts[flagged]), positive[flagged], s=14, color="red", zorder=3,
+                       label="anomaly")
+    bottom.set_yscale("log")
+    if np.isfinite(positive).any():  # the far low tail of the scores says nothing
+        bottom.set_ylim(bottom=np.nanpercentile(positive, 1))
+    labelled: set[str] = set()
+    for a in alerts:
+        end = a.get("resolved_at") or a["updated_at"]
+        label = f"{a['severity']} alert"
+        for ax in (top, bottom):
+            ax.axvspan(x([a["opened_at"]])[0], x([max(end, a["opened_at"] + 1)])[0],
+                       color="orange" if a["severity"] == "warning" else "crimson",
+                       alpha=0.3, label=label if ax is top and label not in labelled else None)
+        labelled.add(label)
+    top.set_ylabel("value")
+    bottom.set_ylabel("score (log)")
+    top.set_title(f"{stream}: {len(ts)} points, {int(flagged.sum())} anomalous, "
+                  f"{len(alerts)} alerts")
+    top.legend(loc="upper left", fontsize=8, ncol=4)
+    bottom.legend(loc="upper left", fontsize=8, ncol=3)
+    if as_dates:
+        locator = mdates.AutoDateLocator()
+        bottom.xaxis.set_major_locator(locator)
+        bottom.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

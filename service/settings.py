@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every knob of the service. ``PORT`` and ``REDIS_URL`` are also read unprefixed."""
 
-    model_config = SettingsConfigDict(env_prefix="TSAD_", extra="ignore")
+    # populate_by_name: Settings(metrics_streams=...) works beside the environment aliases
+    model_config = SettingsConfigDict(env_prefix="TSAD_", extra="ignore", populate_by_name=True)
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("TSAD_PORT", "PORT"))
@@ -57,10 +58,16 @@ class Settings(BaseSettings):
     threshold_quantile: float = Field(0.995, gt=0.5, lt=1.0)
     threshold_history: int = Field(2000, ge=10)
     threshold_min_scores: int = Field(100, ge=1)
-    threshold_metric_streams: str = Field(
-        "", description="comma-separated stream globs whose threshold is exported as "
-        "tsad_stream_threshold{stream} (bounded by threshold_metric_max_streams)")
-    threshold_metric_max_streams: int = Field(100, ge=0)
+    # TSAD_THRESHOLD_METRIC_* are the names these had when only the threshold was exported
+    metrics_streams: str = Field(
+        "", validation_alias=AliasChoices("TSAD_METRICS_STREAMS",
+                                          "TSAD_THRESHOLD_METRIC_STREAMS"),
+        description="comma-separated stream globs that get per-stream series "
+        "(tsad_stream_score, tsad_stream_threshold, ...); empty = none")
+    metrics_max_streams: int = Field(
+        100, ge=0, validation_alias=AliasChoices("TSAD_METRICS_MAX_STREAMS",
+                                                 "TSAD_THRESHOLD_METRIC_MAX_STREAMS"),
+        description="cap on streams with per-stream series (first come, first served)")
 
     alert_k: int = Field(1, ge=1, description="open when k of the last m points are anomalous")
     alert_m: int = Field(1, ge=1, le=1000)

@@ -66,6 +66,8 @@ class AlertStore(Protocol):
 
     async def list(self, query: AlertQuery) -> tuple[list[dict], str | None]: ...
 
+    async def count_open(self) -> int: ...
+
 
 class MemoryAlertStore:
     """In-process: alerts in a dict, the outbox a deque the webhook worker drains."""
@@ -98,6 +100,9 @@ class MemoryAlertStore:
     async def get(self, alert_id: str) -> dict | None:
         self._prune()
         return self.alerts.get(alert_id)
+
+    async def count_open(self) -> int:
+        return sum(a["state"] == "open" for a in self.alerts.values())
 
     async def list(self, query: AlertQuery) -> tuple[list[dict], str | None]:
         self._prune()
@@ -146,6 +151,10 @@ class RedisAlertStore:
     async def get(self, alert_id: str) -> dict | None:
         raw = await self.ws._call(self.redis.get(self.key(f"alert:{alert_id}")))
         return json.loads(raw) if raw else None
+
+    async def count_open(self) -> int:
+        """Open alerts never expire, so the open set is exact (one SCARD)."""
+        return int(await self.ws._call(self.redis.scard(self.key("alerts:open"))))
 
     async def _load(self, ids: list[bytes], gone: list[bytes]) -> list[dict]:
         """The alerts of ``ids``; ids whose record expired are appended to ``gone``."""

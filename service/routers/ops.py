@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,5 +36,9 @@ async def readyz(pipeline: PipelineDep, settings: SettingsDep, request: Request)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-async def metrics(m: MetricsDep) -> PlainTextResponse:
+async def metrics(m: MetricsDep, pipeline: PipelineDep) -> PlainTextResponse:
+    # a gauge of state held in the store, read when Prometheus asks; on an outage it keeps
+    # its last value (tsad_window_store_up says the store is down)
+    with contextlib.suppress(StoreUnavailable):
+        m.alerts_open.set(await pipeline.alerts.count_open())
     return PlainTextResponse(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
