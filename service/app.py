@@ -60,11 +60,6 @@ def create_app(settings: Settings | None = None,
                                          key_prefix=f"{settings.redis_prefix}:emb:v1"),
                              metrics.embedding)
         build_detector(settings.default_detector, window=settings.default_window)
-        # language-model detectors share one encoder per process behind the embedding
-        # cache: LRU, plus Redis (shared by replicas) when the service has Redis
-        lm_runtime.configure(CacheConfig(
-            redis_url=settings.redis_url, key_prefix=f"{settings.redis_prefix}:emb:v1"),
-            metrics.embedding)
         app.state.detectors_ready = True
         try:
             await store.ping()

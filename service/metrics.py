@@ -62,9 +62,6 @@ class ServiceMetrics:
             ["backend"], registry=r)
         self.streams_created_total = Counter(
             "tsad_streams_created_total", "Streams created", registry=r)
-        # language-model prompt embeddings (cache hits, misses, encode time): defined once
-        # in models/lm/metrics.py, registered here
-        self.embedding = EmbeddingMetrics(r)
         # --- thresholds: a histogram over all streams (bounded), a gauge for allow-listed
         self.stream_state_bytes = Histogram(
             "tsad_stream_state_bytes", "Size of a stream's saved detector/threshold/alert state "
