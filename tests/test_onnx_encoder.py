@@ -14,10 +14,11 @@ from models.lm.onnx_encoder import OnnxTextEncoder, require_onnxruntime
 from models.lm.prompts import PromptBuilder, PromptConfig
 
 DATA = Path(__file__).parent / "data"
-# measured (AVX2 CPU): per-channel int8 of every linear layer gives min cosine 0.987-0.989
-# on real prompts, it does not reach 0.99; the default recipe (first block and FFN
-# down-projections fp32) gives >= 0.993 (benchmarks/results/embeddings.md)
-ALL_LAYERS_INT8_MIN_COSINE = 0.98
+# measured (AVX2 CPU): per-channel int8 of every linear layer does not reach 0.99: min
+# cosine 0.989 on this file's prompts and batches, 0.979 on 100-value MSL prompts
+# (benchmarks/results/embeddings.md); the default recipe (first block and FFN
+# down-projections fp32) gives >= 0.993 on both
+ALL_LAYERS_INT8_MIN_COSINE = 0.985
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ that graph are quantised dynamically to int8, per output channel by default
 files. Same ``encode`` interface, tokenizer and pooling as ``TextEncoder``.
 
 int8 accuracy (all-MiniLM-L6-v2, real MSL prompts, cosine to PyTorch fp32, AVX2 CPU):
-quantising every linear layer per channel gives a minimum of about 0.987-0.989; keeping
+quantising every linear layer per channel gives a minimum of about 0.979-0.989; keeping
 the FFN down-projections (the layers after GELU, whose inputs carry the activation
 outliers that a per-tensor activation scale clips) in fp32 lifts typical prompts above
 0.99 but not the longest (100 values, ~230 tokens: min 0.988); also keeping the first
