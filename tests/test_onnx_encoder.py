@@ -14,9 +14,11 @@ from models.lm.onnx_encoder import OnnxTextEncoder, require_onnxruntime
 from models.lm.prompts import PromptBuilder, PromptConfig
 
 DATA = Path(__file__).parent / "data"
-# measured on this suite's prompts (AVX2 CPU): all-layer per-channel int8 min cosine 0.987
-# (it does not reach 0.99); with FFN down-projections kept fp32 (the default) 0.993
-ALL_LAYERS_INT8_MIN_COSINE = 0.98
+# measured (AVX2 CPU): per-channel int8 of every linear layer does not reach 0.99: min
+# cosine 0.989 on this file's prompts and batches, 0.979 on 100-value MSL prompts
+# (benchmarks/results/embeddings.md); the default recipe (first block and FFN
+# down-projections fp32) gives >= 0.993 on both
+ALL_LAYERS_INT8_MIN_COSINE = 0.985
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +67,19 @@ def test_fp32_matches_pytorch(cache_dir, prompts, reference, torch_encoder):
 def test_int8_per_channel_default_reaches_099(cache_dir, prompts, reference, torch_encoder):
     enc = OnnxTextEncoder(cache_dir=str(cache_dir), quantize="int8")
     cos = cosine(enc.encode(prompts, batch_size=8), reference)
-    print(f"int8 per-channel (down-proj fp32): min {cos.min():.4f} mean {cos.mean():.4f}")
+    print(f"int8 per-channel (default recipe): min {cos.min():.4f} mean {cos.mean():.4f}")
     assert cos.min() >= 0.99
-    assert enc.model_id == f"{torch_encoder.model_id}-onnx-int8pc"  # never shares fp32 keys
+    # never shares cache keys with fp32
+    assert enc.model_id == f"{torch_encoder.model_id}-onnx-int8pc-fp32b0dp"
 
 
 def test_int8_per_channel_all_layers_measured_bound(cache_dir, prompts, reference):
-    enc = OnnxTextEncoder(cache_dir=str(cache_dir), quantize="int8", keep_down_proj_fp32=False)
+    enc = OnnxTextEncoder(cache_dir=str(cache_dir), quantize="int8", keep_down_proj_fp32=False,
+                          keep_first_block_fp32=False)
     cos = cosine(enc.encode(prompts, batch_size=8), reference)
     print(f"int8 per-channel (all layers): min {cos.min():.4f} mean {cos.mean():.4f}")
     assert cos.min() >= ALL_LAYERS_INT8_MIN_COSINE
-    assert enc.model_id.endswith("-onnx-int8pc-all")
+    assert enc.model_id.endswith("-onnx-int8pc")
 
 
 def test_missing_onnxruntime_is_explained(monkeypatch):

@@ -222,6 +222,13 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
+def _transformers_major_minor() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def length_order(texts: Sequence[str]) -> np.ndarray:
     """Indices sorting texts by length (stable), so a batch pads to similar lengths."""
     return np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64), kind="stable")
@@ -253,9 +260,11 @@ class TextEncoder:
         self.tokenizer = prepare_tokenizer(
             AutoTokenizer.from_pretrained(path), self.config.padding_side
         )
-        kw = {"attn_implementation": self.config.attn_implementation} \
+        kw: dict[str, Any] = {"attn_implementation": self.config.attn_implementation} \
             if self.config.attn_implementation else {}
-        model = AutoModel.from_pretrained(path, dtype=self.dtype, **kw)
+        # transformers >= 4.56 names it dtype; older releases torch_dtype
+        kw["dtype" if _transformers_major_minor() >= (4, 56) else "torch_dtype"] = self.dtype
+        model = AutoModel.from_pretrained(path, **kw)
         model.eval().requires_grad_(False).to(self.device)  # frozen: weights never change
         self.model = model
         self.uses_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
