@@ -50,6 +50,9 @@ lint: install-dev
 bench-throughput: install redis-server
 	$(PY) benchmarks/throughput.py --data-dir ../shared/datasets
 
+bench-embeddings: install redis-server
+	$(PY) benchmarks/embeddings.py --data-dir ../shared/datasets
+
 bench-alerts: install
 	$(PY) benchmarks/alerts_nab.py --data-dir ../shared/datasets
 
