@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "service.replay",  # replay
     "models.lm.embed_cli",  # embed
     "models.evaluate_cli",  # evaluate
+    "models.train_cli",  # train
 ]
 
 
