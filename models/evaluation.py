@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.detectors import Detector, build_detector
-from models.detectors.base import sliding_windows
+from models.detectors.base import aggregate_channels, sliding_windows
 
 METRICS = ("AUC-ROC", "Standard-F1", "Affiliation-F1", "VUS-ROC", "VUS-PR")
 
@@ -121,16 +121,30 @@ def score_entity(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
                  on_model: Callable[[Detector], None] | None = None) -> np.ndarray:
     """Normalised point scores of one entity's test split (fit on its train split only)."""
     train, test = select(train, spec.columns), select(test, spec.columns)
-    window = spec.build().config.window
-    cut = int(len(train) * (1 - spec.calibration))
-    center, scale = 0.0, 1.0
-    if spec.calibration > 0 and cut >= window and len(train) - cut >= window:
-        held = spec.build().fit(train[:cut])
-        cal = score_series(held, train[cut:], spec.stride, spec.spread)
-        center = float(np.median(cal))
-        scale = float(np.quantile(cal, 0.75) - np.quantile(cal, 0.25)) or float(
-            np.std(cal)) or 1.0
     det = spec.build().fit(train)
     if on_model is not None:
         on_model(det)
+    center, scale = 0.0, 1.0
+    if spec.calibration > 0:
+        if hasattr(det, "calibration_scores"):  # memories: leave-one-out on training data
+            cal = aggregate_channels(det.calibration_scores(), det.config.aggregate)
+        else:  # a model fitted on the rest scores the held-out end of the training split
+            cut = int(len(train) * (1 - spec.calibration))
+            window = det.config.window
+            cal = None
+            if cut >= window and len(train) - cut >= window:
+                held = spec.build().fit(train[:cut])
+                cal = score_series(held, train[cut:], spec.stride, spec.spread)
+        if cal is not None and len(cal):
+            center, scale = robust_center_scale(cal)
     return (score_series(det, test, spec.stride, spec.spread) - center) / scale
+
+
+def robust_center_scale(cal: np.ndarray) -> tuple[float, float]:
+    """Median and IQR (std, then 1, where the IQR is 0) of calibration scores.
+
+    >>> robust_center_scale(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    (3.0, 2.0)
+    """
+    iqr = float(np.quantile(cal, 0.75) - np.quantile(cal, 0.25))
+    return float(np.median(cal)), iqr or float(np.std(cal)) or 1.0

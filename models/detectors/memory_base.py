@@ -83,11 +83,39 @@ class MemoryDetector(Detector):
         if len(windows) > self.config.memory_size:  # evenly spaced: cover the whole span
             pick = np.linspace(0, len(windows) - 1, self.config.memory_size).round()
             windows = windows[pick.astype(int)]
-        feats = _normalise(self._features(windows))  # (B, C, D)
+        self.fit_features(self._features(windows))
+
+    def fit_features(self, feats: np.ndarray) -> MemoryDetector:
+        """Fill the memory from precomputed training features (B, C, D), e.g. the
+        embeddings ``tsad embed`` wrote; at most ``memory_size``, evenly spaced."""
+        if len(feats) > self.config.memory_size:
+            feats = feats[np.linspace(0, len(feats) - 1, self.config.memory_size).round()
+                          .astype(int)]
+        feats = _normalise(feats)
         self._init_memory(feats.shape[1], feats.shape[2])
         self._memory[:, : len(feats)] = feats.transpose(1, 0, 2)
         self._filled[:] = len(feats)
         self._kept[:] = len(feats)
+        return self
+
+    def score_features(self, feats: np.ndarray) -> np.ndarray:
+        """Channel scores (B, C) of precomputed features (B, C, D)."""
+        return np.concatenate([
+            self.nearest(_normalise(feats[lo:lo + self.config.query_batch]))[0]
+            for lo in range(0, len(feats), self.config.query_batch)])
+
+    def calibration_scores(self) -> np.ndarray:
+        """Leave-one-out channel scores (M, C) of the memory's own entries: how far a
+        normal window lies from the *other* normal windows. Calibrates scores on training
+        data alone, with no held-out split."""
+        filled = int(self._filled[0])
+        memory = self._memory[:, :filled].astype(np.float32)  # (C, M, D)
+        sims = np.einsum("cmd,cnd->cmn", memory, memory)
+        idx = np.arange(filled)
+        sims[:, idx, idx] = -np.inf  # never your own neighbour
+        k = min(self.config.k, filled - 1)
+        top = -np.partition(-sims, k - 1, axis=2)[:, :, :k]
+        return np.clip(1.0 - top.mean(axis=2), 0.0, 2.0).T.astype(np.float64)
 
     def partial_fit(self, windows: np.ndarray) -> MemoryDetector:
         """Offer windows judged normal; every ``stride``-th one becomes a candidate."""
@@ -121,10 +149,8 @@ class MemoryDetector(Detector):
 
     # --- scoring -----------------------------------------------------------------------
     def _channel_scores(self, windows: np.ndarray) -> np.ndarray:
-        out = []
-        for lo in range(0, len(windows), self.config.query_batch):
-            feats = _normalise(self._features(windows[lo:lo + self.config.query_batch]))
-            out.append(self.nearest(feats)[0])
+        out = [self.score_features(self._features(windows[lo:lo + self.config.query_batch]))
+               for lo in range(0, len(windows), self.config.query_batch)]
         return np.concatenate(out)
 
     def nearest(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
