@@ -102,3 +102,20 @@ def test_prompts_are_what_the_memory_embeds():
     prompts = det.prompts(w)
     assert len(prompts) == 2 and all(p.startswith("From t1 to t8") for p in prompts)
     assert "variance" in prompts[0] and math.isfinite(len(prompts[1]))
+
+
+def test_precomputed_features_and_leave_one_out_calibration():
+    """fit_features/score_features give what fit/score give, and the leave-one-out
+    calibration never counts an entry as its own neighbour."""
+    s = series(400)
+    windows = sliding_windows(s, 16, 4)
+    det = RawKnn(window=16, stride=4).fit(s)
+    pre = RawKnn(window=16, stride=4).fit_features(det._features(windows))
+    probe = sliding_windows(series(200, seed=1), 16)
+    np.testing.assert_allclose(pre.score_features(det._features(probe)).ravel(),
+                               det.score(probe), atol=1e-6)
+    loo = det.calibration_scores()
+    assert loo.shape == (len(windows), 1) and (loo > 0).all()  # no self-match at 0
+    doubled = RawKnn(window=16, stride=4).fit_features(
+        np.concatenate([det._features(windows[:5])] * 2))
+    np.testing.assert_allclose(doubled.calibration_scores(), 0.0, atol=1e-3)  # twin = 0
