@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     costly_score_stride: int = Field(
         4, ge=1, description="language-model detectors score every Nth point; the points in "
         "between repeat the last verdict (CPU inference is the bottleneck)")
+    blas_threads: int = Field(
+        1, ge=1, le=256, description="BLAS threads per process for numpy work (requests "
+        "already run in parallel; more threads oversubscribe the cores)")
     memory_size: int = Field(
         256, ge=16, le=65536, description="embedding-memory entries per stream channel "
         "(float16; 384-d MiniLM: 768 bytes each)")
