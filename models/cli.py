@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "service.receiver",  # receive
     "models.lm.embed_cli",  # embed
     "models.evaluate_cli",  # evaluate
+    "models.train_cli",  # train
 ]
 
 

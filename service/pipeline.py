@@ -17,6 +17,7 @@ import numpy as np
 
 from models.detectors import REGISTRY
 from service.alerts.store import AlertStore, build_alert_store
+from service.artifacts import Artifact, artifact_name, load_artifact
 from service.errors import field_error
 from service.metrics import ServiceMetrics, StreamSeries
 from service.schemas import (
@@ -148,28 +149,52 @@ class ScoringPipeline:
     # --- /streams ----------------------------------------------------------------------
     async def put_stream(self, stream: str, cfg: StreamConfigIn) -> tuple[StreamOut, bool]:
         detector = cfg.detector or self.settings.default_detector
-        if detector not in REGISTRY:
+        window = cfg.window or self.settings.default_window
+        artifact = None
+        if artifact_name(detector) is not None:
+            artifact = await asyncio.to_thread(self._artifact, detector)
+            window = self._artifact_window(artifact, cfg)
+        elif detector not in REGISTRY:
             raise field_error(("body", "detector"),
-                              f"unknown detector {detector!r}; known: {sorted(REGISTRY)}")
+                              f"unknown detector {detector!r}; known: {sorted(REGISTRY)} or "
+                              f"'artifact:<name>'")
         if cfg.channel_names is not None and len(cfg.channel_names) != cfg.channels:
             raise field_error(("body", "channel_names"),
                               f"expected {cfg.channels} names, got {len(cfg.channel_names)}")
         threshold = cfg.threshold.model_dump(exclude_none=True) if cfg.threshold else None
         kind = (threshold or {}).get("kind") or self.settings.threshold_kind
+        if kind == "fixed" and (threshold or {}).get("value") is None and (
+                artifact is None or artifact.threshold is None):
+            raise field_error(("body", "threshold", "value"), "kind fixed needs a value")
         if cfg.alert_budget_per_day is not None and kind == "quantile":
             raise field_error(("body", "alert_budget_per_day"),
                               "an alert budget needs threshold kind spot or dspot")
         if cfg.alert_budget_per_day is not None and (threshold or {}).get("q"):
             raise field_error(("body", "alert_budget_per_day"),
                               "give either threshold.q or alert_budget_per_day, not both")
-        meta = StreamMeta(stream=stream, channels=cfg.channels,
-                          window=cfg.window or self.settings.default_window, detector=detector,
+        meta = StreamMeta(stream=stream, channels=cfg.channels, window=window, detector=detector,
                           channel_names=cfg.channel_names, threshold=threshold or None,
                           alert_budget_per_day=cfg.alert_budget_per_day)
         stored, created = await self.store.put_stream(meta)
         if created:
             self.metrics.streams_created_total.inc()
         return StreamOut(**stored.to_dict()), created
+
+    def _artifact(self, detector: str) -> Artifact:
+        try:
+            return load_artifact(self.settings.artifacts_dir, artifact_name(detector) or "")
+        except ValueError as exc:
+            raise field_error(("body", "detector"), str(exc)) from None
+
+    @staticmethod
+    def _artifact_window(artifact: Artifact, cfg: StreamConfigIn) -> int:
+        if cfg.window is not None and cfg.window != artifact.window:
+            raise field_error(("body", "window"), f"artifact {artifact.name!r} scores "
+                              f"windows of {artifact.window} points, not {cfg.window}")
+        if artifact.channels is not None and artifact.channels != cfg.channels:
+            raise field_error(("body", "channels"), f"artifact {artifact.name!r} was fitted "
+                              f"on {artifact.channels} channels, not {cfg.channels}")
+        return artifact.window
 
     async def get_stream(self, stream: str) -> StreamOut | None:
         meta = await self.store.get_stream(stream)

@@ -75,15 +75,18 @@ class ScoreResponse(BaseModel):
 class ThresholdConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["spot", "dspot", "quantile"] | None = Field(
+    kind: Literal["spot", "dspot", "quantile", "fixed"] | None = Field(
         None, description="spot: streaming peaks-over-threshold (extreme value theory); "
         "dspot: the same on the drift-corrected score; quantile: a quantile of recent "
-        "scores (default TSAD_THRESHOLD_KIND)", examples=["spot"])
+        "scores; fixed: flag scores >= value (default TSAD_THRESHOLD_KIND; for an "
+        "artifact detector with a calibrated cut: fixed at that cut)", examples=["spot"])
     q: float | None = Field(None, gt=0, lt=0.5, description="SPOT/DSPOT risk: probability "
                             "that a normal score exceeds the threshold (default "
                             "TSAD_THRESHOLD_Q)", examples=[0.001])
     depth: int | None = Field(None, ge=2, le=10_000, description="DSPOT moving-average "
                               "depth in points (default TSAD_THRESHOLD_DEPTH)", examples=[50])
+    value: FiniteFloat | None = Field(None, description="kind fixed: the threshold (default "
+                                      "for an artifact: its calibrated cut)", examples=[0.7])
 
 
 class StreamConfigIn(BaseModel):
@@ -98,7 +101,10 @@ class StreamConfigIn(BaseModel):
                                description="Points per window (default TSAD_DEFAULT_WINDOW)",
                                examples=[64])
     detector: str | None = Field(None, description="Detector name (default "
-                                 "TSAD_DEFAULT_DETECTOR)", examples=["residual_linear"])
+                                 "TSAD_DEFAULT_DETECTOR), or \"artifact:<name>\": a fitted "
+                                 "artifact in TSAD_ARTIFACTS_DIR (its window and calibrated "
+                                 "threshold become the stream's defaults)",
+                                 examples=["residual_linear", "artifact:spear-msl"])
     threshold: ThresholdConfigIn | None = Field(
         None, description="Threshold overrides; a change restarts the threshold's "
         "calibration (the detector keeps its state)")

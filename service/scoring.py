@@ -11,7 +11,7 @@ peak); the alert tracker then sees every scored point in order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import safetensors.numpy
@@ -19,6 +19,7 @@ import safetensors.numpy
 from models.detectors import Detector, build_detector
 from models.detectors.base import aggregate_channels, sliding_windows
 from service.alerts.tracker import AlertRules, AlertTracker
+from service.artifacts import artifact_name, load_artifact
 from service.settings import Settings
 from service.stores.base import StreamMeta
 from service.thresholds import build_threshold, stream_spec
@@ -46,12 +47,23 @@ class StreamScorer:
     def __init__(self, meta: StreamMeta, settings: Settings) -> None:
         self.meta = meta
         self.settings = settings
-        self.detector: Detector = build_detector(
-            meta.detector, window=meta.window, warmup=settings.warmup_points,
-            memory_size=settings.memory_size)
+        spec = stream_spec(settings, meta)
+        name = artifact_name(meta.detector)
+        # a fitted artifact is shared, read-only, by every stream bound to it: it is not
+        # part of the stream's state blob
+        self.shared_detector = name is not None
+        if name is not None:
+            artifact = load_artifact(settings.artifacts_dir, name)
+            self.detector: Detector = artifact.detector
+            if not (meta.threshold or {}).get("kind") and artifact.threshold is not None:
+                spec = replace(spec, kind="fixed", value=artifact.threshold)
+        else:
+            self.detector = build_detector(
+                meta.detector, window=meta.window, warmup=settings.warmup_points,
+                memory_size=settings.memory_size)
         # the last fresh verdict (score, threshold, anomaly), repeated between strided scores
         self._last = np.full(3, np.nan)
-        self.threshold = build_threshold(stream_spec(settings, meta))
+        self.threshold = build_threshold(spec)
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings))
 
     def channel_names(self) -> list[str]:
@@ -64,7 +76,8 @@ class StreamScorer:
         if blob:
             arrays = safetensors.numpy.load(blob)
             if int(arrays.pop("version", np.zeros(1))[0]) == STATE_VERSION:
-                scorer.detector.load_state_dict(_strip(arrays, "det."))
+                if not scorer.shared_detector:
+                    scorer.detector.load_state_dict(_strip(arrays, "det."))
                 scorer.threshold.load_state_dict(_strip(arrays, "thr."))
                 scorer.tracker.load_state_dict(_strip(arrays, "alr."))
                 scorer._last = arrays.get("last", scorer._last)
@@ -72,7 +85,8 @@ class StreamScorer:
 
     def to_blob(self) -> bytes:
         arrays = {"version": np.array([STATE_VERSION]), "last": self._last}
-        arrays |= {f"det.{k}": v for k, v in self.detector.state_dict().items()}
+        if not self.shared_detector:
+            arrays |= {f"det.{k}": v for k, v in self.detector.state_dict().items()}
         arrays |= {f"thr.{k}": v for k, v in self.threshold.state_dict().items()}
         arrays |= {f"alr.{k}": v for k, v in self.tracker.state_dict().items()}
         return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})

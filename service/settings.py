@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -28,6 +29,8 @@ class Settings(BaseSettings):
 
     default_window: int = Field(64, ge=4, le=4096)
     default_detector: str = "residual_linear"
+    artifacts_dir: Path = Field(Path("models/pretrained"), description="fitted detector "
+                                "artifacts, served to streams as detector 'artifact:<name>'")
     max_batch_points: int = Field(10_000, ge=1)
     max_channels: int = Field(1024, ge=1)
     duplicates: Literal["reject", "drop"] = Field(

@@ -60,7 +60,7 @@ from service.evt import GPDFit, fit_gpd, gpd_quantile
 from service.settings import Settings
 from service.stores.base import StreamMeta
 
-KINDS = ("spot", "dspot", "quantile")
+KINDS = ("spot", "dspot", "quantile", "fixed")
 DAY_SECONDS = 86_400.0
 Q_MIN, Q_MAX = 1e-7, 0.25  # what a budget may turn into
 
@@ -79,11 +79,13 @@ class ThresholdSpec:
     budget_per_day: float | None = None  # replaces q once the cadence is known
     quantile: float = 0.995  # kind "quantile": this quantile of the last `history` scores
     history: int = 2000
+    value: float | None = None  # kind "fixed": flag scores >= value (e.g. a calibrated cut)
 
     def fingerprint(self) -> float:
         """Changes whenever a field that invalidates learnt state changes."""
-        text = repr((self.kind, self.q, self.depth, self.level, self.calibration,
-                     self.max_peaks, self.budget_per_day, self.quantile, self.history))
+        fields = (self.kind, self.q, self.depth, self.level, self.calibration,
+                  self.max_peaks, self.budget_per_day, self.quantile, self.history)
+        text = repr(fields + ((self.value,) if self.kind == "fixed" else ()))
         return float(zlib.crc32(text.encode()))  # stable across processes, unlike hash()
 
 
@@ -109,6 +111,8 @@ def build_threshold(spec: ThresholdSpec) -> Threshold:
         return DSpot(spec)
     if spec.kind == "quantile":
         return QuantileThreshold(spec.quantile, spec.history, spec.min_scores, spec)
+    if spec.kind == "fixed":
+        return FixedThreshold(spec)
     raise ValueError(f"threshold.kind: unknown {spec.kind!r}; known: {KINDS}")
 
 
@@ -376,6 +380,35 @@ class QuantileThreshold:
             self._count = int(state["count"][0])
 
 
+class FixedThreshold:
+    """A constant threshold: scores >= value are anomalous. What a calibrated artifact
+    brings (SPEAR: the probability cut with the best F1 on validation data)."""
+
+    kind = "fixed"
+
+    def __init__(self, spec: ThresholdSpec) -> None:
+        if spec.value is None:
+            raise ValueError("threshold.value: kind fixed needs a value")
+        self.spec = spec
+
+    def value(self) -> float | None:
+        return float(self.spec.value)
+
+    def process(self, scores: np.ndarray,
+                timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.asarray(scores, dtype=np.float64)
+        return np.full(len(scores), self.value()), scores >= self.value()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "value": self.value()}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"kind": np.array([KINDS.index(self.kind)])}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Nothing is learnt."""
+
+
 def stream_spec(settings: Settings, meta: StreamMeta) -> ThresholdSpec:
     """The server defaults, overridden by the stream's own configuration."""
     own = meta.threshold or {}
@@ -392,4 +425,5 @@ def stream_spec(settings: Settings, meta: StreamMeta) -> ThresholdSpec:
         budget_per_day=meta.alert_budget_per_day or (None if own.get("q") else budget),
         quantile=settings.threshold_quantile,
         history=settings.threshold_history,
+        value=own.get("value"),
     )

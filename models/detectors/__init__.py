@@ -15,9 +15,10 @@ from models.detectors.isolation_forest import IsolationForest
 from models.detectors.pca import PcaReconstruction
 from models.detectors.raw_knn import RawKnn
 from models.detectors.residual_linear import ResidualLinear
+from models.detectors.spear import Spear
 
 REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    ResidualLinear, RawKnn, PcaReconstruction, IsolationForest, EmbeddingMemory, CMA)}
+    ResidualLinear, RawKnn, PcaReconstruction, IsolationForest, EmbeddingMemory, Spear, CMA)}
 
 
 def build_detector(name: str, **config: object) -> Detector:
