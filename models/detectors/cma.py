@@ -42,6 +42,7 @@ Why the pieces:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,13 @@ class CMA(Detector):
         self._net = build_net(self.config, lm_dim).to(self._device)
         self._err_scale = 1.0
 
+    @property
+    def training_report(self) -> dict[str, Any]:
+        """What ``tsad train`` writes to training_curve.json."""
+        return {"curve": getattr(self, "history", []),
+                "windows": getattr(self, "_n_windows", None),
+                "train_seconds": getattr(self, "_train_seconds", None)}
+
     # --- prompts -----------------------------------------------------------------------
     def _encoder(self) -> Any:
         from models.lm.runtime import cached_encoder
@@ -230,6 +238,7 @@ class CMA(Detector):
                                   for s in series if len(s) >= cfg.window])
         if len(windows) == 0:
             raise ValueError(f"train: need at least window={cfg.window} points")
+        t0 = time.perf_counter()
         emb = self.embed(windows)  # once: every epoch reuses these
         self._build(emb.shape[-1] if emb is not None else 0)
         x = torch.tensor(windows, dtype=torch.float32, device=self._device)
@@ -267,6 +276,8 @@ class CMA(Detector):
         finally:
             torch.set_num_threads(threads)
         self._net.eval()
+        self._n_windows = {"train": n_train, "validation": n_val}
+        self._train_seconds = round(time.perf_counter() - t0, 1)
         self._err_scale = 1.0
         err = self._window_errors(windows, emb)  # (N, C)
         self._err_scale = max(float(err.mean()), 1e-12)
