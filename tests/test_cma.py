@@ -103,3 +103,13 @@ def test_service_scores_a_stream_with_the_cma_artifact(artifact):
     assert spike["anomaly"], spike
     top = spike["top_channels"]
     assert top[0]["channel"] == "value" and 0 < sum(c["share"] for c in top) <= 1.0001
+
+
+def test_the_committed_pretrained_artifact_scores_msl_windows():
+    root = Path(__file__).parent.parent / "models" / "pretrained" / "cma-msl"
+    det = load_detector(root)
+    assert det.config.use_lm and det.config.window == 64
+    series = load_msl(DATA)[0].test[:, :1].astype(np.float64)
+    windows = sliding_windows(series, 64, 32)
+    scores = det.score(windows)
+    assert scores.shape == (len(windows),) and np.isfinite(scores).all() and (scores >= 0).all()
