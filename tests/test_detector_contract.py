@@ -13,8 +13,10 @@ WINDOW = 16
 # Measured floors of ROC-AUC (spiked vs clean windows) where a detector is weaker than
 # the default 0.95 on this synthetic series: Isolation Forest saturates, and MiniLM
 # embeddings of 16-value prompts move little for one spiked value (the embedding memory
-# earns its keep on longer, real windows: see benchmarks/results/).
-MIN_AUC = {"isolation_forest": 0.75, "embedding_memory": 0.52}
+# earns its keep on longer, real windows: see benchmarks/results/). SPEAR at its default
+# size trains 30 steps (CPU budget) on context labels and four kinds of injected anomaly,
+# of which spikes are one: measured 0.88 (tests/test_spear.py trains it on spikes).
+MIN_AUC = {"isolation_forest": 0.75, "embedding_memory": 0.52, "spear": 0.8}
 
 
 def normal_series(n: int = 1500, channels: int = 2, seed: int = 0) -> np.ndarray:

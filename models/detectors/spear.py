@@ -84,7 +84,7 @@ class SpearConfig(DetectorConfig):
     min_length: int = 0  # >0: train on random lengths min_length..window (newest kept)
     val_fraction: float = 0.2  # last share of the training series (by time)
     max_train_windows: int = 4096  # channel windows kept for training (random subsample)
-    max_val_windows: int = 128
+    max_val_windows: int = 64
     # optimisation (small defaults so a fit is quick on a CPU; configs/train sets more)
     max_steps: int = 30  # 0 = no training (the zero-shot baseline)
     epochs: int = 40
