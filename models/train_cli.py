@@ -15,8 +15,8 @@ training split and write an artifact directory the service can serve by name.
     quantile: 0.99               # threshold for detectors without their own calibrated cut
 
 Every training series is split by time: the newest ``calibration`` share is held out, the
-detector is fitted on the rest (several series: detectors with ``fit_series`` take them
-all, others their concatenation), held-out scores give ``calibration.json``. The
+detector is fitted on the rest (several series: detectors with ``fit_series`` or ``fit_many`` take
+them all, others their concatenation), held-out scores give ``calibration.json``. The
 threshold is the detector's own calibrated cut when it has one (SPEAR: the probability
 with the best F1 on its validation split), else the ``quantile`` of held-out scores.
 
@@ -93,10 +93,14 @@ def train_artifact(cfg: dict, data_dir: Path, out: Path) -> dict:
         det.fit_series([x[:, 0] for x in fit_part],
                        [None if lab is None else lab[:c]
                         for lab, c in zip(labels, cuts, strict=True)])
+    elif hasattr(det, "fit_many"):  # one model over several series, no window straddles two
+        det.fit_many(fit_part)
     else:
         det.fit(np.concatenate(fit_part))
     fit_seconds = time.perf_counter() - t0
     window = det.config.window
+    # costly detectors (a language-model call per window) are calibrated on every window//4
+    # points only, as the service scores them with a stride
     scores = np.concatenate([score_series(det, x, max(1, window // 4), "newest")
                              for x in held if len(x) >= window] or [np.zeros(1)])
     q = float(cfg.get("quantile", 0.99))

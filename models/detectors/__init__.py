@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from models.detectors.base import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, Detector
+from models.detectors.cma import CMA
 from models.detectors.embedding_memory import EmbeddingMemory
 from models.detectors.isolation_forest import IsolationForest
 from models.detectors.pca import PcaReconstruction
@@ -17,7 +18,7 @@ from models.detectors.residual_linear import ResidualLinear
 from models.detectors.spear import Spear
 
 REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    ResidualLinear, RawKnn, PcaReconstruction, IsolationForest, EmbeddingMemory, Spear)}
+    ResidualLinear, RawKnn, PcaReconstruction, IsolationForest, EmbeddingMemory, Spear, CMA)}
 
 
 def build_detector(name: str, **config: object) -> Detector:
