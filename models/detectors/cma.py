@@ -243,8 +243,9 @@ class CMA(Detector):
         self._build(emb.shape[-1] if emb is not None else 0)
         x = torch.tensor(windows, dtype=torch.float32, device=self._device)
         e = None if emb is None else torch.as_tensor(emb, device=self._device)
-        # validation: the newest windows of each series would be fairer, but a global
-        # time-ordered tail is close and keeps windows of one series together
+        # validation: the last val_share of the windows in order. For one series that is
+        # its newest stretch; for several (fit_many) it is the tail of the last series
+        # given (known limitation: a per-series tail would be fairer)
         n_val = int(len(x) * cfg.val_share) if len(x) >= 10 else 0
         n_train = len(x) - n_val
         train_idx = np.arange(n_train)
