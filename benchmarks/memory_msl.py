@@ -19,7 +19,6 @@ at any test label.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from models.data import load_msl  # noqa: E402
 from models.detectors.base import sliding_windows  # noqa: E402
 from models.detectors.embedding_memory import EmbeddingMemory  # noqa: E402
 from models.detectors.raw_knn import RawKnn, scale_windows  # noqa: E402
-from models.evaluate_cli import MSL_ANCHORS, markdown  # noqa: E402
+from models.evaluate_cli import msl_anchors, write_report  # noqa: E402
 from models.evaluation import (  # noqa: E402
     DetectorSpec,
     evaluate_scores,
@@ -137,14 +136,9 @@ def main() -> None:
                      f"no point adjustment; no test labels used"),
         "rows": [{"label": label, "metrics": results[label], "seconds": seconds[label],
                   "columns": [0]} for label in scored],
-        "anchors": {k: dict(zip(("AUC-ROC", "Standard-F1", "Affiliation-F1", "VUS-ROC",
-                                 "VUS-PR"), v, strict=True)) for k, v in MSL_ANCHORS.items()},
+        "anchors": msl_anchors(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -115,15 +115,24 @@ def run(args: argparse.Namespace) -> int:
                     "metrics; no point adjustment; no test labels used",
         "rows": [{"label": label, "metrics": results[label], "seconds": round(row["seconds"], 1),
                   **row["spec"]} for label, row in scored.items()],
-        "anchors": {k: dict(zip(("AUC-ROC", "Standard-F1", "Affiliation-F1", "VUS-ROC",
-                                 "VUS-PR"), v, strict=True)) for k, v in MSL_ANCHORS.items()},
+        "anchors": msl_anchors(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_report(report, args.out)
     return 0
+
+
+def msl_anchors() -> dict[str, dict[str, float]]:
+    names = ("AUC-ROC", "Standard-F1", "Affiliation-F1", "VUS-ROC", "VUS-PR")
+    return {k: dict(zip(names, v, strict=True)) for k, v in MSL_ANCHORS.items()}
+
+
+def write_report(report: dict, out: Path) -> None:
+    """OUT.json, OUT.md (the table beside the anchors), and the table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
 
 
 def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
