@@ -21,6 +21,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 DATA_DIR = Path(__file__).parent / "data"
 
 
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):  # noqa: ANN001, ANN201
+    """Poll ``predicate`` until it returns something truthy; that value is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
 class RedisServer:
     """A throwaway redis-server process; stop() and start() let tests simulate outages."""
 

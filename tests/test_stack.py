@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.process import ServiceProcess, free_port
 from service.replay import load_series
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "configs" / "grafana" / "dashboards").glob("*.json"))
@@ -39,15 +38,6 @@ ENV = {"TSAD_METRICS_STREAMS": "nyc_*", "TSAD_METRICS_MAX_STREAMS": "5",
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "models.cli", *args]
-
-
-def wait_for(predicate, timeout: float = 20.0):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +59,8 @@ def stack(redis_server, tmp_path_factory):
                 "--secret", SECRET, "--log", str(log), "--wait", "20"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         try:
-            wait_for(lambda: _status(f"http://127.0.0.1:{port}/") == 204)  # subscribed
+            # the receiver answers 204 once it has subscribed itself
+            wait_for(lambda: _status(f"http://127.0.0.1:{port}/") == 204, timeout=20.0)
             replay = subprocess.run(
                 cli("replay", str(csv), "--stream", "nyc_taxi", "--url", service.url,
                     "--batch", "50", "--reset", "--plot", str(tmp / "replay.png")),
@@ -81,7 +72,8 @@ def stack(redis_server, tmp_path_factory):
                 return [json.loads(line) for line in lines]
 
             got = wait_for(lambda: [r for r in received()
-                                    if r["body"]["type"] == "alert.resolved"] and received())
+                                    if r["body"]["type"] == "alert.resolved"] and received(),
+                           timeout=20.0)
             metrics = httpx.get(f"{service.url}/metrics").text
             alerts = httpx.get(f"{service.url}/alerts").json()["alerts"]
         finally:

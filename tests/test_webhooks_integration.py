@@ -14,6 +14,7 @@ import pytest
 
 from service.process import ServiceProcess, free_port
 from service.webhooks.signing import verify
+from tests.conftest import wait_for
 from tests.test_alerts import spiky
 
 SECRET = "test-secret-0123456789"
@@ -57,15 +58,6 @@ class Receiver:
         if not self.log.exists():
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines()]
-
-
-def wait_for(predicate, timeout: float = 15.0):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def subscribe(url: str, target: str, **extra) -> dict:
