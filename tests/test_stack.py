@@ -71,9 +71,9 @@ def stack(redis_server, tmp_path_factory):
                 lines = log.read_text().splitlines() if log.exists() else []
                 return [json.loads(line) for line in lines]
 
-            got = wait_for(lambda: [r for r in received()
-                                    if r["body"]["type"] == "alert.resolved"] and received(),
-                           timeout=20.0)
+            # deliveries run concurrently: wait for both the opening and the resolution
+            got = wait_for(lambda: {"alert.opened", "alert.resolved"} <= {
+                r["body"]["type"] for r in received()} and received(), timeout=20.0)
             metrics = httpx.get(f"{service.url}/metrics").text
             alerts = httpx.get(f"{service.url}/alerts").json()["alerts"]
         finally:
