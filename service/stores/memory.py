@@ -79,6 +79,9 @@ class MemoryWindowStore:
         return [replace(e.meta) for s in sorted(self._streams) if (e := self._get(s))]
 
     async def delete_stream(self, stream: str) -> bool:
+        lock = self._locks.get(stream)
+        if lock is not None and not lock.locked():  # else its holder still needs it
+            del self._locks[stream]
         return self._streams.pop(stream, None) is not None
 
     async def append(
