@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import asdict
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from service.metrics import ServiceMetrics, StreamSeries
 from service.schemas import (
     ChannelShareOut,
     PointResultOut,
+    PrecedentOut,
     ScoreRequest,
     ScoreResponse,
     StreamConfigIn,
@@ -80,7 +82,9 @@ class ScoringPipeline:
                 timestamp=p.timestamp, score=r.score, anomaly=r.anomaly, threshold=r.threshold,
                 status=r.status,
                 top_channels=[ChannelShareOut(channel=c.channel, share=c.share)
-                              for c in r.top_channels] if r.top_channels else None)
+                              for c in r.top_channels] if r.top_channels else None,
+                precedents=[PrecedentOut(**asdict(q)) for q in r.precedents]
+                if r.precedents else None)
             for p, r in zip(req.points[appended.dropped:], results, strict=True)
         ]
         return ScoreResponse(stream=stream, results=out)

@@ -52,6 +52,18 @@ class ChannelShareOut(BaseModel):
                          examples=[0.81])
 
 
+class PrecedentOut(BaseModel):
+    channel: str = Field(description="Channel whose memory holds this normal window",
+                         examples=["cpu"])
+    start: float = Field(description="First timestamp of the normal window (for a fitted "
+                         "artifact: its position in the training series)",
+                         examples=[1699990000.0])
+    end: float = Field(description="Last timestamp of the normal window",
+                       examples=[1699990630.0])
+    distance: float = Field(description="Cosine distance to the scored window (0 = "
+                            "identical)", examples=[0.042])
+
+
 class PointResultOut(BaseModel):
     timestamp: float | datetime = Field(description="The point's timestamp, as sent",
                                         examples=[1700000000.0])
@@ -65,6 +77,9 @@ class PointResultOut(BaseModel):
         "duplicate: an exact duplicate dropped (duplicate policy 'drop')", examples=["scored"])
     top_channels: list[ChannelShareOut] | None = Field(
         None, description="For anomalous points: the channels that contribute most")
+    precedents: list[PrecedentOut] | None = Field(
+        None, description="For anomalous points scored by a memory detector: the nearest "
+        "normal windows of each top channel, nearest first (what normal looked like)")
 
 
 class ScoreResponse(BaseModel):

@@ -35,12 +35,23 @@ class ChannelShare:
 
 
 @dataclass
+class Precedent:
+    """A normal window from the detector's memory near the scored one."""
+
+    channel: str
+    start: float  # timestamps (positions in the training series for a fitted artifact)
+    end: float
+    distance: float  # cosine distance, 0 = identical
+
+
+@dataclass
 class PointResult:
     score: float | None
     anomaly: bool
     threshold: float | None
     status: str  # warming_up | scored
     top_channels: list[ChannelShare] | None = None
+    precedents: list[Precedent] | None = None
 
 
 class StreamScorer:
@@ -106,20 +117,30 @@ class StreamScorer:
             if first_full < hi:
                 windows = sliding_windows(values[first_full - window + 1:hi], window)
                 index = first_index + np.arange(first_full, hi) - start
-                results += self._score_chunk(windows, points[first_full:hi, 0], index)
+                # (B, 2) each window's first and last timestamp
+                stamps = np.stack([points[first_full - window + 1:hi - window + 1, 0],
+                                   points[first_full:hi, 0]], axis=1)
+                results += self._score_chunk(windows, stamps, index)
         return results
 
-    def _score_chunk(self, windows: np.ndarray, timestamps: np.ndarray,
+    def _learn(self, windows: np.ndarray, stamps: np.ndarray) -> None:
+        """Online update from windows judged normal (memories also keep where they were)."""
+        if hasattr(self.detector, "precedents"):
+            self.detector.partial_fit(windows, stamps)
+        else:
+            self.detector.partial_fit(windows)
+
+    def _score_chunk(self, windows: np.ndarray, stamps: np.ndarray,
                      index: np.ndarray) -> list[PointResult]:
         det = self.detector
         if not det.is_fitted:
             if not det.supports_online:
                 raise RuntimeError(f"detector {det.name!r} is not fitted and cannot learn online")
-            det.partial_fit(windows)
+            self._learn(windows, stamps)
             return [PointResult(None, False, None, "warming_up")] * len(windows)
         stride = self.settings.costly_score_stride if det.costly else 1
         fresh = index % stride == 0
-        fresh_results = iter(self._score_fresh(windows[fresh], timestamps[fresh])
+        fresh_results = iter(self._score_fresh(windows[fresh], stamps[fresh])
                              if fresh.any() else [])
         out = []
         for is_fresh in fresh:
@@ -134,29 +155,55 @@ class StreamScorer:
                                        "scored"))
         return out
 
-    def _score_fresh(self, windows: np.ndarray, timestamps: np.ndarray) -> list[PointResult]:
+    def _score_fresh(self, windows: np.ndarray, stamps: np.ndarray) -> list[PointResult]:
         det = self.detector
+        timestamps = stamps[:, 1]
         channel_scores = det.channel_scores(windows)  # (B, C)
         scores = aggregate_channels(channel_scores, det.config.aggregate)
         thresholds, anomalous = self.threshold.process(scores, timestamps)
+        precedents = self._precedents(windows, channel_scores, anomalous)
         self.tracker.observe(timestamps, scores, thresholds, anomalous, channel_scores,
-                             windows)
+                             windows, precedents)
         if det.supports_online and (~anomalous).any():
-            det.partial_fit(windows[~anomalous])
+            self._learn(windows[~anomalous], stamps[~anomalous])
         self._last = np.array([scores[-1], thresholds[-1], float(anomalous[-1])])
         return [
             PointResult(
                 score=float(s), anomaly=bool(a), threshold=None if np.isnan(t) else float(t),
                 status="scored", top_channels=self._explain(cs) if a else None,
+                precedents=precedents.get(i),
             )
-            for s, a, t, cs in zip(scores, anomalous, thresholds, channel_scores, strict=True)
+            for i, (s, a, t, cs) in enumerate(
+                zip(scores, anomalous, thresholds, channel_scores, strict=True))
         ]
+
+    def _top(self, channel_scores: np.ndarray) -> np.ndarray:
+        return np.argsort(-channel_scores)[: self.settings.top_channels]
 
     def _explain(self, channel_scores: np.ndarray) -> list[ChannelShare]:
         total = float(channel_scores.sum()) or 1.0
         names = self.channel_names()
-        top = np.argsort(-channel_scores)[: self.settings.top_channels]
-        return [ChannelShare(names[i], round(float(channel_scores[i]) / total, 4)) for i in top]
+        return [ChannelShare(names[i], round(float(channel_scores[i]) / total, 4))
+                for i in self._top(channel_scores)]
+
+    def _precedents(self, windows: np.ndarray, channel_scores: np.ndarray,
+                    anomalous: np.ndarray) -> dict[int, list[Precedent]]:
+        """Anomalous point i -> the nearest normal windows of its top channels (memory
+        detectors only): what "normal" looked like."""
+        n = self.settings.precedents
+        rows = np.flatnonzero(anomalous)
+        if not (n and len(rows) and hasattr(self.detector, "precedents")):
+            return {}
+        dist, stamps = self.detector.precedents(windows[rows], n)  # (A, C, n), (A, C, n, 2)
+        names = self.channel_names()
+        out: dict[int, list[Precedent]] = {}
+        for a, i in enumerate(rows):
+            out[int(i)] = [
+                Precedent(names[c], float(stamps[a, c, j, 0]), float(stamps[a, c, j, 1]),
+                          round(float(dist[a, c, j]), 4))
+                for c in self._top(channel_scores[i]) for j in range(dist.shape[2])
+                if np.isfinite(stamps[a, c, j]).all()]
+        return out
 
 
 def alert_rules(settings: Settings) -> AlertRules:

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
         60.0, gt=0, description="a claimed delivery not acknowledged within this long (a "
         "crashed worker) is delivered again")
     top_channels: int = Field(3, ge=1, description="channels explained per anomalous point")
+    precedents: int = Field(
+        3, ge=0, le=20, description="memory detectors: nearest normal precedent windows "
+        "returned per top channel of an anomalous point and put in alerts (0 = off)")
 
     lock_wait_seconds: float = Field(10.0, gt=0)
     retry_after_seconds: int = Field(5, ge=1)

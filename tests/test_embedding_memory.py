@@ -119,3 +119,50 @@ def test_precomputed_features_and_leave_one_out_calibration():
     doubled = RawKnn(window=16, stride=4).fit_features(
         np.concatenate([det._features(windows[:5])] * 2))
     np.testing.assert_allclose(doubled.calibration_scores(), 0.0, atol=1e-3)  # twin = 0
+
+
+def test_precedents_name_the_nearest_normal_windows_and_survive_state_round_trips():
+    s = series(200)
+    det = RawKnn(window=16, stride=4, memory_size=64).fit(s)
+    windows = sliding_windows(s, 16, 4)
+    dist, stamps = det.precedents(windows[[3, 10]], n=2)
+    assert dist.shape == (2, 1, 2) and stamps.shape == (2, 1, 2, 2)
+    # a memorised window's nearest precedent is itself: training positions, distance 0
+    assert stamps[0, 0, 0].tolist() == [12.0, 27.0] and stamps[1, 0, 0].tolist() == [40.0, 55.0]
+    np.testing.assert_allclose(dist[:, 0, 0], 0.0, atol=5e-4)
+    assert (dist[:, 0, 1] >= dist[:, 0, 0]).all()  # nearest first
+    # online: entries remember the timestamps they were offered with
+    online = RawKnn(window=16, stride=1, memory_size=8, policy="recency")
+    ts = 1_700_000_000 + 60.0 * np.arange(len(windows))
+    online.partial_fit(windows, np.stack([ts, ts + 15 * 60.0], axis=1))
+    restored = RawKnn(window=16, stride=1, memory_size=8, policy="recency")
+    restored.load_state_dict(online.state_dict())
+    _, st = restored.precedents(windows[-1:], n=1)
+    assert st[0, 0, 0].tolist() == [ts[-1], ts[-1] + 900.0]  # recency keeps the newest
+
+
+def test_anomalous_points_and_their_alerts_carry_nearest_normal_precedents():
+    settings = Settings(warmup_points=64, memory_size=128, costly_score_stride=1,
+                        threshold_min_scores=50, threshold_calibration_points=200,
+                        max_batch_points=5000, alert_quiet_points=10)
+    values = series(900)[:, 0]
+    values[700:716] += np.linspace(0, 4, 16)  # a ramp no normal window resembles
+    t0 = 1_700_000_000
+    points = [{"timestamp": t0 + 60.0 * i, "values": [float(v)]} for i, v in enumerate(values)]
+    with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as c:
+        c.put("/streams/p", json={"channels": 1, "channel_names": ["temp"], "window": 32,
+                                  "detector": "raw_knn"})
+        results = c.post("/score", json={"stream": "p", "points": points}).json()["results"]
+        flagged = [(i, r) for i, r in enumerate(results) if r["anomaly"] and 700 <= i < 760]
+        assert flagged, "the ramp was not flagged"
+        i, hit = flagged[0]
+        prec = hit["precedents"]
+        assert 1 <= len(prec) <= settings.precedents and prec[0]["channel"] == "temp"
+        assert [p["distance"] for p in prec] == sorted(p["distance"] for p in prec)
+        for p in prec:  # real windows of this stream, 32 points long, before the point
+            assert p["end"] - p["start"] == 31 * 60.0 and p["end"] < t0 + 60.0 * i
+            assert (p["start"] - t0) % 60.0 == 0 and p["distance"] > 0
+        assert all(r["precedents"] is None for r in results if not r["anomaly"])
+        alerts = c.get("/alerts", params={"stream": "p"}).json()["alerts"]
+        covering = [a for a in alerts if a["opened_at"] <= t0 + 60.0 * 716]
+        assert covering and covering[-1]["evidence"]["precedents"][0]["channel"] == "temp"

@@ -9,6 +9,10 @@ Memory is filled by ``fit`` (evenly spaced training windows, so the whole traini
 covered) or online by ``partial_fit`` (every ``stride``-th window offered), bounded by
 ``memory_size`` per channel with a reservoir (uniform over everything seen, so a burst of
 anomalies cannot take over the memory) or recency (a ring: follows drift) policy.
+
+Every entry remembers where its window came from (start and end: timestamps online,
+positions in the training series after ``fit``), so a score comes with its evidence: the
+nearest normal precedents (``precedents``), i.e. what "normal" looked like.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ class MemoryDetector(Detector):
         if not hasattr(self, "_memory"):
             return {}
         return {"memory": self._memory.copy(), "filled": self._filled.copy(),
-                "offered": self._offered.copy(), "kept": self._kept.copy()}
+                "offered": self._offered.copy(), "kept": self._kept.copy(),
+                "stamps": self._stamps.copy()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if state:
@@ -56,6 +61,9 @@ class MemoryDetector(Detector):
             self._filled = np.asarray(state["filled"], dtype=np.int64).copy()
             self._offered = np.asarray(state["offered"], dtype=np.int64).copy()
             self._kept = np.asarray(state["kept"], dtype=np.int64).copy()
+            stamps = state.get("stamps")  # absent in states written before precedents
+            self._stamps = (np.asarray(stamps, dtype=np.float64).copy() if stamps is not None
+                            else np.full((self._memory.shape[1], 2), np.nan))
 
     @property
     def is_fitted(self) -> bool:
@@ -76,24 +84,29 @@ class MemoryDetector(Detector):
         self._filled = np.zeros(1, dtype=np.int64)  # entries in use (same for all channels)
         self._offered = np.zeros(1, dtype=np.int64)  # windows offered to partial_fit
         self._kept = np.zeros(1, dtype=np.int64)  # candidates considered (reservoir's n)
+        # (M, 2) start and end of each entry's window; NaN where unknown
+        self._stamps = np.full((self.config.memory_size, 2), np.nan)
 
     # --- learning ----------------------------------------------------------------------
     def _fit(self, train: np.ndarray) -> None:
-        windows = sliding_windows(train, self.config.window, self.config.stride)
-        if len(windows) > self.config.memory_size:  # evenly spaced: cover the whole span
-            pick = np.linspace(0, len(windows) - 1, self.config.memory_size).round()
-            windows = windows[pick.astype(int)]
-        self.fit_features(self._features(windows))
+        window, stride = self.config.window, self.config.stride
+        windows = sliding_windows(train, window, stride)
+        starts = np.arange(len(windows)) * stride
+        pick = _evenly(len(windows), self.config.memory_size)
+        stamps = np.stack([starts[pick], starts[pick] + window - 1], axis=1)
+        self.fit_features(self._features(windows[pick]), stamps.astype(np.float64))
 
-    def fit_features(self, feats: np.ndarray) -> MemoryDetector:
+    def fit_features(self, feats: np.ndarray,
+                     stamps: np.ndarray | None = None) -> MemoryDetector:
         """Fill the memory from precomputed training features (B, C, D), e.g. the
-        embeddings ``tsad embed`` wrote; at most ``memory_size``, evenly spaced."""
-        if len(feats) > self.config.memory_size:
-            feats = feats[np.linspace(0, len(feats) - 1, self.config.memory_size).round()
-                          .astype(int)]
-        feats = _normalise(feats)
+        embeddings ``tsad embed`` wrote; at most ``memory_size``, evenly spaced.
+        ``stamps`` (B, 2): where each window starts and ends (for precedents)."""
+        pick = _evenly(len(feats), self.config.memory_size)
+        feats = _normalise(feats[pick])
         self._init_memory(feats.shape[1], feats.shape[2])
         self._memory[:, : len(feats)] = feats.transpose(1, 0, 2)
+        if stamps is not None:
+            self._stamps[: len(feats)] = np.asarray(stamps, dtype=np.float64)[pick]
         self._filled[:] = len(feats)
         self._kept[:] = len(feats)
         return self
@@ -117,8 +130,10 @@ class MemoryDetector(Detector):
         top = -np.partition(-sims, k - 1, axis=2)[:, :, :k]
         return np.clip(1.0 - top.mean(axis=2), 0.0, 2.0).T.astype(np.float64)
 
-    def partial_fit(self, windows: np.ndarray) -> MemoryDetector:
-        """Offer windows judged normal; every ``stride``-th one becomes a candidate."""
+    def partial_fit(self, windows: np.ndarray,
+                    stamps: np.ndarray | None = None) -> MemoryDetector:
+        """Offer windows judged normal; every ``stride``-th one becomes a candidate.
+        ``stamps`` (B, 2): each window's start and end timestamps (for precedents)."""
         windows = as_windows(windows, self.config.window)
         offered = int(self._offered[0]) if hasattr(self, "_offered") else 0
         take = np.nonzero((offered + np.arange(len(windows))) % self.config.stride == 0)[0]
@@ -126,14 +141,14 @@ class MemoryDetector(Detector):
             feats = _normalise(self._features(windows[take]))
             if not hasattr(self, "_memory"):
                 self._init_memory(feats.shape[1], feats.shape[2])
-            for f in feats:
-                self._insert(f)
+            for i, f in zip(take, feats, strict=True):
+                self._insert(f, None if stamps is None else stamps[i])
         if hasattr(self, "_offered"):
             self._offered += len(windows)
         return self
 
-    def _insert(self, feat: np.ndarray) -> None:
-        """feat: (C, D). Bounded insertion by the configured policy."""
+    def _insert(self, feat: np.ndarray, stamp: np.ndarray | None = None) -> None:
+        """feat: (C, D), stamp: (2,). Bounded insertion by the configured policy."""
         size, filled, n = self.config.memory_size, int(self._filled[0]), int(self._kept[0])
         if filled < size:
             slot = filled
@@ -145,6 +160,7 @@ class MemoryDetector(Detector):
             slot = draw if draw < size else -1
         if slot >= 0:
             self._memory[:, slot] = feat
+            self._stamps[slot] = np.nan if stamp is None else stamp
         self._kept += 1
 
     # --- scoring -----------------------------------------------------------------------
@@ -163,6 +179,41 @@ class MemoryDetector(Detector):
         top = -np.partition(-sims, k - 1, axis=2)[:, :, :k] if k < filled else sims
         dist = np.clip(1.0 - top.mean(axis=2), 0.0, 2.0)
         return dist.astype(np.float64), sims.argmax(axis=2)
+
+    def precedents(self, windows: np.ndarray, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` nearest normal precedents of each channel window, nearest first:
+        (B, W, C) -> cosine distances (B, C, n) and their windows' [start, end] (B, C, n, 2).
+
+        >>> from models.detectors.raw_knn import RawKnn
+        >>> series = np.array([0.0, 0, 0, 1, 2, 3, 0, 0, 0])
+        >>> det = RawKnn(window=4, stride=1, min_memory=1).fit(series)
+        >>> dist, stamps = det.precedents(series[None, 3:7, None], n=2)
+        >>> dist[0, 0].round(3).tolist(), stamps[0, 0].tolist()
+        ([0.0, 0.397], [[3.0, 6.0], [4.0, 7.0]])
+        """
+        windows = as_windows(windows, self.config.window)
+        feats = _normalise(self._features(windows))  # (B, C, D)
+        filled = int(self._filled[0])
+        memory = self._memory[:, :filled].astype(np.float32)  # (C, M, D)
+        sims = np.einsum("bcd,cmd->bcm", feats, memory)
+        n = min(n, filled)
+        top = np.argpartition(-sims, n - 1, axis=2)[:, :, :n] if n < filled else \
+            np.broadcast_to(np.arange(filled), sims.shape).copy()
+        order = np.take_along_axis(-sims, top, axis=2).argsort(axis=2, kind="stable")
+        top = np.take_along_axis(top, order, axis=2)[:, :, :n]  # (B, C, n) slots
+        dist = np.clip(1.0 - np.take_along_axis(sims, top, axis=2), 0.0, 2.0)
+        return dist.astype(np.float64), self._stamps[top]
+
+
+def _evenly(total: int, at_most: int) -> np.ndarray:
+    """Indices of at most ``at_most`` of ``total`` items, evenly spaced, ends included.
+
+    >>> _evenly(5, 10).tolist(), _evenly(9, 3).tolist()
+    ([0, 1, 2, 3, 4], [0, 4, 8])
+    """
+    if total <= at_most:
+        return np.arange(total)
+    return np.linspace(0, total - 1, at_most).round().astype(int)
 
 
 def _normalise(feats: np.ndarray) -> np.ndarray:

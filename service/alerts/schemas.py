@@ -41,7 +41,9 @@ class AlertOut(BaseModel):
     evidence: dict = Field(
         description="At the peak: score, threshold and, per top channel, its share of the "
         "score, window statistics now (variance, trend, autocorr), the stream's recent "
-        "normal (EWMA mean and std), the deviation in std units, and the prompt text",
+        "normal (EWMA mean and std), the deviation in std units, and the prompt text; for "
+        "memory detectors also `precedents`: the nearest normal windows (channel, start, "
+        "end, distance)",
         examples=[{"at": 1700000060.0, "score": 14.2, "threshold": 5.1, "channels": [
             {"channel": "cpu", "share": 0.83, "now": {"variance": 4.1, "trend": 0.3,
                                                        "autocorr": 0.2},

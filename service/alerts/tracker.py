@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -60,12 +61,13 @@ class AlertTracker:
     # --- per chunk -------------------------------------------------------------------
     def observe(self, timestamps: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
                 anomalous: np.ndarray, channel_scores: np.ndarray,
-                windows: np.ndarray) -> None:
+                windows: np.ndarray, precedents: Mapping[int, Sequence] | None = None) -> None:
         """One scored chunk: timestamps/scores/thresholds/anomalous (B,), channel_scores
-        (B, C), windows (B, W, C)."""
+        (B, C), windows (B, W, C); precedents: point -> its nearest normal windows."""
+        precedents = precedents or {}
         for i in range(len(scores)):
             self._point(float(timestamps[i]), float(scores[i]), float(thresholds[i]),
-                        bool(anomalous[i]), channel_scores[i], windows[i])
+                        bool(anomalous[i]), channel_scores[i], windows[i], precedents.get(i))
         normal = np.flatnonzero(~anomalous)
         if len(normal):
             self.normal.update(windows[normal[-1]])
@@ -77,7 +79,7 @@ class AlertTracker:
 
     # --- per point -------------------------------------------------------------------
     def _point(self, ts: float, score: float, threshold: float, anomalous: bool,
-               cs: np.ndarray, window: np.ndarray) -> None:
+               cs: np.ndarray, window: np.ndarray, prec: Sequence | None = None) -> None:
         r = self.rules
         self._ring[self._seen % r.m] = anomalous
         self._seen += 1
@@ -88,7 +90,7 @@ class AlertTracker:
             alert.updated_at = ts
             self.changed[alert.id] = alert
             if anomalous:
-                self._grow(alert, ts, score, threshold, ratio, cs, window)
+                self._grow(alert, ts, score, threshold, ratio, cs, window, prec)
             else:
                 self.quiet += 1
                 quiet_seconds = ts - alert.last_anomaly_at
@@ -105,7 +107,8 @@ class AlertTracker:
             last.state, last.resolved_at, last.updated_at = "open", None, ts
             last.reopened += 1
             self.open, self.last_resolved, self.quiet = last, None, 0
-            self._grow(last, ts, score, threshold, ratio, cs, window, force_event="reopened")
+            self._grow(last, ts, score, threshold, ratio, cs, window, prec,
+                       force_event="reopened")
             return
         name = self._leader(cs)
         alert = Alert(
@@ -114,12 +117,13 @@ class AlertTracker:
             last_anomaly_at=ts, peak_score=score, peak_at=ts, threshold=threshold,
             peak_ratio=_round(ratio), anomalous_points=int(self._ring.sum()), points=1,
             channels=[name])
-        alert.evidence = self._evidence(ts, score, threshold, cs, window)
+        alert.evidence = self._evidence(ts, score, threshold, cs, window, prec)
         self.open, self.quiet = alert, 0
         self._emit("alert.opened", alert, "k-of-m" if ratio < r.critical_ratio else "critical")
 
     def _grow(self, alert: Alert, ts: float, score: float, threshold: float, ratio: float,
-              cs: np.ndarray, window: np.ndarray, force_event: str | None = None) -> None:
+              cs: np.ndarray, window: np.ndarray, prec: Sequence | None = None,
+              force_event: str | None = None) -> None:
         self.quiet = 0
         alert.anomalous_points += 1
         alert.last_anomaly_at = ts
@@ -127,7 +131,7 @@ class AlertTracker:
         if score > alert.peak_score or force_event:
             alert.peak_score, alert.peak_at, alert.threshold = score, ts, threshold
             alert.peak_ratio = _round(ratio)
-            alert.evidence = self._evidence(ts, score, threshold, cs, window)
+            alert.evidence = self._evidence(ts, score, threshold, cs, window, prec)
         severity = severity_of(ratio, self.rules.critical_ratio)
         if SEVERITIES.index(severity) > SEVERITIES.index(alert.severity):
             alert.severity = severity
@@ -154,10 +158,14 @@ class AlertTracker:
         return self.names[int(np.argmax(cs))]
 
     def _evidence(self, ts: float, score: float, threshold: float, cs: np.ndarray,
-                  window: np.ndarray) -> dict:
-        return build_evidence(window, cs, self.names, self.normal, at=ts, score=score,
-                              threshold=threshold, top=self.rules.top_channels,
-                              strategy=self.rules.prompt_strategy)
+                  window: np.ndarray, prec: Sequence | None = None) -> dict:
+        """What the alert shows; ``prec``: the point's nearest normal precedents."""
+        evidence = build_evidence(window, cs, self.names, self.normal, at=ts, score=score,
+                                  threshold=threshold, top=self.rules.top_channels,
+                                  strategy=self.rules.prompt_strategy)
+        if prec:
+            evidence["precedents"] = [asdict(p) for p in prec]
+        return evidence
 
     # --- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
