@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.detectors.base import Detector, DetectorConfig, as_windows, sliding_windows
+from models.detectors.memory_index import MemoryIndex
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class MemoryConfig(DetectorConfig):
     policy: str = "reservoir"  # reservoir | recency
     min_memory: int = 16  # online: entries before the detector scores
     query_batch: int = 256  # windows scored per similarity product (bounds memory use)
+    # exact | hnsw | auto: HNSW (faiss, `tsad[ann]`) from memory_index.AUTO_MIN_SIZE entries
+    index: str = "auto"
 
 
 class MemoryDetector(Detector):
@@ -64,6 +67,14 @@ class MemoryDetector(Detector):
             stamps = state.get("stamps")  # absent in states written before precedents
             self._stamps = (np.asarray(stamps, dtype=np.float64).copy() if stamps is not None
                             else np.full((self._memory.shape[1], 2), np.nan))
+            self._search().reset()
+
+    def _search(self) -> MemoryIndex:
+        """The search over the memory (lazy: the constructor only stores the config). Every
+        write to the memory goes through ``mark_changed`` or ``reset``."""
+        if not hasattr(self, "_index"):
+            self._index = MemoryIndex(self.config.index)
+        return self._index
 
     @property
     def is_fitted(self) -> bool:
@@ -86,6 +97,7 @@ class MemoryDetector(Detector):
         self._kept = np.zeros(1, dtype=np.int64)  # candidates considered (reservoir's n)
         # (M, 2) start and end of each entry's window; NaN where unknown
         self._stamps = np.full((self.config.memory_size, 2), np.nan)
+        self._search().reset()
 
     # --- learning ----------------------------------------------------------------------
     def _fit(self, train: np.ndarray) -> None:
@@ -161,6 +173,7 @@ class MemoryDetector(Detector):
         if slot >= 0:
             self._memory[:, slot] = feat
             self._stamps[slot] = np.nan if stamp is None else stamp
+            self._search().mark_changed(slot)  # all channels share the slot
         self._kept += 1
 
     # --- scoring -----------------------------------------------------------------------
@@ -173,12 +186,11 @@ class MemoryDetector(Detector):
         """(B, C, D) unit features -> (mean distance to k nearest (B, C), index of the
         nearest entry (B, C))."""
         filled = int(self._filled[0])
-        memory = self._memory[:, :filled].astype(np.float32)  # (C, M, D)
-        sims = np.einsum("bcd,cmd->bcm", feats, memory)  # cosine: rows are unit vectors
-        k = min(self.config.k, filled)
-        top = -np.partition(-sims, k - 1, axis=2)[:, :, :k] if k < filled else sims
-        dist = np.clip(1.0 - top.mean(axis=2), 0.0, 2.0)
-        return dist.astype(np.float64), sims.argmax(axis=2)
+        # cosine: rows are unit vectors; (B, C, k) each, nearest first
+        sims, slots = self._search().search(self._memory[:, :filled], feats,
+                                            min(self.config.k, filled))
+        dist = np.clip(1.0 - sims.mean(axis=2), 0.0, 2.0)
+        return dist.astype(np.float64), slots[:, :, 0]
 
     def precedents(self, windows: np.ndarray, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """The ``n`` nearest normal precedents of each channel window, nearest first:
@@ -194,15 +206,9 @@ class MemoryDetector(Detector):
         windows = as_windows(windows, self.config.window)
         feats = _normalise(self._features(windows))  # (B, C, D)
         filled = int(self._filled[0])
-        memory = self._memory[:, :filled].astype(np.float32)  # (C, M, D)
-        sims = np.einsum("bcd,cmd->bcm", feats, memory)
-        n = min(n, filled)
-        top = np.argpartition(-sims, n - 1, axis=2)[:, :, :n] if n < filled else \
-            np.broadcast_to(np.arange(filled), sims.shape).copy()
-        order = np.take_along_axis(-sims, top, axis=2).argsort(axis=2, kind="stable")
-        top = np.take_along_axis(top, order, axis=2)[:, :, :n]  # (B, C, n) slots
-        dist = np.clip(1.0 - np.take_along_axis(sims, top, axis=2), 0.0, 2.0)
-        return dist.astype(np.float64), self._stamps[top]
+        sims, slots = self._search().search(self._memory[:, :filled], feats, min(n, filled))
+        dist = np.clip(1.0 - sims, 0.0, 2.0)  # (B, C, n), nearest first
+        return dist.astype(np.float64), self._stamps[slots]
 
 
 def _evenly(total: int, at_most: int) -> np.ndarray:
