@@ -12,6 +12,12 @@ Rows come from a YAML config (``configs/eval/*.yaml``)::
         stride: 16
         spread: max
 
+A row may read its features from ``tsad embed`` output instead of running the language
+model (``embeddings: runs/emb/msl-w64-s16``; memory detectors), and a row may fuse earlier
+rows (``fuse: [label a, label b]``, ``method: z | rank``, ``weights: train | equal``):
+per entity, each member's normalised scores are calibrated on its training-data scores
+and added with weights learnt from them (``models.fusion``).
+
 or from ``--artifact DIR`` (a trained detector; scored as-is, no refit).
 """
 
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     from models.data import load_msl
     from models.detectors import load_detector
-    from models.evaluation import score_entity, score_series, select
+    from models.evaluation import fuse_entity, score_entity_full, score_series, select
 
     dataset, specs = load_rows(args)
     if dataset != "msl":
@@ -86,12 +92,25 @@ def run(args: argparse.Namespace) -> int:
         entities = entities[: args.entities]
     labels = np.concatenate([e.labels for e in entities]).astype(int)
     scored: dict[str, dict] = {}
+    per_entity: dict[str, list] = {}  # label -> EntityScores per entity (for fusion rows)
     for spec in specs:
         t0 = time.perf_counter()
-        parts = [score_entity(spec, e.train.astype(np.float64), e.test.astype(np.float64))
-                 for e in tqdm(entities, desc=spec.label, unit="entity")]
-        scored[spec.label] = {"scores": np.concatenate(parts), "seconds": time.perf_counter() - t0,
-                              "spec": {k: v for k, v in vars(spec).items() if k != "label"}}
+        if spec.fuse:
+            unknown = [m for m in spec.fuse if m not in per_entity]
+            if unknown:
+                raise SystemExit(f"{spec.label}: fuse names rows not evaluated before it: "
+                                 f"{unknown}")
+            parts = [fuse_entity(spec, [per_entity[m][i] for m in spec.fuse])
+                     for i in range(len(entities))]
+        else:
+            parts = [score_entity_full(spec, e.train.astype(np.float64),
+                                       e.test.astype(np.float64), entity=e.name)
+                     for e in tqdm(entities, desc=spec.label, unit="entity")]
+        per_entity[spec.label] = parts
+        scored[spec.label] = {"scores": np.concatenate([p.test for p in parts]),
+                              "seconds": time.perf_counter() - t0,
+                              "spec": {k: v for k, v in vars(spec).items()
+                                       if k != "label" and v not in (None, "")}}
     for path in args.artifact:
         det = load_detector(path)
         t0 = time.perf_counter()

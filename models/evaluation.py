@@ -95,15 +95,32 @@ class DetectorSpec:
     """One row of an evaluation table: a registered detector and how to run it."""
 
     label: str
-    detector: str
+    detector: str = ""  # empty for a fusion row
     params: dict = field(default_factory=dict)
     columns: Sequence[int] | None = None  # input columns; None = all
     stride: int = 1  # test windows scored every `stride` points
     spread: str = "newest"  # how window scores become point scores
     calibration: float = 0.2  # held-out share of the training split for normalisation
+    # memory rows: read features from this `tsad embed` output instead of running the LM
+    # (window and stride come from it; the row's columns must be among its channels)
+    embeddings: str | None = None
+    # fusion rows: labels of earlier rows whose normalised scores are fused per entity
+    # (models.fusion: method z | rank, weights train | equal, from training scores only)
+    fuse: Sequence[str] | None = None
+    method: str = "z"
+    weights: str = "train"
 
     def build(self) -> Detector:
         return build_detector(self.detector, **self.params)
+
+
+@dataclass
+class EntityScores:
+    """One row's normalised scores of one entity: test points, and its training data's
+    calibration scores on the same scale (what fusion weights are learnt from)."""
+
+    test: np.ndarray
+    calibration: np.ndarray
 
 
 def select(x: np.ndarray, columns: Sequence[int] | None) -> np.ndarray:
@@ -120,24 +137,85 @@ def score_series(det: Detector, series: np.ndarray, stride: int, spread: str) ->
 def score_entity(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
                  on_model: Callable[[Detector], None] | None = None) -> np.ndarray:
     """Normalised point scores of one entity's test split (fit on its train split only)."""
+    return score_entity_full(spec, train, test, on_model).test
+
+
+def score_entity_full(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
+                      on_model: Callable[[Detector], None] | None = None,
+                      entity: str | None = None) -> EntityScores:
+    """``score_entity`` plus the normalised calibration scores; ``entity`` names the
+    stream in ``spec.embeddings``."""
+    if spec.embeddings:
+        return _score_entity_features(spec, entity, len(test))
     train, test = select(train, spec.columns), select(test, spec.columns)
     det = spec.build().fit(train)
     if on_model is not None:
         on_model(det)
-    center, scale = 0.0, 1.0
+    center, scale, cal = 0.0, 1.0, None
     if spec.calibration > 0:
         if hasattr(det, "calibration_scores"):  # memories: leave-one-out on training data
             cal = aggregate_channels(det.calibration_scores(), det.config.aggregate)
         else:  # a model fitted on the rest scores the held-out end of the training split
             cut = int(len(train) * (1 - spec.calibration))
             window = det.config.window
-            cal = None
             if cut >= window and len(train) - cut >= window:
                 held = spec.build().fit(train[:cut])
                 cal = score_series(held, train[cut:], spec.stride, spec.spread)
         if cal is not None and len(cal):
             center, scale = robust_center_scale(cal)
-    return (score_series(det, test, spec.stride, spec.spread) - center) / scale
+    test_scores = score_series(det, test, spec.stride, spec.spread)
+    cal = np.zeros(0) if cal is None else np.asarray(cal, dtype=np.float64)
+    return EntityScores((test_scores - center) / scale, (cal - center) / scale)
+
+
+def _score_entity_features(spec: DetectorSpec, entity: str | None,
+                           n_test: int) -> EntityScores:
+    """A memory row on precomputed embeddings: memory = the entity's training windows,
+    normalised by their leave-one-out distances (training data only)."""
+    from models.lm.precompute import load_precomputed
+
+    if entity is None:
+        raise ValueError(f"{spec.label}: embeddings need the entity's name")
+    train, index = load_precomputed(spec.embeddings, "train")
+    test, _ = load_precomputed(spec.embeddings, "test")
+    window, stride = index["window"], index["stride"]
+    if spec.params.get("window", window) != window:
+        raise ValueError(f"{spec.label}: window {spec.params['window']} but the embeddings "
+                         f"in {spec.embeddings} have window {window}")
+    channels = index.get("channels") or list(range(train.shape[1]))
+    wanted = list(spec.columns) if spec.columns is not None else channels
+    missing = sorted(set(wanted) - set(channels))
+    if missing:
+        raise ValueError(f"{spec.label}: columns {missing} are not in {spec.embeddings}")
+    cols = [channels.index(c) for c in wanted]
+    rows = {}
+    for split, arr in (("train", train), ("test", test)):
+        seg = {s["stream"]: s for s in index["splits"][split]["segments"]}[entity]
+        rows[split] = np.asarray(arr[seg["row"]:seg["row"] + seg["count"]][:, cols],
+                                 dtype=np.float32)
+    det = build_detector(spec.detector, **{**spec.params, "window": window, "stride": stride,
+                                           "memory_size": max(len(rows["train"]), 1)})
+    det.fit_features(rows["train"])
+    agg = det.config.aggregate
+    window_scores = aggregate_channels(det.score_features(rows["test"]), agg)
+    test_scores = spread_window_scores(window_scores, n_test, window, stride, spec.spread)
+    cal = aggregate_channels(det.calibration_scores(), agg)
+    center, scale = robust_center_scale(cal) if spec.calibration > 0 else (0.0, 1.0)
+    return EntityScores((test_scores - center) / scale, (cal - center) / scale)
+
+
+def fuse_entity(spec: DetectorSpec, members: Sequence[EntityScores]) -> EntityScores:
+    """A fusion row for one entity from its member rows (``models.fusion``), calibrated
+    and weighted by the members' training-data scores."""
+    from models.fusion import Calibration, fuse, weights_from_training
+
+    if any(len(m.calibration) == 0 for m in members):
+        raise ValueError(f"{spec.label}: every fused row needs calibration scores "
+                         "(calibration > 0)")
+    cals = [Calibration.of(m.calibration) for m in members]
+    weights = weights_from_training(cals, spec.weights)
+    return EntityScores(fuse([m.test for m in members], cals, weights, spec.method),
+                        np.zeros(0))
 
 
 def robust_center_scale(cal: np.ndarray) -> tuple[float, float]:

@@ -86,7 +86,9 @@ def parse_channels(text: str | None, n_channels: int, default: list[int]) -> lis
     return chans
 
 
-def load_streams(dataset: str, data_dir: str, channels: str | None) -> list[Any]:
+def load_streams(dataset: str, data_dir: str,
+                 channels: str | None) -> tuple[list[Any], list[int]]:
+    """The streams to embed and the dataset channels they hold (in that order)."""
     import numpy as np
 
     from models.data import load_msl, load_nab
@@ -96,10 +98,10 @@ def load_streams(dataset: str, data_dir: str, channels: str | None) -> list[Any]
         entities = load_msl(data_dir)
         chans = parse_channels(channels, entities[0].train.shape[1], [0])
         return [Stream(e.name, split, getattr(e, split)[:, chans])
-                for split in ("train", "test") for e in entities]
+                for split in ("train", "test") for e in entities], chans
     if dataset == "nab":
         parse_channels(channels, 1, [0])
-        return [Stream(s.name, "all", s.values[:, None]) for s in load_nab(data_dir)]
+        return [Stream(s.name, "all", s.values[:, None]) for s in load_nab(data_dir)], [0]
     path = Path(dataset)
     if path.suffix != ".npy" or not path.is_file():
         raise SystemExit(f"--dataset: {dataset!r} is not msl, nab or an existing .npy file")
@@ -108,7 +110,7 @@ def load_streams(dataset: str, data_dir: str, channels: str | None) -> list[Any]
     if series.ndim != 2:
         raise SystemExit(f"--dataset: {path} has shape {series.shape}; need (T,) or (T, C)")
     chans = parse_channels(channels, series.shape[1], list(range(series.shape[1])))
-    return [Stream(path.stem, path.stem, np.asarray(series[:, chans], dtype=np.float64))]
+    return [Stream(path.stem, path.stem, np.asarray(series[:, chans], dtype=np.float64))], chans
 
 
 def build_encoder(args: argparse.Namespace) -> Any:
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.window < 2 or args.stride < 1:
         raise SystemExit("--window must be >= 2 and --stride >= 1")
-    streams = load_streams(args.dataset, args.data_dir, args.channels)
+    streams, chans = load_streams(args.dataset, args.data_dir, args.channels)
     encoder = build_encoder(args)
     builder = PromptBuilder(PromptConfig(strategy=args.strategy, max_values=args.max_values),
                             encoder.tokenizer)
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     index = precompute(
         streams, cached, builder, args.out, args.window, args.stride, limit=args.limit,
         progress=not args.no_progress,
-        extra={"dataset": args.dataset, "backend": args.backend},
+        extra={"dataset": args.dataset, "backend": args.backend, "channels": chans},
     )
     stats = cached.stats
     for split, info in index["splits"].items():
