@@ -12,6 +12,7 @@ picked up on its next use) and is *not* copied into the streams' state blobs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -32,10 +33,18 @@ class Artifact:
     path: Path
     detector: Detector
     threshold: float | None  # calibrated default threshold, if the artifact has one
+    # sha256 (hex, 16 chars) of the weights: a stream's adaptation of an artifact records
+    # it, so an adaptation of an older version of the artifact is never applied
+    digest: str = ""
 
     @property
     def window(self) -> int:
         return int(self.detector.config.window)
+
+    @property
+    def adaptable(self) -> bool:
+        """Streams bound to it may tune their own copy of its soft prompts (SPEAR)."""
+        return callable(getattr(self.detector, "finetune", None))
 
     @property
     def channels(self) -> int | None:
@@ -83,8 +92,10 @@ def load_artifact(root: str | Path, name: str) -> Artifact:
             cal = path / CALIBRATION
             if cal.is_file():
                 threshold = json.loads(cal.read_text()).get("threshold")
+            digest = hashlib.sha256((path / ARTIFACT_WEIGHTS).read_bytes()).hexdigest()
             _CACHE[key] = Artifact(name, path, detector,
-                                   None if threshold is None else float(threshold))
+                                   None if threshold is None else float(threshold),
+                                   digest[:16])
         return _CACHE[key]
 
 

@@ -23,6 +23,7 @@ from models.lm.metrics import EmbeddingMetrics
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+ADAPTATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 THRESHOLD_BUCKETS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 1000)
 MAX_CHANNEL_SERIES = 16  # channels per stream in tsad_stream_top_channel_total, then "other"
 
@@ -102,6 +103,14 @@ class ServiceMetrics:
         self.alert_events_total = Counter(
             "tsad_alert_events_total", "Alert events queued for webhooks", ["type"],
             registry=r)
+        # --- operator feedback and per-stream adaptation (POST /streams/{id}/feedback)
+        self.feedback_ranges_total = Counter(
+            "tsad_feedback_ranges_total", "Labelled time ranges stored as feedback, by "
+            "label (false_positive, missed_anomaly, normal, anomaly)", ["label"], registry=r)
+        self.feedback_adaptation_seconds = Histogram(
+            "tsad_feedback_adaptation_seconds", "Time to tune one stream's soft prompts on "
+            "its feedback (bounded by TSAD_FEEDBACK_MAX_SECONDS)",
+            buckets=ADAPTATION_BUCKETS, registry=r)
         # --- webhooks
         self.webhook_deliveries_total = Counter(
             "tsad_webhook_deliveries_total", "Webhook delivery attempts by outcome "

@@ -17,12 +17,26 @@ from dataclasses import asdict
 import numpy as np
 
 from models.detectors import REGISTRY
+from models.detectors.base import aggregate_channels
 from service.alerts.store import AlertStore, build_alert_store
 from service.artifacts import Artifact, artifact_name, load_artifact
 from service.errors import field_error
+from service.feedback import (
+    LABELS,
+    TARGETS,
+    adaptation_info,
+    info_dict,
+    recent_windows,
+    windows_ending_in,
+)
 from service.metrics import ServiceMetrics, StreamSeries
 from service.schemas import (
+    AdaptationOut,
     ChannelShareOut,
+    FeedbackOut,
+    FeedbackRangeOut,
+    FeedbackRequest,
+    Point,
     PointResultOut,
     PrecedentOut,
     ScoreRequest,
@@ -30,6 +44,7 @@ from service.schemas import (
     StreamConfigIn,
     StreamOut,
     WindowOut,
+    epoch,
 )
 from service.scoring import StreamScorer
 from service.settings import Settings
@@ -48,6 +63,9 @@ class ScoringPipeline:
                                                   settings.alert_retention_seconds)
         self.stream_series = StreamSeries(metrics, settings.metrics_streams,
                                           settings.metrics_max_streams)
+        # tuning runs the LM forward and backward: one adaptation at a time per process,
+        # so feedback cannot starve scoring of CPU
+        self._adapt_slot = asyncio.Semaphore(1)
 
     # --- /score ------------------------------------------------------------------------
     async def score(self, req: ScoreRequest) -> ScoreResponse:
@@ -210,6 +228,188 @@ class ScoringPipeline:
         window = await self.store.window(stream)
         return WindowOut(stream=stream, timestamps=window[:, 0].tolist(),
                          values=window[:, 1:].tolist())
+
+    # --- /streams/{id}/feedback -----------------------------------------------------
+    async def feedback(self, stream: str, req: FeedbackRequest) -> FeedbackOut | None:
+        """Store labelled ranges (as windows) in the stream's state; with ``adapt``, tune
+        the stream's own soft prompts on all its feedback. None: no such stream."""
+        s = self.settings
+        if len(req.ranges) > s.feedback_max_ranges:
+            raise field_error(("body", "ranges"), f"at most {s.feedback_max_ranges} ranges "
+                              f"per request, got {len(req.ranges)}")
+        for i, r in enumerate(req.ranges):
+            if epoch(r.end) < epoch(r.start):
+                raise field_error(("body", "ranges", i, "end"), "must not be before start")
+        if req.steps is not None and not req.adapt:
+            raise field_error(("body", "steps"), "steps needs adapt: true")
+        if req.steps is not None and req.steps > s.feedback_max_steps:
+            raise field_error(("body", "steps"), f"at most {s.feedback_max_steps} "
+                              f"(TSAD_FEEDBACK_MAX_STEPS), got {req.steps}")
+        inline = sum(len(r.points or ()) for r in req.ranges)
+        if inline > s.max_batch_points:
+            raise field_error(("body", "ranges"), f"at most {s.max_batch_points} inline "
+                              f"points per request, got {inline}")
+        async with self.store.lock(stream):
+            meta = await self.store.get_stream(stream)
+            if meta is None:
+                return None
+            artifact = None
+            if artifact_name(meta.detector) is not None:
+                artifact = await asyncio.to_thread(
+                    load_artifact, self.settings.artifacts_dir, artifact_name(meta.detector))
+            if req.adapt and (artifact is None or not artifact.adaptable):
+                raise StoreRejection(
+                    ("body", "adapt"), f"stream {stream!r} is scored by {meta.detector!r}: "
+                    "only a stream bound to a SPEAR artifact ('artifact:<name>') can adapt; "
+                    "send adapt: false to store the feedback alone", status=409)
+            held = await self.store.window(stream)
+            blob = await self.store.load_state(stream)
+            blob, added = await asyncio.to_thread(self._store_feedback, meta, blob, held, req)
+            await self.store.save_state(stream, blob)
+        for r in req.ranges:
+            self.metrics.feedback_ranges_total.labels(r.label).inc()
+        log.info("feedback stored", extra={"stream": stream, "ranges": len(req.ranges),
+                                           "adapt": req.adapt})
+        if req.adapt:
+            blob = await self._adapt(meta, req.steps or s.feedback_steps)
+        return self._feedback_out(meta, blob, *added)
+
+    async def get_feedback(self, stream: str) -> FeedbackOut | None:
+        meta = await self.store.get_stream(stream)
+        if meta is None:
+            return None
+        blob = await self.store.load_state(stream)
+        return await asyncio.to_thread(self._feedback_out, meta, blob)
+
+    def _store_feedback(self, meta: StreamMeta, blob: bytes | None, held: np.ndarray,
+                        req: FeedbackRequest) -> tuple[bytes, tuple[int, int, int]]:
+        """Resolve the ranges to labelled windows (422 naming the range when it has none),
+        add negatives, store all in the blob. Runs in a worker thread (it may score)."""
+        s = self.settings
+        scorer = StreamScorer.from_blob(meta, s, blob)
+        w = meta.window
+        ranges, sources = [], [held]
+        for i, r in enumerate(req.ranges):
+            start, end = epoch(r.start), epoch(r.end)
+            points = held
+            if r.points is not None:
+                points = self._inline_points(r.points, meta.channels, i)
+                sources.append(points)
+            wins = windows_ending_in(points, start, end, w, s.feedback_windows_per_range)
+            if not len(wins):
+                where = ("its inline points" if r.points is not None else
+                         f"the {len(held)} points the service holds for the stream "
+                         + (f"({held[0, 0]!r} to {held[-1, 0]!r})" if len(held) else "")
+                         + "; send the range's points and the window - 1 before them as "
+                         f"ranges.{i}.points")
+                raise field_error(("body", "ranges", i),
+                                  f"no full window of {w} points ends in [{start!r}, "
+                                  f"{end!r}] in {where}")
+            ranges.append((start, end, r.label, wins))
+        negatives = np.zeros((0, w, meta.channels))
+        if scorer.artifact is not None and scorer.artifact.adaptable:
+            negatives = self._recent_normal(scorer, sources, ranges)
+        scorer.feedback.add(ranges, negatives, s.feedback_max_ranges)
+        return scorer.to_blob(), (len(ranges), sum(len(r[3]) for r in ranges),
+                                  len(negatives))
+
+    @staticmethod
+    def _inline_points(points: list[Point], channels: int, i: int) -> np.ndarray:
+        out = np.empty((len(points), 1 + channels))
+        previous = -np.inf
+        for k, p in enumerate(points):
+            loc = ("body", "ranges", i, "points", k)
+            if len(p.values) != channels:
+                raise field_error((*loc, "values"), f"the stream has {channels} channels, "
+                                  f"got {len(p.values)} values")
+            ts = p.epoch()
+            if not np.isfinite(ts) or ts <= previous:
+                raise field_error((*loc, "timestamp"), "timestamps must be finite and "
+                                  "strictly increase")
+            previous = out[k, 0] = ts
+            out[k, 1:] = p.values
+        return out
+
+    def _recent_normal(self, scorer: StreamScorer, sources: list[np.ndarray],
+                       ranges: list[tuple]) -> np.ndarray:
+        """Up to feedback_windows_per_range windows outside the labelled ranges that the
+        stream's current model scores below its threshold: negatives that keep a few
+        labels from teaching the model that everything is anomalous."""
+        limit = self.settings.feedback_windows_per_range
+        spans = [(a, b, TARGETS[label]) for a, b, label, _ in ranges]
+        cands = [c for src in sources if len(c := recent_windows(src, scorer.meta.window,
+                                                                 spans, limit))]
+        if not cands:
+            return np.zeros((0, scorer.meta.window, scorer.meta.channels))
+        cands = np.concatenate(cands)
+        det = scorer.detector
+        scores = aggregate_channels(det.channel_scores(cands), det.config.aggregate)
+        cut = scorer.threshold.value()
+        if cut is None:
+            cut = scorer.artifact.threshold if scorer.artifact.threshold is not None else 0.5
+        return cands[scores < cut][:limit]
+
+    async def _adapt(self, meta: StreamMeta, steps: int) -> bytes:
+        """Tune outside the stream's lock (scoring goes on meanwhile), then install the
+        result under the lock if the stream is still bound to the same artifact."""
+        stream = meta.stream
+        async with self._adapt_slot:
+            blob = await self.store.load_state(stream)
+            adaptation = await asyncio.to_thread(self._tune, meta, blob, steps)
+        async with self.store.lock(stream):
+            now = await self.store.get_stream(stream)
+            if now is None or (now.detector, now.window, now.created_at) != (
+                    meta.detector, meta.window, meta.created_at):
+                raise StoreRejection(
+                    ("body", "adapt"), f"stream {stream!r} was deleted or rebound while "
+                    "adapting; nothing was installed", status=409)
+            blob = await self.store.load_state(stream)
+            blob = await asyncio.to_thread(self._install, now, blob, adaptation)
+            await self.store.save_state(stream, blob)
+        return blob
+
+    def _tune(self, meta: StreamMeta, blob: bytes | None, steps: int) -> dict[str, np.ndarray]:
+        s = self.settings
+        scorer = StreamScorer.from_blob(meta, s, blob)
+        art, fb = scorer.artifact, scorer.feedback
+        assert art is not None
+        det = art.detector.with_parameters()  # from the artifact, not the last adaptation
+        report = det.finetune(fb.windows, fb.window_target, steps=steps, lr=s.feedback_lr,
+                              max_seconds=s.feedback_max_seconds)
+        self.metrics.feedback_adaptation_seconds.observe(report["seconds"])
+        state = det.adaptable_state()
+        nbytes = sum(v.nbytes for v in state.values())
+        log.info("stream adapted", extra={"stream": meta.stream, "steps": report["steps"],
+                                          "seconds": round(report["seconds"], 3),
+                                          "loss_before": round(report["loss_before"], 4),
+                                          "loss_after": round(report["loss_after"], 4)})
+        return state | {
+            "base": np.frombuffer(art.digest.encode(), dtype=np.uint8).copy(),
+            "info": adaptation_info(report, fb.window_target, nbytes)}
+
+    def _install(self, meta: StreamMeta, blob: bytes | None,
+                 adaptation: dict[str, np.ndarray]) -> bytes:
+        scorer = StreamScorer.from_blob(meta, self.settings, blob)
+        if not scorer.set_adaptation(adaptation):
+            raise StoreRejection(("body", "adapt"), f"artifact of stream {meta.stream!r} "
+                                 "changed while adapting; nothing was installed", status=409)
+        return scorer.to_blob()
+
+    def _feedback_out(self, meta: StreamMeta, blob: bytes | None, stored: int = 0,
+                      windows: int = 0, negatives: int = 0) -> FeedbackOut:
+        scorer = StreamScorer.from_blob(meta, self.settings, blob)
+        fb = scorer.feedback
+        ranges = [FeedbackRangeOut(start=float(r[1]), end=float(r[2]),
+                                   label=LABELS[int(r[3])], received_at=float(r[4]),
+                                   windows=fb.windows_of(int(r[0]))) for r in fb.ranges]
+        ada = scorer.adaptation
+        adaptation = None
+        if ada is not None:
+            info = info_dict(ada["info"])
+            adaptation = AdaptationOut(**info)
+        return FeedbackOut(stream=meta.stream, stored=stored, windows=windows,
+                           negatives=negatives, ranges=ranges, adapted=ada is not None,
+                           adaptation=adaptation)
 
     async def list_streams(self) -> list[StreamOut]:
         return [StreamOut(**m.to_dict()) for m in await self.store.list_streams()]

@@ -7,6 +7,11 @@ chunk the detector and threshold are fixed, so scoring is one vectorised call; b
 chunks the detector learns from the chunk's points judged normal (anomalies never teach
 the model what normal is). The threshold decides point by point (SPOT moves with every
 peak); the alert tracker then sees every scored point in order.
+
+The blob also carries the stream's operator feedback (``fb.*``) and, for a stream bound
+to a SPEAR artifact, its own adapted soft prompts and head (``ada.*``): the stream then
+scores with an adapted copy of the artifact, which stays shared and unchanged
+(``service/feedback.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import safetensors.numpy
 from models.detectors import Detector, build_detector
 from models.detectors.base import aggregate_channels, sliding_windows
 from service.alerts.tracker import AlertRules, AlertTracker
-from service.artifacts import artifact_name, load_artifact
+from service.artifacts import Artifact, artifact_name, load_artifact
+from service.feedback import FeedbackSet
 from service.settings import Settings
 from service.stores.base import StreamMeta
 from service.thresholds import build_threshold, stream_spec
@@ -63,8 +69,12 @@ class StreamScorer:
         # a fitted artifact is shared, read-only, by every stream bound to it: it is not
         # part of the stream's state blob
         self.shared_detector = name is not None
+        self.artifact: Artifact | None = None
+        # the stream's own soft prompts and head (adapted from the artifact's), if any
+        self.adaptation: dict[str, np.ndarray] | None = None
+        self.feedback = FeedbackSet(meta.window, meta.channels)
         if name is not None:
-            artifact = load_artifact(settings.artifacts_dir, name)
+            artifact = self.artifact = load_artifact(settings.artifacts_dir, name)
             self.detector: Detector = artifact.detector
             if not (meta.threshold or {}).get("kind") and artifact.threshold is not None:
                 spec = replace(spec, kind="fixed", value=artifact.threshold)
@@ -92,7 +102,25 @@ class StreamScorer:
                 scorer.threshold.load_state_dict(_strip(arrays, "thr."))
                 scorer.tracker.load_state_dict(_strip(arrays, "alr."))
                 scorer._last = arrays.get("last", scorer._last)
+                scorer.feedback = FeedbackSet.from_state(_strip(arrays, "fb."),
+                                                         meta.window, meta.channels)
+                adaptation = _strip(arrays, "ada.")
+                if adaptation:
+                    scorer.set_adaptation(adaptation)
         return scorer
+
+    def set_adaptation(self, adaptation: dict[str, np.ndarray]) -> bool:
+        """Score with the stream's own soft prompts and head (``prompts``, ``head.weight``,
+        ``head.bias``, ``base``: the artifact's digest, ``info``). An adaptation of another
+        version of the artifact is dropped (False): the feedback stays to adapt again."""
+        art = self.artifact
+        base = bytes(np.asarray(adaptation["base"], dtype=np.uint8)).decode()
+        if art is None or not art.adaptable or base != art.digest:
+            self.adaptation = None
+            return False
+        self.detector = art.detector.with_parameters(adaptation)
+        self.adaptation = dict(adaptation)
+        return True
 
     def to_blob(self) -> bytes:
         arrays = {"version": np.array([STATE_VERSION]), "last": self._last}
@@ -100,6 +128,8 @@ class StreamScorer:
             arrays |= {f"det.{k}": v for k, v in self.detector.state_dict().items()}
         arrays |= {f"thr.{k}": v for k, v in self.threshold.state_dict().items()}
         arrays |= {f"alr.{k}": v for k, v in self.tracker.state_dict().items()}
+        arrays |= {f"fb.{k}": v for k, v in self.feedback.state_dict().items()}
+        arrays |= {f"ada.{k}": v for k, v in (self.adaptation or {}).items()}
         return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
     # --- scoring -----------------------------------------------------------------------

@@ -106,6 +106,20 @@ class Settings(BaseSettings):
         3, ge=0, le=20, description="memory detectors: nearest normal precedent windows "
         "returned per top channel of an anomalous point and put in alerts (0 = off)")
 
+    feedback_max_ranges: int = Field(
+        32, ge=1, le=1000, description="labelled ranges kept per stream (the oldest are "
+        "dropped with their windows); also the most one request may send")
+    feedback_windows_per_range: int = Field(
+        8, ge=1, le=256, description="labelled windows kept per range, evenly spread over it")
+    feedback_steps: int = Field(20, ge=1, description="default optimiser steps of an "
+                                "adaptation (a request may ask for up to feedback_max_steps)")
+    feedback_max_steps: int = Field(200, ge=1, le=10_000)
+    feedback_lr: float = Field(1e-2, gt=0, le=1.0, description="AdamW learning rate of an "
+                               "adaptation (linear decay to 0)")
+    feedback_max_seconds: float = Field(
+        10.0, gt=0, le=600, description="an adaptation stops after this long, whatever its "
+        "steps (it runs in a worker thread, outside the stream's lock)")
+
     lock_wait_seconds: float = Field(10.0, gt=0)
     retry_after_seconds: int = Field(5, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -128,6 +142,8 @@ class Settings(BaseSettings):
             raise ValueError("alert_k must not exceed alert_m")
         if self.alert_quiet_points == 0 and self.alert_quiet_seconds == 0:
             raise ValueError("alert_quiet_points and alert_quiet_seconds cannot both be 0")
+        if self.feedback_steps > self.feedback_max_steps:
+            raise ValueError("feedback_steps must not exceed feedback_max_steps")
         if self.webhook_lease_seconds <= self.webhook_timeout_seconds:
             raise ValueError("webhook_lease_seconds must exceed webhook_timeout_seconds")
         return self

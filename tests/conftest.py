@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.process import free_port
@@ -95,3 +96,26 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+SPEAR_TINY_WINDOW = 16
+
+
+@pytest.fixture(scope="session")
+def spear_tiny(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny SPEAR artifact (16-point windows, 4 prompts, 20 steps on a noisy sine with
+    injected spikes) trained by `tsad train`'s code path: (artifacts dir, calibration).
+    Session-scoped: training through the real MiniLM is the slow part of the tests that
+    serve it."""
+    from models.train_cli import train_artifact
+
+    root = tmp_path_factory.mktemp("artifacts")
+    t = np.arange(1500)
+    data = tmp_path_factory.mktemp("data") / "train.npy"
+    np.save(data, np.sin(t / 4.0) + 0.05 * np.random.default_rng(0).normal(size=len(t)))
+    cfg = {"name": "spear-tiny", "detector": "spear",
+           "params": {"window": SPEAR_TINY_WINDOW, "n_prompts": 4, "max_steps": 20,
+                      "labels": "inject", "inject_kinds": "spike"},
+           "data": {"dataset": "npy", "path": str(data)}, "calibration": 0.2}
+    calibration = train_artifact(cfg, data.parent, root / "spear-tiny")
+    return root, calibration

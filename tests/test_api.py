@@ -164,12 +164,14 @@ def test_openapi_documents_every_field_with_an_example(client):
     schema = client.get("/openapi.json").json()
     comps = schema["components"]["schemas"]
     for model in ("ScoreRequest", "Point", "ScoreResponse", "PointResultOut", "StreamConfigIn",
-                  "StreamOut", "WindowOut"):
+                  "StreamOut", "WindowOut", "FeedbackRequest", "FeedbackRangeIn",
+                  "FeedbackOut", "FeedbackRangeOut", "AdaptationOut"):
         for prop_name, prop in comps[model]["properties"].items():
             documented = "description" in prop or "examples" in prop or "$ref" in prop or (
                 "items" in prop and "$ref" in prop["items"])
             assert documented, f"{model}.{prop_name} is undocumented"
     assert "/score" in schema["paths"] and "/streams/{stream}" in schema["paths"]
+    assert "post" in schema["paths"]["/streams/{stream}/feedback"]
 
 
 def test_operations_endpoints_and_metrics(client):

@@ -13,26 +13,17 @@ import safetensors.numpy
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from models.train_cli import train_artifact
 from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+from tests.conftest import SPEAR_TINY_WINDOW
 
-W = 16
+W = SPEAR_TINY_WINDOW
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    t = np.arange(1500)
-    data = tmp_path_factory.mktemp("data") / "train.npy"
-    np.save(data, np.sin(t / 4.0) + 0.05 * np.random.default_rng(0).normal(size=len(t)))
-    cfg = {"name": "spear-tiny", "detector": "spear",
-           "params": {"window": W, "n_prompts": 4, "max_steps": 20, "labels": "inject",
-                      "inject_kinds": "spike"},
-           "data": {"dataset": "npy", "path": str(data)}, "calibration": 0.2}
-    calibration = train_artifact(cfg, data.parent, root / "spear-tiny")
-    return root, calibration
+def artifacts(spear_tiny):
+    return spear_tiny  # (artifacts dir, calibration): tests/conftest.py
 
 
 @pytest.fixture(params=["memory", "redis"])

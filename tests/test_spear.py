@@ -119,3 +119,27 @@ def test_random_suffixes_keep_the_newest_points():
 def test_best_f1_cut():
     assert best_f1_cut(np.array([0.2, 0.9, 0.8, 0.1]), np.array([0, 1, 1, 0])) == 0.8
     assert best_f1_cut(np.array([0.2, 0.3]), np.array([0, 0])) == 0.5
+
+
+def test_a_tuned_copy_learns_its_labels_and_leaves_the_original_and_lm_alone(trained):
+    det, lm, before = trained
+    original = {k: v.copy() for k, v in det.adaptable_state().items()}
+    clean = sliding_windows(series(200, seed=4)[:, None], W)[::20]  # (N, W, 1)
+    spiky = clean[:3].copy()
+    spiky[:, -1, 0] += 3.0  # a spike at the newest point: the artifact says anomalous
+    windows = np.concatenate([spiky, clean])
+    targets = np.r_[np.zeros(len(spiky)), np.zeros(len(clean))]  # "those were normal"
+    copy = det.with_parameters()
+    report = copy.finetune(windows, targets, steps=8, lr=5e-2, batch_size=8, max_seconds=600)
+    assert report["steps"] == 8 and report["loss_after"] < report["loss_before"]
+    assert report["proba_after"][:3].mean() < report["proba_before"][:3].mean()
+    np.testing.assert_allclose(copy.channel_scores(spiky)[:, 0], report["proba_after"][:3],
+                               rtol=1e-5)
+    for k, v in det.adaptable_state().items():  # the original is untouched
+        np.testing.assert_array_equal(v, original[k])
+    assert not np.array_equal(copy.adaptable_state()["prompts"], original["prompts"])
+    for name, tensor in lm.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert copy.finetune(windows, targets, steps=5, max_seconds=0)["steps"] == 0  # bounded
+    with pytest.raises(ValueError, match="windows"):
+        copy.finetune(windows[:, :, 0], targets)

@@ -3,7 +3,15 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Response, status
 
 from service.deps import PipelineDep, StreamPath
-from service.schemas import ErrorOut, StreamConfigIn, StreamList, StreamOut, WindowOut
+from service.schemas import (
+    ErrorOut,
+    FeedbackOut,
+    FeedbackRequest,
+    StreamConfigIn,
+    StreamList,
+    StreamOut,
+    WindowOut,
+)
 
 router = APIRouter(prefix="/streams", tags=["streams"])
 _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -44,6 +52,31 @@ async def delete_stream(stream: StreamPath, pipeline: PipelineDep) -> Response:
             summary="The stream's stored window: the last `window` points, oldest first")
 async def get_window(stream: StreamPath, pipeline: PipelineDep) -> WindowOut:
     out = await pipeline.get_window(stream)
+    if out is None:
+        raise HTTPException(404, f"stream {stream!r} not found")
+    return out
+
+
+@router.post("/{stream}/feedback", response_model=FeedbackOut, responses=_ERRORS,
+             summary="Label time ranges (false positive, missed anomaly); optionally adapt "
+             "the stream's soft prompts (SPEAR artifacts) on them")
+async def post_feedback(stream: StreamPath, body: FeedbackRequest,
+                        pipeline: PipelineDep) -> FeedbackOut:
+    """Each range becomes labelled windows (ending at its points) stored with the stream.
+    With `adapt: true`, the stream's own copy of its SPEAR artifact's soft prompts and
+    head is tuned on all its stored feedback (the language model stays frozen, other
+    streams are unaffected) and its next scores use it. 409 when the stream's detector
+    cannot adapt; then nothing is stored."""
+    out = await pipeline.feedback(stream, body)
+    if out is None:
+        raise HTTPException(404, f"stream {stream!r} not found")
+    return out
+
+
+@router.get("/{stream}/feedback", response_model=FeedbackOut, responses=_ERRORS,
+            summary="The stream's stored feedback ranges and the adaptation in force")
+async def get_feedback(stream: StreamPath, pipeline: PipelineDep) -> FeedbackOut:
+    out = await pipeline.get_feedback(stream)
     if out is None:
         raise HTTPException(404, f"stream {stream!r} not found")
     return out
