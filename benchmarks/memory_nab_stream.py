@@ -18,7 +18,11 @@ Rows, side by side:
 
 * embedding memory (online): MiniLM embeddings of variance prompts, cosine distance to the
   nearest normal window in the memory; the memory grows from the windows judged normal.
-* raw-window kNN (online): the same memory on raw scaled windows (the ablation: no LM).
+* embedding memory (online, admission q=1.0): the same, but a window judged normal joins
+  the memory only if it is no farther from it than the memory's own windows are from each
+  other (``admit_quantile``: the max leave-one-out distance); chosen before any result.
+* raw-window kNN (online): the same memory on raw scaled windows (the ablation: no LM),
+  with and without the admission rule.
 * embedding memory (frozen): the 15% memory, never updated (what the online rule buys).
 * residual linear (online): ridge forecaster, refitted online on points judged normal,
   scored every --baseline-score-stride points (it is cheap; the service scores it at
@@ -89,7 +93,11 @@ class Row:
 
 ROWS = (
     Row("embedding memory (online)", "embedding_memory", True, True),
+    Row("embedding memory (online, admission q=1.0)", "embedding_memory", True, True,
+        {"admit_quantile": 1.0}),
     Row("raw-window kNN (online, ablation: no LM)", "raw_knn", True, True),
+    Row("raw-window kNN (online, admission q=1.0)", "raw_knn", True, True,
+        {"admit_quantile": 1.0}),
     Row("embedding memory (frozen after 15%)", "embedding_memory", False, True),
     Row("residual linear (online)", "residual_linear", True, False),
     Row("Isolation Forest (frozen after 15%)", "isolation_forest", False, False),

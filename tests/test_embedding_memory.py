@@ -166,3 +166,28 @@ def test_anomalous_points_and_their_alerts_carry_nearest_normal_precedents():
         alerts = c.get("/alerts", params={"stream": "p"}).json()["alerts"]
         covering = [a for a in alerts if a["opened_at"] <= t0 + 60.0 * 716]
         assert covering and covering[-1]["evidence"]["precedents"][0]["channel"] == "temp"
+
+
+def test_online_admission_keeps_windows_unlike_the_memory_out():
+    s = series(800)
+    normal = sliding_windows(s[600:], 16)[2::4]
+    odd = np.random.default_rng(1).standard_normal(normal.shape)  # noise, unlike any sine
+    for q in (None, 1.0):
+        det = RawKnn(window=16, stride=1, memory_size=1000, admit_quantile=q).fit(s[:600])
+        before = det.memory_entries
+        det.partial_fit(odd)
+        admitted_odd = det.memory_entries - before
+        assert admitted_odd == len(odd) if q is None else admitted_odd == 0
+        assert det.refused == len(odd) - admitted_odd
+        det.partial_fit(normal)
+        assert det.memory_entries - before - admitted_odd >= 0.8 * len(normal)
+        restored = RawKnn(window=16, stride=1, memory_size=1000, admit_quantile=q)
+        restored.load_state_dict(det.state_dict())
+        assert restored.refused == det.refused
+        np.testing.assert_array_equal(restored._admissible(_unit(restored, odd)),
+                                      det._admissible(_unit(det, odd)))
+
+
+def _unit(det, windows):
+    f = det._features(windows)
+    return f / np.linalg.norm(f, axis=-1, keepdims=True)

@@ -10,6 +10,13 @@ covered) or online by ``partial_fit`` (every ``stride``-th window offered), boun
 ``memory_size`` per channel with a reservoir (uniform over everything seen, so a burst of
 anomalies cannot take over the memory) or recency (a ring: follows drift) policy.
 
+Online, a candidate the threshold let through must also *look* normal to the memory:
+with ``admit_quantile`` q it joins only when its distance to the memory is within the
+q-quantile of the memory's own leave-one-out distances on every channel (how far normal
+windows lie from each other). A long anomaly the threshold misses (a regime the SPOT tail
+has absorbed) then cannot teach the memory that it is normal; slow drift still enters,
+step by step. The limit is recomputed every ``memory_size / 8`` insertions.
+
 Every entry remembers where its window came from (start and end: timestamps online,
 positions in the training series after ``fit``), so a score comes with its evidence: the
 nearest normal precedents (``precedents``), i.e. what "normal" looked like.
@@ -38,6 +45,9 @@ class MemoryConfig(DetectorConfig):
     query_batch: int = 256  # windows scored per similarity product (bounds memory use)
     # exact | hnsw | auto: HNSW (faiss, `tsad[ann]`) from memory_index.AUTO_MIN_SIZE entries
     index: str = "auto"
+    # online admission: distance <= this quantile of the memory's leave-one-out distances
+    # (None: every candidate offered is admitted)
+    admit_quantile: float | None = None
 
 
 class MemoryDetector(Detector):
@@ -54,9 +64,12 @@ class MemoryDetector(Detector):
     def state_dict(self) -> dict[str, np.ndarray]:
         if not hasattr(self, "_memory"):
             return {}
-        return {"memory": self._memory.copy(), "filled": self._filled.copy(),
-                "offered": self._offered.copy(), "kept": self._kept.copy(),
-                "stamps": self._stamps.copy()}
+        state = {"memory": self._memory.copy(), "filled": self._filled.copy(),
+                 "offered": self._offered.copy(), "kept": self._kept.copy(),
+                 "stamps": self._stamps.copy(), "refused": self._refused.copy()}
+        if hasattr(self, "_admit_limit"):
+            state |= {"admit_limit": self._admit_limit.copy(), "admit_at": self._admit_at.copy()}
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if state:
@@ -67,6 +80,10 @@ class MemoryDetector(Detector):
             stamps = state.get("stamps")  # absent in states written before precedents
             self._stamps = (np.asarray(stamps, dtype=np.float64).copy() if stamps is not None
                             else np.full((self._memory.shape[1], 2), np.nan))
+            self._refused = np.asarray(state.get("refused", np.zeros(1)), dtype=np.int64).copy()
+            if "admit_limit" in state:
+                self._admit_limit = np.asarray(state["admit_limit"], dtype=np.float64).copy()
+                self._admit_at = np.asarray(state["admit_at"], dtype=np.int64).copy()
             self._search().reset()
 
     def _search(self) -> MemoryIndex:
@@ -97,6 +114,8 @@ class MemoryDetector(Detector):
         self._kept = np.zeros(1, dtype=np.int64)  # candidates considered (reservoir's n)
         # (M, 2) start and end of each entry's window; NaN where unknown
         self._stamps = np.full((self.config.memory_size, 2), np.nan)
+        self._refused = np.zeros(1, dtype=np.int64)  # online candidates that looked abnormal
+        self.__dict__.pop("_admit_limit", None)
         self._search().reset()
 
     # --- learning ----------------------------------------------------------------------
@@ -153,11 +172,32 @@ class MemoryDetector(Detector):
             feats = _normalise(self._features(windows[take]))
             if not hasattr(self, "_memory"):
                 self._init_memory(feats.shape[1], feats.shape[2])
-            for i, f in zip(take, feats, strict=True):
-                self._insert(f, None if stamps is None else stamps[i])
+            admit = self._admissible(feats)
+            for i, f, ok in zip(take, feats, admit, strict=True):
+                if ok:
+                    self._insert(f, None if stamps is None else stamps[i])
+            self._refused += int((~admit).sum())
         if hasattr(self, "_offered"):
             self._offered += len(windows)
         return self
+
+    @property
+    def refused(self) -> int:
+        """Online candidates kept out because they looked unlike the memory."""
+        return int(self._refused[0]) if hasattr(self, "_refused") else 0
+
+    def _admissible(self, feats: np.ndarray) -> np.ndarray:
+        """(B, C, D) unit candidates -> (B,) bool: close enough to the memory to join."""
+        q = self.config.admit_quantile
+        if q is None or not self.is_fitted or int(self._filled[0]) < 2:
+            return np.ones(len(feats), dtype=bool)
+        kept = int(self._kept[0])
+        if (not hasattr(self, "_admit_limit")
+                or kept - int(self._admit_at[0]) >= max(1, self.config.memory_size // 8)):
+            self._admit_limit = np.quantile(self.calibration_scores(), q, axis=0)  # (C,)
+            self._admit_at = np.array([kept])
+        dist, _ = self.nearest(feats)  # (B, C)
+        return (dist <= self._admit_limit + 1e-6).all(axis=1)
 
     def _insert(self, feat: np.ndarray, stamp: np.ndarray | None = None) -> None:
         """feat: (C, D), stamp: (2,). Bounded insertion by the configured policy."""
