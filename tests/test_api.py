@@ -47,7 +47,8 @@ def test_score_warms_up_then_scores_every_point(client):
     assert len(results) == 300 and r.json()["stream"] == "s"
     assert [p["timestamp"] for p in results] == [float(t) for t in range(300)]
     assert results[0] == {"timestamp": 0.0, "score": None, "anomaly": False, "threshold": None,
-                          "status": "warming_up", "top_channels": None}
+                          "status": "warming_up", "top_channels": None,
+                          "precedents": None}
     assert results[-1]["status"] == "scored" and results[-1]["score"] is not None
     assert results[-1]["threshold"] is not None
     stream = client.get("/streams/s").json()
