@@ -180,6 +180,12 @@ class ScoringPipeline:
             raise field_error(("body", "detector"),
                               f"unknown detector {detector!r}; known: {sorted(REGISTRY)} or "
                               f"'artifact:<name>'")
+        elif not REGISTRY[detector].supports_online:
+            online = sorted(n for n, cls in REGISTRY.items() if cls.supports_online)
+            raise field_error(("body", "detector"),
+                              f"detector {detector!r} is trained offline: fit it with `tsad "
+                              f"train` and bind 'artifact:<name>', or pick one that learns "
+                              f"online: {online}")
         if cfg.channel_names is not None and len(cfg.channel_names) != cfg.channels:
             raise field_error(("body", "channel_names"),
                               f"expected {cfg.channels} names, got {len(cfg.channel_names)}")

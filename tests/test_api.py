@@ -137,6 +137,11 @@ def test_stream_lifecycle(client):
     assert r.status_code == 422 and "body.channel_names" in r.json()["message"]
     r = client.put("/streams/cfg", json={"channels": 2, "detector": "nope"})
     assert r.status_code == 422 and "body.detector" in r.json()["message"]
+    for offline in ("fusion", "spear", "isolation_forest"):  # need an artifact
+        r = client.put("/streams/offline", json={"channels": 1, "detector": offline})
+        assert r.status_code == 422 and "body.detector" in r.json()["message"]
+        assert "tsad train" in r.json()["message"]
+    assert client.get("/streams/offline").status_code == 404  # nothing was created
     r = post(client, "cfg", sine_points(0, 10, channels=3))
     assert r.status_code == 422 and "body.points.0.values" in r.json()["message"]
     assert post(client, "cfg", sine_points(0, 10, channels=2)).status_code == 200
