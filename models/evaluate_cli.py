@@ -45,6 +45,14 @@ MSL_ANCHORS = {
 }
 
 
+PROTOCOL = (
+    "each entity is its own stream: fit on its train split, test scores normalised by scores "
+    "of held-out train data (memory rows: by the leave-one-out distances of their training "
+    "windows); fusion rows add their members' normalised scores per entity, calibrated and "
+    "weighted on training scores only; concatenated; TSB-AD metrics; no point adjustment; "
+    "no test labels used")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate detectors on a dataset (TSB-AD metrics)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,9 +137,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": dataset, "entities": [e.name for e in entities], "points": int(len(labels)),
         "anomaly_share": float(labels.mean()),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "protocol": "each entity is its own stream: fit on its train split, test scores "
-                    "normalised by scores of held-out train data; concatenated; TSB-AD "
-                    "metrics; no point adjustment; no test labels used",
+        "protocol": PROTOCOL,
         "rows": [{"label": label, "metrics": results[label], "seconds": round(row["seconds"], 1),
                   **row["spec"]} for label, row in scored.items()],
         "anchors": msl_anchors(),
@@ -169,8 +175,13 @@ def markdown(report: dict) -> str:
     for row in report["rows"]:
         m = row["metrics"]
         cols = row.get("columns")
-        inp = "artifact" if "artifact" in row else (
-            "all columns" if cols is None else f"columns {cols}")
+        if "artifact" in row:
+            inp = "artifact"
+        elif "fuse" in row:
+            inp = f"fusion of {len(row['fuse'])} rows ({row['method']}, {row['weights']} weights)"
+        else:
+            inp = ("all columns" if cols is None else f"columns {cols}") + (
+                ", tsad embed features" if "embeddings" in row else "")
         lines.append(f"| {row['label']} | " + " | ".join(
             f"{100 * m[k]:.2f}" for k in ("AUC-ROC", "Standard-F1", "Affiliation-F1",
                                           "VUS-ROC", "VUS-PR"))
