@@ -81,7 +81,8 @@ class StreamScorer:
         else:
             self.detector = build_detector(
                 meta.detector, window=meta.window, warmup=settings.warmup_points,
-                memory_size=settings.memory_size)
+                memory_size=settings.memory_size,
+                admit_quantile=settings.memory_admit_quantile or None)
         self.threshold = build_threshold(spec)
         # the last fresh verdict (score, threshold, anomaly), repeated between strided scores
         self._last = np.full(3, np.nan)

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     memory_size: int = Field(
         256, ge=16, le=65536, description="embedding-memory entries per stream channel "
         "(float16; 384-d MiniLM: 768 bytes each)")
+    memory_admit_quantile: float = Field(
+        1.0, ge=0, le=1, description="memory detectors, online: a window judged normal "
+        "joins the memory only if its distance is within this quantile of the memory's "
+        "leave-one-out distances (0 = off: every window judged normal is a candidate)")
     threshold_kind: Literal["spot", "dspot", "quantile"] = Field(
         "spot", description="default per-stream threshold (SPOT/DSPOT: streaming "
         "peaks-over-threshold; quantile: a quantile of recent scores)")
