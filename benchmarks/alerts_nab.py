@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from models.reporting import save_report  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
 from service.replay import load_series, parse_timestamp  # noqa: E402
@@ -124,12 +125,8 @@ def main() -> int:
               "rows": rows, "total": total, "commit": commit,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "python": platform.python_version()}
-    md = render(result)
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "alerts_nab" + ("_custom" if overrides else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
+    save_report(result, render(result), args.out / stem)
     return 0
 
 

@@ -18,7 +18,6 @@ about 10 minutes on 2 CPU cores; the bounds are printed with the results.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -44,6 +43,7 @@ from models.data import load_msl  # noqa: E402
 from models.lm.cache import CacheConfig, CachedEncoder, StridedEmbedder  # noqa: E402
 from models.lm.encoder import EncoderConfig, TextEncoder  # noqa: E402
 from models.lm.prompts import STRATEGIES, PromptBuilder, PromptConfig, count_tokens  # noqa: E402
+from models.reporting import save_report  # noqa: E402
 
 WINDOWS = (32, 64, 100)
 BATCHES = (1, 16, 64)
@@ -349,13 +349,7 @@ def main() -> int:
         },
         "throughput": tp, "tokens": tokens, "replay": rep,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "embeddings.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (out / "embeddings.md").write_text(md)
-    print()
-    print(md)
+    save_report(result, markdown(result), Path(args.out) / "embeddings")
     return 0
 
 

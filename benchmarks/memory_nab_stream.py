@@ -70,7 +70,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # the machine is shared; see --th
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -78,6 +77,7 @@ from models.data import NABSeries, load_nab  # noqa: E402
 from models.detectors import Detector, build_detector  # noqa: E402
 from models.detectors.base import aggregate_channels, sliding_windows  # noqa: E402
 from models.evaluation import METRICS, evaluate_scores  # noqa: E402
+from models.reporting import save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
 from service.thresholds import ThresholdSpec, build_threshold  # noqa: E402
 
@@ -341,11 +341,7 @@ def main() -> int:
         "rows": report_rows,
         "files": per_file,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    save_report(report, markdown(report), args.out)
     return 0
 
 

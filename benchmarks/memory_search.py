@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import sys
@@ -53,6 +52,7 @@ from models.detectors.memory_index import (  # noqa: E402
     search,
     top_k,
 )
+from models.reporting import save_report  # noqa: E402
 
 SIZES = (256, 1024, 4096, 16384, 65536)
 BATCHES = (1, 64)
@@ -363,13 +363,7 @@ def main() -> int:
         },
         "rows": rows, "ef_sweep": sweep,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_search.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (out / "memory_search.md").write_text(md)
-    print()
-    print(md)
+    save_report(result, markdown(result), Path(args.out) / "memory_search")
     return 0
 
 

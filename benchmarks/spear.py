@@ -22,7 +22,6 @@ subsample (the table says how many); the frozen LM's forward/backward is the cos
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.detectors.base import sliding_windows  # noqa: E402
+from models.reporting import save_report  # noqa: E402
 
 # Paper rows (Tables II and III): Accuracy, F1, Recall, Precision, AUROC, AUPR.
 PAPER = {
@@ -278,11 +278,7 @@ def main() -> int:
     det = build_detector("spear", window=16, max_steps=0).fit(np.zeros((64, 1)))
     result["trained_parameters"] = det.trained_parameters()
     result["trained_bytes"] = det.trained_bytes()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float))
-    table = markdown(result)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    save_report(result, markdown(result), args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.reporting import save_report  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 
 
@@ -163,14 +164,11 @@ def main() -> None:
                     "platform": platform.platform()},
         "clients": args.clients, "redis_benchmark_lpush_per_s": lpush, "results": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
-    table = markdown(rows, lpush)
-    (args.out / "throughput.md").write_text(
+    save_report(report, (
         f"# POST /score throughput\n\n{args.clients} concurrent clients, one stream each, "
         f"service and clients on the same {report['machine']['cpus']}-core machine, "
-        f"residual-linear detector. `python benchmarks/throughput.py`.\n\n{table}\n")
-    print(table)
+        f"residual-linear detector. `python benchmarks/throughput.py`.\n\n"
+        f"{markdown(rows, lpush)}"), args.out / "throughput")
 
 
 if __name__ == "__main__":

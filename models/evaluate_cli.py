@@ -24,7 +24,6 @@ or from ``--artifact DIR`` (a trained detector; scored as-is, no refit).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -153,11 +152,9 @@ def msl_anchors() -> dict[str, dict[str, float]]:
 
 def write_report(report: dict, out: Path) -> None:
     """OUT.json, OUT.md (the table beside the anchors), and the table on stdout."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    from models.reporting import save_report
+
+    save_report(report, markdown(report), out)
 
 
 def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
