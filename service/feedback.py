@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import get_args
 
 import numpy as np
 
-LABELS = ("false_positive", "missed_anomaly", "normal", "anomaly")
+from service.schemas import FeedbackLabel
+
+LABELS: tuple[str, ...] = get_args(FeedbackLabel)  # index = the stored label code
 TARGETS = {"false_positive": 0, "normal": 0, "missed_anomaly": 1, "anomaly": 1}
 # windows added as negatives (recent windows judged normal) have this label code
 RECENT_NORMAL = len(LABELS)

@@ -16,10 +16,12 @@ import contextlib
 import fnmatch
 import threading
 from collections.abc import Iterable, Sequence
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from models.lm.metrics import EmbeddingMetrics
+from service.schemas import FeedbackLabel
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -107,6 +109,8 @@ class ServiceMetrics:
         self.feedback_ranges_total = Counter(
             "tsad_feedback_ranges_total", "Labelled time ranges stored as feedback, by "
             "label (false_positive, missed_anomaly, normal, anomaly)", ["label"], registry=r)
+        for label in get_args(FeedbackLabel):  # every label exported from the start, at 0
+            self.feedback_ranges_total.labels(label=label)
         self.feedback_adaptation_seconds = Histogram(
             "tsad_feedback_adaptation_seconds", "Time to tune one stream's soft prompts on "
             "its feedback (bounded by TSAD_FEEDBACK_MAX_SECONDS)",
