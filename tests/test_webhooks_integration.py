@@ -1,5 +1,5 @@
 """Webhooks end to end with real processes: the service (uvicorn) on a real Redis, and a
-real HTTP receiver (tests/support/receiver.py) that records what arrives."""
+real HTTP receiver (`tsad receive`, the demo receiver) that records what arrives."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.conftest import wait_for
 from tests.test_alerts import spiky
 
 SECRET = "test-secret-0123456789"
-RECEIVER = Path(__file__).parent / "support" / "receiver.py"
+ROOT = Path(__file__).resolve().parent.parent
 FAST = {"TSAD_WARMUP_POINTS": "64", "TSAD_DEFAULT_WINDOW": "16",
         "TSAD_THRESHOLD_MIN_SCORES": "50", "TSAD_THRESHOLD_CALIBRATION_POINTS": "200",
         "TSAD_ALERT_QUIET_POINTS": "10", "TSAD_WEBHOOK_POLL_SECONDS": "0.05",
@@ -37,8 +37,9 @@ class Receiver:
 
     def start(self) -> Receiver:
         self.proc = subprocess.Popen(
-            [sys.executable, str(RECEIVER), "--port", str(self.port), "--log", str(self.log),
-             "--status", str(self.status), "--secret", SECRET])
+            [sys.executable, "-m", "models.cli", "receive", "--port", str(self.port),
+             "--path", "/hook", "--log", str(self.log), "--status", str(self.status),
+             "--secret", SECRET], cwd=ROOT, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
