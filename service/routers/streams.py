@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import TypeVar
+
 from fastapi import APIRouter, HTTPException, Response, status
 
 from service.deps import PipelineDep, StreamPath
@@ -12,6 +14,16 @@ from service.schemas import (
     StreamOut,
     WindowOut,
 )
+
+T = TypeVar("T")
+
+
+def found(out: T | None, stream: str) -> T:
+    """The pipeline answers None for a stream it does not know: that is a 404."""
+    if out is None:
+        raise HTTPException(404, f"stream {stream!r} not found")
+    return out
+
 
 router = APIRouter(prefix="/streams", tags=["streams"])
 _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -34,10 +46,7 @@ async def put_stream(stream: StreamPath, body: StreamConfigIn, pipeline: Pipelin
 
 @router.get("/{stream}", response_model=StreamOut, responses=_ERRORS, summary="Describe a stream")
 async def get_stream(stream: StreamPath, pipeline: PipelineDep) -> StreamOut:
-    out = await pipeline.get_stream(stream)
-    if out is None:
-        raise HTTPException(404, f"stream {stream!r} not found")
-    return out
+    return found(await pipeline.get_stream(stream), stream)
 
 
 @router.delete("/{stream}", status_code=204, responses=_ERRORS,
@@ -51,10 +60,7 @@ async def delete_stream(stream: StreamPath, pipeline: PipelineDep) -> Response:
 @router.get("/{stream}/window", response_model=WindowOut, responses=_ERRORS,
             summary="The stream's stored window: the last `window` points, oldest first")
 async def get_window(stream: StreamPath, pipeline: PipelineDep) -> WindowOut:
-    out = await pipeline.get_window(stream)
-    if out is None:
-        raise HTTPException(404, f"stream {stream!r} not found")
-    return out
+    return found(await pipeline.get_window(stream), stream)
 
 
 @router.post("/{stream}/feedback", response_model=FeedbackOut, responses=_ERRORS,
@@ -67,16 +73,10 @@ async def post_feedback(stream: StreamPath, body: FeedbackRequest,
     head is tuned on all its stored feedback (the language model stays frozen, other
     streams are unaffected) and its next scores use it. 409 when the stream's detector
     cannot adapt; then nothing is stored."""
-    out = await pipeline.feedback(stream, body)
-    if out is None:
-        raise HTTPException(404, f"stream {stream!r} not found")
-    return out
+    return found(await pipeline.feedback(stream, body), stream)
 
 
 @router.get("/{stream}/feedback", response_model=FeedbackOut, responses=_ERRORS,
             summary="The stream's stored feedback ranges and the adaptation in force")
 async def get_feedback(stream: StreamPath, pipeline: PipelineDep) -> FeedbackOut:
-    out = await pipeline.get_feedback(stream)
-    if out is None:
-        raise HTTPException(404, f"stream {stream!r} not found")
-    return out
+    return found(await pipeline.get_feedback(stream), stream)
