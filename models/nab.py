@@ -180,10 +180,10 @@ def _row_rewards(f: NabFile, p: Profile) -> tuple[np.ndarray, np.ndarray]:
     prev = np.searchsorted(lasts, rows[outside], side="left") - 1  # last window ended before
     cost = np.full(prev.shape, -1.0)
     after = prev >= 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # a one-row window has no width to scale by: NAB divides by zero; treat as far away
+    with np.errstate(divide="ignore"):
+        # after a one-row window the distance is infinite (NAB divides by zero): full cost
         distance = (rows[outside][after] - lasts[prev[after]]) / (widths[prev[after]] - 1)
-    cost[after] = scaled_sigmoid(np.where(np.isfinite(distance), distance, np.inf))
+    cost[after] = scaled_sigmoid(distance)
     reward[outside] = p.fp * cost
     return window, reward
 
