@@ -1,38 +1,197 @@
-"""Replay a series through a fitted detector the way the service scores a stream
-(``service/scoring.py``), for offline evaluation of online learning.
+"""The one online scoring loop: what the service runs per stream, and what replays and
+benchmarks run offline.
 
-The series is cut at ``start``: everything before it is the past the detector was fitted
-on; from ``start`` on, points arrive in chunks of ``chunk``. Within a chunk the detector and
-the threshold are fixed, so the chunk's windows are scored in one batch; a window is
-scored every ``score_stride`` points (the service's stride for costly detectors) and the
-points in between repeat the last score, so every point's score uses only the past.
-The threshold then decides which scored windows are normal, and with ``online`` the
-detector learns from those only (``partial_fit``): anomalies never teach it what normal
-is. Scores are the continuous scores; thresholds only drive the update.
+Points are processed in chunks of the stream's own point index (``index // chunk``), not
+of requests: within a chunk the detector is fixed, so the chunk's windows are scored in
+one vectorised call; when a chunk's last point has been scored, the detector learns from
+the chunk's windows (those judged normal, unless it ``learns_from_anomalies``). A chunk
+split over several requests is scored with the same detector state and learnt once, when
+it completes, so how a stream is batched never changes a score, a verdict or an alert.
+
+Costly detectors score every ``score_stride``-th point of the stream (by index, again);
+the points in between repeat the last verdict. Per scored point, in order: the raw score,
+its anomaly likelihood against the stream's own recent scores (``models.calibration``),
+the threshold's verdict, then ``observe`` (the service's explanations and alerts) sees the
+scored points before the detector learns from them.
 
 >>> from models.detectors.raw_knn import RawKnn
 >>> s = np.sin(np.arange(400.0) / 5.0)[:, None]
 >>> det = RawKnn(window=16, stride=4, min_memory=1).fit(s[:100])
 >>> run = stream_scores(det, s, start=100, score_stride=4)
->>> run.scores.shape, int(run.fresh.sum()), run.offered
-((300,), 75, 75)
+>>> run.scores.shape, int(run.fresh.sum()), run.offered  # the last chunk is incomplete
+((300,), 75, 71)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from models.calibration import AnomalyLikelihood
 from models.detectors.base import Detector, aggregate_channels, as_series, sliding_windows
+
+CHUNK = 64  # points scored between two online updates
 
 
 class StreamThreshold(Protocol):
-    """What the replay needs from a threshold (``service.thresholds`` classes fit)."""
+    """What the loop needs from a threshold (``service.thresholds`` classes fit)."""
 
     def process(self, scores: np.ndarray,
                 timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class Scored:
+    """The freshly scored points of one chunk, handed to ``observe`` before learning."""
+
+    index: np.ndarray  # (F,) stream-wide point index
+    windows: np.ndarray  # (F, W, C)
+    stamps: np.ndarray  # (F, 2) first and last timestamp of each window
+    channel_scores: np.ndarray  # (F, C)
+    scores: np.ndarray  # (F,)
+    likelihood: np.ndarray  # (F,) NaN while the stream has too few scores
+    thresholds: np.ndarray  # (F,) NaN while the threshold has none
+    anomalous: np.ndarray  # (F,) bool
+
+
+@dataclass
+class LoopOutput:
+    """One entry per new point (verdicts repeat between strided fresh scores)."""
+
+    scored: np.ndarray  # bool: a score is in force (False: warming up)
+    fresh: np.ndarray  # bool: a window ending at this point was scored now
+    scores: np.ndarray  # float64, NaN while warming up
+    likelihood: np.ndarray
+    thresholds: np.ndarray
+    anomalous: np.ndarray  # bool
+    offered: int  # windows offered to partial_fit
+
+
+class OnlineLoop:
+    """A stream's detector, likelihood and threshold, advanced point by point.
+
+    ``threshold`` None: every score is normal. ``online`` False: the detector stays as it
+    is (a shared artifact). State (``state_dict``) is the last verdict and which points of
+    the unfinished chunk will be learnt; the detector, calibrator and threshold save their
+    own.
+    """
+
+    def __init__(self, detector: Detector, threshold: StreamThreshold | None = None,
+                 likelihood: AnomalyLikelihood | None = None, *, chunk: int = CHUNK,
+                 score_stride: int = 1, online: bool = True) -> None:
+        if chunk < 1 or score_stride < 1:
+            raise ValueError("chunk and score_stride must be >= 1")
+        if online and not detector.supports_online and not detector.is_fitted:
+            raise RuntimeError(f"detector {detector.name!r} is not fitted and cannot "
+                               "learn online")
+        self.detector = detector
+        self.threshold = threshold
+        self.likelihood = likelihood or AnomalyLikelihood()
+        self.chunk = chunk
+        self.score_stride = score_stride
+        self.online = online and detector.supports_online
+        self.last = np.full(4, np.nan)  # score, likelihood, threshold, anomalous
+        self.pending = np.zeros(chunk, dtype=bool)  # learn the window ending at chunk pos i
+
+    # --- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"last": self.last.copy(), "pending": self.pending.astype(np.uint8)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if "last" in state and len(state["last"]) == 4:
+            self.last = np.asarray(state["last"], dtype=np.float64).copy()
+        if "pending" in state and len(state["pending"]) == self.chunk:
+            self.pending = np.asarray(state["pending"]).astype(bool)
+
+    # --- the loop ----------------------------------------------------------------------
+    def run(self, values: np.ndarray, timestamps: np.ndarray, n_new: int, first_index: int,
+            observe: Callable[[Scored], None] | None = None) -> LoopOutput:
+        """values (K, C) and timestamps (K,): context then the ``n_new`` new points, oldest
+        first; ``first_index``: the stream-wide index of the first new point. The context
+        should reach back to the start of the first new point's chunk plus window - 1
+        points (what the store keeps); with less, the chunk learns the windows it has."""
+        window = self.detector.config.window
+        start = len(values) - n_new
+        out = LoopOutput(np.zeros(n_new, bool), np.zeros(n_new, bool), np.full(n_new, np.nan),
+                         np.full(n_new, np.nan), np.full(n_new, np.nan),
+                         np.zeros(n_new, bool), 0)
+        pos = start
+        while pos < len(values):
+            index = first_index + pos - start
+            chunk_end = pos + self.chunk - index % self.chunk  # local end of this chunk
+            hi = min(chunk_end, len(values))
+            self._segment(values, timestamps, pos, hi, index, window, start, out, observe)
+            if hi == chunk_end:  # the chunk is complete: learn from it
+                out.offered += self._learn(values, timestamps, hi - self.chunk, hi, window)
+            pos = hi
+        return out
+
+    def _segment(self, values: np.ndarray, timestamps: np.ndarray, lo: int, hi: int,
+                 index: int, window: int, start: int, out: LoopOutput,
+                 observe: Callable[[Scored], None] | None) -> None:
+        det = self.detector
+        idx = index + np.arange(hi - lo)  # stream-wide indices of the segment
+        full = (np.arange(lo, hi) >= window - 1) & (idx >= window - 1)
+        slots = idx % self.chunk
+        if not det.is_fitted:  # cold start: learn every full window, score none
+            self.pending[slots] = full
+            return
+        fresh = full & (idx % self.score_stride == 0)
+        o = slice(lo - start, hi - start)
+        verdicts = np.zeros(hi - lo, bool)
+        if fresh.any():
+            rows = np.arange(lo, hi)[fresh]
+            windows = np.stack([values[r - window + 1:r + 1] for r in rows])
+            stamps = np.stack([timestamps[rows - window + 1], timestamps[rows]], axis=1)
+            channel_scores = det.channel_scores(windows)
+            scores = aggregate_channels(channel_scores, det.config.aggregate)
+            lik = self.likelihood.process(scores)
+            if self.threshold is None:
+                thr, anom = np.full(len(scores), np.nan), np.zeros(len(scores), bool)
+            else:
+                thr, anom = self.threshold.process(scores, stamps[:, 1])
+            if observe is not None:
+                observe(Scored(idx[fresh], windows, stamps, channel_scores, scores, lik, thr,
+                               anom))
+            verdicts[fresh] = anom
+            out.scores[o][fresh], out.likelihood[o][fresh] = scores, lik
+            out.thresholds[o][fresh], out.anomalous[o][fresh] = thr, anom
+        # between fresh scores a point repeats the verdict in force
+        for j in np.flatnonzero(full):
+            if fresh[j]:
+                k = o.start + j
+                self.last = np.array([out.scores[k], out.likelihood[k], out.thresholds[k],
+                                      float(out.anomalous[k])])
+            elif not np.isnan(self.last[0]):
+                k = o.start + j
+                out.scores[k], out.likelihood[k], out.thresholds[k] = self.last[:3]
+                out.anomalous[k] = bool(self.last[3])
+        out.fresh[o] = fresh
+        out.scored[o] = full & ~np.isnan(out.scores[o])
+        learn = fresh if det.learns_from_anomalies else fresh & ~verdicts
+        self.pending[slots] = learn
+
+    def _learn(self, values: np.ndarray, timestamps: np.ndarray, lo: int, hi: int,
+               window: int) -> int:
+        """Learn the marked windows of the chunk ending at local position hi."""
+        marked = self.pending.copy()
+        self.pending[:] = False
+        if not self.online:
+            return 0
+        rows = np.arange(lo, hi)[marked]
+        rows = rows[rows - window + 1 >= 0]  # windows the context still holds
+        if not len(rows):
+            return 0
+        windows = np.stack([values[r - window + 1:r + 1] for r in rows])
+        if self.detector.has_precedents:
+            stamps = np.stack([timestamps[rows - window + 1], timestamps[rows]], axis=1)
+            self.detector.partial_fit(windows, stamps)
+        else:
+            self.detector.partial_fit(windows)
+        return len(rows)
 
 
 @dataclass
@@ -40,57 +199,38 @@ class StreamRun:
     """Per point from ``start`` on (scores and verdicts repeat between fresh scores)."""
 
     scores: np.ndarray  # (T - start,) float64
+    likelihood: np.ndarray  # (T - start,) float64 in [0, 1], NaN while too few scores
     anomalous: np.ndarray  # (T - start,) bool: the threshold's verdict in force
     thresholds: np.ndarray  # (T - start,) float64, NaN while the threshold has none
     fresh: np.ndarray  # (T - start,) bool: a window ending here was scored
-    offered: int  # windows offered to partial_fit (judged normal)
+    offered: int  # windows offered to partial_fit
 
 
 def stream_scores(det: Detector, series: np.ndarray, start: int,
-                  threshold: StreamThreshold | None = None, *, chunk: int = 64,
+                  threshold: StreamThreshold | None = None, *, chunk: int = CHUNK,
                   score_stride: int = 1, online: bool = True,
                   timestamps: np.ndarray | None = None) -> StreamRun:
-    """Score ``series[start:]`` point by point with a detector fitted on the past.
+    """Score ``series[start:]`` point by point with the service's loop, in one call (the
+    loop gives the same result for any batching).
 
     ``threshold``: decides, per scored window, normal or anomalous (None: all normal);
     its state moves with the stream. ``timestamps`` (seconds) go to the threshold; the
-    point index when None. ``start`` must leave a full window of past: start >= window - 1.
+    point index when None. ``start`` must leave a full window of past for a fitted
+    detector (start >= window - 1); an online detector may start at 0 (cold start).
     """
     series = as_series(series)
     window = det.config.window
-    if not window - 1 <= start < len(series):
+    if not 0 <= start < len(series) or (det.is_fitted and start < window - 1):
         raise ValueError(f"start: need window - 1 <= start < {len(series)}, got {start}")
-    if chunk < 1 or score_stride < 1:
-        raise ValueError("chunk and score_stride must be >= 1")
     if online and not det.supports_online:
         raise ValueError(f"{det.name} does not learn online: pass online=False")
     ts = np.arange(len(series), dtype=np.float64) if timestamps is None else np.asarray(
         timestamps, dtype=np.float64)
-    n = len(series) - start
-    scores, thresholds = np.full(n, np.nan), np.full(n, np.nan)
-    anomalous, fresh = np.zeros(n, bool), np.zeros(n, bool)
-    offered = 0
-    last = (np.nan, np.nan, False)  # score, threshold, verdict of the last fresh window
-    for lo in range(start, len(series), chunk):
-        hi = min(lo + chunk, len(series))
-        idx = np.arange(lo, hi)
-        is_fresh = (idx - start) % score_stride == 0
-        if is_fresh.any():
-            windows = sliding_windows(series[lo - window + 1:hi], window)[is_fresh]
-            s = aggregate_channels(det.channel_scores(windows), det.config.aggregate)
-            if threshold is None:
-                thr, anom = np.full(len(s), np.nan), np.zeros(len(s), bool)
-            else:
-                thr, anom = threshold.process(s, ts[idx[is_fresh]])
-            if online and (~anom).any():
-                det.partial_fit(windows[~anom])
-                offered += int((~anom).sum())
-        k = 0
-        for j, f in enumerate(is_fresh):
-            if f:
-                last = (float(s[k]), float(thr[k]), bool(anom[k]))
-                k += 1
-            pos = lo - start + j
-            scores[pos], thresholds[pos], anomalous[pos] = last
-            fresh[pos] = f
-    return StreamRun(scores, anomalous, thresholds, fresh, offered)
+    loop = OnlineLoop(det, threshold, chunk=chunk, score_stride=score_stride, online=online)
+    out = loop.run(series, ts, len(series) - start, start)
+    return StreamRun(out.scores, out.likelihood, out.anomalous, out.thresholds, out.fresh,
+                     out.offered)
+
+
+__all__ = ["CHUNK", "LoopOutput", "OnlineLoop", "Scored", "StreamRun", "stream_scores",
+           "sliding_windows"]

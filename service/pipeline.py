@@ -97,7 +97,8 @@ class ScoringPipeline:
                               status="duplicate") for p in req.points[:appended.dropped]]
         out += [
             PointResultOut(
-                timestamp=p.timestamp, score=r.score, anomaly=r.anomaly, threshold=r.threshold,
+                timestamp=p.timestamp, score=r.score, likelihood=r.likelihood,
+                anomaly=r.anomaly, threshold=r.threshold,
                 status=r.status,
                 top_channels=[ChannelShareOut(channel=c.channel, share=c.share)
                               for c in r.top_channels] if r.top_channels else None,

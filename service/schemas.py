@@ -73,6 +73,12 @@ class PointResultOut(BaseModel):
                                         examples=[1700000000.0])
     score: float | None = Field(description="Anomaly score, higher is more anomalous; "
                                 "null while warming up", examples=[3.7])
+    likelihood: float | None = Field(
+        None, ge=0.0, le=1.0, description="Anomaly likelihood in [0, 1]: 1 - p, p the share "
+        "of the stream's recent scores (TSAD_LIKELIHOOD_HISTORY) above this one (beyond the "
+        "largest, a Pareto tail). It means the same on every stream: on normal data about 1 "
+        "point in 1,000 reaches 0.999, so one threshold serves all streams. Null while "
+        "warming up", examples=[0.9993])
     anomaly: bool = Field(description="Score above the stream's threshold", examples=[False])
     threshold: float | None = Field(description="The stream's threshold when scored; null "
                                     "until enough scores are seen", examples=[5.2])

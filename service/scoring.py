@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import safetensors.numpy
 
+from models.calibration import AnomalyLikelihood
 from models.detectors import Detector, build_detector
-from models.detectors.base import aggregate_channels, sliding_windows
+from models.streaming import OnlineLoop, Scored
 from service.alerts.tracker import AlertRules, AlertTracker
 from service.artifacts import Artifact, artifact_name, load_artifact
 from service.feedback import FeedbackSet
@@ -30,7 +31,6 @@ from service.settings import Settings
 from service.stores.base import StreamMeta
 from service.thresholds import build_threshold, stream_spec
 
-CHUNK = 64  # points scored between two online updates
 STATE_VERSION = 1
 
 
@@ -53,6 +53,7 @@ class Precedent:
 @dataclass
 class PointResult:
     score: float | None
+    likelihood: float | None  # in [0, 1]: the score against the stream's recent scores
     anomaly: bool
     threshold: float | None
     status: str  # warming_up | scored
@@ -84,8 +85,11 @@ class StreamScorer:
                 memory_size=settings.memory_size,
                 admit_quantile=settings.memory_admit_quantile or None)
         self.threshold = build_threshold(spec)
-        # the last fresh verdict (score, threshold, anomaly), repeated between strided scores
-        self._last = np.full(3, np.nan)
+        stride = settings.costly_score_stride if self.detector.costly else 1
+        self.loop = OnlineLoop(
+            self.detector, self.threshold,
+            AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores),
+            score_stride=stride, online=not self.shared_detector)
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings))
 
     def channel_names(self) -> list[str]:
@@ -102,7 +106,8 @@ class StreamScorer:
                     scorer.detector.load_state_dict(_strip(arrays, "det."))
                 scorer.threshold.load_state_dict(_strip(arrays, "thr."))
                 scorer.tracker.load_state_dict(_strip(arrays, "alr."))
-                scorer._last = arrays.get("last", scorer._last)
+                scorer.loop.load_state_dict(_strip(arrays, "loop."))
+                scorer.loop.likelihood.load_state_dict(_strip(arrays, "lik."))
                 scorer.feedback = FeedbackSet.from_state(_strip(arrays, "fb."),
                                                          meta.window, meta.channels)
                 adaptation = _strip(arrays, "ada.")
@@ -119,12 +124,14 @@ class StreamScorer:
         if art is None or not art.adaptable or base != art.digest:
             self.adaptation = None
             return False
-        self.detector = art.detector.with_parameters(adaptation)
+        self.detector = self.loop.detector = art.detector.with_parameters(adaptation)
         self.adaptation = dict(adaptation)
         return True
 
     def to_blob(self) -> bytes:
-        arrays = {"version": np.array([STATE_VERSION]), "last": self._last}
+        arrays = {"version": np.array([STATE_VERSION])}
+        arrays |= {f"loop.{k}": v for k, v in self.loop.state_dict().items()}
+        arrays |= {f"lik.{k}": v for k, v in self.loop.likelihood.state_dict().items()}
         if not self.shared_detector:
             arrays |= {f"det.{k}": v for k, v in self.detector.state_dict().items()}
         arrays |= {f"thr.{k}": v for k, v in self.threshold.state_dict().items()}
@@ -136,77 +143,31 @@ class StreamScorer:
     # --- scoring -----------------------------------------------------------------------
     def process(self, points: np.ndarray, n_new: int) -> list[PointResult]:
         """points: (K, 1 + C), oldest first, the last ``n_new`` rows new. One result each."""
-        values = points[:, 1:]
-        window = self.meta.window
-        start = len(points) - n_new
         first_index = self.meta.points_seen - n_new  # stream-wide index of the first new point
-        results: list[PointResult] = []
-        for lo in range(start, len(points), CHUNK):
-            hi = min(lo + CHUNK, len(points))
-            first_full = min(max(lo, window - 1), hi)  # earlier points lack a full window
-            results += [PointResult(None, False, None, "warming_up")] * (first_full - lo)
-            if first_full < hi:
-                windows = sliding_windows(values[first_full - window + 1:hi], window)
-                index = first_index + np.arange(first_full, hi) - start
-                # (B, 2) each window's first and last timestamp
-                stamps = np.stack([points[first_full - window + 1:hi - window + 1, 0],
-                                   points[first_full:hi, 0]], axis=1)
-                results += self._score_chunk(windows, stamps, index)
+        self._explained: dict[int, tuple[list[ChannelShare], list[Precedent] | None]] = {}
+        out = self.loop.run(points[:, 1:], points[:, 0], n_new, first_index, self._observe)
+        results = []
+        for i in range(n_new):
+            if not out.scored[i]:
+                results.append(PointResult(None, None, False, None, "warming_up"))
+                continue
+            threshold, lik = out.thresholds[i], out.likelihood[i]
+            explained = self._explained.get(first_index + i)
+            results.append(PointResult(
+                float(out.scores[i]), None if np.isnan(lik) else float(lik),
+                bool(out.anomalous[i]), None if np.isnan(threshold) else float(threshold),
+                "scored", *(explained or (None, None))))
         return results
 
-    def _learn(self, windows: np.ndarray, stamps: np.ndarray) -> None:
-        """Online update from windows judged normal (memories also keep where they were)."""
-        if hasattr(self.detector, "precedents"):
-            self.detector.partial_fit(windows, stamps)
-        else:
-            self.detector.partial_fit(windows)
-
-    def _score_chunk(self, windows: np.ndarray, stamps: np.ndarray,
-                     index: np.ndarray) -> list[PointResult]:
-        det = self.detector
-        if not det.is_fitted:
-            if not det.supports_online:
-                raise RuntimeError(f"detector {det.name!r} is not fitted and cannot learn online")
-            self._learn(windows, stamps)
-            return [PointResult(None, False, None, "warming_up")] * len(windows)
-        stride = self.settings.costly_score_stride if det.costly else 1
-        fresh = index % stride == 0
-        fresh_results = iter(self._score_fresh(windows[fresh], stamps[fresh])
-                             if fresh.any() else [])
-        out = []
-        for is_fresh in fresh:
-            if is_fresh:
-                out.append(next(fresh_results))
-            elif np.isnan(self._last[0]):  # fitted, but no fresh score yet
-                out.append(PointResult(None, False, None, "warming_up"))
-            else:  # between strided scores: repeat the last verdict
-                score, threshold, anomaly = self._last
-                out.append(PointResult(float(score), bool(anomaly),
-                                       None if np.isnan(threshold) else float(threshold),
-                                       "scored"))
-        return out
-
-    def _score_fresh(self, windows: np.ndarray, stamps: np.ndarray) -> list[PointResult]:
-        det = self.detector
-        timestamps = stamps[:, 1]
-        channel_scores = det.channel_scores(windows)  # (B, C)
-        scores = aggregate_channels(channel_scores, det.config.aggregate)
-        thresholds, anomalous = self.threshold.process(scores, timestamps)
-        precedents = self._precedents(windows, channel_scores, anomalous)
-        self.tracker.observe(timestamps, scores, thresholds, anomalous, channel_scores,
-                             windows, precedents)
-        if det.supports_online and (~anomalous).any():
-            self._learn(windows[~anomalous], stamps[~anomalous])
-        self._last = np.array([scores[-1], thresholds[-1], float(anomalous[-1])])
-        return [
-            PointResult(
-                score=float(s), anomaly=bool(a), threshold=None if np.isnan(t) else float(t),
-                status="scored", top_channels=self._explain(cs) if a else None,
-                precedents=precedents.get(i),
-            )
-            for i, (s, a, t, cs) in enumerate(
-                zip(scores, anomalous, thresholds, channel_scores, strict=True))
-        ]
+    def _observe(self, scored: Scored) -> None:
+        """Explanations and alerts for freshly scored points, before the detector learns."""
+        precedents = self._precedents(scored.windows, scored.channel_scores, scored.anomalous)
+        self.tracker.observe(scored.stamps[:, 1], scored.scores, scored.thresholds,
+                             scored.anomalous, scored.channel_scores, scored.windows,
+                             precedents)
+        for i in np.flatnonzero(scored.anomalous):
+            self._explained[int(scored.index[i])] = (
+                self._explain(scored.channel_scores[i]), precedents.get(int(i)))
 
     def _top(self, channel_scores: np.ndarray) -> np.ndarray:
         return np.argsort(-channel_scores)[: self.settings.top_channels]
@@ -223,7 +184,7 @@ class StreamScorer:
         detectors only): what "normal" looked like."""
         n = self.settings.precedents
         rows = np.flatnonzero(anomalous)
-        if not (n and len(rows) and hasattr(self.detector, "precedents")):
+        if not (n and len(rows) and self.detector.has_precedents):
             return {}
         dist, stamps = self.detector.precedents(windows[rows], n)  # (A, C, n), (A, C, n, 2)
         names = self.channel_names()

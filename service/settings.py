@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     stream_ttl_seconds: int = Field(0, ge=0, description="expire idle streams; 0 = never")
 
     default_window: int = Field(64, ge=4, le=4096)
-    default_detector: str = "residual_linear"
+    default_detector: str = "ensemble"
     artifacts_dir: Path = Field(Path("models/pretrained"), description="fitted detector "
                                 "artifacts, served to streams as detector 'artifact:<name>'")
     max_batch_points: int = Field(10_000, ge=1)
@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         1.0, ge=0, le=1, description="memory detectors, online: a window judged normal "
         "joins the memory only if its distance is within this quantile of the memory's "
         "leave-one-out distances (0 = off: every window judged normal is a candidate)")
+    likelihood_history: int = Field(
+        2000, ge=10, le=100_000, description="scores of the stream's recent past that each "
+        "score's likelihood (the [0, 1] field of every result) is measured against")
+    likelihood_min_scores: int = Field(
+        64, ge=1, description="scores a stream needs before its likelihood is reported")
     threshold_kind: Literal["spot", "dspot", "quantile"] = Field(
         "spot", description="default per-stream threshold (SPOT/DSPOT: streaming "
         "peaks-over-threshold; quantile: a quantile of recent scores)")
@@ -140,6 +145,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.likelihood_min_scores > self.likelihood_history:
+            raise ValueError("likelihood_min_scores must not exceed likelihood_history")
         if self.threshold_min_scores > self.threshold_history:
             raise ValueError("threshold_min_scores must not exceed threshold_history")
         if self.alert_k > self.alert_m:

@@ -46,10 +46,11 @@ def test_score_warms_up_then_scores_every_point(client):
     results = r.json()["results"]
     assert len(results) == 300 and r.json()["stream"] == "s"
     assert [p["timestamp"] for p in results] == [float(t) for t in range(300)]
-    assert results[0] == {"timestamp": 0.0, "score": None, "anomaly": False, "threshold": None,
-                          "status": "warming_up", "top_channels": None,
+    assert results[0] == {"timestamp": 0.0, "score": None, "likelihood": None, "anomaly": False,
+                          "threshold": None, "status": "warming_up", "top_channels": None,
                           "precedents": None}
     assert results[-1]["status"] == "scored" and results[-1]["score"] is not None
+    assert 0.0 <= results[-1]["likelihood"] <= 1.0
     assert results[-1]["threshold"] is not None
     stream = client.get("/streams/s").json()
     assert (stream["channels"], stream["points_seen"], stream["last_timestamp"]) == (1, 300, 299)
@@ -191,8 +192,8 @@ def test_operations_endpoints_and_metrics(client):
                  'tsad_http_requests_total{method="POST",route="/score",status="422"} 1.0',
                  "tsad_points_ingested_total 300.0",
                  "tsad_points_rejected_total 1.0",
-                 'tsad_points_scored_total{detector="residual_linear"}',
-                 'tsad_anomalies_total{detector="residual_linear"}',
+                 'tsad_points_scored_total{detector="ensemble"}',
+                 'tsad_anomalies_total{detector="ensemble"}',
                  "tsad_http_request_duration_seconds_bucket",
                  'tsad_window_store_operation_duration_seconds_count{backend=',
                  "tsad_window_store_errors_total"):

@@ -60,7 +60,8 @@ def test_frozen_detector_is_not_updated_and_no_threshold_means_all_normal():
     assert run.offered == 0 and not run.anomalous.any()
     np.testing.assert_array_equal(frozen.state_dict()["memory"], before)
     online = RawKnn(window=16, stride=4, min_memory=1).fit(s[:200])
-    assert stream_scores(online, s, 200, score_stride=8).offered == 75
+    # 75 fresh windows; the last 4 lie in the unfinished chunk (768-799), not learnt yet
+    assert stream_scores(online, s, 200, score_stride=8).offered == 71
 
 
 def test_scores_use_the_past_only():

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.stores.base import StoreRejection, StreamMeta
+from service.stores.base import StoreRejection, StreamMeta, retained
 from service.stores.memory import MemoryWindowStore
 from service.stores.redis import RedisWindowStore
 
@@ -44,13 +44,15 @@ async def test_first_append_creates_stream(store):
 
 
 async def test_window_keeps_last_w_points_and_returns_context(store):
-    await append(store, "s", batch(list(range(1, 11))))
-    result = await append(store, "s", batch([11, 12, 13]))
-    # context = the W-1 points before the batch, then the batch
-    np.testing.assert_array_equal(result.points[:, 0], np.arange(4, 14))
-    window = await store.window("s")
-    np.testing.assert_array_equal(window, batch(list(range(6, 14))))
-    assert (await store.get_stream("s")).points_seen == 13
+    await append(store, "s", batch(list(range(1, 101))))
+    result = await append(store, "s", batch([101, 102, 103]))
+    # context = the retained(W) - 1 points before the batch (what the scoring loop needs to
+    # learn a chunk that began in an earlier batch), then the batch
+    keep = retained(W)
+    np.testing.assert_array_equal(result.points[:, 0], np.arange(101 - (keep - 1), 104))
+    window = await store.window("s")  # the stream's window: its last W points
+    np.testing.assert_array_equal(window, batch(list(range(104 - W, 104))))
+    assert (await store.get_stream("s")).points_seen == 103
 
 
 async def test_rejections_change_nothing(store):

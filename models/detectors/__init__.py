@@ -11,6 +11,7 @@ from pathlib import Path
 from models.detectors.base import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, Detector
 from models.detectors.cma import CMA
 from models.detectors.embedding_memory import EmbeddingMemory
+from models.detectors.ensemble import Ensemble
 from models.detectors.fusion import Fusion
 from models.detectors.isolation_forest import IsolationForest
 from models.detectors.pca import PcaReconstruction
@@ -19,8 +20,8 @@ from models.detectors.residual_linear import ResidualLinear
 from models.detectors.spear import Spear
 
 REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    ResidualLinear, RawKnn, PcaReconstruction, IsolationForest, EmbeddingMemory, Spear, CMA,
-    Fusion)}
+    Ensemble, ResidualLinear, RawKnn, PcaReconstruction, IsolationForest, EmbeddingMemory,
+    Spear, CMA, Fusion)}
 
 
 def build_detector(name: str, **config: object) -> Detector:

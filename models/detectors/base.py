@@ -45,6 +45,12 @@ class Detector(ABC):
     # Costly detectors (a language-model call per window) are scored every
     # TSAD_COSTLY_SCORE_STRIDE points by the service; points in between repeat the verdict.
     costly: ClassVar[bool] = False
+    # Online, learn from every window, anomalous or not (a detector that judges surprise
+    # against its own recent record must see the records); others learn normal ones only.
+    learns_from_anomalies: ClassVar[bool] = False
+    # Memories: ``partial_fit(windows, stamps)`` remembers where each window came from and
+    # ``precedents(windows, n)`` returns the nearest remembered normal windows.
+    has_precedents: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: Any) -> None:
         self.config = replace(config or self.Config(), **overrides)

@@ -55,6 +55,7 @@ class MemoryDetector(Detector):
 
     Config = MemoryConfig
     supports_online = True
+    has_precedents = True
 
     @abstractmethod
     def _features(self, windows: np.ndarray) -> np.ndarray:

@@ -15,7 +15,18 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from models.streaming import CHUNK
+
 DuplicatePolicy = Literal["reject", "drop"]
+
+# Points kept per stream beyond its window: the scoring loop learns a chunk when it
+# completes, from windows that started up to a chunk before the newest point.
+HISTORY_EXTRA = CHUNK - 1
+
+
+def retained(window: int) -> int:
+    """Points a store keeps for a stream of this window."""
+    return window + HISTORY_EXTRA
 
 
 @dataclass
@@ -41,8 +52,8 @@ class AppendResult:
     created: bool  # this append created the stream
     dropped: int  # leading points dropped as exact duplicates (policy "drop")
     accepted: int  # points written
-    # Context then accepted points, oldest first: up to window-1 points stored before the
-    # batch, followed by the accepted points. Column 0 is the timestamp. (K, 1 + C)
+    # Context then accepted points, oldest first: up to retained(window) - 1 points stored
+    # before the batch, followed by the accepted points. Column 0 is the timestamp. (K, 1 + C)
     points: np.ndarray
 
 

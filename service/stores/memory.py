@@ -15,7 +15,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from service.stores.base import AppendResult, DuplicatePolicy, StoreRejection, StreamMeta
+from service.stores.base import (
+    AppendResult,
+    DuplicatePolicy,
+    StoreRejection,
+    StreamMeta,
+    retained,
+)
 
 
 @dataclass
@@ -63,7 +69,7 @@ class MemoryWindowStore:
             )
         if (old.window, old.detector) != (meta.window, meta.detector):
             entry.state = None
-        while len(entry.points) > meta.window:
+        while len(entry.points) > retained(meta.window):
             entry.points.popleft()
         entry.meta = replace(old, window=meta.window, detector=meta.detector,
                              channel_names=meta.channel_names, threshold=meta.threshold,
@@ -129,10 +135,11 @@ class MemoryWindowStore:
             entry = self._streams[stream] = _Stream(meta=meta)
         new = points[dropped:]
         window = entry.meta.window
-        context = list(entry.points)[-(window - 1):] if window > 1 else []
+        keep = retained(window)
+        context = list(entry.points)[-(keep - 1):] if keep > 1 else []
         for row in new:
             entry.points.append(np.array(row, dtype=np.float64))
-        while len(entry.points) > window:
+        while len(entry.points) > keep:
             entry.points.popleft()
         if len(new):
             entry.meta.points_seen += len(new)
@@ -148,7 +155,7 @@ class MemoryWindowStore:
         if entry is None or not entry.points:
             channels = entry.meta.channels if entry else 0
             return np.empty((0, 1 + channels))
-        return np.array(entry.points, dtype=np.float64)
+        return np.array(entry.points, dtype=np.float64)[-entry.meta.window:]
 
     async def load_state(self, stream: str) -> bytes | None:
         entry = self._get(stream)

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.stores.base import (
+    HISTORY_EXTRA,
     AppendResult,
     DuplicatePolicy,
     StoreRejection,
@@ -81,8 +82,8 @@ if accepted > 0 then
   for i = first, n, 500 do
     redis.call('RPUSH', win, unpack(ARGV, 7 + n + i, 7 + n + math.min(i + 499, n)))
   end
-  context = redis.call('LRANGE', win, -(accepted + window - 1), -1)
-  redis.call('LTRIM', win, -window, -1)
+  context = redis.call('LRANGE', win, -(accepted + window - 1 + EXTRA), -1)
+  redis.call('LTRIM', win, -(window + EXTRA), -1)
   redis.call('HINCRBY', meta, 'points_seen', accepted)
   redis.call('HSET', meta, 'last_ts', ARGV[7 + n])
 end
@@ -94,7 +95,7 @@ end
 local out = {'ok', tostring(created), tostring(first - 1), tostring(accepted)}
 for _, e in ipairs(context) do out[#out + 1] = e end
 return out
-"""
+""".replace("EXTRA", str(HISTORY_EXTRA))
 
 # KEYS: meta, win, state. ARGV: channels, window, detector, names json, created_at, ttl,
 # threshold json, alert budget ("" = unset).
@@ -106,7 +107,7 @@ if redis.call('EXISTS', meta) == 1 then
   local m = redis.call('HMGET', meta, 'channels', 'window', 'detector')
   if tonumber(m[1]) ~= channels then return {'err_channels', m[1]} end
   if tonumber(m[2]) ~= window or m[3] ~= ARGV[3] then redis.call('DEL', state) end
-  redis.call('LTRIM', win, -window, -1)
+  redis.call('LTRIM', win, -(window + EXTRA), -1)
 else
   created = 1
   redis.call('HSET', meta, 'created_at', ARGV[5], 'points_seen', 0)
@@ -115,7 +116,7 @@ redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARG
            'names', ARGV[4], 'threshold', ARGV[7], 'alert_budget', ARGV[8])
 if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
 return created
-"""
+""".replace("EXTRA", str(HISTORY_EXTRA))
 
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -258,7 +259,7 @@ class RedisWindowStore:
         meta = await self.get_stream(stream)
         if meta is None:
             return np.empty((0, 1))
-        blobs = await self._call(self._redis.lrange(self._key(stream, "win"), 0, -1))
+        blobs = await self._call(self._redis.lrange(self._key(stream, "win"), -meta.window, -1))
         return decode_points(blobs, meta.channels)
 
     async def load_state(self, stream: str) -> bytes | None:
