@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import PipelineDep
+from service.deps import Ingest, PipelineDep
 from service.schemas import ErrorOut, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["scoring"])
@@ -11,9 +11,11 @@ router = APIRouter(tags=["scoring"])
 @router.post(
     "/score",
     response_model=ScoreResponse,
-    responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 422: {"model": ErrorOut},
+               503: {"model": ErrorOut}},
     summary="Append points to a stream and score them",
 )
-async def score(body: ScoreRequest, pipeline: PipelineDep) -> ScoreResponse:
+async def score(body: ScoreRequest, pipeline: PipelineDep, who: Ingest) -> ScoreResponse:
     """Points are stored atomically (all or none), then scored: one result per point."""
+    who.check_stream(body.stream)
     return await pipeline.score(body)
