@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.auth.guard import Authenticator, Principal
 from service.metrics import ServiceMetrics
 from service.pipeline import ScoringPipeline
-from service.schemas import STREAM_ID_PATTERN
+from service.schemas import STREAM_ID_PATTERN, ErrorOut
 from service.settings import Settings
 
 
@@ -38,6 +38,8 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", bearerFormat="tsad_
                      "TSAD_ADMIN_KEY) as `Authorization: Bearer <key>`; scopes ingest, "
                      "read, admin. Not checked when the service runs with TSAD_AUTH=open.")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+AUTH_RESPONSES = {401: {"model": ErrorOut, "description": "Missing, unknown or revoked key"},
+                  403: {"model": ErrorOut, "description": "Scope or tenant does not allow"}}
 
 
 def _require(scope: str):  # noqa: ANN202 - a FastAPI dependency

@@ -6,11 +6,11 @@ from fastapi import APIRouter, HTTPException, Query
 
 from service.alerts.schemas import AlertList, AlertOut
 from service.alerts.store import AlertQuery
-from service.deps import PipelineDep, Reader
+from service.deps import AUTH_RESPONSES, PipelineDep, Reader
 from service.schemas import STREAM_ID_PATTERN, ErrorOut
 
-router = APIRouter(prefix="/alerts", tags=["alerts"])
-_ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 422, 503)}
+router = APIRouter(prefix="/alerts", tags=["alerts"], responses=AUTH_RESPONSES)
+_ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
 @router.get("", response_model=AlertList, responses=_ERRORS,

@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from service.auth.keys import KeyStore, new_key
 from service.auth.schemas import KeyCreated, KeyIn, KeyList, KeyOut
-from service.deps import global_admin
+from service.deps import AUTH_RESPONSES, global_admin
 from service.schemas import ErrorOut
 
-router = APIRouter(prefix="/keys", tags=["keys"], dependencies=[Depends(global_admin)])
-_ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
-           422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+router = APIRouter(prefix="/keys", tags=["keys"], responses=AUTH_RESPONSES,
+                   dependencies=[Depends(global_admin)])
+_ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
 def _keys(request: Request) -> KeyStore:

@@ -2,17 +2,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import Ingest, PipelineDep
+from service.deps import AUTH_RESPONSES, Ingest, PipelineDep
 from service.schemas import ErrorOut, ScoreRequest, ScoreResponse
 
-router = APIRouter(tags=["scoring"])
+router = APIRouter(tags=["scoring"], responses=AUTH_RESPONSES)
 
 
 @router.post(
     "/score",
     response_model=ScoreResponse,
-    responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 422: {"model": ErrorOut},
-               503: {"model": ErrorOut}},
+    responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
     summary="Append points to a stream and score them",
 )
 async def score(body: ScoreRequest, pipeline: PipelineDep, who: Ingest) -> ScoreResponse:

@@ -4,7 +4,7 @@ from typing import TypeVar
 
 from fastapi import APIRouter, HTTPException, Response, status
 
-from service.deps import AdminStream, PipelineDep, Reader, ReadStream
+from service.deps import AUTH_RESPONSES, AdminStream, PipelineDep, Reader, ReadStream
 from service.schemas import (
     ErrorOut,
     FeedbackOut,
@@ -25,8 +25,9 @@ def found(out: T | None, stream: str) -> T:
     return out
 
 
-router = APIRouter(prefix="/streams", tags=["streams"])
-_ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 503)}
+router = APIRouter(prefix="/streams", tags=["streams"], responses=AUTH_RESPONSES)
+_ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
+           503: {"model": ErrorOut}}
 
 
 @router.get("", response_model=StreamList, summary="List streams")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
-from service.deps import SettingsDep, global_admin
+from service.deps import AUTH_RESPONSES, SettingsDep, global_admin
 from service.errors import field_error
 from service.schemas import ErrorOut
 from service.webhooks.destinations import AllowList, DestinationRefused, check_url
@@ -22,8 +22,10 @@ from service.webhooks.schemas import (
 from service.webhooks.store import Subscription, WebhookStore
 
 # webhooks see every tenant's alerts: an admin key without tenant
-router = APIRouter(prefix="/webhooks", tags=["webhooks"], dependencies=[Depends(global_admin)])
-_ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 503)}
+router = APIRouter(prefix="/webhooks", tags=["webhooks"], responses=AUTH_RESPONSES,
+                   dependencies=[Depends(global_admin)])
+_ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
+           503: {"model": ErrorOut}}
 
 
 def _store(request: Request) -> WebhookStore:
