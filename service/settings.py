@@ -155,6 +155,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown detector {name!r}; known: {sorted(REGISTRY)}")
         return name
 
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        return None if value == "" else value  # compose passes TSAD_ADMIN_KEY= when unset
+
     @field_validator("webhook_allow_hosts")
     @classmethod
     def _allow_list(cls, value: str) -> str:
