@@ -8,6 +8,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth.guard import Authenticator, Principal
+from service.auth.keys import Scope
 from service.metrics import ServiceMetrics
 from service.pipeline import ScoringPipeline
 from service.schemas import STREAM_ID_PATTERN, ErrorOut
@@ -42,15 +43,15 @@ AUTH_RESPONSES = {401: {"model": ErrorOut, "description": "Missing, unknown or r
                   403: {"model": ErrorOut, "description": "Scope or tenant does not allow"}}
 
 
-def _require(scope: str):  # noqa: ANN202 - a FastAPI dependency
+def _require(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
     async def principal(request: Request, credentials: Credentials) -> Principal:
         auth: Authenticator = request.app.state.auth
         who = await auth.authenticate(credentials.credentials if credentials else None)
-        return auth.require(who, scope)  # type: ignore[arg-type]
+        return auth.require(who, scope)
     return principal
 
 
-def _stream_access(scope: str):  # noqa: ANN202 - a FastAPI dependency
+def _stream_access(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
     # a default, not Annotated: string annotations cannot see this closure's `scope`
     async def stream_id(stream: StreamPath,
                         who: Principal = Depends(_require(scope))) -> str:  # noqa: B008

@@ -80,7 +80,9 @@ class Authenticator:
 
 
 def is_loopback(host: str) -> bool:
-    """>>> [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.2")]
+    """An address only this machine reaches.
+
+    >>> [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.2")]
     [True, True, True, False, False]
     """
     if host == "localhost":
