@@ -55,11 +55,13 @@ COPY configs ./configs
 RUN useradd --system --uid 10001 --create-home --home-dir /home/tsad tsad
 USER tsad
 
-# Never reach the network for models: the LM is in the image.
+# Never reach the network for models: the LM is in the image. Listening on every address
+# needs API keys (TSAD_ADMIN_KEY, or `tsad keys create` with Redis).
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     PORT=8000 \
-    TSAD_HOST=0.0.0.0
+    TSAD_HOST=0.0.0.0 \
+    TSAD_AUTH=keys
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c 'import os, urllib.request as u; u.urlopen("http://127.0.0.1:%s/healthz" % os.environ.get("PORT", "8000"), timeout=2)' || exit 1

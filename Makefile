@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PORT ?= 8000
-HOST ?= 0.0.0.0
+# loopback: `make serve` runs open (no API keys, a warning says so); another address needs
+# TSAD_AUTH=keys (README, "Security")
+HOST ?= 127.0.0.1
 
 .PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab clean
 

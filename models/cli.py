@@ -14,6 +14,7 @@ import sys
 # module path -> each exposes register(subparsers); the parser's `func` runs the command.
 SUBCOMMAND_MODULES = [
     "service.cli",  # serve
+    "service.auth.cli",  # keys
     "service.replay",  # replay
     "service.receiver",  # receive
     "models.lm.embed_cli",  # embed

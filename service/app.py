@@ -16,10 +16,12 @@ from models.detectors import build_detector
 from models.lm import runtime as lm_runtime
 from models.lm.cache import CacheConfig
 from service.alerts.store import build_alert_store
+from service.auth.guard import Authenticator, exposure_problem, warn_if_open
+from service.auth.keys import build_key_store
 from service.errors import describe
 from service.metrics import ServiceMetrics
 from service.pipeline import ScoringPipeline
-from service.routers import alerts, ops, score, streams, webhooks
+from service.routers import alerts, keys, ops, score, streams, webhooks
 from service.settings import Settings
 from service.stores.base import StoreRejection, StoreUnavailable, WindowStore
 from service.stores.instrumented import InstrumentedStore
@@ -46,6 +48,8 @@ def create_app(settings: Settings | None = None,
                metrics: ServiceMetrics | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = metrics or ServiceMetrics()
+    if problem := exposure_problem(settings):  # an open service on a public address
+        raise RuntimeError(problem)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +62,8 @@ def create_app(settings: Settings | None = None,
         alert_store = build_alert_store(raw, settings.alert_retention_seconds)
         app.state.pipeline = ScoringPipeline(store, settings, metrics, alert_store)
         app.state.webhooks = build_webhook_store(alert_store)
+        app.state.auth = Authenticator(settings, build_key_store(raw))
+        warn_if_open(settings)
         worker = WebhookWorker(app.state.webhooks, settings, metrics)
         # detectors that embed prompts share one cached encoder per process: its Redis
         # level and its metrics (tsad_embedding_*) are the service's
@@ -88,7 +94,7 @@ def create_app(settings: Settings | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.detectors_ready = False
-    for module in (score, streams, alerts, webhooks, ops):
+    for module in (score, streams, alerts, webhooks, keys, ops):
         app.include_router(module.router)
     _install_error_handlers(app, settings, metrics)
     _install_request_metrics(app, metrics)

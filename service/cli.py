@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -10,8 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve", help="run the scoring service",
         description="Run the HTTP service. Every setting comes from the environment "
         "(prefix TSAD_, plus PORT and REDIS_URL); flags override host and port. Without "
-        "REDIS_URL the embedded in-memory window store is used (single process).")
-    p.add_argument("--host", default=None, help="bind address (default TSAD_HOST or 0.0.0.0)")
+        "REDIS_URL the embedded in-memory window store is used (single process). An "
+        "address other than loopback needs TSAD_AUTH=keys (or TSAD_ALLOW_OPEN=true).")
+    p.add_argument("--host", default=None, help="bind address (default TSAD_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default PORT or 8000)")
     p.add_argument("--workers", type=int, default=1,
                    help="uvicorn worker processes (needs REDIS_URL when > 1)")
@@ -21,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.auth.guard import exposure_problem
     from service.logs import configure_logging
     from service.settings import Settings
 
@@ -31,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
         settings.port = args.port
     if args.workers > 1 and not settings.redis_url:
         raise SystemExit("--workers > 1 needs REDIS_URL: the in-memory store is per process")
+    if problem := exposure_problem(settings):
+        raise SystemExit(problem)
+    # the app (service.main, in every worker) reads its settings again: same host and port
+    os.environ["TSAD_HOST"], os.environ["TSAD_PORT"] = settings.host, str(settings.port)
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run("service.main:app", host=settings.host, port=settings.port,
                 workers=args.workers, log_config=None, access_log=False)

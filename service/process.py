@@ -34,7 +34,9 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
-        env = {**os.environ, "TSAD_LOG_LEVEL": "WARNING", **self.env}
+        # the app's own host and port (its start-up checks and logs) are the real ones
+        env = {**os.environ, "TSAD_LOG_LEVEL": "WARNING", "TSAD_HOST": "127.0.0.1",
+               "TSAD_PORT": str(self.port), **self.env}
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",

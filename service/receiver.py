@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from service.auth.keys import API_KEY_ENV, bearer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="signing secret (at least 16 characters); generated when omitted")
     p.add_argument("--subscribe", metavar="SERVICE_URL",
                    help="subscribe this receiver to the service at this base URL on start")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"--subscribe: an admin API key without tenant; default ${API_KEY_ENV}")
     p.add_argument("--public-url", help="URL the service reaches this receiver at "
                    "(default http://HOST:PORT/PATH)")
     p.add_argument("--streams", default="*", help="stream glob of the subscription")
@@ -46,15 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def subscribe(service_url: str, hook_url: str, secret: str, streams: str = "*",
-              min_severity: str = "warning", wait: float = 120.0) -> dict:
+              min_severity: str = "warning", wait: float = 120.0,
+              api_key: str | None = None) -> dict:
     """Replace any subscription of ``hook_url`` by a fresh one with ``secret``."""
     import httpx
 
     deadline = time.monotonic() + wait
-    with httpx.Client(base_url=service_url, timeout=10) as http:
+    with httpx.Client(base_url=service_url, timeout=10, headers=bearer(api_key)) as http:
         while True:
             try:
                 existing = http.get("/webhooks")
+                if existing.status_code in (401, 403):  # waiting will not help
+                    raise SystemExit(f"subscription refused: {existing.status_code} "
+                                     f"{existing.text} (--api-key / ${API_KEY_ENV})")
                 existing.raise_for_status()
                 break
             except httpx.HTTPError as exc:
@@ -150,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.subscribe:
             sub = subscribe(args.subscribe, public, secret, args.streams, args.min_severity,
-                            args.wait)
+                            args.wait, args.api_key)
             print(f"subscribed {public} to {args.subscribe} as {sub['id']}", flush=True)
         ready.set()
         thread.join()

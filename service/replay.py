@@ -16,11 +16,14 @@ import argparse
 import csv
 import json
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from service.auth.keys import API_KEY_ENV, bearer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path, help="CSV (timestamp,value[,value...]) or .npy (T, C)")
     p.add_argument("--stream", required=True, help="stream id to post to")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"API key with the ingest scope (admin for --reset); default "
+                   f"${API_KEY_ENV}")
     p.add_argument("--batch", type=int, default=100, help="points per request (default 100)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="points per second to send; 0 = as fast as the service answers")
@@ -88,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict] = []
     out = open(args.out, "w") if args.out else None  # noqa: SIM115
     began = time.monotonic()
-    with httpx.Client(base_url=args.url, timeout=60) as http, tqdm(
+    with httpx.Client(base_url=args.url, timeout=60, headers=bearer(args.api_key)) as http, tqdm(
         total=len(series), unit="pt", desc=args.stream, disable=True if args.quiet else None
     ) as bar:
         if args.reset:

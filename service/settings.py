@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     # populate_by_name: Settings(metrics_streams=...) works beside the environment aliases
     model_config = SettingsConfigDict(env_prefix="TSAD_", extra="ignore", populate_by_name=True)
 
-    host: str = "0.0.0.0"
+    host: str = Field("127.0.0.1", description="bind address of `tsad serve`; any but "
+                      "loopback needs auth=keys (or allow_open)")
     port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("TSAD_PORT", "PORT"))
     redis_url: str | None = Field(
         None,
@@ -129,6 +130,22 @@ class Settings(BaseSettings):
         10.0, gt=0, le=600, description="an adaptation stops after this long, whatever its "
         "steps (it runs in a worker thread, outside the stream's lock)")
 
+    # --- security: API keys and webhook destinations (README, "Security") ---------------
+    auth: Literal["keys", "open"] = Field(
+        "open", description="keys: every request but /healthz, /readyz (and /metrics "
+        "unless metrics_auth) needs an API key; open: no check (loopback only, see "
+        "allow_open)")
+    allow_open: bool = Field(False, description="let auth=open bind a non-loopback address")
+    admin_key: SecretStr | None = Field(
+        None, min_length=32, description="bootstrap admin key (scopes: all, no tenant), "
+        "compared by hash, never stored; more keys: `tsad keys create` or POST /keys")
+    metrics_auth: bool = Field(False, description="auth=keys: /metrics needs a 'read' key "
+                               "without tenant (Prometheus: an authorization credential)")
+    webhook_allow_hosts: str = Field(
+        "", description="comma-separated host names and IP networks (CIDR) webhooks may "
+        "reach although private, loopback, link-local or reserved; e.g. "
+        "'receiver,10.1.0.0/16'")
+
     lock_wait_seconds: float = Field(10.0, gt=0)
     retry_after_seconds: int = Field(5, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -142,6 +159,19 @@ class Settings(BaseSettings):
         if name not in REGISTRY:
             raise ValueError(f"unknown detector {name!r}; known: {sorted(REGISTRY)}")
         return name
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        return None if value == "" else value  # compose passes TSAD_ADMIN_KEY= when unset
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _allow_list(cls, value: str) -> str:
+        from service.webhooks.destinations import AllowList
+
+        AllowList.parse(value)  # raises ValueError naming the bad entry
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

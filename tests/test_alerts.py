@@ -102,7 +102,8 @@ def make_client(store: str, request, **overrides) -> TestClient:
     settings = Settings(warmup_points=64, threshold_min_scores=50,
                         threshold_calibration_points=200, max_batch_points=5000,
                         alert_quiet_points=10, alert_cooldown_seconds=0,
-                        webhook_poll_seconds=0.05, **overrides)
+                        webhook_poll_seconds=0.05, webhook_allow_hosts="127.0.0.1",
+                        **overrides)
     return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
 
 

@@ -36,6 +36,7 @@ class AlertQuery:
     until: float | None = None  # opened_at <= until
     limit: int = 50
     cursor: str | None = None  # "<opened_at>:<id>" of the last alert of the previous page
+    stream_prefix: str | None = None  # a tenant's streams ("acme.")
 
 
 def _cursor(alert: dict) -> str:
@@ -52,6 +53,7 @@ def _after_cursor(alert: dict, cursor: str | None) -> bool:
 
 def _matches(alert: dict, q: AlertQuery) -> bool:
     return ((q.stream is None or alert["stream"] == q.stream)
+            and (q.stream_prefix is None or alert["stream"].startswith(q.stream_prefix))
             and (q.state is None or alert["state"] == q.state)
             and (q.since is None or alert["opened_at"] >= q.since)
             and (q.until is None or alert["opened_at"] <= q.until)

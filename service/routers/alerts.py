@@ -6,10 +6,10 @@ from fastapi import APIRouter, HTTPException, Query
 
 from service.alerts.schemas import AlertList, AlertOut
 from service.alerts.store import AlertQuery
-from service.deps import PipelineDep
+from service.deps import AUTH_RESPONSES, PipelineDep, Reader
 from service.schemas import STREAM_ID_PATTERN, ErrorOut
 
-router = APIRouter(prefix="/alerts", tags=["alerts"])
+router = APIRouter(prefix="/alerts", tags=["alerts"], responses=AUTH_RESPONSES)
 _ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
@@ -17,6 +17,7 @@ _ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": Er
             summary="List alerts, newest opening first (filter by stream, state, time)")
 async def list_alerts(
     pipeline: PipelineDep,
+    who: Reader,
     stream: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN)] = None,
     state: Annotated[Literal["open", "resolved"] | None, Query()] = None,
     since: Annotated[float | None, Query(description="opened_at >= since (epoch s)")] = None,
@@ -25,16 +26,19 @@ async def list_alerts(
     cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[0-9eE.+\-]+:al_[0-9a-f]+$",
                                         description="next_cursor of the previous page")] = None,
 ) -> AlertList:
+    """A key with a tenant sees that tenant's alerts only."""
+    if stream is not None:
+        who.check_stream(stream)
     query = AlertQuery(stream=stream, state=state, since=since, until=until, limit=limit,
-                       cursor=cursor)
+                       cursor=cursor, stream_prefix=f"{who.tenant}." if who.tenant else None)
     alerts, next_cursor = await pipeline.alerts.list(query)
     return AlertList(alerts=[AlertOut(**a) for a in alerts], next_cursor=next_cursor)
 
 
 @router.get("/{alert_id}", response_model=AlertOut, responses=_ERRORS,
             summary="One alert with its evidence")
-async def get_alert(alert_id: str, pipeline: PipelineDep) -> AlertOut:
+async def get_alert(alert_id: str, pipeline: PipelineDep, who: Reader) -> AlertOut:
     alert = await pipeline.alerts.get(alert_id)
-    if alert is None:
+    if alert is None or not who.owns(alert["stream"]):  # another tenant's: as if absent
         raise HTTPException(404, f"alert {alert_id!r} not found")
     return AlertOut(**alert)

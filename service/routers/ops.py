@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import MetricsDep, PipelineDep, SettingsDep
+from service.deps import MetricsDep, PipelineDep, SettingsDep, metrics_access
 from service.stores.base import StoreUnavailable
 
 router = APIRouter(tags=["operations"])
@@ -35,7 +35,8 @@ async def readyz(pipeline: PipelineDep, settings: SettingsDep, request: Request)
                                                     str(settings.retry_after_seconds)})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+@router.get("/metrics", summary="Prometheus metrics (keyed when TSAD_METRICS_AUTH)",
+            response_class=PlainTextResponse, dependencies=[Depends(metrics_access)])
 async def metrics(m: MetricsDep, pipeline: PipelineDep) -> PlainTextResponse:
     # a gauge of state held in the store, read when Prometheus asks; on an outage it keeps
     # its last value (tsad_window_store_up says the store is down)

@@ -4,7 +4,7 @@ from typing import TypeVar
 
 from fastapi import APIRouter, HTTPException, Response, status
 
-from service.deps import PipelineDep, StreamPath
+from service.deps import AUTH_RESPONSES, AdminStream, PipelineDep, Reader, ReadStream
 from service.schemas import (
     ErrorOut,
     FeedbackOut,
@@ -25,19 +25,20 @@ def found(out: T | None, stream: str) -> T:
     return out
 
 
-router = APIRouter(prefix="/streams", tags=["streams"])
+router = APIRouter(prefix="/streams", tags=["streams"], responses=AUTH_RESPONSES)
 _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
            503: {"model": ErrorOut}}
 
 
 @router.get("", response_model=StreamList, summary="List streams")
-async def list_streams(pipeline: PipelineDep) -> StreamList:
-    return StreamList(streams=await pipeline.list_streams())
+async def list_streams(pipeline: PipelineDep, who: Reader) -> StreamList:
+    """A key with a tenant sees that tenant's streams only."""
+    return StreamList(streams=[s for s in await pipeline.list_streams() if who.owns(s.stream)])
 
 
 @router.put("/{stream}", response_model=StreamOut, responses=_ERRORS,
             summary="Create or configure a stream (channels are fixed once set)")
-async def put_stream(stream: StreamPath, body: StreamConfigIn, pipeline: PipelineDep,
+async def put_stream(stream: AdminStream, body: StreamConfigIn, pipeline: PipelineDep,
                      response: Response) -> StreamOut:
     out, created = await pipeline.put_stream(stream, body)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
@@ -45,13 +46,13 @@ async def put_stream(stream: StreamPath, body: StreamConfigIn, pipeline: Pipelin
 
 
 @router.get("/{stream}", response_model=StreamOut, responses=_ERRORS, summary="Describe a stream")
-async def get_stream(stream: StreamPath, pipeline: PipelineDep) -> StreamOut:
+async def get_stream(stream: ReadStream, pipeline: PipelineDep) -> StreamOut:
     return found(await pipeline.get_stream(stream), stream)
 
 
 @router.delete("/{stream}", status_code=204, responses=_ERRORS,
                summary="Delete a stream, its window and its state")
-async def delete_stream(stream: StreamPath, pipeline: PipelineDep) -> Response:
+async def delete_stream(stream: AdminStream, pipeline: PipelineDep) -> Response:
     if not await pipeline.delete_stream(stream):
         raise HTTPException(404, f"stream {stream!r} not found")
     return Response(status_code=204)
@@ -59,14 +60,14 @@ async def delete_stream(stream: StreamPath, pipeline: PipelineDep) -> Response:
 
 @router.get("/{stream}/window", response_model=WindowOut, responses=_ERRORS,
             summary="The stream's stored window: the last `window` points, oldest first")
-async def get_window(stream: StreamPath, pipeline: PipelineDep) -> WindowOut:
+async def get_window(stream: ReadStream, pipeline: PipelineDep) -> WindowOut:
     return found(await pipeline.get_window(stream), stream)
 
 
 @router.post("/{stream}/feedback", response_model=FeedbackOut, responses=_ERRORS,
              summary="Label time ranges (false positive, missed anomaly); optionally adapt "
              "the stream's soft prompts (SPEAR artifacts) on them")
-async def post_feedback(stream: StreamPath, body: FeedbackRequest,
+async def post_feedback(stream: AdminStream, body: FeedbackRequest,
                         pipeline: PipelineDep) -> FeedbackOut:
     """Each range becomes labelled windows (ending at its points) stored with the stream.
     With `adapt: true`, the stream's own copy of its SPEAR artifact's soft prompts and
@@ -78,5 +79,5 @@ async def post_feedback(stream: StreamPath, body: FeedbackRequest,
 
 @router.get("/{stream}/feedback", response_model=FeedbackOut, responses=_ERRORS,
             summary="The stream's stored feedback ranges and the adaptation in force")
-async def get_feedback(stream: StreamPath, pipeline: PipelineDep) -> FeedbackOut:
+async def get_feedback(stream: ReadStream, pipeline: PipelineDep) -> FeedbackOut:
     return found(await pipeline.get_feedback(stream), stream)

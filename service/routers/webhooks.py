@@ -7,7 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
+from service.deps import AUTH_RESPONSES, SettingsDep, global_admin
+from service.errors import field_error
 from service.schemas import ErrorOut
+from service.webhooks.destinations import AllowList, DestinationRefused, check_url
 from service.webhooks.schemas import (
     DeadLetterList,
     DeadLetterOut,
@@ -18,7 +21,9 @@ from service.webhooks.schemas import (
 )
 from service.webhooks.store import Subscription, WebhookStore
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+# webhooks see every tenant's alerts: an admin key without tenant
+router = APIRouter(prefix="/webhooks", tags=["webhooks"], responses=AUTH_RESPONSES,
+                   dependencies=[Depends(global_admin)])
 _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
            503: {"model": ErrorOut}}
 
@@ -32,7 +37,14 @@ StoreDep = Annotated[WebhookStore, Depends(_store)]
 
 @router.post("", response_model=WebhookCreated, status_code=201, responses=_ERRORS,
              summary="Subscribe a URL to alert events (the secret is shown only here)")
-async def create_webhook(body: WebhookIn, store: StoreDep) -> WebhookCreated:
+async def create_webhook(body: WebhookIn, store: StoreDep,
+                         settings: SettingsDep) -> WebhookCreated:
+    """The URL's host must resolve to public addresses only, unless
+    TSAD_WEBHOOK_ALLOW_HOSTS names it (checked again on every delivery)."""
+    try:
+        await check_url(str(body.url), AllowList.parse(settings.webhook_allow_hosts))
+    except DestinationRefused as exc:
+        raise field_error(("body", "url"), str(exc)) from None
     sub = Subscription(id=f"wh_{secrets.token_hex(8)}", url=str(body.url),
                        streams=body.streams, min_severity=body.min_severity,
                        secret=body.secret or f"whsec_{secrets.token_hex(24)}",

@@ -6,7 +6,11 @@ success; anything else (status, timeout, refused connection) is retried after
 ``min(max, base * 2^(attempt-1))`` seconds scaled by a uniform random factor in [0.5, 1]
 (jitter that keeps a recovering receiver from a thundering herd yet never retries
 instantly), and after ``webhook_max_attempts`` failures the delivery is dead-lettered.
-A delivery whose subscription was deleted is dropped.
+A delivery whose subscription was deleted is dropped. Every connection goes through the
+destination check (service/webhooks/destinations.py); redirects are not followed. A failed
+attempt keeps a short summary (``HTTP 503``, ``timeout``, ``connection failed``,
+``destination refused``), never the target's response body or the socket error's text: a
+subscription must not turn the dead-letter list into a probe of other hosts.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import httpx
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.stores.base import StoreUnavailable
+from service.webhooks.destinations import AllowList, DestinationRefused, GuardedTransport
 from service.webhooks.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from service.webhooks.store import Subscription, WebhookStore
 
@@ -42,6 +47,21 @@ def backoff_seconds(attempt: int, base: float, cap: float,
     return ceiling * (0.5 + 0.5 * (rng or random).random())
 
 
+def failure_summary(exc: httpx.HTTPError) -> str:
+    """What a dead letter says about a request that got no answer: the kind of failure.
+
+    >>> failure_summary(httpx.ConnectTimeout("timed out connecting to 10.0.0.1:22"))
+    'timeout'
+    """
+    if isinstance(exc.__cause__, DestinationRefused):
+        return "destination refused (not a public address; see TSAD_WEBHOOK_ALLOW_HOSTS)"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection failed"
+    return "request failed"
+
+
 class WebhookWorker:
     def __init__(self, store: WebhookStore, settings: Settings, metrics: ServiceMetrics) -> None:
         self.store = store
@@ -52,8 +72,10 @@ class WebhookWorker:
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
+        allow = AllowList.parse(self.settings.webhook_allow_hosts)
         self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_seconds,
-                                         follow_redirects=False,
+                                         follow_redirects=False, trust_env=False,
+                                         transport=GuardedTransport(allow),
                                          headers={"User-Agent": USER_AGENT})
         self._task = asyncio.create_task(self._run(), name="webhook-worker")
 
@@ -117,13 +139,17 @@ class WebhookWorker:
             SIGNATURE_HEADER: sign(sub.secret, ts, body),
         }
         start = time.perf_counter()
+        detail = None  # the operator's log gets the exception's text; the API does not
         try:
-            response = await self._client.post(sub.url, content=body, headers=headers)
-            status, error = response.status_code, None
+            # the status is all that counts: the response body is never read
+            async with self._client.stream("POST", sub.url, content=body,
+                                           headers=headers) as response:
+                status, error = response.status_code, None
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
         except httpx.HTTPError as exc:
-            status, error = None, f"{type(exc).__name__}: {exc}"[:300]
+            status, error = None, failure_summary(exc)
+            detail = f"{type(exc).__name__}: {exc}"[:300]
         self.metrics.webhook_request_duration_seconds.observe(time.perf_counter() - start)
         if error is None:
             self.metrics.webhook_deliveries_total.labels("delivered").inc()
@@ -137,7 +163,7 @@ class WebhookWorker:
             self.metrics.webhook_dead_letters_total.inc()
             log.warning("webhook delivery dead-lettered",
                         extra={"delivery": delivery["id"], "url": sub.url, "error": error,
-                               "attempts": delivery["attempts"]})
+                               "detail": detail, "attempts": delivery["attempts"]})
             await self.store.bury(delivery)
             return
         self.metrics.webhook_deliveries_total.labels("retry").inc()
