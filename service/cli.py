@@ -33,5 +33,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--workers > 1 needs REDIS_URL: the in-memory store is per process")
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run("service.main:app", host=settings.host, port=settings.port,
-                workers=args.workers, log_config=None, access_log=False)
+                workers=args.workers, log_config=None, access_log=False,
+                timeout_keep_alive=settings.keep_alive_seconds)
     return 0

@@ -23,6 +23,7 @@ import safetensors.numpy
 
 from models.detectors import Detector, build_detector
 from models.detectors.base import aggregate_channels, sliding_windows
+from service.alerts.model import incarnation
 from service.alerts.tracker import AlertRules, AlertTracker
 from service.artifacts import Artifact, artifact_name, load_artifact
 from service.feedback import FeedbackSet
@@ -82,11 +83,13 @@ class StreamScorer:
             self.detector = build_detector(
                 meta.detector, window=meta.window, warmup=settings.warmup_points,
                 memory_size=settings.memory_size,
-                admit_quantile=settings.memory_admit_quantile or None)
+                admit_quantile=settings.memory_admit_quantile or None,
+                max_lags=settings.residual_max_lags)
         self.threshold = build_threshold(spec)
         # the last fresh verdict (score, threshold, anomaly), repeated between strided scores
         self._last = np.full(3, np.nan)
-        self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings))
+        self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings),
+                                    incarnation(meta.stream, meta.created_at))
 
     def channel_names(self) -> list[str]:
         return self.meta.channel_names or [str(i) for i in range(self.meta.channels)]

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from service.deps import PipelineDep, StreamPath
 from service.schemas import (
+    STREAM_ID_PATTERN,
     ErrorOut,
     FeedbackOut,
     FeedbackRequest,
@@ -30,9 +31,15 @@ _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": Er
            503: {"model": ErrorOut}}
 
 
-@router.get("", response_model=StreamList, summary="List streams")
-async def list_streams(pipeline: PipelineDep) -> StreamList:
-    return StreamList(streams=await pipeline.list_streams())
+@router.get("", response_model=StreamList, responses=_ERRORS,
+            summary="List streams, by id, a page at a time")
+async def list_streams(
+    pipeline: PipelineDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Streams per page")] = 500,
+    cursor: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN,
+                                        description="next_cursor of the previous page")] = None,
+) -> StreamList:
+    return await pipeline.list_streams(limit, cursor)
 
 
 @router.put("/{stream}", response_model=StreamOut, responses=_ERRORS,
