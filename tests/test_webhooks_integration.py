@@ -221,7 +221,14 @@ def test_retries_stop_at_the_horizon_not_a_fixed_count(redis_url, tmp_path):
             dead = wait_for(lambda: len(d := httpx.get(
                 f"{service.url}/webhooks/dead-letters").json()["dead_letters"]) >= events
                 and d)
+            assert all(d["last_status"] == 503 and 1 < d["attempts"] < 100 for d in dead)
+            assert all(d["failed_at"] - d["event"]["created"] < 1.5 + 1 for d in dead)
+            # a replay starts the horizon over: retried again, not buried at once
+            r = httpx.post(f"{service.url}/webhooks/dead-letters/{dead[0]['id']}/replay")
+            assert r.status_code == 202
+            again = wait_for(lambda: [d for d in httpx.get(
+                f"{service.url}/webhooks/dead-letters").json()["dead_letters"]
+                if d["id"] == dead[0]["id"]])
     finally:
         failing.stop()
-    assert all(d["last_status"] == 503 and 1 < d["attempts"] < 100 for d in dead)
-    assert all(d["failed_at"] - d["event"]["created"] < 1.5 + 1 for d in dead)
+    assert again[0]["attempts"] > 1 and again[0]["failed_at"] > dead[0]["failed_at"] + 1

@@ -68,6 +68,12 @@ def delivery_for(event: dict, raw: str, sub: Subscription) -> dict:
 DELETED = "subscription deleted"  # last_error of deliveries orphaned by an unsubscribe
 
 
+def revived(dead: dict) -> dict:
+    """A dead letter queued again: attempts start over, and so does the retry horizon."""
+    return {k: v for k, v in dead.items() if k != "failed_at"} | {
+        "attempts": 0, "retry_from": time.time()}
+
+
 class WebhookStore(Protocol):
     async def add(self, sub: Subscription) -> None: ...
     async def remove(self, sub_id: str) -> bool:
@@ -163,7 +169,7 @@ class MemoryWebhookStore:
         dead = self.dead.pop(delivery_id, None)
         if dead is None:
             return None
-        d = {k: v for k, v in dead.items() if k != "failed_at"} | {"attempts": 0}
+        d = revived(dead)
         self.deliveries[d["id"]] = d
         self.due[d["id"]] = time.time()
         return d
@@ -302,7 +308,7 @@ class RedisWebhookStore:
         raw = await self._call(self.redis.hget(self.k_dead, delivery_id))
         if raw is None:
             return None
-        d = {k: v for k, v in json.loads(raw).items() if k != "failed_at"} | {"attempts": 0}
+        d = revived(json.loads(raw))
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(self.k_dead, delivery_id)
         pipe.zrem(self.k_dead_idx, delivery_id)

@@ -141,7 +141,8 @@ class WebhookWorker:
                                 s.webhook_backoff_max_seconds)
         due = time.time() + delay
         if delivery["attempts"] >= s.webhook_max_attempts or (
-                due > delivery["created"] + s.webhook_retry_horizon_seconds):
+                due > delivery.get("retry_from", delivery["created"])
+                + s.webhook_retry_horizon_seconds):
             self.metrics.webhook_deliveries_total.labels("dead_letter").inc()
             self.metrics.webhook_dead_letters_total.inc()
             log.warning("webhook delivery dead-lettered",
