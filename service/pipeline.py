@@ -174,11 +174,13 @@ class ScoringPipeline:
         return out
 
     # --- limits (TSAD_MAX_*): what one stream, and the store, may hold ---------------------
-    async def _over_stream_cap(self) -> bool:
-        cap = self.settings.max_streams
-        # the index count is cheap; an exact (tidied) count only near the cap
-        return bool(cap) and await self.store.count_streams() > cap and \
-            await self.store.count_streams(exact=True) > cap
+    async def _over_stream_cap(self, slack: int = 0) -> bool:
+        """More than TSAD_MAX_STREAMS - slack streams? The index count is cheap; the exact
+        count (which tidies streams expired by TTL out of the index) runs only past it."""
+        cap = self.settings.max_streams - slack
+        if not self.settings.max_streams or await self.store.count_streams() <= cap:
+            return False
+        return await self.store.count_streams(exact=True) > cap
 
     def _stream_cap_error(self, loc: tuple[str, ...]) -> StoreRejection:
         return StoreRejection(loc, f"at most {self.settings.max_streams} streams "
@@ -229,10 +231,8 @@ class ScoringPipeline:
         meta = StreamMeta(stream=stream, channels=cfg.channels, window=window, detector=detector,
                           channel_names=cfg.channel_names, threshold=threshold or None,
                           alert_budget_per_day=cfg.alert_budget_per_day)
-        cap = self.settings.max_streams
-        if cap and await self.store.count_streams() >= cap and \
-                await self.store.get_stream(stream) is None and \
-                await self.store.count_streams(exact=True) >= cap:
+        # room for one more (checked before: a PUT has no points to lose)
+        if await self._over_stream_cap(slack=1) and await self.store.get_stream(stream) is None:
             raise self._stream_cap_error(("path", "stream"))
         stored, created = await self.store.put_stream(meta)
         if created:

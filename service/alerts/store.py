@@ -9,7 +9,7 @@ Redis keys (beside the window store's; single-node or Sentinel Redis: the transa
 spans streams' keys and global indices, which Redis Cluster would refuse):
 
     <prefix>:alert:<id>              string: the alert as JSON (expires after retention
-                                     once resolved)
+                                     once resolved or once its stream is deleted)
     <prefix>:alerts:idx              zset: id by opening time (stream time)
     <prefix>:alerts:idx:<stream>     zset: the same, per stream
     <prefix>:alerts:open             set: ids of open alerts

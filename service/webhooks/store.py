@@ -22,6 +22,7 @@ Redis keys:
     <prefix>:webhooks:deliveries         hash: delivery id -> JSON (event body, attempts)
     <prefix>:webhooks:due                zset: delivery id -> due time (epoch seconds)
     <prefix>:webhooks:dead               hash: delivery id -> JSON, after the last failure
+                                         (deleted after the dead-letter retention)
     <prefix>:webhooks:dead:idx           zset: delivery id -> time of death
 """
 
