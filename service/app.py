@@ -19,6 +19,7 @@ from service.alerts.store import build_alert_store
 from service.auth.guard import Authenticator, exposure_problem, warn_if_open
 from service.auth.keys import build_key_store
 from service.errors import describe
+from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
 from service.pipeline import ScoringPipeline
 from service.routers import alerts, keys, ops, score, streams, webhooks
@@ -61,7 +62,8 @@ def create_app(settings: Settings | None = None,
         store = InstrumentedStore(raw, metrics)
         alert_store = build_alert_store(raw, settings.alert_retention_seconds)
         app.state.pipeline = ScoringPipeline(store, settings, metrics, alert_store)
-        app.state.webhooks = build_webhook_store(alert_store)
+        app.state.webhooks = build_webhook_store(
+            alert_store, settings.webhook_dead_letter_retention_seconds)
         app.state.auth = Authenticator(settings, build_key_store(raw))
         warn_if_open(settings)
         worker = WebhookWorker(app.state.webhooks, settings, metrics)
@@ -97,6 +99,9 @@ def create_app(settings: Settings | None = None,
     for module in (score, streams, alerts, webhooks, keys, ops):
         app.include_router(module.router)
     _install_error_handlers(app, settings, metrics)
+    # inside the request metrics (added after it is outer), so 413s and 408s are counted
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       timeout_seconds=settings.body_timeout_seconds)
     _install_request_metrics(app, metrics)
     return app
 

@@ -40,5 +40,6 @@ def run(args: argparse.Namespace) -> int:
     os.environ["TSAD_HOST"], os.environ["TSAD_PORT"] = settings.host, str(settings.port)
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run("service.main:app", host=settings.host, port=settings.port,
-                workers=args.workers, log_config=None, access_log=False)
+                workers=args.workers, log_config=None, access_log=False,
+                timeout_keep_alive=settings.keep_alive_seconds)
     return 0

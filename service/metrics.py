@@ -118,7 +118,7 @@ class ServiceMetrics:
         # --- webhooks
         self.webhook_deliveries_total = Counter(
             "tsad_webhook_deliveries_total", "Webhook delivery attempts by outcome "
-            "(delivered, retry, dead_letter, dropped)", ["outcome"], registry=r)
+            "(delivered, retry, dead_letter)", ["outcome"], registry=r)
         self.webhook_request_duration_seconds = Histogram(
             "tsad_webhook_request_duration_seconds", "HTTP time of one delivery attempt",
             buckets=LATENCY_BUCKETS, registry=r)

@@ -42,6 +42,7 @@ from service.schemas import (
     ScoreRequest,
     ScoreResponse,
     StreamConfigIn,
+    StreamList,
     StreamOut,
     WindowOut,
     epoch,
@@ -80,6 +81,10 @@ class ScoringPipeline:
             except StoreRejection:
                 self.metrics.points_rejected_total.inc(len(points))
                 raise
+            if appended.created and await self._over_stream_cap():
+                await self.store.delete_stream(stream)  # undo: the cap is checked after
+                self.metrics.points_rejected_total.inc(len(points))  # the atomic append
+                raise self._stream_cap_error(("body", "stream"))
             self.metrics.points_ingested_total.inc(appended.accepted)
             self.metrics.points_duplicate_total.inc(appended.dropped)
             if appended.created:
@@ -169,10 +174,33 @@ class ScoringPipeline:
             out[i, 1:] = p.values
         return out
 
+    # --- limits (TSAD_MAX_*): what one stream, and the store, may hold ---------------------
+    async def _over_stream_cap(self, slack: int = 0) -> bool:
+        """More than TSAD_MAX_STREAMS - slack streams? The index count is cheap; the exact
+        count (which tidies streams expired by TTL out of the index) runs only past it."""
+        cap = self.settings.max_streams - slack
+        if not self.settings.max_streams or await self.store.count_streams() <= cap:
+            return False
+        return await self.store.count_streams(exact=True) > cap
+
+    def _stream_cap_error(self, loc: tuple[str, ...]) -> StoreRejection:
+        return StoreRejection(loc, f"at most {self.settings.max_streams} streams "
+                              "(TSAD_MAX_STREAMS): delete one or raise the limit", status=429)
+
+    def _check_shape(self, channels: int, window: int) -> None:
+        s = self.settings
+        if channels > s.max_channels:
+            raise field_error(("body", "channels"), f"at most {s.max_channels} channels "
+                              f"per stream (TSAD_MAX_CHANNELS), got {channels}")
+        if window > s.max_window:
+            raise field_error(("body", "window"), f"at most {s.max_window} points per "
+                              f"window (TSAD_MAX_WINDOW), got {window}")
+
     # --- /streams ----------------------------------------------------------------------
     async def put_stream(self, stream: str, cfg: StreamConfigIn) -> tuple[StreamOut, bool]:
         detector = cfg.detector or self.settings.default_detector
         window = cfg.window or self.settings.default_window
+        self._check_shape(cfg.channels, window)
         artifact = None
         if artifact_name(detector) is not None:
             artifact = await asyncio.to_thread(self._artifact, detector)
@@ -204,6 +232,9 @@ class ScoringPipeline:
         meta = StreamMeta(stream=stream, channels=cfg.channels, window=window, detector=detector,
                           channel_names=cfg.channel_names, threshold=threshold or None,
                           alert_budget_per_day=cfg.alert_budget_per_day)
+        # room for one more (checked before: a PUT has no points to lose)
+        if await self._over_stream_cap(slack=1) and await self.store.get_stream(stream) is None:
+            raise self._stream_cap_error(("path", "stream"))
         stored, created = await self.store.put_stream(meta)
         if created:
             self.metrics.streams_created_total.inc()
@@ -418,12 +449,20 @@ class ScoringPipeline:
                            negatives=negatives, ranges=ranges, adapted=ada is not None,
                            adaptation=adaptation)
 
-    async def list_streams(self) -> list[StreamOut]:
-        return [StreamOut(**m.to_dict()) for m in await self.store.list_streams()]
+    async def list_streams(self, limit: int, cursor: str | None) -> StreamList:
+        """One page, by stream id; next_cursor: the last id, when more follow."""
+        metas = await self.store.list_streams(limit=limit + 1, after=cursor)
+        more = len(metas) > limit
+        return StreamList(streams=[StreamOut(**m.to_dict()) for m in metas[:limit]],
+                          next_cursor=metas[limit - 1].stream if more else None)
 
     async def delete_stream(self, stream: str) -> bool:
         self.stream_series.forget(stream)
-        return await self.store.delete_stream(stream)
+        async with self.store.lock(stream):  # no batch commits alerts in between
+            if not await self.store.delete_stream(stream):
+                return False
+            self._count_events(await self.alerts.forget_stream(stream))
+        return True
 
 
 __all__ = ["ScoringPipeline", "StoreRejection"]

@@ -40,7 +40,8 @@ class ServiceProcess:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(self.workers), "--no-access-log"],
+             "--port", str(self.port), "--workers", str(self.workers), "--no-access-log",
+             "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5")],
             env=env, stdout=log, stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + timeout

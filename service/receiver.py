@@ -4,8 +4,10 @@
         --public-url http://127.0.0.1:9000/hook --secret a-long-random-secret-of-yours
 
 On start, with --subscribe, it subscribes itself to the service (POST /webhooks), waiting
-for the service to answer; subscriptions of the same URL left by an earlier run are
-removed first, so restarts do not multiply deliveries. Every POST is checked against the
+for the service to answer; a subscription of the same URL left by an earlier run is
+reused (updated in place with this run's secret, glob and severity), so a restart neither
+multiplies deliveries nor loses the ones pending for it (further duplicates of the URL are
+removed, their pending deliveries dead-lettered). Every POST is checked against the
 secret (X-Tsad-Signature), logged as one line on stdout and, with --log, appended as JSON
 lines (headers, body, verified). Duplicate deliveries (same Idempotency-Key) are logged
 but flagged. GET answers 204 once the receiver is subscribed (503 before: a health check
@@ -53,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def subscribe(service_url: str, hook_url: str, secret: str, streams: str = "*",
               min_severity: str = "warning", wait: float = 120.0,
               api_key: str | None = None) -> dict:
-    """Replace any subscription of ``hook_url`` by a fresh one with ``secret``."""
+    """Subscribe ``hook_url`` with ``secret``: the oldest existing subscription of that URL
+    is updated in place (its pending deliveries are kept), else a new one is created."""
     import httpx
 
     deadline = time.monotonic() + wait
@@ -70,13 +73,18 @@ def subscribe(service_url: str, hook_url: str, secret: str, streams: str = "*",
                 if time.monotonic() > deadline:
                     raise SystemExit(f"service at {service_url} not reachable: {exc}") from exc
                 time.sleep(1.0)
-        for sub in existing.json()["webhooks"]:
-            if sub["url"] == hook_url:
-                http.delete(f"/webhooks/{sub['id']}").raise_for_status()
-        r = http.post("/webhooks", json={
-            "url": hook_url, "secret": secret, "streams": streams,
-            "min_severity": min_severity, "description": "tsad receive (demo receiver)"})
-        if r.status_code != 201:
+        fields = {"secret": secret, "streams": streams, "min_severity": min_severity,
+                  "description": "tsad receive (demo receiver)"}
+        mine = [s for s in existing.json()["webhooks"] if s["url"] == hook_url]  # oldest first
+        for extra in mine[1:]:
+            http.delete(f"/webhooks/{extra['id']}").raise_for_status()
+        if mine:
+            r = http.patch(f"/webhooks/{mine[0]['id']}", json=fields)
+            ok = 200
+        else:
+            r = http.post("/webhooks", json={"url": hook_url, **fields})
+            ok = 201
+        if r.status_code != ok:
             raise SystemExit(f"subscription refused: {r.status_code} {r.text}")
         return r.json()
 

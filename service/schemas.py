@@ -117,13 +117,15 @@ class ThresholdConfigIn(BaseModel):
 class StreamConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    channels: int = Field(ge=1, description="Values per point; fixed for the stream's life",
+    channels: int = Field(ge=1, description="Values per point; fixed for the stream's life "
+                          "(at most TSAD_MAX_CHANNELS)",
                           examples=[2])
     channel_names: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
         None, description="One name per channel, used in explanations",
         examples=[["cpu", "memory"]])
-    window: int | None = Field(None, ge=4, le=4096,
-                               description="Points per window (default TSAD_DEFAULT_WINDOW)",
+    window: int | None = Field(None, ge=4, le=65_536,
+                               description="Points per window (default TSAD_DEFAULT_WINDOW, "
+                               "at most TSAD_MAX_WINDOW)",
                                examples=[64])
     detector: str | None = Field(None, description="Detector name (default "
                                  "TSAD_DEFAULT_DETECTOR), or \"artifact:<name>\": a fitted "
@@ -165,7 +167,9 @@ class WindowOut(BaseModel):
 
 
 class StreamList(BaseModel):
-    streams: list[StreamOut]
+    streams: list[StreamOut] = Field(description="By stream id, ascending")
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page; "
+                                    "null on the last page", examples=[None])
 
 
 FeedbackLabel = Literal["false_positive", "missed_anomaly", "normal", "anomaly"]

@@ -24,6 +24,7 @@ import safetensors.numpy
 from models.calibration import AnomalyLikelihood
 from models.detectors import Detector, build_detector
 from models.streaming import OnlineLoop, Scored
+from service.alerts.model import incarnation
 from service.alerts.tracker import AlertRules, AlertTracker
 from service.artifacts import Artifact, artifact_name, load_artifact
 from service.feedback import FeedbackSet
@@ -83,14 +84,16 @@ class StreamScorer:
             self.detector = build_detector(
                 meta.detector, window=meta.window, warmup=settings.warmup_points,
                 memory_size=settings.memory_size,
-                admit_quantile=settings.memory_admit_quantile or None)
+                admit_quantile=settings.memory_admit_quantile or None,
+                max_lags=settings.residual_max_lags)
         self.threshold = build_threshold(spec)
         stride = settings.costly_score_stride if self.detector.costly else 1
         self.loop = OnlineLoop(
             self.detector, self.threshold,
             AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores),
             score_stride=stride, online=not self.shared_detector)
-        self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings))
+        self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings),
+                                    incarnation(meta.stream, meta.created_at))
 
     def channel_names(self) -> list[str]:
         return self.meta.channel_names or [str(i) for i in range(self.meta.channels)]

@@ -28,12 +28,29 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(2.0, gt=0)
     stream_ttl_seconds: int = Field(0, ge=0, description="expire idle streams; 0 = never")
 
-    default_window: int = Field(64, ge=4, le=4096)
+    default_window: int = Field(64, ge=4, le=65_536)
     default_detector: str = "ensemble"
     artifacts_dir: Path = Field(Path("models/pretrained"), description="fitted detector "
                                 "artifacts, served to streams as detector 'artifact:<name>'")
     max_batch_points: int = Field(10_000, ge=1)
-    max_channels: int = Field(1024, ge=1)
+    max_channels: int = Field(1024, ge=1, description="values per point (/score) and "
+                              "channels per stream (PUT /streams)")
+    # --- limits that keep one process alive under hostile or mistaken input ----------
+    max_body_bytes: int = Field(
+        16 * 2**20, ge=1024, description="request body size; larger is a 413, refused "
+        "from Content-Length or as soon as the streamed bytes pass it")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="a request body must arrive within this long of its "
+        "headers, else 408 (uvicorn has no body read timeout)")
+    keep_alive_seconds: int = Field(5, ge=1, description="idle keep-alive connections "
+                                    "close after this long (uvicorn timeout_keep_alive)")
+    max_window: int = Field(4096, ge=4, le=65_536, description="points per window a "
+                            "stream may ask for")
+    residual_max_lags: int = Field(
+        128, ge=1, le=4096, description="residual_linear: lags its forecast uses (the "
+        "newest ones of the window); its state is quadratic in this, not in the window")
+    max_streams: int = Field(10_000, ge=0, description="streams per store; creating one "
+                             "more is a 429 (0 = no limit)")
     duplicates: Literal["reject", "drop"] = Field(
         "reject",
         description="points at or before a stream's last timestamp: reject the request "
@@ -101,10 +118,16 @@ class Settings(BaseSettings):
                                          description="keep resolved alerts this long")
     alert_prompt_strategy: Literal["variance", "trend", "autocorr", "all"] = "all"
 
-    webhook_max_attempts: int = Field(8, ge=1, le=100, description="then dead-lettered")
+    webhook_max_attempts: int = Field(200, ge=1, le=10_000, description="then "
+                                      "dead-lettered")
     webhook_backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; "
                                            "doubles each attempt, full jitter")
-    webhook_backoff_max_seconds: float = Field(600.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(3600.0, gt=0)
+    webhook_retry_horizon_seconds: float = Field(
+        3 * 86400, gt=0, description="a delivery whose next retry would come this long "
+        "after its event is dead-lettered instead (like Stripe's three days)")
+    webhook_dead_letter_retention_seconds: int = Field(
+        30 * 86400, ge=60, description="dead letters are deleted this long after they died")
     webhook_timeout_seconds: float = Field(5.0, gt=0, description="per request")
     webhook_poll_seconds: float = Field(0.5, gt=0, description="worker idle poll interval")
     webhook_concurrency: int = Field(8, ge=1, le=256)
@@ -185,6 +208,8 @@ class Settings(BaseSettings):
             raise ValueError("alert_quiet_points and alert_quiet_seconds cannot both be 0")
         if self.feedback_steps > self.feedback_max_steps:
             raise ValueError("feedback_steps must not exceed feedback_max_steps")
+        if self.default_window > self.max_window:
+            raise ValueError("default_window must not exceed max_window")
         if self.webhook_lease_seconds <= self.webhook_timeout_seconds:
             raise ValueError("webhook_lease_seconds must exceed webhook_timeout_seconds")
         return self

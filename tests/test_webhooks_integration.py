@@ -29,8 +29,10 @@ FAST = {"TSAD_WARMUP_POINTS": "64", "TSAD_DEFAULT_WINDOW": "16",
 
 
 class Receiver:
-    def __init__(self, log: Path, status: int = 200, port: int | None = None) -> None:
+    def __init__(self, log: Path, status: int = 200, port: int | None = None,
+                 subscribe: str | None = None) -> None:
         self.log, self.status, self.port = log, status, port or free_port()
+        self.subscribe = subscribe  # a service URL: `tsad receive --subscribe` it
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,14 +43,16 @@ class Receiver:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "models.cli", "receive", "--port", str(self.port),
              "--path", "/hook", "--log", str(self.log), "--status", str(self.status),
-             "--secret", SECRET], cwd=ROOT, stdout=subprocess.DEVNULL)
+             "--secret", SECRET, *(["--subscribe", self.subscribe] if self.subscribe else [])],
+            cwd=ROOT, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                httpx.get(self.url, timeout=0.5)
-                return self
+            try:  # 204 once listening and (with --subscribe) subscribed
+                if httpx.get(self.url, timeout=0.5).status_code == 204:
+                    return self
             except httpx.HTTPError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise RuntimeError("receiver did not start")
 
     def stop(self) -> None:
@@ -126,7 +130,8 @@ def test_delivery_survives_receiver_and_service_restarts_exactly_once(redis_url,
         assert receiver.requests() == []  # nobody is delivering while the service is down
         with ServiceProcess(env) as service:
             alerts = httpx.get(f"{service.url}/alerts").json()["alerts"]
-            expected = {f"{a['id']}-{v}" for a in alerts for v in range(1, a["version"] + 1)}
+            expected = {f"{a['id']}-{v}-{a['incarnation']}" for a in alerts
+                        for v in range(1, a["version"] + 1)}
             assert alerts
             wait_for(lambda: len(receiver.requests()) >= len(expected))
             time.sleep(1.0)  # would a duplicate follow?
@@ -176,3 +181,56 @@ def test_failing_receiver_ends_in_dead_letters_and_replay_delivers(redis_url, tm
         failing.stop()
     assert sorted(r["body"]["id"] for r in got) == sorted(d["event_id"] for d in dead)
     assert all(r["verified"] and r["headers"]["x-tsad-attempt"] == "1" for r in got)
+
+
+def test_receiver_restart_keeps_its_subscription_and_pending_events(redis_url, tmp_path):
+    """`tsad receive --subscribe`, failing while the incident happens, restarted fixed:
+    the same subscription, and every event that was pending arrives."""
+    with ServiceProcess({"REDIS_URL": redis_url, **FAST}) as service:
+        first = Receiver(tmp_path / "first.jsonl", status=500, subscribe=service.url).start()
+        try:
+            (sub,) = httpx.get(f"{service.url}/webhooks").json()["webhooks"]
+            produce_incident(service.url, "web-01")
+            wait_for(lambda: len(first.requests()) >= 2)  # deliveries are being tried
+        finally:
+            first.stop()
+        again = Receiver(tmp_path / "again.jsonl", port=first.port,
+                         subscribe=service.url).start()
+        try:
+            assert httpx.get(f"{service.url}/webhooks").json()["webhooks"] == [sub]
+            alerts = httpx.get(f"{service.url}/alerts").json()["alerts"]
+            expected = {f"{a['id']}-{v}-{a['incarnation']}" for a in alerts
+                        for v in range(1, a["version"] + 1)}
+            got = wait_for(lambda: {r["body"]["id"] for r in again.requests()} >= expected
+                           and again.requests())
+        finally:
+            again.stop()
+        assert httpx.get(f"{service.url}/webhooks/dead-letters").json() == {
+            "dead_letters": []}
+    assert all(r["verified"] for r in got)  # signed with the restarted receiver's secret
+
+
+def test_retries_stop_at_the_horizon_not_a_fixed_count(redis_url, tmp_path):
+    failing = Receiver(tmp_path / "failing.jsonl", status=503).start()
+    env = {"REDIS_URL": redis_url, **FAST, "TSAD_WEBHOOK_MAX_ATTEMPTS": "10000",
+           "TSAD_WEBHOOK_RETRY_HORIZON_SECONDS": "1.5"}
+    try:
+        with ServiceProcess(env) as service:
+            subscribe(service.url, failing.url)
+            produce_incident(service.url, "api-01")
+            events = sum(a["version"] for a in httpx.get(f"{service.url}/alerts").json()[
+                "alerts"])
+            dead = wait_for(lambda: len(d := httpx.get(
+                f"{service.url}/webhooks/dead-letters").json()["dead_letters"]) >= events
+                and d)
+            assert all(d["last_status"] == 503 and 1 < d["attempts"] < 100 for d in dead)
+            assert all(d["failed_at"] - d["event"]["created"] < 1.5 + 1 for d in dead)
+            # a replay starts the horizon over: retried again, not buried at once
+            r = httpx.post(f"{service.url}/webhooks/dead-letters/{dead[0]['id']}/replay")
+            assert r.status_code == 202
+            again = wait_for(lambda: [d for d in httpx.get(
+                f"{service.url}/webhooks/dead-letters").json()["dead_letters"]
+                if d["id"] == dead[0]["id"]])
+    finally:
+        failing.stop()
+    assert again[0]["attempts"] > 1 and again[0]["failed_at"] > dead[0]["failed_at"] + 1

@@ -15,6 +15,13 @@ Everything learned is a sufficient statistic (ridge normal equations, Welford mo
 residual scale), so the detector trains offline with ``fit`` and online, per stream, with
 ``partial_fit``: the same code path, state small enough to live in Redis.
 
+The forecast uses the newest ``min(window - 1, max_lags)`` context values. The normal
+equations are quadratic in that lag count (a window of 4096 would otherwise carry a
+4095 x 4095 float64 matrix, 134 MB, read and written on every batch); 128 lags keep the
+state near 130 KB whatever the window, and a longer window still gives its points to the
+statistics that depend on it (scale, evidence, language-model prompts). A state saved with
+another lag count (before the cap, or under another setting) keeps its own lag count.
+
 >>> import numpy as np
 >>> t = np.arange(2000.0)
 >>> series = np.sin(t / 5.0)[:, None]
@@ -36,7 +43,8 @@ from models.detectors.base import Detector, DetectorConfig, as_windows, sliding_
 
 @dataclass(frozen=True)
 class ResidualLinearConfig(DetectorConfig):
-    window: int = 64  # lags = window - 1
+    window: int = 64  # lags = min(window - 1, max_lags)
+    max_lags: int = 128  # caps the (lags x lags) normal equations: state size
     ridge: float = 1.0  # L2 penalty of the normal equations
     warmup: int = 256  # online: points before the first solve (half of them estimate scale)
     refit_every: int = 64  # online: points between re-solves
@@ -51,8 +59,15 @@ class ResidualLinear(Detector):
     supports_online = True
 
     # --- state -------------------------------------------------------------------------
+    @property
+    def lags(self) -> int:
+        """Context values the forecast uses: the learned state's, else the config's."""
+        if hasattr(self, "_xtx"):
+            return self._xtx.shape[0]
+        return min(self.config.window - 1, self.config.max_lags)
+
     def _init_state(self, channels: int) -> None:
-        lags = self.config.window - 1
+        lags = min(self.config.window - 1, self.config.max_lags)
         self._n = np.zeros(1)  # points seen (Welford count)
         self._mean = np.zeros(channels)
         self._m2 = np.zeros(channels)
@@ -137,7 +152,9 @@ class ResidualLinear(Detector):
     def _design(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, W, C) -> X (B, C, L) and y (B, C) in channel-scale units, last value removed."""
         scale = self._scale()[None, :, None]
-        wc = np.ascontiguousarray(windows.transpose(0, 2, 1))  # (B, C, W): lags contiguous
+        lags = self.lags
+        # (B, C, L + 1): the newest lags and the target, lags contiguous
+        wc = np.ascontiguousarray(windows[:, -(lags + 1):, :].transpose(0, 2, 1))
         last = wc[:, :, -2:-1]  # newest context value
         x = (wc[:, :, :-1] - last) / scale  # (B, C, L)
         y = (wc[:, :, -1:] - last) / scale  # (B, C, 1)

@@ -27,6 +27,17 @@ def alert_id(stream: str, opened_at: float) -> str:
     return f"al_{digest[:20]}"
 
 
+def incarnation(stream: str, created_at: float) -> str:
+    """Tells apart the lives of a stream id: a stream deleted and created again (a replay
+    of the same history included) opens alerts with the same ids, but its events get new
+    ids, so receivers that deduplicate on event ids drop none of them.
+
+    >>> incarnation("web-01.cpu", 1700000000.0)
+    'b7c2e3ef'
+    """
+    return hashlib.sha256(f"life\0{stream}\0{created_at!r}".encode()).hexdigest()[:8]
+
+
 def severity_of(ratio: float, critical_ratio: float) -> Severity:
     """warning above the threshold, critical at ``critical_ratio`` times it or more."""
     return "critical" if ratio >= critical_ratio else "warning"
@@ -50,8 +61,9 @@ class Alert:
     points: int = 0  # points scored while open
     channels: list[str] = field(default_factory=list)  # every channel that led a point
     reopened: int = 0  # times an incident within the cooldown reopened it
-    version: int = 0  # bumped by every event; events are <id>-<version>
+    version: int = 0  # bumped by every event; events are <id>-<version>-<incarnation>
     evidence: dict = field(default_factory=dict)
+    incarnation: str = ""  # of the stream that opened it ("" before incarnations existed)
 
     @property
     def duration_seconds(self) -> float:
@@ -67,6 +79,8 @@ class Alert:
 
 
 def make_event(kind: str, alert: Alert, reason: str) -> dict:
-    """One webhook event. Its id (alert id + version) is the idempotency key."""
-    return {"id": f"{alert.id}-{alert.version}", "type": kind, "reason": reason,
+    """One webhook event. Its id (alert id, version, stream incarnation) is the
+    idempotency key."""
+    suffix = f"-{alert.incarnation}" if alert.incarnation else ""
+    return {"id": f"{alert.id}-{alert.version}{suffix}", "type": kind, "reason": reason,
             "created": time.time(), "alert": alert.to_dict()}

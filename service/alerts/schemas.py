@@ -36,8 +36,11 @@ class AlertOut(BaseModel):
                                 examples=[["cpu", "memory"]])
     reopened: int = Field(description="Times an incident within the cooldown reopened it",
                           examples=[0])
-    version: int = Field(description="Events emitted so far; event ids are <id>-<version>",
-                         examples=[2])
+    version: int = Field(description="Events emitted so far; event ids are "
+                         "<id>-<version>-<incarnation>", examples=[2])
+    incarnation: str = Field("", description="Which life of the stream opened it: a stream "
+                             "deleted and created again gets a new one, so its events "
+                             "never repeat an earlier event id", examples=["b7c2e3ef"])
     evidence: dict = Field(
         description="At the peak: score, threshold and, per top channel, its share of the "
         "score, window statistics now (variance, trend, autocorr), the stream's recent "

@@ -9,7 +9,7 @@ Redis keys (beside the window store's; single-node or Sentinel Redis: the transa
 spans streams' keys and global indices, which Redis Cluster would refuse):
 
     <prefix>:alert:<id>              string: the alert as JSON (expires after retention
-                                     once resolved)
+                                     once resolved or once its stream is deleted)
     <prefix>:alerts:idx              zset: id by opening time (stream time)
     <prefix>:alerts:idx:<stream>     zset: the same, per stream
     <prefix>:alerts:open             set: ids of open alerts
@@ -19,12 +19,14 @@ spans streams' keys and global indices, which Redis Cluster would refuse):
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.alerts.model import Alert
+from service.alerts.model import Alert, make_event
 from service.stores.base import StoreUnavailable
 
 
@@ -41,6 +43,22 @@ class AlertQuery:
 
 def _cursor(alert: dict) -> str:
     return f"{alert['opened_at']!r}:{alert['id']}"
+
+
+def valid_cursor(cursor: str) -> bool:
+    """A cursor this service could have written: '<finite opened_at>:al_<hex>'.
+
+    >>> valid_cursor("1700000000.0:al_4b1deffe08c3cd9c0e68"), valid_cursor("8+42:al_c")
+    (True, False)
+    >>> valid_cursor("nan:al_c"), valid_cursor("e:al_c")
+    (False, False)
+    """
+    ts, _, aid = cursor.partition(":")
+    try:
+        finite = math.isfinite(float(ts))
+    except ValueError:
+        return False
+    return finite and re.fullmatch(r"al_[0-9a-f]{1,64}", aid) is not None
 
 
 def _after_cursor(alert: dict, cursor: str | None) -> bool:
@@ -69,6 +87,20 @@ class AlertStore(Protocol):
     async def list(self, query: AlertQuery) -> tuple[list[dict], str | None]: ...
 
     async def count_open(self) -> int: ...
+
+    async def forget_stream(self, stream: str) -> list[dict]:
+        """The stream was deleted: its open alert resolves (event reason "stream
+        deleted", so receivers see the incident end) and all its alerts expire after
+        the retention like resolved ones. Returns the events emitted."""
+        ...
+
+
+def _close_deleted(alert: dict) -> tuple[dict, dict]:
+    """An open alert of a deleted stream, resolved; and its alert.resolved event."""
+    a = Alert.from_dict(alert)
+    a.state, a.resolved_at = "resolved", a.updated_at
+    a.version += 1
+    return a.to_dict(), make_event("alert.resolved", a, "stream deleted")
 
 
 class MemoryAlertStore:
@@ -106,6 +138,18 @@ class MemoryAlertStore:
     async def count_open(self) -> int:
         return sum(a["state"] == "open" for a in self.alerts.values())
 
+    async def forget_stream(self, stream: str) -> list[dict]:
+        events, expires = [], time.time() + self.retention_seconds
+        for aid, alert in list(self.alerts.items()):
+            if alert["stream"] != stream:
+                continue
+            if alert["state"] == "open":
+                self.alerts[aid], event = _close_deleted(alert)
+                events.append(event)
+            self._expires[aid] = min(self._expires.get(aid, expires), expires)
+        self.outbox.extend(json.dumps(e) for e in events)
+        return events
+
     async def list(self, query: AlertQuery) -> tuple[list[dict], str | None]:
         self._prune()
         hits = sorted((a for a in self.alerts.values() if _matches(a, query)),
@@ -142,6 +186,7 @@ class RedisAlertStore:
                      ex=self.retention_seconds if resolved else None)
             pipe.zadd(self.key("alerts:idx"), {alert.id: alert.opened_at})
             pipe.zadd(self.key(f"alerts:idx:{stream}"), {alert.id: alert.opened_at})
+            pipe.persist(self.key(f"alerts:idx:{stream}"))  # expiring if it was deleted
             if resolved:
                 pipe.srem(self.key("alerts:open"), alert.id)
             else:
@@ -157,6 +202,28 @@ class RedisAlertStore:
     async def count_open(self) -> int:
         """Open alerts never expire, so the open set is exact (one SCARD)."""
         return int(await self.ws._call(self.redis.scard(self.key("alerts:open"))))
+
+    async def forget_stream(self, stream: str) -> list[dict]:
+        index = self.key(f"alerts:idx:{stream}")
+        ids = await self.ws._call(self.redis.zrange(index, 0, -1))
+        alerts = await self._load(list(ids), [])
+        ttl = self.retention_seconds
+        events = []
+        pipe = self.redis.pipeline(transaction=True)
+        for alert in alerts:
+            key = self.key(f"alert:{alert['id']}")
+            if alert["state"] == "open":
+                closed, event = _close_deleted(alert)
+                events.append(event)
+                pipe.set(key, json.dumps(closed), ex=ttl)
+                pipe.srem(self.key("alerts:open"), alert["id"])
+            else:
+                pipe.expire(key, ttl, lt=True)  # resolved ones already expire
+        pipe.expire(index, ttl)
+        if events:
+            pipe.rpush(self.outbox, *(json.dumps(e) for e in events))
+        await self.ws._call(pipe.execute())
+        return events
 
     async def _load(self, ids: list[bytes], gone: list[bytes]) -> list[dict]:
         """The alerts of ``ids``; ids whose record expired are appended to ``gone``."""

@@ -45,8 +45,10 @@ class AlertRules:
 
 
 class AlertTracker:
-    def __init__(self, stream: str, channel_names: list[str], rules: AlertRules) -> None:
+    def __init__(self, stream: str, channel_names: list[str], rules: AlertRules,
+                 incarnation: str = "") -> None:
         self.stream = stream
+        self.incarnation = incarnation  # of the stream: goes into its alerts' event ids
         self.names = channel_names
         self.rules = rules
         self.normal = NormalStats(len(channel_names))
@@ -116,7 +118,7 @@ class AlertTracker:
             severity=severity_of(ratio, r.critical_ratio), opened_at=ts, updated_at=ts,
             last_anomaly_at=ts, peak_score=score, peak_at=ts, threshold=threshold,
             peak_ratio=_round(ratio), anomalous_points=int(self._ring.sum()), points=1,
-            channels=[name])
+            channels=[name], incarnation=self.incarnation)
         alert.evidence = self._evidence(ts, score, threshold, cs, window, prec)
         self.open, self.quiet = alert, 0
         self._emit("alert.opened", alert, "k-of-m" if ratio < r.critical_ratio else "critical")

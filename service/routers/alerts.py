@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 
 from service.alerts.schemas import AlertList, AlertOut
-from service.alerts.store import AlertQuery
+from service.alerts.store import AlertQuery, valid_cursor
 from service.deps import AUTH_RESPONSES, PipelineDep, Reader
+from service.errors import field_error
 from service.schemas import STREAM_ID_PATTERN, ErrorOut
 
 router = APIRouter(prefix="/alerts", tags=["alerts"], responses=AUTH_RESPONSES)
@@ -29,6 +31,12 @@ async def list_alerts(
     """A key with a tenant sees that tenant's alerts only."""
     if stream is not None:
         who.check_stream(stream)
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and not math.isfinite(value):
+            raise field_error(("query", name), "must be a finite number (epoch seconds)")
+    if cursor is not None and not valid_cursor(cursor):
+        raise field_error(("query", "cursor"), "not a cursor this service wrote: pass "
+                          "next_cursor of the previous page unchanged")
     query = AlertQuery(stream=stream, state=state, since=since, until=until, limit=limit,
                        cursor=cursor, stream_prefix=f"{who.tenant}." if who.tenant else None)
     alerts, next_cursor = await pipeline.alerts.list(query)

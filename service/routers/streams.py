@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from service.deps import AUTH_RESPONSES, AdminStream, PipelineDep, Reader, ReadStream
 from service.schemas import (
+    STREAM_ID_PATTERN,
     ErrorOut,
     FeedbackOut,
     FeedbackRequest,
@@ -30,10 +31,20 @@ _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": Er
            503: {"model": ErrorOut}}
 
 
-@router.get("", response_model=StreamList, summary="List streams")
-async def list_streams(pipeline: PipelineDep, who: Reader) -> StreamList:
-    """A key with a tenant sees that tenant's streams only."""
-    return StreamList(streams=[s for s in await pipeline.list_streams() if who.owns(s.stream)])
+@router.get("", response_model=StreamList, responses=_ERRORS,
+            summary="List streams, by id, a page at a time")
+async def list_streams(
+    pipeline: PipelineDep,
+    who: Reader,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Streams per page")] = 500,
+    cursor: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN,
+                                        description="next_cursor of the previous page")] = None,
+) -> StreamList:
+    """A key with a tenant sees that tenant's streams only (a page may then hold fewer
+    than ``limit``; follow ``next_cursor`` until it is null)."""
+    page = await pipeline.list_streams(limit, cursor)
+    page.streams = [s for s in page.streams if who.owns(s.stream)]
+    return page
 
 
 @router.put("/{stream}", response_model=StreamOut, responses=_ERRORS,

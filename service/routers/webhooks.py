@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -18,6 +19,7 @@ from service.webhooks.schemas import (
     WebhookIn,
     WebhookList,
     WebhookOut,
+    WebhookPatch,
 )
 from service.webhooks.store import Subscription, WebhookStore
 
@@ -71,11 +73,11 @@ async def dead_letters(store: StoreDep,
              summary="Queue a dead letter for delivery again (attempts start over)")
 async def replay(delivery_id: str, store: StoreDep) -> dict:
     subs = await store.subscriptions()
-    dead = {d["id"]: d for d in await store.dead_letters(100_000)}
-    if delivery_id not in dead:
+    dead = await store.dead_letter(delivery_id)
+    if dead is None:
         raise HTTPException(404, f"dead letter {delivery_id!r} not found")
-    if dead[delivery_id]["subscription_id"] not in subs:
-        raise HTTPException(409, f"subscription {dead[delivery_id]['subscription_id']!r} "
+    if dead["subscription_id"] not in subs:
+        raise HTTPException(409, f"subscription {dead['subscription_id']!r} "
                             "was deleted; nothing to deliver to")
     d = await store.replay(delivery_id)
     if d is None:  # replayed by someone else in between
@@ -92,8 +94,22 @@ async def get_webhook(webhook_id: str, store: StoreDep) -> WebhookOut:
     return WebhookOut(**sub.public())
 
 
+@router.patch("/{webhook_id}", response_model=WebhookOut, responses=_ERRORS,
+              summary="Change a subscription in place (secret, streams, severity, "
+              "description); its pending deliveries stay queued and are signed with the "
+              "new secret")
+async def update_webhook(webhook_id: str, body: WebhookPatch, store: StoreDep) -> WebhookOut:
+    sub = (await store.subscriptions()).get(webhook_id)
+    if sub is None:
+        raise HTTPException(404, f"webhook {webhook_id!r} not found")
+    sub = replace(sub, **body.model_dump(exclude_unset=True))
+    await store.add(sub)
+    return WebhookOut(**sub.public())
+
+
 @router.delete("/{webhook_id}", status_code=204, responses=_ERRORS,
-               summary="Unsubscribe; its pending deliveries are dropped")
+               summary="Unsubscribe; its pending deliveries become dead letters "
+               "(last_error: subscription deleted)")
 async def delete_webhook(webhook_id: str, store: StoreDep) -> Response:
     if not await store.remove(webhook_id):
         raise HTTPException(404, f"webhook {webhook_id!r} not found")

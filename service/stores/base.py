@@ -89,7 +89,15 @@ class WindowStore(Protocol):
 
     async def get_stream(self, stream: str) -> StreamMeta | None: ...
 
-    async def list_streams(self) -> list[StreamMeta]: ...
+    async def list_streams(self, limit: int | None = None,
+                           after: str | None = None) -> list[StreamMeta]:
+        """Streams by id, ascending: at most ``limit``, only ids after ``after``."""
+        ...
+
+    async def count_streams(self, exact: bool = False) -> int:
+        """Streams stored. Redis counts its index, which may still hold streams expired
+        by TTL; ``exact`` tidies those first (one round trip per call, O(streams))."""
+        ...
 
     async def delete_stream(self, stream: str) -> bool: ...
 

@@ -9,8 +9,8 @@ from typing import Any
 from service.metrics import ServiceMetrics
 from service.stores.base import StoreUnavailable, WindowStore
 
-_TIMED = ("ping", "put_stream", "get_stream", "list_streams", "delete_stream", "append",
-          "window", "load_state", "save_state")
+_TIMED = ("ping", "put_stream", "get_stream", "list_streams", "count_streams",
+          "delete_stream", "append", "window", "load_state", "save_state")
 
 
 class InstrumentedStore:

@@ -81,8 +81,21 @@ class MemoryWindowStore:
         entry = self._get(stream)
         return replace(entry.meta) if entry else None
 
-    async def list_streams(self) -> list[StreamMeta]:
-        return [replace(e.meta) for s in sorted(self._streams) if (e := self._get(s))]
+    async def list_streams(self, limit: int | None = None,
+                           after: str | None = None) -> list[StreamMeta]:
+        out = []
+        for s in sorted(self._streams):
+            if limit is not None and len(out) >= limit:
+                break
+            if (after is None or s > after) and (e := self._get(s)):
+                out.append(replace(e.meta))
+        return out
+
+    async def count_streams(self, exact: bool = False) -> int:
+        if exact:
+            for s in list(self._streams):
+                self._get(s)  # drops it when idle past its TTL
+        return len(self._streams)
 
     async def delete_stream(self, stream: str) -> bool:
         lock = self._locks.get(stream)

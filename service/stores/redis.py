@@ -16,6 +16,7 @@ LTRIM and the counters either all happen or none do.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import secrets
@@ -202,15 +203,41 @@ class RedisWindowStore:
         raw = await self._call(self._redis.hgetall(self._key(stream, "meta")))
         return _meta_from_hash(stream, raw) if raw else None
 
-    async def list_streams(self) -> list[StreamMeta]:
+    async def list_streams(self, limit: int | None = None,
+                           after: str | None = None) -> list[StreamMeta]:
+        # the index is a set: its ids are sorted here (cheap), the metadata of one page
+        # is read in one pipelined round trip
         ids = sorted(s.decode() for s in await self._call(self._redis.smembers(self._index)))
-        out, gone = [], []
-        for stream in ids:
-            meta = await self.get_stream(stream)
-            (out if meta else gone).append(meta or stream)
+        if after is not None:
+            ids = ids[bisect.bisect_right(ids, after):]
+        out: list[StreamMeta] = []
+        gone: list[str] = []
+        while ids and (limit is None or len(out) < limit):
+            page, ids = (ids, []) if limit is None else (ids[:limit - len(out)],
+                                                         ids[limit - len(out):])
+            pipe = self._redis.pipeline(transaction=False)
+            for stream in page:
+                pipe.hgetall(self._key(stream, "meta"))
+            for stream, raw in zip(page, await self._call(pipe.execute()), strict=True):
+                if raw:
+                    out.append(_meta_from_hash(stream, raw))
+                else:
+                    gone.append(stream)
         if gone:  # expired by TTL or deleted elsewhere: tidy the index
             await self._call(self._redis.srem(self._index, *gone))
         return out
+
+    async def count_streams(self, exact: bool = False) -> int:
+        if exact:
+            ids = [s.decode() for s in await self._call(self._redis.smembers(self._index))]
+            pipe = self._redis.pipeline(transaction=False)
+            for stream in ids:
+                pipe.exists(self._key(stream, "meta"))
+            gone = [s for s, n in zip(ids, await self._call(pipe.execute()), strict=True)
+                    if not n]
+            if gone:
+                await self._call(self._redis.srem(self._index, *gone))
+        return int(await self._call(self._redis.scard(self._index)))
 
     async def delete_stream(self, stream: str) -> bool:
         removed = await self._call(self._redis.delete(*self._keys(stream)))

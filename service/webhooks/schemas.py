@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
 
 _GLOB = re.compile(r"^[A-Za-z0-9_.:\-*?\[\]!]{1,128}$")
 
@@ -36,16 +36,41 @@ class WebhookIn(BaseModel):
     @field_validator("streams")
     @classmethod
     def _glob(cls, glob: str) -> str:
-        if not _GLOB.match(glob):
-            raise ValueError("glob: 1-128 of A-Z a-z 0-9 _ . : - and * ? [ ] !")
-        depth = 0
-        for ch in glob:
-            depth += (ch == "[") - (ch == "]")
-            if depth not in (0, 1):
-                raise ValueError("glob: unbalanced [ ]")
-        if depth:
+        return check_glob(glob)
+
+
+def check_glob(glob: str) -> str:
+    if not _GLOB.match(glob):
+        raise ValueError("glob: 1-128 of A-Z a-z 0-9 _ . : - and * ? [ ] !")
+    depth = 0
+    for ch in glob:
+        depth += (ch == "[") - (ch == "]")
+        if depth not in (0, 1):
             raise ValueError("glob: unbalanced [ ]")
-        return glob
+    if depth:
+        raise ValueError("glob: unbalanced [ ]")
+    return glob
+
+
+class WebhookPatch(BaseModel):
+    """Fields to change; the URL is the subscription's identity and does not change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    streams: str | None = Field(None, description="Glob over stream ids",
+                                examples=["web-*.cpu"])
+    min_severity: Literal["warning", "critical"] | None = Field(None, examples=["critical"])
+    secret: str | None = Field(None, min_length=16, max_length=256,
+                               description="New HMAC-SHA256 key; pending deliveries are "
+                               "signed with it", examples=["whsec_3f1c0b9e5a7d4c2b"])
+    description: str | None = Field(None, max_length=256, examples=["on-call pager"])
+
+    @field_validator("streams", "min_severity", "secret")
+    @classmethod
+    def _not_null(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:  # only an explicit null gets here: omitted fields keep theirs
+            raise ValueError("may be omitted, not null")
+        return check_glob(value) if info.field_name == "streams" else value
 
 
 class WebhookOut(BaseModel):
@@ -70,7 +95,7 @@ class DeadLetterOut(BaseModel):
     id: str = Field(description="Delivery id (replay with POST .../{id}/replay)",
                     examples=["dl_8c1d2e3f4a5b6c7d8e9f0a1b"])
     event_id: str = Field(description="Idempotency-Key of the event",
-                          examples=["al_4b1deffe08c3cd9c0e68-1"])
+                          examples=["al_4b1deffe08c3cd9c0e68-1-b7c2e3ef"])
     event_type: str = Field(examples=["alert.opened"])
     subscription_id: str = Field(examples=["wh_5b1f0c2a9e"])
     attempts: int = Field(examples=[8])

@@ -10,6 +10,10 @@ backoff, the N-th failure moves them to the dead-letter list, and a worker that 
 mid-delivery simply lets the lease run out: the delivery is sent again (at-least-once;
 receivers deduplicate on the ``Idempotency-Key`` header, the event id).
 
+Nothing pending is dropped silently: deleting a subscription dead-letters its pending
+deliveries with ``last_error`` "subscription deleted" (as does the worker for one that
+races the deletion). Dead letters are deleted after a retention period.
+
 Redis keys:
 
     <prefix>:webhooks                    hash: subscription id -> JSON (secret included)
@@ -18,6 +22,7 @@ Redis keys:
     <prefix>:webhooks:deliveries         hash: delivery id -> JSON (event body, attempts)
     <prefix>:webhooks:due                zset: delivery id -> due time (epoch seconds)
     <prefix>:webhooks:dead               hash: delivery id -> JSON, after the last failure
+                                         (deleted after the dead-letter retention)
     <prefix>:webhooks:dead:idx           zset: delivery id -> time of death
 """
 
@@ -61,9 +66,20 @@ def delivery_for(event: dict, raw: str, sub: Subscription) -> dict:
             "created": event["created"], "last_error": None, "last_status": None}
 
 
+DELETED = "subscription deleted"  # last_error of deliveries orphaned by an unsubscribe
+
+
+def revived(dead: dict) -> dict:
+    """A dead letter queued again: attempts start over, and so does the retry horizon."""
+    return {k: v for k, v in dead.items() if k != "failed_at"} | {
+        "attempts": 0, "retry_from": time.time()}
+
+
 class WebhookStore(Protocol):
     async def add(self, sub: Subscription) -> None: ...
-    async def remove(self, sub_id: str) -> bool: ...
+    async def remove(self, sub_id: str) -> bool:
+        """Unsubscribe; its pending deliveries become dead letters (reason DELETED)."""
+        ...
     async def subscriptions(self) -> dict[str, Subscription]: ...
     async def recover(self) -> None: ...
     async def fan_out(self, subs: dict[str, Subscription], limit: int) -> int: ...
@@ -72,6 +88,7 @@ class WebhookStore(Protocol):
     async def retry(self, delivery: dict, due: float) -> None: ...
     async def bury(self, delivery: dict) -> None: ...
     async def dead_letters(self, limit: int) -> list[dict]: ...
+    async def dead_letter(self, delivery_id: str) -> dict | None: ...
     async def replay(self, delivery_id: str) -> dict | None: ...
     async def depth(self) -> int: ...
 
@@ -79,8 +96,9 @@ class WebhookStore(Protocol):
 class MemoryWebhookStore:
     """In process: same semantics, lost on restart (use Redis for durability)."""
 
-    def __init__(self, alert_store) -> None:  # noqa: ANN001 - a MemoryAlertStore
-        self.outbox = alert_store.outbox
+    def __init__(self, alert_store, dead_retention_seconds: float) -> None:  # noqa: ANN001
+        self.outbox = alert_store.outbox  # of a MemoryAlertStore
+        self.dead_retention_seconds = dead_retention_seconds
         self.subs: dict[str, Subscription] = {}
         self.deliveries: dict[str, dict] = {}
         self.due: dict[str, float] = {}
@@ -90,7 +108,11 @@ class MemoryWebhookStore:
         self.subs[sub.id] = sub
 
     async def remove(self, sub_id: str) -> bool:
-        return self.subs.pop(sub_id, None) is not None
+        if self.subs.pop(sub_id, None) is None:
+            return False
+        for d in [d for d in self.deliveries.values() if d["subscription_id"] == sub_id]:
+            await self.bury(d | {"last_error": DELETED, "last_status": None})
+        return True
 
     async def subscriptions(self) -> dict[str, Subscription]:
         return dict(self.subs)
@@ -129,15 +151,26 @@ class MemoryWebhookStore:
     async def bury(self, delivery: dict) -> None:
         await self.ack(delivery)
         self.dead[delivery["id"]] = delivery | {"failed_at": time.time()}
+        self._prune()
+
+    def _prune(self) -> None:
+        cutoff = time.time() - self.dead_retention_seconds
+        for i in [i for i, d in self.dead.items() if d["failed_at"] < cutoff]:
+            del self.dead[i]
 
     async def dead_letters(self, limit: int) -> list[dict]:
+        self._prune()
         return sorted(self.dead.values(), key=lambda d: d["failed_at"], reverse=True)[:limit]
+
+    async def dead_letter(self, delivery_id: str) -> dict | None:
+        self._prune()
+        return self.dead.get(delivery_id)
 
     async def replay(self, delivery_id: str) -> dict | None:
         dead = self.dead.pop(delivery_id, None)
         if dead is None:
             return None
-        d = {k: v for k, v in dead.items() if k != "failed_at"} | {"attempts": 0}
+        d = revived(dead)
         self.deliveries[d["id"]] = d
         self.due[d["id"]] = time.time()
         return d
@@ -159,8 +192,9 @@ return out
 
 
 class RedisWebhookStore:
-    def __init__(self, alert_store) -> None:  # noqa: ANN001 - a RedisAlertStore
-        self.ws = alert_store.ws
+    def __init__(self, alert_store, dead_retention_seconds: float) -> None:  # noqa: ANN001
+        self.dead_retention_seconds = dead_retention_seconds
+        self.ws = alert_store.ws  # of a RedisAlertStore
         self.redis = alert_store.redis
         self.outbox = alert_store.outbox
         k = alert_store.key
@@ -176,7 +210,20 @@ class RedisWebhookStore:
         await self._call(self.redis.hset(self.k_subs, sub.id, json.dumps(asdict(sub))))
 
     async def remove(self, sub_id: str) -> bool:
-        return bool(await self._call(self.redis.hdel(self.k_subs, sub_id)))
+        if not await self._call(self.redis.hdel(self.k_subs, sub_id)):
+            return False
+        # its pending deliveries, read with HSCAN (the hash may be large), dead-lettered
+        orphans, cursor = [], 0
+        while True:
+            cursor, batch = await self._call(self.redis.hscan(self.k_deliveries, cursor,
+                                                              count=500))
+            orphans += [d for raw in batch.values()
+                        if (d := json.loads(raw))["subscription_id"] == sub_id]
+            if not cursor:
+                break
+        for d in orphans:
+            await self.bury(d | {"last_error": DELETED, "last_status": None})
+        return True
 
     async def subscriptions(self) -> dict[str, Subscription]:
         raw = await self._call(self.redis.hgetall(self.k_subs))
@@ -232,19 +279,37 @@ class RedisWebhookStore:
         pipe.hset(self.k_dead, delivery["id"], json.dumps(delivery | {"failed_at": now}))
         pipe.zadd(self.k_dead_idx, {delivery["id"]: now})
         await self._call(pipe.execute())
+        await self._prune()
+
+    async def _prune(self) -> None:
+        """Dead letters past their retention: gone from the index and the hash."""
+        cutoff = time.time() - self.dead_retention_seconds
+        old = await self._call(self.redis.zrangebyscore(self.k_dead_idx, "-inf",
+                                                        f"({cutoff!r}", start=0, num=1000))
+        if old:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hdel(self.k_dead, *old)
+            pipe.zrem(self.k_dead_idx, *old)
+            await self._call(pipe.execute())
 
     async def dead_letters(self, limit: int) -> list[dict]:
+        await self._prune()
         ids = await self._call(self.redis.zrevrange(self.k_dead_idx, 0, limit - 1))
         if not ids:
             return []
         raws = await self._call(self.redis.hmget(self.k_dead, ids))
         return [json.loads(r) for r in raws if r]
 
+    async def dead_letter(self, delivery_id: str) -> dict | None:
+        await self._prune()
+        raw = await self._call(self.redis.hget(self.k_dead, delivery_id))
+        return json.loads(raw) if raw else None
+
     async def replay(self, delivery_id: str) -> dict | None:
         raw = await self._call(self.redis.hget(self.k_dead, delivery_id))
         if raw is None:
             return None
-        d = {k: v for k, v in json.loads(raw).items() if k != "failed_at"} | {"attempts": 0}
+        d = revived(json.loads(raw))
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(self.k_dead, delivery_id)
         pipe.zrem(self.k_dead_idx, delivery_id)
@@ -257,7 +322,7 @@ class RedisWebhookStore:
         return int(await self._call(self.redis.zcard(self.k_due)))
 
 
-def build_webhook_store(alert_store) -> WebhookStore:  # noqa: ANN001
+def build_webhook_store(alert_store, dead_retention_seconds: float) -> WebhookStore:  # noqa: ANN001
     if hasattr(alert_store, "redis"):
-        return RedisWebhookStore(alert_store)
-    return MemoryWebhookStore(alert_store)
+        return RedisWebhookStore(alert_store, dead_retention_seconds)
+    return MemoryWebhookStore(alert_store, dead_retention_seconds)

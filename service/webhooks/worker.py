@@ -5,8 +5,11 @@ Each round: fan new events out to matching subscriptions, claim due deliveries (
 success; anything else (status, timeout, refused connection) is retried after
 ``min(max, base * 2^(attempt-1))`` seconds scaled by a uniform random factor in [0.5, 1]
 (jitter that keeps a recovering receiver from a thundering herd yet never retries
-instantly), and after ``webhook_max_attempts`` failures the delivery is dead-lettered.
-A delivery whose subscription was deleted is dropped. Every connection goes through the
+instantly). A delivery is dead-lettered after ``webhook_max_attempts`` failures, or when
+its next retry would come more than ``webhook_retry_horizon_seconds`` after its event
+(by default 2 s doubling to an hourly retry for three days, as Stripe does: a receiver
+down for a weekend loses nothing). A delivery whose subscription was deleted is
+dead-lettered with that reason, never dropped. Every connection goes through the
 destination check (service/webhooks/destinations.py); redirects are not followed. A failed
 attempt keeps a short summary (``HTTP 503``, ``timeout``, ``connection failed``,
 ``destination refused``), never the target's response body or the socket error's text: a
@@ -28,7 +31,7 @@ from service.settings import Settings
 from service.stores.base import StoreUnavailable
 from service.webhooks.destinations import AllowList, DestinationRefused, GuardedTransport
 from service.webhooks.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from service.webhooks.store import Subscription, WebhookStore
+from service.webhooks.store import DELETED, Subscription, WebhookStore
 
 log = logging.getLogger("tsad.webhooks")
 USER_AGENT = "tsad-webhooks/0.1"
@@ -120,9 +123,10 @@ class WebhookWorker:
         return bool(fanned or due)
 
     async def _deliver(self, delivery: dict, sub: Subscription | None) -> None:
-        if sub is None:
-            self.metrics.webhook_deliveries_total.labels("dropped").inc()
-            await self.store.ack(delivery)
+        if sub is None:  # unsubscribed after this was claimed or fanned out
+            self.metrics.webhook_deliveries_total.labels("dead_letter").inc()
+            self.metrics.webhook_dead_letters_total.inc()
+            await self.store.bury(delivery | {"last_error": DELETED, "last_status": None})
             return
         assert self._client is not None
         delivery["attempts"] += 1
@@ -158,7 +162,13 @@ class WebhookWorker:
             await self.store.ack(delivery)
             return
         delivery["last_error"], delivery["last_status"] = error, status
-        if delivery["attempts"] >= self.settings.webhook_max_attempts:
+        s = self.settings
+        delay = backoff_seconds(delivery["attempts"], s.webhook_backoff_seconds,
+                                s.webhook_backoff_max_seconds)
+        due = time.time() + delay
+        if delivery["attempts"] >= s.webhook_max_attempts or (
+                due > delivery.get("retry_from", delivery["created"])
+                + s.webhook_retry_horizon_seconds):
             self.metrics.webhook_deliveries_total.labels("dead_letter").inc()
             self.metrics.webhook_dead_letters_total.inc()
             log.warning("webhook delivery dead-lettered",
@@ -167,6 +177,4 @@ class WebhookWorker:
             await self.store.bury(delivery)
             return
         self.metrics.webhook_deliveries_total.labels("retry").inc()
-        delay = backoff_seconds(delivery["attempts"], self.settings.webhook_backoff_seconds,
-                                self.settings.webhook_backoff_max_seconds)
-        await self.store.retry(delivery, time.time() + delay)
+        await self.store.retry(delivery, due)
