@@ -16,6 +16,13 @@ is less likely than one just above it) instead of tying them all at 1 / (n + 1).
 Each score is compared with the history *before* it and then joins it, so a chunk of
 points gives exactly what the same points give one at a time.
 
+A detector whose score already *is* a ratio to the stream's recent record
+(``Detector.record_scores``: 1 = as surprising as the worst of its recent history) is
+calibrated by that ratio r alone, with the same tail: ``p = min(1, 1 / ((n + 1) r))``,
+n = ``history``. Ranking the record ratio through a second history would let a stream's
+second-worst moments compete with other streams' records (measured on NAB:
+``benchmarks/results/nab.md``).
+
 >>> cal = AnomalyLikelihood(history=100, min_history=10)
 >>> lik = cal.process(np.r_[np.linspace(0.0, 1.0, 100), 5.0])
 >>> bool(np.isnan(lik[:10]).all()), round(float(lik[-1]), 4)
@@ -30,12 +37,14 @@ import numpy as np
 class AnomalyLikelihood:
     """Streaming likelihood of scores against a ring of the last ``history`` scores."""
 
-    def __init__(self, history: int = 2000, min_history: int = 64, tail: float = 1.0) -> None:
+    def __init__(self, history: int = 2000, min_history: int = 64, tail: float = 1.0,
+                 record_ratio: bool = False) -> None:
         if history < 2 or not 1 <= min_history <= history or tail <= 0:
             raise ValueError("need history >= 2, 1 <= min_history <= history, tail > 0")
         self.history = history
         self.min_history = min_history
         self.tail = tail
+        self.record_ratio = record_ratio
         self._ring = np.zeros(history, dtype=np.float32)
         self._count = 0  # scores seen (ring index = count % history)
 
@@ -43,6 +52,9 @@ class AnomalyLikelihood:
         """Likelihood of each score (NaN while fewer than ``min_history`` came before it);
         then every score joins the history, in order."""
         scores = np.asarray(scores, dtype=np.float64)
+        if self.record_ratio:  # the detector measured against its own record history
+            ratio = np.maximum(scores, 1e-300) ** self.tail
+            return 1.0 - np.minimum(1.0, 1.0 / ((self.history + 1.0) * ratio))
         out = np.full(len(scores), np.nan)
         for i, s in enumerate(scores):
             n = min(self._count, self.history)

@@ -86,11 +86,16 @@ class StreamScorer:
                 memory_size=settings.memory_size,
                 admit_quantile=settings.memory_admit_quantile or None,
                 max_lags=settings.residual_max_lags)
+        if self.detector.record_scores and not (meta.threshold or {}).get("kind"):
+            # its scores are ratios to the stream's own record: a fixed cut means the same
+            # on every stream, where a fitted tail would chase the records it should flag
+            spec = replace(spec, kind="fixed", value=self.detector.record_threshold)
         self.threshold = build_threshold(spec)
         stride = settings.costly_score_stride if self.detector.costly else 1
         self.loop = OnlineLoop(
             self.detector, self.threshold,
-            AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores),
+            AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores,
+                              record_ratio=self.detector.record_scores),
             score_stride=stride, online=not self.shared_detector)
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings),
                                     incarnation(meta.stream, meta.created_at))

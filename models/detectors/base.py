@@ -51,6 +51,12 @@ class Detector(ABC):
     # Memories: ``partial_fit(windows, stamps)`` remembers where each window came from and
     # ``precedents(windows, n)`` returns the nearest remembered normal windows.
     has_precedents: ClassVar[bool] = False
+    # Scores are ratios to the stream's own recent record (1 = as surprising as the worst
+    # recent point): already comparable across streams, calibrated by the ratio alone
+    # (models/calibration.py). Such a detector also names the score above which a point is
+    # anomalous without a fitted threshold (``record_threshold``).
+    record_scores: ClassVar[bool] = False
+    record_threshold: ClassVar[float] = 1.0
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: Any) -> None:
         self.config = replace(config or self.Config(), **overrides)
