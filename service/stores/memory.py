@@ -15,7 +15,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from service.stores.base import AppendResult, DuplicatePolicy, StoreRejection, StreamMeta
+from service.stores.base import (
+    AppendResult,
+    DuplicatePolicy,
+    StoreRejection,
+    StreamMeta,
+    TimestampPolicy,
+    may_resend,
+    plan_append,
+)
 
 
 @dataclass
@@ -67,7 +75,8 @@ class MemoryWindowStore:
             entry.points.popleft()
         entry.meta = replace(old, window=meta.window, detector=meta.detector,
                              channel_names=meta.channel_names, threshold=meta.threshold,
-                             alert_budget_per_day=meta.alert_budget_per_day)
+                             alert_budget_per_day=meta.alert_budget_per_day,
+                             timestamps=meta.timestamps)
         entry.touched = time.monotonic()
         return replace(entry.meta), False
 
@@ -92,6 +101,7 @@ class MemoryWindowStore:
         default_window: int,
         default_detector: str,
         duplicates: DuplicatePolicy = "reject",
+        default_timestamps: TimestampPolicy = "reject",
     ) -> AppendResult:
         channels = points.shape[1] - 1
         entry = self._get(stream)
@@ -101,33 +111,19 @@ class MemoryWindowStore:
                 ("body", "points", 0, "values"),
                 f"stream {stream!r} has {entry.meta.channels} channels, got {channels}",
             )
-        dropped = 0
         last = entry.meta.last_timestamp if entry else None
-        if last is not None:
-            stored = {row.tobytes() for row in entry.points} if duplicates == "drop" else set()
-            for i, row in enumerate(points):
-                if row[0] > last:
-                    break
-                if duplicates != "drop":
-                    raise StoreRejection(
-                        ("body", "points", i, "timestamp"),
-                        f"timestamp {float(row[0])!r} is not after the stream's last stored "
-                        f"timestamp {last!r}",
-                    )
-                if row.tobytes() not in stored:
-                    raise StoreRejection(
-                        ("body", "points", i, "timestamp"),
-                        f"timestamp {float(row[0])!r} is not after the stream's last stored "
-                        f"timestamp {last!r} and is not an exact duplicate of a stored point",
-                    )
-                dropped = i + 1
+        stored = np.empty((0, 1 + channels))
+        if entry is not None and entry.points and may_resend(points, last):
+            stored = np.array(entry.points, dtype=np.float64)
+        plan = plan_append(points, stored, last, duplicates,
+                           (entry and entry.meta.timestamps) or default_timestamps)
         # --- writes ---------------------------------------------------------------------
         created = entry is None
         if entry is None:
             meta = StreamMeta(stream=stream, channels=channels, window=default_window,
                               detector=default_detector)
             entry = self._streams[stream] = _Stream(meta=meta)
-        new = points[dropped:]
+        new = plan.rows
         window = entry.meta.window
         context = list(entry.points)[-(window - 1):] if window > 1 else []
         for row in new:
@@ -140,8 +136,9 @@ class MemoryWindowStore:
         entry.touched = time.monotonic()
         rows = context + list(new) if len(new) else []
         out = np.array(rows, dtype=np.float64).reshape(len(rows), 1 + channels)
-        return AppendResult(meta=replace(entry.meta), created=created, dropped=dropped,
-                            accepted=len(new), points=out)
+        return AppendResult(meta=replace(entry.meta), created=created,
+                            duplicates=plan.duplicates, accepted=len(new), points=out,
+                            actions=plan.actions, stamps=plan.stamps)
 
     async def window(self, stream: str) -> np.ndarray:
         entry = self._get(stream)
