@@ -225,7 +225,12 @@ async def test_a_retried_batch_is_recognised_even_where_it_was_nudged(store):
                                default_detector="residual_linear", duplicates="drop",
                                default_timestamps="nudge")
     assert again.actions == ["duplicate", "nudged"] and again.stamps[1] == 4.001
-    assert (await store.get_stream("r")).points_seen == 7
+    # values of a nudged point, but not the stamp it was sent with: new data, not a retry
+    late = np.array([[1.5, 12.0, 4.0]])
+    result = await store.append("r", late, default_window=W, default_detector="residual_linear",
+                                duplicates="drop", default_timestamps="nudge")
+    assert result.actions == ["nudged"] and result.stamps == [4.001 + 0.001]
+    assert (await store.get_stream("r")).points_seen == 8
 
 
 async def test_a_streams_own_policy_overrides_the_default(store):

@@ -157,27 +157,36 @@ class AppendPlan:
     rows: np.ndarray  # (K, 1 + C) the points to write, stamps as they will be stored
     actions: list[PointAction]
     stamps: list[float | None]
+    # (M, 2) for each nudged point written: its stored stamp and the stamp it was sent
+    # with, kept beside the window so that a retry of it is recognised
+    nudges: np.ndarray
 
     @property
     def duplicates(self) -> int:
         return self.actions.count("duplicate")
 
 
+NO_NUDGES = np.empty((0, 2))
+
+
 def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
-                duplicates: DuplicatePolicy, timestamps: TimestampPolicy) -> AppendPlan:
+                duplicates: DuplicatePolicy, timestamps: TimestampPolicy,
+                nudges: np.ndarray = NO_NUDGES) -> AppendPlan:
     """Decide, point by point, what an append does; raises StoreRejection (nothing to
     write) when a policy says reject. Both stores call this, so they agree exactly.
 
-    ``stored`` is the stream's stored window (oldest first) and ``last`` its last stored
-    stamp (None: no points yet). A point's *previous* stamp is that of the batch's last
-    point to be written, or ``last`` while none is.
+    ``stored`` is the stream's stored window (oldest first), ``last`` its last stored
+    stamp (None: no points yet) and ``nudges`` the (stored, sent) stamps of its recent
+    nudged points. A point's *previous* stamp is that of the batch's last point to be
+    written, or ``last`` while none is.
 
-    Retries first: while nothing of the batch is to be written yet (a retry resends a run
-    of stored points), a point at or before ``last`` that equals a stored point (after
-    the one the previous retried point matched) is a *duplicate*: stamp and values
-    equal, or values equal and the stored point is the nudge of a point at or after the
-    sent stamp (what this function made of it the first time). Duplicates follow
-    ``duplicates``: "drop" answers them, "reject" refuses the request.
+    Retries first: while nothing of the batch is to be written yet (a retry resends
+    stored points, in order), a point at or before ``last`` that equals a stored point
+    of the window (after the one the previous retried point matched) is a *duplicate*:
+    the same stamp and values, or the same values and the stamp it was sent with when it
+    was nudged. Duplicates follow ``duplicates``: "drop" answers them, "reject" refuses
+    the request. (Points older than the window cannot be told from new points with a
+    backward stamp: the timestamp policy applies to them.)
 
     Then order: a point whose stamp is not after its previous one follows ``timestamps``:
     "nudge" stores it at previous + 1 ms (later points still after that keep their
@@ -187,7 +196,9 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
     >>> plan = plan_append(p, np.empty((0, 2)), None, "reject", "nudge")
     >>> plan.actions, [round(t, 6) for t in plan.stamps]
     (['stored', 'nudged', 'nudged', 'stored'], [10.0, 10.001, 10.002, 11.0])
-    >>> again = plan_append(p, plan.rows, 11.0, "drop", "nudge")  # the same batch, retried
+    >>> plan.nudges[:, 1].tolist()  # the stamps the nudged points were sent with
+    [10.0, 9.0]
+    >>> again = plan_append(p, plan.rows, 11.0, "drop", "nudge", plan.nudges)  # a retry
     >>> again.actions, again.stamps == plan.stamps, len(again.rows)
     (['duplicate', 'duplicate', 'duplicate', 'duplicate'], True, 0)
     >>> plan_append(p, np.empty((0, 2)), None, "reject", "drop").actions
@@ -196,10 +207,11 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
     previous = -np.inf if last is None else last
     retries = len(stored) > 0 and may_resend(points, last)
     if retries:
-        matcher = _RetryMatcher(stored)
+        matcher = _RetryMatcher(stored, nudges)
     keep: list[np.ndarray] = []
     actions: list[PointAction] = []
     stamps: list[float | None] = []
+    moved: list[tuple[float, float]] = []
     for i, row in enumerate(points):
         ts = float(row[0])
         if ts > previous:
@@ -211,9 +223,9 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
         loc = ("body", "points", i, "timestamp")
         if retries and not keep and (twin := matcher.match(row)) is not None:
             if duplicates != "drop":
-                raise StoreRejection(loc, f"point {i} (timestamp {ts!r}) is an exact "
-                                     "duplicate of a stored point; with TSAD_DUPLICATES=drop "
-                                     "a retry is answered status \"duplicate\"")
+                raise StoreRejection(loc, f"point {i} (timestamp {ts!r}) is a duplicate of "
+                                     "a stored point; with TSAD_DUPLICATES=drop a retry is "
+                                     "answered status \"duplicate\"")
             actions.append("duplicate")
             stamps.append(twin)
             continue
@@ -227,35 +239,37 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
             stamps.append(None)
             continue
         previous = nudge(previous)
-        moved = row.copy()
-        moved[0] = previous
-        keep.append(moved)
+        keep.append(np.concatenate([[previous], row[1:]]))
         actions.append("nudged")
         stamps.append(previous)
+        moved.append((previous, ts))
     rows = np.array(keep, dtype=np.float64).reshape(len(keep), points.shape[1])
-    return AppendPlan(rows=rows, actions=actions, stamps=stamps)
+    return AppendPlan(rows=rows, actions=actions, stamps=stamps,
+                      nudges=np.array(moved, dtype=np.float64).reshape(len(moved), 2))
 
 
 class _RetryMatcher:
-    """Finds the stored twin of a resent point in O(log W): exact rows by their bytes;
-    nudged stored points (stamp = nudge of the one before) by their values."""
+    """Finds the stored twin of a resent point by dictionary: stored rows by their bytes,
+    nudged ones also by (the stamp they were sent with, their values)."""
 
-    def __init__(self, stored: np.ndarray) -> None:
+    def __init__(self, stored: np.ndarray, nudges: np.ndarray) -> None:
         self.ts = stored[:, 0]
         self.exact = {row.tobytes(): k for k, row in enumerate(stored)}
-        self.nudged: dict[bytes, list[int]] = {}
-        for k in range(1, len(stored)):
-            if self.ts[k] == nudge(float(self.ts[k - 1])):
-                self.nudged.setdefault(stored[k, 1:].tobytes(), []).append(k)
+        self.sent: dict[bytes, list[int]] = {}  # several nudged points may share a stamp
+        for at, sent in nudges:
+            k = int(np.searchsorted(self.ts, at))
+            if k < len(stored) and self.ts[k] == at:  # else it has left the window
+                key = np.concatenate([[sent], stored[k, 1:]]).tobytes()
+                self.sent.setdefault(key, []).append(k)
+        for found in self.sent.values():
+            found.sort()
         self.cursor = -1  # a retry resends stored points in order
 
     def match(self, row: np.ndarray) -> float | None:
         k = self.exact.get(row.tobytes())
         if k is None or k <= self.cursor:
-            # a nudged twin k was sent at or before the stamp of point k - 1
-            first = max(self.cursor + 1, int(np.searchsorted(self.ts, row[0])) + 1)
-            found = self.nudged.get(row[1:].tobytes(), [])
-            j = bisect_left(found, first)
+            found = self.sent.get(row.tobytes(), [])
+            j = bisect_left(found, self.cursor + 1)
             if j == len(found):
                 return None
             k = found[j]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from service.stores.base import (
+    NO_NUDGES,
     AppendResult,
     DuplicatePolicy,
     StoreRejection,
@@ -30,6 +31,7 @@ from service.stores.base import (
 class _Stream:
     meta: StreamMeta
     points: deque = field(default_factory=deque)  # of np.ndarray rows (1 + C,)
+    nudges: deque = field(default_factory=deque)  # (stored, sent) stamps of nudged points
     state: bytes | None = None
     touched: float = field(default_factory=time.monotonic)
 
@@ -112,11 +114,12 @@ class MemoryWindowStore:
                 f"stream {stream!r} has {entry.meta.channels} channels, got {channels}",
             )
         last = entry.meta.last_timestamp if entry else None
-        stored = np.empty((0, 1 + channels))
+        stored, nudges = np.empty((0, 1 + channels)), NO_NUDGES
         if entry is not None and entry.points and may_resend(points, last):
             stored = np.array(entry.points, dtype=np.float64)
+            nudges = np.array(entry.nudges, dtype=np.float64).reshape(-1, 2)
         plan = plan_append(points, stored, last, duplicates,
-                           (entry and entry.meta.timestamps) or default_timestamps)
+                           (entry and entry.meta.timestamps) or default_timestamps, nudges)
         # --- writes ---------------------------------------------------------------------
         created = entry is None
         if entry is None:
@@ -130,6 +133,9 @@ class MemoryWindowStore:
             entry.points.append(np.array(row, dtype=np.float64))
         while len(entry.points) > window:
             entry.points.popleft()
+        entry.nudges.extend(map(tuple, plan.nudges.tolist()))
+        while len(entry.nudges) > window:  # at most window of them can be in the window
+            entry.nudges.popleft()
         if len(new):
             entry.meta.points_seen += len(new)
             entry.meta.last_timestamp = float(new[-1, 0])

@@ -6,6 +6,7 @@ and the Lua scripts below may touch them together:
     <prefix>:{<stream>}:meta    hash: channels, window, detector, names, counters
     <prefix>:{<stream>}:win     list: the last ``window`` points, float64 bytes each
     <prefix>:{<stream>}:state   string: the stream's online detector + threshold state
+    <prefix>:{<stream>}:nudges  list: (stored, sent) stamps of the last nudged points
     <prefix>:{<stream>}:lock    string: per-stream lease (token, PX expiry)
     <prefix>:streams            set: stream ids (an index; entries are checked on read)
 
@@ -34,6 +35,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.stores.base import (
+    NO_NUDGES,
     AppendResult,
     DuplicatePolicy,
     StoreRejection,
@@ -46,13 +48,14 @@ from service.stores.base import (
     plan_append,
 )
 
-# KEYS: meta, win, state. ARGV: channels, default window, default detector, ttl seconds,
-# created_at, the last_ts and points_seen the plan was made on ("" and "0": no stream or
-# no points), the new last_ts, n, then n encoded points (the plan's rows).
+# KEYS: meta, win, state, nudges. ARGV: channels, default window, default detector, ttl
+# seconds, created_at, the last_ts and points_seen the plan was made on ("" and "0": no
+# stream or no points), the new last_ts, n, m, then n encoded points (the plan's rows),
+# then m encoded (stored, sent) stamp pairs of nudged points.
 _APPEND = """
-local meta, win, state = KEYS[1], KEYS[2], KEYS[3]
+local meta, win, state, nudges = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channels = tonumber(ARGV[1])
-local ttl, n = tonumber(ARGV[4]), tonumber(ARGV[9])
+local ttl, n, m = tonumber(ARGV[4]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local created = 0
 local window
 if redis.call('EXISTS', meta) == 1 then
@@ -72,8 +75,12 @@ end
 local context = {}
 if n > 0 then
   for i = 1, n, 500 do
-    redis.call('RPUSH', win, unpack(ARGV, 9 + i, 9 + math.min(i + 499, n)))
+    redis.call('RPUSH', win, unpack(ARGV, 10 + i, 10 + math.min(i + 499, n)))
   end
+  for i = 1, m, 500 do
+    redis.call('RPUSH', nudges, unpack(ARGV, 10 + n + i, 10 + n + math.min(i + 499, m)))
+  end
+  if m > 0 then redis.call('LTRIM', nudges, -window, -1) end
   context = redis.call('LRANGE', win, -(n + window - 1), -1)
   redis.call('LTRIM', win, -window, -1)
   redis.call('HINCRBY', meta, 'points_seen', n)
@@ -83,6 +90,7 @@ if ttl > 0 then
   redis.call('EXPIRE', meta, ttl)
   redis.call('EXPIRE', win, ttl)
   if redis.call('EXISTS', state) == 1 then redis.call('EXPIRE', state, ttl) end
+  if redis.call('EXISTS', nudges) == 1 then redis.call('EXPIRE', nudges, ttl) end
 end
 local out = {'ok', tostring(created)}
 for _, e in ipairs(context) do out[#out + 1] = e end
@@ -150,7 +158,7 @@ class RedisWindowStore:
         return f"{self.prefix}:{{{stream}}}:{part}"
 
     def _keys(self, stream: str) -> list[str]:
-        return [self._key(stream, p) for p in ("meta", "win", "state")]
+        return [self._key(stream, p) for p in ("meta", "win", "state", "nudges")]
 
     @property
     def _index(self) -> str:
@@ -229,18 +237,22 @@ class RedisWindowStore:
             if meta is not None and meta.channels != channels:
                 raise _channel_rejection(stream, meta.channels, channels)
             last = meta.last_timestamp if meta else None
-            stored = np.empty((0, 1 + channels))
+            stored, nudges = np.empty((0, 1 + channels)), NO_NUDGES
             if meta is not None and may_resend(points, last):
                 blobs = await self._call(self._redis.lrange(self._key(stream, "win"), 0, -1))
                 stored = decode_points(blobs, channels)
+                pairs = await self._call(self._redis.lrange(self._key(stream, "nudges"), 0, -1))
+                nudges = decode_points(pairs, 1)
             plan = plan_append(points, stored, last, duplicates,
-                               (meta and meta.timestamps) or default_timestamps)
+                               (meta and meta.timestamps) or default_timestamps, nudges)
             rows = plan.rows
             args: list = [channels, default_window, default_detector, self.ttl_seconds,
                           repr(time.time()), (raw or {}).get(b"last_ts", b"").decode(),
                           (raw or {}).get(b"points_seen", b"0").decode(),
-                          repr(float(rows[-1, 0])) if len(rows) else "", len(rows)]
+                          repr(float(rows[-1, 0])) if len(rows) else "", len(rows),
+                          len(plan.nudges)]
             args += [encode_point(row) for row in rows]
+            args += [encode_point(pair) for pair in plan.nudges]
             out = await self._call(self._append(keys=self._keys(stream), args=args))
             status = out[0].decode()
             if status == "err_stale":  # another append got in between: plan again
