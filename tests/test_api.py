@@ -133,9 +133,10 @@ def test_duplicate_policy_drop_is_idempotent(request):
         assert statuses[:20] == ["duplicate"] * 20 and "duplicate" not in statuses[20:]
         assert client.get("/streams/d").json()["points_seen"] == 130
         changed = sine_points(129, 1)
-        changed[0]["values"] = [42.0]  # same timestamp, other value: a conflict, not a retry
-        r = post(client, "d", changed)
-        assert r.status_code == 422 and "body.points.0.timestamp" in r.json()["message"]
+        changed[0]["values"] = [42.0]  # same timestamp, other value: not a retry, a repeated
+        r = post(client, "d", changed)  # stamp, which the timestamp policy (nudge) stores
+        assert r.json()["results"][0]["timestamp_action"] == "nudged"
+        assert client.get("/streams/d").json()["points_seen"] == 131
 
 
 def test_stream_lifecycle(client):
@@ -197,7 +198,7 @@ def test_operations_endpoints_and_metrics(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     post(client, "m", sine_points(0, 300))
-    post(client, "m", [{"timestamp": 0, "values": [1]}])  # rejected
+    post(client, "m", [{"timestamp": 1000, "values": [1, 2]}])  # rejected: 1 channel
     text = client.get("/metrics").text
     for line in ('tsad_http_requests_total{method="POST",route="/score",status="200"} 1.0',
                  'tsad_http_requests_total{method="POST",route="/score",status="422"} 1.0',

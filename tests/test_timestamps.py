@@ -161,3 +161,17 @@ def test_nab_files_replay_as_published(backend, request, name, affected, batch):
     assert stored[first + affected] == results[first + affected]["timestamp"]
     if "dst" in name:
         assert base == parse_timestamp("2014-03-09 03:00:00")
+
+
+def test_bounds_are_settings(request):
+    with make_client("memory", request, value_max_abs=100.0, timestamp_max_lead_seconds=60,
+                     timestamp_min=1e9) as client:
+        ok = [{"timestamp": 1.7e9, "values": [-100.0]}]
+        assert post(client, "b", ok).status_code == 200
+        for points, field in (([{"timestamp": 1.7e9 + 1, "values": [100.5]}],
+                               "body.points.0.values.0"),
+                              ([{"timestamp": 9e8, "values": [1.0]}], "body.points.0.timestamp"),
+                              ([{"timestamp": 4e9, "values": [1.0]}], "body.points.0.timestamp")):
+            r = post(client, "b", points)
+            assert r.status_code == 422 and field in r.json()["message"], r.text
+        assert client.get("/streams/b").json()["points_seen"] == 1
