@@ -57,9 +57,11 @@ class ScoreRequest(BaseModel):
         "stream's timestamp policy (see StreamConfigIn.timestamps): nudge (default) "
         "stores it 1 ms after that point, drop skips it, reject refuses the batch (422). "
         "Retries come first: while no point of the batch has been stored yet, a point "
-        "equal to a stored point (same timestamp and values, or values equal to a point "
-        "stored nudged from that timestamp) is a duplicate: TSAD_DUPLICATES=reject "
-        "refuses the batch (422), drop answers it status duplicate")
+        "equal to a point of the stream's stored window (the same timestamp and values; "
+        "for a point stored nudged, the timestamp it was sent with and its values) is a "
+        "duplicate, never stored twice: TSAD_DUPLICATES=reject refuses the batch (422), "
+        "drop answers it status duplicate. A point older than the window cannot be told "
+        "from a new point with a backward timestamp: the timestamp policy applies")
 
 
 class ChannelShareOut(BaseModel):
@@ -177,9 +179,9 @@ class StreamOut(BaseModel):
                                                                        "q": 0.001}])
     alert_budget_per_day: float | None = Field(None, description="Alert budget, if set",
                                                examples=[2.0])
-    timestamps: str | None = Field(None, description="Timestamp policy (nudge, drop, "
-                                   "reject); null = the server default TSAD_TIMESTAMPS",
-                                   examples=["nudge"])
+    timestamps: Literal["nudge", "drop", "reject"] | None = Field(
+        None, description="Timestamp policy; null = the server default TSAD_TIMESTAMPS",
+        examples=["nudge"])
 
 
 class WindowOut(BaseModel):

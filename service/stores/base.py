@@ -1,10 +1,12 @@
 """The window-store protocol, shared by the Redis and in-memory implementations.
 
 A store keeps, per stream: its metadata (channel count, window length, detector, points
-seen, last timestamp), the last ``window`` points, and an opaque state blob (the stream's
-online detector and threshold). ``append`` checks the channel count, decides what happens to
-each point (``plan_append``: stored, nudged, dropped, duplicate or a rejection) and writes
-atomically: either every accepted point of the batch is stored or none is.
+seen, last timestamp, timestamp policy), the last ``window`` points, the stamps its last
+nudged points were sent with (to recognise their retries), and an opaque state blob (the
+stream's online detector and threshold). ``append`` checks the channel count, decides
+what happens to each point (``plan_append``: stored, nudged, dropped, duplicate or a
+rejection) and writes atomically: either every accepted point of the batch is stored or
+none is.
 """
 
 from __future__ import annotations

@@ -59,10 +59,11 @@ local ttl, n, m = tonumber(ARGV[4]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local created = 0
 local window
 if redis.call('EXISTS', meta) == 1 then
-  local m = redis.call('HMGET', meta, 'channels', 'window', 'last_ts', 'points_seen')
-  if tonumber(m[1]) ~= channels then return {'err_channels', m[1]} end
-  if (m[3] or '') ~= ARGV[6] or (m[4] or '0') ~= ARGV[7] then return {'err_stale'} end
-  window = tonumber(m[2])
+  local h = redis.call('HMGET', meta, 'channels', 'window', 'last_ts', 'points_seen')
+  if tonumber(h[1]) ~= channels then return {'err_channels', h[1]} end
+  -- the plan was made on this state: another append since means plan again
+  if (h[3] or '') ~= ARGV[6] or (h[4] or '0') ~= ARGV[7] then return {'err_stale'} end
+  window = tonumber(h[2])
 else
   if ARGV[6] ~= '' then return {'err_stale'} end
   window = tonumber(ARGV[2])
