@@ -25,7 +25,6 @@ corpus too).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import sys
@@ -42,13 +41,14 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from throughput import start_redis  # noqa: E402
+
 from models import nab  # noqa: E402
 from models.detectors import build_detector  # noqa: E402
 from models.reporting import save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 from service.replay import fetch_alerts, post_score  # noqa: E402
-from throughput import start_redis  # noqa: E402
 
 PROFILES = list(nab.PROFILES)
 # Published detectors on the 35 files of ../shared/datasets/nab, scored by NAB's own

@@ -47,6 +47,12 @@ class ServiceMetrics:
         self.points_duplicate_total = Counter(
             "tsad_points_duplicate_total", "Exact duplicate points dropped (policy drop)",
             registry=r)
+        self.points_reordered_total = Counter(
+            "tsad_points_reordered_total", "Points whose timestamp was not after the "
+            "previous point's, by what the timestamp policy did (nudged: stored 1 ms after "
+            "it; dropped: not stored)", ["action"], registry=r)
+        for action in ("nudged", "dropped"):  # exported from the start, at 0
+            self.points_reordered_total.labels(action=action)
         self.points_scored_total = Counter(
             "tsad_points_scored_total", "Points that received a score", ["detector"], registry=r)
         self.anomalies_total = Counter(

@@ -4,7 +4,8 @@ The order inside ``score`` is what keeps acknowledged data safe: the atomic appe
 first and the response is sent only after it; scoring state is saved afterwards. If the
 store fails between the two, the points are stored (a retry is then rejected as a
 duplicate, or dropped with TSAD_DUPLICATES=drop) and the stream's detector simply learns
-from the next batch.
+from the next batch. Repeated and backward timestamps follow the stream's timestamp policy
+(``plan_append`` in service/stores/base.py): each affected point says so in its result.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class ScoringPipeline:
                 appended = await self.store.append(
                     stream, points, default_window=self.settings.default_window,
                     default_detector=self.settings.default_detector,
-                    duplicates=self.settings.duplicates)
+                    duplicates=self.settings.duplicates,
+                    default_timestamps=self.settings.timestamps)
             except StoreRejection:
                 self.metrics.points_rejected_total.inc(len(points))
                 raise
@@ -86,7 +88,10 @@ class ScoringPipeline:
                 self.metrics.points_rejected_total.inc(len(points))  # the atomic append
                 raise self._stream_cap_error(("body", "stream"))
             self.metrics.points_ingested_total.inc(appended.accepted)
-            self.metrics.points_duplicate_total.inc(appended.dropped)
+            self.metrics.points_duplicate_total.inc(appended.duplicates)
+            for action in ("nudged", "dropped"):
+                if n := appended.actions.count(action):
+                    self.metrics.points_reordered_total.labels(action).inc(n)
             if appended.created:
                 self.metrics.streams_created_total.inc()
                 log.info("stream created", extra={"stream": stream,
@@ -98,19 +103,25 @@ class ScoringPipeline:
                     self._run_detector, appended.meta, blob, appended.points, appended.accepted)
                 await self.alerts.commit(stream, blob, alerts, events)
                 self._count_events(events)
-        out = [PointResultOut(timestamp=p.timestamp, score=None, anomaly=False, threshold=None,
-                              status="duplicate") for p in req.points[:appended.dropped]]
-        out += [
-            PointResultOut(
+        scored = iter(results)  # one result per stored point, in order
+        out = []
+        for p, action, stamp in zip(req.points, appended.actions, appended.stamps, strict=True):
+            moved = action if action in ("nudged", "dropped") else None
+            if action in ("duplicate", "dropped"):
+                out.append(PointResultOut(
+                    timestamp=p.timestamp, score=None, anomaly=False, threshold=None,
+                    status=action, timestamp_action=moved, stored_timestamp=stamp))
+                continue
+            r = next(scored)
+            out.append(PointResultOut(
                 timestamp=p.timestamp, score=r.score, likelihood=r.likelihood,
                 anomaly=r.anomaly, threshold=r.threshold,
                 status=r.status,
                 top_channels=[ChannelShareOut(channel=c.channel, share=c.share)
                               for c in r.top_channels] if r.top_channels else None,
                 precedents=[PrecedentOut(**asdict(q)) for q in r.precedents]
-                if r.precedents else None)
-            for p, r in zip(req.points[appended.dropped:], results, strict=True)
-        ]
+                if r.precedents else None,
+                timestamp_action=moved, stored_timestamp=stamp))
         return ScoreResponse(stream=stream, results=out)
 
     def _run_detector(self, meta: StreamMeta, blob: bytes | None, points: np.ndarray,
@@ -148,7 +159,8 @@ class ScoringPipeline:
                                            "severity": e["alert"]["severity"]})
 
     def _validate_batch(self, req: ScoreRequest) -> np.ndarray:
-        """Checks the schema cannot express; returns (N, 1 + C) float64, timestamp first."""
+        """Checks the schema cannot express; returns (N, 1 + C) float64, timestamp first.
+        Order is the store's to judge (against the stream's last point, atomically)."""
         if len(req.points) > self.settings.max_batch_points:
             raise field_error(("body", "points"), f"at most {self.settings.max_batch_points} "
                               f"points per request, got {len(req.points)}")
@@ -157,21 +169,14 @@ class ScoringPipeline:
             raise field_error(("body", "points", 0, "values"),
                               f"at most {self.settings.max_channels} channels, got {channels}")
         out = np.empty((len(req.points), 1 + channels))
-        previous = -np.inf
         for i, p in enumerate(req.points):
             if len(p.values) != channels:
                 raise field_error(("body", "points", i, "values"),
                                   f"expected {channels} values like points[0], got "
                                   f"{len(p.values)}")
-            ts = p.epoch()
-            if not np.isfinite(ts):
-                raise field_error(("body", "points", i, "timestamp"), "must be finite")
-            if ts <= previous:
-                raise field_error(("body", "points", i, "timestamp"),
-                                  "timestamps must strictly increase within a batch")
-            previous = ts
-            out[i, 0] = ts
+            out[i, 0] = p.epoch()
             out[i, 1:] = p.values
+        self._check_bounds(out, ("body", "points"))
         return out
 
     # --- limits (TSAD_MAX_*): what one stream, and the store, may hold ---------------------
@@ -195,6 +200,27 @@ class ScoringPipeline:
         if window > s.max_window:
             raise field_error(("body", "window"), f"at most {s.max_window} points per "
                               f"window (TSAD_MAX_WINDOW), got {window}")
+
+    def _check_bounds(self, points: np.ndarray, loc: tuple[str | int, ...]) -> None:
+        """One point must not brick a stream: a stamp far in the future would bar every
+        later point, a huge value overflows the detectors' arithmetic for good."""
+        s = self.settings
+        ts = points[:, 0]
+        latest = time.time() + s.timestamp_max_lead_seconds
+        for bad, why in ((~np.isfinite(ts), "must be finite"),
+                         (ts > latest, f"more than {s.timestamp_max_lead_seconds:g} s ahead "
+                          "of the server clock (TSAD_TIMESTAMP_MAX_LEAD_SECONDS)"),
+                         (ts < s.timestamp_min, f"before {s.timestamp_min!r} "
+                          "(TSAD_TIMESTAMP_MIN)")):
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise field_error((*loc, i, "timestamp"), f"{float(ts[i])!r}: {why}")
+        huge = np.abs(points[:, 1:]) > s.value_max_abs
+        if huge.any():
+            i, j = np.argwhere(huge)[0]
+            raise field_error((*loc, int(i), "values", int(j)),
+                              f"{float(points[i, 1 + j])!r}: magnitude above "
+                              f"{s.value_max_abs:g} (TSAD_VALUE_MAX_ABS)")
 
     # --- /streams ----------------------------------------------------------------------
     async def put_stream(self, stream: str, cfg: StreamConfigIn) -> tuple[StreamOut, bool]:
@@ -231,7 +257,8 @@ class ScoringPipeline:
                               "give either threshold.q or alert_budget_per_day, not both")
         meta = StreamMeta(stream=stream, channels=cfg.channels, window=window, detector=detector,
                           channel_names=cfg.channel_names, threshold=threshold or None,
-                          alert_budget_per_day=cfg.alert_budget_per_day)
+                          alert_budget_per_day=cfg.alert_budget_per_day,
+                          timestamps=cfg.timestamps)
         # room for one more (checked before: a PUT has no points to lose)
         if await self._over_stream_cap(slack=1) and await self.store.get_stream(stream) is None:
             raise self._stream_cap_error(("path", "stream"))
@@ -351,8 +378,7 @@ class ScoringPipeline:
         return scorer.to_blob(), (len(ranges), sum(len(r[3]) for r in ranges),
                                   len(negatives))
 
-    @staticmethod
-    def _inline_points(points: list[Point], channels: int, i: int) -> np.ndarray:
+    def _inline_points(self, points: list[Point], channels: int, i: int) -> np.ndarray:
         out = np.empty((len(points), 1 + channels))
         previous = -np.inf
         for k, p in enumerate(points):
@@ -366,6 +392,7 @@ class ScoringPipeline:
                                   "strictly increase")
             previous = out[k, 0] = ts
             out[k, 1:] = p.values
+        self._check_bounds(out, ("body", "ranges", i, "points"))
         return out
 
     def _recent_normal(self, scorer: StreamScorer, sources: list[np.ndarray],

@@ -12,7 +12,8 @@ STREAM_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 StreamId = Annotated[str, Field(
     pattern=STREAM_ID_PATTERN, description="Stream id: 1-128 of A-Z a-z 0-9 _ . : -",
     examples=["web-01.cpu"])]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# strict: true/false and numeric strings are not numbers (lax pydantic reads false as 0)
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Timestamp = Annotated[FiniteFloat | datetime, Field(
     description="Epoch seconds, or an RFC 3339 date-time (no offset means UTC)",
     examples=[1700000000.0, "2023-11-14T22:13:20Z"])]
@@ -21,9 +22,13 @@ Timestamp = Annotated[FiniteFloat | datetime, Field(
 class Point(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    timestamp: Timestamp
+    timestamp: Timestamp = Field(
+        description="Epoch seconds, or an RFC 3339 date-time (no offset means UTC); at most "
+        "TSAD_TIMESTAMP_MAX_LEAD_SECONDS (1 day) ahead of the server clock and not before "
+        "TSAD_TIMESTAMP_MIN (1970), else 422", examples=[1700000000.0, "2023-11-14T22:13:20Z"])
     values: list[FiniteFloat] = Field(
-        min_length=1, description="One finite value per channel", examples=[[0.42, 17.0]])
+        min_length=1, description="One finite number per channel (not a boolean), of "
+        "magnitude at most TSAD_VALUE_MAX_ABS (1e15), else 422", examples=[[0.42, 17.0]])
 
     def epoch(self) -> float:
         return epoch(self.timestamp)
@@ -46,8 +51,17 @@ class ScoreRequest(BaseModel):
 
     stream: StreamId
     points: list[Point] = Field(
-        min_length=1, description="Points in strictly increasing timestamp order, all after "
-        "the stream's last stored point; at most TSAD_MAX_BATCH_POINTS")
+        min_length=1, description="Points, oldest first; at most TSAD_MAX_BATCH_POINTS. A "
+        "point whose timestamp is not after the previous point's (the previous point of "
+        "the batch that is stored, or the stream's last stored point) follows the "
+        "stream's timestamp policy (see StreamConfigIn.timestamps): nudge (default) "
+        "stores it 1 ms after that point, drop skips it, reject refuses the batch (422). "
+        "Retries come first: while no point of the batch has been stored yet, a point "
+        "equal to a point of the stream's stored window (the same timestamp and values; "
+        "for a point stored nudged, the timestamp it was sent with and its values) is a "
+        "duplicate, never stored twice: TSAD_DUPLICATES=reject refuses the batch (422), "
+        "drop answers it status duplicate. A point older than the window cannot be told "
+        "from a new point with a backward timestamp: the timestamp policy applies")
 
 
 class ChannelShareOut(BaseModel):
@@ -82,14 +96,25 @@ class PointResultOut(BaseModel):
     anomaly: bool = Field(description="Score above the stream's threshold", examples=[False])
     threshold: float | None = Field(description="The stream's threshold when scored; null "
                                     "until enough scores are seen", examples=[5.2])
-    status: Literal["warming_up", "scored", "duplicate"] = Field(
+    status: Literal["warming_up", "scored", "duplicate", "dropped"] = Field(
         description="warming_up: the detector is still learning this stream; scored; "
-        "duplicate: an exact duplicate dropped (duplicate policy 'drop')", examples=["scored"])
+        "duplicate: a retry of a stored point, not stored again (duplicate policy 'drop'); "
+        "dropped: not stored nor scored, its timestamp not after the previous point's "
+        "(timestamp policy 'drop')", examples=["scored"])
     top_channels: list[ChannelShareOut] | None = Field(
         None, description="For anomalous points: the channels that contribute most")
     precedents: list[PrecedentOut] | None = Field(
         None, description="For anomalous points scored by a memory detector: the nearest "
         "normal windows of each top channel, nearest first (what normal looked like)")
+    timestamp_action: Literal["nudged", "dropped"] | None = Field(
+        None, description="Set when the point's timestamp was not after the previous "
+        "point's: nudged = stored and scored at stored_timestamp (the previous point's "
+        "+ 1 ms), dropped = not stored nor scored; null = stored as sent (or a duplicate)",
+        examples=["nudged"])
+    stored_timestamp: float | None = Field(
+        None, description="Epoch seconds the point is stored under: its own timestamp, or "
+        "the nudged one; for a duplicate, its stored twin's; null when dropped",
+        examples=[1700000000.001])
 
 
 class ScoreResponse(BaseModel):
@@ -139,6 +164,12 @@ class StreamConfigIn(BaseModel):
         None, gt=0, le=1e6, description="At most this many alerts a day: converted to the "
         "SPOT risk q = budget / points per day (measured over calibration); replaces q",
         examples=[2.0])
+    timestamps: Literal["nudge", "drop", "reject"] | None = Field(
+        None, description="What to do with a point whose timestamp is not after the "
+        "previous point's (a repeated or backward stamp, e.g. a daylight-saving hour): "
+        "nudge = store and score it 1 ms after the previous point (result "
+        "timestamp_action nudged), drop = skip it (status dropped), reject = 422 for the "
+        "whole batch (default TSAD_TIMESTAMPS, nudge)", examples=["nudge"])
 
 
 class StreamOut(BaseModel):
@@ -156,6 +187,9 @@ class StreamOut(BaseModel):
                                                                        "q": 0.001}])
     alert_budget_per_day: float | None = Field(None, description="Alert budget, if set",
                                                examples=[2.0])
+    timestamps: Literal["nudge", "drop", "reject"] | None = Field(
+        None, description="Timestamp policy; null = the server default TSAD_TIMESTAMPS",
+        examples=["nudge"])
 
 
 class WindowOut(BaseModel):

@@ -56,6 +56,21 @@ class Settings(BaseSettings):
         description="points at or before a stream's last timestamp: reject the request "
         "(422) or drop exact duplicates (idempotent retries)",
     )
+    timestamps: Literal["nudge", "drop", "reject"] = Field(
+        "nudge",
+        description="default policy for a point whose timestamp is not after the previous "
+        "point's (real telemetry repeats and reorders stamps): nudge = store and score it "
+        "1 ms after the previous one, drop = skip it, reject = 422 (a stream may override)",
+    )
+    timestamp_max_lead_seconds: float = Field(
+        86400.0, gt=0, description="422 for a timestamp further than this ahead of the "
+        "server clock (one such point would otherwise bar every later one)")
+    timestamp_min: float = Field(0.0, description="422 for a timestamp before this (epoch "
+                                 "seconds; 0 = 1970-01-01)")
+    value_max_abs: float = Field(
+        1e15, gt=0, le=1e300, description="422 for a value of larger magnitude: the "
+        "detectors square and sum values, and a 1e308 would overflow to inf and wreck a "
+        "stream's threshold for good (1e15 keeps integers exact in float64)")
     warmup_points: int = Field(256, ge=8, description="points before an online detector scores")
     costly_score_stride: int = Field(
         4, ge=1, description="language-model detectors score every Nth point; the points in "

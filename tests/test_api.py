@@ -48,7 +48,8 @@ def test_score_warms_up_then_scores_every_point(client):
     assert [p["timestamp"] for p in results] == [float(t) for t in range(300)]
     assert results[0] == {"timestamp": 0.0, "score": None, "likelihood": None, "anomaly": False,
                           "threshold": None, "status": "warming_up", "top_channels": None,
-                          "precedents": None}
+                          "precedents": None, "timestamp_action": None,
+                          "stored_timestamp": 0.0}
     assert results[-1]["status"] == "scored" and results[-1]["score"] is not None
     assert 0.0 <= results[-1]["likelihood"] <= 1.0
     assert results[-1]["threshold"] is not None
@@ -82,12 +83,23 @@ BAD_REQUESTS = [
      b'{"timestamp": 1001, "values": [1, 2]}]}', "body.points.1.values"),
     (b'{"stream": "s", "points": []}', "body.points"),
     (json.dumps({"stream": "s", "points": sine_points(1000, 2001)}).encode(), "body.points"),
-    (b'{"stream": "s", "points": [{"timestamp": 1001, "values": [1]}, '
-     b'{"timestamp": 1001, "values": [1]}]}', "body.points.1.timestamp"),
-    (b'{"stream": "s", "points": [{"timestamp": 1001, "values": [1]}, '
-     b'{"timestamp": 1000, "values": [1]}]}', "body.points.1.timestamp"),
-    (b'{"stream": "s", "points": [{"timestamp": 5, "values": [1]}]}',
-     "body.points.0.timestamp"),  # not after the stream's last stored timestamp (99)
+    # bounds: one point must not brick a stream (tests/test_timestamps.py has the policies)
+    (b'{"stream": "s", "points": [{"timestamp": 4102444800, "values": [1]}]}',
+     "body.points.0.timestamp"),  # 2100: more than a day ahead of the clock
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [1]}, '
+     b'{"timestamp": -1, "values": [1]}]}', "body.points.1.timestamp"),  # before 1970
+    (b'{"stream": "s", "points": [{"timestamp": "1969-12-31T23:59:59Z", "values": [1]}]}',
+     "body.points.0.timestamp"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [1e308]}]}',
+     "body.points.0.values.0"),  # finite, but overflows the detectors' arithmetic
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [1]}, '
+     b'{"timestamp": 1001, "values": [-2e15]}]}', "body.points.1.values.0"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": [false]}]}',
+     "body.points.0.values.0"),  # a boolean is not a number (lax parsing made it 0)
+    (b'{"stream": "s", "points": [{"timestamp": true, "values": [1]}]}',
+     "body.points.0.timestamp"),
+    (b'{"stream": "s", "points": [{"timestamp": 1000, "values": ["1.5"]}]}',
+     "body.points.0.values.0"),
     (b'{"stream": "bad/id", "points": [{"timestamp": 1000, "values": [1]}]}', "body.stream"),
     (b'{"stream": "", "points": [{"timestamp": 1000, "values": [1]}]}', "body.stream"),
     (json.dumps({"stream": "x" * 129, "points": [{"timestamp": 1000, "values": [1]}]}).encode(),
@@ -122,9 +134,10 @@ def test_duplicate_policy_drop_is_idempotent(request):
         assert statuses[:20] == ["duplicate"] * 20 and "duplicate" not in statuses[20:]
         assert client.get("/streams/d").json()["points_seen"] == 130
         changed = sine_points(129, 1)
-        changed[0]["values"] = [42.0]  # same timestamp, other value: a conflict, not a retry
-        r = post(client, "d", changed)
-        assert r.status_code == 422 and "body.points.0.timestamp" in r.json()["message"]
+        changed[0]["values"] = [42.0]  # same timestamp, other value: not a retry, a repeated
+        r = post(client, "d", changed)  # stamp, which the timestamp policy (nudge) stores
+        assert r.json()["results"][0]["timestamp_action"] == "nudged"
+        assert client.get("/streams/d").json()["points_seen"] == 131
 
 
 def test_stream_lifecycle(client):
@@ -186,7 +199,7 @@ def test_operations_endpoints_and_metrics(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     post(client, "m", sine_points(0, 300))
-    post(client, "m", [{"timestamp": 0, "values": [1]}])  # rejected
+    post(client, "m", [{"timestamp": 1000, "values": [1, 2]}])  # rejected: 1 channel
     text = client.get("/metrics").text
     for line in ('tsad_http_requests_total{method="POST",route="/score",status="200"} 1.0',
                  'tsad_http_requests_total{method="POST",route="/score",status="422"} 1.0',

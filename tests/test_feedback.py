@@ -82,6 +82,9 @@ HELD = {"start": 39, "end": 39, "label": "normal"}  # the newest held point: a f
     ({"ranges": [HELD | {"points": [{"timestamp": 2, "values": [0.0]},
                                     {"timestamp": 1, "values": [0.0]}]}]},
      "body.ranges.0.points.1.timestamp"),
+    ({"ranges": [HELD | {"points": [{"timestamp": 1, "values": [0.0]},
+                                    {"timestamp": 2, "values": [1e308]}]}]},
+     "body.ranges.0.points.1.values.0"),  # would overflow the detectors' arithmetic
     ({"ranges": [HELD], "extra": 1}, "body.extra"),
 ])
 def test_bad_feedback_names_the_field_and_changes_nothing(client, body, field):

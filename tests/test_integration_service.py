@@ -29,40 +29,49 @@ def batch(start: int, n: int) -> list[dict]:
             for t in range(start, start + n)]
 
 
-def test_32_concurrent_clients_lose_and_duplicate_nothing(live_service):
+@pytest.mark.parametrize("policy", ["reject", "nudge"])
+def test_32_concurrent_clients_lose_and_duplicate_nothing(redis_url, policy):
     """32 clients post interleaved batches to one stream; every acknowledged point is in
-    the window exactly once, in order, and rejected batches left no trace."""
+    the window exactly once, in order, and rejected batches left no trace. With the
+    timestamp policy nudge, batches that lose the race are stored after the winners."""
     clients, rounds, size = 32, 8, 5
-    accepted: list[int] = []
+    accepted: dict[float, list[float]] = {}  # stored timestamp -> values sent
     statuses: list[int] = []
 
     async def client(k: int, http: httpx.AsyncClient) -> None:
         for r in range(rounds):
             start = (r * clients + k) * size  # client k owns every 32nd batch
-            resp = await http.post("/score", json={"stream": "shared", "points":
-                                                   batch(start, size)})
+            points = batch(start, size)
+            resp = await http.post("/score", json={"stream": "shared", "points": points})
             statuses.append(resp.status_code)
             if resp.status_code == 200:
-                assert len(resp.json()["results"]) == size
-                accepted.extend(range(start, start + size))
+                results = resp.json()["results"]
+                assert len(results) == size
+                for p, res in zip(points, results, strict=True):
+                    assert res["stored_timestamp"] not in accepted
+                    accepted[res["stored_timestamp"]] = p["values"]
             else:
-                assert resp.status_code == 422, resp.text
+                assert policy == "reject" and resp.status_code == 422, resp.text
                 assert "body.points.0.timestamp" in resp.json()["message"]
 
-    async def main() -> None:
+    async def main(url: str) -> None:
         limits = httpx.Limits(max_connections=clients)
-        async with httpx.AsyncClient(base_url=live_service.url, timeout=30,
-                                     limits=limits) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
             await asyncio.gather(*(client(k, http) for k in range(clients)))
 
-    asyncio.run(main())
+    env = {"REDIS_URL": redis_url, "TSAD_DEFAULT_WINDOW": str(W), "TSAD_WARMUP_POINTS": "64",
+           "TSAD_TIMESTAMPS": policy}
+    with ServiceProcess(env) as service:
+        asyncio.run(main(service.url))
+        meta = httpx.get(f"{service.url}/streams/shared").json()
+        window = httpx.get(f"{service.url}/streams/shared/window").json()
     assert len(statuses) == clients * rounds and accepted
-    meta = httpx.get(f"{live_service.url}/streams/shared").json()
-    window = httpx.get(f"{live_service.url}/streams/shared/window").json()
-    assert meta["points_seen"] == len(accepted) == len(set(accepted))
+    if policy == "nudge":
+        assert statuses == [200] * clients * rounds
+    assert meta["points_seen"] == len(accepted)
     expected = sorted(accepted)[-W:]
-    assert window["timestamps"] == [float(t) for t in expected]
-    assert window["values"] == [[float(t % 17), float(t % 5)] for t in expected]
+    assert window["timestamps"] == expected
+    assert window["values"] == [accepted[t] for t in expected]
 
 
 def test_redis_outage_gives_503_and_recovers_by_itself():

@@ -37,7 +37,7 @@ async def append(store, stream, points, duplicates="reject"):
 
 async def test_first_append_creates_stream(store):
     result = await append(store, "s1", batch([1, 2, 3]))
-    assert result.created and result.accepted == 3 and result.dropped == 0
+    assert result.created and result.accepted == 3 and result.duplicates == 0
     meta = await store.get_stream("s1")
     assert (meta.channels, meta.window, meta.points_seen, meta.last_timestamp) == (2, W, 3, 3.0)
     np.testing.assert_array_equal(result.points, batch([1, 2, 3]))
@@ -72,7 +72,7 @@ async def test_rejections_change_nothing(store):
 async def test_drop_policy_is_idempotent_for_exact_duplicates(store):
     await append(store, "s", batch([1, 2, 3]))
     result = await append(store, "s", batch([2, 3, 4]), duplicates="drop")
-    assert (result.dropped, result.accepted) == (2, 1)
+    assert (result.duplicates, result.accepted) == (2, 1)
     np.testing.assert_array_equal((await store.window("s"))[:, 0], [1, 2, 3, 4])
     conflicting = batch([4, 5])
     conflicting[0, 1] += 1.0  # same timestamp, different value: not a duplicate
@@ -165,4 +165,116 @@ async def test_redis_ttl_expires_idle_streams(redis_url):
 async def test_redis_keys_carry_hash_tag(redis_url):
     store = RedisWindowStore(redis_url)
     assert all("{my.stream:1}" in k for k in store._keys("my.stream:1"))
+    await store.close()
+
+
+# --- repeated and backward timestamps (plan_append, shared by both stores) ---------------
+async def test_nudge_stores_repeated_and_backward_stamps_just_after_the_previous(store):
+    await append(store, "n", batch([1, 2, 3]))
+    points = batch([3, 2, 5, 5, 6])
+    points[:, 1] += 0.5  # not copies of stored points: new data with bad stamps
+    result = await store.append("n", points, default_window=W,
+                                default_detector="residual_linear",
+                                default_timestamps="nudge")
+    assert result.actions == ["nudged", "nudged", "stored", "nudged", "stored"]
+    assert result.stamps == [3.001, 3.001 + 0.001, 5.0, 5.001, 6.0]
+    assert (result.accepted, result.duplicates) == (5, 0)
+    window = await store.window("n")
+    np.testing.assert_array_equal(window[:, 0], [1, 2, 3, *result.stamps])
+    np.testing.assert_array_equal(window[3:, 1:], points[:, 1:])  # values as sent
+    np.testing.assert_array_equal(result.points[-5:], window[3:])
+    meta = await store.get_stream("n")
+    assert (meta.points_seen, meta.last_timestamp) == (8, 6.0)
+
+
+async def test_drop_and_reject_timestamp_policies(store):
+    await append(store, "d", batch([1, 2, 3]))
+    points = batch([3, 4, 4, 2, 5])
+    points[:, 1] += 0.5
+    result = await store.append("d", points, default_window=W,
+                                default_detector="residual_linear", default_timestamps="drop")
+    assert result.actions == ["dropped", "stored", "dropped", "dropped", "stored"]
+    assert result.stamps == [None, 4.0, None, None, 5.0] and result.accepted == 2
+    np.testing.assert_array_equal((await store.window("d"))[:, 0], [1, 2, 3, 4, 5])
+    before = (await store.get_stream("d"), await store.window("d"))
+    for bad, i in ((batch([6, 6]), 1), (batch([7, 6.5]), 1), (batch([4.5]), 0)):
+        with pytest.raises(StoreRejection) as exc:
+            await append(store, "d", bad)  # policy reject: the store's default
+        assert exc.value.loc == ("body", "points", i, "timestamp")
+    after = (await store.get_stream("d"), await store.window("d"))
+    assert before[0] == after[0]
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+async def test_a_retried_batch_is_recognised_even_where_it_was_nudged(store):
+    first = batch([1, 2, 2, 2, 3])
+    first[:, 1] = [10, 11, 12, 13, 14]
+    stored = await store.append("r", first, default_window=W,
+                                default_detector="residual_linear", default_timestamps="nudge")
+    assert stored.actions == ["stored", "stored", "nudged", "nudged", "stored"]
+    retry = np.vstack([first[2:], batch([4])])  # resent from the first nudged point on
+    result = await store.append("r", retry, default_window=W, default_detector="residual_linear",
+                                duplicates="drop", default_timestamps="nudge")
+    assert result.actions == ["duplicate", "duplicate", "duplicate", "stored"]
+    assert result.stamps == [*stored.stamps[2:], 4.0] and result.duplicates == 3
+    with pytest.raises(StoreRejection) as exc:  # duplicates "reject": a retry is refused
+        await store.append("r", first[3:], default_window=W,
+                           default_detector="residual_linear", default_timestamps="nudge")
+    assert exc.value.loc == ("body", "points", 0, "timestamp")
+    # the same stamp and value again, after its stored copy: a new point, not a retry
+    last = (await store.window("r"))[-1:]
+    again = await store.append("r", np.vstack([last, last]), default_window=W,
+                               default_detector="residual_linear", duplicates="drop",
+                               default_timestamps="nudge")
+    assert again.actions == ["duplicate", "nudged"] and again.stamps[1] == 4.001
+    # values of a nudged point, but not the stamp it was sent with: new data, not a retry
+    late = np.array([[1.5, 12.0, 4.0]])
+    result = await store.append("r", late, default_window=W, default_detector="residual_linear",
+                                duplicates="drop", default_timestamps="nudge")
+    assert result.actions == ["nudged"] and result.stamps == [4.001 + 0.001]
+    assert (await store.get_stream("r")).points_seen == 8
+
+
+async def test_a_streams_own_policy_overrides_the_default(store):
+    meta, _ = await store.put_stream(StreamMeta(stream="o", channels=2, window=W,
+                                                detector="residual_linear", timestamps="drop"))
+    assert meta.timestamps == "drop" and (await store.get_stream("o")).timestamps == "drop"
+    result = await store.append("o", batch([1, 1]), default_window=W,
+                                default_detector="residual_linear", default_timestamps="nudge")
+    assert result.actions == ["stored", "dropped"]
+    await store.put_stream(StreamMeta(stream="o", channels=2, window=W,
+                                      detector="residual_linear"))  # back to the default
+    result = await store.append("o", batch([0.5]), default_window=W,
+                                default_detector="residual_linear", default_timestamps="nudge")
+    assert result.actions == ["nudged"] and result.stamps == [1.001]
+
+
+async def test_racing_writers_with_nudge_store_every_point_once(store):
+    """Every writer's points are accepted (late ones nudged); none lost or doubled."""
+    async def writer(k: int) -> list[float]:
+        stamps = []
+        for j in range(10):
+            point = np.array([[float(j + 1), float(k), float(j)]])  # values name the point
+            result = await store.append("race", point, default_window=1000,
+                                        default_detector="residual_linear",
+                                        default_timestamps="nudge")
+            stamps += result.stamps
+        return stamps
+
+    stamps = [s for ss in await asyncio.gather(*(writer(k) for k in range(16))) for s in ss]
+    window = await store.window("race")
+    assert (await store.get_stream("race")).points_seen == len(window) == 160
+    assert np.all(np.diff(window[:, 0]) > 0) and sorted(stamps) == window[:, 0].tolist()
+    assert sorted(map(tuple, window[:, 1:].tolist())) == [
+        (float(k), float(j)) for k in range(16) for j in range(10)]
+
+
+async def test_redis_meta_stored_before_the_policy_field_still_loads(redis_url):
+    store = RedisWindowStore(redis_url)
+    await append(store, "old", batch([1, 2]))
+    await store._redis.hdel(store._key("old", "meta"), "timestamps")  # as an old version left it
+    assert (await store.get_stream("old")).timestamps is None
+    result = await store.append("old", batch([2.0]) + [[0, 1, 1]], default_window=W,
+                                default_detector="residual_linear", default_timestamps="nudge")
+    assert result.actions == ["nudged"]
     await store.close()

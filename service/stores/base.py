@@ -1,14 +1,18 @@
 """The window-store protocol, shared by the Redis and in-memory implementations.
 
 A store keeps, per stream: its metadata (channel count, window length, detector, points
-seen, last timestamp), the last ``window`` points, and an opaque state blob (the stream's
-online detector and threshold). ``append`` validates ordering and channel count and writes
-atomically: either every accepted point of the batch is stored or none is.
+seen, last timestamp, timestamp policy), the last ``window`` points, the stamps its last
+nudged points were sent with (to recognise their retries), and an opaque state blob (the
+stream's online detector and threshold). ``append`` checks the channel count, decides
+what happens to each point (``plan_append``: stored, nudged, dropped, duplicate or a
+rejection) and writes atomically: either every accepted point of the batch is stored or
+none is.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
@@ -18,6 +22,12 @@ import numpy as np
 from models.streaming import CHUNK
 
 DuplicatePolicy = Literal["reject", "drop"]
+# a point whose stamp is not after the previous one (in the batch, or the stream's last)
+TimestampPolicy = Literal["nudge", "drop", "reject"]
+# What happened to one point of an append: "stored" as sent, "nudged" (stored just after the
+# previous point), "dropped" (timestamp policy drop), "duplicate" (a retry of a stored point)
+PointAction = Literal["stored", "nudged", "dropped", "duplicate"]
+NUDGE_SECONDS = 0.001
 
 # Points kept per stream beyond its window: the scoring loop learns a chunk when it
 # completes, from windows that started up to a chunk before the newest point.
@@ -41,6 +51,7 @@ class StreamMeta:
     last_timestamp: float | None = None
     threshold: dict | None = None  # {"kind", "q", "depth"} overrides; None = defaults
     alert_budget_per_day: float | None = None
+    timestamps: TimestampPolicy | None = None  # None = the server default (TSAD_TIMESTAMPS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,11 +61,16 @@ class StreamMeta:
 class AppendResult:
     meta: StreamMeta  # after the append
     created: bool  # this append created the stream
-    dropped: int  # leading points dropped as exact duplicates (policy "drop")
+    duplicates: int  # points recognised as retries of stored points (policy "drop")
     accepted: int  # points written
     # Context then accepted points, oldest first: up to retained(window) - 1 points stored
-    # before the batch, followed by the accepted points. Column 0 is the timestamp. (K, 1 + C)
+    # before the batch, followed by the accepted points. Column 0 is the timestamp (as
+    # stored). (K, 1 + C)
     points: np.ndarray
+    actions: list[PointAction]  # one per point sent, in order
+    # one per point sent: the stamp it is stored under (a duplicate: its stored twin's);
+    # None when dropped
+    stamps: list[float | None]
 
 
 class StoreRejection(Exception):
@@ -109,14 +125,15 @@ class WindowStore(Protocol):
         default_window: int,
         default_detector: str,
         duplicates: DuplicatePolicy = "reject",
+        default_timestamps: TimestampPolicy = "reject",
     ) -> AppendResult:
-        """Atomically append ``points`` (N, 1 + C; column 0 the timestamp, strictly
-        increasing) and trim the window to its last ``window`` points.
+        """Atomically append ``points`` (N, 1 + C; column 0 the timestamp) as
+        ``plan_append`` decides, with the stream's own timestamp policy or else
+        ``default_timestamps``, and trim the window to its last ``window`` points.
 
         Creates the stream from the first batch when it does not exist. Raises
-        StoreRejection (nothing written) on a channel-count mismatch or a timestamp not
-        after the stream's last one; with ``duplicates="drop"``, leading points that
-        exactly equal stored points are dropped instead.
+        StoreRejection (nothing written) on a channel-count mismatch or when the plan
+        rejects a point.
         """
         ...
 
@@ -142,3 +159,141 @@ def decode_points(blobs: list[bytes], channels: int) -> np.ndarray:
     if not blobs:
         return np.empty((0, 1 + channels))
     return np.frombuffer(b"".join(blobs), dtype="<f8").reshape(len(blobs), 1 + channels).copy()
+
+
+def may_resend(points: np.ndarray, last: float | None) -> bool:
+    """Whether ``plan_append`` needs the stored window: some point is not after ``last``
+    (else the stores skip reading it)."""
+    return last is not None and bool((points[:, 0] <= last).any())
+
+
+def nudge(previous: float) -> float:
+    """The stamp a nudged point gets: 1 ms after the previous one (the next float when
+    1 ms is below the stamp's precision)."""
+    stamp = previous + NUDGE_SECONDS
+    return stamp if stamp > previous else float(np.nextafter(previous, np.inf))
+
+
+@dataclass
+class AppendPlan:
+    rows: np.ndarray  # (K, 1 + C) the points to write, stamps as they will be stored
+    actions: list[PointAction]
+    stamps: list[float | None]
+    # (M, 2) for each nudged point written: its stored stamp and the stamp it was sent
+    # with, kept beside the window so that a retry of it is recognised
+    nudges: np.ndarray
+
+    @property
+    def duplicates(self) -> int:
+        return self.actions.count("duplicate")
+
+
+NO_NUDGES = np.empty((0, 2))
+
+
+def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
+                duplicates: DuplicatePolicy, timestamps: TimestampPolicy,
+                nudges: np.ndarray = NO_NUDGES) -> AppendPlan:
+    """Decide, point by point, what an append does; raises StoreRejection (nothing to
+    write) when a policy says reject. Both stores call this, so they agree exactly.
+
+    ``stored`` is the stream's stored window (oldest first), ``last`` its last stored
+    stamp (None: no points yet) and ``nudges`` the (stored, sent) stamps of its recent
+    nudged points. A point's *previous* stamp is that of the batch's last point to be
+    written, or ``last`` while none is.
+
+    Retries first: while nothing of the batch is to be written yet (a retry resends
+    stored points, in order), a point at or before ``last`` that equals a stored point
+    of the window (after the one the previous retried point matched) is a *duplicate*:
+    the same stamp and values, or the same values and the stamp it was sent with when it
+    was nudged. Duplicates follow ``duplicates``: "drop" answers them, "reject" refuses
+    the request. (Points older than the window cannot be told from new points with a
+    backward stamp: the timestamp policy applies to them.)
+
+    Then order: a point whose stamp is not after its previous one follows ``timestamps``:
+    "nudge" stores it at previous + 1 ms (later points still after that keep their
+    stamps), "drop" skips it, "reject" refuses the request.
+
+    >>> p = np.array([[10.0, 1.0], [10.0, 2.0], [9.0, 3.0], [11.0, 4.0]])
+    >>> plan = plan_append(p, np.empty((0, 2)), None, "reject", "nudge")
+    >>> plan.actions, [round(t, 6) for t in plan.stamps]
+    (['stored', 'nudged', 'nudged', 'stored'], [10.0, 10.001, 10.002, 11.0])
+    >>> plan.nudges[:, 1].tolist()  # the stamps the nudged points were sent with
+    [10.0, 9.0]
+    >>> again = plan_append(p, plan.rows, 11.0, "drop", "nudge", plan.nudges)  # a retry
+    >>> again.actions, again.stamps == plan.stamps, len(again.rows)
+    (['duplicate', 'duplicate', 'duplicate', 'duplicate'], True, 0)
+    >>> plan_append(p, np.empty((0, 2)), None, "reject", "drop").actions
+    ['stored', 'dropped', 'dropped', 'stored']
+    """
+    previous = -np.inf if last is None else last
+    retries = len(stored) > 0 and may_resend(points, last)
+    if retries:
+        matcher = _RetryMatcher(stored, nudges)
+    keep: list[np.ndarray] = []
+    actions: list[PointAction] = []
+    stamps: list[float | None] = []
+    moved: list[tuple[float, float]] = []
+    for i, row in enumerate(points):
+        ts = float(row[0])
+        if ts > previous:
+            keep.append(row)
+            actions.append("stored")
+            stamps.append(ts)
+            previous = ts
+            continue
+        loc = ("body", "points", i, "timestamp")
+        if retries and not keep and (twin := matcher.match(row)) is not None:
+            if duplicates != "drop":
+                raise StoreRejection(loc, f"point {i} (timestamp {ts!r}) is a duplicate of "
+                                     "a stored point; with TSAD_DUPLICATES=drop a retry is "
+                                     "answered status \"duplicate\"")
+            actions.append("duplicate")
+            stamps.append(twin)
+            continue
+        if timestamps == "reject":
+            after = (f"the stream's last stored timestamp {previous!r}" if not keep else
+                     f"the previous point's timestamp {previous!r}")
+            raise StoreRejection(loc, f"timestamp {ts!r} is not after {after} (timestamp "
+                                 "policy reject)")
+        if timestamps == "drop":
+            actions.append("dropped")
+            stamps.append(None)
+            continue
+        previous = nudge(previous)
+        keep.append(np.concatenate([[previous], row[1:]]))
+        actions.append("nudged")
+        stamps.append(previous)
+        moved.append((previous, ts))
+    rows = np.array(keep, dtype=np.float64).reshape(len(keep), points.shape[1])
+    return AppendPlan(rows=rows, actions=actions, stamps=stamps,
+                      nudges=np.array(moved, dtype=np.float64).reshape(len(moved), 2))
+
+
+class _RetryMatcher:
+    """Finds the stored twin of a resent point by dictionary: stored rows by their bytes,
+    nudged ones also by (the stamp they were sent with, their values)."""
+
+    def __init__(self, stored: np.ndarray, nudges: np.ndarray) -> None:
+        self.ts = stored[:, 0]
+        self.exact = {row.tobytes(): k for k, row in enumerate(stored)}
+        self.sent: dict[bytes, list[int]] = {}  # several nudged points may share a stamp
+        for at, sent in nudges:
+            k = int(np.searchsorted(self.ts, at))
+            if k < len(stored) and self.ts[k] == at:  # else it has left the window
+                key = np.concatenate([[sent], stored[k, 1:]]).tobytes()
+                self.sent.setdefault(key, []).append(k)
+        for found in self.sent.values():
+            found.sort()
+        self.cursor = -1  # a retry resends stored points in order
+
+    def match(self, row: np.ndarray) -> float | None:
+        k = self.exact.get(row.tobytes())
+        if k is None or k <= self.cursor:
+            found = self.sent.get(row.tobytes(), [])
+            j = bisect_left(found, self.cursor + 1)
+            if j == len(found):
+                return None
+            k = found[j]
+        self.cursor = k
+        return float(self.ts[k])

@@ -16,10 +16,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from service.stores.base import (
+    NO_NUDGES,
     AppendResult,
     DuplicatePolicy,
     StoreRejection,
     StreamMeta,
+    TimestampPolicy,
+    may_resend,
+    plan_append,
     retained,
 )
 
@@ -28,6 +32,7 @@ from service.stores.base import (
 class _Stream:
     meta: StreamMeta
     points: deque = field(default_factory=deque)  # of np.ndarray rows (1 + C,)
+    nudges: deque = field(default_factory=deque)  # (stored, sent) stamps of nudged points
     state: bytes | None = None
     touched: float = field(default_factory=time.monotonic)
 
@@ -73,7 +78,8 @@ class MemoryWindowStore:
             entry.points.popleft()
         entry.meta = replace(old, window=meta.window, detector=meta.detector,
                              channel_names=meta.channel_names, threshold=meta.threshold,
-                             alert_budget_per_day=meta.alert_budget_per_day)
+                             alert_budget_per_day=meta.alert_budget_per_day,
+                             timestamps=meta.timestamps)
         entry.touched = time.monotonic()
         return replace(entry.meta), False
 
@@ -111,6 +117,7 @@ class MemoryWindowStore:
         default_window: int,
         default_detector: str,
         duplicates: DuplicatePolicy = "reject",
+        default_timestamps: TimestampPolicy = "reject",
     ) -> AppendResult:
         channels = points.shape[1] - 1
         entry = self._get(stream)
@@ -120,33 +127,20 @@ class MemoryWindowStore:
                 ("body", "points", 0, "values"),
                 f"stream {stream!r} has {entry.meta.channels} channels, got {channels}",
             )
-        dropped = 0
         last = entry.meta.last_timestamp if entry else None
-        if last is not None:
-            stored = {row.tobytes() for row in entry.points} if duplicates == "drop" else set()
-            for i, row in enumerate(points):
-                if row[0] > last:
-                    break
-                if duplicates != "drop":
-                    raise StoreRejection(
-                        ("body", "points", i, "timestamp"),
-                        f"timestamp {float(row[0])!r} is not after the stream's last stored "
-                        f"timestamp {last!r}",
-                    )
-                if row.tobytes() not in stored:
-                    raise StoreRejection(
-                        ("body", "points", i, "timestamp"),
-                        f"timestamp {float(row[0])!r} is not after the stream's last stored "
-                        f"timestamp {last!r} and is not an exact duplicate of a stored point",
-                    )
-                dropped = i + 1
+        stored, nudges = np.empty((0, 1 + channels)), NO_NUDGES
+        if entry is not None and entry.points and may_resend(points, last):
+            stored = np.array(entry.points, dtype=np.float64)
+            nudges = np.array(entry.nudges, dtype=np.float64).reshape(-1, 2)
+        plan = plan_append(points, stored, last, duplicates,
+                           (entry and entry.meta.timestamps) or default_timestamps, nudges)
         # --- writes ---------------------------------------------------------------------
         created = entry is None
         if entry is None:
             meta = StreamMeta(stream=stream, channels=channels, window=default_window,
                               detector=default_detector)
             entry = self._streams[stream] = _Stream(meta=meta)
-        new = points[dropped:]
+        new = plan.rows
         window = entry.meta.window
         keep = retained(window)
         context = list(entry.points)[-(keep - 1):] if keep > 1 else []
@@ -154,14 +148,18 @@ class MemoryWindowStore:
             entry.points.append(np.array(row, dtype=np.float64))
         while len(entry.points) > keep:
             entry.points.popleft()
+        entry.nudges.extend(map(tuple, plan.nudges.tolist()))
+        while len(entry.nudges) > window:  # at most window of them can be in the window
+            entry.nudges.popleft()
         if len(new):
             entry.meta.points_seen += len(new)
             entry.meta.last_timestamp = float(new[-1, 0])
         entry.touched = time.monotonic()
         rows = context + list(new) if len(new) else []
         out = np.array(rows, dtype=np.float64).reshape(len(rows), 1 + channels)
-        return AppendResult(meta=replace(entry.meta), created=created, dropped=dropped,
-                            accepted=len(new), points=out)
+        return AppendResult(meta=replace(entry.meta), created=created,
+                            duplicates=plan.duplicates, accepted=len(new), points=out,
+                            actions=plan.actions, stamps=plan.stamps)
 
     async def window(self, stream: str) -> np.ndarray:
         entry = self._get(stream)

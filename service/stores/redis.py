@@ -6,11 +6,15 @@ and the Lua scripts below may touch them together:
     <prefix>:{<stream>}:meta    hash: channels, window, detector, names, counters
     <prefix>:{<stream>}:win     list: the last ``window`` points, float64 bytes each
     <prefix>:{<stream>}:state   string: the stream's online detector + threshold state
+    <prefix>:{<stream>}:nudges  list: (stored, sent) stamps of the last nudged points
     <prefix>:{<stream>}:lock    string: per-stream lease (token, PX expiry)
     <prefix>:streams            set: stream ids (an index; entries are checked on read)
 
-Every append runs as one Lua script: the ordering and channel checks, the RPUSH, the
-LTRIM and the counters either all happen or none do.
+Every append runs as one Lua script: the channel check, the RPUSH, the LTRIM and the
+counters either all happen or none do. What to write is planned in Python
+(``plan_append``, shared with the in-memory store) on the stream's state as read just
+before; the script writes only if that state (last timestamp, points seen) is unchanged,
+else the append plans again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import bisect
 import contextlib
 import json
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -32,74 +37,71 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.stores.base import (
     HISTORY_EXTRA,
+    NO_NUDGES,
     AppendResult,
     DuplicatePolicy,
     StoreRejection,
     StoreUnavailable,
     StreamMeta,
+    TimestampPolicy,
     decode_points,
     encode_point,
+    may_resend,
+    plan_append,
 )
 
-# KEYS: meta, win, state. ARGV: channels, default window, default detector, duplicate
-# policy, ttl seconds, created_at, n, then n timestamps, then n encoded points.
+# KEYS: meta, win, state, nudges. ARGV: channels, default window, default detector, ttl
+# seconds, created_at, the last_ts and points_seen the plan was made on ("" and "0": no
+# stream or no points), the new last_ts, n, m, then n encoded points (the plan's rows),
+# then m encoded (stored, sent) stamp pairs of nudged points.
 _APPEND = """
-local meta, win, state = KEYS[1], KEYS[2], KEYS[3]
+local meta, win, state, nudges = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channels = tonumber(ARGV[1])
-local policy, ttl, n = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[7])
+local ttl, n, m = tonumber(ARGV[4]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local created = 0
-local window, last_ts
+local window
 if redis.call('EXISTS', meta) == 1 then
-  local m = redis.call('HMGET', meta, 'channels', 'window', 'last_ts')
-  if tonumber(m[1]) ~= channels then return {'err_channels', m[1]} end
-  window = tonumber(m[2])
-  last_ts = m[3]
+  local h = redis.call('HMGET', meta, 'channels', 'window', 'last_ts', 'points_seen')
+  if tonumber(h[1]) ~= channels then return {'err_channels', h[1]} end
+  -- the plan was made on this state: another append since means plan again
+  if (h[3] or '') ~= ARGV[6] or (h[4] or '0') ~= ARGV[7] then return {'err_stale'} end
+  window = tonumber(h[2])
 else
+  if ARGV[6] ~= '' then return {'err_stale'} end
   window = tonumber(ARGV[2])
   created = 1
 end
-local first = 1
-if last_ts then
-  local last = tonumber(last_ts)
-  local stored = nil
-  for i = 1, n do
-    if tonumber(ARGV[7 + i]) > last then break end
-    if policy ~= 'drop' then return {'err_order', tostring(i - 1), last_ts} end
-    if stored == nil then
-      stored = {}
-      for _, e in ipairs(redis.call('LRANGE', win, 0, -1)) do stored[e] = true end
-    end
-    if not stored[ARGV[7 + n + i]] then return {'err_conflict', tostring(i - 1), last_ts} end
-    first = i + 1
-  end
-end
 if created == 1 then
   redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARGV[3],
-             'created_at', ARGV[6], 'points_seen', 0)
+             'created_at', ARGV[5], 'points_seen', 0)
 end
-local accepted = n - first + 1
 local context = {}
-if accepted > 0 then
-  for i = first, n, 500 do
-    redis.call('RPUSH', win, unpack(ARGV, 7 + n + i, 7 + n + math.min(i + 499, n)))
+if n > 0 then
+  for i = 1, n, 500 do
+    redis.call('RPUSH', win, unpack(ARGV, 10 + i, 10 + math.min(i + 499, n)))
   end
-  context = redis.call('LRANGE', win, -(accepted + window - 1 + EXTRA), -1)
+  for i = 1, m, 500 do
+    redis.call('RPUSH', nudges, unpack(ARGV, 10 + n + i, 10 + n + math.min(i + 499, m)))
+  end
+  if m > 0 then redis.call('LTRIM', nudges, -window, -1) end
+  context = redis.call('LRANGE', win, -(n + window - 1 + EXTRA), -1)
   redis.call('LTRIM', win, -(window + EXTRA), -1)
-  redis.call('HINCRBY', meta, 'points_seen', accepted)
-  redis.call('HSET', meta, 'last_ts', ARGV[7 + n])
+  redis.call('HINCRBY', meta, 'points_seen', n)
+  redis.call('HSET', meta, 'last_ts', ARGV[8])
 end
 if ttl > 0 then
   redis.call('EXPIRE', meta, ttl)
   redis.call('EXPIRE', win, ttl)
   if redis.call('EXISTS', state) == 1 then redis.call('EXPIRE', state, ttl) end
+  if redis.call('EXISTS', nudges) == 1 then redis.call('EXPIRE', nudges, ttl) end
 end
-local out = {'ok', tostring(created), tostring(first - 1), tostring(accepted)}
+local out = {'ok', tostring(created)}
 for _, e in ipairs(context) do out[#out + 1] = e end
 return out
 """.replace("EXTRA", str(HISTORY_EXTRA))
 
 # KEYS: meta, win, state. ARGV: channels, window, detector, names json, created_at, ttl,
-# threshold json, alert budget ("" = unset).
+# threshold json, alert budget ("" = unset), timestamp policy ("" = server default).
 _PUT = """
 local meta, win, state = KEYS[1], KEYS[2], KEYS[3]
 local channels, window = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -114,7 +116,8 @@ else
   redis.call('HSET', meta, 'created_at', ARGV[5], 'points_seen', 0)
 end
 redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARGV[3],
-           'names', ARGV[4], 'threshold', ARGV[7], 'alert_budget', ARGV[8])
+           'names', ARGV[4], 'threshold', ARGV[7], 'alert_budget', ARGV[8],
+           'timestamps', ARGV[9])
 if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
 return created
 """.replace("EXTRA", str(HISTORY_EXTRA))
@@ -158,7 +161,7 @@ class RedisWindowStore:
         return f"{self.prefix}:{{{stream}}}:{part}"
 
     def _keys(self, stream: str) -> list[str]:
-        return [self._key(stream, p) for p in ("meta", "win", "state")]
+        return [self._key(stream, p) for p in ("meta", "win", "state", "nudges")]
 
     @property
     def _index(self) -> str:
@@ -186,7 +189,7 @@ class RedisWindowStore:
         out = await self._call(self._put(
             keys=self._keys(meta.stream),
             args=[meta.channels, meta.window, meta.detector, names, repr(meta.created_at),
-                  self.ttl_seconds, threshold, budget],
+                  self.ttl_seconds, threshold, budget, meta.timestamps or ""],
         ))
         if isinstance(out, list):
             raise StoreRejection(
@@ -252,35 +255,52 @@ class RedisWindowStore:
         default_window: int,
         default_detector: str,
         duplicates: DuplicatePolicy = "reject",
+        default_timestamps: TimestampPolicy = "reject",
     ) -> AppendResult:
         channels = points.shape[1] - 1
-        args: list = [channels, default_window, default_detector, duplicates,
-                      self.ttl_seconds, repr(time.time()), len(points)]
-        args += [repr(float(t)) for t in points[:, 0]]
-        args += [encode_point(row) for row in points]
-        out = await self._call(self._append(keys=self._keys(stream), args=args))
-        status = out[0].decode()
-        if status == "err_channels":
-            raise StoreRejection(
-                ("body", "points", 0, "values"),
-                f"stream {stream!r} has {int(out[1])} channels, got {channels}",
-            )
-        if status in ("err_order", "err_conflict"):
-            i, last = int(out[1]), float(out[2])
-            extra = " and is not an exact duplicate of a stored point" * (
-                status == "err_conflict")
-            raise StoreRejection(
-                ("body", "points", i, "timestamp"),
-                f"timestamp {float(points[i, 0])!r} is not after the stream's last stored "
-                f"timestamp {last!r}{extra}",
-            )
-        created, dropped, accepted = int(out[1]), int(out[2]), int(out[3])
-        if created:
-            await self._call(self._redis.sadd(self._index, stream))
-        meta = await self.get_stream(stream)
-        assert meta is not None
-        return AppendResult(meta=meta, created=bool(created), dropped=dropped,
-                            accepted=accepted, points=decode_points(out[4:], channels))
+        deadline = time.monotonic() + self.lock_wait_seconds
+        delay = 0.002
+        while True:
+            raw = await self._call(self._redis.hgetall(self._key(stream, "meta")))
+            meta = _meta_from_hash(stream, raw) if raw else None
+            if meta is not None and meta.channels != channels:
+                raise _channel_rejection(stream, meta.channels, channels)
+            last = meta.last_timestamp if meta else None
+            stored, nudges = np.empty((0, 1 + channels)), NO_NUDGES
+            if meta is not None and may_resend(points, last):
+                blobs = await self._call(self._redis.lrange(self._key(stream, "win"), 0, -1))
+                stored = decode_points(blobs, channels)
+                pairs = await self._call(self._redis.lrange(self._key(stream, "nudges"), 0, -1))
+                nudges = decode_points(pairs, 1)
+            plan = plan_append(points, stored, last, duplicates,
+                               (meta and meta.timestamps) or default_timestamps, nudges)
+            rows = plan.rows
+            args: list = [channels, default_window, default_detector, self.ttl_seconds,
+                          repr(time.time()), (raw or {}).get(b"last_ts", b"").decode(),
+                          (raw or {}).get(b"points_seen", b"0").decode(),
+                          repr(float(rows[-1, 0])) if len(rows) else "", len(rows),
+                          len(plan.nudges)]
+            args += [encode_point(row) for row in rows]
+            args += [encode_point(pair) for pair in plan.nudges]
+            out = await self._call(self._append(keys=self._keys(stream), args=args))
+            status = out[0].decode()
+            if status == "err_stale":  # another append got in between: plan again
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"stream {stream!r} is busy (appends kept racing "
+                                           "other writers)")
+                await asyncio.sleep(random.uniform(0, delay))  # jitter: racers spread out
+                delay = min(delay * 2, 0.05)
+                continue
+            if status == "err_channels":
+                raise _channel_rejection(stream, int(out[1]), channels)
+            created = int(out[1])
+            if created:
+                await self._call(self._redis.sadd(self._index, stream))
+            meta = await self.get_stream(stream)
+            assert meta is not None
+            return AppendResult(meta=meta, created=bool(created), duplicates=plan.duplicates,
+                                accepted=len(rows), points=decode_points(out[2:], channels),
+                                actions=plan.actions, stamps=plan.stamps)
 
     async def window(self, stream: str) -> np.ndarray:
         meta = await self.get_stream(stream)
@@ -315,12 +335,18 @@ class RedisWindowStore:
                 await self._unlock(keys=[key], args=[token])
 
 
+def _channel_rejection(stream: str, stored: int, sent: int) -> StoreRejection:
+    return StoreRejection(("body", "points", 0, "values"),
+                          f"stream {stream!r} has {stored} channels, got {sent}")
+
+
 def _meta_from_hash(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
     get = {k.decode(): v.decode() for k, v in raw.items()}
     names = get.get("names") or ""
     last = get.get("last_ts")
     threshold = get.get("threshold") or ""
     budget = get.get("alert_budget") or ""
+    timestamps = get.get("timestamps") or None  # absent in metas stored before the field
     return StreamMeta(
         stream=stream,
         channels=int(get["channels"]),
@@ -332,4 +358,5 @@ def _meta_from_hash(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
         last_timestamp=float(last) if last else None,
         threshold=json.loads(threshold) if threshold else None,
         alert_budget_per_day=float(budget) if budget else None,
+        timestamps=timestamps,
     )
