@@ -8,6 +8,11 @@ the chunk's windows (those judged normal, unless it ``learns_from_anomalies``). 
 split over several requests is scored with the same detector state and learnt once, when
 it completes, so how a stream is batched never changes a score, a verdict or an alert.
 
+A detector whose scores are ratios to its own record (``record_scores``) learns its
+record a chunk late; the loop carries the record of the last ``chunk`` scored points per
+channel, so a point counts as a new record only if it also beats those (a novel shape
+lasting ten points is one record, not ten).
+
 Costly detectors score every ``score_stride``-th point of the stream (by index, again);
 the points in between repeat the last verdict. Per scored point, in order: the raw score,
 its anomaly likelihood against the stream's own recent scores (``models.calibration``),
@@ -89,22 +94,38 @@ class OnlineLoop:
                                "learn online")
         self.detector = detector
         self.threshold = threshold
-        self.likelihood = likelihood or AnomalyLikelihood()
+        self.likelihood = likelihood or AnomalyLikelihood(
+            record_ratio=detector.record_scores)
         self.chunk = chunk
         self.score_stride = score_stride
         self.online = online and detector.supports_online
         self.last = np.full(4, np.nan)  # score, likelihood, threshold, anomalous
         self.pending = np.zeros(chunk, dtype=bool)  # learn the window ending at chunk pos i
+        self.recent = np.zeros((chunk, 0))  # record_scores: ratios of the last chunk points
 
     # --- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"last": self.last.copy(), "pending": self.pending.astype(np.uint8)}
+        return {"last": self.last.copy(), "pending": self.pending.astype(np.uint8),
+                "recent": self.recent.copy()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if "last" in state and len(state["last"]) == 4:
             self.last = np.asarray(state["last"], dtype=np.float64).copy()
         if "pending" in state and len(state["pending"]) == self.chunk:
             self.pending = np.asarray(state["pending"]).astype(bool)
+        if "recent" in state and len(state["recent"]) == self.chunk:
+            self.recent = np.asarray(state["recent"], dtype=np.float64).copy()
+
+    def _beyond_recent(self, ratios: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """(F, C) record ratios of fresh points, in order -> the same divided by the
+        largest ratio (at least 1) of the channel's previous ``chunk`` points."""
+        if self.recent.shape[1] != ratios.shape[1]:
+            self.recent = np.zeros((self.chunk, ratios.shape[1]))
+        out = np.empty_like(ratios)
+        for i, (row, at) in enumerate(zip(ratios, index, strict=True)):
+            out[i] = row / np.maximum(self.recent.max(axis=0), 1.0)
+            self.recent[at % self.chunk] = row
+        return out
 
     # --- the loop ----------------------------------------------------------------------
     def run(self, values: np.ndarray, timestamps: np.ndarray, n_new: int, first_index: int,
@@ -147,6 +168,8 @@ class OnlineLoop:
             windows = np.stack([values[r - window + 1:r + 1] for r in rows])
             stamps = np.stack([timestamps[rows - window + 1], timestamps[rows]], axis=1)
             channel_scores = det.channel_scores(windows)
+            if det.record_scores:
+                channel_scores = self._beyond_recent(channel_scores, idx[fresh])
             scores = aggregate_channels(channel_scores, det.config.aggregate)
             lik = self.likelihood.process(scores)
             if self.threshold is None:

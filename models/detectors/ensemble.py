@@ -112,6 +112,8 @@ class Ensemble(Detector):
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if not state:  # saved before it learnt anything
+            return
         self._init_state(np.asarray(state["mean"]).shape[0])
         for key in self._NAMES:
             dtype = np.float32 if key == "shapes" else np.float64
