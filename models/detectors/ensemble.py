@@ -8,7 +8,10 @@ commensurable, so the ensemble takes their maximum:
 
 * ``range``: how far the newest value lies outside the range of the recent history, in
   units of that range (0 inside it; 1 + excess outside it, so leaving the range is a
-  record by construction). Level shifts and spikes to new extremes.
+  record by construction), at several time scales: the value itself and the mean of its
+  last ``k`` points for each ``k`` in ``range_scales`` (a sustained shift that the noise
+  hides from the raw range leaves the range of the smoothed series). Level shifts and
+  spikes to new extremes.
 * ``shape``: the distance of the newest ``shape_window`` points (mean removed, in units of
   the channel's scale) to the nearest remembered shape of the recent history, divided by
   the largest such distance recently seen. Patterns never seen before at any level.
@@ -54,6 +57,9 @@ class EnsembleConfig(DetectorConfig):
     # measured on NAB (benchmarks/results/nab.md): range alone beats it with shape or
     # forecast on both halves of the corpus; the others stay for ablations and other data
     members: tuple[str, ...] = ("range",)
+    # 16: the best of 4, 8, 16, 32 on one half of NAB, checked on the other
+    # (benchmarks/results/nab.md)
+    range_scales: tuple[int, ...] = (1, 16)
     shape_window: int = 16  # points of the newest shape compared with remembered ones
     shape_memory: int = 256  # remembered shapes per channel (a ring: the recent past)
     shape_stride: int = 4  # one remembered shape every `shape_stride` points
@@ -68,6 +74,10 @@ class EnsembleConfig(DetectorConfig):
             raise ValueError(f"members: expected a non-empty subset of {MEMBERS}, got "
                              f"{list(self.members)}")
         object.__setattr__(self, "members", tuple(self.members))  # JSON gives a list
+        object.__setattr__(self, "range_scales", tuple(self.range_scales))
+        if not self.range_scales or not all(1 <= k < self.window for k in self.range_scales):
+            raise ValueError(f"range_scales: each in 1..window-1={self.window - 1}, got "
+                             f"{list(self.range_scales)}")
         if not 2 <= self.shape_window <= self.window:
             raise ValueError(f"shape_window: need 2 <= shape_window <= window={self.window}")
 
@@ -87,8 +97,9 @@ class Ensemble(Detector):
         self._m2 = np.zeros(channels)
         # ring of per-block minima / maxima of the values and maxima of each member's raw
         # surprise: (blocks, C) and (blocks, M, C); NaN = empty slot
-        self._lo = np.full((cfg.history_blocks, channels), np.nan)
-        self._hi = np.full((cfg.history_blocks, channels), np.nan)
+        scales = len(cfg.range_scales)
+        self._lo = np.full((cfg.history_blocks, scales, channels), np.nan)
+        self._hi = np.full((cfg.history_blocks, scales, channels), np.nan)
         self._rec = np.full((cfg.history_blocks, m, channels), np.nan)
         self._blocks = np.zeros(1)  # blocks written (ring index = count % size)
         # remembered shapes: (memory, C, shape_window), mean removed, raw units
@@ -149,6 +160,7 @@ class Ensemble(Detector):
 
     def _learn(self, windows: np.ndarray) -> None:
         newest = windows[:, -1, :]  # (B, C)
+        smoothed = self._smoothed(windows)[:, :, -1]  # (B, K, C) newest point per scale
         if self.is_fitted:  # (B, M, C) surprise before learning this block; during the
             # warm-up the scale is a guess from a few points, and its surprises no record
             raw = self._raw(windows)
@@ -156,7 +168,7 @@ class Ensemble(Detector):
             raw = np.zeros((len(windows), len(self.config.members), windows.shape[2]))
         self._update_moments(newest)
         slot = int(self._blocks[0]) % self.config.history_blocks
-        self._lo[slot], self._hi[slot] = newest.min(axis=0), newest.max(axis=0)
+        self._lo[slot], self._hi[slot] = smoothed.min(axis=0), smoothed.max(axis=0)
         self._rec[slot] = raw.max(axis=0)
         self._blocks += 1
         self._remember_shapes(windows)
@@ -201,18 +213,34 @@ class Ensemble(Detector):
         out = []
         for member in self.config.members:
             if member == "range":
-                # the window's own earlier points count as history too: learning lags by
-                # up to a chunk, the window does not
-                x = windows[:, -1, :]
-                lo = np.minimum(np.nanmin(self._lo, axis=0), windows[:, :-1, :].min(axis=1))
-                hi = np.maximum(np.nanmax(self._hi, axis=0), windows[:, :-1, :].max(axis=1))
-                span = np.maximum(hi - lo, self._scale() * 1e-3)
-                out.append(np.maximum(np.maximum(x - hi, lo - x), 0.0) / span)
+                out.append(self._range_excess(windows))
             elif member == "shape":
                 out.append(self._shape_distance(windows))
             else:
                 out.append(self._forecast.channel_scores(windows))
         return np.stack(out, axis=1)
+
+    def _smoothed(self, windows: np.ndarray) -> np.ndarray:
+        """(B, W, C) -> (B, K, W', C): the means of the last k points at every position of
+        the window where k points are there, for each scale k (W' = W - max(k) + 1)."""
+        ks = self.config.range_scales
+        tail = windows.shape[1] - max(ks) + 1  # positions every scale can fill
+        csum = np.concatenate([np.zeros_like(windows[:, :1]), np.cumsum(windows, axis=1)],
+                              axis=1)  # (B, W + 1, C)
+        ends = np.arange(windows.shape[1] - tail + 1, windows.shape[1] + 1)
+        return np.stack([(csum[:, ends] - csum[:, ends - k]) / k for k in ks], axis=1)
+
+    def _range_excess(self, windows: np.ndarray) -> np.ndarray:
+        """(B, C): how far the newest value (or its mean over the last k points) lies
+        outside the range of the recent history at that scale, in units of that range;
+        the largest over scales. The window's own earlier points count as history too:
+        learning lags by up to a chunk, the window does not."""
+        sm = self._smoothed(windows)  # (B, K, W', C)
+        x, own = sm[:, :, -1], sm[:, :, :-1]
+        lo = np.minimum(np.nanmin(self._lo, axis=0), own.min(axis=2))  # (B, K, C)
+        hi = np.maximum(np.nanmax(self._hi, axis=0), own.max(axis=2))
+        span = np.maximum(hi - lo, self._scale() * 1e-3)
+        return (np.maximum(np.maximum(x - hi, lo - x), 0.0) / span).max(axis=1)
 
     def _shape_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): distance of the newest shape to the nearest remembered one, or to an
