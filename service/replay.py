@@ -7,7 +7,7 @@ RFC 3339 date-time, naive = UTC), the others are channel values. ``.npy`` files 
 At the end it lists the alerts the stream raised during the replay (GET /alerts) and
 prints a JSON summary (points, scored, anomalies, alerts, request latency). ``--plot
 out.png`` draws the series, the scores against the threshold, the anomalies and the
-alerts (needs matplotlib: ``pip install 'tsad[plot]'``).
+alerts (needs matplotlib: ``make extras EXTRA=plot``).
 """
 
 from __future__ import annotations
@@ -194,7 +194,8 @@ def require_matplotlib():  # noqa: ANN201
     try:
         import matplotlib
     except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'tsad[plot]'") from exc
+        raise SystemExit("--plot needs matplotlib: `make extras EXTRA=plot` from the repository "
+                         "root (or `.venv/bin/pip install -e '.[plot]'`)") from exc
     matplotlib.use("Agg")  # files only, never a window
     return matplotlib
 
