@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
@@ -7,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query
 from service.alerts.schemas import AlertList, AlertOut
 from service.alerts.store import AlertQuery
 from service.deps import PipelineDep
-from service.schemas import STREAM_ID_PATTERN, ErrorOut
+from service.schemas import STREAM_ID_PATTERN, ErrorOut, FiniteFloat, epoch
 
 router = APIRouter(prefix="/alerts", tags=["alerts"])
 _ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
@@ -19,13 +20,19 @@ async def list_alerts(
     pipeline: PipelineDep,
     stream: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN)] = None,
     state: Annotated[Literal["open", "resolved"] | None, Query()] = None,
-    since: Annotated[float | None, Query(description="opened_at >= since (epoch s)")] = None,
-    until: Annotated[float | None, Query(description="opened_at <= until (epoch s)")] = None,
+    since: Annotated[FiniteFloat | datetime | None, Query(
+        description="opened_at >= since: epoch seconds or RFC 3339 (no offset means UTC), "
+        "like a point's timestamp", examples=["2023-11-14T22:13:20Z"])] = None,
+    until: Annotated[FiniteFloat | datetime | None, Query(
+        description="opened_at <= until: epoch seconds or RFC 3339 (no offset means UTC)",
+        examples=[1700003600])] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[0-9eE.+\-]+:al_[0-9a-f]+$",
                                         description="next_cursor of the previous page")] = None,
 ) -> AlertList:
-    query = AlertQuery(stream=stream, state=state, since=since, until=until, limit=limit,
+    query = AlertQuery(stream=stream, state=state,
+                       since=None if since is None else epoch(since),
+                       until=None if until is None else epoch(until), limit=limit,
                        cursor=cursor)
     alerts, next_cursor = await pipeline.alerts.list(query)
     return AlertList(alerts=[AlertOut(**a) for a in alerts], next_cursor=next_cursor)
