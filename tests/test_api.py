@@ -227,6 +227,7 @@ def load_nyc_taxi() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ts, values, labels
 
 
+@pytest.mark.slow
 def test_nyc_taxi_labelled_windows_are_flagged_better_than_chance(request):
     """End to end through POST /score with default settings: scores rank the labelled
     anomaly windows above chance and flagged points fall in them more than at random."""

@@ -29,7 +29,12 @@ def normal_series(n: int = 1500, channels: int = 2, seed: int = 0) -> np.ndarray
     return np.sin(t / (4.0 + np.arange(channels))) + 0.05 * rng.standard_normal((n, channels))
 
 
-@pytest.fixture(scope="module", params=sorted(REGISTRY))
+# fitting these takes most of this file's time (CPU): marked slow, still run by `make test`
+HEAVY = {"spear", "cma", "embedding_memory"}
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in sorted(REGISTRY)])
 def name(request) -> str:
     return request.param
 
@@ -105,3 +110,25 @@ def test_online_detectors_learn_from_a_stream(name):
     s_clean, s_spiked = det.score(clean), det.score(spiked)
     auc = roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(clean))], np.r_[s_clean, s_spiked])
     assert auc > MIN_AUC.get(name, 0.95), auc
+
+
+@pytest.mark.parametrize("detector", ["residual_linear", "pca"])
+def test_a_channel_constant_in_training_is_reported_and_neither_explodes_nor_blinds(detector):
+    """Detectors that measure a channel in units of its training spread have none for a
+    constant channel: it scores 0 and is reported, and the other channel still works."""
+    series = normal_series()
+    series[:, 1] = 7.0  # e.g. a command flag never set in training
+    det = build_detector(detector, window=WINDOW).fit(series[:1000])
+    assert det.constant_channels == [1]
+    clean = sliding_windows(series[1000:], WINDOW)[::8]
+    moved, spiked = clean.copy(), clean.copy()
+    moved[:, -1, 1] += 1.0
+    spiked[:, -1, 0] += 3.0
+    assert (det.channel_scores(moved)[:, 1] == 0).all()
+    np.testing.assert_allclose(det.score(moved), det.score(clean))
+    auc = roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(clean))],
+                        np.r_[det.score(clean), det.score(spiked)])
+    assert auc > 0.95, auc
+    again = type(det)(det.config)
+    again.load_state_dict(det.state_dict())
+    assert again.constant_channels == [1]

@@ -16,6 +16,8 @@ import pytest
 from service.process import ServiceProcess
 from tests.conftest import DATA_DIR, RedisServer
 
+pytestmark = pytest.mark.slow  # real processes; `make test` runs them
+
 ROOT = DATA_DIR.parents[1]
 
 W = 64
