@@ -153,3 +153,13 @@ def test_missing_data_and_embeddings_are_one_line_naming_the_fix(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"tsad {args[0]}: "), r.stderr
         assert fix in lines[0], lines[0]
+
+
+def test_embed_takes_entities_by_name_from_any_msl_layout_folder():
+    from models.lm.embed_cli import load_streams
+
+    streams, chans = load_streams("MSL", str(DATA_DIR), None, "C-2")
+    assert chans == [0]
+    assert [(s.name, s.split) for s in streams] == [("C-2", "train"), ("C-2", "test")]
+    with pytest.raises(SystemExit, match="--entities"):
+        load_streams("msl", str(DATA_DIR), None, "X-9")
