@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-PLOT_DIR = Path("runs/plots")  # ignored by git (/runs/ in .gitignore)
-PLOT_DEFAULT = Path("")  # `--plot` without a path: PLOT_DIR/<stream>.png
+PLOT_DIR = Path("runs/plots")  # `--plot` without a path: here (/runs/ is ignored by git)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,9 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=float, default=0.0, help=".npy: first timestamp")
     p.add_argument("--step", type=float, default=1.0, help=".npy: seconds between rows")
     p.add_argument("--out", type=Path, help="write every result as JSON lines here")
-    p.add_argument("--plot", type=Path, metavar="PNG", nargs="?", const=PLOT_DEFAULT,
+    p.add_argument("--plot", type=Path, metavar="PNG", nargs="?", const=PLOT_DIR,
                    help="draw series, scores, threshold, alerts and labelled windows into "
-                   f"this PNG (matplotlib; default {PLOT_DIR}/STREAM.png)")
+                   f"this PNG, or STREAM.png in this folder (matplotlib; default "
+                   f"{PLOT_DIR}/STREAM.png)")
     p.add_argument("--windows", type=Path, metavar="JSON",
                    help="labelled anomaly windows in NAB's combined_windows.json layout "
                    "(default: one found beside the file or up to two folders above)")
@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     if args.plot is not None:
         require_matplotlib()  # fail before sending anything, not after the whole replay
-        if args.plot == PLOT_DEFAULT:
-            args.plot = PLOT_DIR / f"{args.stream}.png"
+        if not args.plot.suffix:  # a folder
+            args.plot = args.plot / f"{args.stream}.png"
     series = load_series(args.file, args.start, args.step)
     windows = labelled_windows(args.file, args.windows)
     if len(series) == 0:
