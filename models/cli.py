@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except FileNotFoundError as exc:  # missing data or inputs: one line, not a traceback
+        if args.verbose:
+            raise
+        print(f"tsad {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

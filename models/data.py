@@ -1,7 +1,14 @@
-"""Dataset loaders: MSL (per-channel entities) and NAB (one CSV per stream).
+"""Dataset loaders: the MSL layout (per-channel entities) and NAB (one CSV per stream).
+
+The MSL layout is a folder with ``entities.csv`` (chan_id, train_start, train_end,
+test_start, test_end: row ranges), ``train.npy`` and ``test.npy`` (T, C) float arrays and
+``test_label.npy`` (T,) 0/1: MSL and SMAP as published by the OmniAnomaly line of work, or
+any data written that way. A dataset is named by its folder (``msl``, ``SMAP``, any case).
+NAB is a folder with ``combined_windows.json`` and the CSVs it names.
 
 Both accept either the dataset folder itself or a parent holding it (``datasets/``), so
-``--data-dir ../shared/datasets`` works for every dataset.
+``--data-dir ../shared/datasets`` works for every dataset. A clone has no
+``../shared/datasets``; ``tests/data`` holds small MSL and NAB slices to try commands on.
 """
 
 from __future__ import annotations
@@ -42,36 +49,71 @@ class NABSeries:
         return int(0.15 * len(self.values))
 
 
+class DataNotFound(FileNotFoundError):
+    """Input data that is not there; the message says where it was looked for and how to
+    get it (the CLI prints it as one line)."""
+
+
 def _dataset_dir(data_dir: str | Path, name: str, marker: str) -> Path:
     path = Path(data_dir)
     if (path / marker).exists():
         return path
-    if (path / name / marker).exists():
-        return path / name
-    raise FileNotFoundError(f"data_dir: no {name} dataset ({marker}) in {path} or {path / name}")
+    children = sorted(path.iterdir()) if path.is_dir() else []
+    for child in children:  # the folder's name in any case: msl, MSL
+        if child.name.lower() == name.lower() and (child / marker).exists():
+            return child
+    layout = "NAB" if marker == "combined_windows.json" else "MSL"
+    raise DataNotFound(
+        f"--data-dir: no {name} dataset ({marker}) in {path} or {path / name}. Point "
+        f"--data-dir at a folder holding {name}/ in the {layout} layout (models/data.py), "
+        f"or try --data-dir tests/data (small MSL and NAB slices in the repository)")
 
 
-def load_msl(data_dir: str | Path) -> list[MSLEntity]:
-    """Per-entity train/test/labels of MSL, in entities.csv order."""
-    root = _dataset_dir(data_dir, "msl", "entities.csv")
+def load_msl(data_dir: str | Path, name: str = "msl") -> list[MSLEntity]:
+    """Per-entity train/test/labels of a dataset in the MSL layout (the folder ``name``
+    under ``data_dir``, or ``data_dir`` itself), in entities.csv order."""
+    root = _dataset_dir(data_dir, name, "entities.csv")
     train = np.load(root / "train.npy", mmap_mode="r")
     test = np.load(root / "test.npy", mmap_mode="r")
     labels = np.load(root / "test_label.npy", mmap_mode="r")
     if len(labels) != len(test):
-        raise ValueError(f"msl: {len(labels)} labels for {len(test)} test rows")
+        raise ValueError(f"{name}: {len(labels)} labels for {len(test)} test rows")
     entities = []
     with (root / "entities.csv").open(newline="") as fh:
         for row in csv.DictReader(fh):
             a, b = int(row["train_start"]), int(row["train_end"])
             c, d = int(row["test_start"]), int(row["test_end"])
             if not (0 <= a < b <= len(train) and 0 <= c < d <= len(test)):
-                raise ValueError(f"msl: entity {row['chan_id']} has rows outside the arrays")
+                raise ValueError(f"{name}: entity {row['chan_id']} has rows outside the "
+                                 "arrays")
             entities.append(MSLEntity(
                 name=row["chan_id"], train=np.asarray(train[a:b], dtype=np.float32),
                 test=np.asarray(test[c:d], dtype=np.float32),
                 labels=np.asarray(labels[c:d], dtype=np.uint8), train_start=a, test_start=c,
             ))
     return entities
+
+
+def select_entities(entities: list[MSLEntity], which: str | int | None) -> list[MSLEntity]:
+    """``--entities``: all (None, 0, "", "all"), the first N (a number), or names
+    (comma-separated, in the given order).
+
+    >>> es = [MSLEntity(n, np.zeros(0), np.zeros(0), np.zeros(0), 0, 0) for n in "ABC"]
+    >>> [e.name for e in select_entities(es, "2")], [e.name for e in select_entities(es, "C,A")]
+    (['A', 'B'], ['C', 'A'])
+    """
+    text = str(which or "").strip()
+    if text in ("", "0", "all"):
+        return entities
+    if text.isdigit():
+        return entities[: int(text)]
+    by_name = {e.name: e for e in entities}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"--entities: {unknown} not in the dataset (it has "
+                         f"{', '.join(by_name)})")
+    return [by_name[n] for n in names]
 
 
 def _read_nab_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The evaluation protocol of DESIGN.md: point-wise scores against point labels, TSB-AD's
+"""The evaluation protocol of `tsad evaluate`: point-wise scores against point labels, TSB-AD's
 metric implementations ("The Elephant in the Room", NeurIPS 2024), no point adjustment.
 
 Metrics: AUC-ROC, Standard-F1 (best F1 over thresholds, no point adjustment),
@@ -10,6 +10,11 @@ are normalised with statistics of scores on held-out training data (the last
 ``calibration`` share of the training split, scored by a model fitted on the rest), so
 entities are comparable when concatenated. No test label is used anywhere but in the
 metrics.
+
+Degenerate entities are handled and noted (``EntityScores.notes``, in the report): a
+training split too short for a held-out tail of one window is calibrated on the model's
+own training scores; one shorter than a window is not scored (0); channels constant in
+training score 0 in the detectors that learn a per-channel scale (``constant_channels``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -121,6 +127,7 @@ class EntityScores:
 
     test: np.ndarray
     calibration: np.ndarray
+    notes: list[str] = field(default_factory=list)  # how a degenerate entity was handled
 
 
 def select(x: np.ndarray, columns: Sequence[int] | None) -> np.ndarray:
@@ -148,7 +155,14 @@ def score_entity_full(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
     if spec.embeddings:
         return _score_entity_features(spec, entity, len(test))
     train, test = select(train, spec.columns), select(test, spec.columns)
+    window = spec.build().config.window
+    if len(train) < window:
+        return EntityScores(np.zeros(len(test)), np.zeros(1), [
+            f"training split of {len(train)} points is shorter than the window ({window}): "
+            "not scored (all 0)"])
     det = spec.build().fit(train)
+    notes = [f"channels {det.constant_channels} constant in training: scored 0"
+             ] if det.constant_channels else []
     if on_model is not None:
         on_model(det)
     center, scale, cal = 0.0, 1.0, None
@@ -156,16 +170,36 @@ def score_entity_full(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
         if hasattr(det, "calibration_scores"):  # memories: leave-one-out on training data
             cal = aggregate_channels(det.calibration_scores(), det.config.aggregate)
         else:  # a model fitted on the rest scores the held-out end of the training split
-            cut = int(len(train) * (1 - spec.calibration))
-            window = det.config.window
-            if cut >= window and len(train) - cut >= window:
-                held = spec.build().fit(train[:cut])
-                cal = score_series(held, train[cut:], spec.stride, spec.spread)
+            share = len(train) - int(len(train) * (1 - spec.calibration))
+            tail = max(share, window)  # at least one window to score
+            if len(train) - tail >= window:
+                if tail > share:
+                    notes.append(f"training split of {len(train)} points: calibration tail "
+                                 f"widened to one window ({window} points)")
+                held = spec.build().fit(train[:-tail])
+                cal = score_series(held, train[-tail:], spec.stride, spec.spread)
+            else:  # no room for both parts: the model's own (optimistic) training scores
+                notes.append(f"training split of {len(train)} points is shorter than two "
+                             f"windows ({2 * window}): calibrated on the model's own "
+                             "training scores")
+                cal = score_series(det, train, spec.stride, spec.spread)
         if cal is not None and len(cal):
             center, scale = robust_center_scale(cal)
     test_scores = score_series(det, test, spec.stride, spec.spread)
     cal = np.zeros(0) if cal is None else np.asarray(cal, dtype=np.float64)
-    return EntityScores((test_scores - center) / scale, (cal - center) / scale)
+    return EntityScores((test_scores - center) / scale, (cal - center) / scale, notes)
+
+
+def check_embeddings(spec: DetectorSpec, dataset: str, data_dir: str | Path) -> None:
+    """A row that reads ``tsad embed`` output fails early, naming the command that makes it."""
+    if spec.embeddings and not (Path(spec.embeddings) / "index.json").is_file():
+        from models.data import DataNotFound
+
+        raise DataNotFound(
+            f"{spec.label}: no embeddings in {spec.embeddings} (index.json); make them with "
+            f"`tsad embed --dataset {dataset} --data-dir {data_dir} --window W --stride S "
+            f"--out {spec.embeddings}` (the config's comments give the flags; `make "
+            "bench-memory-msl` makes those of configs/eval/msl_memory.yaml)")
 
 
 def _score_entity_features(spec: DetectorSpec, entity: str | None,
@@ -210,8 +244,8 @@ def fuse_entity(spec: DetectorSpec, members: Sequence[EntityScores]) -> EntitySc
     from models.fusion import Calibration, fuse, weights_from_training
 
     if any(len(m.calibration) == 0 for m in members):
-        raise ValueError(f"{spec.label}: every fused row needs calibration scores "
-                         "(calibration > 0)")
+        raise ValueError(f"{spec.label}: every fused row needs calibration scores: set "
+                         "calibration > 0 on the rows it fuses")
     cals = [Calibration.of(m.calibration) for m in members]
     weights = weights_from_training(cals, spec.weights)
     return EntityScores(fuse([m.test for m in members], cals, weights, spec.method),

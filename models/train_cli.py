@@ -5,11 +5,11 @@ training split and write an artifact directory the service can serve by name.
     detector: spear
     params: {window: 50, max_steps: 200}
     data:
-      dataset: nab               # nab | msl | npy
+      dataset: nab               # nab | npy | a folder in the MSL layout (msl, smap, ...)
       include: realAWSCloudwatch/  # nab: files whose name starts with this
       train_share: 0.6           # nab: the first share of each file is training data
       columns: [0]               # msl/npy: input columns
-      entities: 0                # msl: first N channels (0 = all)
+      entities: 0                # msl: first N entities or "C-1,T-5" (0 = all)
       path: data/train.npy       # npy: a (T, C) array
     calibration: 0.2             # newest share of each training series held out
     quantile: 0.99               # threshold for detectors without their own calibrated cut
@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, required=True, help="YAML training run")
     p.add_argument("--data-dir", type=Path, default=Path("../shared/datasets"),
-                   help="folder holding msl/ and nab/ (default ../shared/datasets)")
+                   help="folder holding the dataset folders, msl/, nab/, ... (default "
+                   "../shared/datasets; a clone has tests/data with small slices)")
     p.add_argument("--out", type=Path, default=None,
                    help="artifact directory (default models/pretrained/<name>)")
     p.set_defaults(func=run)
@@ -55,15 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load_training_series(data: dict, data_dir: Path) -> tuple[list[np.ndarray],
                                                              list[np.ndarray | None]]:
     """The training series (T_i, C) and their given point labels (or None)."""
-    from models.data import load_msl, load_nab
+    from models.data import load_msl, load_nab, select_entities
 
     kind = data.get("dataset", "msl")
-    if kind == "msl":
-        entities = load_msl(data_dir)
-        if data.get("entities"):
-            entities = entities[: int(data["entities"])]
-        cols = data.get("columns", [0])
-        return [e.train[:, cols].astype(np.float64) for e in entities], [None] * len(entities)
     if kind == "nab":
         share = float(data.get("train_share", 0.6))
         picked = [s for s in load_nab(data_dir) if s.name.startswith(data.get("include", ""))]
@@ -74,7 +69,10 @@ def load_training_series(data: dict, data_dir: Path) -> tuple[list[np.ndarray],
         x = np.load(data["path"]).astype(np.float64)
         x = x[:, None] if x.ndim == 1 else x
         return [x[:, data["columns"]] if data.get("columns") else x], [None]
-    raise SystemExit(f"data.dataset: unknown {kind!r} (msl | nab | npy)")
+    # any other name: a dataset folder in the MSL layout (msl, smap, ...)
+    entities = select_entities(load_msl(data_dir, kind), data.get("entities"))
+    cols = data.get("columns", [0])
+    return [e.train[:, cols].astype(np.float64) for e in entities], [None] * len(entities)
 
 
 def train_artifact(cfg: dict, data_dir: Path, out: Path) -> dict:
@@ -113,6 +111,10 @@ def train_artifact(cfg: dict, data_dir: Path, out: Path) -> dict:
         "quantiles": {str(k): float(np.quantile(scores, k)) for k in (0.5, 0.9, 0.99, 0.999)},
         "fit_seconds": round(fit_seconds, 1),
     }
+    if det.constant_channels:  # scored 0: nothing in training to measure them against
+        log.warning("channels %s are constant in the training data: scored 0",
+                    det.constant_channels)
+        calibration["constant_channels"] = det.constant_channels
     det.save(out)
     report = getattr(det, "training_report", {})
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2))

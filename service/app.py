@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from threadpoolctl import threadpool_limits
 
 from models.detectors import build_detector
@@ -84,7 +85,10 @@ def create_app(settings: Settings | None = None,
         await worker.stop()
         await store.close()
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's assets served by the app itself
+    # (/static-offline-docs, from the fastapi-offline package): FastAPI's default pages load
+    # them from a CDN and are blank offline.
+    app = FastAPIOffline(
         title="tsad",
         version="0.1.0",
         description="Online streaming time-series anomaly detection with language-model "

@@ -4,10 +4,17 @@ CSV files need a header; the first column is the timestamp (epoch seconds or an 
 RFC 3339 date-time, naive = UTC), the others are channel values. ``.npy`` files are
 (T, C) arrays; their timestamps are the row numbers (or --start + row * --step).
 
-At the end it lists the alerts the stream raised during the replay (GET /alerts) and
-prints a JSON summary (points, scored, anomalies, alerts, request latency). ``--plot
-out.png`` draws the series, the scores against the threshold, the anomalies and the
-alerts (needs matplotlib: ``pip install 'tsad[plot]'``).
+Every time stamp it prints is RFC 3339 (UTC). At the end it lists the alerts the stream
+raised during the replay (GET /alerts) and prints a JSON summary (points, scored,
+anomalies, alerts, request latency). ``--plot`` draws the series, the scores against the
+threshold, the anomalies and the alerts into runs/plots/STREAM.png (or ``--plot
+PATH.png``; needs matplotlib: ``make extras EXTRA=plot``). When the file has labelled
+anomaly windows (NAB's ``combined_windows.json`` beside it or up to two folders above, or
+``--windows``), the plot shades them and marks each one hit (an anomalous point inside)
+or missed, and the summary counts them.
+
+A stream only takes points after its last stored one: to replay a file into a stream that
+already has it, add ``--reset`` (deletes the stream first).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from service.auth.keys import API_KEY_ENV, bearer
+
+PLOT_DIR = Path("runs/plots")  # `--plot` without a path: here (/runs/ is ignored by git)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,8 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=float, default=0.0, help=".npy: first timestamp")
     p.add_argument("--step", type=float, default=1.0, help=".npy: seconds between rows")
     p.add_argument("--out", type=Path, help="write every result as JSON lines here")
-    p.add_argument("--plot", type=Path, metavar="PNG",
-                   help="draw series, scores, threshold and alerts into this PNG (matplotlib)")
+    p.add_argument("--plot", type=Path, metavar="PNG", nargs="?", const=PLOT_DIR,
+                   help="draw series, scores, threshold, alerts and labelled windows into "
+                   f"this PNG, or STREAM.png in this folder (matplotlib; default "
+                   f"{PLOT_DIR}/STREAM.png)")
+    p.add_argument("--windows", type=Path, metavar="JSON",
+                   help="labelled anomaly windows in NAB's combined_windows.json layout "
+                   "(default: one found beside the file or up to two folders above)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no line per anomalous point (the bar is off "
                    "anyway when stderr is not a terminal)")
@@ -84,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
-    if args.plot:
+    if args.plot is not None:
         require_matplotlib()  # fail before sending anything, not after the whole replay
+        if not args.plot.suffix:  # a folder
+            args.plot = args.plot / f"{args.stream}.png"
     series = load_series(args.file, args.start, args.step)
+    windows = labelled_windows(args.file, args.windows)
     if len(series) == 0:
         print(f"{args.file}: no points")
         return 1
@@ -112,11 +129,16 @@ def run(args: argparse.Namespace) -> int:
             if resp.status_code != 200:
                 bar.close()
                 print(f"error {resp.status_code} at point {lo}: {resp.text}")
+                if resp.status_code == 422:
+                    hint = start_over_hint(http, args.stream, float(chunk[0, 0]))
+                    if hint:
+                        print(hint)
                 return 1
             for r in resp.json()["results"]:
                 results.append(r)
                 if r["anomaly"] and not args.quiet:
-                    tqdm.write(f"anomaly at {r['timestamp']}: score {r['score']:.3g} > "
+                    tqdm.write(f"anomaly at {iso(epoch(r['timestamp']))}: "
+                               f"score {r['score']:.3g} > "
                                f"threshold {r['threshold']:.3g}")
                 if out:
                     out.write(json.dumps(r) + "\n")
@@ -131,8 +153,11 @@ def run(args: argparse.Namespace) -> int:
     for a in sorted(alerts, key=lambda a: a["opened_at"]):
         print(describe_alert(a))
     summary = summarize(args.stream, series, results, alerts, latencies)
-    if args.plot:
-        plot(args.plot, args.stream, series, results, alerts)
+    if windows is not None:
+        summary["windows"] = window_hits(series[:, 0], results, windows)
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(args.plot, args.stream, series, results, alerts, windows)
         summary["plot"] = str(args.plot)
     print(json.dumps(summary))
     return 0
@@ -149,6 +174,21 @@ def post_score(http, body: dict, attempts: int = 5):  # noqa: ANN001, ANN201
     raise AssertionError("unreachable")
 
 
+def start_over_hint(http, stream: str, first: float) -> str | None:  # noqa: ANN001
+    """When a 422 comes from a stream that already holds points at or after this batch's
+    first time stamp (the file was replayed before), how to start over."""
+    try:
+        resp = http.get(f"/streams/{stream}")
+    except Exception:  # noqa: BLE001 - only a hint: the 422 was already printed
+        return None
+    last = resp.json().get("last_timestamp") if resp.status_code == 200 else None
+    if last is None or last < first:
+        return None
+    return (f"stream {stream!r} already holds points up to {iso(last)}, so these are not "
+            f"new: add --reset to delete it and replay from the start, or use another "
+            f"--stream")
+
+
 def fetch_alerts(http, stream: str, since: float) -> list[dict]:  # noqa: ANN001
     """Every alert of ``stream`` opened at or after ``since`` (stream time), all pages."""
     alerts: list[dict] = []
@@ -163,12 +203,77 @@ def fetch_alerts(http, stream: str, since: float) -> list[dict]:  # noqa: ANN001
         params["cursor"] = page["next_cursor"]
 
 
+def epoch(ts: float | str) -> float:
+    """A result's timestamp (echoed as sent: epoch seconds or RFC 3339) in epoch seconds."""
+    return float(ts) if isinstance(ts, int | float) else parse_timestamp(ts)
+
+
 def iso(ts: float) -> str:
+    """RFC 3339 in UTC, the one format replay prints (milliseconds only when there are any).
+
+    >>> iso(1404174600), iso(1404174600.25)
+    ('2014-07-01T00:30:00Z', '2014-07-01T00:30:00.250Z')
     """
-    >>> iso(1404174600)
-    '2014-07-01T00:30:00Z'
+    t = datetime.fromtimestamp(ts, UTC)
+    if t.microsecond:
+        return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def labelled_windows(path: Path, windows_file: Path | None = None
+                     ) -> list[tuple[float, float]] | None:
+    """The labelled anomaly windows of ``path`` (epoch seconds, inclusive), from NAB's
+    ``combined_windows.json`` layout: ``{"folder/file.csv": [["start", "end"], ...]}``.
+    Without ``windows_file``, one beside the file or up to two folders above is used. The
+    key is the file's path relative to that folder, else its name when one key alone ends
+    with it. None when no windows are known for the file.
+
+    >>> w = labelled_windows(Path(__file__).parents[1] / "tests/data/nab/nyc_taxi.csv")
+    >>> len(w), iso(w[0][0]), iso(w[0][1])
+    (5, '2014-10-30T15:30:00Z', '2014-11-03T22:30:00Z')
     """
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    path = path.resolve()
+    if windows_file is not None:
+        candidates = [windows_file]
+    else:
+        candidates = [d / "combined_windows.json" for d in path.parents[:3]]
+    for found in candidates:
+        if not found.is_file():
+            continue
+        table = json.loads(found.read_text())
+        try:
+            key = path.relative_to(found.resolve().parent).as_posix()
+        except ValueError:
+            key = None
+        if key not in table:
+            named = [k for k in table if Path(k).name == path.name]
+            key = named[0] if len(named) == 1 else None
+        if key is not None:
+            return [(parse_timestamp(a), parse_timestamp(b)) for a, b in table[key]]
+        if windows_file is not None:
+            raise SystemExit(f"--windows: {windows_file} has no entry for {path.name}")
+    return None
+
+
+def window_hits(ts: np.ndarray, results: list[dict],
+                windows: list[tuple[float, float]]) -> dict:
+    """Which labelled windows had an anomalous point inside (hit) and which had none
+    (missed), and how many anomalous points fell outside every window.
+
+    >>> r = [{"anomaly": a} for a in (False, True, False, False, True)]
+    >>> window_hits(np.arange(5.0), r, [(0, 1), (2, 3)])
+    {'labelled': 2, 'hit': 1, 'missed': ['1970-01-01T00:00:02Z'], 'anomalies_outside': 1}
+    """
+    flagged = ts[np.array([bool(r["anomaly"]) for r in results], dtype=bool)]
+    inside = np.zeros(len(flagged), dtype=bool)
+    missed = []
+    for a, b in windows:
+        hit = (flagged >= a) & (flagged <= b)
+        inside |= hit
+        if not hit.any():
+            missed.append(iso(a))
+    return {"labelled": len(windows), "hit": len(windows) - len(missed), "missed": missed,
+            "anomalies_outside": int((~inside).sum())}
 
 
 def describe_alert(a: dict) -> str:
@@ -200,15 +305,18 @@ def require_matplotlib():  # noqa: ANN201
     try:
         import matplotlib
     except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'tsad[plot]'") from exc
+        raise SystemExit("--plot needs matplotlib: `make extras EXTRA=plot` from the repository "
+                         "root (or `.venv/bin/pip install -e '.[plot]'`)") from exc
     matplotlib.use("Agg")  # files only, never a window
     return matplotlib
 
 
 def plot(path: Path, stream: str, series: np.ndarray, results: list[dict],
-         alerts: list[dict], max_channels: int = 8) -> None:
+         alerts: list[dict], windows: list[tuple[float, float]] | None = None,
+         max_channels: int = 8) -> None:
     """Two panels sharing the time axis: the values, then the score against the threshold
-    (log scale); anomalous points in red, alerts shaded from opening to resolution."""
+    (log scale); anomalous points in red, alerts shaded from opening to resolution,
+    labelled windows (when given) outlined green when hit, grey and hatched when missed."""
     require_matplotlib()
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
@@ -251,10 +359,23 @@ def plot(path: Path, stream: str, series: np.ndarray, results: list[dict],
                        color="orange" if a["severity"] == "warning" else "crimson",
                        alpha=0.3, label=label if ax is top and label not in labelled else None)
         labelled.add(label)
+    title = f"{stream}: {len(ts)} points, {int(flagged.sum())} anomalous, {len(alerts)} alerts"
+    if windows is not None:
+        hits = window_hits(ts, results, windows)
+        missed = set(hits["missed"])
+        for a, b in windows:
+            hit = iso(a) not in missed
+            label = "labelled window, hit" if hit else "labelled window, missed"
+            for ax in (top, bottom):
+                ax.axvspan(x([a])[0], x([max(b, a + 1)])[0], fill=False, lw=1.5,
+                           edgecolor="green" if hit else "dimgray", hatch=None if hit else "//",
+                           label=label if ax is top and label not in labelled else None)
+            labelled.add(label)
+        title += (f"; labelled windows: {hits['hit']}/{hits['labelled']} hit, "
+                  f"{hits['anomalies_outside']} anomalous points outside them")
     top.set_ylabel("value")
     bottom.set_ylabel("score (log)")
-    top.set_title(f"{stream}: {len(ts)} points, {int(flagged.sum())} anomalous, "
-                  f"{len(alerts)} alerts")
+    top.set_title(title)
     top.legend(loc="upper left", fontsize=8, ncol=4)
     bottom.legend(loc="upper left", fontsize=8, ncol=3)
     if as_dates:

@@ -3,6 +3,8 @@ validation APIs in process, against both stores (Redis is a real server)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -161,6 +163,11 @@ def test_alerts_api_lists_filters_pages_and_explains(client):
     window = client.get("/alerts", params={"since": opened[1], "until": opened[0]}).json()
     assert {a["opened_at"] for a in window["alerts"]} >= {opened[0], opened[1]}
     assert all(opened[1] <= a["opened_at"] <= opened[0] for a in window["alerts"])
+    # the same range in RFC 3339, as /score takes timestamps (naive = UTC)
+    rfc = [datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z") for t in opened]
+    same = client.get("/alerts", params={"since": rfc[1], "until": rfc[0][:-1]}).json()
+    assert same == window
+    assert client.get("/alerts", params={"since": "yesterday"}).status_code == 422
     assert all(a["state"] == "resolved"
                for a in client.get("/alerts", params={"state": "resolved"}).json()["alerts"])
     assert client.get("/alerts/al_0000").status_code == 404

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -192,6 +193,23 @@ def test_openapi_documents_every_field_with_an_example(client):
             assert documented, f"{model}.{prop_name} is undocumented"
     assert "/score" in schema["paths"] and "/streams/{stream}" in schema["paths"]
     assert "post" in schema["paths"]["/streams/{stream}/feedback"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_reference_only_assets_the_service_serves(request, page):
+    """/docs works offline: every script, style sheet and icon the page loads is a path of
+    this service (no CDN), and the service serves it."""
+    with make_client("memory", request) as client:
+        html = client.get(page)
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html.text)
+        refs += re.findall(r"""(?:url|openapi_url|spec-url)\s*[:=]\s*["']([^"']+)["']""",
+                           html.text)
+        assert any(r.endswith(".js") for r in refs), refs
+        for ref in refs:
+            assert ref.startswith("/") and not ref.startswith("//"), f"{page} loads {ref}"
+            asset = client.get(ref)
+            assert asset.status_code == 200 and asset.content, ref
 
 
 def test_operations_endpoints_and_metrics(client):

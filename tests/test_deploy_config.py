@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -194,10 +195,12 @@ def test_dockerfile_is_non_root_offline_healthchecked_with_cpu_and_cuda_variants
 
 # --- Prometheus -------------------------------------------------------------------------
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    binary = shutil.which("promtool")
+    # on PATH, or where `make promtool` unpacks it: beside this interpreter in the venv
+    binary = shutil.which("promtool") or shutil.which("promtool",
+                                                      path=str(Path(sys.executable).parent))
     if binary is None:  # fail, never skip: CI must check these (make test installs it)
-        raise RuntimeError("promtool not found on PATH; run `make test` to install it "
-                           "(Debian/Ubuntu package `prometheus`)")
+        raise RuntimeError("promtool not found on PATH or in the venv; run `make promtool` "
+                           "(unpacks it from the Debian/Ubuntu package `prometheus`)")
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=60,
                           cwd=ROOT)
 

@@ -1,4 +1,8 @@
-"""One contract, every registered detector (add a detector to REGISTRY and it is tested here)."""
+"""One contract, every registered detector (add a detector to REGISTRY and it is tested here).
+
+Each detector is fitted once per module (``fitted``) and the tests that need a fitted model
+share it: fitting SPEAR and CMA is most of this file's time. Tests that need a fresh
+detector (unfitted, or learning online) build their own."""
 
 from __future__ import annotations
 
@@ -25,9 +29,20 @@ def normal_series(n: int = 1500, channels: int = 2, seed: int = 0) -> np.ndarray
     return np.sin(t / (4.0 + np.arange(channels))) + 0.05 * rng.standard_normal((n, channels))
 
 
-@pytest.fixture(params=sorted(REGISTRY))
+# fitting these takes most of this file's time (CPU): marked slow, still run by `make test`
+HEAVY = {"spear", "cma", "embedding_memory"}
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in sorted(REGISTRY)])
 def name(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def fitted(name):  # noqa: ANN201
+    """The detector fitted on the first 1000 points of ``normal_series()``; read-only."""
+    return build_detector(name, window=WINDOW).fit(normal_series()[:1000])
 
 
 def test_constructor_only_stores_config(name):
@@ -43,9 +58,8 @@ def test_score_before_fit_raises(name):
         det.score(np.zeros((1, WINDOW, 2)))
 
 
-def test_higher_score_means_more_anomalous(name):
-    series = normal_series()
-    det = build_detector(name, window=WINDOW).fit(series[:1000])
+def test_higher_score_means_more_anomalous(name, fitted):
+    series, det = normal_series(), fitted
     clean = sliding_windows(series[1000:], WINDOW)[::8]  # every 8th: LM detectors are slow
     spiked = clean.copy()
     spiked[:, -1, 0] += 3.0  # a spike on the scored (newest) point
@@ -60,9 +74,8 @@ def test_higher_score_means_more_anomalous(name):
         assert (per_channel[:, 0] > per_channel[:, 1]).mean() > 0.95
 
 
-def test_artifact_round_trip_gives_identical_scores(name, tmp_path):
-    series = normal_series()
-    det = build_detector(name, window=WINDOW).fit(series[:1000])
+def test_artifact_round_trip_gives_identical_scores(fitted, tmp_path):
+    series, det = normal_series(), fitted
     windows = sliding_windows(series[1000:1200], WINDOW)[::4]
     det.save(tmp_path / "artifact")
     again = load_detector(tmp_path / "artifact")
@@ -70,15 +83,15 @@ def test_artifact_round_trip_gives_identical_scores(name, tmp_path):
     np.testing.assert_array_equal(again.score(windows), det.score(windows))
 
 
-def test_bad_input_is_rejected(name):
+def test_bad_input_is_rejected(name, fitted):
     det = build_detector(name, window=WINDOW)
     with pytest.raises(ValueError, match="train"):
         det.fit(np.full((100, 1), np.nan))
     with pytest.raises(ValueError, match="window"):
         det.fit(np.zeros((WINDOW - 1, 1)))
-    det.fit(normal_series(300))
+    assert not det.is_fitted  # rejected input leaves nothing behind
     with pytest.raises(ValueError, match="windows"):
-        det.score(np.zeros((3, WINDOW + 1, 2)))
+        fitted.score(np.zeros((3, WINDOW + 1, 2)))
 
 
 def test_online_detectors_learn_from_a_stream(name):
@@ -97,3 +110,25 @@ def test_online_detectors_learn_from_a_stream(name):
     s_clean, s_spiked = det.score(clean), det.score(spiked)
     auc = roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(clean))], np.r_[s_clean, s_spiked])
     assert auc > MIN_AUC.get(name, 0.95), auc
+
+
+@pytest.mark.parametrize("detector", ["residual_linear", "pca"])
+def test_a_channel_constant_in_training_is_reported_and_neither_explodes_nor_blinds(detector):
+    """Detectors that measure a channel in units of its training spread have none for a
+    constant channel: it scores 0 and is reported, and the other channel still works."""
+    series = normal_series()
+    series[:, 1] = 7.0  # e.g. a command flag never set in training
+    det = build_detector(detector, window=WINDOW).fit(series[:1000])
+    assert det.constant_channels == [1]
+    clean = sliding_windows(series[1000:], WINDOW)[::8]
+    moved, spiked = clean.copy(), clean.copy()
+    moved[:, -1, 1] += 1.0
+    spiked[:, -1, 0] += 3.0
+    assert (det.channel_scores(moved)[:, 1] == 0).all()
+    np.testing.assert_allclose(det.score(moved), det.score(clean))
+    auc = roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(clean))],
+                        np.r_[det.score(clean), det.score(spiked)])
+    assert auc > 0.95, auc
+    again = type(det)(det.config)
+    again.load_state_dict(det.state_dict())
+    assert again.constant_channels == [1]

@@ -88,3 +88,78 @@ def test_fusion_weights_come_from_training_scores_only():
     assert not np.allclose(fused, equal)
     with pytest.raises(ValueError, match="calibration"):
         fuse_entity(DetectorSpec("f", fuse=["a"]), [EntityScores(np.zeros(3), np.zeros(0))])
+
+
+def test_any_folder_in_the_msl_layout_with_degenerate_entities(tmp_path):
+    """A dataset is named by its folder (SMAP in the MSL layout, any case); --entities picks
+    by name; an entity whose training split is shorter than two windows and one whose
+    telemetry is constant in training are scored, fused and noted, not crashed on."""
+    smap = tmp_path / "data" / "SMAP"
+    smap.mkdir(parents=True)
+    for name in ("train.npy", "test.npy", "test_label.npy"):
+        (smap / name).write_bytes((DATA_DIR / "msl" / name).read_bytes())
+    # C-1: 50 training rows (window 32: no room for a held-out tail); C-2 as shipped, its
+    # column 0 constant over its 400 training rows
+    (smap / "entities.csv").write_text("chan_id,train_start,train_end,test_start,test_end\n"
+                                       "C-1,0,50,0,400\nC-2,400,800,400,800\n")
+    config = {"dataset": "smap", "rows": [
+        {"label": "residual linear", "detector": "residual_linear", "params": {"window": 32},
+         "columns": [0, 1]},
+        {"label": "pca", "detector": "pca", "params": {"window": 32}, "columns": [0, 1]},
+        {"label": "fused", "fuse": ["residual linear", "pca"]},
+    ]}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    r = tsad("evaluate", "--config", str(path), "--data-dir", str(tmp_path / "data"),
+             "--entities", "C-2,C-1", "--out", str(tmp_path / "report"), "--jobs", "1")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["entities"] == ["C-2", "C-1"] and report["anchors"] == {}
+    notes = {(n["row"], n["entity"], n["note"].split(":")[0]) for n in report["notes"]}
+    for row in ("residual linear", "pca"):
+        assert (row, "C-2", "channels [0] constant in training") in notes, notes
+        assert (row, "C-1", "training split of 50 points is shorter than two windows (64)"
+                ) in notes, notes
+    for row in report["rows"]:
+        assert all(np.isfinite(v) for v in row["metrics"].values()), row
+    assert "Degenerate entities" in (tmp_path / "report.md").read_text()
+
+
+def test_missing_data_and_embeddings_are_one_line_naming_the_fix(tmp_path):
+    nowhere = str(tmp_path / "nowhere")
+    row = {"label": "m", "detector": "embedding_memory", "params": {"window": 32},
+           "embeddings": str(tmp_path / "emb")}
+    emb_config = tmp_path / "emb.yaml"
+    emb_config.write_text(yaml.safe_dump({"dataset": "msl", "rows": [row]}))
+    lin_config = tmp_path / "lin.yaml"
+    lin_config.write_text(yaml.safe_dump({"dataset": "msl", "rows": [
+        {"label": "r", "detector": "residual_linear"}]}))
+    train_config = tmp_path / "train.yaml"
+    train_config.write_text(yaml.safe_dump({"name": "x", "detector": "residual_linear",
+                                            "data": {"dataset": "msl"}}))
+    cases = [
+        (("evaluate", "--config", str(emb_config), "--data-dir", str(DATA_DIR), "--out",
+          str(tmp_path / "r")), "`tsad embed --dataset msl"),
+        (("evaluate", "--config", str(lin_config), "--data-dir", nowhere, "--out",
+          str(tmp_path / "r")), "--data-dir tests/data"),
+        (("embed", "--dataset", "msl", "--data-dir", nowhere, "--out", str(tmp_path / "e")),
+         "--data-dir tests/data"),
+        (("train", "--config", str(train_config), "--data-dir", nowhere, "--out",
+          str(tmp_path / "a")), "--data-dir tests/data"),
+    ]
+    for args, fix in cases:
+        r = tsad(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"tsad {args[0]}: "), r.stderr
+        assert fix in lines[0], lines[0]
+
+
+def test_embed_takes_entities_by_name_from_any_msl_layout_folder():
+    from models.lm.embed_cli import load_streams
+
+    streams, chans = load_streams("MSL", str(DATA_DIR), None, "C-2")
+    assert chans == [0]
+    assert [(s.name, s.split) for s in streams] == [("C-2", "train"), ("C-2", "test")]
+    with pytest.raises(SystemExit, match="--entities"):
+        load_streams("msl", str(DATA_DIR), None, "X-9")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +15,10 @@ import pytest
 
 from service.process import ServiceProcess
 from tests.conftest import DATA_DIR, RedisServer
+
+pytestmark = pytest.mark.slow  # real processes; `make test` runs them
+
+ROOT = DATA_DIR.parents[1]
 
 W = 64
 
@@ -111,15 +117,35 @@ def test_redis_outage_gives_503_and_recovers_by_itself():
 
 
 def test_replay_cli_posts_a_nab_series_and_reports(live_service, tmp_path):
-    """`tsad replay` against the running service: the README's first-contact path."""
+    """`tsad replay` against the running service: the README's first-contact path, with
+    `--plot` (the labelled windows found beside the file) into runs/plots/, then the same
+    file again, which the stream refuses with a hint to start over."""
     out = tmp_path / "results.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "models.cli", "replay", str(DATA_DIR / "nab" / "nyc_taxi.csv"),
-         "--stream", "nyc_taxi", "--url", live_service.url, "--batch", "500", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+    replay = [sys.executable, "-m", "models.cli", "replay",
+              str(DATA_DIR / "nab" / "nyc_taxi.csv"), "--stream", "nyc_taxi",
+              "--url", live_service.url, "--batch", "500"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*replay, "--out", str(out), "--plot"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
     assert summary["points"] == 10320 and summary["scored"] > 10000
     assert summary["anomalies"] > 0
-    lines = out.read_text().splitlines()
-    assert len(lines) == 10320 and json.loads(lines[-1])["status"] == "scored"
+    flagged = [line for line in lines if line.startswith("anomaly at ")]
+    assert flagged and all(re.match(r"anomaly at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: ", line)
+                           for line in flagged), flagged[:3]
+    windows = summary["windows"]
+    assert windows["labelled"] == 5 and windows["hit"] + len(windows["missed"]) == 5
+    assert windows["hit"] >= 1  # tests/test_api.py checks how well, at these settings too
+    assert summary["plot"] == "runs/plots/nyc_taxi.png"
+    assert (tmp_path / "runs/plots/nyc_taxi.png").stat().st_size > 10_000
+    results = out.read_text().splitlines()
+    assert len(results) == 10320 and json.loads(results[-1])["status"] == "scored"
+
+    again = subprocess.run(replay, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                           env=env)
+    assert again.returncode == 1
+    assert "error 422 at point 0" in again.stdout
+    assert "already holds points up to 2015-01-31T23:30:00Z" in again.stdout
+    assert "--reset" in again.stdout

@@ -24,6 +24,8 @@ from service.process import ServiceProcess, free_port
 from service.replay import load_series
 from tests.conftest import DATA_DIR, wait_for
 
+pytestmark = pytest.mark.slow  # real processes; `make test` runs them
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "configs" / "grafana" / "dashboards").glob("*.json"))
 RULES = sorted((ROOT / "configs" / "prometheus" / "rules").glob("*.yml"))

@@ -17,6 +17,8 @@ from service.webhooks.signing import verify
 from tests.conftest import wait_for
 from tests.test_alerts import spiky
 
+pytestmark = pytest.mark.slow  # real processes; `make test` runs them
+
 SECRET = "test-secret-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"TSAD_WARMUP_POINTS": "64", "TSAD_DEFAULT_WINDOW": "16",

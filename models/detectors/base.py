@@ -82,6 +82,15 @@ class Detector(ABC):
     @abstractmethod
     def is_fitted(self) -> bool: ...
 
+    @property
+    def constant_channels(self) -> list[int]:
+        """Channels constant over the whole training series (offline ``fit``). A detector
+        that learns each channel's scale from its training data has none for them: it
+        scores them 0 (rather than dividing by a floor and letting any change explode)
+        and lists them here, so callers can report it."""
+        mask = getattr(self, "_constant", None)
+        return [] if mask is None else np.flatnonzero(mask).tolist()
+
     # --- the shared part ---------------------------------------------------------------
     def fit(self, train: np.ndarray) -> Self:
         train = as_series(train, "train")

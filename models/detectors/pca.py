@@ -3,6 +3,8 @@ training windows; the score is the reconstruction error.
 
 Channels share one subspace (each channel's window, standardised by that channel's
 training mean and std, is one sample), like the residual-linear detector shares its map.
+Channels constant in training carry no sample of normal variation: they are left out of
+the subspace, score 0 and are listed in ``constant_channels``.
 
 >>> import numpy as np
 >>> t = np.arange(3000.0)
@@ -38,8 +40,11 @@ class PcaReconstruction(Detector):
     def state_dict(self) -> dict[str, np.ndarray]:
         if not hasattr(self, "_components"):
             return {}
-        return {"mean": self._mean, "std": self._std, "center": self._center,
-                "components": self._components, "error_scale": self._error_scale}
+        state = {"mean": self._mean, "std": self._std, "center": self._center,
+                 "components": self._components, "error_scale": self._error_scale}
+        if hasattr(self, "_constant"):
+            state["constant"] = self._constant
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         for key, value in state.items():
@@ -61,11 +66,18 @@ class PcaReconstruction(Detector):
         if len(windows) > self.config.max_train_windows:
             pick = np.linspace(0, len(windows) - 1, self.config.max_train_windows).round()
             windows = windows[pick.astype(int)]
-        x = self._samples(windows).reshape(-1, self.config.window)  # (B*C, W)
-        self._center = x.mean(axis=0)
-        _, s, vt = np.linalg.svd(x - self._center, full_matrices=False)
-        share = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-12)
-        n = int(np.searchsorted(share, self.config.variance) + 1)
+        self._constant = (np.ptp(train, axis=0) == 0).astype(np.float64)
+        varying = self._constant == 0
+        x = self._samples(windows)[:, varying].reshape(-1, self.config.window)  # (B*C', W)
+        self._center = x.mean(axis=0) if len(x) else np.zeros(self.config.window)
+        if len(x):
+            _, s, vt = np.linalg.svd(x - self._center, full_matrices=False)
+        else:  # every channel constant
+            s, vt = np.zeros(0), np.zeros((0, self.config.window))
+        total = float(np.sum(s**2))
+        # no variance at all: no component, so any change shows (not a full-rank, blind basis)
+        n = 0 if total == 0 else min(
+            int(np.searchsorted(np.cumsum(s**2) / total, self.config.variance) + 1), len(s))
         self._components = vt[:n]  # (K, W)
         err = self._errors(windows)
         self._error_scale = np.maximum(np.median(err, axis=0), 1e-6)  # (C,)
@@ -76,4 +88,7 @@ class PcaReconstruction(Detector):
         return np.mean((x - recon) ** 2, axis=2)  # (B, C)
 
     def _channel_scores(self, windows: np.ndarray) -> np.ndarray:
-        return self._errors(windows) / self._error_scale
+        scores = self._errors(windows) / self._error_scale
+        if hasattr(self, "_constant"):
+            scores[:, self._constant > 0] = 0.0
+        return scores

@@ -11,6 +11,10 @@ language-model detector.
 Score of the newest point of a window = |forecast error| per channel, measured in units of
 that channel's typical forecast error, aggregated over channels (mean or max).
 
+Channels constant over an offline training series (``fit``) have no scale to measure
+errors in: they score 0 and are listed in ``constant_channels`` (online learning has no
+such mask: a channel constant so far is scored once its variance is floored).
+
 Everything learned is a sufficient statistic (ridge normal equations, Welford moments,
 residual scale), so the detector trains offline with ``fit`` and online, per stream, with
 ``partial_fit``: the same code path, state small enough to live in Redis.
@@ -84,6 +88,7 @@ class ResidualLinear(Detector):
                  "solved", "resid_var")
         if not hasattr(self, "_n"):  # nothing learned yet
             return {}
+        names += ("constant",) if hasattr(self, "_constant") else ()
         return {k: getattr(self, f"_{k}").copy() for k in names}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -101,6 +106,7 @@ class ResidualLinear(Detector):
     # --- learning ----------------------------------------------------------------------
     def _fit(self, train: np.ndarray) -> None:
         self._init_state(train.shape[1])
+        self._constant = (np.ptp(train, axis=0) == 0).astype(np.float64)
         windows = sliding_windows(train, self.config.window)
         self._update_moments(train)
         self._accumulate(windows)
@@ -182,4 +188,7 @@ class ResidualLinear(Detector):
 
     def _channel_scores(self, windows: np.ndarray) -> np.ndarray:
         err = self._standardised_errors(windows)
-        return np.abs(err) / np.sqrt(self._resid_var)
+        scores = np.abs(err) / np.sqrt(self._resid_var)
+        if hasattr(self, "_constant"):
+            scores[:, self._constant > 0] = 0.0
+        return scores

@@ -23,9 +23,11 @@ encoder turns into one vector. Written to --out:
                  stream and window start
   <split>.npy    float16 array (windows, channels, dim)
 
-Datasets: msl (per-entity streams, splits train and test; channel 0 = telemetry by
-default), nab (one stream per CSV, split "all"), or a path to a .npy file of shape (T,) or
-(T, C) (one stream, split = file name). With --redis-url the shared embedding cache is
+Datasets: a folder in the MSL layout named by --dataset (msl, smap, ...: per-entity
+streams, splits train and test; channel 0 = telemetry by default; --entities picks some),
+nab (one stream per CSV, split "all"), or a path to a .npy file of shape (T,) or (T, C)
+(one stream, split = file name). A clone has no ../shared/datasets: --data-dir tests/data
+holds small MSL and NAB slices. With --redis-url the shared embedding cache is
 filled too, so serving replicas start warm.
 
 Examples:
@@ -41,9 +43,13 @@ def register(subparsers: Any) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", required=True,
-                   help="msl | nab | path to a .npy series (T,) or (T, C)")
+                   help="nab | a dataset folder in the MSL layout (msl, smap, ...) | path to a "
+                   ".npy series (T,) or (T, C)")
     p.add_argument("--data-dir", default="../shared/datasets",
-                   help="folder holding msl/ and nab/ (or the dataset folder itself)")
+                   help="folder holding the dataset folder (or that folder itself)")
+    p.add_argument("--entities", default="",
+                   help="MSL layout: the first N entities or comma-separated names (e.g. "
+                   "C-1,T-5); default all")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--window", type=int, default=64, help="points per window (default 64)")
     p.add_argument("--stride", type=int, default=10,
@@ -86,25 +92,27 @@ def parse_channels(text: str | None, n_channels: int, default: list[int]) -> lis
     return chans
 
 
-def load_streams(dataset: str, data_dir: str,
-                 channels: str | None) -> tuple[list[Any], list[int]]:
+def load_streams(dataset: str, data_dir: str, channels: str | None,
+                 entities: str = "") -> tuple[list[Any], list[int]]:
     """The streams to embed and the dataset channels they hold (in that order)."""
     import numpy as np
 
-    from models.data import load_msl, load_nab
+    from models.data import DataNotFound, load_msl, load_nab, select_entities
     from models.lm.precompute import Stream
 
-    if dataset == "msl":
-        entities = load_msl(data_dir)
-        chans = parse_channels(channels, entities[0].train.shape[1], [0])
-        return [Stream(e.name, split, getattr(e, split)[:, chans])
-                for split in ("train", "test") for e in entities], chans
+    path = Path(dataset)
+    if (dataset == "nab" or path.suffix == ".npy") and entities:
+        raise SystemExit("--entities: only for datasets in the MSL layout")
     if dataset == "nab":
         parse_channels(channels, 1, [0])
         return [Stream(s.name, "all", s.values[:, None]) for s in load_nab(data_dir)], [0]
-    path = Path(dataset)
-    if path.suffix != ".npy" or not path.is_file():
-        raise SystemExit(f"--dataset: {dataset!r} is not msl, nab or an existing .npy file")
+    if path.suffix != ".npy":  # a dataset folder in the MSL layout
+        picked = select_entities(load_msl(data_dir, dataset), entities)
+        chans = parse_channels(channels, picked[0].train.shape[1], [0])
+        return [Stream(e.name, split, getattr(e, split)[:, chans])
+                for split in ("train", "test") for e in picked], chans
+    if not path.is_file():
+        raise DataNotFound(f"--dataset: no file {path}")
     series = np.load(path)
     series = series[:, None] if series.ndim == 1 else series
     if series.ndim != 2:
@@ -135,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.window < 2 or args.stride < 1:
         raise SystemExit("--window must be >= 2 and --stride >= 1")
-    streams, chans = load_streams(args.dataset, args.data_dir, args.channels)
+    streams, chans = load_streams(args.dataset, args.data_dir, args.channels, args.entities)
     encoder = build_encoder(args)
     builder = PromptBuilder(PromptConfig(strategy=args.strategy, max_values=args.max_values),
                             encoder.tokenizer)
@@ -144,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     index = precompute(
         streams, cached, builder, args.out, args.window, args.stride, limit=args.limit,
         progress=not args.no_progress,
-        extra={"dataset": args.dataset, "backend": args.backend, "channels": chans},
+        extra={"dataset": args.dataset, "backend": args.backend, "channels": chans,
+               **({"entities": args.entities} if args.entities else {})},
     )
     stats = cached.stats
     for split, info in index["splits"].items():

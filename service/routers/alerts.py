@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import math
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
@@ -9,7 +9,7 @@ from service.alerts.schemas import AlertList, AlertOut
 from service.alerts.store import AlertQuery, valid_cursor
 from service.deps import AUTH_RESPONSES, PipelineDep, Reader
 from service.errors import field_error
-from service.schemas import STREAM_ID_PATTERN, ErrorOut
+from service.schemas import STREAM_ID_PATTERN, ErrorOut, FiniteFloat, epoch
 
 router = APIRouter(prefix="/alerts", tags=["alerts"], responses=AUTH_RESPONSES)
 _ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
@@ -22,8 +22,12 @@ async def list_alerts(
     who: Reader,
     stream: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN)] = None,
     state: Annotated[Literal["open", "resolved"] | None, Query()] = None,
-    since: Annotated[float | None, Query(description="opened_at >= since (epoch s)")] = None,
-    until: Annotated[float | None, Query(description="opened_at <= until (epoch s)")] = None,
+    since: Annotated[FiniteFloat | datetime | None, Query(
+        description="opened_at >= since: epoch seconds or RFC 3339 (no offset means UTC), "
+        "like a point's timestamp", examples=["2023-11-14T22:13:20Z"])] = None,
+    until: Annotated[FiniteFloat | datetime | None, Query(
+        description="opened_at <= until: epoch seconds or RFC 3339 (no offset means UTC)",
+        examples=[1700003600])] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[0-9eE.+\-]+:al_[0-9a-f]+$",
                                         description="next_cursor of the previous page")] = None,
@@ -31,13 +35,12 @@ async def list_alerts(
     """A key with a tenant sees that tenant's alerts only."""
     if stream is not None:
         who.check_stream(stream)
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and not math.isfinite(value):
-            raise field_error(("query", name), "must be a finite number (epoch seconds)")
     if cursor is not None and not valid_cursor(cursor):
         raise field_error(("query", "cursor"), "not a cursor this service wrote: pass "
                           "next_cursor of the previous page unchanged")
-    query = AlertQuery(stream=stream, state=state, since=since, until=until, limit=limit,
+    query = AlertQuery(stream=stream, state=state,
+                       since=None if since is None else epoch(since),
+                       until=None if until is None else epoch(until), limit=limit,
                        cursor=cursor, stream_prefix=f"{who.tenant}." if who.tenant else None)
     alerts, next_cursor = await pipeline.alerts.list(query)
     return AlertList(alerts=[AlertOut(**a) for a in alerts], next_cursor=next_cursor)
