@@ -75,8 +75,8 @@ class EnsembleConfig(DetectorConfig):
                              f"{list(self.members)}")
         object.__setattr__(self, "members", tuple(self.members))  # JSON gives a list
         object.__setattr__(self, "range_scales", tuple(self.range_scales))
-        if not self.range_scales or not all(1 <= k < self.window for k in self.range_scales):
-            raise ValueError(f"range_scales: each in 1..window-1={self.window - 1}, got "
+        if not self.range_scales or min(self.range_scales) < 1:
+            raise ValueError(f"range_scales: positive point counts, got "
                              f"{list(self.range_scales)}")
         if not 2 <= self.shape_window <= self.window:
             raise ValueError(f"shape_window: need 2 <= shape_window <= window={self.window}")
@@ -97,7 +97,7 @@ class Ensemble(Detector):
         self._m2 = np.zeros(channels)
         # ring of per-block minima / maxima of the values and maxima of each member's raw
         # surprise: (blocks, C) and (blocks, M, C); NaN = empty slot
-        scales = len(cfg.range_scales)
+        scales = len({min(k, cfg.window - 1) for k in cfg.range_scales})
         self._lo = np.full((cfg.history_blocks, scales, channels), np.nan)
         self._hi = np.full((cfg.history_blocks, scales, channels), np.nan)
         self._rec = np.full((cfg.history_blocks, m, channels), np.nan)
@@ -223,7 +223,8 @@ class Ensemble(Detector):
     def _smoothed(self, windows: np.ndarray) -> np.ndarray:
         """(B, W, C) -> (B, K, W', C): the means of the last k points at every position of
         the window where k points are there, for each scale k (W' = W - max(k) + 1)."""
-        ks = self.config.range_scales
+        # a scale needs k points of the window (a short window clips the longer scales)
+        ks = sorted({min(k, windows.shape[1] - 1) for k in self.config.range_scales})
         tail = windows.shape[1] - max(ks) + 1  # positions every scale can fill
         csum = np.concatenate([np.zeros_like(windows[:, :1]), np.cumsum(windows, axis=1)],
                               axis=1)  # (B, W + 1, C)
