@@ -10,6 +10,12 @@ concurrently, each in time order, batch by batch: no look-ahead), then scores wi
 * alerts as detections: a detection at each point where an alert opened (what operators
   actually receive).
 
+``--lm STRIDE`` adds the language-model member: the embedding memory (MiniLM embeddings of
+each window's prompt, nearest remembered normal window; online) scored every STRIDE-th
+point through the same loop, alone, and beside the default as an ensemble member (its
+distance divided by its own running record, the maximum taken with the default's record
+ratio). Slow on a CPU: about 45k / STRIDE prompts.
+
 Beside it, in the same run, offline rows through the same scoring loop
 (``models.streaming``): every member of the default ensemble alone, the combinations, and
 the previous default (residual linear), with their cost per point; and the published
@@ -61,7 +67,8 @@ PUBLISHED = {
 }
 # Offline rows: (label, detector, config). Same loop as the service, one file at a time.
 OFFLINE = [
-    ("ensemble: range (the default)", "ensemble", {"members": ["range"]}),
+    ("ensemble: range at scales 1 and 16 (the default)", "ensemble", {}),
+    ("ensemble: range at scale 1 only", "ensemble", {"range_scales": [1]}),
     ("ensemble member alone: shape", "ensemble", {"members": ["shape"]}),
     ("ensemble member alone: forecast", "ensemble", {"members": ["forecast"]}),
     ("ensemble: range + shape", "ensemble", {"members": ["range", "shape"]}),
@@ -123,14 +130,42 @@ def live(corpus: list[nab.NabFile], batch: int, concurrency: int) -> tuple[dict,
         redis.wait()
 
 
-def offline(corpus: list[nab.NabFile], detector: str, config: dict) -> tuple[dict, dict, float]:
+def offline(corpus: list[nab.NabFile], detector: str, config: dict,
+            stride: int = 1) -> tuple[dict, dict, float]:
     scores, lik = {}, {}
     t0 = time.perf_counter()
-    for f in corpus:
+    for f in tqdm(corpus, desc=detector, unit="file", leave=False):
         det = build_detector(detector, window=64, **config)
-        run = stream_scores(det, f.values, 0, timestamps=f.timestamps)
+        run = stream_scores(det, f.values, 0, timestamps=f.timestamps, score_stride=stride)
         scores[f.key], lik[f.key] = np.nan_to_num(run.scores), np.nan_to_num(run.likelihood)
     return scores, lik, time.perf_counter() - t0
+
+
+def record_ratio(scores: np.ndarray, history: int = 4096, warmup: int = 64) -> np.ndarray:
+    """Each score divided by the largest of the previous ``history`` scores (0 before
+    ``warmup`` scores): a member's surprise on the ensemble's scale (1 = its record)."""
+    out = np.zeros(len(scores))
+    for i in range(warmup, len(scores)):
+        record = scores[max(0, i - history):i].max()
+        out[i] = scores[i] / record if record > 0 else 0.0
+    return out
+
+
+def lm_rows(corpus: list[nab.NabFile], default: dict, stride: int, n_points: int,
+            a: list, b: list) -> list[dict]:
+    """The embedding memory alone and as a member of the default ensemble."""
+    lm_scores, lm_lik, seconds = offline(corpus, "embedding_memory", {}, stride)
+    member = {k: np.maximum(default[k], record_ratio(v)) for k, v in lm_scores.items()}
+    rows = []
+    for label, arrays in ((f"embedding memory alone (LM member, every {stride}th point), "
+                           "likelihood", lm_lik),
+                          (f"ensemble + LM member (every {stride}th point), score", member)):
+        rows.append({"row": label, "source": "offline loop",
+                     "profiles": profile_scores(arrays, corpus),
+                     "halves": [profile_scores({f.key: arrays[f.key] for f in h}, h)
+                                ["standard"]["score"] for h in (a, b)],
+                     "points_per_s": n_points / seconds})
+    return rows
 
 
 def profile_scores(scores: dict, corpus: list[nab.NabFile], fixed: bool = False) -> dict:
@@ -159,6 +194,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=500, help="points per POST /score")
     ap.add_argument("--concurrency", type=int, default=4, help="files replayed at once")
     ap.add_argument("--no-offline", action="store_true", help="only the live replay")
+    ap.add_argument("--lm", type=int, metavar="STRIDE", default=0,
+                    help="add the language-model member's rows, scoring every STRIDE-th "
+                    "point (0 = no; slow on a CPU)")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="add the published detectors' rows (default: when the corpus is "
                     "the 35-file part they were scored on)")
@@ -184,15 +222,22 @@ def main() -> int:
                      "halves": [profile_scores({f.key: arrays[f.key] for f in h}, h, fixed)
                                 ["standard"]["score"] for h in (a, b)],
                      "points_per_s": n_points / elapsed})
+    default_scores = None
     if not args.no_offline:
         for label, detector, config in tqdm(OFFLINE, desc="offline rows", unit="row"):
             scores, lik, seconds = offline(corpus, detector, config)
-            for what, arrays in (("score", scores), ("likelihood", lik)):
+            default_scores = default_scores or scores
+            # a record-ratio detector's likelihood ranks points exactly as its score
+            kinds = [("score", scores)] + [("likelihood", lik)] * (
+                not build_detector(detector).record_scores)
+            for what, arrays in kinds:
                 rows.append({"row": f"{label}, {what}", "source": "offline loop",
                              "profiles": profile_scores(arrays, corpus),
                              "halves": [profile_scores({f.key: arrays[f.key] for f in h}, h)
                                         ["standard"]["score"] for h in (a, b)],
                              "points_per_s": n_points / seconds})
+    if args.lm and default_scores is not None:
+        rows += lm_rows(corpus, default_scores, args.lm, n_points, a, b)
     published = {k: dict(zip(PROFILES, v, strict=True)) for k, v in PUBLISHED.items()}
     result = {
         "data_dir": str(args.data_dir), "files": len(corpus), "points": n_points,

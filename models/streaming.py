@@ -160,7 +160,9 @@ class OnlineLoop:
         if not det.is_fitted:  # cold start: learn every full window, score none
             self.pending[slots] = full
             return
-        fresh = full & (idx % self.score_stride == 0)
+        # on the stride's grid of the stream index; the stream's first full window too, so
+        # a fitted detector scores from there without a gap
+        fresh = full & ((idx % self.score_stride == 0) | (idx == window - 1))
         o = slice(lo - start, hi - start)
         verdicts = np.zeros(hi - lo, bool)
         if fresh.any():

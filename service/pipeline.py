@@ -79,7 +79,8 @@ class ScoringPipeline:
                     stream, points, default_window=self.settings.default_window,
                     default_detector=self.settings.default_detector,
                     duplicates=self.settings.duplicates,
-                    default_timestamps=self.settings.timestamps)
+                    default_timestamps=self.settings.timestamps,
+                    max_back_seconds=self.settings.timestamp_max_back_seconds)
             except StoreRejection:
                 self.metrics.points_rejected_total.inc(len(points))
                 raise

@@ -133,8 +133,10 @@ def test_a_tuned_copy_learns_its_labels_and_leaves_the_original_and_lm_alone(tra
     report = copy.finetune(windows, targets, steps=8, lr=5e-2, batch_size=8, max_seconds=600)
     assert report["steps"] == 8 and report["loss_after"] < report["loss_before"]
     assert report["proba_after"][:3].mean() < report["proba_before"][:3].mean()
+    # float32 through the LM in batches of 3 here and of 8 in finetune: BLAS rounds the
+    # last bits by batch shape (measured up to 1.3e-5 relative on this CPU)
     np.testing.assert_allclose(copy.channel_scores(spiky)[:, 0], report["proba_after"][:3],
-                               rtol=1e-5)
+                               rtol=1e-4)
     for k, v in det.adaptable_state().items():  # the original is untouched
         np.testing.assert_array_equal(v, original[k])
     assert not np.array_equal(copy.adaptable_state()["prompts"], original["prompts"])

@@ -31,8 +31,12 @@ DASHBOARDS = sorted((ROOT / "configs" / "grafana" / "dashboards").glob("*.json")
 RULES = sorted((ROOT / "configs" / "prometheus" / "rules").glob("*.yml"))
 SECRET = "stack-test-secret-0123"
 SPIKE_ROW = 500
-# the compose stack's settings, with a short warm-up so a 700-point slice raises an alert
+# the compose stack's settings, with a short warm-up so a 700-point slice raises an alert.
+# Residual linear: the default ensemble flags new records, and two weeks of taxi demand
+# after a one-day warm-up still set weekly records (tests/test_batching.py and
+# tests/test_api.py test the default end to end).
 ENV = {"TSAD_METRICS_STREAMS": "nyc_*", "TSAD_METRICS_MAX_STREAMS": "5",
+       "TSAD_DEFAULT_DETECTOR": "residual_linear",
        "TSAD_WARMUP_POINTS": "64", "TSAD_DEFAULT_WINDOW": "16",
        "TSAD_THRESHOLD_MIN_SCORES": "50", "TSAD_THRESHOLD_CALIBRATION_POINTS": "200",
        "TSAD_ALERT_QUIET_POINTS": "10", "TSAD_WEBHOOK_POLL_SECONDS": "0.05",

@@ -104,7 +104,7 @@ def deliver_once(url: str, allow: str) -> tuple[dict, list[str]]:
     settings = Settings(webhook_allow_hosts=allow, webhook_max_attempts=1,
                         webhook_poll_seconds=0.02, webhook_timeout_seconds=3)
     alerts = MemoryAlertStore(None, 3600)
-    store = MemoryWebhookStore(alerts)
+    store = MemoryWebhookStore(alerts, dead_retention_seconds=30 * 86400)
     event = {"id": "al_1-1", "type": "alert.opened", "created": 0.0,
              "alert": {"stream": "s", "severity": "critical"}}
 

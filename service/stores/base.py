@@ -11,6 +11,7 @@ none is.
 
 from __future__ import annotations
 
+import math
 import time
 from bisect import bisect_left
 from contextlib import AbstractAsyncContextManager
@@ -126,6 +127,7 @@ class WindowStore(Protocol):
         default_detector: str,
         duplicates: DuplicatePolicy = "reject",
         default_timestamps: TimestampPolicy = "reject",
+        max_back_seconds: float = math.inf,
     ) -> AppendResult:
         """Atomically append ``points`` (N, 1 + C; column 0 the timestamp) as
         ``plan_append`` decides, with the stream's own timestamp policy or else
@@ -193,7 +195,8 @@ NO_NUDGES = np.empty((0, 2))
 
 def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
                 duplicates: DuplicatePolicy, timestamps: TimestampPolicy,
-                nudges: np.ndarray = NO_NUDGES) -> AppendPlan:
+                nudges: np.ndarray = NO_NUDGES,
+                max_back_seconds: float = math.inf) -> AppendPlan:
     """Decide, point by point, what an append does; raises StoreRejection (nothing to
     write) when a policy says reject. Both stores call this, so they agree exactly.
 
@@ -212,7 +215,10 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
 
     Then order: a point whose stamp is not after its previous one follows ``timestamps``:
     "nudge" stores it at previous + 1 ms (later points still after that keep their
-    stamps), "drop" skips it, "reject" refuses the request.
+    stamps), "drop" skips it, "reject" refuses the request. A point more than
+    ``max_back_seconds`` before its previous one is refused under every policy: that is
+    not a repeated or reordered stamp (a daylight-saving hour) but older data sent again,
+    which nudging would append as new.
 
     >>> p = np.array([[10.0, 1.0], [10.0, 2.0], [9.0, 3.0], [11.0, 4.0]])
     >>> plan = plan_append(p, np.empty((0, 2)), None, "reject", "nudge")
@@ -251,9 +257,15 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
             actions.append("duplicate")
             stamps.append(twin)
             continue
+        after = (f"the stream's last stored timestamp {previous!r}" if not keep else
+                 f"the previous point's timestamp {previous!r}")
+        if previous - ts > max_back_seconds:
+            raise StoreRejection(loc, f"timestamp {ts!r} is {previous - ts:g} s before "
+                                 f"{after}: more than TSAD_TIMESTAMP_MAX_BACK_SECONDS="
+                                 f"{max_back_seconds:g}, so not a repeated or reordered stamp "
+                                 "but older data; to send a series again, delete the stream "
+                                 "first (tsad replay --reset)")
         if timestamps == "reject":
-            after = (f"the stream's last stored timestamp {previous!r}" if not keep else
-                     f"the previous point's timestamp {previous!r}")
             raise StoreRejection(loc, f"timestamp {ts!r} is not after {after} (timestamp "
                                  "policy reject)")
         if timestamps == "drop":

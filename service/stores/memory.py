@@ -7,6 +7,7 @@ its checks and its writes, so no other request can interleave.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -118,6 +119,7 @@ class MemoryWindowStore:
         default_detector: str,
         duplicates: DuplicatePolicy = "reject",
         default_timestamps: TimestampPolicy = "reject",
+        max_back_seconds: float = math.inf,
     ) -> AppendResult:
         channels = points.shape[1] - 1
         entry = self._get(stream)
@@ -133,7 +135,8 @@ class MemoryWindowStore:
             stored = np.array(entry.points, dtype=np.float64)
             nudges = np.array(entry.nudges, dtype=np.float64).reshape(-1, 2)
         plan = plan_append(points, stored, last, duplicates,
-                           (entry and entry.meta.timestamps) or default_timestamps, nudges)
+                           (entry and entry.meta.timestamps) or default_timestamps, nudges,
+                           max_back_seconds)
         # --- writes ---------------------------------------------------------------------
         created = entry is None
         if entry is None:

@@ -23,6 +23,7 @@ import asyncio
 import bisect
 import contextlib
 import json
+import math
 import random
 import secrets
 import time
@@ -256,6 +257,7 @@ class RedisWindowStore:
         default_detector: str,
         duplicates: DuplicatePolicy = "reject",
         default_timestamps: TimestampPolicy = "reject",
+        max_back_seconds: float = math.inf,
     ) -> AppendResult:
         channels = points.shape[1] - 1
         deadline = time.monotonic() + self.lock_wait_seconds
@@ -273,7 +275,8 @@ class RedisWindowStore:
                 pairs = await self._call(self._redis.lrange(self._key(stream, "nudges"), 0, -1))
                 nudges = decode_points(pairs, 1)
             plan = plan_append(points, stored, last, duplicates,
-                               (meta and meta.timestamps) or default_timestamps, nudges)
+                               (meta and meta.timestamps) or default_timestamps, nudges,
+                               max_back_seconds)
             rows = plan.rows
             args: list = [channels, default_window, default_detector, self.ttl_seconds,
                           repr(time.time()), (raw or {}).get(b"last_ts", b"").decode(),
