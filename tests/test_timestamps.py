@@ -175,3 +175,19 @@ def test_bounds_are_settings(request):
             r = post(client, "b", points)
             assert r.status_code == 422 and field in r.json()["message"], r.text
         assert client.get("/streams/b").json()["points_seen"] == 1
+
+
+def test_older_data_sent_again_is_refused_not_nudged(backend, request):
+    """A point further behind than TSAD_TIMESTAMP_MAX_BACK_SECONDS is a series sent again,
+    not a reordered stamp: 422 naming it under every policy, nothing stored."""
+    with make_client(backend, request, timestamp_max_back_seconds=60) as client:
+        assert post(client, "old", sine_points(0, 200)).status_code == 200
+        again = sine_points(100, 50)  # 99 s behind the last stored stamp (199)
+        for p in again:  # other values: not a retry of stored points
+            p["values"] = [v + 1.0 for v in p["values"]]
+        r = post(client, "old", again)
+        assert r.status_code == 422, r.text
+        assert "body.points.0.timestamp" in r.text and "--reset" in r.text
+        assert client.get("/streams/old").json()["points_seen"] == 200
+        within = [{"timestamp": 150.0, "values": [0.0]}]  # 49 s behind: nudged
+        assert post(client, "old", within).json()["results"][0]["timestamp_action"] == "nudged"
