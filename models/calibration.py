@@ -45,7 +45,8 @@ class AnomalyLikelihood:
         self.min_history = min_history
         self.tail = tail
         self.record_ratio = record_ratio
-        self._ring = np.zeros(history, dtype=np.float32)
+        # a record-ratio likelihood needs no history: the detector keeps the record
+        self._ring = np.zeros(0 if record_ratio else history, dtype=np.float32)
         self._count = 0  # scores seen (ring index = count % history)
 
     def process(self, scores: np.ndarray) -> np.ndarray:
@@ -79,7 +80,7 @@ class AnomalyLikelihood:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         ring = np.asarray(state["ring"], dtype=np.float32)
-        if ring.shape != (self.history,):  # the history setting changed: start again
+        if ring.shape != self._ring.shape:  # the history setting changed: start again
             return
         self._ring = ring.copy()
         self._count = int(np.asarray(state["count"]).reshape(-1)[0])

@@ -184,16 +184,19 @@ class OnlineLoop:
             verdicts[fresh] = anom
             out.scores[o][fresh], out.likelihood[o][fresh] = scores, lik
             out.thresholds[o][fresh], out.anomalous[o][fresh] = thr, anom
-        # between fresh scores a point repeats the verdict in force
-        for j in np.flatnonzero(full):
-            if fresh[j]:
-                k = o.start + j
-                self.last = np.array([out.scores[k], out.likelihood[k], out.thresholds[k],
-                                      float(out.anomalous[k])])
-            elif not np.isnan(self.last[0]):
-                k = o.start + j
-                out.scores[k], out.likelihood[k], out.thresholds[k] = self.last[:3]
-                out.anomalous[k] = bool(self.last[3])
+        # between fresh scores a point repeats the verdict in force: the segment's last
+        # fresh one before it, else the one carried from earlier requests (self.last)
+        cols = (out.scores, out.likelihood, out.thresholds, out.anomalous)
+        source = np.maximum.accumulate(np.where(fresh, np.arange(hi - lo), -1))
+        fill = full & ~fresh
+        for col, carried in zip(cols, self.last, strict=True):
+            seg = col[o]  # a view: writes go to out
+            seg[fill & (source >= 0)] = seg[source[fill & (source >= 0)]]
+            if not np.isnan(self.last[0]):
+                seg[fill & (source < 0)] = carried
+        if fresh.any():
+            j = o.start + int(np.flatnonzero(fresh)[-1])
+            self.last = np.array([c[j] for c in cols], dtype=np.float64)
         out.fresh[o] = fresh
         out.scored[o] = full & ~np.isnan(out.scores[o])
         learn = fresh if det.learns_from_anomalies else fresh & ~verdicts
