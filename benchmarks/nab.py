@@ -55,8 +55,10 @@ from models.reporting import save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 from service.replay import fetch_alerts, post_score  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 PROFILES = list(nab.PROFILES)
+SETTINGS = Settings()  # the service's defaults: what the live replay runs
 # Published detectors on the 35 files of ../shared/datasets/nab, scored by NAB's own
 # scorer (../shared/nab-reference/README.md): standard, low FP, low FN.
 PUBLISHED = {
@@ -142,7 +144,9 @@ def offline(corpus: list[nab.NabFile], detector: str, config: dict,
     scores, lik = {}, {}
     t0 = time.perf_counter()
     for f in tqdm(corpus, desc=detector, unit="file", leave=False):
-        det = build_detector(detector, window=64, **config)
+        # as the service builds it (its window and warm-up), with the row's config
+        det = build_detector(detector, window=SETTINGS.default_window,
+                             warmup=SETTINGS.warmup_points, **config)
         run = stream_scores(det, f.values, 0, timestamps=f.timestamps, score_stride=stride)
         scores[f.key], lik[f.key] = np.nan_to_num(run.scores), np.nan_to_num(run.likelihood)
     return scores, lik, time.perf_counter() - t0
