@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.reporting import save_report  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 
 def load_nab(data_dir: Path) -> np.ndarray:
@@ -167,7 +168,8 @@ def main() -> None:
     save_report(report, (
         f"# POST /score throughput\n\n{args.clients} concurrent clients, one stream each, "
         f"service and clients on the same {report['machine']['cpus']}-core machine, "
-        f"residual-linear detector. `python benchmarks/throughput.py`.\n\n"
+        f"the default detector ({Settings().default_detector}). "
+        f"`python benchmarks/throughput.py`.\n\n"
         f"{markdown(rows, lpush)}"), args.out / "throughput")
 
 
