@@ -99,6 +99,8 @@ class StreamScorer:
             score_stride=stride, online=not self.shared_detector)
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings),
                                     incarnation(meta.stream, meta.created_at))
+        # stream index -> (top channels, precedents) of anomalous points, per process() call
+        self._explained: dict[int, tuple[list[ChannelShare], list[Precedent] | None]] = {}
 
     def channel_names(self) -> list[str]:
         return self.meta.channel_names or [str(i) for i in range(self.meta.channels)]
@@ -152,7 +154,7 @@ class StreamScorer:
     def process(self, points: np.ndarray, n_new: int) -> list[PointResult]:
         """points: (K, 1 + C), oldest first, the last ``n_new`` rows new. One result each."""
         first_index = self.meta.points_seen - n_new  # stream-wide index of the first new point
-        self._explained: dict[int, tuple[list[ChannelShare], list[Precedent] | None]] = {}
+        self._explained = {}
         out = self.loop.run(points[:, 1:], points[:, 0], n_new, first_index, self._observe)
         results = []
         for i in range(n_new):
