@@ -63,9 +63,9 @@ class Settings(BaseSettings):
         "1 ms after the previous one, drop = skip it, reject = 422 (a stream may override)",
     )
     timestamp_max_back_seconds: float = Field(
-        3600.0, gt=0, description="a point further than this behind its previous one is "
-        "refused (422) whatever the timestamp policy: a daylight-saving hour is nudged, a "
-        "series sent again is not appended as new points")
+        86_400.0, gt=0, description="a point further than this behind its previous one is "
+        "refused (422) whatever the timestamp policy: a daylight-saving hour or a clock "
+        "fix is nudged, a series sent again is not appended as new points")
     timestamp_max_lead_seconds: float = Field(
         86400.0, gt=0, description="422 for a timestamp further than this ahead of the "
         "server clock (one such point would otherwise bar every later one)")
