@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "service.cli",  # serve
     "service.auth.cli",  # keys
     "service.replay",  # replay
+    "service.demo",  # demo
     "service.receiver",  # receive
     "models.lm.embed_cli",  # embed
     "models.evaluate_cli",  # evaluate

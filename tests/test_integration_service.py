@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from service.process import ServiceProcess
+from service.replay import iso
 from tests.conftest import DATA_DIR, RedisServer
 
 pytestmark = pytest.mark.slow  # real processes; `make test` runs them
@@ -149,3 +150,23 @@ def test_replay_cli_posts_a_nab_series_and_reports(live_service, tmp_path):
     assert "error 422 at point 0" in again.stdout
     assert "already holds points up to 2015-01-31T23:30:00Z" in again.stdout
     assert "--reset" in again.stdout
+
+
+def test_demo_ends_in_one_anomaly_and_one_alert(redis_url, tmp_path):
+    """`tsad demo` against a service at default settings (the README's first contact):
+    the stream warms up, the spike is the one anomaly, and it opens one alert."""
+    from service.demo import POINTS, SPIKE
+
+    with ServiceProcess({"REDIS_URL": redis_url}) as service:
+        proc = subprocess.run([sys.executable, "-m", "models.cli", "demo", "--url",
+                               service.url], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["points"] == POINTS and summary["scored"] == POINTS - 320
+    assert summary["anomalies"] == 1 and summary["alerts"] == 1
+    spike = json.loads((tmp_path / "runs/demo/demo.csv").read_text().splitlines()[SPIKE + 1]
+                       .split(",")[0])
+    assert any(line.startswith(f"anomaly at {iso(spike)}") for line in lines), lines
+    assert any(line.startswith("alert ") and f"opened {iso(spike)}" in line for line in lines)
