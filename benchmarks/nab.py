@@ -162,21 +162,30 @@ def record_ratio(scores: np.ndarray, history: int = 4096, warmup: int = 64) -> n
     return out
 
 
-def lm_rows(corpus: list[nab.NabFile], default: dict, stride: int, n_points: int,
-            a: list, b: list) -> list[dict]:
+def lm_rows(corpus: list[nab.NabFile], default: dict, stride: int,
+            n_points: int) -> list[dict]:
     """The embedding memory alone and as a member of the default ensemble."""
     lm_scores, lm_lik, seconds = offline(corpus, "embedding_memory", {}, stride)
     member = {k: np.maximum(default[k], record_ratio(v)) for k, v in lm_scores.items()}
-    rows = []
-    for label, arrays in ((f"embedding memory alone (LM member, every {stride}th point), "
-                           "likelihood", lm_lik),
-                          (f"ensemble + LM member (every {stride}th point), score", member)):
-        rows.append({"row": label, "source": "offline loop",
-                     "profiles": profile_scores(arrays, corpus),
-                     "halves": [profile_scores({f.key: arrays[f.key] for f in h}, h)
-                                ["standard"]["score"] for h in (a, b)],
-                     "points_per_s": n_points / seconds})
-    return rows
+    return [table_row(label, "offline loop", arrays, corpus, n_points / seconds)
+            for label, arrays in (
+                (f"embedding memory alone (LM member, every {stride}th point), likelihood",
+                 lm_lik),
+                (f"ensemble + LM member (every {stride}th point), score", member))]
+
+
+def table_row(label: str, source: str, arrays: dict, corpus: list[nab.NabFile],
+              points_per_s: float, fixed: bool = False) -> dict:
+    """One row: all three profiles on the corpus, the standard profile on each half (own
+    threshold), the cost. ``fixed``: binary detections, scored as fired."""
+    halves_standard = []
+    for half in halves(corpus):
+        scored = {f.key: arrays[f.key] for f in half}
+        r = (nab.score_detections(scored, half, "standard") if fixed
+             else nab.score_corpus(scored, half, "standard"))
+        halves_standard.append(r.score)
+    return {"row": label, "source": source, "profiles": profile_scores(arrays, corpus, fixed),
+            "halves": halves_standard, "points_per_s": points_per_s}
 
 
 def profile_scores(scores: dict, corpus: list[nab.NabFile], fixed: bool = False) -> dict:
@@ -219,20 +228,15 @@ def main() -> int:
     n_points = sum(len(f.values) for f in corpus)
     print(f"{len(corpus)} files, {n_points:,} points", file=sys.stderr)
     reference = args.reference if args.reference is not None else len(corpus) == 35
-    a, b = halves(corpus)
 
     results, elapsed = live(corpus, args.batch, args.concurrency)
     rows = []
     for name, label in (("likelihood", "per-point likelihood"),
                         ("anomaly", "per-point anomaly verdict"),
                         ("alerts", "alerts as detections")):
-        arrays = {k: v[name] for k, v in results.items()}
-        fixed = name != "likelihood"
-        rows.append({"row": f"tsad live (default: ensemble), {label}", "source": "live",
-                     "profiles": profile_scores(arrays, corpus, fixed),
-                     "halves": [profile_scores({f.key: arrays[f.key] for f in h}, h, fixed)
-                                ["standard"]["score"] for h in (a, b)],
-                     "points_per_s": n_points / elapsed})
+        rows.append(table_row(f"tsad live (default: ensemble), {label}", "live",
+                              {k: v[name] for k, v in results.items()}, corpus,
+                              n_points / elapsed, fixed=name != "likelihood"))
     default_scores = None
     if not args.no_offline:
         for label, detector, config in tqdm(OFFLINE, desc="offline rows", unit="row"):
@@ -241,14 +245,10 @@ def main() -> int:
             # a record-ratio detector's likelihood ranks points exactly as its score
             kinds = [("score", scores)] + [("likelihood", lik)] * (
                 not build_detector(detector).record_scores)
-            for what, arrays in kinds:
-                rows.append({"row": f"{label}, {what}", "source": "offline loop",
-                             "profiles": profile_scores(arrays, corpus),
-                             "halves": [profile_scores({f.key: arrays[f.key] for f in h}, h)
-                                        ["standard"]["score"] for h in (a, b)],
-                             "points_per_s": n_points / seconds})
+            rows += [table_row(f"{label}, {what}", "offline loop", arrays, corpus,
+                               n_points / seconds) for what, arrays in kinds]
     if args.lm and default_scores is not None:
-        rows += lm_rows(corpus, default_scores, args.lm, n_points, a, b)
+        rows += lm_rows(corpus, default_scores, args.lm, n_points)
     published = {k: dict(zip(PROFILES, v, strict=True)) for k, v in PUBLISHED.items()}
     result = {
         "data_dir": str(args.data_dir), "files": len(corpus), "points": n_points,

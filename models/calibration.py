@@ -51,7 +51,8 @@ class AnomalyLikelihood:
 
     def process(self, scores: np.ndarray) -> np.ndarray:
         """Likelihood of each score (NaN while fewer than ``min_history`` came before it);
-        then every score joins the history, in order."""
+        then every score joins the history, in order. A record ratio needs no history: its
+        likelihood is there from the first score."""
         scores = np.asarray(scores, dtype=np.float64)
         if self.record_ratio:  # the detector measured against its own record history
             ratio = np.maximum(scores, 1e-300) ** self.tail
