@@ -127,6 +127,26 @@ class OnlineLoop:
             self.recent[at % self.chunk] = row
         return out
 
+    def points_until_scored(self, next_index: int) -> int | None:
+        """Points still to arrive before one is scored, when the next point has stream
+        index ``next_index``: 0 means the next point is scored. None when the detector
+        cannot say how much it still has to learn. Learning happens at chunk ends, so a
+        detector that needs k more windows scores from the chunk end that brings them."""
+        det, window = self.detector, self.detector.config.window
+        need = det.windows_to_fit
+        if need is None:
+            return None
+        first = max(next_index, window - 1)  # the first full window from here
+        if need > 0:
+            have = int(self.pending.sum()) if next_index % self.chunk else 0
+            end = (next_index // self.chunk + 1) * self.chunk
+            while have + max(end - first, 0) < need:
+                end += self.chunk
+            first = max(end, window - 1)
+        if np.isnan(self.last[0]) and first != window - 1 and first % self.score_stride:
+            first += self.score_stride - first % self.score_stride  # the stride's grid
+        return first - next_index
+
     # --- the loop ----------------------------------------------------------------------
     def run(self, values: np.ndarray, timestamps: np.ndarray, n_new: int, first_index: int,
             observe: Callable[[Scored], None] | None = None) -> LoopOutput:

@@ -99,6 +99,7 @@ class StreamScorer:
             score_stride=stride, online=not self.shared_detector)
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings),
                                     incarnation(meta.stream, meta.created_at))
+        self.points_until_scored: int | None = None  # after process(): see OnlineLoop
         # stream index -> (top channels, precedents) of anomalous points, per process() call
         self._explained: dict[int, tuple[list[ChannelShare], list[Precedent] | None]] = {}
 
@@ -156,6 +157,7 @@ class StreamScorer:
         first_index = self.meta.points_seen - n_new  # stream-wide index of the first new point
         self._explained = {}
         out = self.loop.run(points[:, 1:], points[:, 0], n_new, first_index, self._observe)
+        self.points_until_scored = self.loop.points_until_scored(self.meta.points_seen)
         results = []
         for i in range(n_new):
             if not out.scored[i]:

@@ -83,6 +83,13 @@ class Detector(ABC):
     def is_fitted(self) -> bool: ...
 
     @property
+    def windows_to_fit(self) -> int | None:
+        """Windows still to learn online before the detector scores: 0 once fitted, None
+        when it cannot say (the service then shows no countdown). Online detectors with a
+        warm-up count override it."""
+        return 0 if self.is_fitted else None
+
+    @property
     def constant_channels(self) -> list[int]:
         """Channels constant over the whole training series (offline ``fit``). A detector
         that learns each channel's scale from its training data has none for them: it

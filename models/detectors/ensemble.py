@@ -156,6 +156,16 @@ class Ensemble(Detector):
             ready = ready and self._forecast.is_fitted
         return bool(ready)
 
+    @property
+    def windows_to_fit(self) -> int | None:
+        if self.is_fitted:
+            return 0
+        n = int(getattr(self, "_n", np.zeros(1))[0])
+        need = max(self.config.warmup - n, 1)  # any learnt block also seeds shapes, records
+        if "forecast" in self.config.members and hasattr(self, "_forecast"):
+            need = max(need, self._forecast.windows_to_fit or 0)
+        return need
+
     # --- learning ----------------------------------------------------------------------
     def _fit(self, train: np.ndarray) -> None:
         self._init_state(train.shape[1])
