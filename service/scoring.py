@@ -81,11 +81,10 @@ class StreamScorer:
             if not (meta.threshold or {}).get("kind") and artifact.threshold is not None:
                 spec = replace(spec, kind="fixed", value=artifact.threshold)
         else:
-            self.detector = build_detector(
-                meta.detector, window=meta.window, warmup=settings.warmup_points,
-                memory_size=settings.memory_size,
-                admit_quantile=settings.memory_admit_quantile or None,
-                max_lags=settings.residual_max_lags)
+            self.detector = build_detector(meta.detector, window=meta.window, defaults={
+                "warmup": settings.warmup_points, "memory_size": settings.memory_size,
+                "admit_quantile": settings.memory_admit_quantile or None,
+                "max_lags": settings.residual_max_lags})
         if self.detector.record_scores and not (meta.threshold or {}).get("kind"):
             # its scores are ratios to the stream's own record: a fixed cut means the same
             # on every stream, where a fitted tail would chase the records it should flag
