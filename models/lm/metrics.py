@@ -45,6 +45,12 @@ class EmbeddingMetrics:
             "Prompts per language-model call",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), **kw,
         )
+        self.pass_calls = Histogram(
+            "tsad_embedding_pass_calls",
+            "Encode calls (requests' cache misses) served by one language-model pass: above "
+            "1 when micro-batching coalesced concurrent requests",
+            buckets=(1, 2, 4, 8, 16, 32, 64), **kw,
+        )
         self.errors = Counter(
             "tsad_embedding_cache_errors_total",
             "Cache backend failures that were absorbed (the LM answered instead)",
