@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from models.calibration import AnomalyLikelihood
 from models.detectors.base import Detector, aggregate_channels, as_series, sliding_windows
@@ -121,6 +122,16 @@ class OnlineLoop:
         largest ratio (at least 1) of the channel's previous ``chunk`` points."""
         if self.recent.shape[1] != ratios.shape[1]:
             self.recent = np.zeros((self.chunk, ratios.shape[1]))
+        n = len(ratios)
+        if n and index[-1] - index[0] == n - 1:  # consecutive points: one sliding max
+            # the ring in stream order (slot of index j is j % chunk), then the fresh rows
+            seq = np.concatenate([self.recent[(index[0] + np.arange(self.chunk)) % self.chunk],
+                                  ratios])
+            previous = sliding_window_view(seq, self.chunk, axis=0)[:n].max(axis=2)
+            out = ratios / np.maximum(previous, 1.0)
+            keep = slice(max(0, n - self.chunk), n)
+            self.recent[index[keep] % self.chunk] = ratios[keep]
+            return out
         out = np.empty_like(ratios)
         for i, (row, at) in enumerate(zip(ratios, index, strict=True)):
             out[i] = row / np.maximum(self.recent.max(axis=0), 1.0)
