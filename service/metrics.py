@@ -53,6 +53,16 @@ class ServiceMetrics:
             "it; dropped: not stored)", ["action"], registry=r)
         for action in ("nudged", "dropped"):  # exported from the start, at 0
             self.points_reordered_total.labels(action=action)
+        self.points_recovered_total = Counter(
+            "tsad_points_recovered_total", "Points a crash left stored but unscored, scored "
+            "by a later request or the start-up recovery", registry=r)
+        self.points_unscored_total = Counter(
+            "tsad_points_unscored_total", "Points a crash left stored but unscored that "
+            "were no longer held to score (beyond TSAD_UNSCORED_MAX_POINTS): skipped",
+            registry=r)
+        self.idempotent_replays_total = Counter(
+            "tsad_idempotent_replays_total", "POST /score retries answered with the kept "
+            "response of their Idempotency-Key", registry=r)
         self.points_scored_total = Counter(
             "tsad_points_scored_total", "Points that received a score", ["detector"], registry=r)
         self.anomalies_total = Counter(

@@ -1,19 +1,27 @@
 """What the routers call: validation beyond the schema, the append, scoring, metrics.
 
 The order inside ``score`` is what keeps acknowledged data safe: the atomic append comes
-first and the response is sent only after it; scoring state is saved afterwards. If the
-store fails between the two, the points are stored (a retry is then rejected as a
-duplicate, or dropped with TSAD_DUPLICATES=drop) and the stream's detector simply learns
-from the next batch. Repeated and backward timestamps follow the stream's timestamp policy
-(``plan_append`` in service/stores/base.py): each affected point says so in its result.
+first and the response is sent only after it; scoring state is saved afterwards, with
+the stream's scored-up-to mark, its alerts and events, and the batch's receipt, in one
+atomic commit. If the process dies between the two, the points are stored but unscored:
+the stream's next append hands them back before its own points, so they are scored (and
+their alerts raised) first; ``recover_all`` does the same for every stream at start-up.
+A retry of a stored batch is answered (its points' results when it scored them now, else
+status "duplicate"), and one sent with the same Idempotency-Key gets the kept response.
+Repeated and backward timestamps follow the stream's timestamp policy (``plan_append`` in
+service/stores/base.py): each affected point says so in its result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import os
 import time
-from dataclasses import asdict
+import zlib
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -50,9 +58,30 @@ from service.schemas import (
 )
 from service.scoring import StreamScorer
 from service.settings import Settings
-from service.stores.base import StoreRejection, StreamMeta, WindowStore
+from service.stores.base import (
+    AppendResult,
+    StoreRejection,
+    StoreUnavailable,
+    StreamMeta,
+    WindowStore,
+)
 
 log = logging.getLogger("tsad.pipeline")
+
+
+@dataclass
+class _Scored:
+    results: list  # PointResult per scored point: the unscored a crash left, then the new
+    blob: bytes
+    alerts: list
+    events: list[dict]
+
+
+def _encode_receipt(digest: str, created_at: float, response: ScoreResponse) -> bytes:
+    """What an Idempotency-Key keeps: the batch's digest, the stream's incarnation (a
+    receipt of a deleted stream of the same id does not answer) and the response."""
+    return zlib.compress(json.dumps({"body": digest, "created_at": created_at,
+                                     "response": response.model_dump(mode="json")}).encode())
 
 
 class ScoringPipeline:
@@ -68,52 +97,168 @@ class ScoringPipeline:
         # tuning runs the LM forward and backward: one adaptation at a time per process,
         # so feedback cannot starve scoring of CPU
         self._adapt_slot = asyncio.Semaphore(1)
+        self._appends_stored = 0  # for TSAD_FAULT_CRASH_AFTER_APPEND
 
     # --- /score ------------------------------------------------------------------------
-    async def score(self, req: ScoreRequest) -> ScoreResponse:
+    async def score(self, req: ScoreRequest, idempotency_key: str | None = None
+                    ) -> ScoreResponse:
         points = self._validate_batch(req)
         stream = req.stream
+        digest = "" if idempotency_key is None else hashlib.sha256(
+            req.model_dump_json().encode()).hexdigest()
         async with self.store.lock(stream):
-            try:
-                appended = await self.store.append(
-                    stream, points, default_window=self.settings.default_window,
-                    default_detector=self.settings.default_detector,
-                    duplicates=self.settings.duplicates,
-                    default_timestamps=self.settings.timestamps,
-                    max_back_seconds=self.settings.timestamp_max_back_seconds)
-            except StoreRejection:
-                self.metrics.points_rejected_total.inc(len(points))
-                raise
-            if appended.created and await self._over_stream_cap():
-                await self.store.delete_stream(stream)  # undo: the cap is checked after
-                self.metrics.points_rejected_total.inc(len(points))  # the atomic append
-                raise self._stream_cap_error(("body", "stream"))
-            self.metrics.points_ingested_total.inc(appended.accepted)
-            self.metrics.points_duplicate_total.inc(appended.duplicates)
-            for action in ("nudged", "dropped"):
-                if n := appended.actions.count(action):
-                    self.metrics.points_reordered_total.labels(action).inc(n)
-            if appended.created:
-                self.metrics.streams_created_total.inc()
-                log.info("stream created", extra={"stream": stream,
-                                                  "channels": appended.meta.channels})
-            results = []
-            if appended.accepted:
-                blob = await self.store.load_state(stream)
-                results, blob, alerts, events = await asyncio.to_thread(
-                    self._run_detector, appended.meta, blob, appended.points, appended.accepted)
-                await self.alerts.commit(stream, blob, alerts, events)
-                self._count_events(events)
-        scored = iter(results)  # one result per stored point, in order
+            if idempotency_key is not None and (
+                    kept := await self._receipt(stream, idempotency_key, digest)):
+                return kept
+            appended = await self._append(stream, points)
+            self._fault_after_append(appended)
+            scored = await self._score_stored(appended)
+            response = self._response(req, appended, scored)
+            receipt = None
+            if idempotency_key is not None:
+                receipt = (idempotency_key, _encode_receipt(
+                    digest, appended.meta.created_at, response))
+            await self._commit(appended, scored, receipt)
+        return response
+
+    async def recover(self, stream: str) -> int:
+        """Score what a crash left stored but unscored on one stream; returns how many
+        points were scored (0: nothing was pending)."""
+        async with self.store.lock(stream):
+            meta = await self.store.get_stream(stream)
+            if meta is None or meta.points_scored is None or (
+                    meta.points_scored >= meta.points_seen):
+                return 0
+            appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
+            scored = await self._score_stored(appended)
+            await self._commit(appended, scored, None)
+            return appended.unscored
+
+    async def recover_all(self) -> None:
+        """Start-up: ``recover`` every stream the index lists, one at a time (a background
+        task: requests are served meanwhile, and recover their own stream first)."""
+        start, streams, points, after = time.monotonic(), 0, 0, None
+        try:
+            while metas := await self.store.list_streams(limit=100, after=after):
+                after = metas[-1].stream
+                for m in metas:
+                    if m.points_scored is None or m.points_scored >= m.points_seen:
+                        continue
+                    try:
+                        points += await self.recover(m.stream)
+                        streams += 1
+                    except (StoreRejection, StoreUnavailable) as exc:
+                        log.warning("recovery of a stream failed", extra={
+                            "stream": m.stream, "error": str(exc)})
+        except StoreUnavailable as exc:  # its streams recover on their next request
+            log.warning("start-up recovery stopped: store unavailable",
+                        extra={"error": str(exc)})
+        log.info("start-up recovery done", extra={
+            "streams": streams, "points": points,
+            "seconds": round(time.monotonic() - start, 3)})
+
+    async def _receipt(self, stream: str, key: str, digest: str) -> ScoreResponse | None:
+        """The kept response of the batch first sent with ``key`` (None: none, or one of
+        a deleted earlier stream of the same id); 422 when this body is not that batch."""
+        raw = await self.store.get_receipt(stream, key)
+        meta = await self.store.get_stream(stream) if raw else None
+        if raw is None or meta is None:
+            return None
+        kept = json.loads(zlib.decompress(raw))
+        if kept["created_at"] != meta.created_at:
+            return None
+        if kept["body"] != digest:
+            raise StoreRejection(("header", "Idempotency-Key"), f"key {key!r} was already "
+                                 "used for a different batch (kept "
+                                 f"{self.settings.idempotency_ttl_seconds} s, "
+                                 "TSAD_IDEMPOTENCY_TTL_SECONDS): use a new key per batch")
+        self.metrics.idempotent_replays_total.inc()
+        return ScoreResponse.model_validate(kept["response"])
+
+    async def _append(self, stream: str, points: np.ndarray) -> AppendResult:
+        try:
+            appended = await self.store.append(
+                stream, points, default_window=self.settings.default_window,
+                default_detector=self.settings.default_detector,
+                duplicates=self.settings.duplicates,
+                default_timestamps=self.settings.timestamps,
+                max_back_seconds=self.settings.timestamp_max_back_seconds)
+        except StoreRejection:
+            self.metrics.points_rejected_total.inc(len(points))
+            raise
+        if appended.created and await self._over_stream_cap():
+            await self.store.delete_stream(stream)  # undo: the cap is checked after
+            self.metrics.points_rejected_total.inc(len(points))  # the atomic append
+            raise self._stream_cap_error(("body", "stream"))
+        self.metrics.points_ingested_total.inc(appended.accepted)
+        self.metrics.points_duplicate_total.inc(appended.duplicates)
+        for action in ("nudged", "dropped"):
+            if n := appended.actions.count(action):
+                self.metrics.points_reordered_total.labels(action).inc(n)
+        if appended.created:
+            self.metrics.streams_created_total.inc()
+            log.info("stream created", extra={"stream": stream,
+                                              "channels": appended.meta.channels})
+        if appended.unscored or appended.skipped:
+            self.metrics.points_recovered_total.inc(appended.unscored)
+            self.metrics.points_unscored_total.inc(appended.skipped)
+            log.log(logging.WARNING if appended.skipped else logging.INFO,
+                    "scoring points a crash left unscored", extra={
+                        "stream": stream, "points": appended.unscored,
+                        "skipped": appended.skipped,
+                        "limit": self.settings.unscored_max_points})
+        return appended
+
+    def _fault_after_append(self, appended: AppendResult) -> None:
+        """TSAD_FAULT_CRASH_AFTER_APPEND (tests only): die between the append and the
+        commit, as a kill -9 there would."""
+        n = self.settings.fault_crash_after_append
+        if n and appended.accepted:
+            self._appends_stored += 1
+            if self._appends_stored == n:
+                log.critical("fault injection: exiting after an append",
+                             extra={"stream": appended.meta.stream})
+                os._exit(137)
+
+    async def _score_stored(self, appended: AppendResult) -> _Scored | None:
+        """Score the stored points not yet scored: those a crash left, then the batch's."""
+        if not (appended.to_score or appended.skipped):
+            return None
+        blob = await self.store.load_state(appended.meta.stream)
+        results, blob, alerts, events = await asyncio.to_thread(
+            self._run_detector, appended.meta, blob, appended.points, appended.to_score)
+        return _Scored(results, blob, alerts, events)
+
+    async def _commit(self, appended: AppendResult, scored: _Scored | None,
+                      receipt: tuple[str, bytes] | None) -> None:
+        """State, scored-up-to mark, alerts, events and receipt: one atomic write."""
+        stream = appended.meta.stream
+        if scored is None:
+            if receipt is not None:
+                await self.store.put_receipt(stream, *receipt)
+            return
+        await self.alerts.commit(stream, scored.blob, scored.alerts, scored.events,
+                                 scored=appended.meta.points_seen, receipt=receipt)
+        self._count_events(scored.events)
+
+    def _response(self, req: ScoreRequest, appended: AppendResult,
+                  scored: _Scored | None) -> ScoreResponse:
+        results = scored.results if scored else []
+        # a retried point that a crash left unscored is answered with its result now
+        stamps = appended.points[len(appended.points) - appended.to_score:, 0]
+        recovered = dict(zip(stamps[:appended.unscored].tolist(),
+                             results[:appended.unscored], strict=True))
+        fresh = iter(results[appended.unscored:])  # one per stored point, in order
         out = []
         for p, action, stamp in zip(req.points, appended.actions, appended.stamps, strict=True):
             moved = action if action in ("nudged", "dropped") else None
-            if action in ("duplicate", "dropped"):
+            r = recovered.get(stamp) if action == "duplicate" else None
+            if action == "dropped" or (action == "duplicate" and r is None):
                 out.append(PointResultOut(
                     timestamp=p.timestamp, score=None, anomaly=False, threshold=None,
                     status=action, timestamp_action=moved, stored_timestamp=stamp))
                 continue
-            r = next(scored)
+            r = r or next(fresh)
             out.append(PointResultOut(
                 timestamp=p.timestamp, score=r.score, likelihood=r.likelihood,
                 anomaly=r.anomaly, threshold=r.threshold,
@@ -123,7 +268,7 @@ class ScoringPipeline:
                 precedents=[PrecedentOut(**asdict(q)) for q in r.precedents]
                 if r.precedents else None,
                 timestamp_action=moved, stored_timestamp=stamp))
-        return ScoreResponse(stream=stream, results=out)
+        return ScoreResponse(stream=req.stream, results=out)
 
     def _run_detector(self, meta: StreamMeta, blob: bytes | None, points: np.ndarray,
                       n_new: int) -> tuple[list, bytes, list, list[dict]]:

@@ -1,7 +1,8 @@
 """Where alerts live: the queryable records, and the outbox of events for webhooks.
 
 ``commit`` writes, in one step, the stream's state blob (detector, threshold, alert
-tracker), the alerts the batch changed and the events it emitted. With Redis that is one
+tracker) with its scored-up-to mark and the batch's receipt (service/stores/base.py), the
+alerts the batch changed and the events it emitted. With Redis that is one
 MULTI/EXEC transaction, so a crash never leaves a tracker that believes an alert is open
 without its record or its event. It runs under the stream lock that serialises scoring.
 
@@ -79,8 +80,9 @@ def _matches(alert: dict, q: AlertQuery) -> bool:
 
 
 class AlertStore(Protocol):
-    async def commit(self, stream: str, blob: bytes, alerts: list[Alert],
-                     events: list[dict]) -> None: ...
+    async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
+                     *, scored: int | None = None,
+                     receipt: tuple[str, bytes] | None = None) -> None: ...
 
     async def get(self, alert_id: str) -> dict | None: ...
 
@@ -113,9 +115,11 @@ class MemoryAlertStore:
         self._expires: dict[str, float] = {}
         self.outbox: deque[str] = deque()
 
-    async def commit(self, stream: str, blob: bytes, alerts: list[Alert],
-                     events: list[dict]) -> None:
-        await self.window_store.save_state(stream, blob)  # no await between the writes
+    async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
+                     *, scored: int | None = None,
+                     receipt: tuple[str, bytes] | None = None) -> None:
+        # no await between the writes
+        await self.window_store.save_state(stream, blob, scored=scored, receipt=receipt)
         now = time.time()
         for alert in alerts:
             self.alerts[alert.id] = alert.to_dict()
@@ -175,10 +179,11 @@ class RedisAlertStore:
     def outbox(self) -> str:
         return self.key("alerts:outbox")
 
-    async def commit(self, stream: str, blob: bytes, alerts: list[Alert],
-                     events: list[dict]) -> None:
+    async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
+                     *, scored: int | None = None,
+                     receipt: tuple[str, bytes] | None = None) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.ws._key(stream, "state"), blob, ex=self.ws.ttl_seconds or None)
+        self.ws.stage_state(pipe, stream, blob, scored, receipt)
         for alert in alerts:
             d = alert.to_dict()
             resolved = alert.state == "resolved"
