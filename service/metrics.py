@@ -45,7 +45,8 @@ class ServiceMetrics:
         self.points_rejected_total = Counter(
             "tsad_points_rejected_total", "Points in requests rejected with a 4xx", registry=r)
         self.points_duplicate_total = Counter(
-            "tsad_points_duplicate_total", "Exact duplicate points dropped (policy drop)",
+            "tsad_points_duplicate_total", "Retried points (duplicates of stored ones) "
+            "answered, not stored again",
             registry=r)
         self.points_reordered_total = Counter(
             "tsad_points_reordered_total", "Points whose timestamp was not after the "

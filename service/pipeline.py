@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -112,7 +112,7 @@ class ScoringPipeline:
                 return kept
             appended = await self._append(stream, points)
             self._fault_after_append(appended)
-            scored = await self._score_stored(appended)
+            appended, scored = await self._score_stored(appended)
             response = self._response(req, appended, scored)
             receipt = None
             if idempotency_key is not None:
@@ -130,7 +130,7 @@ class ScoringPipeline:
                     meta.points_scored >= meta.points_seen):
                 return 0
             appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
-            scored = await self._score_stored(appended)
+            appended, scored = await self._score_stored(appended)
             await self._commit(appended, scored, None)
             return appended.unscored
 
@@ -147,9 +147,11 @@ class ScoringPipeline:
                     try:
                         points += await self.recover(m.stream)
                         streams += 1
-                    except (StoreRejection, StoreUnavailable) as exc:
-                        log.warning("recovery of a stream failed", extra={
-                            "stream": m.stream, "error": str(exc)})
+                    except StoreUnavailable:
+                        raise
+                    except Exception:  # one stream's failure must not stop the others
+                        log.exception("recovery of a stream failed",
+                                      extra={"stream": m.stream})
         except StoreUnavailable as exc:  # its streams recover on their next request
             log.warning("start-up recovery stopped: store unavailable",
                         extra={"error": str(exc)})
@@ -200,7 +202,6 @@ class ScoringPipeline:
             log.info("stream created", extra={"stream": stream,
                                               "channels": appended.meta.channels})
         if appended.unscored or appended.skipped:
-            self.metrics.points_recovered_total.inc(appended.unscored)
             self.metrics.points_unscored_total.inc(appended.skipped)
             log.log(logging.WARNING if appended.skipped else logging.INFO,
                     "scoring points a crash left unscored", extra={
@@ -220,14 +221,29 @@ class ScoringPipeline:
                              extra={"stream": appended.meta.stream})
                 os._exit(137)
 
-    async def _score_stored(self, appended: AppendResult) -> _Scored | None:
-        """Score the stored points not yet scored: those a crash left, then the batch's."""
+    async def _score_stored(self, appended: AppendResult
+                            ) -> tuple[AppendResult, _Scored | None]:
+        """Score the stored points not yet scored: those a crash left, then the batch's.
+        If the ones a crash left make the detector fail, they are skipped (logged and
+        counted) rather than failing every later request of the stream."""
         if not (appended.to_score or appended.skipped):
-            return None
+            return appended, None
         blob = await self.store.load_state(appended.meta.stream)
-        results, blob, alerts, events = await asyncio.to_thread(
-            self._run_detector, appended.meta, blob, appended.points, appended.to_score)
-        return _Scored(results, blob, alerts, events)
+        try:
+            out = await asyncio.to_thread(self._run_detector, appended.meta, blob,
+                                          appended.points, appended.to_score)
+        except Exception:
+            if not appended.unscored:
+                raise
+            log.exception("scoring points a crash left unscored failed: skipped", extra={
+                "stream": appended.meta.stream, "points": appended.unscored})
+            self.metrics.points_unscored_total.inc(appended.unscored)
+            appended = replace(appended, unscored=0,
+                               skipped=appended.skipped + appended.unscored)
+            out = await asyncio.to_thread(self._run_detector, appended.meta, blob,
+                                          appended.points, appended.to_score)
+        self.metrics.points_recovered_total.inc(appended.unscored)
+        return appended, _Scored(*out)
 
     async def _commit(self, appended: AppendResult, scored: _Scored | None,
                       receipt: tuple[str, bytes] | None) -> None:

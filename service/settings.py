@@ -53,8 +53,9 @@ class Settings(BaseSettings):
                              "more is a 429 (0 = no limit)")
     duplicates: Literal["reject", "drop"] = Field(
         "reject",
-        description="points at or before a stream's last timestamp: reject the request "
-        "(422) or drop exact duplicates (idempotent retries)",
+        description="a batch that resends stored points (a retry) and goes on with new "
+        "ones: reject = 422, drop = answer the resent ones status duplicate and store the "
+        "new; a batch of resent points only is answered under both, never a 422",
     )
     timestamps: Literal["nudge", "drop", "reject"] = Field(
         "nudge",
