@@ -61,6 +61,12 @@ class ServiceMetrics:
             "tsad_points_unscored_total", "Points a crash left stored but unscored that "
             "were no longer held to score (beyond TSAD_UNSCORED_MAX_POINTS): skipped",
             registry=r)
+        self.scorer_cache_total = Counter(
+            "tsad_scorer_cache_total", "Scored requests by whether the stream's decoded "
+            "scorer was in the process (hit) or read and decoded from the store (miss)",
+            ["result"], registry=r)
+        for result in ("hit", "miss"):
+            self.scorer_cache_total.labels(result=result)
         self.idempotent_replays_total = Counter(
             "tsad_idempotent_replays_total", "POST /score retries answered with the kept "
             "response of their Idempotency-Key", registry=r)

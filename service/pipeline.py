@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -75,6 +76,17 @@ class _Scored:
     blob: bytes
     alerts: list
     events: list[dict]
+    scorer: StreamScorer
+
+
+@dataclass
+class _Cached:
+    """A stream's scorer as committed, kept decoded between requests: valid while the
+    store's version of the stream is ``meta.version`` (plus our own append)."""
+
+    meta: StreamMeta
+    scorer: StreamScorer
+    nbytes: int  # its state blob's size: what the cache's bound counts
 
 
 def _encode_receipt(digest: str, created_at: float, response: ScoreResponse) -> bytes:
@@ -98,6 +110,9 @@ class ScoringPipeline:
         # so feedback cannot starve scoring of CPU
         self._adapt_slot = asyncio.Semaphore(1)
         self._appends_stored = 0  # for TSAD_FAULT_CRASH_AFTER_APPEND
+        # stream -> its scorer as last committed by this process, least recently used first
+        self._scorers: OrderedDict[str, _Cached] = OrderedDict()
+        self._scorer_bytes = 0
 
     # --- /score ------------------------------------------------------------------------
     async def score(self, req: ScoreRequest, idempotency_key: str | None = None
@@ -110,15 +125,16 @@ class ScoringPipeline:
             if idempotency_key is not None and (
                     kept := await self._receipt(stream, idempotency_key, digest)):
                 return kept
-            appended = await self._append(stream, points)
+            cached = self._uncache(stream)  # back in only once committed
+            appended = await self._append(stream, points, cached)
             self._fault_after_append(appended)
-            appended, scored = await self._score_stored(appended)
+            appended, scored = await self._score_stored(appended, cached)
             response = self._response(req, appended, scored)
             receipt = None
             if idempotency_key is not None:
                 receipt = (idempotency_key, _encode_receipt(
                     digest, appended.meta.created_at, response))
-            await self._commit(appended, scored, receipt)
+            await self._commit(appended, scored, receipt, cached)
         return response
 
     async def recover(self, stream: str) -> int:
@@ -130,8 +146,8 @@ class ScoringPipeline:
                     meta.points_scored >= meta.points_seen):
                 return 0
             appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
-            appended, scored = await self._score_stored(appended)
-            await self._commit(appended, scored, None)
+            appended, scored = await self._score_stored(appended, None)
+            await self._commit(appended, scored, None, None)
             return appended.unscored
 
     async def recover_all(self) -> None:
@@ -177,14 +193,16 @@ class ScoringPipeline:
         self.metrics.idempotent_replays_total.inc()
         return ScoreResponse.model_validate(kept["response"])
 
-    async def _append(self, stream: str, points: np.ndarray) -> AppendResult:
+    async def _append(self, stream: str, points: np.ndarray,
+                      cached: _Cached | None = None) -> AppendResult:
         try:
             appended = await self.store.append(
                 stream, points, default_window=self.settings.default_window,
                 default_detector=self.settings.default_detector,
                 duplicates=self.settings.duplicates,
                 default_timestamps=self.settings.timestamps,
-                max_back_seconds=self.settings.timestamp_max_back_seconds)
+                max_back_seconds=self.settings.timestamp_max_back_seconds,
+                known=cached.meta if cached else None)
         except StoreRejection:
             self.metrics.points_rejected_total.inc(len(points))
             raise
@@ -221,17 +239,20 @@ class ScoringPipeline:
                              extra={"stream": appended.meta.stream})
                 os._exit(137)
 
-    async def _score_stored(self, appended: AppendResult
+    async def _score_stored(self, appended: AppendResult, cached: _Cached | None
                             ) -> tuple[AppendResult, _Scored | None]:
         """Score the stored points not yet scored: those a crash left, then the batch's.
         If the ones a crash left make the detector fail, they are skipped (logged and
         counted) rather than failing every later request of the stream."""
         if not (appended.to_score or appended.skipped):
             return appended, None
-        blob = await self.store.load_state(appended.meta.stream)
+        scorer, blob = self._valid(cached, appended), None
+        self.metrics.scorer_cache_total.labels("hit" if scorer else "miss").inc()
+        if scorer is None:
+            blob = await self.store.load_state(appended.meta.stream)
         try:
             out = await asyncio.to_thread(self._run_detector, appended.meta, blob,
-                                          appended.points, appended.to_score)
+                                          appended.points, appended.to_score, scorer)
         except Exception:
             if not appended.unscored:
                 raise
@@ -240,22 +261,60 @@ class ScoringPipeline:
             self.metrics.points_unscored_total.inc(appended.unscored)
             appended = replace(appended, unscored=0,
                                skipped=appended.skipped + appended.unscored)
+            blob = await self.store.load_state(appended.meta.stream)  # the scorer moved
             out = await asyncio.to_thread(self._run_detector, appended.meta, blob,
                                           appended.points, appended.to_score)
         self.metrics.points_recovered_total.inc(appended.unscored)
         return appended, _Scored(*out)
 
+    # --- the scorer cache: decoded state kept between requests, checked by version ------
+    def _uncache(self, stream: str) -> _Cached | None:
+        cached = self._scorers.pop(stream, None)
+        if cached is not None:
+            self._scorer_bytes -= cached.nbytes
+        return cached
+
+    @staticmethod
+    def _valid(cached: _Cached | None, appended: AppendResult) -> StreamScorer | None:
+        """The cached scorer if nothing but our own append wrote the stream since it was
+        committed (another replica's append, commit, feedback or configuration change
+        bumped the version; a deleted and created again stream has another created_at)."""
+        if cached is None:
+            return None
+        ours = 1 if appended.accepted else 0
+        if (cached.meta.created_at, cached.meta.version + ours) != (
+                appended.meta.created_at, appended.meta.version):
+            return None
+        return cached.scorer
+
+    def _cache(self, stream: str, entry: _Cached) -> None:
+        limit = self.settings.scorer_cache_mb * 2**20
+        if entry.nbytes > limit:
+            return
+        self._scorers[stream] = entry
+        self._scorer_bytes += entry.nbytes
+        while self._scorer_bytes > limit:  # least recently used first
+            self._scorer_bytes -= self._scorers.popitem(last=False)[1].nbytes
+
     async def _commit(self, appended: AppendResult, scored: _Scored | None,
-                      receipt: tuple[str, bytes] | None) -> None:
-        """State, scored-up-to mark, alerts, events and receipt: one atomic write."""
-        stream = appended.meta.stream
+                      receipt: tuple[str, bytes] | None, cached: _Cached | None) -> None:
+        """State, scored-up-to mark, alerts, events and receipt: one atomic write; then the
+        scorer goes (back) into the cache, under the version the commit gave."""
+        meta = appended.meta
         if scored is None:
             if receipt is not None:
-                await self.store.put_receipt(stream, *receipt)
+                await self.store.put_receipt(meta.stream, *receipt)
+            if self._valid(cached, appended):  # nothing written: still the same state
+                self._cache(meta.stream, replace(cached, meta=meta))
             return
-        await self.alerts.commit(stream, scored.blob, scored.alerts, scored.events,
-                                 scored=appended.meta.points_seen, receipt=receipt)
+        version = await self.alerts.commit(meta.stream, scored.blob, scored.alerts,
+                                           scored.events, scored=meta.points_seen,
+                                           receipt=receipt)
         self._count_events(scored.events)
+        if version:
+            self._cache(meta.stream, _Cached(
+                replace(meta, version=version, points_scored=meta.points_seen),
+                scored.scorer, len(scored.blob)))
 
     def _response(self, req: ScoreRequest, appended: AppendResult,
                   scored: _Scored | None) -> ScoreResponse:
@@ -287,9 +346,12 @@ class ScoringPipeline:
         return ScoreResponse(stream=req.stream, results=out)
 
     def _run_detector(self, meta: StreamMeta, blob: bytes | None, points: np.ndarray,
-                      n_new: int) -> tuple[list, bytes, list, list[dict]]:
+                      n_new: int, scorer: StreamScorer | None = None
+                      ) -> tuple[list, bytes, list, list[dict], StreamScorer]:
         start = time.perf_counter()
-        scorer = StreamScorer.from_blob(meta, self.settings, blob)
+        if scorer is None:
+            scorer = StreamScorer.from_blob(meta, self.settings, blob)
+        scorer.meta = meta  # points_seen moved on: it indexes the new points
         results = scorer.process(points, n_new)
         alerts, events = scorer.tracker.drain()
         threshold = scorer.threshold.value()
@@ -306,7 +368,7 @@ class ScoringPipeline:
             time.perf_counter() - start)
         blob = scorer.to_blob()
         self.metrics.stream_state_bytes.labels(meta.detector).observe(len(blob))
-        return results, blob, alerts, events
+        return results, blob, alerts, events, scorer
 
     def _count_events(self, events: list[dict]) -> None:
         for e in events:

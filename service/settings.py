@@ -206,6 +206,10 @@ class Settings(BaseSettings):
         True, description="at start-up, score in the background what a crash left "
         "unscored on every stream (one stream at a time), so their alerts are raised "
         "without waiting for more traffic")
+    scorer_cache_mb: int = Field(
+        256, ge=0, description="stream scorers each process keeps decoded between requests "
+        "(least recently used out; counted by state size): a request whose stream nobody "
+        "else wrote since skips reading and decoding its state; 0 = off")
     fault_crash_after_append: int = Field(
         0, ge=0, description="TESTS ONLY: the process exits at once (os._exit) right after "
         "its Nth append that stored points, before scoring them; 0 = off")

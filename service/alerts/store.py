@@ -82,7 +82,9 @@ def _matches(alert: dict, q: AlertQuery) -> bool:
 class AlertStore(Protocol):
     async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
                      *, scored: int | None = None,
-                     receipt: tuple[str, bytes] | None = None) -> None: ...
+                     receipt: tuple[str, bytes] | None = None) -> int:
+        """Returns the stream's new version (``WindowStore.save_state``)."""
+        ...
 
     async def get(self, alert_id: str) -> dict | None: ...
 
@@ -117,9 +119,10 @@ class MemoryAlertStore:
 
     async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
                      *, scored: int | None = None,
-                     receipt: tuple[str, bytes] | None = None) -> None:
+                     receipt: tuple[str, bytes] | None = None) -> int:
         # no await between the writes
-        await self.window_store.save_state(stream, blob, scored=scored, receipt=receipt)
+        version = await self.window_store.save_state(stream, blob, scored=scored,
+                                                     receipt=receipt)
         now = time.time()
         for alert in alerts:
             self.alerts[alert.id] = alert.to_dict()
@@ -128,6 +131,7 @@ class MemoryAlertStore:
             else:
                 self._expires.pop(alert.id, None)
         self.outbox.extend(json.dumps(e) for e in events)
+        return version
 
     def _prune(self) -> None:
         now = time.time()
@@ -181,9 +185,9 @@ class RedisAlertStore:
 
     async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
                      *, scored: int | None = None,
-                     receipt: tuple[str, bytes] | None = None) -> None:
+                     receipt: tuple[str, bytes] | None = None) -> int:
         pipe = self.redis.pipeline(transaction=True)
-        self.ws.stage_state(pipe, stream, blob, scored, receipt)
+        self.ws.stage_state(pipe, stream, blob, scored, receipt)  # first: the version
         for alert in alerts:
             d = alert.to_dict()
             resolved = alert.state == "resolved"
@@ -198,7 +202,7 @@ class RedisAlertStore:
                 pipe.sadd(self.key("alerts:open"), alert.id)
         if events:
             pipe.rpush(self.outbox, *(json.dumps(e) for e in events))
-        await self.ws._call(pipe.execute())
+        return int((await self.ws._call(pipe.execute()))[0])
 
     async def get(self, alert_id: str) -> dict | None:
         raw = await self.ws._call(self.redis.get(self.key(f"alert:{alert_id}")))

@@ -64,6 +64,9 @@ class StreamMeta:
     # points whose scores are committed with the state blob (the scored-up-to mark); None:
     # a stream stored before the mark existed, taken as all scored
     points_scored: int | None = None
+    # bumped by the store, atomically, with every append that writes, state commit and
+    # configuration change: a process's cached scorer is valid while it matches
+    version: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +151,7 @@ class WindowStore(Protocol):
         duplicates: DuplicatePolicy = "reject",
         default_timestamps: TimestampPolicy = "reject",
         max_back_seconds: float = math.inf,
+        known: StreamMeta | None = None,
     ) -> AppendResult:
         """Atomically append ``points`` (N, 1 + C; column 0 the timestamp) as
         ``plan_append`` decides, with the stream's own timestamp policy or else
@@ -155,7 +159,9 @@ class WindowStore(Protocol):
 
         Creates the stream from the first batch when it does not exist. Raises
         StoreRejection (nothing written) on a channel-count mismatch or when the plan
-        rejects a point.
+        rejects a point. ``known``: the stream's meta as the caller last saw it (a cached
+        scorer's): the plan is made on it without reading it first, and made again if
+        its version is no longer the stored one.
         """
         ...
 
@@ -166,10 +172,11 @@ class WindowStore(Protocol):
     async def load_state(self, stream: str) -> bytes | None: ...
 
     async def save_state(self, stream: str, blob: bytes, *, scored: int | None = None,
-                         receipt: tuple[str, bytes] | None = None) -> None:
+                         receipt: tuple[str, bytes] | None = None) -> int:
         """Write the state blob and, in the same atomic step, the scored-up-to mark
         (``scored``: the stream's points_seen the blob has scored) and a batch's receipt
-        (``(idempotency key, response)``)."""
+        (``(idempotency key, response)``); bump the stream's version. Returns the new
+        version (0: no such stream)."""
         ...
 
     async def get_receipt(self, stream: str, key: str) -> bytes | None:

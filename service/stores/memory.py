@@ -91,7 +91,7 @@ class MemoryWindowStore:
         entry.meta = replace(old, window=meta.window, detector=meta.detector,
                              channel_names=meta.channel_names, threshold=meta.threshold,
                              alert_budget_per_day=meta.alert_budget_per_day,
-                             timestamps=meta.timestamps)
+                             timestamps=meta.timestamps, version=old.version + 1)
         entry.touched = time.monotonic()
         return replace(entry.meta), False
 
@@ -131,6 +131,7 @@ class MemoryWindowStore:
         duplicates: DuplicatePolicy = "reject",
         default_timestamps: TimestampPolicy = "reject",
         max_back_seconds: float = math.inf,
+        known: StreamMeta | None = None,  # unused: this store's meta is always current
     ) -> AppendResult:
         channels = points.shape[1] - 1
         entry = self._get(stream)
@@ -173,6 +174,7 @@ class MemoryWindowStore:
         if len(new):
             m.points_seen += len(new)
             m.last_timestamp = float(new[-1, 0])
+            m.version += 1
         entry.touched = time.monotonic()
         rows = context + list(new)
         out = np.array(rows, dtype=np.float64).reshape(len(rows), 1 + channels)
@@ -194,14 +196,17 @@ class MemoryWindowStore:
         return entry.state if entry else None
 
     async def save_state(self, stream: str, blob: bytes, *, scored: int | None = None,
-                         receipt: tuple[str, bytes] | None = None) -> None:
+                         receipt: tuple[str, bytes] | None = None) -> int:
         entry = self._get(stream)
-        if entry is not None:
-            entry.state = blob
-            if scored is not None:
-                entry.meta.points_scored = scored
-            if receipt is not None:
-                self._keep_receipt(entry, *receipt)
+        if entry is None:
+            return 0
+        entry.state = blob
+        if scored is not None:
+            entry.meta.points_scored = scored
+        if receipt is not None:
+            self._keep_receipt(entry, *receipt)
+        entry.meta.version += 1
+        return entry.meta.version
 
     async def get_receipt(self, stream: str, key: str) -> bytes | None:
         entry = self._get(stream)
