@@ -440,7 +440,7 @@ class RedisWindowStore:
                     log.warning("stream lock lost: its lease ran out before renewal",
                                 extra={"stream": stream})
                     return
-            except RedisError as exc:  # unreachable for now: try again next period
+            except (RedisError, OSError) as exc:  # unreachable now: try next period
                 log.warning("stream lock renewal failed", extra={"stream": stream,
                                                                  "error": str(exc)})
 
