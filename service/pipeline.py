@@ -163,8 +163,10 @@ class ScoringPipeline:
                     try:
                         points += await self.recover(m.stream)
                         streams += 1
-                    except StoreUnavailable:
-                        raise
+                    except StoreUnavailable as exc:  # a busy lock, or the store gone
+                        log.warning("recovery of a stream failed",
+                                    extra={"stream": m.stream, "error": str(exc)})
+                        await self.store.ping()  # gone: stop here
                     except Exception:  # one stream's failure must not stop the others
                         log.exception("recovery of a stream failed",
                                       extra={"stream": m.stream})
