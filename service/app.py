@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -42,8 +44,13 @@ def build_store(settings: Settings) -> WindowStore:
             settings.redis_url, prefix=settings.redis_prefix,
             ttl_seconds=settings.stream_ttl_seconds,
             timeout_seconds=settings.redis_timeout_seconds,
-            lock_wait_seconds=settings.lock_wait_seconds)
-    return MemoryWindowStore(ttl_seconds=settings.stream_ttl_seconds)
+            lock_wait_seconds=settings.lock_wait_seconds,
+            lock_lease_seconds=settings.lock_lease_seconds,
+            unscored_max_points=settings.unscored_max_points,
+            receipt_ttl_seconds=settings.idempotency_ttl_seconds)
+    return MemoryWindowStore(ttl_seconds=settings.stream_ttl_seconds,
+                             unscored_max_points=settings.unscored_max_points,
+                             receipt_ttl_seconds=settings.idempotency_ttl_seconds)
 
 
 def create_app(settings: Settings | None = None,
@@ -81,7 +88,14 @@ def create_app(settings: Settings | None = None,
         except StoreUnavailable as exc:  # start anyway; /readyz says 503 until it's back
             log.warning("store unavailable at start-up", extra={"error": str(exc)})
         await worker.start()  # deliveries run beside requests, never inside /score
+        # what a crash left stored but unscored, scored without waiting for traffic
+        recovery = (asyncio.create_task(app.state.pipeline.recover_all())
+                    if settings.recover_on_start else None)
         yield
+        if recovery is not None:
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
         await worker.stop()
         await store.close()
 

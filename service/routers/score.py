@@ -1,11 +1,19 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Header
 
 from service.deps import AUTH_RESPONSES, Ingest, PipelineDep
 from service.schemas import ErrorOut, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["scoring"], responses=AUTH_RESPONSES)
+
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+    description="Any unique string per batch (a UUID): a retry with the same key and "
+    "body gets the first response again, for TSAD_IDEMPOTENCY_TTL_SECONDS (a day); the "
+    "same key with another body is a 422", examples=["3f0c9a52-5b7e-4d0e-9a51-0c1d2e3f4a5b"])]
 
 
 @router.post(
@@ -14,7 +22,8 @@ router = APIRouter(tags=["scoring"], responses=AUTH_RESPONSES)
     responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
     summary="Append points to a stream and score them",
 )
-async def score(body: ScoreRequest, pipeline: PipelineDep, who: Ingest) -> ScoreResponse:
+async def score(body: ScoreRequest, pipeline: PipelineDep, who: Ingest,
+                idempotency_key: IdempotencyKey = None) -> ScoreResponse:
     """Points are stored atomically (all or none), then scored: one result per point."""
     who.check_stream(body.stream)
-    return await pipeline.score(body)
+    return await pipeline.score(body, idempotency_key)
