@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -148,10 +149,23 @@ def _install_error_handlers(app: FastAPI, settings: Settings, metrics: ServiceMe
                             status_code=exc.status_code, headers=headers)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at the request's path (a 405 must list them)."""
+    """The methods of the request's resource, for a 405's Allow header (RFC 9110: all of
+    them; Starlette names the first route's only). The resource is the schema path that
+    matches, a concrete path before a templated one (OpenAPI's rule: /webhooks/dead-letters
+    is not /webhooks/{webhook_id}); outside the schema (/docs), what the router serves."""
+    path = request.scope["path"]
+    matches = [(template.count("{"), ops) for template, ops
+               in request.app.openapi()["paths"].items()
+               if re.fullmatch(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)), path)]
+    if matches:
+        ops = min(matches, key=lambda m: m[0])[1]
+        return [m for m in _METHODS if m.lower() in ops]
     routes = request.app.router.routes
-    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    return [m for m in _METHODS
             if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)]
 
 

@@ -12,6 +12,9 @@ from service.deps import AUTH_RESPONSES, MetricsDep, PipelineDep, SettingsDep, m
 from service.stores.base import StoreUnavailable
 
 router = APIRouter(tags=["operations"])
+# /metrics answers text, its 401 and 403 JSON: a `model` would be documented as text/plain
+_JSON_AUTH_ERRORS = {code: {"description": r["description"], "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ErrorOut"}}}} for code, r in AUTH_RESPONSES.items()}
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -38,7 +41,7 @@ async def readyz(pipeline: PipelineDep, settings: SettingsDep, request: Request)
 
 @router.get("/metrics", summary="Prometheus metrics (keyed when TSAD_METRICS_AUTH)",
             response_class=PlainTextResponse, dependencies=[Depends(metrics_access)],
-            responses=AUTH_RESPONSES)
+            responses=_JSON_AUTH_ERRORS)
 async def metrics(m: MetricsDep, pipeline: PipelineDep) -> PlainTextResponse:
     # a gauge of state held in the store, read when Prometheus asks; on an outage it keeps
     # its last value (tsad_window_store_up says the store is down)
