@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -23,6 +24,7 @@ from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.process import ServiceProcess
 from service.settings import Settings
+from tests.test_alerts import spiky
 
 ADMIN_KEY = "fuzz-admin-" + "k" * 32
 EXAMPLES = 25  # per operation and phase; the coverage phase adds its own boundary cases
@@ -78,6 +80,13 @@ def test_schemathesis_run_has_no_failure_and_bounded_memory(store, request, tmp_
         env["TSAD_REDIS_URL"] = request.getfixturevalue("redis_url")
     report = tmp_path / "report.json"
     with ServiceProcess(env, log_path=tmp_path / "service.log") as svc:
+        # a scored stream under the schema's example id, with alerts: reads then return
+        # real windows, alerts and evidence for the response checks, not only 404s
+        seeded = httpx.post(f"{svc.url}/score", timeout=60,
+                            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                            json={"stream": "web-01.cpu", "points": spiky(600, [400, 500])})
+        assert seeded.status_code == 200 and any(
+            p["anomaly"] for p in seeded.json()["results"]), seeded.text
         sampler = RssSampler(svc.proc.pid)
         sampler.start()
         start = time.monotonic()
