@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.auth.guard import exposure_problem
+    from service.connections import PROTOCOL
     from service.logs import configure_logging
     from service.settings import Settings
 
@@ -41,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run("service.main:app", host=settings.host, port=settings.port,
                 workers=args.workers, log_config=None, access_log=False,
-                timeout_keep_alive=settings.keep_alive_seconds)
+                timeout_keep_alive=settings.keep_alive_seconds,
+                http=PROTOCOL)  # header deadline and size cap (service/connections.py)
     return 0

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from service.connections import PROTOCOL
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -41,7 +43,8 @@ class ServiceProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", str(self.workers), "--no-access-log",
-             "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5")],
+             "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5"),
+             "--http", PROTOCOL],  # header deadline and size cap (service/connections.py)
             env=env, stdout=log, stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + timeout

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
         "headers, else 408 (uvicorn has no body read timeout)")
     keep_alive_seconds: int = Field(5, ge=1, description="idle keep-alive connections "
                                     "close after this long (uvicorn timeout_keep_alive)")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a request's line and headers must arrive within this "
+        "long of its first byte (or of the connection opening), else 408 and the "
+        "connection closes (uvicorn has no header timeout; service/connections.py)")
+    max_header_bytes: int = Field(
+        65_536, ge=1024, description="request line and headers; larger is a 431 and the "
+        "connection closes (httptools has no limit)")
     max_window: int = Field(4096, ge=4, le=65_536, description="points per window a "
                             "stream may ask for")
     residual_max_lags: int = Field(
