@@ -21,7 +21,7 @@ from service.auth.guard import Authenticator, exposure_problem, warn_if_open
 from service.auth.keys import build_key_store
 from service.errors import describe
 from service.limits import BodyLimitMiddleware
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, worker_exited
 from service.pipeline import ScoringPipeline
 from service.routers import alerts, keys, ops, score, streams, webhooks
 from service.settings import Settings
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None,
         yield
         await worker.stop()
         await store.close()
+        worker_exited()
 
     # /docs and /redoc with Swagger UI's and ReDoc's assets served by the app itself
     # (/static-offline-docs, from the fastapi-offline package): FastAPI's default pages load
