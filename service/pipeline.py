@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 
 import numpy as np
+from fastapi.exceptions import RequestValidationError
 
 from models.detectors import REGISTRY
 from models.detectors.base import aggregate_channels
@@ -33,19 +34,16 @@ from service.feedback import (
 from service.metrics import ServiceMetrics, StreamSeries
 from service.schemas import (
     AdaptationOut,
-    ChannelShareOut,
     FeedbackOut,
     FeedbackRangeOut,
     FeedbackRequest,
     Point,
-    PointResultOut,
-    PrecedentOut,
     ScoreRequest,
-    ScoreResponse,
     StreamConfigIn,
     StreamList,
     StreamOut,
     WindowOut,
+    columnar_loc,
     epoch,
 )
 from service.scoring import StreamScorer
@@ -70,7 +68,9 @@ class ScoringPipeline:
         self._adapt_slot = asyncio.Semaphore(1)
 
     # --- /score ------------------------------------------------------------------------
-    async def score(self, req: ScoreRequest) -> ScoreResponse:
+    async def score(self, req: ScoreRequest) -> dict:
+        """The response body of ScoreResponse's shape, as plain dicts and lists: no model
+        object per point (the router serialises it in one call)."""
         points = self._validate_batch(req)
         stream = req.stream
         async with self.store.lock(stream):
@@ -104,26 +104,9 @@ class ScoringPipeline:
                     self._run_detector, appended.meta, blob, appended.points, appended.accepted)
                 await self.alerts.commit(stream, blob, alerts, events)
                 self._count_events(events)
-        scored = iter(results)  # one result per stored point, in order
-        out = []
-        for p, action, stamp in zip(req.points, appended.actions, appended.stamps, strict=True):
-            moved = action if action in ("nudged", "dropped") else None
-            if action in ("duplicate", "dropped"):
-                out.append(PointResultOut(
-                    timestamp=p.timestamp, score=None, anomaly=False, threshold=None,
-                    status=action, timestamp_action=moved, stored_timestamp=stamp))
-                continue
-            r = next(scored)
-            out.append(PointResultOut(
-                timestamp=p.timestamp, score=r.score, likelihood=r.likelihood,
-                anomaly=r.anomaly, threshold=r.threshold,
-                status=r.status,
-                top_channels=[ChannelShareOut(channel=c.channel, share=c.share)
-                              for c in r.top_channels] if r.top_channels else None,
-                precedents=[PrecedentOut(**asdict(q)) for q in r.precedents]
-                if r.precedents else None,
-                timestamp_action=moved, stored_timestamp=stamp))
-        return ScoreResponse(stream=stream, results=out)
+        return {"stream": stream,
+                "results": point_results(req.sent_timestamps(), appended.actions,
+                                         appended.stamps, results)}
 
     def _run_detector(self, meta: StreamMeta, blob: bytes | None, points: np.ndarray,
                       n_new: int) -> tuple[list, bytes, list, list[dict]]:
@@ -162,6 +145,8 @@ class ScoringPipeline:
     def _validate_batch(self, req: ScoreRequest) -> np.ndarray:
         """Checks the schema cannot express; returns (N, 1 + C) float64, timestamp first.
         Order is the store's to judge (against the stream's last point, atomically)."""
+        if req.points is None or req.timestamps is not None or req.values is not None:
+            return self._validate_columns(req)
         if len(req.points) > self.settings.max_batch_points:
             raise field_error(("body", "points"), f"at most {self.settings.max_batch_points} "
                               f"points per request, got {len(req.points)}")
@@ -178,6 +163,50 @@ class ScoringPipeline:
             out[i, 0] = p.epoch()
             out[i, 1:] = p.values
         self._check_bounds(out, ("body", "points"))
+        return out
+
+    def _validate_columns(self, req: ScoreRequest) -> np.ndarray:
+        """The columnar form: the same checks as points, whole arrays at a time, each
+        error naming timestamps.i or values.i[.j]."""
+        if req.points is not None:
+            raise field_error(("body", "points"), "give either points or timestamps and "
+                              "values (the columnar form), not both")
+        ts, values = req.timestamps, req.values
+        if ts is None or values is None:
+            missing = ("points" if ts is None and values is None else
+                       "values" if values is None else "timestamps")
+            raise field_error(("body", missing), "required: give points, or timestamps "
+                              "and values (one row of channel values per timestamp)")
+        if len(values) != len(ts):
+            raise field_error(("body", "values"), f"expected {len(ts)} rows, one per "
+                              f"timestamp, got {len(values)}")
+        if len(ts) > self.settings.max_batch_points:
+            raise field_error(("body", "timestamps"), f"at most "
+                              f"{self.settings.max_batch_points} points per request, got "
+                              f"{len(ts)}")
+        channels = len(values[0])
+        if channels > self.settings.max_channels:
+            raise field_error(("body", "values", 0),
+                              f"at most {self.settings.max_channels} channels, got {channels}")
+        try:
+            rows = np.array(values, dtype=np.float64)
+        except ValueError:  # ragged: name the first row of another length
+            rows = None
+        if rows is None or rows.ndim != 2:
+            i = next(i for i, row in enumerate(values) if len(row) != channels)
+            raise field_error(("body", "values", i), f"expected {channels} values like "
+                              f"values[0], got {len(values[i])}")
+        out = np.empty((len(ts), 1 + channels))
+        try:
+            out[:, 0] = ts  # epoch seconds; RFC 3339 stamps below
+        except TypeError:
+            out[:, 0] = [epoch(t) for t in ts]
+        out[:, 1:] = rows
+        try:
+            self._check_bounds(out, ("body", "points"))
+        except RequestValidationError as exc:
+            err = exc.errors()[0]
+            raise field_error(columnar_loc(tuple(err["loc"])), err["msg"]) from None
         return out
 
     # --- limits (TSAD_MAX_*): what one stream, and the store, may hold ---------------------
@@ -491,6 +520,31 @@ class ScoringPipeline:
                 return False
             self._count_events(await self.alerts.forget_stream(stream))
         return True
+
+
+def point_results(sent: list, actions: list[str], stamps: list[float | None],
+                  results: list) -> list[dict]:
+    """PointResultOut's fields, one dict per point sent: a duplicate or dropped point its
+    own, the others the next scored result (one per stored point, in order)."""
+    scored = iter(results)
+    out = []
+    for ts, action, stamp in zip(sent, actions, stamps, strict=True):
+        moved = action if action in ("nudged", "dropped") else None
+        if action in ("duplicate", "dropped"):
+            out.append({"timestamp": ts, "score": None, "likelihood": None, "anomaly": False,
+                        "threshold": None, "status": action, "top_channels": None,
+                        "precedents": None, "timestamp_action": moved,
+                        "stored_timestamp": stamp})
+            continue
+        r = next(scored)
+        out.append({
+            "timestamp": ts, "score": r.score, "likelihood": r.likelihood,
+            "anomaly": r.anomaly, "threshold": r.threshold, "status": r.status,
+            "top_channels": [{"channel": c.channel, "share": c.share}
+                             for c in r.top_channels] if r.top_channels else None,
+            "precedents": [asdict(q) for q in r.precedents] if r.precedents else None,
+            "timestamp_action": moved, "stored_timestamp": stamp})
+    return out
 
 
 __all__ = ["ScoringPipeline", "StoreRejection"]
