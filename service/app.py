@@ -42,7 +42,7 @@ def build_store(settings: Settings) -> WindowStore:
             settings.redis_url, prefix=settings.redis_prefix,
             ttl_seconds=settings.stream_ttl_seconds,
             timeout_seconds=settings.redis_timeout_seconds,
-            lock_wait_seconds=settings.lock_wait_seconds)
+            lock_wait_seconds=settings.lock_wait_seconds, cluster=settings.redis_cluster)
     return MemoryWindowStore(ttl_seconds=settings.stream_ttl_seconds)
 
 
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None,
         # detectors that embed prompts share one cached encoder per process: its Redis
         # level and its metrics (tsad_embedding_*) are the service's
         lm_runtime.configure(CacheConfig(redis_url=settings.redis_url,
+                                         redis_cluster=settings.redis_cluster,
                                          key_prefix=f"{settings.redis_prefix}:emb:v1"),
                              metrics.embedding)
         build_detector(settings.default_detector, window=settings.default_window)
