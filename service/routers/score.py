@@ -28,4 +28,9 @@ async def score(body: ScoreRequest, pipeline: PipelineDep, who: Ingest) -> Respo
         raise
     # ScoreResponse's shape as plain dicts, serialised in one call (pydantic-core's JSON
     # encoder, in Rust): no model object per point
-    return Response(to_json(out), media_type="application/json")
+    return Response(to_json(out, fallback=_numpy_scalar), media_type="application/json")
+
+
+def _numpy_scalar(value: object) -> object:
+    """A numpy scalar a detector let through (np.bool_, np.float32) as its Python value."""
+    return value.item()  # type: ignore[attr-defined]
