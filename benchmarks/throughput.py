@@ -151,6 +151,10 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None) -> str:
                  f"nab/nyc_taxi scored then learnt, one at a time, in "
                  f"{river['seconds']} s; load {river['load_1m']})")
     ceiling = f"{lpush:,.0f} LPUSH/s" if lpush else "redis-benchmark not available"
+    lines.append("\nload 1m: the machine's 1-minute load average after the row. Above the "
+                 "core count, other processes shared the CPUs with the service and its "
+                 "clients: every rate of the run, River's and Redis's included, is then "
+                 "below an idle machine's; compare rows of one run, not runs.")
     lines.append(f"\nReference: River HalfSpaceTrees in process, one core: {reference}.")
     lines.append(f"\nCeiling: redis-benchmark -t lpush -P 16 on the same Redis: {ceiling}.")
     return "\n".join(lines)
