@@ -142,12 +142,12 @@ def run_row(row: Row, series: np.ndarray, start: int, args: argparse.Namespace) 
     threshold = None
     if row.online:
         threshold = build_threshold(threshold_spec(args))
-        if hasattr(det, "calibration_scores"):  # leave-one-out scores of the fitted memory
-            cal = aggregate_channels(det.calibration_scores(), det.config.aggregate)
+        if (normal := det.calibration_scores()) is not None:  # leave-one-out (memories)
+            cal = aggregate_channels(normal, det.config.aggregate)
             threshold.process(cal, np.arange(len(cal), dtype=np.float64) - len(cal))
         if row.memory:  # one memory candidate per `stride` points, as in the fit
             det.config = replace(det.config, stride=max(1, args.stride // score_stride))
-    entries_fit = getattr(det, "memory_entries", None)
+    entries_fit = det.memory_entries if row.memory else None
     run = stream_scores(det, series, start, threshold, chunk=args.chunk,
                         score_stride=score_stride, online=row.online)
     out = {"scores": run.scores, "scored_windows": int(run.fresh.sum()),

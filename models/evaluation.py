@@ -167,8 +167,8 @@ def score_entity_full(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
         on_model(det)
     center, scale, cal = 0.0, 1.0, None
     if spec.calibration > 0:
-        if hasattr(det, "calibration_scores"):  # memories: leave-one-out on training data
-            cal = aggregate_channels(det.calibration_scores(), det.config.aggregate)
+        if (normal := det.calibration_scores()) is not None:  # memories: leave-one-out
+            cal = aggregate_channels(normal, det.config.aggregate)
         else:  # a model fitted on the rest scores the held-out end of the training split
             share = len(train) - int(len(train) * (1 - spec.calibration))
             tail = max(share, window)  # at least one window to score

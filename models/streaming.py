@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from models.calibration import AnomalyLikelihood
 from models.detectors.base import Detector, aggregate_channels, as_series, sliding_windows
@@ -121,11 +122,41 @@ class OnlineLoop:
         largest ratio (at least 1) of the channel's previous ``chunk`` points."""
         if self.recent.shape[1] != ratios.shape[1]:
             self.recent = np.zeros((self.chunk, ratios.shape[1]))
+        n = len(ratios)
+        if n and index[-1] - index[0] == n - 1:  # consecutive points: one sliding max
+            # the ring in stream order (slot of index j is j % chunk), then the fresh rows
+            seq = np.concatenate([self.recent[(index[0] + np.arange(self.chunk)) % self.chunk],
+                                  ratios])
+            previous = sliding_window_view(seq, self.chunk, axis=0)[:n].max(axis=2)
+            out = ratios / np.maximum(previous, 1.0)
+            keep = slice(max(0, n - self.chunk), n)
+            self.recent[index[keep] % self.chunk] = ratios[keep]
+            return out
         out = np.empty_like(ratios)
         for i, (row, at) in enumerate(zip(ratios, index, strict=True)):
             out[i] = row / np.maximum(self.recent.max(axis=0), 1.0)
             self.recent[at % self.chunk] = row
         return out
+
+    def points_until_scored(self, next_index: int) -> int | None:
+        """Points still to arrive before one is scored, when the next point has stream
+        index ``next_index``: 0 means the next point is scored. None when the detector
+        cannot say how much it still has to learn. Learning happens at chunk ends, so a
+        detector that needs k more windows scores from the chunk end that brings them."""
+        det, window = self.detector, self.detector.config.window
+        need = det.windows_to_fit
+        if need is None:
+            return None
+        first = max(next_index, window - 1)  # the first full window from here
+        if need > 0:
+            have = int(self.pending.sum()) if next_index % self.chunk else 0
+            end = (next_index // self.chunk + 1) * self.chunk
+            while have + max(end - first, 0) < need:
+                end += self.chunk
+            first = max(end, window - 1)
+        if np.isnan(self.last[0]) and first != window - 1 and first % self.score_stride:
+            first += self.score_stride - first % self.score_stride  # the stride's grid
+        return first - next_index
 
     # --- the loop ----------------------------------------------------------------------
     def run(self, values: np.ndarray, timestamps: np.ndarray, n_new: int, first_index: int,

@@ -87,14 +87,12 @@ def train_artifact(cfg: dict, data_dir: Path, out: Path) -> dict:
     fit_part = [x[:c] for x, c in zip(series, cuts, strict=True)]
     held = [x[c:] for x, c in zip(series, cuts, strict=True)]
     t0 = time.perf_counter()
-    if hasattr(det, "fit_series") and all(x.shape[1] == 1 for x in fit_part):
+    if det.learns_from_labels and all(x.shape[1] == 1 for x in fit_part):
         det.fit_series([x[:, 0] for x in fit_part],
                        [None if lab is None else lab[:c]
                         for lab, c in zip(labels, cuts, strict=True)])
-    elif hasattr(det, "fit_many"):  # one model over several series, no window straddles two
+    else:  # one model over several series
         det.fit_many(fit_part)
-    else:
-        det.fit(np.concatenate(fit_part))
     fit_seconds = time.perf_counter() - t0
     window = det.config.window
     # costly detectors (a language-model call per window) are calibrated on every window//4
@@ -102,7 +100,7 @@ def train_artifact(cfg: dict, data_dir: Path, out: Path) -> dict:
     scores = np.concatenate([score_series(det, x, max(1, window // 4), "newest")
                              for x in held if len(x) >= window] or [np.zeros(1)])
     q = float(cfg.get("quantile", 0.99))
-    own = getattr(det, "threshold", None)
+    own = det.calibrated_threshold
     calibration = {
         "threshold": float(own) if own is not None else float(np.quantile(scores, q)),
         "source": "detector's validation cut" if own is not None
@@ -116,7 +114,7 @@ def train_artifact(cfg: dict, data_dir: Path, out: Path) -> dict:
                     det.constant_channels)
         calibration["constant_channels"] = det.constant_channels
     det.save(out)
-    report = getattr(det, "training_report", {})
+    report = dict(det.training_report)
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2))
     (out / "training_curve.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "versions.json").write_text(json.dumps(versions(), indent=2))

@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None,
         lm_runtime.configure(CacheConfig(redis_url=settings.redis_url,
                                          redis_cluster=settings.redis_cluster,
                                          key_prefix=f"{settings.redis_prefix}:emb:v1"),
-                             metrics.embedding)
+                             metrics.embedding, settings.lm_batch_window_ms / 1000)
         build_detector(settings.default_detector, window=settings.default_window)
         app.state.detectors_ready = True
         try:

@@ -44,12 +44,12 @@ class Artifact:
     @property
     def adaptable(self) -> bool:
         """Streams bound to it may tune their own copy of its soft prompts (SPEAR)."""
-        return callable(getattr(self.detector, "finetune", None))
+        return self.detector.adaptable
 
     @property
     def channels(self) -> int | None:
         """Channel count the artifact is bound to (None: any)."""
-        return getattr(self.detector, "fixed_channels", None)
+        return self.detector.fixed_channels
 
 
 def artifact_name(detector: str) -> str | None:

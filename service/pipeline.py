@@ -97,19 +97,20 @@ class ScoringPipeline:
                 self.metrics.streams_created_total.inc()
                 log.info("stream created", extra={"stream": stream,
                                                   "channels": appended.meta.channels})
-            results = []
+            results, until_scored = [], None
             if appended.accepted:
                 blob = await self.store.load_state(stream)
-                results, blob, alerts, events = await asyncio.to_thread(
+                results, until_scored, blob, alerts, events = await asyncio.to_thread(
                     self._run_detector, appended.meta, blob, appended.points, appended.accepted)
                 await self.alerts.commit(stream, blob, alerts, events)
                 self._count_events(events)
         return {"stream": stream,
                 "results": point_results(req.sent_timestamps(), appended.actions,
-                                         appended.stamps, results)}
+                                         appended.stamps, results),
+                "points_until_scored": until_scored}
 
     def _run_detector(self, meta: StreamMeta, blob: bytes | None, points: np.ndarray,
-                      n_new: int) -> tuple[list, bytes, list, list[dict]]:
+                      n_new: int) -> tuple[list, int | None, bytes, list, list[dict]]:
         start = time.perf_counter()
         scorer = StreamScorer.from_blob(meta, self.settings, blob)
         results = scorer.process(points, n_new)
@@ -128,7 +129,7 @@ class ScoringPipeline:
             time.perf_counter() - start)
         blob = scorer.to_blob()
         self.metrics.stream_state_bytes.labels(meta.detector).observe(len(blob))
-        return results, blob, alerts, events
+        return results, scorer.points_until_scored, blob, alerts, events
 
     def _count_events(self, events: list[dict]) -> None:
         for e in events:

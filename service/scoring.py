@@ -81,11 +81,10 @@ class StreamScorer:
             if not (meta.threshold or {}).get("kind") and artifact.threshold is not None:
                 spec = replace(spec, kind="fixed", value=artifact.threshold)
         else:
-            self.detector = build_detector(
-                meta.detector, window=meta.window, warmup=settings.warmup_points,
-                memory_size=settings.memory_size,
-                admit_quantile=settings.memory_admit_quantile or None,
-                max_lags=settings.residual_max_lags)
+            self.detector = build_detector(meta.detector, window=meta.window, defaults={
+                "warmup": settings.warmup_points, "memory_size": settings.memory_size,
+                "admit_quantile": settings.memory_admit_quantile or None,
+                "max_lags": settings.residual_max_lags})
         if self.detector.record_scores and not (meta.threshold or {}).get("kind"):
             # its scores are ratios to the stream's own record: a fixed cut means the same
             # on every stream, where a fitted tail would chase the records it should flag
@@ -99,6 +98,7 @@ class StreamScorer:
             score_stride=stride, online=not self.shared_detector)
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings),
                                     incarnation(meta.stream, meta.created_at))
+        self.points_until_scored: int | None = None  # after process(): see OnlineLoop
         # stream index -> (top channels, precedents) of anomalous points, per process() call
         self._explained: dict[int, tuple[list[ChannelShare], list[Precedent] | None]] = {}
 
@@ -156,6 +156,7 @@ class StreamScorer:
         first_index = self.meta.points_seen - n_new  # stream-wide index of the first new point
         self._explained = {}
         out = self.loop.run(points[:, 1:], points[:, 0], n_new, first_index, self._observe)
+        self.points_until_scored = self.loop.points_until_scored(self.meta.points_seen)
         results = []
         for i in range(n_new):
             if not out.scored[i]:

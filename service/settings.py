@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     costly_score_stride: int = Field(
         4, ge=1, description="language-model detectors score every Nth point; the points in "
         "between repeat the last verdict (CPU inference is the bottleneck)")
+    lm_batch_window_ms: float = Field(
+        2.0, ge=0, le=1000, description="language-model detectors: concurrent requests' "
+        "prompts share one forward pass; a pass waits this long after the first call for "
+        "others to join (while a pass runs, calls queue for the next one anyway)")
     blas_threads: int = Field(
         1, ge=1, le=256, description="BLAS threads per process for numpy work (requests "
         "already run in parallel; more threads oversubscribe the cores)")

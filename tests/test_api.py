@@ -58,6 +58,17 @@ def test_score_warms_up_then_scores_every_point(client):
     assert (stream["channels"], stream["points_seen"], stream["last_timestamp"]) == (1, 300, 299)
 
 
+def test_response_counts_down_the_warm_up(client):
+    r = post(client, "w", sine_points(0, 10)).json()
+    left = r["points_until_scored"]
+    assert left > 0 and all(p["status"] == "warming_up" for p in r["results"])
+    r = post(client, "w", sine_points(10, left)).json()
+    assert r["points_until_scored"] == 0
+    assert all(p["status"] == "warming_up" for p in r["results"])
+    r = post(client, "w", sine_points(10 + left, 1)).json()
+    assert r["results"][0]["status"] == "scored" and r["points_until_scored"] == 0
+
+
 def test_rfc3339_timestamps_are_accepted_and_echoed(client):
     points = [{"timestamp": "2024-01-01T00:00:00Z", "values": [1.0]},
               {"timestamp": "2024-01-01T00:00:01+00:00", "values": [2.0]},

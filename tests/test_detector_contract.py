@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from models.detectors import REGISTRY, build_detector, load_detector
-from models.detectors.base import sliding_windows
+from models.detectors.base import Detector, sliding_windows
 
 WINDOW = 16
 # Measured floors of ROC-AUC (spiked vs clean windows) where a detector is weaker than
@@ -99,7 +99,7 @@ def test_online_detectors_learn_from_a_stream(name):
     if not cls.supports_online:
         pytest.skip(f"{name} is trained offline only")  # the contract allows it
     series = normal_series()
-    det = build_detector(name, window=WINDOW, warmup=200)
+    det = build_detector(name, window=WINDOW, defaults={"warmup": 200})
     windows = sliding_windows(series, WINDOW)
     for lo in range(0, 1000, 50):
         det.partial_fit(windows[lo:lo + 50])
@@ -132,3 +132,44 @@ def test_a_channel_constant_in_training_is_reported_and_neither_explodes_nor_bli
     again = type(det)(det.config)
     again.load_state_dict(det.state_dict())
     assert again.constant_channels == [1]
+
+
+# --- declared capabilities: what a detector says it can do is what it implements --------
+def overrides(cls: type, method: str) -> bool:
+    return getattr(cls, method) is not getattr(Detector, method)
+
+
+def test_capabilities_are_declared_not_discovered(name):
+    """Every optional method the loop, `tsad train` or the service may call has a base
+    default; a detector that implements one declares it, and one that declares a
+    capability implements it (no caller probes with hasattr)."""
+    cls = REGISTRY[name]
+    assert cls.supports_online == overrides(cls, "partial_fit"), "supports_online"
+    assert cls.has_precedents == overrides(cls, "precedents"), "has_precedents"
+    assert cls.learns_from_labels == overrides(cls, "fit_series"), "learns_from_labels"
+    for method in ("adaptable_state", "with_parameters", "finetune"):
+        assert cls.adaptable == overrides(cls, method), f"adaptable: {method}"
+    if cls.record_scores:
+        assert cls.record_threshold > 0
+    unfitted = build_detector(name, window=WINDOW).windows_to_fit
+    assert unfitted is None or unfitted > 0, "windows_to_fit: 0 means fitted"
+
+
+def test_declared_defaults_answer_for_a_fitted_detector(fitted):
+    normal = fitted.calibration_scores()
+    assert normal is None or (normal.ndim == 2 and normal.shape[1] == 2
+                              and np.isfinite(normal).all() and (normal >= 0).all())
+    assert fitted.calibrated_threshold is None or np.isfinite(fitted.calibrated_threshold)
+    assert fitted.fixed_channels in (None, 2)
+    assert fitted.windows_to_fit == 0
+    assert isinstance(dict(fitted.training_report), dict)
+
+
+def test_unknown_config_keys_are_refused_by_name(name):
+    with pytest.raises(ValueError, match="unknown config keys \\['windwo'\\]"):
+        build_detector(name, windwo=WINDOW)
+    # service-wide knobs apply only where the detector has the field
+    det = build_detector(name, window=WINDOW, defaults={"warmup": 99, "max_lags": 3})
+    for key, value in (("warmup", 99), ("max_lags", 3)):
+        if key in REGISTRY[name].config_fields():
+            assert getattr(det.config, key) == value

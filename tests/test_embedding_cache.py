@@ -183,3 +183,25 @@ def test_stride_one_embeds_every_point(rec, builder):
     assert sum(len(c) for c in rec.calls) == 3
     with pytest.raises(ValueError):
         StridedEmbedder(CachedEncoder(rec), builder, stride=0)
+
+
+def test_known_windows_skip_prompt_building(rec, builder):
+    reg = CollectorRegistry()
+    cached = CachedEncoder(rec, metrics=EmbeddingMetrics(reg))
+    built: list[int] = []
+
+    def prompts(windows):  # (B, W, C) -> B*C prompts, window-major; counts what it builds
+        built.append(len(windows))
+        return [p for w in windows for p in builder.batch(w[None])[0]]
+
+    windows = np.sin(np.arange(40.0) / 3)[None, :, None] + np.arange(6.0)[:, None, None]
+    windows = np.concatenate([windows, -windows], axis=2)  # (6, 40, 2)
+    first = cached.encode_windows(windows, prompts, "variance:100")
+    again = cached.encode_windows(windows[[4, 1]], prompts, "variance:100")
+    assert built == [6] and len(rec.calls) == 1  # the second call built no prompt
+    np.testing.assert_array_equal(again, first[[4, 1]])  # exactly what was returned first
+    assert sample(reg, "tsad_embedding_cache_hits_total", level="window") == 4  # 2 x 2
+    np.testing.assert_array_equal(first.reshape(12, -1),
+                                  CachedEncoder(rec).encode(prompts(windows)))
+    cached.encode_windows(windows[:1], prompts, "trend:100")  # another recipe: rebuilt
+    assert built[-1] == 1

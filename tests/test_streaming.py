@@ -83,3 +83,30 @@ def test_bad_arguments():
         from models.detectors.pca import PcaReconstruction
 
         stream_scores(PcaReconstruction(window=16).fit(series()[:200]), series(), 200)
+
+
+@pytest.mark.parametrize(("name", "config", "stride"), [
+    ("ensemble", {"window": 64, "warmup": 256}, 1),  # the service's default
+    ("residual_linear", {"window": 20, "warmup": 100}, 1),
+    ("residual_linear", {"window": 20, "warmup": 100}, 7),  # a costly detector's stride
+])
+def test_points_until_scored_counts_down_to_the_first_score(name, config, stride):
+    """The countdown the service shows while a stream warms up is exact: whatever the
+    batch sizes, every prediction names the point that is in fact scored first."""
+    from models.detectors import build_detector
+    from models.streaming import OnlineLoop
+
+    values = series(900)
+    loop = OnlineLoop(build_detector(name, **config), Cut(1e9), score_stride=stride)
+    rng = np.random.default_rng(1)
+    predicted, first_scored, at = set(), None, 0
+    while first_scored is None:
+        predicted.add(at + loop.points_until_scored(at))
+        n = int(rng.integers(1, 90))
+        lo = max(0, at - 64 - config["window"])  # context the store keeps
+        out = loop.run(values[lo:at + n], np.arange(lo, at + n, dtype=float), n, at)
+        if out.scored.any():
+            first_scored = at + int(np.flatnonzero(out.scored)[0])
+        at += n
+    assert predicted == {first_scored}
+    assert loop.points_until_scored(at) == 0

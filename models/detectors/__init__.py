@@ -6,6 +6,7 @@ Every registered detector passes tests/test_detector_contract.py.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from models.detectors.base import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, Detector
@@ -24,13 +25,18 @@ REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
     Spear, CMA, Fusion)}
 
 
-def build_detector(name: str, **config: object) -> Detector:
-    """A fresh, unfitted detector by registered name."""
+def build_detector(name: str, *, defaults: Mapping[str, object] | None = None,
+                   **config: object) -> Detector:
+    """A fresh, unfitted detector by registered name. ``config`` keys must be fields of
+    its config (else ValueError); ``defaults`` are service-wide knobs (warm-up, memory
+    size) applied only to detectors whose config has them, under ``config``."""
     try:
         cls = REGISTRY[name]
     except KeyError:
         raise ValueError(f"detector: unknown {name!r}; known: {sorted(REGISTRY)}") from None
-    return cls.from_config_dict(dict(config))
+    known = cls.config_fields()
+    applied = {k: v for k, v in (defaults or {}).items() if k in known}
+    return cls.from_config_dict(applied | dict(config))
 
 
 def load_detector(path: str | Path) -> Detector:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -57,6 +59,14 @@ class Detector(ABC):
     # anomalous without a fitted threshold (``record_threshold``).
     record_scores: ClassVar[bool] = False
     record_threshold: ClassVar[float] = 1.0
+    # Trained artifacts whose streams may tune their own copy (soft prompts and head):
+    # ``finetune``, ``adaptable_state`` and ``with_parameters`` (service/feedback.py).
+    adaptable: ClassVar[bool] = False
+    # ``fit_series(series, point_labels)``: one model over many univariate series of any
+    # length, with optional point labels (`tsad train` prefers it when the data allows).
+    learns_from_labels: ClassVar[bool] = False
+    # What training measured (loss curve, validation), saved beside an artifact.
+    training_report: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: Any) -> None:
         self.config = replace(config or self.Config(), **overrides)
@@ -83,6 +93,13 @@ class Detector(ABC):
     def is_fitted(self) -> bool: ...
 
     @property
+    def windows_to_fit(self) -> int | None:
+        """Windows still to learn online before the detector scores: 0 once fitted, None
+        when it cannot say (the service then shows no countdown). Online detectors with a
+        warm-up count override it."""
+        return 0 if self.is_fitted else None
+
+    @property
     def constant_channels(self) -> list[int]:
         """Channels constant over the whole training series (offline ``fit``). A detector
         that learns each channel's scale from its training data has none for them: it
@@ -101,6 +118,54 @@ class Detector(ABC):
 
     def partial_fit(self, series: np.ndarray) -> Self:
         raise NotImplementedError(f"{self.name} does not learn online")
+
+    # --- optional capabilities, with their defaults (callers never probe with hasattr;
+    # tests/test_detector_contract.py checks each declaration against the code) --------
+    def fit_many(self, series: Sequence[np.ndarray]) -> Self:
+        """One model over several series (e.g. every entity of a dataset). The default
+        fits their concatenation, where a few windows straddle two series; a detector
+        that can keep series apart overrides it."""
+        return self.fit(np.concatenate([as_series(x, "series") for x in series]))
+
+    def fit_series(self, series: list[np.ndarray],
+                   point_labels: list[np.ndarray | None] | None = None) -> Self:
+        raise NotImplementedError(f"{self.name} does not learn from labelled series")
+
+    def calibration_scores(self) -> np.ndarray | None:
+        """(M, C) channel scores of normal training windows that the detector can give
+        without a held-out split (a memory's leave-one-out scores), or None: then callers
+        calibrate on a held-out tail of the training data."""
+        return None
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        """A cut the detector chose on its own validation data, or None (callers then
+        take a quantile of held-out scores)."""
+        return None
+
+    @property
+    def fixed_channels(self) -> int | None:
+        """Channel count a fitted model is bound to, or None (any)."""
+        return None
+
+    def precedents(self, windows: np.ndarray, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """Memories (``has_precedents``): the n nearest remembered normal windows."""
+        raise NotImplementedError(f"{self.name} keeps no precedents")
+
+    # ``adaptable`` detectors: a stream's own copy, tuned from its labelled windows
+    def adaptable_state(self) -> dict[str, np.ndarray]:
+        """The parameters a stream may tune, as named arrays."""
+        raise NotImplementedError(f"{self.name} cannot be adapted per stream")
+
+    def with_parameters(self, state: dict[str, np.ndarray] | None = None) -> Self:
+        """A copy sharing the frozen parts, with ``state`` (None: its own) as parameters."""
+        raise NotImplementedError(f"{self.name} cannot be adapted per stream")
+
+    def finetune(self, windows: np.ndarray, targets: np.ndarray, *, steps: int = 20,
+                 lr: float = 1e-2, max_seconds: float = 10.0) -> dict[str, Any]:
+        """Tune the copy in place on (N, W, C) windows and their targets; a report with
+        ``steps``, ``seconds``, ``loss_before``, ``loss_after``."""
+        raise NotImplementedError(f"{self.name} cannot be adapted per stream")
 
     def channel_scores(self, windows: np.ndarray) -> np.ndarray:
         windows = as_windows(windows, self.config.window)
@@ -123,9 +188,18 @@ class Detector(ABC):
         return path
 
     @classmethod
+    def config_fields(cls) -> set[str]:
+        return {f.name for f in fields(cls.Config)}
+
+    @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> Self:
-        known = {f.name for f in fields(cls.Config)}
-        return cls(cls.Config(**{k: v for k, v in config.items() if k in known}))
+        """The config from a dict; an unknown key is a ValueError naming it (a typo in a
+        YAML config must not silently train the default)."""
+        unknown = sorted(set(config) - cls.config_fields())
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown config keys {unknown}; known: "
+                             f"{sorted(cls.config_fields())}")
+        return cls(cls.Config(**config))
 
 
 def aggregate_channels(channel_scores: np.ndarray, how: str) -> np.ndarray:

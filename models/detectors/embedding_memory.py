@@ -47,5 +47,5 @@ class EmbeddingMemory(MemoryDetector):
         from models.lm.runtime import cached_encoder
 
         encoder = cached_encoder(self.config.model_path, self.config.pooling)
-        emb = encoder.encode(self.prompts(windows))  # (B*C, D)
-        return emb.reshape(len(windows), windows.shape[2], -1)  # (B, C, D)
+        recipe = f"{self.config.strategy}:{self.config.max_values}"
+        return encoder.encode_windows(windows, self.prompts, recipe)  # (B, C, D)

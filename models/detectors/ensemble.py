@@ -39,6 +39,7 @@ True
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,12 @@ from models.detectors.base import Detector, DetectorConfig, as_windows, sliding_
 from models.detectors.residual_linear import ResidualLinear
 
 MEMBERS = ("range", "shape", "forecast")
+
+
+@functools.cache
+def _probe(size: int) -> np.ndarray:
+    """(size, 2) fixed random directions that fingerprint windows of ``size`` values."""
+    return np.random.default_rng(size).standard_normal((size, 2))
 RECORD_FLOOR = 1e-3  # smallest record a ratio divides by (raw surprises are in scale units)
 
 
@@ -123,6 +130,7 @@ class Ensemble(Detector):
         if "forecast" in cfg.members:
             self._forecast = ResidualLinear(window=cfg.window, warmup=cfg.warmup,
                                             aggregate="max")
+        self._scored: dict[bytes, np.ndarray] = {}  # see _remember_raw
 
     _NAMES = ("n", "mean", "m2", "lo", "hi", "rec", "blocks", "shapes", "shapes_seen",
               "to_next_shape")
@@ -156,6 +164,16 @@ class Ensemble(Detector):
             ready = ready and self._forecast.is_fitted
         return bool(ready)
 
+    @property
+    def windows_to_fit(self) -> int | None:
+        if self.is_fitted:
+            return 0
+        n = int(getattr(self, "_n", np.zeros(1))[0])
+        need = max(self.config.warmup - n, 1)  # any learnt block also seeds shapes, records
+        if "forecast" in self.config.members and hasattr(self, "_forecast"):
+            need = max(need, self._forecast.windows_to_fit or 0)
+        return need
+
     # --- learning ----------------------------------------------------------------------
     def _fit(self, train: np.ndarray) -> None:
         self._init_state(train.shape[1])
@@ -178,7 +196,7 @@ class Ensemble(Detector):
         smoothed = self._smoothed(windows)[:, :, -1]  # (B, K, C) newest point per scale
         if self.is_fitted:  # (B, M, C) surprise before learning this block; during the
             # warm-up the scale is a guess from a few points, and its surprises no record
-            raw = self._raw(windows)
+            raw = self._recall_raw(windows)
         else:
             raw = np.zeros((len(windows), len(self.config.members), windows.shape[2]))
         self._update_moments(newest)
@@ -186,6 +204,7 @@ class Ensemble(Detector):
         self._lo[slot], self._hi[slot] = smoothed.min(axis=0), smoothed.max(axis=0)
         self._rec[slot] = raw.max(axis=0)
         self._blocks += 1
+        self._scored.clear()  # the state moves on: surprises scored so far are stale
         if "shape" in self.config.members:
             self._remember_shapes(windows)
         if "forecast" in self.config.members:
@@ -276,8 +295,39 @@ class Ensemble(Detector):
             d2 = np.minimum(d2, ((q - own) ** 2).sum(axis=2))
         return np.sqrt(np.maximum(d2, 0.0))
 
+    # Online, every window is scored and then learnt with the same state (learning comes
+    # at block ends): the raw surprise computed to score it is remembered, by the window's
+    # values, until the next block is learnt, so learning does not compute it again.
+    @staticmethod
+    def _keys(windows: np.ndarray) -> list[bytes]:
+        """A fingerprint per window: two random projections of its values (a collision
+        needs two different windows equal on both; a float that rounds differently only
+        costs a recomputation)."""
+        flat = windows.reshape(len(windows), -1)
+        return [row.tobytes() for row in flat @ _probe(flat.shape[1])]
+
+    def _remember_raw(self, windows: np.ndarray, raw: np.ndarray) -> None:
+        scored = self.__dict__.setdefault("_scored", {})
+        scored.update(zip(self._keys(windows), raw, strict=True))
+        while len(scored) > 4 * self.config.block:  # offline scoring never learns: bound it
+            del scored[next(iter(scored))]
+
+    def _recall_raw(self, windows: np.ndarray) -> np.ndarray:
+        scored = self.__dict__.get("_scored", {})
+        keys = self._keys(windows)
+        known = np.array([k in scored for k in keys], dtype=bool)
+        if not known.any():
+            return self._raw(windows)
+        out = np.empty((len(keys), len(self.config.members), windows.shape[2]))
+        out[known] = np.stack([scored[k] for k, hit in zip(keys, known, strict=True) if hit])
+        if not known.all():
+            out[~known] = self._raw(windows[~known])
+        return out
+
     def _channel_scores(self, windows: np.ndarray) -> np.ndarray:
+        windows = np.ascontiguousarray(windows, dtype=np.float64)
         raw = self._raw(windows)  # (B, M, C)
+        self._remember_raw(windows, raw)
         ratios = np.empty_like(raw)
         for m, member in enumerate(self.config.members):
             if member == "range":  # outside the range is a record by construction

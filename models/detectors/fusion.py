@@ -72,9 +72,8 @@ class Fusion(Detector):
         cals = []
         for spec, member in zip(self.config.members, self._members(), strict=True):
             member.fit(train)
-            if hasattr(member, "calibration_scores"):
-                normal = member.calibration_scores()  # (M, C) leave-one-out
-            else:
+            normal = member.calibration_scores()  # (M, C) leave-one-out, or None
+            if normal is None:
                 cut = int(len(train) * (1 - self.config.calibration))
                 if cut < window or len(train) - cut < 2:
                     raise ValueError(f"train: too short to hold out {self.config.calibration}"

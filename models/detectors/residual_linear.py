@@ -100,6 +100,11 @@ class ResidualLinear(Detector):
         return bool(getattr(self, "_solved", np.zeros(1))[0])
 
     @property
+    def windows_to_fit(self) -> int | None:
+        # the first solve comes with the warm-up's last window
+        return 0 if self.is_fitted else max(self.config.warmup - self.points_seen, 1)
+
+    @property
     def points_seen(self) -> int:
         return int(getattr(self, "_n", np.zeros(1))[0])
 

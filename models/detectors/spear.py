@@ -167,6 +167,8 @@ class SoftPromptClassifier:
 class Spear(Detector):
     name = "spear"
     Config = SpearConfig
+    adaptable = True  # streams tune their own soft prompts from feedback
+    learns_from_labels = True
 
     # --- scaling and tokens ------------------------------------------------------------
     def scale(self, windows: np.ndarray, channel: np.ndarray | int = 0) -> np.ndarray:
@@ -327,6 +329,10 @@ class Spear(Detector):
     def threshold(self) -> float:
         """The probability cut with the best F1 on the validation split (0.5 untrained)."""
         return float(self._threshold)
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        return self.threshold
 
     @property
     def fixed_channels(self) -> int | None:

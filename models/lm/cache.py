@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,8 @@ class CacheConfig:
     redis_timeout_seconds: float = 0.25  # per Redis call; a slow Redis must not stall scoring
     redis_retry_seconds: float = 5.0  # after an error, skip Redis this long
     batch_size: int | None = None  # LM batch size for misses; None: the encoder's own
+    # windows already embedded, by their exact values: skips building their prompts
+    window_lru_bytes: int = 16 << 20
 
 
 def prompt_key(prefix: str, model_id: str, prompt: str) -> str:
@@ -219,6 +221,7 @@ class CachedEncoder:
         # no metrics given: a private registry, so several encoders never collide on names
         self.metrics = metrics or EmbeddingMetrics(CollectorRegistry())
         self.lru = ByteLRU(self.config.lru_bytes)
+        self.windows = ByteLRU(self.config.window_lru_bytes)
         self.stats = CacheStats()
         self.redis: RedisStore | None = None
         if redis_client is not None:
@@ -299,6 +302,35 @@ class CachedEncoder:
         out = np.empty((len(texts), dim), dtype=np.float32)
         for i, k in enumerate(keys):
             out[i] = from_f16_bytes(found[k], dim)
+        return out
+
+
+    def encode_windows(self, windows: np.ndarray, prompts: Callable[[np.ndarray], list[str]],
+                       recipe: str) -> np.ndarray:
+        """(B, W, C) windows -> (B, C, dim). ``prompts`` turns windows into their B*C
+        prompts (window-major) and ``recipe`` names it: a window whose exact values were
+        embedded before under the same recipe is answered from the window LRU without
+        building its prompts (scoring, precedents and admission see the same windows)."""
+        windows = np.ascontiguousarray(windows, dtype=np.float64)
+        n, width, channels = windows.shape
+        tag = f"{recipe}:{width}x{channels}:"
+        keys = [tag + hashlib.blake2b(w.tobytes(), digest_size=16).hexdigest()
+                for w in windows]
+        out = np.empty((n, channels, self.dim), dtype=np.float32)
+        missing = []
+        for i, k in enumerate(keys):
+            value = self.windows.get(k)
+            if value is None:
+                missing.append(i)
+            else:
+                out[i] = np.frombuffer(value, dtype=np.float16).reshape(channels, self.dim)
+        if hits := n - len(missing):
+            self._hit("window", hits * channels)
+        if missing:
+            fresh = self.encode(prompts(windows[missing])).reshape(len(missing), channels, -1)
+            for i, rows in zip(missing, fresh, strict=True):
+                out[i] = rows  # already float16-rounded: the window LRU stores it exactly
+                self.windows.put(keys[i], rows.astype(np.float16).tobytes())
         return out
 
 

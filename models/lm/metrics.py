@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-HIT_LEVELS = ("lru", "redis", "batch")  # batch: a duplicate prompt within one encode call
+# batch: a duplicate prompt within one encode call; window: a window embedded before, by
+# its values (counted per channel prompt, its prompts never built)
+HIT_LEVELS = ("lru", "redis", "batch", "window")
 
 # LM batches on CPU take 10 ms .. several s; on GPU well under 10 ms
 ENCODE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -44,6 +46,12 @@ class EmbeddingMetrics:
             "tsad_embedding_encode_batch_prompts",
             "Prompts per language-model call",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), **kw,
+        )
+        self.pass_calls = Histogram(
+            "tsad_embedding_pass_calls",
+            "Encode calls (requests' cache misses) served by one language-model pass: above "
+            "1 when micro-batching coalesced concurrent requests",
+            buckets=(1, 2, 4, 8, 16, 32, 64), **kw,
         )
         self.errors = Counter(
             "tsad_embedding_cache_errors_total",

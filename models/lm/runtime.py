@@ -10,19 +10,28 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from models.lm.batching import MicroBatcher
 from models.lm.cache import CacheConfig, CachedEncoder
 
 _ENCODERS: dict[tuple[str | None, str], CachedEncoder] = {}
 _LOCK = threading.Lock()
-_SETTINGS: dict[str, Any] = {"cache": CacheConfig(), "metrics": None}
+_SETTINGS: dict[str, Any] = {"cache": CacheConfig(), "metrics": None, "batch_window": None}
 
 
-def configure(cache: CacheConfig | None = None, metrics: Any = None) -> None:
-    """Set the cache (e.g. a Redis URL) and Prometheus metrics for encoders built from now
-    on; encoders built earlier are dropped so the next call rebuilds them."""
+def configure(cache: CacheConfig | None = None, metrics: Any = None,
+              batch_window_seconds: float | None = None) -> None:
+    """Set the cache (e.g. a Redis URL), Prometheus metrics and micro-batching for
+    encoders built from now on; encoders built earlier are dropped so the next call
+    rebuilds them. ``batch_window_seconds``: coalesce concurrent LM calls (the service,
+    many requests at once; ``models.lm.batching``); None: each call runs its own pass
+    (one caller, e.g. ``tsad embed``)."""
     with _LOCK:
         _SETTINGS["cache"] = cache or CacheConfig()
         _SETTINGS["metrics"] = metrics
+        _SETTINGS["batch_window"] = batch_window_seconds
+        for encoder in _ENCODERS.values():
+            if isinstance(encoder.encoder, MicroBatcher):
+                encoder.encoder.close()
         _ENCODERS.clear()
 
 
@@ -32,7 +41,9 @@ def cached_encoder(model_path: str | None = None, pooling: str = "auto") -> Cach
     key = (model_path, pooling)
     with _LOCK:
         if key not in _ENCODERS:
-            _ENCODERS[key] = CachedEncoder(
-                shared_encoder(model_path=model_path, pooling=pooling),
-                _SETTINGS["cache"], _SETTINGS["metrics"])
+            encoder = shared_encoder(model_path=model_path, pooling=pooling)
+            if _SETTINGS["batch_window"] is not None:
+                encoder = MicroBatcher(encoder, _SETTINGS["batch_window"],
+                                       metrics=_SETTINGS["metrics"])
+            _ENCODERS[key] = CachedEncoder(encoder, _SETTINGS["cache"], _SETTINGS["metrics"])
         return _ENCODERS[key]

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from service.alerts.model import SEVERITIES
+from service.alerts.store import AlertStore, RedisAlertStore
 
 
 @dataclass
@@ -322,7 +323,7 @@ class RedisWebhookStore:
         return int(await self._call(self.redis.zcard(self.k_due)))
 
 
-def build_webhook_store(alert_store, dead_retention_seconds: float) -> WebhookStore:  # noqa: ANN001
-    if hasattr(alert_store, "redis"):
+def build_webhook_store(alert_store: AlertStore, dead_retention_seconds: float) -> WebhookStore:
+    if isinstance(alert_store, RedisAlertStore):  # the queue lives beside the alerts
         return RedisWebhookStore(alert_store, dead_retention_seconds)
     return MemoryWebhookStore(alert_store, dead_retention_seconds)
