@@ -137,61 +137,65 @@ def test_two_processes_on_a_cluster_score_like_one_process(redis_url, cluster,
 
 def test_a_process_killed_mid_stream_loses_no_acknowledged_point(cluster, cluster_env):
     """Batches alternate between two processes; one is killed (SIGKILL) while a batch is
-    in flight to it, which the client then retries on the other. Every point is stored
-    exactly once: the killed batch was either stored (the retry is answered duplicate)
-    or not (the retry stores it)."""
-    env = {**cluster_env, "TSAD_DUPLICATES": "drop"}
+    in flight to it, and the stream goes on through the other. Every acknowledged batch is
+    stored, visible from the other process at once, and the killed batch, never
+    acknowledged, is stored whole or not at all (the append is atomic)."""
     sizes, kill_at = [200] * 5 + [5000] + [200] * 4, 5  # the killed one: long in flight
     stamps = [1_700_000_000.0 + 60 * t for t in range(sum(sizes))]
     points = [{"timestamp": ts, "values": [float(i % 13), float(i % 7)]}
               for i, ts in enumerate(stamps)]
     ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
     batches = [points[end - n:end] for n, end in zip(sizes, ends, strict=True)]
-    acknowledged: list[float] = []
+    stored: list[float] = []  # what the stream must hold, in order
     failed: list[BaseException] = []
 
     def post(url: str, batch: list[dict]) -> httpx.Response:
         return httpx.post(f"{url}/score", json={"stream": "k", "points": batch}, timeout=60)
 
-    def retry_until_stored(url: str, batch: list[dict]) -> None:
+    def until_acknowledged(url: str, other: str, batch: list[dict]) -> None:
         deadline = time.monotonic() + 90  # a dead holder's lock lease runs out first
-        while True:
-            r = post(url, batch)
-            if r.status_code == 200:
-                break
+        while (r := post(url, batch)).status_code != 200:
             assert r.status_code == 503 and time.monotonic() < deadline, r.text
             time.sleep(0.5)
-        results = r.json()["results"]
-        assert all(x["status"] in ("scored", "warming_up", "duplicate") for x in results)
-        acknowledged.extend(x["stored_timestamp"] for x in results)
+        sent = [p["timestamp"] for p in batch]
+        assert [x["stored_timestamp"] for x in r.json()["results"]] == sent
+        stored.extend(sent)
+        window = httpx.get(f"{other}/streams/k/window").json()["timestamps"]
+        assert window == stored[-len(window):]  # durable in the cluster, not in one process
 
-    with ServiceProcess(env) as a:
-        b = ServiceProcess(env).start()
+    with ServiceProcess(cluster_env) as a:
+        b = ServiceProcess(cluster_env).start()
         try:
             for k, batch in enumerate(batches):
-                if k != kill_at:
-                    retry_until_stored((a, b)[k % 2].url if k < kill_at else a.url, batch)
-                    continue
-                def in_flight(batch: list[dict] = batch) -> None:
-                    try:
-                        post(b.url, batch)
-                    except httpx.HTTPError as exc:
-                        failed.append(exc)
+                if k < kill_at:
+                    first, second = (a, b) if k % 2 == 0 else (b, a)
+                    until_acknowledged(first.url, second.url, batch)
+                elif k > kill_at:
+                    until_acknowledged(a.url, a.url, batch)
+                else:
+                    def in_flight(batch: list[dict] = batch) -> None:
+                        try:
+                            post(b.url, batch)
+                        except httpx.HTTPError as exc:
+                            failed.append(exc)
 
-                thread = threading.Thread(target=in_flight)
-                thread.start()
-                time.sleep(0.3)  # the batch is being parsed, stored or scored
-                b.proc.kill()
-                thread.join(timeout=30)
-                assert failed, "the killed process answered: kill it sooner"
-                retry_until_stored(a.url, batch)  # never acknowledged: the client retries
+                    thread = threading.Thread(target=in_flight)
+                    thread.start()
+                    time.sleep(0.3)  # the batch is being parsed, stored or scored
+                    b.proc.kill()
+                    thread.join(timeout=30)
+                    assert failed, "the killed process answered: kill it sooner"
+                    last = wait_for(lambda: httpx.get(f"{a.url}/streams/k").json())
+                    if last["last_timestamp"] == batch[-1]["timestamp"]:  # stored whole
+                        stored.extend(p["timestamp"] for p in batch)
+                    else:  # or not at all
+                        assert last["last_timestamp"] == stored[-1]
         finally:
             b.stop()
         meta = httpx.get(f"{a.url}/streams/k").json()
         window = httpx.get(f"{a.url}/streams/k/window").json()
-    assert acknowledged == stamps  # each point acknowledged once, in order
-    assert meta["points_seen"] == len(stamps)  # stored once: none lost, none twice
-    assert window["timestamps"] == stamps[-len(window["timestamps"]):]
+    assert meta["points_seen"] == len(stored)  # none lost, none twice
+    assert window["timestamps"] == stored[-len(window["timestamps"]):]
 
 
 def test_embedding_cache_reads_and_writes_across_the_cluster(cluster, cluster_env):
