@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from threadpoolctl import threadpool_limits
 
 from models.detectors import build_detector
@@ -42,8 +47,14 @@ def build_store(settings: Settings) -> WindowStore:
             settings.redis_url, prefix=settings.redis_prefix,
             ttl_seconds=settings.stream_ttl_seconds,
             timeout_seconds=settings.redis_timeout_seconds,
-            lock_wait_seconds=settings.lock_wait_seconds, cluster=settings.redis_cluster)
-    return MemoryWindowStore(ttl_seconds=settings.stream_ttl_seconds)
+            lock_wait_seconds=settings.lock_wait_seconds,
+            lock_lease_seconds=settings.lock_lease_seconds,
+            unscored_max_points=settings.unscored_max_points,
+            receipt_ttl_seconds=settings.idempotency_ttl_seconds,
+            cluster=settings.redis_cluster)
+    return MemoryWindowStore(ttl_seconds=settings.stream_ttl_seconds,
+                             unscored_max_points=settings.unscored_max_points,
+                             receipt_ttl_seconds=settings.idempotency_ttl_seconds)
 
 
 def create_app(settings: Settings | None = None,
@@ -82,7 +93,14 @@ def create_app(settings: Settings | None = None,
         except StoreUnavailable as exc:  # start anyway; /readyz says 503 until it's back
             log.warning("store unavailable at start-up", extra={"error": str(exc)})
         await worker.start()  # deliveries run beside requests, never inside /score
+        # what a crash left stored but unscored, scored without waiting for traffic
+        recovery = (asyncio.create_task(app.state.pipeline.recover_all())
+                    if settings.recover_on_start else None)
         yield
+        if recovery is not None:
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
         await worker.stop()
         await store.close()
         worker_exited()
@@ -132,10 +150,40 @@ def _install_error_handlers(app: FastAPI, settings: Settings, metrics: ServiceMe
             {"message": f"window store unavailable, retry later: {exc}", "detail": None},
             status_code=503, headers={"Retry-After": str(settings.retry_after_seconds)})
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's own (404 for an unknown path, 405) as well as FastAPI's: one error shape
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI answers a body that is not UTF-8 with a bare 400; bad JSON is a 422
+            detail = [{"type": "json_invalid", "loc": ["body"],
+                       "msg": f"JSON body is not valid UTF-8: {exc.__cause__.reason}"}]
+            return JSONResponse({"message": describe(detail), "detail": detail},
+                                status_code=422)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names the first route's methods only
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
         return JSONResponse({"message": str(exc.detail), "detail": None},
-                            status_code=exc.status_code, headers=exc.headers)
+                            status_code=exc.status_code, headers=headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods of the request's resource, for a 405's Allow header (RFC 9110: all of
+    them; Starlette names the first route's only). The resource is the schema path that
+    matches, a concrete path before a templated one (OpenAPI's rule: /webhooks/dead-letters
+    is not /webhooks/{webhook_id}); outside the schema (/docs), what the router serves."""
+    path = request.scope["path"]
+    matches = [(template.count("{"), ops) for template, ops
+               in request.app.openapi()["paths"].items()
+               if re.fullmatch(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)), path)]
+    if matches:
+        ops = min(matches, key=lambda m: m[0])[1]
+        return [m for m in _METHODS if m.lower() in ops]
+    routes = request.app.router.routes
+    return [m for m in _METHODS
+            if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)]
 
 
 def _install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:

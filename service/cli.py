@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.auth.guard import exposure_problem
+    from service.connections import PROTOCOL
     from service.logs import configure_logging
     from service.settings import Settings
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         uvicorn.run("service.main:app", host=settings.host, port=settings.port,
                     workers=args.workers, log_config=None, access_log=False,
-                    timeout_keep_alive=settings.keep_alive_seconds)
+                    timeout_keep_alive=settings.keep_alive_seconds,
+                    http=PROTOCOL)  # header deadline, size cap (service/connections.py)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

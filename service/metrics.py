@@ -53,7 +53,8 @@ class ServiceMetrics:
         self.points_rejected_total = Counter(
             "tsad_points_rejected_total", "Points in requests rejected with a 4xx", registry=r)
         self.points_duplicate_total = Counter(
-            "tsad_points_duplicate_total", "Exact duplicate points dropped (policy drop)",
+            "tsad_points_duplicate_total", "Retried points (duplicates of stored ones) "
+            "answered, not stored again",
             registry=r)
         self.points_reordered_total = Counter(
             "tsad_points_reordered_total", "Points whose timestamp was not after the "
@@ -61,6 +62,22 @@ class ServiceMetrics:
             "it; dropped: not stored)", ["action"], registry=r)
         for action in ("nudged", "dropped"):  # exported from the start, at 0
             self.points_reordered_total.labels(action=action)
+        self.points_recovered_total = Counter(
+            "tsad_points_recovered_total", "Points a crash left stored but unscored, scored "
+            "by a later request or the start-up recovery", registry=r)
+        self.points_unscored_total = Counter(
+            "tsad_points_unscored_total", "Points a crash left stored but unscored that "
+            "were no longer held to score (beyond TSAD_UNSCORED_MAX_POINTS): skipped",
+            registry=r)
+        self.scorer_cache_total = Counter(
+            "tsad_scorer_cache_total", "Scored requests by whether the stream's decoded "
+            "scorer was in the process (hit) or read and decoded from the store (miss)",
+            ["result"], registry=r)
+        for result in ("hit", "miss"):
+            self.scorer_cache_total.labels(result=result)
+        self.idempotent_replays_total = Counter(
+            "tsad_idempotent_replays_total", "POST /score retries answered with the kept "
+            "response of their Idempotency-Key", registry=r)
         self.points_scored_total = Counter(
             "tsad_points_scored_total", "Points that received a score", ["detector"], registry=r)
         self.anomalies_total = Counter(

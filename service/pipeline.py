@@ -1,22 +1,32 @@
 """What the routers call: validation beyond the schema, the append, scoring, metrics.
 
 The order inside ``score`` is what keeps acknowledged data safe: the atomic append comes
-first and the response is sent only after it; scoring state is saved afterwards. If the
-store fails between the two, the points are stored (a retry is then rejected as a
-duplicate, or dropped with TSAD_DUPLICATES=drop) and the stream's detector simply learns
-from the next batch. Repeated and backward timestamps follow the stream's timestamp policy
-(``plan_append`` in service/stores/base.py): each affected point says so in its result.
+first and the response is sent only after it; scoring state is saved afterwards, with
+the stream's scored-up-to mark, its alerts and events, and the batch's receipt, in one
+atomic commit. If the process dies between the two, the points are stored but unscored:
+the stream's next append hands them back before its own points, so they are scored (and
+their alerts raised) first; ``recover_all`` does the same for every stream at start-up.
+A retry of a stored batch is answered (its points' results when it scored them now, else
+status "duplicate"), and one sent with the same Idempotency-Key gets the kept response.
+Repeated and backward timestamps follow the stream's timestamp policy (``plan_append`` in
+service/stores/base.py): each affected point says so in its result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import os
 import time
-from dataclasses import asdict
+import zlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from fastapi.exceptions import RequestValidationError
+from pydantic_core import to_json
 
 from models.detectors import REGISTRY
 from models.detectors.base import aggregate_channels
@@ -48,9 +58,42 @@ from service.schemas import (
 )
 from service.scoring import StreamScorer
 from service.settings import Settings
-from service.stores.base import StoreRejection, StreamMeta, WindowStore
+from service.stores.base import (
+    AppendResult,
+    StoreRejection,
+    StoreUnavailable,
+    StreamMeta,
+    WindowStore,
+)
 
 log = logging.getLogger("tsad.pipeline")
+
+
+@dataclass
+class _Scored:
+    results: list  # PointResult per scored point: the unscored a crash left, then the new
+    blob: bytes
+    alerts: list
+    events: list[dict]
+    scorer: StreamScorer
+
+
+@dataclass
+class _Cached:
+    """A stream's scorer as committed, kept decoded between requests: valid while the
+    store's version of the stream is ``meta.version`` (plus our own append)."""
+
+    meta: StreamMeta
+    scorer: StreamScorer
+    nbytes: int  # its state blob's size: what the cache's bound counts
+
+
+def _encode_receipt(digest: str, created_at: float, response: dict) -> bytes:
+    """What an Idempotency-Key keeps: the batch's digest, the stream's incarnation (a
+    receipt of a deleted stream of the same id does not answer) and the response (as
+    /score sends it: date-times as RFC 3339 strings)."""
+    return zlib.compress(to_json({"body": digest, "created_at": created_at,
+                                  "response": response}))
 
 
 class ScoringPipeline:
@@ -66,53 +109,254 @@ class ScoringPipeline:
         # tuning runs the LM forward and backward: one adaptation at a time per process,
         # so feedback cannot starve scoring of CPU
         self._adapt_slot = asyncio.Semaphore(1)
+        self._appends_stored = 0  # for TSAD_FAULT_CRASH_AFTER_APPEND
+        # stream -> its scorer as last committed by this process, least recently used first
+        self._scorers: OrderedDict[str, _Cached] = OrderedDict()
+        self._scorer_bytes = 0
 
     # --- /score ------------------------------------------------------------------------
-    async def score(self, req: ScoreRequest) -> dict:
-        """The response body of ScoreResponse's shape, as plain dicts and lists: no model
+    async def score(self, req: ScoreRequest, idempotency_key: str | None = None
+                    ) -> dict:
+        """The response body in ScoreResponse's shape, as plain dicts and lists: no model
         object per point (the router serialises it in one call)."""
         points = self._validate_batch(req)
         stream = req.stream
+        digest = "" if idempotency_key is None else hashlib.sha256(
+            req.model_dump_json().encode()).hexdigest()
         async with self.store.lock(stream):
-            try:
-                appended = await self.store.append(
-                    stream, points, default_window=self.settings.default_window,
-                    default_detector=self.settings.default_detector,
-                    duplicates=self.settings.duplicates,
-                    default_timestamps=self.settings.timestamps,
-                    max_back_seconds=self.settings.timestamp_max_back_seconds)
-            except StoreRejection:
-                self.metrics.points_rejected_total.inc(len(points))
+            if idempotency_key is not None and (
+                    kept := await self._receipt(stream, idempotency_key, digest)):
+                return kept
+            cached = self._uncache(stream)  # back in only once committed
+            appended = await self._append(stream, points, cached)
+            self._fault_after_append(appended)
+            appended, scored = await self._score_stored(appended, cached)
+            response = self._response(req, appended, scored)
+            receipt = None
+            if idempotency_key is not None:
+                receipt = (idempotency_key, _encode_receipt(
+                    digest, appended.meta.created_at, response))
+            await self._commit(appended, scored, receipt, cached)
+        return response
+
+    async def recover(self, stream: str) -> int:
+        """Score what a crash left stored but unscored on one stream; returns how many
+        points were scored (0: nothing was pending)."""
+        async with self.store.lock(stream):
+            meta = await self.store.get_stream(stream)
+            if meta is None or meta.points_scored is None or (
+                    meta.points_scored >= meta.points_seen):
+                return 0
+            appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
+            appended, scored = await self._score_stored(appended, None)
+            await self._commit(appended, scored, None, None)
+            return appended.unscored
+
+    async def recover_all(self) -> None:
+        """Start-up: ``recover`` every stream the index lists, one at a time (a background
+        task: requests are served meanwhile, and recover their own stream first)."""
+        start, streams, points, after = time.monotonic(), 0, 0, None
+        try:
+            while metas := await self.store.list_streams(limit=100, after=after):
+                after = metas[-1].stream
+                for m in metas:
+                    if m.points_scored is None or m.points_scored >= m.points_seen:
+                        continue
+                    try:
+                        points += await self.recover(m.stream)
+                        streams += 1
+                    except StoreUnavailable as exc:  # a busy lock, or the store gone
+                        log.warning("recovery of a stream failed",
+                                    extra={"stream": m.stream, "error": str(exc)})
+                        await self.store.ping()  # gone: stop here
+                    except Exception:  # one stream's failure must not stop the others
+                        log.exception("recovery of a stream failed",
+                                      extra={"stream": m.stream})
+        except StoreUnavailable as exc:  # its streams recover on their next request
+            log.warning("start-up recovery stopped: store unavailable",
+                        extra={"error": str(exc)})
+        log.info("start-up recovery done", extra={
+            "streams": streams, "points": points,
+            "seconds": round(time.monotonic() - start, 3)})
+
+    async def _receipt(self, stream: str, key: str, digest: str) -> dict | None:
+        """The kept response of the batch first sent with ``key`` (None: none, or one of
+        a deleted earlier stream of the same id); 422 when this body is not that batch."""
+        raw = await self.store.get_receipt(stream, key)
+        meta = await self.store.get_stream(stream) if raw else None
+        if raw is None or meta is None:
+            return None
+        kept = json.loads(zlib.decompress(raw))
+        if kept["created_at"] != meta.created_at:
+            return None
+        if kept["body"] != digest:
+            raise StoreRejection(("header", "Idempotency-Key"), f"key {key!r} was already "
+                                 "used for a different batch (kept "
+                                 f"{self.settings.idempotency_ttl_seconds} s, "
+                                 "TSAD_IDEMPOTENCY_TTL_SECONDS): use a new key per batch")
+        self.metrics.idempotent_replays_total.inc()
+        return kept["response"]
+
+    async def _append(self, stream: str, points: np.ndarray,
+                      cached: _Cached | None = None) -> AppendResult:
+        try:
+            appended = await self.store.append(
+                stream, points, default_window=self.settings.default_window,
+                default_detector=self.settings.default_detector,
+                duplicates=self.settings.duplicates,
+                default_timestamps=self.settings.timestamps,
+                max_back_seconds=self.settings.timestamp_max_back_seconds,
+                known=cached.meta if cached else None)
+        except StoreRejection:
+            self.metrics.points_rejected_total.inc(len(points))
+            raise
+        if appended.created and await self._over_stream_cap():
+            await self.store.delete_stream(stream)  # undo: the cap is checked after
+            self.metrics.points_rejected_total.inc(len(points))  # the atomic append
+            raise self._stream_cap_error(("body", "stream"))
+        self.metrics.points_ingested_total.inc(appended.accepted)
+        self.metrics.points_duplicate_total.inc(appended.duplicates)
+        for action in ("nudged", "dropped"):
+            if n := appended.actions.count(action):
+                self.metrics.points_reordered_total.labels(action).inc(n)
+        if appended.created:
+            self.metrics.streams_created_total.inc()
+            log.info("stream created", extra={"stream": stream,
+                                              "channels": appended.meta.channels})
+        if appended.unscored or appended.skipped:
+            self.metrics.points_unscored_total.inc(appended.skipped)
+            log.log(logging.WARNING if appended.skipped else logging.INFO,
+                    "scoring points a crash left unscored", extra={
+                        "stream": stream, "points": appended.unscored,
+                        "skipped": appended.skipped,
+                        "limit": self.settings.unscored_max_points})
+        return appended
+
+    def _fault_after_append(self, appended: AppendResult) -> None:
+        """TSAD_FAULT_CRASH_AFTER_APPEND (tests only): die between the append and the
+        commit, as a kill -9 there would."""
+        n = self.settings.fault_crash_after_append
+        if n and appended.accepted:
+            self._appends_stored += 1
+            if self._appends_stored == n:
+                log.critical("fault injection: exiting after an append",
+                             extra={"stream": appended.meta.stream})
+                os._exit(137)
+
+    async def _score_stored(self, appended: AppendResult, cached: _Cached | None
+                            ) -> tuple[AppendResult, _Scored | None]:
+        """Score the stored points not yet scored: those a crash left, then the batch's.
+        If the ones a crash left make the detector fail, they are skipped (logged and
+        counted) rather than failing every later request of the stream."""
+        if not (appended.to_score or appended.skipped):
+            return appended, None
+        scorer, blob = self._valid(cached, appended), None
+        self.metrics.scorer_cache_total.labels("hit" if scorer else "miss").inc()
+        if scorer is None:
+            blob = await self.store.load_state(appended.meta.stream)
+        try:
+            out = await asyncio.to_thread(self._run_detector, appended.meta, blob,
+                                          appended.points, appended.to_score, scorer)
+        except Exception:
+            if not appended.unscored:
                 raise
-            if appended.created and await self._over_stream_cap():
-                await self.store.delete_stream(stream)  # undo: the cap is checked after
-                self.metrics.points_rejected_total.inc(len(points))  # the atomic append
-                raise self._stream_cap_error(("body", "stream"))
-            self.metrics.points_ingested_total.inc(appended.accepted)
-            self.metrics.points_duplicate_total.inc(appended.duplicates)
-            for action in ("nudged", "dropped"):
-                if n := appended.actions.count(action):
-                    self.metrics.points_reordered_total.labels(action).inc(n)
-            if appended.created:
-                self.metrics.streams_created_total.inc()
-                log.info("stream created", extra={"stream": stream,
-                                                  "channels": appended.meta.channels})
-            results, until_scored = [], None
-            if appended.accepted:
-                blob = await self.store.load_state(stream)
-                results, until_scored, blob, alerts, events = await asyncio.to_thread(
-                    self._run_detector, appended.meta, blob, appended.points, appended.accepted)
-                await self.alerts.commit(stream, blob, alerts, events)
-                self._count_events(events)
-        return {"stream": stream,
-                "results": point_results(req.sent_timestamps(), appended.actions,
-                                         appended.stamps, results),
-                "points_until_scored": until_scored}
+            log.exception("scoring points a crash left unscored failed: skipped", extra={
+                "stream": appended.meta.stream, "points": appended.unscored})
+            self.metrics.points_unscored_total.inc(appended.unscored)
+            appended = replace(appended, unscored=0,
+                               skipped=appended.skipped + appended.unscored)
+            blob = await self.store.load_state(appended.meta.stream)  # the scorer moved
+            out = await asyncio.to_thread(self._run_detector, appended.meta, blob,
+                                          appended.points, appended.to_score)
+        self.metrics.points_recovered_total.inc(appended.unscored)
+        return appended, _Scored(*out)
+
+    # --- the scorer cache: decoded state kept between requests, checked by version ------
+    def _uncache(self, stream: str) -> _Cached | None:
+        cached = self._scorers.pop(stream, None)
+        if cached is not None:
+            self._scorer_bytes -= cached.nbytes
+        return cached
+
+    @staticmethod
+    def _valid(cached: _Cached | None, appended: AppendResult) -> StreamScorer | None:
+        """The cached scorer if nothing but our own append wrote the stream since it was
+        committed (another replica's append, commit, feedback or configuration change
+        bumped the version; a deleted and created again stream has another created_at)."""
+        if cached is None:
+            return None
+        ours = 1 if appended.accepted else 0
+        if (cached.meta.created_at, cached.meta.version + ours) != (
+                appended.meta.created_at, appended.meta.version):
+            return None
+        return cached.scorer
+
+    def _cache(self, stream: str, entry: _Cached) -> None:
+        limit = self.settings.scorer_cache_mb * 2**20
+        if entry.nbytes > limit:
+            return
+        self._scorers[stream] = entry
+        self._scorer_bytes += entry.nbytes
+        while self._scorer_bytes > limit:  # least recently used first
+            self._scorer_bytes -= self._scorers.popitem(last=False)[1].nbytes
+
+    async def _commit(self, appended: AppendResult, scored: _Scored | None,
+                      receipt: tuple[str, bytes] | None, cached: _Cached | None) -> None:
+        """State, scored-up-to mark, alerts, events and receipt: one atomic write; then the
+        scorer goes (back) into the cache, under the version the commit gave."""
+        meta = appended.meta
+        if scored is None:
+            if receipt is not None:
+                await self.store.put_receipt(meta.stream, *receipt)
+            if self._valid(cached, appended):  # nothing written: still the same state
+                self._cache(meta.stream, replace(cached, meta=meta))
+            return
+        version = await self.alerts.commit(meta.stream, scored.blob, scored.alerts,
+                                           scored.events, scored=meta.points_seen,
+                                           receipt=receipt)
+        self._count_events(scored.events)
+        if version:
+            self._cache(meta.stream, _Cached(
+                replace(meta, version=version, points_scored=meta.points_seen),
+                scored.scorer, len(scored.blob)))
+
+    def _response(self, req: ScoreRequest, appended: AppendResult,
+                  scored: _Scored | None) -> dict:
+        results = scored.results if scored else []
+        # a retried point that a crash left unscored is answered with its result now
+        stamps = appended.points[len(appended.points) - appended.to_score:, 0]
+        recovered = dict(zip(stamps[:appended.unscored].tolist(),
+                             results[:appended.unscored], strict=True))
+        fresh = iter(results[appended.unscored:])  # one per stored point, in order
+        out = []
+        for ts, action, stamp in zip(req.sent_timestamps(), appended.actions,
+                                     appended.stamps, strict=True):
+            moved = action if action in ("nudged", "dropped") else None
+            r = recovered.get(stamp) if action == "duplicate" else None
+            if action == "dropped" or (action == "duplicate" and r is None):
+                out.append({"timestamp": ts, "score": None, "likelihood": None,
+                            "anomaly": False, "threshold": None, "status": action,
+                            "top_channels": None, "precedents": None,
+                            "timestamp_action": moved, "stored_timestamp": stamp})
+                continue
+            r = r or next(fresh)
+            out.append({
+                "timestamp": ts, "score": r.score, "likelihood": r.likelihood,
+                "anomaly": r.anomaly, "threshold": r.threshold, "status": r.status,
+                "top_channels": [{"channel": c.channel, "share": c.share}
+                                 for c in r.top_channels] if r.top_channels else None,
+                "precedents": [asdict(q) for q in r.precedents] if r.precedents else None,
+                "timestamp_action": moved, "stored_timestamp": stamp})
+        return {"stream": req.stream, "results": out, "points_until_scored": (
+            scored.scorer.points_until_scored if scored else None)}
 
     def _run_detector(self, meta: StreamMeta, blob: bytes | None, points: np.ndarray,
-                      n_new: int) -> tuple[list, int | None, bytes, list, list[dict]]:
+                      n_new: int, scorer: StreamScorer | None = None
+                      ) -> tuple[list, bytes, list, list[dict], StreamScorer]:
         start = time.perf_counter()
-        scorer = StreamScorer.from_blob(meta, self.settings, blob)
+        if scorer is None:
+            scorer = StreamScorer.from_blob(meta, self.settings, blob)
+        scorer.meta = meta  # points_seen moved on: it indexes the new points
         results = scorer.process(points, n_new)
         alerts, events = scorer.tracker.drain()
         threshold = scorer.threshold.value()
@@ -129,7 +373,7 @@ class ScoringPipeline:
             time.perf_counter() - start)
         blob = scorer.to_blob()
         self.metrics.stream_state_bytes.labels(meta.detector).observe(len(blob))
-        return results, scorer.points_until_scored, blob, alerts, events
+        return results, blob, alerts, events, scorer
 
     def _count_events(self, events: list[dict]) -> None:
         for e in events:
@@ -521,31 +765,6 @@ class ScoringPipeline:
                 return False
             self._count_events(await self.alerts.forget_stream(stream))
         return True
-
-
-def point_results(sent: list, actions: list[str], stamps: list[float | None],
-                  results: list) -> list[dict]:
-    """PointResultOut's fields, one dict per point sent: a duplicate or dropped point its
-    own, the others the next scored result (one per stored point, in order)."""
-    scored = iter(results)
-    out = []
-    for ts, action, stamp in zip(sent, actions, stamps, strict=True):
-        moved = action if action in ("nudged", "dropped") else None
-        if action in ("duplicate", "dropped"):
-            out.append({"timestamp": ts, "score": None, "likelihood": None, "anomaly": False,
-                        "threshold": None, "status": action, "top_channels": None,
-                        "precedents": None, "timestamp_action": moved,
-                        "stored_timestamp": stamp})
-            continue
-        r = next(scored)
-        out.append({
-            "timestamp": ts, "score": r.score, "likelihood": r.likelihood,
-            "anomaly": r.anomaly, "threshold": r.threshold, "status": r.status,
-            "top_channels": [{"channel": c.channel, "share": c.share}
-                             for c in r.top_channels] if r.top_channels else None,
-            "precedents": [asdict(q) for q in r.precedents] if r.precedents else None,
-            "timestamp_action": moved, "stored_timestamp": stamp})
-    return out
 
 
 __all__ = ["ScoringPipeline", "StoreRejection"]

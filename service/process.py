@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from service.connections import PROTOCOL
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -41,7 +43,8 @@ class ServiceProcess:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         cmd = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
                "--port", str(self.port), "--no-access-log",
-               "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5")]
+               "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5"),
+               "--http", PROTOCOL]  # header deadline, size cap (service/connections.py)
         if self.workers > 1:
             cmd = [sys.executable, "-m", "models.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(self.workers)]

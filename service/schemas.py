@@ -64,9 +64,13 @@ class ScoreRequest(BaseModel):
         "Retries come first: while no point of the batch has been stored yet, a point "
         "equal to a point of the stream's stored window (the same timestamp and values; "
         "for a point stored nudged, the timestamp it was sent with and its values) is a "
-        "duplicate, never stored twice: TSAD_DUPLICATES=reject refuses the batch (422), "
-        "drop answers it status duplicate. A point older than the window cannot be told "
-        "from a new point with a backward timestamp: the timestamp policy applies")
+        "duplicate, never stored twice: a batch of duplicates only (a retry) is answered, "
+        "each point with its result if this request scored it, else status duplicate; "
+        "with new points after them, TSAD_DUPLICATES=reject refuses the batch (422), drop "
+        "answers them status duplicate. The last batch is held whole, so a retry of it is "
+        "recognised however long; a point older than what is held cannot be told from a "
+        "new point with a backward timestamp: the timestamp policy applies (send an "
+        "Idempotency-Key to be safe)")
     timestamps: list[Timestamp] | None = Field(
         None, min_length=1, description="Columnar form, instead of points: the points' "
         "timestamps, oldest first (epoch seconds or RFC 3339, as in Point.timestamp); "
@@ -137,7 +141,7 @@ class PointResultOut(BaseModel):
                                     "until enough scores are seen", examples=[5.2])
     status: Literal["warming_up", "scored", "duplicate", "dropped"] = Field(
         description="warming_up: the detector is still learning this stream; scored; "
-        "duplicate: a retry of a stored point, not stored again (duplicate policy 'drop'); "
+        "duplicate: a retry of a stored point, not stored again; "
         "dropped: not stored nor scored, its timestamp not after the previous point's "
         "(timestamp policy 'drop')", examples=["scored"])
     top_channels: list[ChannelShareOut] | None = Field(

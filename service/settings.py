@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         "headers, else 408 (uvicorn has no body read timeout)")
     keep_alive_seconds: int = Field(5, ge=1, description="idle keep-alive connections "
                                     "close after this long (uvicorn timeout_keep_alive)")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a request's line and headers must arrive within this "
+        "long of its first byte (or of the connection opening), else 408 and the "
+        "connection closes (uvicorn has no header timeout; service/connections.py)")
+    max_header_bytes: int = Field(
+        65_536, ge=1024, description="request line and headers; larger is a 431 and the "
+        "connection closes (httptools has no limit)")
     max_window: int = Field(4096, ge=4, le=65_536, description="points per window a "
                             "stream may ask for")
     residual_max_lags: int = Field(
@@ -57,8 +64,9 @@ class Settings(BaseSettings):
                              "more is a 429 (0 = no limit)")
     duplicates: Literal["reject", "drop"] = Field(
         "reject",
-        description="points at or before a stream's last timestamp: reject the request "
-        "(422) or drop exact duplicates (idempotent retries)",
+        description="a batch that resends stored points (a retry) and goes on with new "
+        "ones: reject = 422, drop = answer the resent ones status duplicate and store the "
+        "new; a batch of resent points only is answered under both, never a 422",
     )
     timestamps: Literal["nudge", "drop", "reject"] = Field(
         "nudge",
@@ -197,6 +205,29 @@ class Settings(BaseSettings):
         "'receiver,10.1.0.0/16'")
 
     lock_wait_seconds: float = Field(10.0, gt=0)
+    # --- crash consistency (service/README.md, "Durability") ----------------------------
+    lock_lease_seconds: float = Field(
+        5.0, ge=0.5, le=300, description="Redis: a stream's lock is a lease its holder "
+        "renews every third of this while it works; a crashed holder's lock lapses within "
+        "this long")
+    unscored_max_points: int = Field(
+        10_000, ge=0, description="points a crash left stored but unscored (between the "
+        "append and the commit) that a stream holds to score on its next request or at "
+        "start-up; older ones are skipped, logged and counted (tsad_points_unscored_total)")
+    idempotency_ttl_seconds: int = Field(
+        86_400, ge=60, description="how long the response of a POST /score sent with an "
+        "Idempotency-Key is kept: a retry with the key gets it again")
+    recover_on_start: bool = Field(
+        True, description="at start-up, score in the background what a crash left "
+        "unscored on every stream (one stream at a time), so their alerts are raised "
+        "without waiting for more traffic")
+    scorer_cache_mb: int = Field(
+        256, ge=0, description="stream scorers each process keeps decoded between requests "
+        "(least recently used out; counted by state size): a request whose stream nobody "
+        "else wrote since skips reading and decoding its state; 0 = off")
+    fault_crash_after_append: int = Field(
+        0, ge=0, description="TESTS ONLY: the process exits at once (os._exit) right after "
+        "its Nth append that stored points, before scoring them; 0 = off")
     retry_after_seconds: int = Field(5, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True

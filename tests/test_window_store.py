@@ -45,6 +45,7 @@ async def test_first_append_creates_stream(store):
 
 async def test_window_keeps_last_w_points_and_returns_context(store):
     await append(store, "s", batch(list(range(1, 101))))
+    await store.save_state("s", b"scored", scored=100)  # as a commit does
     result = await append(store, "s", batch([101, 102, 103]))
     # context = the retained(W) - 1 points before the batch (what the scoring loop needs to
     # learn a chunk that began in an earlier batch), then the batch
@@ -217,8 +218,13 @@ async def test_a_retried_batch_is_recognised_even_where_it_was_nudged(store):
                                 duplicates="drop", default_timestamps="nudge")
     assert result.actions == ["duplicate", "duplicate", "duplicate", "stored"]
     assert result.stamps == [*stored.stamps[2:], 4.0] and result.duplicates == 3
-    with pytest.raises(StoreRejection) as exc:  # duplicates "reject": a retry is refused
-        await store.append("r", first[3:], default_window=W,
+    # duplicates "reject": a retry of stored points alone is answered (its sender cannot
+    # know they were stored), one that goes on with new points is refused
+    only = await store.append("r", first[3:], default_window=W,
+                              default_detector="residual_linear", default_timestamps="nudge")
+    assert only.actions == ["duplicate", "duplicate"] and only.accepted == 0
+    with pytest.raises(StoreRejection) as exc:
+        await store.append("r", np.vstack([first[3:], batch([5])]), default_window=W,
                            default_detector="residual_linear", default_timestamps="nudge")
     assert exc.value.loc == ("body", "points", 0, "timestamp")
     # the same stamp and value again, after its stored copy: a new point, not a retry

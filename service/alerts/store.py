@@ -1,7 +1,8 @@
 """Where alerts live: the queryable records, and the outbox of events for webhooks.
 
 ``commit`` writes, in one step, the stream's state blob (detector, threshold, alert
-tracker), the alerts the batch changed and the events it emitted. With Redis that is one
+tracker) with its scored-up-to mark and the batch's receipt (service/stores/base.py), the
+alerts the batch changed and the events it emitted. With Redis that is one
 MULTI/EXEC transaction, so a crash never leaves a tracker that believes an alert is open
 without its record or its event. It runs under the stream lock that serialises scoring.
 
@@ -85,8 +86,11 @@ def _matches(alert: dict, q: AlertQuery) -> bool:
 
 
 class AlertStore(Protocol):
-    async def commit(self, stream: str, blob: bytes, alerts: list[Alert],
-                     events: list[dict]) -> None: ...
+    async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
+                     *, scored: int | None = None,
+                     receipt: tuple[str, bytes] | None = None) -> int:
+        """Returns the stream's new version (``WindowStore.save_state``)."""
+        ...
 
     async def get(self, alert_id: str) -> dict | None: ...
 
@@ -119,9 +123,12 @@ class MemoryAlertStore:
         self._expires: dict[str, float] = {}
         self.outbox: deque[str] = deque()
 
-    async def commit(self, stream: str, blob: bytes, alerts: list[Alert],
-                     events: list[dict]) -> None:
-        await self.window_store.save_state(stream, blob)  # no await between the writes
+    async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
+                     *, scored: int | None = None,
+                     receipt: tuple[str, bytes] | None = None) -> int:
+        # no await between the writes
+        version = await self.window_store.save_state(stream, blob, scored=scored,
+                                                     receipt=receipt)
         now = time.time()
         for alert in alerts:
             self.alerts[alert.id] = alert.to_dict()
@@ -130,6 +137,7 @@ class MemoryAlertStore:
             else:
                 self._expires.pop(alert.id, None)
         self.outbox.extend(json.dumps(e) for e in events)
+        return version
 
     def _prune(self) -> None:
         now = time.time()
@@ -184,16 +192,17 @@ class RedisAlertStore:
     def outbox(self) -> str:
         return self.key("alerts:outbox")
 
-    async def commit(self, stream: str, blob: bytes, alerts: list[Alert],
-                     events: list[dict]) -> None:
+    async def commit(self, stream: str, blob: bytes, alerts: list[Alert], events: list[dict],
+                     *, scored: int | None = None,
+                     receipt: tuple[str, bytes] | None = None) -> int:
         pipe = self.redis.pipeline(transaction=True)
         if self.cluster and (alerts or events):  # the alerts' slot first (module doc)
             await self.ws._call(self._stage_alerts(
                 self.redis.pipeline(transaction=True), stream, alerts, events).execute())
-        pipe.set(self.ws._key(stream, "state"), blob, ex=self.ws.ttl_seconds or None)
+        self.ws.stage_state(pipe, stream, blob, scored, receipt)  # first: the version
         if not self.cluster:
             self._stage_alerts(pipe, stream, alerts, events)
-        await self.ws._call(pipe.execute())
+        return int((await self.ws._call(pipe.execute()))[0])
 
     def _stage_alerts(self, pipe, stream: str, alerts: list[Alert],  # noqa: ANN001
                       events: list[dict]):  # noqa: ANN202 - a redis pipeline, either kind

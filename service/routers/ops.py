@@ -8,10 +8,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import MetricsDep, PipelineDep, SettingsDep, metrics_access
+from service.deps import AUTH_RESPONSES, MetricsDep, PipelineDep, SettingsDep, metrics_access
 from service.stores.base import StoreUnavailable
 
 router = APIRouter(tags=["operations"])
+# /metrics answers text, its 401 and 403 JSON: a `model` would be documented as text/plain
+_JSON_AUTH_ERRORS = {code: {"description": r["description"], "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ErrorOut"}}}} for code, r in AUTH_RESPONSES.items()}
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -19,7 +22,8 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: store reachable and detectors loaded (503 if not)")
+@router.get("/readyz", summary="Readiness: store reachable and detectors loaded (503 if not)",
+            responses={503: {"description": "Not ready: the checks say why"}})
 async def readyz(pipeline: PipelineDep, settings: SettingsDep, request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
@@ -36,7 +40,8 @@ async def readyz(pipeline: PipelineDep, settings: SettingsDep, request: Request)
 
 
 @router.get("/metrics", summary="Prometheus metrics (keyed when TSAD_METRICS_AUTH)",
-            response_class=PlainTextResponse, dependencies=[Depends(metrics_access)])
+            response_class=PlainTextResponse, dependencies=[Depends(metrics_access)],
+            responses=_JSON_AUTH_ERRORS)
 async def metrics(m: MetricsDep, pipeline: PipelineDep) -> PlainTextResponse:
     # a gauge of state held in the store, read when Prometheus asks; on an outage it keeps
     # its last value (tsad_window_store_up says the store is down)

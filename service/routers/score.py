@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
 from pydantic_core import to_json
 
 from service.deps import AUTH_RESPONSES, Ingest, PipelineDep
@@ -9,6 +11,12 @@ from service.stores.base import StoreRejection
 
 router = APIRouter(tags=["scoring"], responses=AUTH_RESPONSES)
 
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+    description="Any unique string per batch (a UUID): a retry with the same key and "
+    "body gets the first response again, for TSAD_IDEMPOTENCY_TTL_SECONDS (a day); the "
+    "same key with another body is a 422", examples=["3f0c9a52-5b7e-4d0e-9a51-0c1d2e3f4a5b"])]
+
 
 @router.post(
     "/score",
@@ -16,12 +24,13 @@ router = APIRouter(tags=["scoring"], responses=AUTH_RESPONSES)
     responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
     summary="Append points to a stream and score them",
 )
-async def score(body: ScoreRequest, pipeline: PipelineDep, who: Ingest) -> Response:
+async def score(body: ScoreRequest, pipeline: PipelineDep, who: Ingest,
+                idempotency_key: IdempotencyKey = None) -> Response:
     """Points are stored atomically (all or none), then scored: one result per point.
     Send them as a list of points or, faster to parse, as columns (timestamps, values)."""
     who.check_stream(body.stream)
     try:
-        out = await pipeline.score(body)
+        out = await pipeline.score(body, idempotency_key)
     except StoreRejection as exc:
         if body.columnar:  # the store names points.i: name the columns sent
             exc.loc = columnar_loc(exc.loc)

@@ -47,7 +47,8 @@ async def list_streams(
     return page
 
 
-@router.put("/{stream}", response_model=StreamOut, responses=_ERRORS,
+@router.put("/{stream}", response_model=StreamOut,
+            responses={**_ERRORS, 201: {"model": StreamOut, "description": "Created"}},
             summary="Create or configure a stream (channels are fixed once set)")
 async def put_stream(stream: AdminStream, body: StreamConfigIn, pipeline: PipelineDep,
                      response: Response) -> StreamOut:

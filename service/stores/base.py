@@ -1,12 +1,20 @@
 """The window-store protocol, shared by the Redis and in-memory implementations.
 
 A store keeps, per stream: its metadata (channel count, window length, detector, points
-seen, last timestamp, timestamp policy), the last ``window`` points, the stamps its last
-nudged points were sent with (to recognise their retries), and an opaque state blob (the
-stream's online detector and threshold). ``append`` checks the channel count, decides
-what happens to each point (``plan_append``: stored, nudged, dropped, duplicate or a
-rejection) and writes atomically: either every accepted point of the batch is stored or
-none is.
+seen, points scored, last timestamp, timestamp policy), the last points (``retained``),
+the stamps its last nudged points were sent with (to recognise their retries), an opaque
+state blob (the stream's online detector and threshold) and the kept responses of
+batches sent with an ``Idempotency-Key`` (receipts). ``append`` checks the channel count,
+decides what happens to each point (``plan_append``: stored, nudged, dropped, duplicate
+or a rejection) and writes atomically: either every accepted point of the batch is stored
+or none is.
+
+Crash consistency: ``points_scored`` (the scored-up-to mark) is written with the state
+blob (``save_state(scored=...)``, atomically). Points stored but not yet scored (the
+process died between the append and the commit) stay held beyond the retained window
+(up to ``unscored_max_points``) and come back from the next ``append`` before the batch's
+own points, so they are scored first; the last batch stays held whole until the next
+append, so a retry of it is recognised however long it is.
 """
 
 from __future__ import annotations
@@ -53,6 +61,12 @@ class StreamMeta:
     threshold: dict | None = None  # {"kind", "q", "depth"} overrides; None = defaults
     alert_budget_per_day: float | None = None
     timestamps: TimestampPolicy | None = None  # None = the server default (TSAD_TIMESTAMPS)
+    # points whose scores are committed with the state blob (the scored-up-to mark); None:
+    # a stream stored before the mark existed, taken as all scored
+    points_scored: int | None = None
+    # bumped by the store, atomically, with every append that writes, state commit and
+    # configuration change: a process's cached scorer is valid while it matches
+    version: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +86,15 @@ class AppendResult:
     # one per point sent: the stamp it is stored under (a duplicate: its stored twin's);
     # None when dropped
     stamps: list[float | None]
+    # stored points a crash left unscored, held in ``points`` just before the accepted ones
+    # (score them first: they come before the batch), and those no longer held (skipped)
+    unscored: int = 0
+    skipped: int = 0
+
+    @property
+    def to_score(self) -> int:
+        """The last rows of ``points`` to score: the unscored, then the accepted."""
+        return self.unscored + self.accepted
 
 
 class StoreRejection(Exception):
@@ -128,6 +151,7 @@ class WindowStore(Protocol):
         duplicates: DuplicatePolicy = "reject",
         default_timestamps: TimestampPolicy = "reject",
         max_back_seconds: float = math.inf,
+        known: StreamMeta | None = None,
     ) -> AppendResult:
         """Atomically append ``points`` (N, 1 + C; column 0 the timestamp) as
         ``plan_append`` decides, with the stream's own timestamp policy or else
@@ -135,7 +159,9 @@ class WindowStore(Protocol):
 
         Creates the stream from the first batch when it does not exist. Raises
         StoreRejection (nothing written) on a channel-count mismatch or when the plan
-        rejects a point.
+        rejects a point. ``known``: the stream's meta as the caller last saw it (a cached
+        scorer's): the plan is made on it without reading it first, and made again if
+        its version is no longer the stored one.
         """
         ...
 
@@ -145,11 +171,42 @@ class WindowStore(Protocol):
 
     async def load_state(self, stream: str) -> bytes | None: ...
 
-    async def save_state(self, stream: str, blob: bytes) -> None: ...
+    async def save_state(self, stream: str, blob: bytes, *, scored: int | None = None,
+                         receipt: tuple[str, bytes] | None = None) -> int:
+        """Write the state blob and, in the same atomic step, the scored-up-to mark
+        (``scored``: the stream's points_seen the blob has scored) and a batch's receipt
+        (``(idempotency key, response)``); bump the stream's version. Returns the new
+        version (0: no such stream)."""
+        ...
+
+    async def get_receipt(self, stream: str, key: str) -> bytes | None:
+        """The kept response of the batch sent with Idempotency-Key ``key``, if any."""
+        ...
+
+    async def put_receipt(self, stream: str, key: str, data: bytes) -> None: ...
 
     def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
         """Serialises read-modify-write of one stream's state (across replicas for Redis)."""
         ...
+
+
+def scoreable_unscored(unscored: int, held: int, new: int, points_seen: int,
+                       window: int) -> int:
+    """How many of a stream's ``unscored`` points (stored before a batch of ``new`` points,
+    never scored) the ``held`` points an append returned can still score: each needs the
+    ``retained(window) - 1`` points before it (its window, and its chunk to learn from),
+    unless the store holds the stream from its first point.
+
+    >>> scoreable_unscored(100, held=10 + 100 + retained(8) - 1, new=10, points_seen=500,
+    ...                    window=8)
+    100
+    >>> scoreable_unscored(100, held=10 + 40 + retained(8) - 1, new=10, points_seen=500,
+    ...                    window=8)  # 60 were no longer held
+    40
+    """
+    if points_seen <= held:
+        return unscored
+    return max(0, min(unscored, held - new - (retained(window) - 1)))
 
 
 def encode_point(row: np.ndarray) -> bytes:
@@ -210,7 +267,9 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
     of the window (after the one the previous retried point matched) is a *duplicate*:
     the same stamp and values, or the same values and the stamp it was sent with when it
     was nudged. Duplicates follow ``duplicates``: "drop" answers them, "reject" refuses
-    the request. (Points older than the window cannot be told from new points with a
+    a request that also has points to write; a batch with nothing new (a retry of a
+    stored batch) is answered under both, never refused: its sender cannot tell it was
+    stored. (Points older than the window cannot be told from new points with a
     backward stamp: the timestamp policy applies to them.)
 
     Then order: a point whose stamp is not after its previous one follows ``timestamps``:
@@ -229,6 +288,8 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
     >>> again = plan_append(p, plan.rows, 11.0, "drop", "nudge", plan.nudges)  # a retry
     >>> again.actions, again.stamps == plan.stamps, len(again.rows)
     (['duplicate', 'duplicate', 'duplicate', 'duplicate'], True, 0)
+    >>> plan_append(p, plan.rows, 11.0, "reject", "nudge", plan.nudges).actions
+    ['duplicate', 'duplicate', 'duplicate', 'duplicate']
     >>> plan_append(p, np.empty((0, 2)), None, "reject", "drop").actions
     ['stored', 'dropped', 'dropped', 'stored']
     """
@@ -240,6 +301,7 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
     actions: list[PointAction] = []
     stamps: list[float | None] = []
     moved: list[tuple[float, float]] = []
+    first_duplicate: tuple[int, float] | None = None
     for i, row in enumerate(points):
         ts = float(row[0])
         if ts > previous:
@@ -250,10 +312,7 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
             continue
         loc = ("body", "points", i, "timestamp")
         if retries and not keep and (twin := matcher.match(row)) is not None:
-            if duplicates != "drop":
-                raise StoreRejection(loc, f"point {i} (timestamp {ts!r}) is a duplicate of "
-                                     "a stored point; with TSAD_DUPLICATES=drop a retry is "
-                                     "answered status \"duplicate\"")
+            first_duplicate = first_duplicate or (i, ts)
             actions.append("duplicate")
             stamps.append(twin)
             continue
@@ -277,6 +336,13 @@ def plan_append(points: np.ndarray, stored: np.ndarray, last: float | None,
         actions.append("nudged")
         stamps.append(previous)
         moved.append((previous, ts))
+    if duplicates != "drop" and first_duplicate is not None and keep:
+        i, ts = first_duplicate
+        raise StoreRejection(("body", "points", i, "timestamp"),
+                             f"point {i} (timestamp {ts!r}) is a duplicate of a stored point "
+                             "and the batch goes on with new points: send the new points "
+                             "alone, or with TSAD_DUPLICATES=drop the retried ones are "
+                             "answered status \"duplicate\"")
     rows = np.array(keep, dtype=np.float64).reshape(len(keep), points.shape[1])
     return AppendPlan(rows=rows, actions=actions, stamps=stamps,
                       nudges=np.array(moved, dtype=np.float64).reshape(len(moved), 2))

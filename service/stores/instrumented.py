@@ -10,7 +10,8 @@ from service.metrics import ServiceMetrics
 from service.stores.base import StoreUnavailable, WindowStore
 
 _TIMED = ("ping", "put_stream", "get_stream", "list_streams", "count_streams",
-          "delete_stream", "append", "window", "load_state", "save_state")
+          "delete_stream", "append", "window", "load_state", "save_state", "get_receipt",
+          "put_receipt")
 
 
 class InstrumentedStore:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -26,7 +26,12 @@ from service.stores.base import (
     may_resend,
     plan_append,
     retained,
+    scoreable_unscored,
 )
+
+# Receipts (Idempotency-Key responses) kept per stream, newest first: the in-process store
+# bounds them by count as well as by age
+RECEIPTS_PER_STREAM = 1000
 
 
 @dataclass
@@ -36,13 +41,17 @@ class _Stream:
     nudges: deque = field(default_factory=deque)  # (stored, sent) stamps of nudged points
     state: bytes | None = None
     touched: float = field(default_factory=time.monotonic)
+    receipts: OrderedDict = field(default_factory=OrderedDict)  # key -> (expiry, data)
 
 
 class MemoryWindowStore:
     backend = "memory"
 
-    def __init__(self, ttl_seconds: float = 0) -> None:
+    def __init__(self, ttl_seconds: float = 0, unscored_max_points: int = 10_000,
+                 receipt_ttl_seconds: float = 86_400) -> None:
         self.ttl_seconds = ttl_seconds
+        self.unscored_max_points = unscored_max_points
+        self.receipt_ttl_seconds = receipt_ttl_seconds
         self._streams: dict[str, _Stream] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # outlive their stream: first posts race
 
@@ -64,8 +73,9 @@ class MemoryWindowStore:
     async def put_stream(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
         entry = self._get(meta.stream)
         if entry is None:
-            self._streams[meta.stream] = _Stream(meta=replace(meta, points_seen=0))
-            return replace(meta), True
+            self._streams[meta.stream] = _Stream(meta=replace(meta, points_seen=0,
+                                                              points_scored=0))
+            return replace(meta, points_scored=0), True
         old = entry.meta
         if old.channels != meta.channels:
             raise StoreRejection(
@@ -74,13 +84,14 @@ class MemoryWindowStore:
                 status=409,
             )
         if (old.window, old.detector) != (meta.window, meta.detector):
-            entry.state = None
+            entry.state = None  # a new detector starts afresh: nothing left to score
+            old.points_scored = old.points_seen
         while len(entry.points) > retained(meta.window):
             entry.points.popleft()
         entry.meta = replace(old, window=meta.window, detector=meta.detector,
                              channel_names=meta.channel_names, threshold=meta.threshold,
                              alert_budget_per_day=meta.alert_budget_per_day,
-                             timestamps=meta.timestamps)
+                             timestamps=meta.timestamps, version=old.version + 1)
         entry.touched = time.monotonic()
         return replace(entry.meta), False
 
@@ -120,6 +131,7 @@ class MemoryWindowStore:
         duplicates: DuplicatePolicy = "reject",
         default_timestamps: TimestampPolicy = "reject",
         max_back_seconds: float = math.inf,
+        known: StreamMeta | None = None,  # unused: this store's meta is always current
     ) -> AppendResult:
         channels = points.shape[1] - 1
         entry = self._get(stream)
@@ -141,28 +153,36 @@ class MemoryWindowStore:
         created = entry is None
         if entry is None:
             meta = StreamMeta(stream=stream, channels=channels, window=default_window,
-                              detector=default_detector)
+                              detector=default_detector, points_scored=0)
             entry = self._streams[stream] = _Stream(meta=meta)
         new = plan.rows
-        window = entry.meta.window
-        keep = retained(window)
-        context = list(entry.points)[-(keep - 1):] if keep > 1 else []
+        m = entry.meta
+        # stored but never scored (the commit failed): held until scored
+        unscored = 0 if m.points_scored is None else max(0, m.points_seen - m.points_scored)
+        # held after the batch: the batch whole (a retry of it is recognised), the
+        # unscored before it, and the context that scoring them needs
+        before = min(unscored, self.unscored_max_points) + retained(m.window) - 1
+        context = list(entry.points)[-before:] if len(new) or unscored else []
         for row in new:
             entry.points.append(np.array(row, dtype=np.float64))
-        while len(entry.points) > keep:
-            entry.points.popleft()
-        entry.nudges.extend(map(tuple, plan.nudges.tolist()))
-        while len(entry.nudges) > window:  # at most window of them can be in the window
-            entry.nudges.popleft()
         if len(new):
-            entry.meta.points_seen += len(new)
-            entry.meta.last_timestamp = float(new[-1, 0])
+            while len(entry.points) > before + len(new):
+                entry.points.popleft()
+        entry.nudges.extend(map(tuple, plan.nudges.tolist()))
+        while len(entry.nudges) > max(m.window, len(entry.points)):
+            entry.nudges.popleft()  # no more of them can be held
+        if len(new):
+            m.points_seen += len(new)
+            m.last_timestamp = float(new[-1, 0])
+            m.version += 1
         entry.touched = time.monotonic()
-        rows = context + list(new) if len(new) else []
+        rows = context + list(new)
         out = np.array(rows, dtype=np.float64).reshape(len(rows), 1 + channels)
-        return AppendResult(meta=replace(entry.meta), created=created,
+        usable = scoreable_unscored(unscored, len(out), len(new), m.points_seen, m.window)
+        return AppendResult(meta=replace(m), created=created,
                             duplicates=plan.duplicates, accepted=len(new), points=out,
-                            actions=plan.actions, stamps=plan.stamps)
+                            actions=plan.actions, stamps=plan.stamps, unscored=usable,
+                            skipped=unscored - usable)
 
     async def window(self, stream: str) -> np.ndarray:
         entry = self._get(stream)
@@ -175,10 +195,36 @@ class MemoryWindowStore:
         entry = self._get(stream)
         return entry.state if entry else None
 
-    async def save_state(self, stream: str, blob: bytes) -> None:
+    async def save_state(self, stream: str, blob: bytes, *, scored: int | None = None,
+                         receipt: tuple[str, bytes] | None = None) -> int:
+        entry = self._get(stream)
+        if entry is None:
+            return 0
+        entry.state = blob
+        if scored is not None:
+            entry.meta.points_scored = scored
+        if receipt is not None:
+            self._keep_receipt(entry, *receipt)
+        entry.meta.version += 1
+        return entry.meta.version
+
+    async def get_receipt(self, stream: str, key: str) -> bytes | None:
+        entry = self._get(stream)
+        found = entry.receipts.get(key) if entry else None
+        return found[1] if found and found[0] > time.monotonic() else None
+
+    async def put_receipt(self, stream: str, key: str, data: bytes) -> None:
         entry = self._get(stream)
         if entry is not None:
-            entry.state = blob
+            self._keep_receipt(entry, key, data)
+
+    def _keep_receipt(self, entry: _Stream, key: str, data: bytes) -> None:
+        now = time.monotonic()
+        entry.receipts[key] = (now + self.receipt_ttl_seconds, data)
+        entry.receipts.move_to_end(key)
+        while entry.receipts and (len(entry.receipts) > RECEIPTS_PER_STREAM
+                                  or next(iter(entry.receipts.values()))[0] <= now):
+            entry.receipts.popitem(last=False)  # the oldest: expired, or beyond the cap
 
     @asynccontextmanager
     async def lock(self, stream: str) -> AsyncIterator[None]:

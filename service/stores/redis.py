@@ -5,10 +5,16 @@ and the Lua scripts below may touch them together (``cluster=True``: ``url`` nam
 of a Redis Cluster; a command on many streams, like ``list_streams``, is split by slot):
 
     <prefix>:{<stream>}:meta    hash: channels, window, detector, names, counters
-    <prefix>:{<stream>}:win     list: the last ``window`` points, float64 bytes each
+                                (points_seen, scored: the scored-up-to mark, version:
+                                bumped by every write that changes what scoring sees)
+    <prefix>:{<stream>}:win     list: the last points (``retained``, the last batch whole,
+                                and points a crash left unscored), float64 bytes each
     <prefix>:{<stream>}:state   string: the stream's online detector + threshold state
     <prefix>:{<stream>}:nudges  list: (stored, sent) stamps of the last nudged points
-    <prefix>:{<stream>}:lock    string: per-stream lease (token, PX expiry)
+    <prefix>:{<stream>}:lock    string: per-stream lease (token, PX expiry), renewed by
+                                its holder while it works
+    <prefix>:{<stream>}:idem:<h> string: a batch's kept response (Idempotency-Key,
+                                h = its SHA-256), expiring
     <prefix>:streams            set: stream ids (an index; entries are checked on read)
 
 Every append runs as one Lua script: the channel check, the RPUSH, the LTRIM and the
@@ -23,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import random
 import secrets
@@ -33,6 +41,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -51,24 +60,39 @@ from service.stores.base import (
     encode_point,
     may_resend,
     plan_append,
+    scoreable_unscored,
 )
+
+log = logging.getLogger("tsad.store")
 
 # KEYS: meta, win, state, nudges. ARGV: channels, default window, default detector, ttl
 # seconds, created_at, the last_ts and points_seen the plan was made on ("" and "0": no
-# stream or no points), the new last_ts, n, m, then n encoded points (the plan's rows),
-# then m encoded (stored, sent) stamp pairs of nudged points.
+# stream or no points), the new last_ts, n, m, the most unscored points to keep, the
+# version the plan was made on, then n encoded points (the plan's rows), then m encoded
+# (stored, sent) stamp pairs of nudged points. Returns 'ok', created, the stream's
+# unscored points before the batch, the length of the meta hash and the hash after the
+# append (field, value, ...), then the held points: up to that many unscored ones with
+# their context, then the batch.
 _APPEND = """
 local meta, win, state, nudges = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channels = tonumber(ARGV[1])
 local ttl, n, m = tonumber(ARGV[4]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local cap = tonumber(ARGV[11])
+local P = 12  -- ARGV[P + i]: the i-th encoded point
 local created = 0
 local window
+local unscored = 0
 if redis.call('EXISTS', meta) == 1 then
-  local h = redis.call('HMGET', meta, 'channels', 'window', 'last_ts', 'points_seen')
+  local h = redis.call('HMGET', meta, 'channels', 'window', 'last_ts', 'points_seen',
+                       'scored', 'version')
   if tonumber(h[1]) ~= channels then return {'err_channels', h[1]} end
-  -- the plan was made on this state: another append since means plan again
-  if (h[3] or '') ~= ARGV[6] or (h[4] or '0') ~= ARGV[7] then return {'err_stale'} end
+  -- the plan was made on this state: another write since means plan again
+  if (h[3] or '') ~= ARGV[6] or (h[4] or '0') ~= ARGV[7] or (h[6] or '0') ~= ARGV[12] then
+    return {'err_stale'}
+  end
   window = tonumber(h[2])
+  -- stored but never scored (a crash before the commit): held until scored
+  if h[5] then unscored = math.max(0, tonumber(h[4] or '0') - tonumber(h[5])) end
 else
   if ARGV[6] ~= '' then return {'err_stale'} end
   window = tonumber(ARGV[2])
@@ -76,21 +100,27 @@ else
 end
 if created == 1 then
   redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARGV[3],
-             'created_at', ARGV[5], 'points_seen', 0)
+             'created_at', ARGV[5], 'points_seen', 0, 'scored', 0, 'version', 0)
 end
+-- held after the batch: the batch whole (a retry of it is recognised), the unscored
+-- before it, and the context that scoring them needs
+local keep = n + math.min(unscored, cap) + window - 1 + EXTRA
 local context = {}
 if n > 0 then
   for i = 1, n, 500 do
-    redis.call('RPUSH', win, unpack(ARGV, 10 + i, 10 + math.min(i + 499, n)))
+    redis.call('RPUSH', win, unpack(ARGV, P + i, P + math.min(i + 499, n)))
   end
   for i = 1, m, 500 do
-    redis.call('RPUSH', nudges, unpack(ARGV, 10 + n + i, 10 + n + math.min(i + 499, m)))
+    redis.call('RPUSH', nudges, unpack(ARGV, P + n + i, P + n + math.min(i + 499, m)))
   end
-  if m > 0 then redis.call('LTRIM', nudges, -window, -1) end
-  context = redis.call('LRANGE', win, -(n + window - 1 + EXTRA), -1)
-  redis.call('LTRIM', win, -(window + EXTRA), -1)
+  if m > 0 then redis.call('LTRIM', nudges, -keep, -1) end
+  context = redis.call('LRANGE', win, -keep, -1)
+  redis.call('LTRIM', win, -keep, -1)
   redis.call('HINCRBY', meta, 'points_seen', n)
+  redis.call('HINCRBY', meta, 'version', 1)
   redis.call('HSET', meta, 'last_ts', ARGV[8])
+elseif unscored > 0 then
+  context = redis.call('LRANGE', win, -keep, -1)
 end
 if ttl > 0 then
   redis.call('EXPIRE', meta, ttl)
@@ -98,7 +128,9 @@ if ttl > 0 then
   if redis.call('EXISTS', state) == 1 then redis.call('EXPIRE', state, ttl) end
   if redis.call('EXISTS', nudges) == 1 then redis.call('EXPIRE', nudges, ttl) end
 end
-local out = {'ok', tostring(created)}
+local h = redis.call('HGETALL', meta)
+local out = {'ok', tostring(created), tostring(unscored), tostring(#h)}
+for _, e in ipairs(h) do out[#out + 1] = e end
 for _, e in ipairs(context) do out[#out + 1] = e end
 return out
 """.replace("EXTRA", str(HISTORY_EXTRA))
@@ -112,15 +144,19 @@ local created = 0
 if redis.call('EXISTS', meta) == 1 then
   local m = redis.call('HMGET', meta, 'channels', 'window', 'detector')
   if tonumber(m[1]) ~= channels then return {'err_channels', m[1]} end
-  if tonumber(m[2]) ~= window or m[3] ~= ARGV[3] then redis.call('DEL', state) end
+  if tonumber(m[2]) ~= window or m[3] ~= ARGV[3] then
+    redis.call('DEL', state)  -- a new detector starts afresh: nothing left to score
+    redis.call('HSET', meta, 'scored', redis.call('HGET', meta, 'points_seen') or 0)
+  end
   redis.call('LTRIM', win, -(window + EXTRA), -1)
 else
   created = 1
-  redis.call('HSET', meta, 'created_at', ARGV[5], 'points_seen', 0)
+  redis.call('HSET', meta, 'created_at', ARGV[5], 'points_seen', 0, 'scored', 0)
 end
 redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARGV[3],
            'names', ARGV[4], 'threshold', ARGV[7], 'alert_budget', ARGV[8],
            'timestamps', ARGV[9])
+redis.call('HINCRBY', meta, 'version', 1)
 if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
 return created
 """.replace("EXTRA", str(HISTORY_EXTRA))
@@ -128,6 +164,21 @@ return created
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: lock. ARGV: token, lease ms. The holder extends its own lease only.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: meta. ARGV: points scored ("": unchanged). A state commit: set the mark, bump the
+# version, return it. Only on a stream that still exists (a mark alone would be a meta
+# hash without its fields): 0.
+_COMMIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'scored', ARGV[1]) end
+return redis.call('HINCRBY', KEYS[1], 'version', 1)
 """
 
 
@@ -141,8 +192,10 @@ class RedisWindowStore:
         prefix: str = "tsad",
         ttl_seconds: int = 0,
         timeout_seconds: float = 2.0,
-        lock_lease_seconds: float = 30.0,
+        lock_lease_seconds: float = 5.0,
         lock_wait_seconds: float = 10.0,
+        unscored_max_points: int = 10_000,
+        receipt_ttl_seconds: int = 86_400,
         cluster: bool = False,
     ) -> None:
         self.url = url
@@ -150,15 +203,21 @@ class RedisWindowStore:
         self.ttl_seconds = ttl_seconds
         self.lock_lease_seconds = lock_lease_seconds
         self.lock_wait_seconds = lock_wait_seconds
+        self.unscored_max_points = unscored_max_points
+        self.receipt_ttl_seconds = receipt_ttl_seconds
         self.cluster = cluster
         self._redis = connect(url, cluster=cluster, timeout_seconds=timeout_seconds)
         self._append = self._redis.register_script(_APPEND)
         self._put = self._redis.register_script(_PUT)
         self._unlock = self._redis.register_script(_UNLOCK)
+        self._renew = self._redis.register_script(_RENEW)
 
     # --- keys --------------------------------------------------------------------------
     def _key(self, stream: str, part: str) -> str:
         return f"{self.prefix}:{{{stream}}}:{part}"
+
+    def _receipt_key(self, stream: str, key: str) -> str:
+        return self._key(stream, "idem:" + hashlib.sha256(key.encode()).hexdigest())
 
     def _keys(self, stream: str) -> list[str]:
         return [self._key(stream, p) for p in ("meta", "win", "state", "nudges")]
@@ -257,13 +316,17 @@ class RedisWindowStore:
         duplicates: DuplicatePolicy = "reject",
         default_timestamps: TimestampPolicy = "reject",
         max_back_seconds: float = math.inf,
+        known: StreamMeta | None = None,
     ) -> AppendResult:
         channels = points.shape[1] - 1
         deadline = time.monotonic() + self.lock_wait_seconds
         delay = 0.002
         while True:
-            raw = await self._call(self._redis.hgetall(self._key(stream, "meta")))
-            meta = _meta_from_hash(stream, raw) if raw else None
+            if known is not None:  # planned on the caller's meta: the script checks it
+                meta, known = known, None
+            else:
+                raw = await self._call(self._redis.hgetall(self._key(stream, "meta")))
+                meta = _meta_from_hash(stream, raw) if raw else None
             if meta is not None and meta.channels != channels:
                 raise _channel_rejection(stream, meta.channels, channels)
             last = meta.last_timestamp if meta else None
@@ -278,10 +341,11 @@ class RedisWindowStore:
                                max_back_seconds)
             rows = plan.rows
             args: list = [channels, default_window, default_detector, self.ttl_seconds,
-                          repr(time.time()), (raw or {}).get(b"last_ts", b"").decode(),
-                          (raw or {}).get(b"points_seen", b"0").decode(),
+                          repr(time.time()), "" if last is None else repr(last),
+                          str(meta.points_seen if meta else 0),
                           repr(float(rows[-1, 0])) if len(rows) else "", len(rows),
-                          len(plan.nudges)]
+                          len(plan.nudges), self.unscored_max_points,
+                          str(meta.version if meta else 0)]
             args += [encode_point(row) for row in rows]
             args += [encode_point(pair) for pair in plan.nudges]
             out = await self._call(self._append(keys=self._keys(stream), args=args))
@@ -298,11 +362,16 @@ class RedisWindowStore:
             created = int(out[1])
             if created:
                 await self._call(self._redis.sadd(self._index, stream))
-            meta = await self.get_stream(stream)
-            assert meta is not None
+            fields = int(out[3])
+            flat = out[4:4 + fields]
+            meta = _meta_from_hash(stream, dict(zip(flat[::2], flat[1::2], strict=True)))
+            held = decode_points(out[4 + fields:], channels)
+            unscored = int(out[2])
+            usable = scoreable_unscored(unscored, len(held), len(rows), meta.points_seen,
+                                        meta.window)
             return AppendResult(meta=meta, created=bool(created), duplicates=plan.duplicates,
-                                accepted=len(rows), points=decode_points(out[2:], channels),
-                                actions=plan.actions, stamps=plan.stamps)
+                                accepted=len(rows), points=held, actions=plan.actions,
+                                stamps=plan.stamps, unscored=usable, skipped=unscored - usable)
 
     async def window(self, stream: str) -> np.ndarray:
         meta = await self.get_stream(stream)
@@ -314,13 +383,34 @@ class RedisWindowStore:
     async def load_state(self, stream: str) -> bytes | None:
         return await self._call(self._redis.get(self._key(stream, "state")))
 
-    async def save_state(self, stream: str, blob: bytes) -> None:
-        ex = self.ttl_seconds or None
-        await self._call(self._redis.set(self._key(stream, "state"), blob, ex=ex))
+    async def save_state(self, stream: str, blob: bytes, *, scored: int | None = None,
+                         receipt: tuple[str, bytes] | None = None) -> int:
+        pipe = self._redis.pipeline(transaction=True)
+        self.stage_state(pipe, stream, blob, scored, receipt)
+        return int((await self._call(pipe.execute()))[0])
+
+    def stage_state(self, pipe: Pipeline, stream: str, blob: bytes, scored: int | None = None,
+                    receipt: tuple[str, bytes] | None = None) -> None:
+        """Queue the writes of ``save_state`` on a MULTI pipeline, the version bump first
+        (its result, the new version, is the transaction's first); the alert store's
+        commit adds its own writes to the same transaction."""
+        pipe.eval(_COMMIT, 1, self._key(stream, "meta"), "" if scored is None else scored)
+        pipe.set(self._key(stream, "state"), blob, ex=self.ttl_seconds or None)
+        if receipt is not None:
+            pipe.set(self._receipt_key(stream, receipt[0]), receipt[1],
+                     ex=self.receipt_ttl_seconds)
+
+    async def get_receipt(self, stream: str, key: str) -> bytes | None:
+        return await self._call(self._redis.get(self._receipt_key(stream, key)))
+
+    async def put_receipt(self, stream: str, key: str, data: bytes) -> None:
+        await self._call(self._redis.set(self._receipt_key(stream, key), data,
+                                         ex=self.receipt_ttl_seconds))
 
     @asynccontextmanager
     async def lock(self, stream: str) -> AsyncIterator[None]:
-        # A lease, not a mutex: a crashed replica's lock expires after lock_lease_seconds.
+        # A lease, not a mutex: the holder renews it every third of lock_lease_seconds
+        # while it works, so a crashed holder's lock lapses within one lease.
         key, token = self._key(stream, "lock"), secrets.token_hex(8)
         lease_ms = int(self.lock_lease_seconds * 1000)
         deadline = time.monotonic() + self.lock_wait_seconds
@@ -330,11 +420,28 @@ class RedisWindowStore:
                 raise StoreUnavailable(f"stream {stream!r} is busy (lock wait timed out)")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
+        heartbeat = asyncio.create_task(self._hold(stream, key, token, lease_ms))
         try:
             yield
         finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
             with contextlib.suppress(RedisError):  # the lease expires by itself
                 await self._unlock(keys=[key], args=[token])
+
+    async def _hold(self, stream: str, key: str, token: str, lease_ms: int) -> None:
+        """Renew the lease while its holder is alive; stop if another holder has it."""
+        while True:
+            await asyncio.sleep(lease_ms / 3000)
+            try:
+                if not await self._renew(keys=[key], args=[token, lease_ms]):
+                    log.warning("stream lock lost: its lease ran out before renewal",
+                                extra={"stream": stream})
+                    return
+            except (RedisError, OSError) as exc:  # unreachable now: try next period
+                log.warning("stream lock renewal failed", extra={"stream": stream,
+                                                                 "error": str(exc)})
 
 
 def connect(url: str, *, cluster: bool = False,
@@ -370,4 +477,6 @@ def _meta_from_hash(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
         threshold=json.loads(threshold) if threshold else None,
         alert_budget_per_day=float(budget) if budget else None,
         timestamps=timestamps,
+        points_scored=int(get["scored"]) if "scored" in get else None,
+        version=int(get.get("version", 0)),
     )

@@ -1,0 +1,113 @@
+"""The per-process scorer cache: decoded stream state kept between requests, valid while
+the stream's version in the store matches, so it never changes a result and another
+replica's write is never missed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from service.app import create_app
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.stores.redis import RedisWindowStore
+
+
+def client(kind: str, request, **overrides) -> TestClient:
+    if kind == "redis":
+        overrides["redis_url"] = request.getfixturevalue("redis_url")
+    settings = Settings(warmup_points=64, threshold_min_scores=20, **overrides)
+    return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
+
+
+def batch(start: int, n: int) -> dict:
+    pts = [{"timestamp": float(t), "values": [math.sin(t / 5) + (3.0 if t % 97 == 0 else 0)]}
+           for t in range(start, start + n)]
+    return {"stream": "c", "points": pts}
+
+
+BATCHES = [(a, 40) for a in range(0, 600, 40)]
+
+
+def metric(c: TestClient, name: str) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_the_cache_changes_no_result(kind, request):
+    with client(kind, request, scorer_cache_mb=0) as off:
+        want = [off.post("/score", json=batch(*b)).json() for b in BATCHES]
+        assert metric(off, 'tsad_scorer_cache_total{result="hit"}') == 0
+    with client(kind, request) as on:
+        if kind == "redis":
+            on.delete("/streams/c")  # the same Redis database as the run above
+        got = [on.post("/score", json=batch(*b)).json() for b in BATCHES]
+        assert metric(on, 'tsad_scorer_cache_total{result="hit"}') == len(BATCHES) - 1
+        assert metric(on, 'tsad_scorer_cache_total{result="miss"}') == 1
+        alerts = on.get("/alerts", params={"stream": "c"}).json()["alerts"]
+    assert got == want
+    assert any(p["anomaly"] for r in got for p in r["results"]) and alerts
+
+
+def test_another_replicas_writes_are_never_missed(request):
+    """Two processes' worth of service on one Redis take turns on a stream: every batch
+    finds the other's write (a miss) and the results are those of a single process."""
+    with client("redis", request) as single:
+        want = [single.post("/score", json=batch(*b)).json() for b in BATCHES]
+        single.delete("/streams/c")
+    with client("redis", request) as a, client("redis", request) as b:
+        got = [(a if i % 2 else b).post("/score", json=batch(*x)).json()
+               for i, x in enumerate(BATCHES)]
+        for c in (a, b):
+            assert metric(c, 'tsad_scorer_cache_total{result="hit"}') == 0
+        # now only one of them writes: from its second batch on, it hits
+        more = [a.post("/score", json=batch(600 + 40 * i, 40)) for i in range(3)]
+        assert all(r.status_code == 200 for r in more)
+        assert metric(a, 'tsad_scorer_cache_total{result="hit"}') == 2
+    assert got == want
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_configuration_change_reaches_a_cached_stream(kind, request):
+    with client(kind, request) as c:
+        for b in BATCHES[:8]:
+            assert c.post("/score", json=batch(*b)).status_code == 200
+        r = c.put("/streams/c", json={"channels": 1, "threshold": {"kind": "fixed",
+                                                                   "value": 1e-9}})
+        assert r.status_code == 200
+        results = c.post("/score", json=batch(320, 40)).json()["results"]
+        assert all(p["anomaly"] and p["threshold"] == 1e-9 for p in results)
+        assert metric(c, 'tsad_scorer_cache_total{result="miss"}') == 2
+
+
+async def test_an_append_on_known_meta_is_one_round_trip(redis_url):
+    """With the meta of its cached scorer, an append is one script call: no read of the
+    meta before it nor after it."""
+    store = RedisWindowStore(redis_url)
+    ts = np.arange(10.0)[:, None]
+    first = await store.append("rt", np.hstack([ts, ts]), default_window=8,
+                               default_detector="zscore")
+    plain = redis.Redis.from_url(redis_url)
+    plain.config_resetstat()
+    more = np.hstack([ts + 10, ts])
+    second = await store.append("rt", more, default_window=8, default_detector="zscore",
+                                known=first.meta)
+    stats = plain.info("commandstats")  # counts the commands scripts run, too
+    calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+    # one script call, whose own HGETALL returns the meta: nothing read before or after
+    assert calls["evalsha"] == 1 and calls["hgetall"] == 1, calls
+    assert (second.meta.points_seen, second.meta.version) == (20, first.meta.version + 1)
+    # a stale meta (another writer got in first) is found out and the append planned again
+    third = await store.append("rt", np.hstack([ts + 20, ts]), default_window=8,
+                               default_detector="zscore", known=first.meta)
+    assert third.accepted == 10 and third.meta.points_seen == 30
+    await store.close()
+    plain.close()
