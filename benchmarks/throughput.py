@@ -1,7 +1,10 @@
 """Throughput of POST /score: the service runs as its own process (uvicorn), clients post
-concurrently, one stream each. In-memory and Redis stores side by side, batch sizes 1, 100
-and 1000, a NAB series (1 channel) and the MSL test set (55 channels), plus
-redis-benchmark's pipelined LPUSH from the same run as the ceiling.
+concurrently, one stream each. In-memory and Redis stores side by side, one and two worker
+processes (`tsad serve --workers 2`, Redis), batch sizes 1, 100 and 1000, the list of
+points and the columnar form (timestamps + values), a NAB series (1 channel) and the MSL
+test set (55 channels); the 1-minute load average after each row. References from the
+same run: River's HalfSpaceTrees scoring and learning the NAB series in process (one
+core, no HTTP), and redis-benchmark's pipelined LPUSH as the store's ceiling.
 
     python benchmarks/throughput.py --data-dir ../shared/datasets
 
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import platform
 import re
 import shutil
@@ -51,19 +55,26 @@ def to_points(rows: np.ndarray) -> list[dict]:
     return [{"timestamp": float(r[0]), "values": r[1:].tolist()} for r in rows]
 
 
+def to_body(rows: np.ndarray, form: str) -> dict:
+    """A /score body without the stream: a list of points, or columns."""
+    if form == "columnar":
+        return {"timestamps": rows[:, 0].tolist(), "values": rows[:, 1:].tolist()}
+    return {"points": to_points(rows)}
+
+
 async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
-                   max_requests: int, tag: str) -> dict:
+                   max_requests: int, tag: str, form: str = "points") -> dict:
     """Each client replays the series into its own stream, sequential batches."""
     per_client = max(1, min(max_requests // clients, len(series) // batch))
     latencies: list[float] = []
     errors = 0
-    payloads = [to_points(series[i * batch:(i + 1) * batch]) for i in range(per_client)]
+    payloads = [to_body(series[i * batch:(i + 1) * batch], form) for i in range(per_client)]
 
     async def client(k: int, http: httpx.AsyncClient) -> None:
         nonlocal errors
-        for points in payloads:
+        for body in payloads:
             t0 = time.perf_counter()
-            r = await http.post("/score", json={"stream": f"{tag}-{k}", "points": points})
+            r = await http.post("/score", json={"stream": f"{tag}-{k}", **body})
             latencies.append(time.perf_counter() - t0)
             errors += r.status_code != 200
 
@@ -80,7 +91,30 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p95_ms": round(float(np.percentile(lat, 95)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "load_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def river_reference(series: np.ndarray) -> dict | None:
+    """River's HalfSpaceTrees (min-max scaled, its documented set-up) scoring then learning
+    each point of the series in this process: the rate of a pure in-process online
+    detector, without HTTP, JSON or a store. None when river is not installed."""
+    try:
+        from river import anomaly, compose, preprocessing
+    except ImportError:
+        return None
+    model = compose.Pipeline(preprocessing.MinMaxScaler(),
+                             anomaly.HalfSpaceTrees(n_trees=10, height=8, window_size=250,
+                                                    seed=42))
+    xs = [{"x": float(v)} for v in series[:, 1]]
+    start = time.perf_counter()
+    for x in xs:
+        model.score_one(x)
+        model.learn_one(x)
+    elapsed = time.perf_counter() - start
+    return {"points": len(xs), "seconds": round(elapsed, 2),
+            "points_per_s": round(len(xs) / elapsed, 1),
+            "load_1m": round(os.getloadavg()[0], 2)}
 
 
 def redis_benchmark_lpush(port: int, n: int) -> float | None:
@@ -104,14 +138,24 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
-def markdown(rows: list[dict], lpush: float | None) -> str:
-    lines = ["| store | dataset | channels | batch | requests | points/s | requests/s | "
-             "p50 ms | p95 ms | p99 ms | errors |", "|" + "---|" * 11]
+def markdown(rows: list[dict], lpush: float | None, river: dict | None) -> str:
+    lines = ["| store | workers | form | dataset | channels | batch | requests | points/s | "
+             "requests/s | p50 ms | p95 ms | p99 ms | errors | load 1m |", "|" + "---|" * 14]
     for r in rows:
-        lines.append(f"| {r['store']} | {r['dataset']} | {r['channels']} | {r['batch']} | "
-                     f"{r['requests']} | {r['points_per_s']} | {r['requests_per_s']} | "
-                     f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} |")
+        lines.append(f"| {r['store']} | {r['workers']} | {r['form']} | {r['dataset']} | "
+                     f"{r['channels']} | {r['batch']} | {r['requests']} | "
+                     f"{r['points_per_s']} | {r['requests_per_s']} | {r['p50_ms']} | "
+                     f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} | {r['load_1m']} |")
+    reference = ("river not installed (`pip install river`)" if river is None else
+                 f"{river['points_per_s']:,.0f} points/s ({river['points']} points of "
+                 f"nab/nyc_taxi scored then learnt, one at a time, in "
+                 f"{river['seconds']} s; load {river['load_1m']})")
     ceiling = f"{lpush:,.0f} LPUSH/s" if lpush else "redis-benchmark not available"
+    lines.append("\nload 1m: the machine's 1-minute load average after the row. Above the "
+                 "core count, other processes shared the CPUs with the service and its "
+                 "clients: every rate of the run, River's and Redis's included, is then "
+                 "below an idle machine's; compare rows of one run, not runs.")
+    lines.append(f"\nReference: River HalfSpaceTrees in process, one core: {reference}.")
     lines.append(f"\nCeiling: redis-benchmark -t lpush -P 16 on the same Redis: {ceiling}.")
     return "\n".join(lines)
 
@@ -128,31 +172,42 @@ def main() -> None:
                     help="requests per configuration, spread over the clients")
     ap.add_argument("--max-points", type=int, default=40_000,
                     help="points per configuration (bounds batch 1000 on MSL)")
-    ap.add_argument("--stores", nargs="+", default=["memory", "redis"])
+    ap.add_argument("--stores", nargs="+", default=["memory", "redis", "redis-2"],
+                    help="memory, redis (one worker) and redis-2 (tsad serve --workers 2)")
+    ap.add_argument("--forms", nargs="+", default=["points", "columnar"],
+                    choices=["points", "columnar"], help="request bodies")
+    ap.add_argument("--datasets", nargs="+", default=["nab/nyc_taxi", "msl/test"],
+                    choices=["nab/nyc_taxi", "msl/test"])
     args = ap.parse_args()
 
-    datasets = {"nab/nyc_taxi": load_nab(args.data_dir), "msl/test": load_msl(args.data_dir)}
+    loaders = {"nab/nyc_taxi": load_nab, "msl/test": load_msl}
+    datasets = {name: loaders[name](args.data_dir) for name in args.datasets}
+    river = river_reference(load_nab(args.data_dir))
+    print(json.dumps({"river_halfspacetrees": river}), flush=True)
     redis_port = free_port()
     workdir = tempfile.mkdtemp(prefix="tsad-bench-")
     redis = start_redis(redis_port, workdir)
     rows: list[dict] = []
     try:
-        for store in args.stores:
+        for config in args.stores:
+            store, _, workers = config.partition("-")
             env = {"TSAD_MAX_BATCH_POINTS": "10000", "TSAD_LOG_LEVEL": "WARNING"}
             if store == "redis":
                 env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            with ServiceProcess(env) as service:
+            with ServiceProcess(env, workers=int(workers or 1)) as service:
                 for name, series in datasets.items():
                     for batch in args.batch_sizes:
-                        max_req = min(args.max_requests, max(args.clients,
-                                                             args.max_points // batch))
-                        tag = f"{store}-{name.replace('/', '.')}-{batch}"
-                        result = asyncio.run(run_load(service.url, series, batch,
-                                                      args.clients, max_req, tag))
-                        row = {"store": store, "dataset": name,
-                               "channels": series.shape[1] - 1, "batch": batch, **result}
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                        for form in args.forms:
+                            max_req = min(args.max_requests, max(args.clients,
+                                                                 args.max_points // batch))
+                            tag = f"{config}-{form}-{name.replace('/', '.')}-{batch}"
+                            result = asyncio.run(run_load(service.url, series, batch,
+                                                          args.clients, max_req, tag, form))
+                            row = {"store": store, "workers": int(workers or 1),
+                                   "form": form, "dataset": name,
+                                   "channels": series.shape[1] - 1, "batch": batch, **result}
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
         lpush = redis_benchmark_lpush(redis_port, 200_000)
     finally:
         redis.terminate()
@@ -161,16 +216,17 @@ def main() -> None:
 
     report = {
         "benchmark": "throughput", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
-        "clients": args.clients, "redis_benchmark_lpush_per_s": lpush, "results": rows,
+        "clients": args.clients, "redis_benchmark_lpush_per_s": lpush,
+        "river_halfspacetrees": river, "results": rows,
     }
     save_report(report, (
         f"# POST /score throughput\n\n{args.clients} concurrent clients, one stream each, "
         f"service and clients on the same {report['machine']['cpus']}-core machine, "
         f"the default detector ({Settings().default_detector}). "
         f"`python benchmarks/throughput.py`.\n\n"
-        f"{markdown(rows, lpush)}"), args.out / "throughput")
+        f"{markdown(rows, lpush, river)}"), args.out / "throughput")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from service.auth.guard import Authenticator, exposure_problem, warn_if_open
 from service.auth.keys import build_key_store
 from service.errors import describe
 from service.limits import BodyLimitMiddleware
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, worker_exited
 from service.pipeline import ScoringPipeline
 from service.routers import alerts, keys, ops, score, streams, webhooks
 from service.settings import Settings
@@ -50,7 +50,8 @@ def build_store(settings: Settings) -> WindowStore:
             lock_wait_seconds=settings.lock_wait_seconds,
             lock_lease_seconds=settings.lock_lease_seconds,
             unscored_max_points=settings.unscored_max_points,
-            receipt_ttl_seconds=settings.idempotency_ttl_seconds)
+            receipt_ttl_seconds=settings.idempotency_ttl_seconds,
+            cluster=settings.redis_cluster)
     return MemoryWindowStore(ttl_seconds=settings.stream_ttl_seconds,
                              unscored_max_points=settings.unscored_max_points,
                              receipt_ttl_seconds=settings.idempotency_ttl_seconds)
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None,
         # detectors that embed prompts share one cached encoder per process: its Redis
         # level and its metrics (tsad_embedding_*) are the service's
         lm_runtime.configure(CacheConfig(redis_url=settings.redis_url,
+                                         redis_cluster=settings.redis_cluster,
                                          key_prefix=f"{settings.redis_prefix}:emb:v1"),
                              metrics.embedding, settings.lm_batch_window_ms / 1000)
         build_detector(settings.default_detector, window=settings.default_window)
@@ -101,6 +103,7 @@ def create_app(settings: Settings | None = None,
                 await recovery
         await worker.stop()
         await store.close()
+        worker_exited()
 
     # /docs and /redoc with Swagger UI's and ReDoc's assets served by the app itself
     # (/static-offline-docs, from the fastapi-offline package): FastAPI's default pages load

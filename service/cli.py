@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="bind address (default TSAD_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default PORT or 8000)")
     p.add_argument("--workers", type=int, default=1,
-                   help="uvicorn worker processes (needs REDIS_URL when > 1)")
+                   help="uvicorn worker processes (needs REDIS_URL when > 1); /metrics "
+                   "merges them (Prometheus multiprocess files in a fresh directory under "
+                   "PROMETHEUS_MULTIPROC_DIR, or the system temporary directory)")
     p.set_defaults(func=run)
 
 
@@ -40,8 +44,21 @@ def run(args: argparse.Namespace) -> int:
     # the app (service.main, in every worker) reads its settings again: same host and port
     os.environ["TSAD_HOST"], os.environ["TSAD_PORT"] = settings.host, str(settings.port)
     configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run("service.main:app", host=settings.host, port=settings.port,
-                workers=args.workers, log_config=None, access_log=False,
-                timeout_keep_alive=settings.keep_alive_seconds,
-                http=PROTOCOL)  # header deadline and size cap (service/connections.py)
+    # Workers write their metrics to files that /metrics merges. A fresh directory per
+    # start: files left by an earlier run would add its counts to this one's.
+    metrics_dir = None
+    if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        base = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        if base:
+            os.makedirs(base, exist_ok=True)
+        metrics_dir = tempfile.mkdtemp(prefix="tsad-metrics-", dir=base)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by every worker
+    try:
+        uvicorn.run("service.main:app", host=settings.host, port=settings.port,
+                    workers=args.workers, log_config=None, access_log=False,
+                    timeout_keep_alive=settings.keep_alive_seconds,
+                    http=PROTOCOL)  # header deadline, size cap (service/connections.py)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

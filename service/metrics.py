@@ -4,6 +4,12 @@ The service builds one ``ServiceMetrics`` on its own registry; tests build a fre
 The embedding path's metrics are defined in ``models/lm/metrics.py`` (the ML core is
 importable without the server) and registered here on the same registry.
 
+With ``tsad serve --workers N`` every worker writes its samples to files in
+``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory per start, made by the CLI) and
+``exposition`` merges them, so ``/metrics`` is the whole service whichever worker answers.
+A gauge says how its workers' values combine (``multiprocess_mode``); a single process
+ignores it.
+
 Per-stream series (``tsad_stream_*{stream}``) exist only for streams admitted by
 ``StreamSeries``: an allow-list of globs (``TSAD_METRICS_STREAMS``) with a cap
 (``TSAD_METRICS_MAX_STREAMS``), so label cardinality stays bounded however many streams
@@ -14,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from typing import get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from models.lm.metrics import EmbeddingMetrics
 from service.schemas import FeedbackLabel
@@ -84,8 +92,8 @@ class ServiceMetrics:
             "tsad_window_store_errors_total", "Window store failures (unreachable, timeouts)",
             ["backend", "operation"], registry=r)
         self.store_up = Gauge(
-            "tsad_window_store_up", "1 when the last window store call succeeded",
-            ["backend"], registry=r)
+            "tsad_window_store_up", "1 when the last window store call succeeded (of every "
+            "worker process: the lowest)", ["backend"], multiprocess_mode="livemin", registry=r)
         self.streams_created_total = Counter(
             "tsad_streams_created_total", "Streams created", registry=r)
         # --- thresholds: a histogram over all streams (bounded), a gauge for allow-listed
@@ -100,10 +108,10 @@ class ServiceMetrics:
         self.stream_threshold = Gauge(
             "tsad_stream_threshold", "Current threshold of an allow-listed stream "
             "(TSAD_METRICS_STREAMS, at most TSAD_METRICS_MAX_STREAMS streams)",
-            ["stream"], registry=r)
+            ["stream"], multiprocess_mode="mostrecent", registry=r)
         self.stream_score = Gauge(
             "tsad_stream_score", "Score of the last scored point of an allow-listed stream",
-            ["stream"], registry=r)
+            ["stream"], multiprocess_mode="mostrecent", registry=r)
         self.stream_points_scored_total = Counter(
             "tsad_stream_points_scored_total", "Points scored, per allow-listed stream",
             ["stream"], registry=r)
@@ -124,7 +132,8 @@ class ServiceMetrics:
             "tsad_alerts_resolved_total", "Alerts resolved", registry=r)
         self.alerts_open = Gauge(
             "tsad_alerts_open", "Open alerts in the alert store, counted at scrape time (the "
-            "same on every replica sharing a Redis: aggregate with max)", registry=r)
+            "same on every replica sharing a Redis: aggregate with max)",
+            multiprocess_mode="livemostrecent", registry=r)
         self.alert_events_total = Counter(
             "tsad_alert_events_total", "Alert events queued for webhooks", ["type"],
             registry=r)
@@ -153,9 +162,30 @@ class ServiceMetrics:
             registry=r)
         self.webhook_queue_depth = Gauge(
             "tsad_webhook_queue_depth", "Deliveries waiting (due or backing off), as last "
-            "seen by this process's worker", registry=r)
+            "seen by a webhook worker", multiprocess_mode="livemostrecent", registry=r)
         # --- embedding cache and language model (defined in models/lm/metrics.py)
         self.embedding = EmbeddingMetrics(r)
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this registry, or with worker processes
+        (PROMETHEUS_MULTIPROC_DIR set) every worker's samples merged."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=path)
+        return generate_latest(merged)
+
+
+def multiprocess_dir() -> str | None:
+    """Where worker processes write their samples; None in a single process."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def worker_exited() -> None:
+    """A worker stops: its live gauges (``live*`` modes) leave the merged view."""
+    if path := multiprocess_dir():
+        mark_process_dead(os.getpid(), path)
 
 
 class StreamSeries:

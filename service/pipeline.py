@@ -25,6 +25,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+from fastapi.exceptions import RequestValidationError
+from pydantic_core import to_json
 
 from models.detectors import REGISTRY
 from models.detectors.base import aggregate_channels
@@ -42,19 +44,16 @@ from service.feedback import (
 from service.metrics import ServiceMetrics, StreamSeries
 from service.schemas import (
     AdaptationOut,
-    ChannelShareOut,
     FeedbackOut,
     FeedbackRangeOut,
     FeedbackRequest,
     Point,
-    PointResultOut,
-    PrecedentOut,
     ScoreRequest,
-    ScoreResponse,
     StreamConfigIn,
     StreamList,
     StreamOut,
     WindowOut,
+    columnar_loc,
     epoch,
 )
 from service.scoring import StreamScorer
@@ -89,11 +88,12 @@ class _Cached:
     nbytes: int  # its state blob's size: what the cache's bound counts
 
 
-def _encode_receipt(digest: str, created_at: float, response: ScoreResponse) -> bytes:
+def _encode_receipt(digest: str, created_at: float, response: dict) -> bytes:
     """What an Idempotency-Key keeps: the batch's digest, the stream's incarnation (a
-    receipt of a deleted stream of the same id does not answer) and the response."""
-    return zlib.compress(json.dumps({"body": digest, "created_at": created_at,
-                                     "response": response.model_dump(mode="json")}).encode())
+    receipt of a deleted stream of the same id does not answer) and the response (as
+    /score sends it: date-times as RFC 3339 strings)."""
+    return zlib.compress(to_json({"body": digest, "created_at": created_at,
+                                  "response": response}))
 
 
 class ScoringPipeline:
@@ -116,7 +116,9 @@ class ScoringPipeline:
 
     # --- /score ------------------------------------------------------------------------
     async def score(self, req: ScoreRequest, idempotency_key: str | None = None
-                    ) -> ScoreResponse:
+                    ) -> dict:
+        """The response body in ScoreResponse's shape, as plain dicts and lists: no model
+        object per point (the router serialises it in one call)."""
         points = self._validate_batch(req)
         stream = req.stream
         digest = "" if idempotency_key is None else hashlib.sha256(
@@ -177,7 +179,7 @@ class ScoringPipeline:
             "streams": streams, "points": points,
             "seconds": round(time.monotonic() - start, 3)})
 
-    async def _receipt(self, stream: str, key: str, digest: str) -> ScoreResponse | None:
+    async def _receipt(self, stream: str, key: str, digest: str) -> dict | None:
         """The kept response of the batch first sent with ``key`` (None: none, or one of
         a deleted earlier stream of the same id); 422 when this body is not that batch."""
         raw = await self.store.get_receipt(stream, key)
@@ -193,7 +195,7 @@ class ScoringPipeline:
                                  f"{self.settings.idempotency_ttl_seconds} s, "
                                  "TSAD_IDEMPOTENCY_TTL_SECONDS): use a new key per batch")
         self.metrics.idempotent_replays_total.inc()
-        return ScoreResponse.model_validate(kept["response"])
+        return kept["response"]
 
     async def _append(self, stream: str, points: np.ndarray,
                       cached: _Cached | None = None) -> AppendResult:
@@ -319,7 +321,7 @@ class ScoringPipeline:
                 scored.scorer, len(scored.blob)))
 
     def _response(self, req: ScoreRequest, appended: AppendResult,
-                  scored: _Scored | None) -> ScoreResponse:
+                  scored: _Scored | None) -> dict:
         results = scored.results if scored else []
         # a retried point that a crash left unscored is answered with its result now
         stamps = appended.points[len(appended.points) - appended.to_score:, 0]
@@ -327,26 +329,26 @@ class ScoringPipeline:
                              results[:appended.unscored], strict=True))
         fresh = iter(results[appended.unscored:])  # one per stored point, in order
         out = []
-        for p, action, stamp in zip(req.points, appended.actions, appended.stamps, strict=True):
+        for ts, action, stamp in zip(req.sent_timestamps(), appended.actions,
+                                     appended.stamps, strict=True):
             moved = action if action in ("nudged", "dropped") else None
             r = recovered.get(stamp) if action == "duplicate" else None
             if action == "dropped" or (action == "duplicate" and r is None):
-                out.append(PointResultOut(
-                    timestamp=p.timestamp, score=None, anomaly=False, threshold=None,
-                    status=action, timestamp_action=moved, stored_timestamp=stamp))
+                out.append({"timestamp": ts, "score": None, "likelihood": None,
+                            "anomaly": False, "threshold": None, "status": action,
+                            "top_channels": None, "precedents": None,
+                            "timestamp_action": moved, "stored_timestamp": stamp})
                 continue
             r = r or next(fresh)
-            out.append(PointResultOut(
-                timestamp=p.timestamp, score=r.score, likelihood=r.likelihood,
-                anomaly=r.anomaly, threshold=r.threshold,
-                status=r.status,
-                top_channels=[ChannelShareOut(channel=c.channel, share=c.share)
-                              for c in r.top_channels] if r.top_channels else None,
-                precedents=[PrecedentOut(**asdict(q)) for q in r.precedents]
-                if r.precedents else None,
-                timestamp_action=moved, stored_timestamp=stamp))
-        return ScoreResponse(stream=req.stream, results=out, points_until_scored=(
-            scored.scorer.points_until_scored if scored else None))
+            out.append({
+                "timestamp": ts, "score": r.score, "likelihood": r.likelihood,
+                "anomaly": r.anomaly, "threshold": r.threshold, "status": r.status,
+                "top_channels": [{"channel": c.channel, "share": c.share}
+                                 for c in r.top_channels] if r.top_channels else None,
+                "precedents": [asdict(q) for q in r.precedents] if r.precedents else None,
+                "timestamp_action": moved, "stored_timestamp": stamp})
+        return {"stream": req.stream, "results": out, "points_until_scored": (
+            scored.scorer.points_until_scored if scored else None)}
 
     def _run_detector(self, meta: StreamMeta, blob: bytes | None, points: np.ndarray,
                       n_new: int, scorer: StreamScorer | None = None
@@ -388,6 +390,8 @@ class ScoringPipeline:
     def _validate_batch(self, req: ScoreRequest) -> np.ndarray:
         """Checks the schema cannot express; returns (N, 1 + C) float64, timestamp first.
         Order is the store's to judge (against the stream's last point, atomically)."""
+        if req.points is None or req.timestamps is not None or req.values is not None:
+            return self._validate_columns(req)
         if len(req.points) > self.settings.max_batch_points:
             raise field_error(("body", "points"), f"at most {self.settings.max_batch_points} "
                               f"points per request, got {len(req.points)}")
@@ -404,6 +408,50 @@ class ScoringPipeline:
             out[i, 0] = p.epoch()
             out[i, 1:] = p.values
         self._check_bounds(out, ("body", "points"))
+        return out
+
+    def _validate_columns(self, req: ScoreRequest) -> np.ndarray:
+        """The columnar form: the same checks as points, whole arrays at a time, each
+        error naming timestamps.i or values.i[.j]."""
+        if req.points is not None:
+            raise field_error(("body", "points"), "give either points or timestamps and "
+                              "values (the columnar form), not both")
+        ts, values = req.timestamps, req.values
+        if ts is None or values is None:
+            missing = ("points" if ts is None and values is None else
+                       "values" if values is None else "timestamps")
+            raise field_error(("body", missing), "required: give points, or timestamps "
+                              "and values (one row of channel values per timestamp)")
+        if len(values) != len(ts):
+            raise field_error(("body", "values"), f"expected {len(ts)} rows, one per "
+                              f"timestamp, got {len(values)}")
+        if len(ts) > self.settings.max_batch_points:
+            raise field_error(("body", "timestamps"), f"at most "
+                              f"{self.settings.max_batch_points} points per request, got "
+                              f"{len(ts)}")
+        channels = len(values[0])
+        if channels > self.settings.max_channels:
+            raise field_error(("body", "values", 0),
+                              f"at most {self.settings.max_channels} channels, got {channels}")
+        try:
+            rows = np.array(values, dtype=np.float64)
+        except ValueError:  # ragged: name the first row of another length
+            rows = None
+        if rows is None or rows.ndim != 2:
+            i = next(i for i, row in enumerate(values) if len(row) != channels)
+            raise field_error(("body", "values", i), f"expected {channels} values like "
+                              f"values[0], got {len(values[i])}")
+        out = np.empty((len(ts), 1 + channels))
+        try:
+            out[:, 0] = ts  # epoch seconds; RFC 3339 stamps below
+        except TypeError:
+            out[:, 0] = [epoch(t) for t in ts]
+        out[:, 1:] = rows
+        try:
+            self._check_bounds(out, ("body", "points"))
+        except RequestValidationError as exc:
+            err = exc.errors()[0]
+            raise field_error(columnar_loc(tuple(err["loc"])), err["msg"]) from None
         return out
 
     # --- limits (TSAD_MAX_*): what one stream, and the store, may hold ---------------------

@@ -21,7 +21,8 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """`uvicorn service.main:app` on 127.0.0.1:<port>, configured by environment variables."""
+    """`uvicorn service.main:app` on 127.0.0.1:<port>, configured by environment variables;
+    with workers > 1, `tsad serve --workers N` (which merges the workers' metrics)."""
 
     def __init__(self, env: dict[str, str] | None = None, port: int | None = None,
                  workers: int = 1, log_path: str | Path | None = None) -> None:
@@ -40,13 +41,15 @@ class ServiceProcess:
         env = {**os.environ, "TSAD_LOG_LEVEL": "WARNING", "TSAD_HOST": "127.0.0.1",
                "TSAD_PORT": str(self.port), **self.env}
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(self.workers), "--no-access-log",
-             "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5"),
-             "--http", PROTOCOL],  # header deadline and size cap (service/connections.py)
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent)
+        cmd = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+               "--port", str(self.port), "--no-access-log",
+               "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5"),
+               "--http", PROTOCOL]  # header deadline, size cap (service/connections.py)
+        if self.workers > 1:
+            cmd = [sys.executable, "-m", "models.cli", "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--workers", str(self.workers)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

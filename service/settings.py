@@ -24,6 +24,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("TSAD_REDIS_URL", "REDIS_URL"),
         description="redis://host:port/db; unset = embedded in-memory store (one process)",
     )
+    redis_cluster: bool = Field(
+        False, description="redis_url names a node of a Redis Cluster: the client finds the "
+        "others and follows the cluster's slots (every key of a stream in one slot; alerts "
+        "and webhooks share another)")
     redis_prefix: str = Field("tsad", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     redis_timeout_seconds: float = Field(2.0, gt=0)
     stream_ttl_seconds: int = Field(0, ge=0, description="expire idle streams; 0 = never")

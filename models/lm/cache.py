@@ -41,6 +41,7 @@ F16_MAX = float(np.finfo(np.float16).max)
 class CacheConfig:
     lru_bytes: int = 64 << 20  # in-process bound (64 MiB ~ 80k MiniLM embeddings)
     redis_url: str | None = None  # None: LRU only
+    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
     ttl_seconds: int | None = 7 * 24 * 3600  # Redis expiry; None keeps entries forever
     key_prefix: str = "tsad:emb:v1"  # bump the version if the value format changes
     redis_timeout_seconds: float = 0.25  # per Redis call; a slow Redis must not stall scoring
@@ -137,8 +138,10 @@ class RedisStore:
     @classmethod
     def from_url(cls, url: str, config: CacheConfig, metrics: EmbeddingMetrics) -> RedisStore:
         import redis
+        from redis.cluster import RedisCluster
 
-        client = redis.Redis.from_url(
+        kind = RedisCluster if config.redis_cluster else redis.Redis
+        client = kind.from_url(
             url, socket_timeout=config.redis_timeout_seconds,
             socket_connect_timeout=config.redis_timeout_seconds,
         )
@@ -161,6 +164,8 @@ class RedisStore:
         if not keys or not self.available:
             return [None] * len(keys)
         try:
+            if self.config.redis_cluster:  # prompts hash to every slot: one MGET per node
+                return list(self.client.mget_nonatomic(keys))
             return list(self.client.mget(keys))
         except Exception as exc:  # any client or socket error means "no Redis": absorb it
             self._failed("get", exc)

@@ -59,10 +59,12 @@ class EmbeddingMetrics:
             ["backend", "operation"], **kw,
         )
         self.lru_bytes = Gauge(
-            "tsad_embedding_lru_bytes", "Bytes of embeddings held by the in-process LRU", **kw,
+            "tsad_embedding_lru_bytes", "Bytes of embeddings held by the in-process LRUs "
+            "(summed over worker processes)", multiprocess_mode="livesum", **kw,
         )
         self.lru_entries = Gauge(
-            "tsad_embedding_lru_entries", "Embeddings held by the in-process LRU", **kw,
+            "tsad_embedding_lru_entries", "Embeddings held by the in-process LRUs (summed "
+            "over worker processes)", multiprocess_mode="livesum", **kw,
         )
         self.stride_reuses = Counter(
             "tsad_embedding_stride_reuses_total",

@@ -6,8 +6,7 @@ alerts the batch changed and the events it emitted. With Redis that is one
 MULTI/EXEC transaction, so a crash never leaves a tracker that believes an alert is open
 without its record or its event. It runs under the stream lock that serialises scoring.
 
-Redis keys (beside the window store's; single-node or Sentinel Redis: the transaction
-spans streams' keys and global indices, which Redis Cluster would refuse):
+Redis keys (beside the window store's):
 
     <prefix>:alert:<id>              string: the alert as JSON (expires after retention
                                      once resolved or once its stream is deleted)
@@ -15,6 +14,13 @@ spans streams' keys and global indices, which Redis Cluster would refuse):
     <prefix>:alerts:idx:<stream>     zset: the same, per stream
     <prefix>:alerts:open             set: ids of open alerts
     <prefix>:alerts:outbox           list: events waiting for webhook fan-out
+
+On a Redis Cluster these keys (and the webhook store's) are ``<prefix>:{alerts}:...``: one
+hash slot, so each of their transactions stays in one slot. A transaction cannot span that
+slot and the stream's, so ``commit`` runs two: the alerts and their events first, then the
+state. A crash between the two can leave the tracker one batch behind its alerts, never
+an event lost; the same batch scored again emits the same alert ids and event ids (they
+derive from the stream, the time and the version), which receivers deduplicate.
 """
 
 from __future__ import annotations
@@ -175,9 +181,12 @@ class RedisAlertStore:
         self.redis = window_store._redis
         self.prefix = window_store.prefix
         self.retention_seconds = retention_seconds
+        self.cluster = getattr(window_store, "cluster", False)
+        # Cluster: one hash tag for every alert and webhook key (see the module doc)
+        self._tag = "{alerts}:" if self.cluster else ""
 
     def key(self, part: str) -> str:
-        return f"{self.prefix}:{part}"
+        return f"{self.prefix}:{self._tag}{part}"
 
     @property
     def outbox(self) -> str:
@@ -187,7 +196,16 @@ class RedisAlertStore:
                      *, scored: int | None = None,
                      receipt: tuple[str, bytes] | None = None) -> int:
         pipe = self.redis.pipeline(transaction=True)
+        if self.cluster and (alerts or events):  # the alerts' slot first (module doc)
+            await self.ws._call(self._stage_alerts(
+                self.redis.pipeline(transaction=True), stream, alerts, events).execute())
         self.ws.stage_state(pipe, stream, blob, scored, receipt)  # first: the version
+        if not self.cluster:
+            self._stage_alerts(pipe, stream, alerts, events)
+        return int((await self.ws._call(pipe.execute()))[0])
+
+    def _stage_alerts(self, pipe, stream: str, alerts: list[Alert],  # noqa: ANN001
+                      events: list[dict]):  # noqa: ANN202 - a redis pipeline, either kind
         for alert in alerts:
             d = alert.to_dict()
             resolved = alert.state == "resolved"
@@ -202,7 +220,7 @@ class RedisAlertStore:
                 pipe.sadd(self.key("alerts:open"), alert.id)
         if events:
             pipe.rpush(self.outbox, *(json.dumps(e) for e in events))
-        return int((await self.ws._call(pipe.execute()))[0])
+        return pipe
 
     async def get(self, alert_id: str) -> dict | None:
         raw = await self.ws._call(self.redis.get(self.key(f"alert:{alert_id}")))

@@ -40,7 +40,8 @@ async def _run(args: argparse.Namespace) -> int:
         raise SystemExit("tsad keys needs REDIS_URL (the service's Redis): without Redis the "
                          "service keeps keys in memory; use TSAD_ADMIN_KEY and POST /keys")
     ws = RedisWindowStore(settings.redis_url, prefix=settings.redis_prefix,
-                          timeout_seconds=settings.redis_timeout_seconds)
+                          timeout_seconds=settings.redis_timeout_seconds,
+                          cluster=settings.redis_cluster)
     keys = RedisKeyStore(ws)
     try:
         if args.verb == "create":

@@ -6,7 +6,7 @@ import contextlib
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import AUTH_RESPONSES, MetricsDep, PipelineDep, SettingsDep, metrics_access
 from service.stores.base import StoreUnavailable
@@ -47,4 +47,4 @@ async def metrics(m: MetricsDep, pipeline: PipelineDep) -> PlainTextResponse:
     # its last value (tsad_window_store_up says the store is down)
     with contextlib.suppress(StoreUnavailable):
         m.alerts_open.set(await pipeline.alerts.count_open())
-    return PlainTextResponse(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return PlainTextResponse(m.exposition(), media_type=CONTENT_TYPE_LATEST)

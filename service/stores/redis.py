@@ -1,7 +1,8 @@
 """Redis window store: shared by every replica, survives restarts of the service.
 
 Keys of one stream share the ``{stream}`` hash tag, so they live in one Redis Cluster slot
-and the Lua scripts below may touch them together:
+and the Lua scripts below may touch them together (``cluster=True``: ``url`` names a node
+of a Redis Cluster; a command on many streams, like ``list_streams``, is split by slot):
 
     <prefix>:{<stream>}:meta    hash: channels, window, detector, names, counters
                                 (points_seen, scored: the scored-up-to mark, version:
@@ -41,6 +42,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -194,6 +196,7 @@ class RedisWindowStore:
         lock_wait_seconds: float = 10.0,
         unscored_max_points: int = 10_000,
         receipt_ttl_seconds: int = 86_400,
+        cluster: bool = False,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -202,12 +205,8 @@ class RedisWindowStore:
         self.lock_wait_seconds = lock_wait_seconds
         self.unscored_max_points = unscored_max_points
         self.receipt_ttl_seconds = receipt_ttl_seconds
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            health_check_interval=15,
-        )
+        self.cluster = cluster
+        self._redis = connect(url, cluster=cluster, timeout_seconds=timeout_seconds)
         self._append = self._redis.register_script(_APPEND)
         self._put = self._redis.register_script(_PUT)
         self._unlock = self._redis.register_script(_UNLOCK)
@@ -443,6 +442,15 @@ class RedisWindowStore:
             except (RedisError, OSError) as exc:  # unreachable now: try next period
                 log.warning("stream lock renewal failed", extra={"stream": stream,
                                                                  "error": str(exc)})
+
+
+def connect(url: str, *, cluster: bool = False,
+            timeout_seconds: float = 2.0) -> aioredis.Redis | RedisCluster:
+    """A client of one Redis, or of a Redis Cluster that ``url`` names one node of (the
+    client finds the others and routes each command to its key's slot)."""
+    kind = RedisCluster if cluster else aioredis.Redis
+    return kind.from_url(url, socket_timeout=timeout_seconds,
+                         socket_connect_timeout=timeout_seconds, health_check_interval=15)
 
 
 def _channel_rejection(stream: str, stored: int, sent: int) -> StoreRejection:

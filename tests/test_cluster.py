@@ -1,0 +1,218 @@
+"""The service on a Redis Cluster: three masters from `redis-server --cluster-enabled yes`
+on loopback, two service processes sharing one stream, and one killed mid-stream."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from service.process import ServiceProcess, free_port
+from tests.conftest import wait_for
+from tests.test_alerts import spiky
+from tests.test_webhooks_integration import FAST, Receiver, subscribe
+
+pytestmark = pytest.mark.slow  # real processes; `make test` runs them
+
+
+class RedisClusterNodes:
+    """Three cluster-enabled redis-servers joined by `redis-cli --cluster create`."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.ports = [free_port() for _ in range(masters)]
+        self.dir = tempfile.mkdtemp(prefix="tsad-cluster-")
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"  # any node: the client finds the rest
+
+    def start(self) -> RedisClusterNodes:
+        for port in self.ports:
+            self.procs.append(subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                 "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
+                 "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            wait_for(lambda p=port: self.cli(p, "ping") == "PONG", timeout=10)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port in self.ports:  # every node agrees the slots are covered
+            wait_for(lambda p=port: "cluster_state:ok" in self.cli(p, "cluster", "info"),
+                     timeout=30)
+        return self
+
+    def cli(self, port: int, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                              text=True).stdout.strip()
+
+    def node_of(self, key: str) -> int:
+        """The port of the master that holds ``key``'s slot."""
+        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key))
+        for line in self.cli(self.ports[0], "cluster", "nodes").splitlines():
+            parts = line.split()
+            for span in parts[8:]:
+                lo, _, hi = span.partition("-")
+                if int(lo) <= slot <= int(hi or lo):
+                    return int(parts[1].split(":")[1].split("@")[0])
+        raise AssertionError(f"no node holds slot {slot}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterNodes]:
+    nodes = RedisClusterNodes().start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+def cluster_env(cluster: RedisClusterNodes) -> dict[str, str]:
+    for port in cluster.ports:  # a clean cluster per test
+        cluster.cli(port, "flushall")
+    return {"TSAD_REDIS_URL": cluster.url, "TSAD_REDIS_CLUSTER": "true", **FAST}
+
+
+BATCH = 50
+
+
+def test_two_processes_on_a_cluster_score_like_one_process(redis_url, cluster,
+                                                           cluster_env, tmp_path):
+    """One stream's batches alternate between two processes on the cluster; results,
+    alerts and webhook events are those of one process on a single Redis."""
+    points = spiky(400, [350])
+    batches = [points[i:i + BATCH] for i in range(0, len(points), BATCH)]
+
+    def post(url: str, batch: list[dict], stream: str = "web-01") -> list[dict]:
+        r = httpx.post(f"{url}/score", json={"stream": stream, "points": batch}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["results"]
+
+    with ServiceProcess({"REDIS_URL": redis_url, **FAST}) as single:
+        expected = [res for b in batches for res in post(single.url, b)]
+        expected_alerts = httpx.get(f"{single.url}/alerts").json()["alerts"]
+    assert any(r["anomaly"] for r in expected) and expected_alerts
+
+    receiver = Receiver(tmp_path / "requests.jsonl").start()
+    try:
+        with ServiceProcess(cluster_env) as a, ServiceProcess(cluster_env) as b:
+            subscribe(a.url, receiver.url)
+            got = [res for k, batch in enumerate(batches)
+                   for res in post((a, b)[k % 2].url, batch)]
+            assert got == expected
+            for service in (a, b):  # both read the alerts the other wrote
+                alerts = httpx.get(f"{service.url}/alerts").json()["alerts"]
+                assert [(x["id"], x["state"], x["opened_at"]) for x in alerts] == [
+                    (x["id"], x["state"], x["opened_at"]) for x in expected_alerts]
+            events = wait_for(lambda: [r["body"] for r in receiver.requests()])
+            assert events[0]["alert"]["id"] == expected_alerts[-1]["id"]
+            # streams spread over the masters: listing reads every node
+            streams = [f"s{k}" for k in range(12)]
+            for s in streams:
+                post(b.url, points[:5], stream=s)
+            assert len({cluster.node_of(f"tsad:{{{s}}}:meta") for s in streams}) > 1
+            listed = httpx.get(f"{a.url}/streams").json()["streams"]
+            assert sorted(x["stream"] for x in listed) == sorted([*streams, "web-01"])
+            assert httpx.delete(f"{a.url}/streams/s0").status_code == 204
+            assert httpx.get(f"{b.url}/streams/s0").status_code == 404
+    finally:
+        receiver.stop()
+
+
+def test_a_process_killed_mid_stream_loses_no_acknowledged_point(cluster, cluster_env):
+    """Batches alternate between two processes; one is killed (SIGKILL) while a batch is
+    in flight to it, and the stream goes on through the other. Every acknowledged batch is
+    stored, visible from the other process at once, and the killed batch, never
+    acknowledged, is stored whole or not at all (the append is atomic)."""
+    sizes, kill_at = [200] * 5 + [5000] + [200] * 4, 5  # the killed one: long in flight
+    stamps = [1_700_000_000.0 + 60 * t for t in range(sum(sizes))]
+    points = [{"timestamp": ts, "values": [float(i % 13), float(i % 7)]}
+              for i, ts in enumerate(stamps)]
+    ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
+    batches = [points[end - n:end] for n, end in zip(sizes, ends, strict=True)]
+    stored: list[float] = []  # what the stream must hold, in order
+    failed: list[BaseException] = []
+
+    def post(url: str, batch: list[dict]) -> httpx.Response:
+        return httpx.post(f"{url}/score", json={"stream": "k", "points": batch}, timeout=60)
+
+    def until_acknowledged(url: str, other: str, batch: list[dict]) -> None:
+        deadline = time.monotonic() + 90  # a dead holder's lock lease runs out first
+        while (r := post(url, batch)).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            time.sleep(0.5)
+        sent = [p["timestamp"] for p in batch]
+        assert [x["stored_timestamp"] for x in r.json()["results"]] == sent
+        stored.extend(sent)
+        window = httpx.get(f"{other}/streams/k/window").json()["timestamps"]
+        assert window == stored[-len(window):]  # durable in the cluster, not in one process
+
+    with ServiceProcess(cluster_env) as a:
+        b = ServiceProcess(cluster_env).start()
+        try:
+            for k, batch in enumerate(batches):
+                if k < kill_at:
+                    first, second = (a, b) if k % 2 == 0 else (b, a)
+                    until_acknowledged(first.url, second.url, batch)
+                elif k > kill_at:
+                    until_acknowledged(a.url, a.url, batch)
+                else:
+                    def in_flight(batch: list[dict] = batch) -> None:
+                        try:
+                            post(b.url, batch)
+                        except httpx.HTTPError as exc:
+                            failed.append(exc)
+
+                    thread = threading.Thread(target=in_flight)
+                    thread.start()
+                    time.sleep(0.3)  # the batch is being parsed, stored or scored
+                    b.proc.kill()
+                    thread.join(timeout=30)
+                    assert failed, "the killed process answered: kill it sooner"
+                    last = wait_for(lambda: httpx.get(f"{a.url}/streams/k").json())
+                    if last["last_timestamp"] == batch[-1]["timestamp"]:  # stored whole
+                        stored.extend(p["timestamp"] for p in batch)
+                    else:  # or not at all
+                        assert last["last_timestamp"] == stored[-1]
+        finally:
+            b.stop()
+        meta = httpx.get(f"{a.url}/streams/k").json()
+        window = httpx.get(f"{a.url}/streams/k/window").json()
+    assert meta["points_seen"] == len(stored)  # none lost, none twice
+    assert window["timestamps"] == stored[-len(window["timestamps"]):]
+
+
+def test_embedding_cache_reads_and_writes_across_the_cluster(cluster, cluster_env):
+    """Prompt keys hash to every slot: one MGET per node, no cross-slot error absorbed."""
+    from prometheus_client import CollectorRegistry
+
+    from models.lm.cache import CacheConfig, RedisStore, prompt_key
+    from models.lm.metrics import EmbeddingMetrics
+
+    registry = CollectorRegistry()
+    store = RedisStore.from_url(cluster.url, CacheConfig(redis_cluster=True),
+                                EmbeddingMetrics(registry))
+    items = {prompt_key("tsad:emb:v1", "m", f"prompt {i}"): bytes([i]) for i in range(40)}
+    assert len({cluster.node_of(k) for k in items}) == 3
+    store.set_many(items)
+    assert store.get_many([*items, "tsad:emb:v1:m:absent"]) == [*items.values(), None]
+    assert registry.get_sample_value("tsad_embedding_cache_errors_total",
+                                     {"backend": "redis", "operation": "get"}) == 0
+    assert registry.get_sample_value("tsad_embedding_cache_errors_total",
+                                     {"backend": "redis", "operation": "set"}) == 0
