@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import csv
 import json
 import os
@@ -63,8 +64,10 @@ def to_body(rows: np.ndarray, form: str) -> dict:
 
 
 async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
-                   max_requests: int, tag: str, form: str = "points") -> dict:
-    """Each client replays the series into its own stream, sequential batches."""
+                   max_requests: int, tag: str, form: str = "points",
+                   detector: str | None = None) -> dict:
+    """Each client replays the series into its own stream, sequential batches; with
+    ``detector``, each stream is configured with it first (PUT /streams/{id})."""
     per_client = max(1, min(max_requests // clients, len(series) // batch))
     latencies: list[float] = []
     errors = 0
@@ -72,6 +75,9 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
 
     async def client(k: int, http: httpx.AsyncClient) -> None:
         nonlocal errors
+        if detector is not None:
+            r = await http.put(f"/streams/{tag}-{k}", json={"detector": detector})
+            errors += r.status_code not in (200, 201)
         for body in payloads:
             t0 = time.perf_counter()
             r = await http.post("/score", json={"stream": f"{tag}-{k}", **body})
@@ -117,6 +123,65 @@ def river_reference(series: np.ndarray) -> dict | None:
             "load_1m": round(os.getloadavg()[0], 2)}
 
 
+class _Inline(concurrent.futures.ThreadPoolExecutor):
+    """Runs submitted work at once in the calling thread: the profiled event loop's
+    ``asyncio.to_thread`` (the detector) then shows in the profile."""
+
+    def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN202 - Executor's signature
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            future.set_exception(exc)
+        return future
+
+
+def profile_in_process(series: np.ndarray, batch: int, requests: int,
+                       top: int = 16) -> list[dict]:
+    """Where a request's time goes: the service app in this process and thread (in-memory
+    store, ASGI without sockets, the detector run inline), one stream, ``requests``
+    sequential batches after its warm-up, under cProfile; the functions with the largest
+    cumulative share of the profiled time."""
+    import cProfile
+    import pstats
+
+    from prometheus_client import CollectorRegistry
+
+    from service.app import create_app
+    from service.metrics import ServiceMetrics
+
+    settings = Settings(max_batch_points=10_000)
+    warm = settings.default_window + settings.warmup_points + 64
+    bodies = [{"stream": "p", **to_body(series[lo:lo + n], "points")} for lo, n in
+              [(0, warm)] + [(warm + i * batch, batch) for i in range(requests)]]
+    profiler = cProfile.Profile()
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_default_executor(_Inline())
+        app = create_app(settings, ServiceMetrics(CollectorRegistry()))
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://bench") as http:
+            (await http.post("/score", json=bodies[0])).raise_for_status()
+            profiler.enable()
+            for body in bodies[1:]:
+                (await http.post("/score", json=body)).raise_for_status()
+            profiler.disable()
+
+    asyncio.run(run())
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    total = sum(tt for _, _, tt, _, _ in stats.values())
+    ours = str(ROOT)
+    rows = sorted(((ct, f"{Path(f).relative_to(ours)}:{name}")
+                   for (f, _, name), (_, _, _, ct, _) in stats.items()
+                   if f.startswith(ours) and "/.venv/" not in f), reverse=True)
+    own = sorted(((tt, f"{Path(f).name}:{name}") for (f, _, name), (_, _, tt, _, _)
+                  in stats.items()), reverse=True)  # self time, every module
+    return ([{"function": name, "kind": "cumulative", "share": round(ct / total, 3),
+              "ms_per_request": round(ct / requests * 1000, 2)} for ct, name in rows[:top]]
+            + [{"function": name, "kind": "self", "share": round(tt / total, 3),
+                "ms_per_request": round(tt / requests * 1000, 2)} for tt, name in own[:10]])
+
+
 def redis_benchmark_lpush(port: int, n: int) -> float | None:
     if not shutil.which("redis-benchmark"):
         return None
@@ -138,11 +203,14 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
-def markdown(rows: list[dict], lpush: float | None, river: dict | None) -> str:
-    lines = ["| store | workers | form | dataset | channels | batch | requests | points/s | "
-             "requests/s | p50 ms | p95 ms | p99 ms | errors | load 1m |", "|" + "---|" * 14]
+def markdown(rows: list[dict], lpush: float | None, river: dict | None,
+             profile: list[dict] | None = None) -> str:
+    lines = ["| store | workers | detector | form | dataset | channels | batch | requests | "
+             "points/s | requests/s | p50 ms | p95 ms | p99 ms | errors | load 1m |",
+             "|" + "---|" * 15]
     for r in rows:
-        lines.append(f"| {r['store']} | {r['workers']} | {r['form']} | {r['dataset']} | "
+        lines.append(f"| {r['store']} | {r['workers']} | {r['detector']} | {r['form']} | "
+                     f"{r['dataset']} | "
                      f"{r['channels']} | {r['batch']} | {r['requests']} | "
                      f"{r['points_per_s']} | {r['requests_per_s']} | {r['p50_ms']} | "
                      f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} | {r['load_1m']} |")
@@ -157,6 +225,16 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None) -> str:
                  "below an idle machine's; compare rows of one run, not runs.")
     lines.append(f"\nReference: River HalfSpaceTrees in process, one core: {reference}.")
     lines.append(f"\nCeiling: redis-benchmark -t lpush -P 16 on the same Redis: {ceiling}.")
+    if profile:
+        lines += ["\n## Where the time goes\n",
+                  "One univariate stream of the default detector, batch 1000, in process "
+                  "(the app over the in-memory store, no sockets, the detector inline), "
+                  "cProfile (its overhead inflates the times; the shares are what to read). "
+                  "Cumulative: tsad's functions with the largest share, callees included "
+                  "(nested). Self: the time spent in the function itself, any module.",
+                  "", "| kind | function | share | ms per request |", "|---|---|---|---|"]
+        lines += [f"| {p['kind']} | `{p['function']}` | {p['share']:.1%} | "
+                  f"{p['ms_per_request']} |" for p in profile]
     return "\n".join(lines)
 
 
@@ -178,6 +256,14 @@ def main() -> None:
                     choices=["points", "columnar"], help="request bodies")
     ap.add_argument("--datasets", nargs="+", default=["nab/nyc_taxi", "msl/test"],
                     choices=["nab/nyc_taxi", "msl/test"])
+    ap.add_argument("--detectors", nargs="+",
+                    default=["residual_linear", "embedding_memory"],
+                    help="besides the default detector: rows on the Redis store (one worker, "
+                    "columnar, NAB); the embedding memory at batch 100 and 1000 only, "
+                    "bounded by --costly-points")
+    ap.add_argument("--costly-points", type=int, default=4000,
+                    help="points per row for the embedding memory (a language-model call "
+                    "per scored window)")
     args = ap.parse_args()
 
     loaders = {"nab/nyc_taxi": load_nab, "msl/test": load_msl}
@@ -204,29 +290,53 @@ def main() -> None:
                             result = asyncio.run(run_load(service.url, series, batch,
                                                           args.clients, max_req, tag, form))
                             row = {"store": store, "workers": int(workers or 1),
-                                   "form": form, "dataset": name,
+                                   "detector": "default", "form": form, "dataset": name,
                                    "channels": series.shape[1] - 1, "batch": batch, **result}
                             rows.append(row)
                             print(json.dumps(row), flush=True)
+            if config == "redis" and "nab/nyc_taxi" in datasets:
+                rows += detector_rows(service.url, datasets["nab/nyc_taxi"], args)
         lpush = redis_benchmark_lpush(redis_port, 200_000)
     finally:
         redis.terminate()
         redis.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
+    profile = None
+    if "nab/nyc_taxi" in datasets:
+        profile = profile_in_process(datasets["nab/nyc_taxi"], 1000, 8)
+        print(json.dumps({"profile": profile}), flush=True)
     report = {
         "benchmark": "throughput", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "clients": args.clients, "redis_benchmark_lpush_per_s": lpush,
-        "river_halfspacetrees": river, "results": rows,
+        "river_halfspacetrees": river, "results": rows, "profile": profile,
     }
     save_report(report, (
         f"# POST /score throughput\n\n{args.clients} concurrent clients, one stream each, "
         f"service and clients on the same {report['machine']['cpus']}-core machine, "
         f"the default detector ({Settings().default_detector}). "
         f"`python benchmarks/throughput.py`.\n\n"
-        f"{markdown(rows, lpush, river)}"), args.out / "throughput")
+        f"{markdown(rows, lpush, river, profile)}"), args.out / "throughput")
+
+
+def detector_rows(url: str, series: np.ndarray, args: argparse.Namespace) -> list[dict]:
+    """The other detectors on the same service (Redis, one worker, columnar, NAB)."""
+    rows = []
+    for detector in args.detectors:
+        costly = detector == "embedding_memory"
+        for batch in [b for b in args.batch_sizes if not costly or b >= 100]:
+            points = args.costly_points if costly else args.max_points
+            max_req = min(args.max_requests, max(args.clients, points // batch))
+            tag = f"{detector}-{batch}"
+            result = asyncio.run(run_load(url, series, batch, args.clients, max_req, tag,
+                                          "columnar", detector))
+            row = {"store": "redis", "workers": 1, "detector": detector, "form": "columnar",
+                   "dataset": "nab/nyc_taxi", "channels": 1, "batch": batch, **result}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":
