@@ -67,7 +67,13 @@ class AlertTracker:
         """One scored chunk: timestamps/scores/thresholds/anomalous (B,), channel_scores
         (B, C), windows (B, W, C); precedents: point -> its nearest normal windows."""
         precedents = precedents or {}
-        for i in range(len(scores)):
+        start = 0
+        if self.open is None:  # normal points before the first anomaly only fill the ring
+            anomalies = np.flatnonzero(anomalous)
+            start = int(anomalies[0]) if len(anomalies) else len(scores)
+            self._ring[(self._seen + np.arange(start)) % self.rules.m] = False
+            self._seen += start
+        for i in range(start, len(scores)):
             self._point(float(timestamps[i]), float(scores[i]), float(thresholds[i]),
                         bool(anomalous[i]), channel_scores[i], windows[i], precedents.get(i))
         normal = np.flatnonzero(~anomalous)
