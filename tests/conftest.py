@@ -105,17 +105,28 @@ SPEAR_TINY_WINDOW = 16
 def spear_tiny(tmp_path_factory) -> tuple[Path, dict]:
     """A tiny SPEAR artifact (16-point windows, 4 prompts, 20 steps on a noisy sine with
     injected spikes) trained by `tsad train`'s code path: (artifacts dir, calibration).
-    Session-scoped: training through the real MiniLM is the slow part of the tests that
-    serve it."""
+    Trained once per test run: training through the real MiniLM is the slow part of the
+    tests that serve it, so pytest-xdist workers share one copy (the first trains it under
+    a file lock in the run's shared temp folder, the others read it)."""
+    import json
+
+    from filelock import FileLock
+
     from models.train_cli import train_artifact
 
-    root = tmp_path_factory.mktemp("artifacts")
-    t = np.arange(1500)
-    data = tmp_path_factory.mktemp("data") / "train.npy"
-    np.save(data, np.sin(t / 4.0) + 0.05 * np.random.default_rng(0).normal(size=len(t)))
-    cfg = {"name": "spear-tiny", "detector": "spear",
-           "params": {"window": SPEAR_TINY_WINDOW, "n_prompts": 4, "max_steps": 20,
-                      "labels": "inject", "inject_kinds": "spike"},
-           "data": {"dataset": "npy", "path": str(data)}, "calibration": 0.2}
-    calibration = train_artifact(cfg, data.parent, root / "spear-tiny")
+    shared = tmp_path_factory.getbasetemp().parent / "spear-tiny"  # one per run
+    with FileLock(f"{shared}.lock"):
+        root, done = shared / "artifacts", shared / "calibration.json"
+        if done.exists():
+            return root, json.loads(done.read_text())
+        t = np.arange(1500)
+        data = shared / "data" / "train.npy"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        np.save(data, np.sin(t / 4.0) + 0.05 * np.random.default_rng(0).normal(size=len(t)))
+        cfg = {"name": "spear-tiny", "detector": "spear",
+               "params": {"window": SPEAR_TINY_WINDOW, "n_prompts": 4, "max_steps": 20,
+                          "labels": "inject", "inject_kinds": "spike"},
+               "data": {"dataset": "npy", "path": str(data)}, "calibration": 0.2}
+        calibration = train_artifact(cfg, data.parent, root / "spear-tiny")
+        done.write_text(json.dumps(calibration))
     return root, calibration
