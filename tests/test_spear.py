@@ -159,6 +159,7 @@ def level_excursion(n: int = 400, lo: int = 200, hi: int = 248, seed: int = 7
     return x, labels
 
 
+@pytest.mark.slow
 def test_trained_probability_ranks_an_obvious_level_anomaly_above_normal_windows():
     """The cause of SPEAR's below-chance MSL ranking (benchmarks/results/spear_diagnosis.md):
     window scaling centred and scaled every window on itself, so a stretch at an unusual
