@@ -15,11 +15,14 @@ the right and masked out of attention, the loss and the pooling.
 Scaling. ``window`` (default): each channel window is centred on its median and divided
 by its robust spread (1.4826 MAD, floored at a tenth of its std), so the model reads the
 window's *shape* and an artifact serves any stream whatever its units or channel count;
-a window that is wholly at an unusual level looks normal to it. ``series``: per-channel
+a window that is wholly at an unusual level looks normal to it, and on heavy-tailed
+series (MSL telemetry: a window's MAD a few hundredths of the series' std) ordinary
+excursions land in the clipped end bins beside the injected anomalies, so the synthetic
+labels cannot be learnt (benchmarks/results/spear_diagnosis.md). ``series``: per-channel
 mean and std of the training data (the paper's "range of the series"); the artifact is
-then bound to the training channels. Scaled values in [-clip, clip] go to ``n_bins``
-equal bins (``models.lm.quantizer``), values beyond to the end bins, and bin b is the
-LM's token for the string "b".
+then bound to the training channels: the choice for a model fitted per stream. Scaled
+values in [-clip, clip] go to ``n_bins`` equal bins (``models.lm.quantizer``), values
+beyond to the end bins, and bin b is the LM's token for the string "b".
 
 Labels. ``fit(train)`` gets unlabelled normal data (the service's and MSL's case), so
 training windows are labelled by the paper's context-anomaly rules (``models.labelling``:
@@ -34,7 +37,8 @@ the training series (by time) is the validation split: early stopping, and the
 probability cut with the best F1 on it becomes ``threshold`` (the service's default).
 
 Scores. ``channel_scores`` is the anomaly probability per channel window: of the newest
-point (position head) or of the window (window head); ``score`` aggregates channels
+point (position head; the max over the newest ``score_last`` points for a scorer that
+scores every ``score_last``-th window) or of the window (window head); ``score`` aggregates channels
 (``max`` by default: "is any channel anomalous"). ``predict_proba`` takes windows of any
 length up to ``window``.
 """
