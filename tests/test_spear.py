@@ -150,8 +150,8 @@ def test_a_tuned_copy_learns_its_labels_and_leaves_the_original_and_lm_alone(tra
 def level_excursion(n: int = 400, lo: int = 200, hi: int = 248, seed: int = 7
                     ) -> tuple[np.ndarray, np.ndarray]:
     """The training series' process with points lo..hi-1 raised by 3 (about 4 of its
-    standard deviations): MSL's commonest anomaly in column 0, a stretch at an unusual
-    level. Returns the series and its point labels."""
+    standard deviations): a stretch at an unusual level, as in many of MSL's anomalies.
+    Returns the series and its point labels."""
     x = series(n, seed=seed)
     labels = np.zeros(n, dtype=bool)
     x[lo:hi] += 3.0
