@@ -15,11 +15,14 @@ the right and masked out of attention, the loss and the pooling.
 Scaling. ``window`` (default): each channel window is centred on its median and divided
 by its robust spread (1.4826 MAD, floored at a tenth of its std), so the model reads the
 window's *shape* and an artifact serves any stream whatever its units or channel count;
-a window that is wholly at an unusual level looks normal to it. ``series``: per-channel
+a window that is wholly at an unusual level looks normal to it, and on heavy-tailed
+series (MSL telemetry: a window's MAD a few hundredths of the series' std) ordinary
+excursions land in the clipped end bins beside the injected anomalies, so the synthetic
+labels cannot be learnt (benchmarks/results/spear_diagnosis.md). ``series``: per-channel
 mean and std of the training data (the paper's "range of the series"); the artifact is
-then bound to the training channels. Scaled values in [-clip, clip] go to ``n_bins``
-equal bins (``models.lm.quantizer``), values beyond to the end bins, and bin b is the
-LM's token for the string "b".
+then bound to the training channels: the choice for a model fitted per stream. Scaled
+values in [-clip, clip] go to ``n_bins`` equal bins (``models.lm.quantizer``), values
+beyond to the end bins, and bin b is the LM's token for the string "b".
 
 Labels. ``fit(train)`` gets unlabelled normal data (the service's and MSL's case), so
 training windows are labelled by the paper's context-anomaly rules (``models.labelling``:
@@ -34,7 +37,8 @@ the training series (by time) is the validation split: early stopping, and the
 probability cut with the best F1 on it becomes ``threshold`` (the service's default).
 
 Scores. ``channel_scores`` is the anomaly probability per channel window: of the newest
-point (position head) or of the window (window head); ``score`` aggregates channels
+point (position head; the max over the newest ``score_last`` points for a scorer that
+scores every ``score_last``-th window) or of the window (window head); ``score`` aggregates channels
 (``max`` by default: "is any channel anomalous"). ``predict_proba`` takes windows of any
 length up to ``window``.
 """
@@ -70,6 +74,10 @@ class SpearConfig(DetectorConfig):
     model_path: str | None = None  # local HF directory; None = bundled all-MiniLM-L6-v2
     n_prompts: int = 20  # m soft prompts (the paper's best)
     head: str = "position"  # position (per point, eq. 2) | window (pooled)
+    # position head: a window's score is the max over its newest score_last points'
+    # probabilities (1 = the newest point, the online score; a scorer that skips windows,
+    # stride s, needs s so that every point is judged by some window)
+    score_last: int = 1
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     # labels for unlabelled training data
     labels: str = "context+inject"  # "+"-joined subset of: context, inject
@@ -110,6 +118,8 @@ class SpearConfig(DetectorConfig):
             raise ValueError(f"inject_kinds: unknown {sorted(bad)}; known: {INJECT_KINDS}")
         if self.n_prompts < 0 or self.window < 1 or self.min_length > self.window:
             raise ValueError("need n_prompts >= 0, window >= 1, min_length <= window")
+        if not 1 <= self.score_last <= self.window:
+            raise ValueError("score_last: in 1..window")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction: in (0, 1)")
 
@@ -286,8 +296,9 @@ class Spear(Detector):
         flat = windows.transpose(0, 2, 1).reshape(b * c, w)  # (B*C, W), channel-major rows
         chan = np.tile(np.arange(c), b)
         p = self._proba(self.tokens(self.scale(flat, chan)), np.full(b * c, w))
-        newest = p[:, -1] if self.config.head == "position" else p  # (B*C,)
-        return newest.reshape(b, c)
+        if self.config.head == "position":  # (B*C,): the newest score_last points' max
+            p = p[:, w - min(self.config.score_last, w):].max(1)
+        return p.reshape(b, c)
 
     def predict_proba(self, windows: np.ndarray | list[np.ndarray], channel: int = 0,
                       per_point: bool = False) -> np.ndarray | list[np.ndarray]:
@@ -411,14 +422,15 @@ class Spear(Detector):
 
     def window_logits(self, windows: np.ndarray) -> torch.Tensor:
         """(B, W, C) raw windows -> (B, C) logits of what ``channel_scores`` returns (the
-        newest point for the position head, the window for the window head), with
-        gradients to the prompts and head."""
+        newest ``score_last`` points' max for the position head, the window for the window
+        head), with gradients to the prompts and head."""
         b, w, c = windows.shape
         flat = windows.transpose(0, 2, 1).reshape(b * c, w)
         chan = np.tile(np.arange(c), b)
         logits = self._logits(self.tokens(self.scale(flat, chan)), np.full(b * c, w))
-        newest = logits[:, -1] if self.config.head == "position" else logits
-        return newest.reshape(b, c)
+        if self.config.head == "position":
+            logits = logits[:, w - min(self.config.score_last, w):].max(1).values
+        return logits.reshape(b, c)
 
     def finetune(self, windows: np.ndarray, targets: np.ndarray, *, steps: int = 20,
                  lr: float = 1e-2, batch_size: int = 16, anchor: float = 1.0,
@@ -426,7 +438,7 @@ class Spear(Detector):
         """Tune this detector's soft prompts and head *in place* (call it on a
         ``with_parameters`` copy) on labelled windows: (N, W, C) raw windows, ``targets``
         (N,) 1 = anomalous, 0 = normal, judged on the served score (the ``aggregate`` of
-        the channels' newest-point probabilities).
+        the channels' scores (newest score_last points)).
 
         Loss: class-balanced binary cross-entropy plus ``anchor`` x the squared distance
         to the starting parameters, relative to their size, so a few labels move the
@@ -613,8 +625,9 @@ class Spear(Detector):
             pos_weight = float(np.clip((1 - ratio) / max(ratio, 1e-6), 1.0, 20.0))
         pw = torch.tensor(pos_weight, device=net.prompts.device)
 
-        def loss_of(t: np.ndarray, ln: np.ndarray, m: np.ndarray) -> torch.Tensor:
-            logits = self._logits(t, ln)
+        def loss_of(t: np.ndarray, ln: np.ndarray, m: np.ndarray,
+                    logits: torch.Tensor | None = None) -> torch.Tensor:
+            logits = self._logits(t, ln) if logits is None else logits
             if position:
                 real = self._tensor(np.arange(t.shape[1])[None, :] < ln[:, None]).float()
                 target = self._tensor(m.astype(np.float32))
@@ -624,9 +637,19 @@ class Spear(Detector):
             target = self._tensor(m.any(1).astype(np.float32))
             return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw)
 
+        vreal = np.arange(vtok.shape[1])[None, :] < vlengths[:, None]
+        vy = vmasks[vreal] if position else vmasks.any(1)
+        val_aucs: list[float] = []
+
         def val_loss() -> float:
             with torch.no_grad():
-                return float(loss_of(vtok, vlengths, vmasks))
+                logits = self._logits(vtok, vlengths)
+                loss = float(loss_of(vtok, vlengths, vmasks, logits))
+            # ranking on the validation labels, per point (position) or window: what the
+            # loss alone hides when it falls by predicting the base rate
+            p = logits.cpu().numpy()
+            val_aucs.append(rank_auc(p[vreal] if position else p, vy))
+            return loss
 
         history = train_loop(
             net.parameters(), lambda idx: loss_of(tok[idx], lengths[idx], masks[idx]),
@@ -636,6 +659,8 @@ class Spear(Detector):
                                   patience=cfg.patience, seed=cfg.seed,
                                   progress=cfg.progress),
             val_loss=val_loss, desc="spear")
+        for row, auc in zip(history, val_aucs, strict=True):
+            row["val_auc"] = auc
         # the threshold: best F1 on validation, on what the service thresholds
         p = self._proba(vtok, vlengths)
         if position:
@@ -644,6 +669,22 @@ class Spear(Detector):
         else:
             self._threshold = best_f1_cut(p, vmasks.any(1))
         return history
+
+
+def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AUC-ROC by ranks (ties averaged); nan without both classes.
+
+    >>> rank_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    0.75
+    """
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels).astype(bool)
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if not pos or not neg:
+        return float("nan")
+    r = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((r[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def best_f1_cut(proba: np.ndarray, labels: np.ndarray) -> float:
