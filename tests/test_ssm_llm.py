@@ -158,3 +158,31 @@ def test_tsad_embed_output_serves_the_prompts_without_the_lm(tmp_path):
                                                   dtype=np.float32))
     with pytest.raises(ValueError, match="pooling"):
         warm_cache(CachedEncoder(cached_encoder(None, "mean").encoder), out)
+
+
+def test_service_scores_a_stream_with_the_artifact(trained):
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from service.app import create_app
+    from service.metrics import ServiceMetrics
+    from service.settings import Settings
+
+    artifact, _ = trained
+    settings = Settings(artifacts_dir=artifact.parent, costly_score_stride=4)
+    series = load_msl(DATA)[1].train[:120, :1].astype(np.float64)
+    series[100, 0] += 5.0  # a spike at a freshly scored point
+    with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as client:
+        r = client.put("/streams/rover", json={"channels": 1,
+                                               "detector": f"artifact:{artifact.name}",
+                                               "threshold": {"kind": "fixed", "value": 1e9}})
+        assert r.status_code == 201, r.text
+        assert r.json()["window"] == W
+        points = [{"timestamp": float(t), "values": row.tolist()}
+                  for t, row in enumerate(series)]
+        res = client.post("/score", json={"stream": "rover", "points": points})
+        assert res.status_code == 200, res.text
+    scored = [p for p in res.json()["results"] if p["status"] == "scored"]
+    assert len(scored) == len(series) - W + 1
+    assert all(np.isfinite(p["score"]) and p["score"] >= 0 for p in scored)
+    assert res.json()["results"][100]["score"] > 3 * np.median([p["score"] for p in scored])

@@ -53,11 +53,13 @@ Why the pieces:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -284,6 +286,15 @@ class SSMLLM(Detector):
         self._err_scale = 1.0
         self._dis_scale = 1.0
 
+    def save(self, path: str | Path) -> Path:
+        """The artifact without ``embeddings``: where a training run read its cached prompt
+        embeddings from is no part of the model (and absent where it is served)."""
+        if self.config.embeddings is None:
+            return super().save(path)
+        plain = copy.copy(self)
+        plain.config = replace(self.config, embeddings=None)
+        return Detector.save(plain, path)
+
     @property
     def training_report(self) -> dict[str, Any]:
         """What ``tsad train`` writes to training_curve.json."""
@@ -300,8 +311,6 @@ class SSMLLM(Detector):
         path = self.config.embeddings
         warmed = _WARMED.setdefault(encoder, set())
         if path and path not in warmed:  # once per encoder and directory
-            from pathlib import Path
-
             from models.lm.precompute import warm_cache
 
             if Path(path, "index.json").is_file():
