@@ -186,3 +186,29 @@ def test_service_scores_a_stream_with_the_artifact(trained):
     assert len(scored) == len(series) - W + 1
     assert all(np.isfinite(p["score"]) and p["score"] >= 0 for p in scored)
     assert res.json()["results"][100]["score"] > 3 * np.median([p["score"] for p in scored])
+
+
+def test_the_committed_pretrained_artifact_is_served_by_name():
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from service.app import create_app
+    from service.metrics import ServiceMetrics
+    from service.settings import Settings
+
+    root = Path(__file__).parent.parent / "models" / "pretrained"
+    det = load_detector(root / "ssm-llm-msl")
+    assert det.config.use_lm and det.config.window == 64 and det.config.embeddings is None
+    series = load_msl(DATA)[0].test[:96, :1].astype(np.float64)
+    settings = Settings(artifacts_dir=root, costly_score_stride=8)
+    with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as client:
+        r = client.put("/streams/msl", json={"channels": 1, "detector": "artifact:ssm-llm-msl"})
+        assert r.status_code == 201, r.text
+        assert r.json()["window"] == 64
+        points = [{"timestamp": float(t), "values": row.tolist()}
+                  for t, row in enumerate(series)]
+        res = client.post("/score", json={"stream": "msl", "points": points})
+        assert res.status_code == 200, res.text
+    scored = [p for p in res.json()["results"] if p["status"] == "scored"]
+    assert len(scored) == len(series) - 64 + 1
+    assert all(np.isfinite(p["score"]) and p["score"] >= 0 for p in scored)
