@@ -107,6 +107,10 @@ def test_shapes_and_the_memory_starts_on_the_principal_directions():
 def test_ablations_change_the_network_not_the_training():
     no_lm = build_detector("ssm_llm", **TINY, use_lm=False)
     assert not no_lm.costly and build_detector("ssm_llm", **TINY).costly
+    stats = build_detector("ssm_llm", **{**TINY, "max_steps": 5}, semantic="stats")
+    assert not stats.costly  # the control reads the window's numbers, never the LM
+    windows = np.random.default_rng(1).standard_normal((3, W, 2))
+    assert stats.embed(windows).shape == (3, 2, 4)
     keys = set(build_net(build_detector("ssm_llm", **TINY, use_mamba=False).config, 384,
                          "mambapy").state_dict())
     assert not any("A_log" in k for k in keys) and "memory" in keys

@@ -82,6 +82,10 @@ class SSMLLMConfig(DetectorConfig):
     use_mamba: bool = True  # False: a token-wise linear layer in each Mamba block's place
     use_memory: bool = True  # False: no principal memory (the LM embedding projected as is)
     residual_linear: bool = True  # low-rank linear path over time beside the branches
+    # what the semantic branch reads: lm (the frozen LM's prompt embedding) | stats (the
+    # numbers a prompt states, the window's mean, std, min and max, without the LM: a
+    # control that tells the language model's part from the statistics' part)
+    semantic: str = "lm"
     # --- prompts (models/lm/prompts.py) and the frozen LM
     strategy: str = "variance"
     max_values: int = 100
@@ -246,7 +250,7 @@ class SSMLLM(Detector):
     @property
     def costly(self) -> bool:  # type: ignore[override]
         """A language-model call per window, unless the LM branch is removed."""
-        return self.config.use_lm
+        return self.config.use_lm and self.config.semantic == "lm"
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -323,9 +327,15 @@ class SSMLLM(Detector):
         return encoder
 
     def embed(self, windows: np.ndarray, chunk: int = 512) -> np.ndarray | None:
-        """(B, W, C) -> (B, C, D) float32 prompt embeddings; None without the LM branch."""
+        """(B, W, C) -> (B, C, D) float32 prompt embeddings; None without the LM branch
+        (``semantic: stats``: (B, C, 4) mean, std, min, max of each channel window)."""
         if not self.config.use_lm:
             return None
+        if self.config.semantic == "stats":
+            return np.stack([windows.mean(1), windows.std(1), windows.min(1),
+                             windows.max(1)], axis=-1).astype(np.float32)
+        if self.config.semantic != "lm":
+            raise ValueError(f"semantic: unknown {self.config.semantic!r} (lm | stats)")
         from tqdm.auto import tqdm
 
         from models.lm.prompts import PromptBuilder, PromptConfig
