@@ -3,7 +3,8 @@ reconstruction detector on our contract).
 
 Shapes: B windows, W points per window, C channels, N = B*C channel windows (every channel
 is its own sample: all weights are shared, so one model fits any channel count),
-F = W//2 + 1 frequency bins, d model width, D language-model width, K memory slots.
+F = W//2 frequency bins (the Nyquist bin dropped), d model width, D language-model width,
+K memory slots.
 
     windows (B, W, C)
       -> RevIN per window and channel                 xn (B, W, C)
@@ -48,7 +49,8 @@ Why the pieces:
   one), so the LM weights cannot change and training costs what the small network costs.
 * Ablations by flag on the same network and training: ``use_lm=False`` (no semantic
   branch, no alignment, no memory), ``use_mamba=False`` (a linear layer in each Mamba
-  block's place), ``use_memory=False`` (the LM embedding projected directly).
+  block's place), ``use_memory=False`` (the LM embedding projected directly);
+  ``semantic="stats"`` reads the window's mean, std, min and max instead of the LM (a control).
 """
 
 from __future__ import annotations
