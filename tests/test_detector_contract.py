@@ -30,7 +30,7 @@ def normal_series(n: int = 1500, channels: int = 2, seed: int = 0) -> np.ndarray
 
 
 # fitting these takes most of this file's time (CPU): marked slow, still run by `make test`
-HEAVY = {"spear", "cma", "embedding_memory"}
+HEAVY = {"spear", "cma", "embedding_memory", "ssm_llm"}
 
 
 @pytest.fixture(scope="module", params=[
