@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.detectors.base import sliding_windows  # noqa: E402
-from models.detectors.spear import inject_anomalies, rank_auc  # noqa: E402
+from models.detectors.spear import rank_auc  # noqa: E402
+from models.synthesis import inject_anomalies  # noqa: E402
 
 BASE = {"window": 64, "max_steps": 60, "train_stride": 16, "max_val_windows": 64}
 QS = (0.05, 0.25, 0.5, 0.75, 0.95)

@@ -10,7 +10,9 @@ import torch
 
 from models.detectors import build_detector
 from models.detectors.base import sliding_windows
-from models.detectors.spear import best_f1_cut, inject_anomalies, random_suffixes, rank_auc
+from models.detectors.spear import best_f1_cut, rank_auc
+from models.detectors.spear_net import frozen_lm
+from models.synthesis import inject_anomalies, random_suffixes
 
 W = 16
 
@@ -27,7 +29,7 @@ def trained():
     det = build_detector("spear", window=W, n_prompts=4, labels="inject",
                          inject_kinds="spike", max_steps=40, eval_every=10, patience=0,
                          batch_size=16)
-    lm = __import__("models.detectors.spear", fromlist=["_lm"])._lm(det.config).model
+    lm = frozen_lm(det.config.model_path, det.config.device).model
     before = {k: v.detach().clone() for k, v in lm.state_dict().items()}
     det.fit(series()[:, None])
     return det, lm, before

@@ -41,6 +41,11 @@ point (position head; the max over the newest ``score_last`` points for a scorer
 scores every ``score_last``-th window) or of the window (window head); ``score`` aggregates channels
 (``max`` by default: "is any channel anomalous"). ``predict_proba`` takes windows of any
 length up to ``window``.
+
+Where each part lives: the network (soft prompts, head, frozen LM) in ``spear_net``, the
+few-label tuning of a stream's copy in ``spear_tuning``, synthetic anomalies in
+``models.synthesis``, context-rule labels in ``models.labelling``; this file is the
+detector: scaling, tokens, training, scoring and state.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.detectors.base import Detector, DetectorConfig, as_series, sliding_windows
+from models.detectors.spear_net import SoftPromptClassifier, frozen_lm
+from models.detectors.spear_tuning import FewLabelTuning
+from models.synthesis import INJECT_KINDS, inject_anomalies, random_suffixes
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +67,6 @@ if TYPE_CHECKING:
 HEADS = ("position", "window")
 SCALINGS = ("window", "series")
 LABEL_SOURCES = ("context", "inject")
-INJECT_KINDS = ("spike", "shift", "trend", "volatility")
 
 
 @dataclass(frozen=True)
@@ -128,53 +135,7 @@ class SpearConfig(DetectorConfig):
         return tuple(s for s in self.labels.split("+") if s)
 
 
-def _lm(config: SpearConfig) -> Any:
-    """The frozen LM (shared per process, float32 so gradients reach the prompts)."""
-    from models.lm.encoder import shared_encoder
-    from models.training import pick_device
-
-    return shared_encoder(model_path=config.model_path, pooling="mean", dtype="float32",
-                          device=pick_device(config.device))
-
-
-class SoftPromptClassifier:
-    """The trainable part: soft prompts + linear head, around a frozen LM."""
-
-    def __init__(self, lm: Any, n_prompts: int, head: str, init: torch.Tensor) -> None:
-        import torch
-
-        self.lm = lm  # frozen HF model (eval mode, requires_grad False)
-        self.embed = lm.get_input_embeddings()  # (V, d) frozen table
-        d = self.embed.weight.shape[1]
-        device = self.embed.weight.device
-        self.prompts = torch.nn.Parameter(init.to(device).clone())  # (m, d)
-        self.head_layer = torch.nn.Linear(d, 1).to(device)  # w (1, d), b (1,)
-        self.head = head
-        self.n_prompts = n_prompts
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [self.prompts, *self.head_layer.parameters()]
-
-    def logits(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """token_ids (B, T) right-padded, lengths (B,) -> logits (B, T) per position (head
-        position) or (B,) per window (head window)."""
-        import torch
-
-        b, t = token_ids.shape
-        m = self.n_prompts
-        tok = self.embed(token_ids)  # (B, T, d)
-        x = torch.cat([self.prompts.expand(b, m, -1), tok], dim=1)  # (B, m+T, d)
-        real = torch.arange(t, device=tok.device)[None, :] < lengths[:, None]  # (B, T)
-        mask = torch.cat([torch.ones(b, m, dtype=torch.bool, device=tok.device), real], 1)
-        h = self.lm(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state[:, m:]
-        if self.head == "position":
-            return self.head_layer(h).squeeze(-1)  # (B, T)
-        w = real.unsqueeze(-1).to(h.dtype)
-        pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, d)
-        return self.head_layer(pooled).squeeze(-1)  # (B,)
-
-
-class Spear(Detector):
+class Spear(FewLabelTuning, Detector):
     name = "spear"
     Config = SpearConfig
     adaptable = True  # streams tune their own soft prompts from feedback
@@ -204,7 +165,7 @@ class Spear(Detector):
         from models.lm.quantizer import QuantizerConfig, SeriesQuantizer
 
         cfg = self.config
-        enc = _lm(cfg)
+        enc = frozen_lm(cfg.model_path, cfg.device)
         q = SeriesQuantizer(QuantizerConfig(n_bins=cfg.n_bins, lower_q=0.0, upper_q=1.0))
         q.fit(np.array([-cfg.clip, cfg.clip]))  # fixed, uniform edges in scaled units
         self._edges = q.edges[0]  # (N-1,)
@@ -386,132 +347,6 @@ class Spear(Detector):
         if self.config.scaling == "series":
             self._center = np.asarray(state["center"], dtype=np.float64)
             self._scale = np.asarray(state["scale"], dtype=np.float64)
-
-    # --- per-stream adaptation (few labels) ----------------------------------------------
-    def adaptable_state(self) -> dict[str, np.ndarray]:
-        """The part a stream may adapt: soft prompts and head (float32)."""
-        net = self._net
-        return {"prompts": net.prompts.detach().cpu().numpy().astype(np.float32),
-                "head.weight": net.head_layer.weight.detach().cpu().numpy().astype(np.float32),
-                "head.bias": net.head_layer.bias.detach().cpu().numpy().astype(np.float32)}
-
-    def with_parameters(self, state: dict[str, np.ndarray] | None = None) -> Spear:
-        """A copy sharing this fitted detector's frozen LM, tokens and scaling, with its
-        own soft prompts and head (``state`` from ``adaptable_state``; None = a copy of
-        this detector's). Cheap: the LM is shared, only m x d + d + 1 numbers are new.
-        Training the copy never changes this detector."""
-        import copy
-
-        import torch
-
-        if not self.is_fitted:
-            raise RuntimeError(f"{self.name}: call fit() before adapting")
-        state = state or self.adaptable_state()
-        d = self._net.prompts.shape[1]
-        clone = copy.copy(self)  # shallow: config, edges, token ids, scaling are read-only
-        net = SoftPromptClassifier(self._net.lm, self.config.n_prompts, self.config.head,
-                                   torch.from_numpy(np.asarray(state["prompts"],
-                                                               dtype=np.float32)).reshape(-1, d))
-        with torch.no_grad():
-            for name, param in (("head.weight", net.head_layer.weight),
-                                ("head.bias", net.head_layer.bias)):
-                value = np.asarray(state[name], dtype=np.float32).reshape(param.shape)
-                param.copy_(torch.from_numpy(value))
-        clone._net = net
-        return clone
-
-    def window_logits(self, windows: np.ndarray) -> torch.Tensor:
-        """(B, W, C) raw windows -> (B, C) logits of what ``channel_scores`` returns (the
-        newest ``score_last`` points' max for the position head, the window for the window
-        head), with gradients to the prompts and head."""
-        b, w, c = windows.shape
-        flat = windows.transpose(0, 2, 1).reshape(b * c, w)
-        chan = np.tile(np.arange(c), b)
-        logits = self._logits(self.tokens(self.scale(flat, chan)), np.full(b * c, w))
-        if self.config.head == "position":
-            logits = logits[:, w - min(self.config.score_last, w):].max(1).values
-        return logits.reshape(b, c)
-
-    def finetune(self, windows: np.ndarray, targets: np.ndarray, *, steps: int = 20,
-                 lr: float = 1e-2, batch_size: int = 16, anchor: float = 1.0,
-                 max_seconds: float = 10.0, seed: int = 0) -> dict[str, Any]:
-        """Tune this detector's soft prompts and head *in place* (call it on a
-        ``with_parameters`` copy) on labelled windows: (N, W, C) raw windows, ``targets``
-        (N,) 1 = anomalous, 0 = normal, judged on the served score (the ``aggregate`` of
-        the channels' scores (newest score_last points)).
-
-        Loss: class-balanced binary cross-entropy plus ``anchor`` x the squared distance
-        to the starting parameters, relative to their size, so a few labels move the
-        model only as far as they need (and cannot collapse it to one class). AdamW with
-        a linear decay; stops after ``steps`` or ``max_seconds``, whichever comes first.
-        The LM stays frozen. Returns steps, loss_before/after (the labelled loss alone),
-        probabilities before/after (N,), seconds.
-        """
-        import torch
-        import torch.nn.functional as F
-
-        windows = np.asarray(windows, dtype=np.float64)
-        targets = np.asarray(targets, dtype=np.float32).ravel()
-        if windows.ndim != 3 or len(windows) != len(targets) or not len(windows):
-            raise ValueError("windows: (N, W, C) with one target each, N >= 1")
-        t0 = time.perf_counter()
-        net = self._net
-        params = net.parameters()
-        start = [p.detach().clone() for p in params]
-        scale = sum(float((s ** 2).sum()) for s in start) or 1.0
-        pos = float(targets.sum())
-        neg = len(targets) - pos
-        # each class present weighs half of the loss, however few labels it has
-        weights = np.where(targets > 0.5, 0.5 / max(pos, 1.0), 0.5 / max(neg, 1.0))
-        if pos == 0 or neg == 0:
-            weights = np.full(len(targets), 1.0 / len(targets))
-        y_all = self._tensor(targets)
-        w_all = self._tensor(weights.astype(np.float32))
-        agg = self.config.aggregate
-
-        def proba(idx: np.ndarray) -> torch.Tensor:
-            p = torch.sigmoid(self.window_logits(windows[idx]))  # (b, C)
-            return p.max(1).values if agg == "max" else p.mean(1)
-
-        def labelled_loss(idx: np.ndarray) -> torch.Tensor:
-            p = proba(idx).clamp(1e-6, 1 - 1e-6)
-            raw = F.binary_cross_entropy(p, y_all[idx], reduction="none")
-            return (raw * w_all[idx]).sum() / w_all[idx].sum()
-
-        def evaluate() -> tuple[float, np.ndarray]:
-            everything = np.arange(len(targets))
-            with torch.no_grad():
-                out = []
-                for lo in range(0, len(targets), self.config.score_batch):
-                    out.append(proba(everything[lo:lo + self.config.score_batch]))
-                p = torch.cat(out).clamp(1e-6, 1 - 1e-6)
-                loss = float((F.binary_cross_entropy(p, y_all, reduction="none")
-                              * w_all).sum() / w_all.sum())
-            return loss, p.cpu().numpy().astype(np.float64)
-
-        loss_before, p_before = evaluate()
-        # stop early enough to leave time for the final evaluation (as long as the first)
-        deadline = t0 + max_seconds - (time.perf_counter() - t0)
-        rng = np.random.default_rng(seed)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
-        done = 0
-        for _ in range(steps):
-            if time.perf_counter() > deadline:
-                break
-            idx = np.sort(rng.choice(len(targets), min(batch_size, len(targets)),
-                                     replace=False))
-            drift = sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
-            loss = labelled_loss(idx) + anchor * drift / scale
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-        loss_after, p_after = evaluate()
-        return {"steps": done, "loss_before": loss_before, "loss_after": loss_after,
-                "proba_before": p_before, "proba_after": p_after,
-                "seconds": time.perf_counter() - t0}
 
     # --- training --------------------------------------------------------------------------
     def _fit_with_labels(self, series: list[np.ndarray],
@@ -705,55 +540,4 @@ def best_f1_cut(proba: np.ndarray, labels: np.ndarray) -> float:
     i = int(np.argmax(np.where(last, f1, -1)))
     return float(p[i])
 
-
-def inject_anomalies(raw: np.ndarray, sd: np.ndarray, fraction: float,
-                     rng: np.random.Generator, kinds: tuple[str, ...] = INJECT_KINDS
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Copies of a random ``fraction`` of windows (N, T), each with one anomaly of a random
-    kind at a random point, sized in units of its series' std ``sd`` (N,). Returns the
-    copies, their point masks (the points the anomaly changed) and the rows copied.
-
-    >>> x, m, _ = inject_anomalies(np.zeros((4, 10)), np.ones(4), 1.0,
-    ...                            np.random.default_rng(0))
-    >>> x.shape, bool(m.any(1).all())
-    ((4, 10), True)
-    """
-    n, t = raw.shape
-    pick = np.sort(rng.choice(n, int(round(fraction * n)), replace=False))
-    x = raw[pick].copy()
-    masks = np.zeros(x.shape, dtype=bool)
-    s = np.where(sd[pick] > 0, sd[pick], 1.0)
-    for i in range(len(x)):
-        kind = kinds[rng.integers(len(kinds))]
-        k = int(rng.integers(0, t))
-        sign = rng.choice([-1.0, 1.0])
-        if kind == "spike" or t < 4:
-            x[i, k] += sign * rng.uniform(3, 6) * s[i]
-            masks[i, k] = True
-        elif kind == "shift":
-            x[i, k:] += sign * rng.uniform(2, 4) * s[i]
-            masks[i, k:] = True
-        elif kind == "trend":
-            ramp = np.arange(t - k) / max(t - k, 1)
-            x[i, k:] += sign * rng.uniform(3, 6) * s[i] * ramp
-            masks[i, k + 1:] = True
-            masks[i, k] = masks[i, k] or t - k == 1
-        else:  # volatility burst
-            x[i, k:] += rng.normal(0, rng.uniform(1.5, 3) * s[i], t - k)
-            masks[i, k:] = True
-    return x, masks, pick
-
-
-def random_suffixes(tokens: np.ndarray, masks: np.ndarray, min_length: int,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep a random-length newest part (min_length..T) of each window, left-aligned and
-    right-padded: variable-length training for a variable-length model."""
-    n, t = tokens.shape
-    lengths = rng.integers(min_length, t + 1, n)
-    out_t, out_m = np.empty_like(tokens), np.zeros_like(masks)
-    out_t[:] = tokens[:, :1]
-    for i, ln in enumerate(lengths):
-        out_t[i, :ln] = tokens[i, t - ln:]
-        out_m[i, :ln] = masks[i, t - ln:]
-    return out_t, out_m, lengths
 
