@@ -32,9 +32,9 @@ MAMBA_SSM_KEYS = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weig
 
 
 def lm_state() -> dict[str, torch.Tensor]:
-    from models.lm.runtime import cached_encoder
+    from models.lm.encoder import shared_encoder
 
-    model = cached_encoder(None, "last").encoder.model
+    model = shared_encoder(model_path=None, pooling="last").model  # what cached_encoder wraps
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -140,15 +140,15 @@ def test_a_mambapy_state_dict_gives_equal_outputs_through_mamba_ssm():
 
 def test_tsad_embed_output_serves_the_prompts_without_the_lm(tmp_path):
     from models.lm.cache import CachedEncoder
+    from models.lm.encoder import shared_encoder
     from models.lm.precompute import load_precomputed, warm_cache
     from models.lm.prompts import PromptBuilder, PromptConfig
-    from models.lm.runtime import cached_encoder
 
     out = tmp_path / "emb"
     assert tsad(["embed", "--dataset", "msl", "--data-dir", str(DATA), "--window", str(W),
                  "--stride", "8", "--limit", "6", "--pooling", "last", "--no-progress",
                  "--out", str(out)]) == 0
-    fresh = CachedEncoder(cached_encoder(None, "last").encoder)  # an empty cache
+    fresh = CachedEncoder(shared_encoder(model_path=None, pooling="last"))  # an empty cache
     assert warm_cache(fresh, out) == 2 * 2 * 6  # 2 entities x 2 splits x 6 windows
     vectors, index = load_precomputed(out, "test")
     seg = index["splits"]["test"]["segments"][1]
@@ -161,7 +161,7 @@ def test_tsad_embed_output_serves_the_prompts_without_the_lm(tmp_path):
     np.testing.assert_array_equal(got, np.asarray(vectors[seg["row"]:seg["row"] + 6, 0],
                                                   dtype=np.float32))
     with pytest.raises(ValueError, match="pooling"):
-        warm_cache(CachedEncoder(cached_encoder(None, "mean").encoder), out)
+        warm_cache(CachedEncoder(shared_encoder(model_path=None, pooling="mean")), out)
 
 
 def test_service_scores_a_stream_with_the_artifact(trained):
