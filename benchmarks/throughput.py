@@ -75,9 +75,11 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
 
     async def client(k: int, http: httpx.AsyncClient) -> None:
         nonlocal errors
-        if detector is not None:
-            r = await http.put(f"/streams/{tag}-{k}", json={"detector": detector})
-            errors += r.status_code not in (200, 201)
+        if detector is not None:  # a row that silently ran another detector would lie
+            r = await http.put(f"/streams/{tag}-{k}", json={
+                "channels": series.shape[1] - 1, "detector": detector})
+            if r.status_code not in (200, 201):
+                raise RuntimeError(f"PUT /streams/{tag}-{k}: {r.status_code} {r.text}")
         for body in payloads:
             t0 = time.perf_counter()
             r = await http.post("/score", json={"stream": f"{tag}-{k}", **body})
@@ -85,7 +87,7 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
             errors += r.status_code != 200
 
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(k, http) for k in range(clients)))
         elapsed = time.perf_counter() - start
@@ -256,14 +258,15 @@ def main() -> None:
                     choices=["points", "columnar"], help="request bodies")
     ap.add_argument("--datasets", nargs="+", default=["nab/nyc_taxi", "msl/test"],
                     choices=["nab/nyc_taxi", "msl/test"])
-    ap.add_argument("--detectors", nargs="+",
-                    default=["residual_linear", "embedding_memory"],
+    ap.add_argument("--detectors", nargs="*", default=["residual_linear"],
                     help="besides the default detector: rows on the Redis store (one worker, "
                     "columnar, NAB); the embedding memory at batch 100 and 1000 only, "
                     "bounded by --costly-points")
     ap.add_argument("--costly-points", type=int, default=4000,
                     help="points per row for the embedding memory (a language-model call "
                     "per scored window)")
+    ap.add_argument("--name", default="throughput",
+                    help="output file name under --out (.json and .md)")
     args = ap.parse_args()
 
     loaders = {"nab/nyc_taxi": load_nab, "msl/test": load_msl}
@@ -294,8 +297,8 @@ def main() -> None:
                                    "channels": series.shape[1] - 1, "batch": batch, **result}
                             rows.append(row)
                             print(json.dumps(row), flush=True)
-            if config == "redis" and "nab/nyc_taxi" in datasets:
-                rows += detector_rows(service.url, datasets["nab/nyc_taxi"], args)
+                if config == "redis" and "nab/nyc_taxi" in datasets:
+                    rows += detector_rows(service.url, datasets["nab/nyc_taxi"], args)
         lpush = redis_benchmark_lpush(redis_port, 200_000)
     finally:
         redis.terminate()
@@ -318,7 +321,7 @@ def main() -> None:
         f"service and clients on the same {report['machine']['cpus']}-core machine, "
         f"the default detector ({Settings().default_detector}). "
         f"`python benchmarks/throughput.py`.\n\n"
-        f"{markdown(rows, lpush, river, profile)}"), args.out / "throughput")
+        f"{markdown(rows, lpush, river, profile)}"), args.out / args.name)
 
 
 def detector_rows(url: str, series: np.ndarray, args: argparse.Namespace) -> list[dict]:
