@@ -54,6 +54,23 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def module_state(module: torch.nn.Module, prefix: str = "net.") -> dict[str, np.ndarray]:
+    """A torch module's parameters and buffers as named numpy arrays (an artifact's
+    weights), under ``prefix``."""
+    return {f"{prefix}{k}": v.detach().cpu().numpy().copy()
+            for k, v in module.state_dict().items()}
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, np.ndarray],
+                      prefix: str = "net.") -> None:
+    """Inverse of :func:`module_state`; leaves the module in eval mode."""
+    import torch
+
+    module.load_state_dict({k[len(prefix):]: torch.from_numpy(np.array(v))
+                            for k, v in state.items() if k.startswith(prefix)})
+    module.eval()
+
+
 def linear_schedule(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up to 1, then linear decay to 0 at ``total``.
 

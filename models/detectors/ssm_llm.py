@@ -262,22 +262,21 @@ class SSMLLM(Detector):
     def state_dict(self) -> dict[str, np.ndarray]:
         if not self.is_fitted:
             return {}
-        state = {f"net.{k}": v.detach().cpu().numpy().copy()
-                 for k, v in self._net.state_dict().items()}
+        from models.training import module_state
+
+        state = module_state(self._net)
         state["lm_dim"] = np.array([self._lm_dim])
         state["err_scale"] = np.array([self._err_scale])
         state["dis_scale"] = np.array([self._dis_scale])
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        import torch
+        from models.training import load_module_state
 
         if not state:
             return
         self._build(int(state["lm_dim"][0]))
-        self._net.load_state_dict({k[4:]: torch.from_numpy(np.array(v))
-                                   for k, v in state.items() if k.startswith("net.")})
-        self._net.eval()
+        load_module_state(self._net, state)
         self._err_scale = float(state["err_scale"][0])
         self._dis_scale = float(state["dis_scale"][0])
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.lm.encoder import Encoder
+from models.lm.encoder import Encoder, EncoderInFront
 from models.lm.metrics import EmbeddingMetrics
 
 
@@ -43,7 +43,7 @@ class _Call:
     error: BaseException | None = None
 
 
-class MicroBatcher:
+class MicroBatcher(EncoderInFront):
     """An ``Encoder`` that coalesces concurrent ``encode`` calls (thread-safe)."""
 
     def __init__(self, encoder: Encoder, window_seconds: float = 0.002,
@@ -58,18 +58,6 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closed = False
-
-    @property
-    def model_id(self) -> str:
-        return self.encoder.model_id
-
-    @property
-    def pooling(self) -> str:
-        return self.encoder.pooling
-
-    @property
-    def dim(self) -> int:
-        return self.encoder.dim
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """(N,) prompts -> (N, dim), as the wrapped encoder gives them."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from models.lm.encoder import Encoder
+from models.lm.encoder import Encoder, EncoderInFront
 from models.lm.metrics import HIT_LEVELS, EmbeddingMetrics
 from models.lm.prompts import PromptBuilder
 
@@ -200,7 +200,7 @@ class CacheStats:
         return sum(self.hits.values()) / self.lookups if self.lookups else 0.0
 
 
-class CachedEncoder:
+class CachedEncoder(EncoderInFront):
     """An ``Encoder`` in front of which sit the LRU and Redis.
 
     ``encode(prompts)`` looks every distinct prompt up in the LRU, the LRU's misses in Redis
@@ -228,18 +228,6 @@ class CachedEncoder:
             self.redis = RedisStore(redis_client, self.config, self.metrics)
         elif self.config.redis_url:
             self.redis = RedisStore.from_url(self.config.redis_url, self.config, self.metrics)
-
-    @property
-    def model_id(self) -> str:
-        return self.encoder.model_id
-
-    @property
-    def pooling(self) -> str:
-        return self.encoder.pooling
-
-    @property
-    def dim(self) -> int:
-        return self.encoder.dim
 
     def key(self, prompt: str) -> str:
         return prompt_key(self.config.key_prefix, self.encoder.model_id, prompt)

@@ -55,6 +55,25 @@ class Encoder(Protocol):
     def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray: ...
 
 
+class EncoderInFront:
+    """Base of what sits in front of an encoder (the cache, the micro-batcher): it
+    answers for the wrapped encoder's identity, so keys and shapes never differ."""
+
+    encoder: Encoder
+
+    @property
+    def model_id(self) -> str:
+        return self.encoder.model_id
+
+    @property
+    def pooling(self) -> str:
+        return self.encoder.pooling
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     model_path: str | None = None  # local HF directory; None -> bundled all-MiniLM-L6-v2
