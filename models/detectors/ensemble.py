@@ -307,13 +307,13 @@ class Ensemble(Detector):
         return [row.tobytes() for row in flat @ _probe(flat.shape[1])]
 
     def _remember_raw(self, windows: np.ndarray, raw: np.ndarray) -> None:
-        scored = self.__dict__.setdefault("_scored", {})
+        scored = self._scored  # made by _init_state, which every fitted detector ran
         scored.update(zip(self._keys(windows), raw, strict=True))
         while len(scored) > 4 * self.config.block:  # offline scoring never learns: bound it
             del scored[next(iter(scored))]
 
     def _recall_raw(self, windows: np.ndarray) -> np.ndarray:
-        scored = self.__dict__.get("_scored", {})
+        scored = self._scored
         keys = self._keys(windows)
         known = np.array([k in scored for k in keys], dtype=bool)
         if not known.any():
