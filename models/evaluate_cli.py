@@ -20,7 +20,9 @@ A row may read its features from ``tsad embed`` output instead of running the la
 model (``embeddings: runs/emb/msl-w64-s16``; memory detectors), and a row may fuse earlier
 rows (``fuse: [label a, label b]``, ``method: z | rank``, ``weights: train | equal``):
 per entity, each member's normalised scores are calibrated on its training-data scores
-and added with weights learnt from them (``models.fusion``).
+and added with weights learnt from them (``models.fusion``). A row may also score an
+earlier row's fitted models again with scoring-only settings changed (``rescore: label``,
+``params: {score: probability}``): two scorings of one fit side by side.
 
 or from ``--artifact DIR`` (a trained detector; scored as-is, no refit).
 """
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     scored: dict[str, dict] = {}
     per_entity: dict[str, list] = {}  # label -> EntityScores per entity (for fusion rows)
     notes: list[dict] = []  # degenerate entities and how each row handled them
+    rescored_rows = {spec.rescore for spec in specs if spec.rescore}
     for spec in specs:
         t0 = time.perf_counter()
         if spec.fuse:
@@ -125,9 +128,16 @@ def run(args: argparse.Namespace) -> int:
             parts = [fuse_entity(spec, [per_entity[m][i] for m in spec.fuse])
                      for i in range(len(entities))]
         else:
+            if spec.rescore is not None and spec.rescore not in per_entity:
+                raise SystemExit(f"{spec.label}: rescore names a row not evaluated before "
+                                 f"it: {spec.rescore!r}")
+            keep = spec.label in rescored_rows
+            sources = per_entity[spec.rescore] if spec.rescore else [None] * len(entities)
             parts = [score_entity_full(spec, e.train.astype(np.float64),
-                                       e.test.astype(np.float64), entity=e.name)
-                     for e in tqdm(entities, desc=spec.label, unit="entity")]
+                                       e.test.astype(np.float64), entity=e.name,
+                                       keep_models=keep, fitted=src)
+                     for e, src in tqdm(list(zip(entities, sources, strict=True)),
+                                        desc=spec.label, unit="entity")]
         per_entity[spec.label] = parts
         for e, part in zip(entities, parts, strict=True):
             for note in part.notes:
@@ -157,12 +167,29 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "protocol": PROTOCOL,
         "rows": [{"label": label, "metrics": results[label], "seconds": round(row["seconds"], 1),
-                  **row["spec"]} for label, row in scored.items()],
+                  **row["spec"],
+                  "entity_auc": entity_aucs(entities, per_entity.get(label))}
+                 for label, row in scored.items()],
         "anchors": msl_anchors() if dataset.lower() == "msl" else {},
         "notes": notes,
     }
     write_report(report, args.out)
     return 0
+
+
+def entity_aucs(entities: list, parts: list | None) -> dict[str, float | None]:
+    """AUC-ROC of each entity's own test scores (None where its labels are one class):
+    where a row ranks well or upside down, which the concatenated metrics hide."""
+    from sklearn.metrics import roc_auc_score
+
+    if parts is None:
+        return {}
+    out: dict[str, float | None] = {}
+    for e, part in zip(entities, parts, strict=True):
+        y = np.asarray(e.labels).astype(int)
+        out[e.name] = (round(float(roc_auc_score(y, part.test)), 4) if 0 < y.sum() < len(y)
+                       else None)
+    return out
 
 
 def msl_anchors() -> dict[str, dict[str, float]]:

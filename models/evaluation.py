@@ -19,9 +19,10 @@ training score 0 in the detectors that learn a per-channel scale (``constant_cha
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,10 @@ class DetectorSpec:
     fuse: Sequence[str] | None = None
     method: str = "z"
     weights: str = "train"
+    # rescore rows: the label of an earlier row whose fitted models (held-out and full)
+    # this row scores again, with ``params`` replacing scoring-only config fields (e.g.
+    # SPEAR's ``score``): two scorings of one fit, side by side, at the cost of one fit
+    rescore: str | None = None
 
     def build(self) -> Detector:
         return build_detector(self.detector, **self.params)
@@ -128,6 +133,20 @@ class EntityScores:
     test: np.ndarray
     calibration: np.ndarray
     notes: list[str] = field(default_factory=list)  # how a degenerate entity was handled
+    # the fitted models ("full"; "held": fitted without the calibration tail), kept only
+    # for rows a rescore row names
+    models: dict[str, Detector] = field(default_factory=dict)
+
+
+def rescored(det: Detector, params: dict) -> Detector:
+    """A shallow copy of a fitted detector with scoring-only config fields replaced (its
+    learnt state is shared, never changed)."""
+    unknown = sorted(set(params) - det.config_fields())
+    if unknown:
+        raise ValueError(f"{det.name}: unknown config keys {unknown}")
+    copy_ = copy.copy(det)
+    copy_.config = replace(det.config, **params)
+    return copy_
 
 
 def select(x: np.ndarray, columns: Sequence[int] | None) -> np.ndarray:
@@ -149,18 +168,29 @@ def score_entity(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
 
 def score_entity_full(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
                       on_model: Callable[[Detector], None] | None = None,
-                      entity: str | None = None) -> EntityScores:
+                      entity: str | None = None, keep_models: bool = False,
+                      fitted: EntityScores | None = None) -> EntityScores:
     """``score_entity`` plus the normalised calibration scores; ``entity`` names the
-    stream in ``spec.embeddings``."""
+    stream in ``spec.embeddings``. ``keep_models`` keeps the fitted models in the result;
+    ``fitted`` (a rescore row) is an earlier result with kept models, scored again."""
     if spec.embeddings:
         return _score_entity_features(spec, entity, len(test))
     train, test = select(train, spec.columns), select(test, spec.columns)
-    window = spec.build().config.window
+    if fitted is not None and not fitted.models:  # the source row did not score it
+        return EntityScores(np.zeros(len(test)), np.zeros(1), list(fitted.notes))
+    window = (fitted.models["full"] if fitted is not None else spec.build()).config.window
     if len(train) < window:
         return EntityScores(np.zeros(len(test)), np.zeros(1), [
             f"training split of {len(train)} points is shorter than the window ({window}): "
             "not scored (all 0)"])
-    det = spec.build().fit(train)
+
+    def fit(part: np.ndarray, role: str) -> Detector:
+        if fitted is not None:
+            return rescored(fitted.models[role], spec.params)
+        return spec.build().fit(part)
+
+    det = fit(train, "full")
+    models = {"full": det}
     notes = [f"channels {det.constant_channels} constant in training: scored 0"
              ] if det.constant_channels else []
     if on_model is not None:
@@ -176,7 +206,7 @@ def score_entity_full(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
                 if tail > share:
                     notes.append(f"training split of {len(train)} points: calibration tail "
                                  f"widened to one window ({window} points)")
-                held = spec.build().fit(train[:-tail])
+                held = models["held"] = fit(train[:-tail], "held")
                 cal = score_series(held, train[-tail:], spec.stride, spec.spread)
             else:  # no room for both parts: the model's own (optimistic) training scores
                 notes.append(f"training split of {len(train)} points is shorter than two "
@@ -187,7 +217,8 @@ def score_entity_full(spec: DetectorSpec, train: np.ndarray, test: np.ndarray,
             center, scale = robust_center_scale(cal)
     test_scores = score_series(det, test, spec.stride, spec.spread)
     cal = np.zeros(0) if cal is None else np.asarray(cal, dtype=np.float64)
-    return EntityScores((test_scores - center) / scale, (cal - center) / scale, notes)
+    return EntityScores((test_scores - center) / scale, (cal - center) / scale, notes,
+                        models if keep_models else {})
 
 
 def check_embeddings(spec: DetectorSpec, dataset: str, data_dir: str | Path) -> None:

@@ -57,6 +57,9 @@ def test_evaluate_reads_embeddings_and_fuses_rows(embeddings, tmp_path):
     for row in rows.values():
         assert all(0.0 <= v <= 1.0 for v in row["metrics"].values()), row
     assert rows["fused z"]["fuse"] == ["memory c0", "residual linear"]
+    for row in rows.values():  # each entity's own ranking, beside the concatenated one
+        assert set(row["entity_auc"]) == set(report["entities"])
+        assert all(v is None or 0.0 <= v <= 1.0 for v in row["entity_auc"].values())
     assert "fused rank" in (tmp_path / "report.md").read_text()
 
 
@@ -163,3 +166,35 @@ def test_embed_takes_entities_by_name_from_any_msl_layout_folder():
     assert [(s.name, s.split) for s in streams] == [("C-2", "train"), ("C-2", "test")]
     with pytest.raises(SystemExit, match="--entities"):
         load_streams("msl", str(DATA_DIR), None, "X-9")
+
+
+def test_a_rescore_row_scores_the_fitted_models_again_without_refitting(monkeypatch):
+    """How channels combine (``aggregate``) is a scoring-only setting: rescoring mean models
+    with max gives what fresh max models give, from the one fit of the source row."""
+    from models.data import load_msl
+    from models.detectors.residual_linear import ResidualLinear
+    from models.evaluation import score_entity_full
+
+    entity = load_msl(DATA_DIR)[0]
+    train, test = entity.train.astype(np.float64), entity.test.astype(np.float64)
+    row = {"columns": [0, 1, 2], "stride": 4, "spread": "max"}
+    source = DetectorSpec("mean", "residual_linear", {"window": 32}, **row)
+    fits = []
+    original = ResidualLinear._fit
+    monkeypatch.setattr(ResidualLinear, "_fit",
+                        lambda self, x: (fits.append(1), original(self, x))[1])
+    fitted = score_entity_full(source, train, test, keep_models=True)
+    assert len(fits) == 2 and set(fitted.models) == {"full", "held"}  # held-out + full
+    again = score_entity_full(DetectorSpec("max", params={"aggregate": "max"},
+                                           rescore="mean", **row), train, test, fitted=fitted)
+    assert len(fits) == 2 and not again.models  # no fit, nothing kept
+    fresh = score_entity_full(DetectorSpec("max fresh", "residual_linear",
+                                           {"window": 32, "aggregate": "max"}, **row),
+                              train, test)
+    np.testing.assert_array_equal(again.test, fresh.test)
+    np.testing.assert_array_equal(again.calibration, fresh.calibration)
+    assert not np.array_equal(again.test, fitted.test)
+    assert fitted.models["full"].config.aggregate == "mean"  # the source is not changed
+    with pytest.raises(ValueError, match="unknown config keys"):
+        score_entity_full(DetectorSpec("bad", params={"kk": 3}, rescore="mean", **row),
+                          train, test, fitted=fitted)

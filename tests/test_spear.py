@@ -65,6 +65,25 @@ def test_frozen_language_model_is_unchanged_by_training(trained):
     assert set(det.state_dict()) >= {"prompts", "head.weight", "head.bias", "threshold"}
 
 
+def test_the_log_odds_score_keeps_the_order_on_an_unbounded_scale(trained):
+    """score="log_odds" serves softplus(logit) = -log(1 - p): the probability's order, but
+    unbounded where float32 probabilities round to exactly 1."""
+    from models.evaluation import rescored
+
+    det, _, _ = trained
+    windows = sliding_windows(series(400, seed=4)[:, None], W)[::7].copy()
+    windows[::3, -1, 0] += np.linspace(3.0, 60.0, len(windows[::3]))  # up to absurd spikes
+    p = det.score(windows)
+    odds = rescored(det, {"score": "log_odds"})
+    s = odds.score(windows)
+    assert (s >= 0).all() and np.isfinite(s).all()
+    np.testing.assert_allclose(s, -np.log1p(-np.minimum(p, 1 - 1e-7)), rtol=1e-3, atol=1e-5)
+    assert odds.calibrated_threshold == pytest.approx(-np.log1p(-det.threshold))
+    assert det.calibrated_threshold == det.threshold
+    with pytest.raises(ValueError, match="score"):
+        build_detector("spear", score="odds")
+
+
 def test_windows_of_any_length_up_to_the_maximum(trained):
     det, _, _ = trained
     x = series(200, seed=2)

@@ -121,6 +121,39 @@ def test_ablations_change_the_network_not_the_training():
     assert not any(k.startswith(("sem_", "memory")) for k in keys)
 
 
+def test_patch_tokens_train_the_projection_through_the_frozen_lm(tmp_path):
+    """semantic "patches": the window's patches go through the LM in every step; the
+    projection learns, the loss goes down, the LM's weights do not move and stay out of
+    the artifact, and the artifact reloads to identical scores."""
+    from models.lm.encoder import frozen_lm
+
+    lm = frozen_lm(None, "cpu").model
+    before = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+    train = load_msl(DATA)[0].train[:600, :1].astype(np.float64)
+    det = build_detector("ssm_llm", **{**TINY, "max_steps": 30}, semantic="patches",
+                         patch_len=4)
+    assert det.costly
+    initial = build_detector("ssm_llm", **{**TINY, "max_steps": 0}, semantic="patches",
+                             patch_len=4).fit(train)._net.patch_in.weight.detach().clone()
+    det.fit(train)
+    assert not torch.equal(det._net.patch_in.weight.detach(), initial)  # it learnt
+    curve = det.history
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"]
+    for k, v in lm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    state = det.state_dict()
+    assert "net.patch_in.weight" in state  # the projection travels, the LM does not:
+    assert not any(k.startswith(("net.lm.", "net.encoder.", "net.embeddings.")) for k in state)
+    assert sum(v.size for v in state.values()) < 10_000
+    assert det.embed(np.zeros((2, W, 1))) is None  # nothing precomputed: the net runs the LM
+    windows = sliding_windows(load_msl(DATA)[0].test[:200, :1].astype(np.float64), W, 8)
+    det.save(tmp_path / "patches")
+    np.testing.assert_array_equal(load_detector(tmp_path / "patches").score(windows),
+                                  det.score(windows))
+    with pytest.raises(ValueError, match="patch_len"):
+        build_detector("ssm_llm", window=W, semantic="patches", patch_len=5)
+
+
 def test_the_cpu_mamba_names_its_parameters_as_mamba_ssm():
     assert set(mamba_mixer(8, 4, 4, 2, "mambapy").state_dict()) == MAMBA_SSM_KEYS
 

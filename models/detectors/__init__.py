@@ -11,6 +11,7 @@ from pathlib import Path
 
 from models.detectors.base import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, Detector
 from models.detectors.cma import CMA
+from models.detectors.command_events import CommandEvents
 from models.detectors.embedding_memory import EmbeddingMemory
 from models.detectors.ensemble import Ensemble
 from models.detectors.fusion import Fusion
@@ -23,7 +24,7 @@ from models.detectors.ssm_llm import SSMLLM
 
 REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
     Ensemble, ResidualLinear, RawKnn, PcaReconstruction, IsolationForest, EmbeddingMemory,
-    Spear, CMA, Fusion, SSMLLM)}
+    Spear, CMA, Fusion, SSMLLM, CommandEvents)}
 
 
 def build_detector(name: str, *, defaults: Mapping[str, object] | None = None,

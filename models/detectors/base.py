@@ -35,7 +35,7 @@ class DetectorConfig:
     """Fields every detector config has."""
 
     window: int = 64  # points per window (the newest point is the one scored)
-    aggregate: str = "mean"  # how channel scores become one score: mean | max
+    aggregate: str = "mean"  # how channel scores become one score: mean | max | sum
 
 
 class Detector(ABC):
@@ -209,12 +209,16 @@ def aggregate_channels(channel_scores: np.ndarray, how: str) -> np.ndarray:
     [2.0]
     >>> aggregate_channels(np.array([[1.0, 3.0]]), "max").tolist()
     [3.0]
+    >>> aggregate_channels(np.array([[1.0, 3.0]]), "sum").tolist()
+    [4.0]
     """
     if how == "mean":
         return channel_scores.mean(axis=1)
     if how == "max":
         return channel_scores.max(axis=1)
-    raise ValueError(f"aggregate: unknown aggregation {how!r} (mean | max)")
+    if how == "sum":  # e.g. log tail probabilities of independent channels
+        return channel_scores.sum(axis=1)
+    raise ValueError(f"aggregate: unknown aggregation {how!r} (mean | max | sum)")
 
 
 def as_series(x: np.ndarray, name: str = "series") -> np.ndarray:

@@ -38,9 +38,10 @@ probability cut with the best F1 on it becomes ``threshold`` (the service's defa
 
 Scores. ``channel_scores`` is the anomaly probability per channel window: of the newest
 point (position head; the max over the newest ``score_last`` points for a scorer that
-scores every ``score_last``-th window) or of the window (window head); ``score`` aggregates channels
-(``max`` by default: "is any channel anomalous"). ``predict_proba`` takes windows of any
-length up to ``window``.
+scores every ``score_last``-th window) or of the window (window head), or with
+``score="log_odds"`` the same on the log-odds scale, ``-log(1 - p)``; ``score`` aggregates
+channels (``max`` by default: "is any channel anomalous"). ``predict_proba`` takes windows
+of any length up to ``window``.
 
 Where each part lives: the network (soft prompts, head, frozen LM) in ``spear_net``, the
 few-label tuning of a stream's copy in ``spear_tuning``, synthetic anomalies in
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     import torch
 
 HEADS = ("position", "window")
+SCORES = ("probability", "log_odds")
 SCALINGS = ("window", "series")
 LABEL_SOURCES = ("context", "inject")
 
@@ -85,6 +87,12 @@ class SpearConfig(DetectorConfig):
     # probabilities (1 = the newest point, the online score; a scorer that skips windows,
     # stride s, needs s so that every point is judged by some window)
     score_last: int = 1
+    # what a window scores on: probability (the head's sigmoid, in [0, 1]) | log_odds
+    # (softplus of the head's logit = -log(1 - p): the same order, non-negative, and not
+    # saturated: float32 probabilities reach exactly 1.0 at logit 17, tying every clear
+    # anomaly, and a bounded score normalised per stream by its held-out spread puts
+    # streams with a wide normal spread and a flat one on different scales)
+    score: str = "probability"
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     # labels for unlabelled training data
     labels: str = "context+inject"  # "+"-joined subset of: context, inject
@@ -125,6 +133,8 @@ class SpearConfig(DetectorConfig):
             raise ValueError(f"inject_kinds: unknown {sorted(bad)}; known: {INJECT_KINDS}")
         if self.n_prompts < 0 or self.window < 1 or self.min_length > self.window:
             raise ValueError("need n_prompts >= 0, window >= 1, min_length <= window")
+        if self.score not in SCORES:
+            raise ValueError(f"score: unknown {self.score!r}; known: {SCORES}")
         if not 1 <= self.score_last <= self.window:
             raise ValueError("score_last: in 1..window")
         if not 0 < self.val_fraction < 1:
@@ -203,15 +213,18 @@ class Spear(FewLabelTuning, Detector):
     def _logits(self, tokens: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         return self._net.logits(self._tensor(tokens), self._tensor(lengths))
 
-    def _proba(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """(N, T) tokens -> (N, T) probabilities (position head) or (N,) (window head)."""
+    def _proba(self, tokens: np.ndarray, lengths: np.ndarray,
+               scale: str = "probability") -> np.ndarray:
+        """(N, T) tokens -> (N, T) probabilities (position head) or (N,) (window head);
+        ``scale="log_odds"``: softplus of the logits instead (see ``SpearConfig.score``)."""
         import torch
 
+        squash = torch.sigmoid if scale == "probability" else torch.nn.functional.softplus
         out = []
         with torch.no_grad():
             for lo in range(0, len(tokens), self.config.score_batch):
                 sl = slice(lo, lo + self.config.score_batch)
-                out.append(torch.sigmoid(self._logits(tokens[sl], lengths[sl])).cpu().numpy())
+                out.append(squash(self._logits(tokens[sl], lengths[sl])).cpu().numpy())
         if not out:
             return np.zeros((0, tokens.shape[1]) if self.config.head == "position" else (0,))
         return np.concatenate(out).astype(np.float64)
@@ -256,7 +269,8 @@ class Spear(FewLabelTuning, Detector):
             raise ValueError(f"windows: {c} channels, model fitted on {self._channels}")
         flat = windows.transpose(0, 2, 1).reshape(b * c, w)  # (B*C, W), channel-major rows
         chan = np.tile(np.arange(c), b)
-        p = self._proba(self.tokens(self.scale(flat, chan)), np.full(b * c, w))
+        p = self._proba(self.tokens(self.scale(flat, chan)), np.full(b * c, w),
+                        self.config.score)
         if self.config.head == "position":  # (B*C,): the newest score_last points' max
             p = p[:, w - min(self.config.score_last, w):].max(1)
         return p.reshape(b, c)
@@ -304,6 +318,9 @@ class Spear(FewLabelTuning, Detector):
 
     @property
     def calibrated_threshold(self) -> float | None:
+        """The threshold on the scale ``score`` serves (-log(1 - p) for log_odds)."""
+        if self.config.score == "log_odds":
+            return float(-np.log1p(-min(self.threshold, 1.0 - 1e-12)))
         return self.threshold
 
     @property

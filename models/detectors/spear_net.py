@@ -10,17 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from models.lm.encoder import frozen_lm
+
 if TYPE_CHECKING:
     import torch
 
-
-def frozen_lm(model_path: str | None, device: str) -> Any:
-    """The frozen LM (shared per process, float32 so gradients reach the prompts)."""
-    from models.lm.encoder import shared_encoder
-    from models.training import pick_device
-
-    return shared_encoder(model_path=model_path, pooling="mean", dtype="float32",
-                          device=pick_device(device))
+__all__ = ["SoftPromptClassifier", "frozen_lm"]
 
 
 class SoftPromptClassifier:

@@ -17,6 +17,12 @@ K memory slots.
       -> [use_lm] semantic branch: the frozen LM's
          embedding of each channel's statistical
          prompt (cached, tsad embed output)           e  (N, D)
+         or (semantic "patches") the channel window
+         cut into W/P patches, each projected into
+         the LM's input space, through the frozen
+         LM, mean-pooled (last token for decoders):
+           xn (N, W) -> (N, W/P, P) -> Linear(P, D)
+           -> LM(inputs_embeds) (N, W/P, D) -> pool  e  (N, D)
            -> [use_memory] principal memory read:     r  (N, D)  mu + coef @ M,
               coefficients of e - mu on the memory               coef (N, K)
               rows M (K, D), initialised to the K
@@ -44,13 +50,18 @@ Why the pieces:
   selective scan decides per bin what to keep. ``mamba_ssm`` (CUDA kernels) is imported
   only on CUDA; elsewhere ``mambapy`` (pure PyTorch) runs the same block with the same
   parameter names and shapes, so an artifact trained on one loads on the other.
-* The LM is never run in training steps: its embeddings are computed once per prompt (the
-  process-wide cached encoder, warmed from ``tsad embed`` output when ``embeddings`` names
-  one), so the LM weights cannot change and training costs what the small network costs.
+* With prompts the LM is never run in training steps: its embeddings are computed once per
+  prompt (the process-wide cached encoder, warmed from ``tsad embed`` output when
+  ``embeddings`` names one), so the LM weights cannot change and training costs what the
+  small network costs. With patch tokens (``semantic="patches"``, the LLM-as-encoder
+  recipe of Time-LLM / GPT4TS) the LM runs in every step, frozen (no gradient to its
+  weights, never in the artifact), and learns only the patch projection: short sequences
+  (W/P tokens, 8 at W=64) where a prompt has about 100.
 * Ablations by flag on the same network and training: ``use_lm=False`` (no semantic
   branch, no alignment, no memory), ``use_mamba=False`` (a linear layer in each Mamba
   block's place), ``use_memory=False`` (the LM embedding projected directly);
-  ``semantic="stats"`` reads the window's mean, std, min and max instead of the LM (a control).
+  ``semantic="stats"`` reads the window's mean, std, min and max instead of the LM (a control);
+  ``semantic="patches"`` feeds the LM the window's numbers as patch vectors instead of text.
 """
 
 from __future__ import annotations
@@ -70,6 +81,7 @@ from models.detectors.base import Detector, DetectorConfig, as_series, sliding_w
 from models.detectors.cma import revin
 
 log = logging.getLogger(__name__)
+SEMANTICS = ("lm", "stats", "patches")
 
 # encoder -> the `tsad embed` directories already put into its cache (an encoder rebuilt by
 # models.lm.runtime.configure starts with an empty cache, and with no entry here)
@@ -86,8 +98,11 @@ class SSMLLMConfig(DetectorConfig):
     residual_linear: bool = True  # low-rank linear path over time beside the branches
     # what the semantic branch reads: lm (the frozen LM's prompt embedding) | stats (the
     # numbers a prompt states, the window's mean, std, min and max, without the LM: a
-    # control that tells the language model's part from the statistics' part)
+    # control that tells the language model's part from the statistics' part) | patches
+    # (patch_len-point patches of the normalised window, projected into the LM's input
+    # space and run through the frozen LM in every step)
     semantic: str = "lm"
+    patch_len: int = 8
     # --- prompts (models/lm/prompts.py) and the frozen LM
     strategy: str = "variance"
     max_values: int = 100
@@ -127,6 +142,13 @@ class SSMLLMConfig(DetectorConfig):
     disagreement_weight: float = 0.0  # branch disagreement added to the score (0 = off)
     min_std: float = 1e-3
 
+    def __post_init__(self) -> None:
+        if self.semantic not in SEMANTICS:
+            raise ValueError(f"semantic: unknown {self.semantic!r}; known: {SEMANTICS}")
+        if self.semantic == "patches" and (self.patch_len < 1
+                                           or self.window % self.patch_len):
+            raise ValueError(f"patch_len: must divide the window ({self.window})")
+
 
 def mamba_mixer(d_model: int, d_state: int, d_conv: int, expand: int, backend: str) -> Any:
     """One Mamba mixer (B, L, d) -> (B, L, d). Both backends name and shape their parameters
@@ -156,9 +178,13 @@ def resolve_backend(backend: str, device: str) -> str:
     return "mambapy"
 
 
-def build_net(cfg: SSMLLMConfig, lm_dim: int, backend: str) -> Any:
+def build_net(cfg: SSMLLMConfig, lm_dim: int, backend: str, lm: Any = None) -> Any:
+    """The network; ``lm`` (semantic "patches"): the frozen Hugging Face model the patch
+    tokens go through, held outside the module's parameters and state."""
     import torch
     from torch import nn
+
+    from models.lm.encoder import is_decoder, pool
 
     # rFFT bins without the Nyquist bin: W=64 gives 32, a power of two, which the parallel
     # scan of mambapy would otherwise pad to (33 -> 64, twice the cost)
@@ -187,6 +213,10 @@ def build_net(cfg: SSMLLMConfig, lm_dim: int, backend: str) -> Any:
             self.freq_norm = nn.LayerNorm(d)
             self.freq_out = nn.Linear(n_bins * d, d)  # (N, F*d) -> h (N, d)
             if cfg.use_lm:
+                if cfg.semantic == "patches":
+                    self.patch_in = nn.Linear(cfg.patch_len, lm_dim)  # (P) -> LM input (D)
+                    self.lm = (lm,)  # a tuple: not a submodule, not in the state_dict
+                    self.lm_pooling = "last" if is_decoder(lm.config) else "mean"
                 if cfg.use_memory:
                     # set from the training embeddings before training (init_memory)
                     self.memory = nn.Parameter(torch.zeros(cfg.memory_size, lm_dim))
@@ -206,6 +236,15 @@ def build_net(cfg: SSMLLMConfig, lm_dim: int, backend: str) -> Any:
                 x = block(x)
             return self.freq_out(self.freq_norm(x).flatten(1))  # (N, d)
 
+        def patch_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+            """(N, W) normalised channel windows -> (N, D) the frozen LM's pooled output
+            over the window's patches (gradients reach patch_in, never the LM)."""
+            n, w = tokens.shape
+            x = self.patch_in(tokens.reshape(n, w // cfg.patch_len, cfg.patch_len))
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)  # (N, W/P)
+            h = self.lm[0](inputs_embeds=x, attention_mask=mask).last_hidden_state
+            return pool(h, mask, self.lm_pooling)  # (N, D)
+
         def read_memory(self, e: torch.Tensor) -> torch.Tensor:
             """(N, D) embeddings -> (N, D): their part on the memory rows (a projection
             onto the principal directions at initialisation)."""
@@ -221,7 +260,8 @@ def build_net(cfg: SSMLLMConfig, lm_dim: int, backend: str) -> Any:
             aux: dict[str, torch.Tensor] = {"h": h}
             z = h
             if cfg.use_lm:
-                e = emb.reshape(b * c, -1)  # (B, C, D) -> (N, D)
+                e = (self.patch_embed(tokens) if cfg.semantic == "patches"
+                     else emb.reshape(b * c, -1))  # (B, C, D) -> (N, D)
                 if cfg.use_memory:
                     r = self.read_memory(e)
                     aux["distill"] = ((e - r).pow(2).sum(1).mean()
@@ -252,7 +292,7 @@ class SSMLLM(Detector):
     @property
     def costly(self) -> bool:  # type: ignore[override]
         """A language-model call per window, unless the LM branch is removed."""
-        return self.config.use_lm and self.config.semantic == "lm"
+        return self.config.use_lm and self.config.semantic in ("lm", "patches")
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -287,7 +327,8 @@ class SSMLLM(Detector):
         self._lm_dim = lm_dim
         self._device = pick_device(self.config.device)
         self._backend = resolve_backend(self.config.mamba_backend, self._device)
-        self._net = build_net(self.config, lm_dim, self._backend).to(self._device)
+        lm = self._patch_lm().model if self._patches else None
+        self._net = build_net(self.config, lm_dim, self._backend, lm).to(self._device)
         self._err_scale = 1.0
         self._dis_scale = 1.0
 
@@ -309,6 +350,15 @@ class SSMLLM(Detector):
                 "mamba_backend": getattr(self, "_backend", None)}
 
     # --- prompts -----------------------------------------------------------------------
+    @property
+    def _patches(self) -> bool:
+        return self.config.use_lm and self.config.semantic == "patches"
+
+    def _patch_lm(self) -> Any:
+        from models.lm.encoder import frozen_lm
+
+        return frozen_lm(self.config.model_path, self._device)
+
     def _encoder(self) -> Any:
         from models.lm.runtime import cached_encoder
 
@@ -329,14 +379,13 @@ class SSMLLM(Detector):
 
     def embed(self, windows: np.ndarray, chunk: int = 512) -> np.ndarray | None:
         """(B, W, C) -> (B, C, D) float32 prompt embeddings; None without the LM branch
-        (``semantic: stats``: (B, C, 4) mean, std, min, max of each channel window)."""
-        if not self.config.use_lm:
+        (``semantic: stats``: (B, C, 4) mean, std, min, max of each channel window), and
+        None with patch tokens (the network runs the LM itself)."""
+        if not self.config.use_lm or self.config.semantic == "patches":
             return None
         if self.config.semantic == "stats":
             return np.stack([windows.mean(1), windows.std(1), windows.min(1),
                              windows.max(1)], axis=-1).astype(np.float32)
-        if self.config.semantic != "lm":
-            raise ValueError(f"semantic: unknown {self.config.semantic!r} (lm | stats)")
         from tqdm.auto import tqdm
 
         from models.lm.prompts import PromptBuilder, PromptConfig
@@ -372,15 +421,16 @@ class SSMLLM(Detector):
             raise ValueError(f"train: need at least window={cfg.window} points")
         t0 = time.perf_counter()
         emb = self.embed(windows)  # (N, C, D) once: every epoch reuses these
-        self._build(emb.shape[-1] if emb is not None else 0)
+        self._build(emb.shape[-1] if emb is not None else self._lm_width())
         net = self._net
         x = torch.tensor(windows, dtype=torch.float32, device=self._device)
         e = None if emb is None else torch.as_tensor(emb, device=self._device)
         n_val = int(len(x) * cfg.val_share) if len(x) >= 10 else 0
         n_train = len(x) - n_val
         train_idx = np.arange(n_train)
-        if cfg.use_lm and cfg.use_memory:
-            self._init_memory(emb[:n_train])
+        if cfg.use_lm and cfg.use_memory:  # patches: what the untrained projection gives
+            self._init_memory(emb[:n_train] if emb is not None
+                              else self._patch_embeddings(x[:n_train]))
 
         def loss_of(idx: np.ndarray) -> torch.Tensor:
             idx_t = torch.as_tensor(idx, device=self._device)
@@ -419,6 +469,29 @@ class SSMLLM(Detector):
         self._err_scale = max(float(err.mean()), 1e-12)
         self._dis_scale = max(float(dis.mean()), 1e-12) if dis is not None else 1.0
         return self
+
+    def _lm_width(self) -> int:
+        """The LM's hidden size where the network needs it (patch tokens), else 0."""
+        if not self._patches:
+            return 0
+        from models.training import pick_device
+
+        self._device = pick_device(self.config.device)
+        return self._patch_lm().dim
+
+    def _patch_embeddings(self, x: Any, batch: int = 256) -> np.ndarray:
+        """(B, W, C) raw windows -> (B, C, D) the LM's view of their patches, as the
+        network is now (the memory's initial principal directions)."""
+        import torch
+
+        with torch.no_grad():
+            out = []
+            for lo in range(0, len(x), batch):
+                xn, _, _ = revin(x[lo:lo + batch], self.config.min_std)
+                b, w, c = xn.shape
+                e = self._net.patch_embed(xn.transpose(1, 2).reshape(b * c, w))
+                out.append(e.reshape(b, c, -1).cpu().numpy())
+        return np.concatenate(out)
 
     def _init_memory(self, emb: np.ndarray) -> None:
         """Memory rows = the K principal directions of the training embeddings, each

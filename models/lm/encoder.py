@@ -341,6 +341,16 @@ _SHARED: dict[EncoderConfig, TextEncoder] = {}
 _SHARED_LOCK = threading.Lock()
 
 
+def frozen_lm(model_path: str | None, device: str) -> TextEncoder:
+    """The frozen LM for detectors that feed it their own input vectors (soft prompts,
+    patch tokens): shared per process, float32 so gradients reach those inputs; its
+    ``.model`` takes ``inputs_embeds``."""
+    from models.training import pick_device
+
+    return shared_encoder(model_path=model_path, pooling="mean", dtype="float32",
+                          device=pick_device(device))
+
+
 def shared_encoder(config: EncoderConfig | None = None, **overrides: Any) -> TextEncoder:
     """One ``TextEncoder`` per config per process: the model is read-only, so the service,
     every detector and a test session can share one copy of the weights."""
