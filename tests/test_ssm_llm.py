@@ -154,6 +154,25 @@ def test_patch_tokens_train_the_projection_through_the_frozen_lm(tmp_path):
         build_detector("ssm_llm", window=W, semantic="patches", patch_len=5)
 
 
+def test_series_normalisation_sees_a_window_wholly_at_an_unusual_level(tmp_path):
+    """Window RevIN reads each window against itself: a window moved wholly to a new level
+    is the same window to it. Series normalisation reads it in the training split's units."""
+    t = np.arange(1500.0)
+    train = (np.sin(t / 5.0) + 0.05 * np.random.default_rng(0).standard_normal(1500))[:, None]
+    clean = sliding_windows(train[1000:], W, 8).copy()
+    moved = clean + 4.0  # four training stds above anywhere the series went
+    fast = {**TINY, "use_lm": False, "max_steps": 60}
+    revin_model = build_detector("ssm_llm", **fast).fit(train[:1000])
+    np.testing.assert_allclose(revin_model.score(moved), revin_model.score(clean), rtol=1e-3)
+    series_model = build_detector("ssm_llm", **fast, normalise="series").fit(train[:1000])
+    assert series_model.score(moved).min() > series_model.score(clean).max()
+    assert series_model.fixed_channels == 1 and revin_model.fixed_channels is None
+    again = load_detector(series_model.save(tmp_path / "series"))
+    np.testing.assert_array_equal(again.score(moved), series_model.score(moved))
+    with pytest.raises(ValueError, match="channels"):
+        series_model.score(np.zeros((2, W, 2)))
+
+
 def test_the_cpu_mamba_names_its_parameters_as_mamba_ssm():
     assert set(mamba_mixer(8, 4, 4, 2, "mambapy").state_dict()) == MAMBA_SSM_KEYS
 

@@ -8,6 +8,8 @@ K memory slots.
 
     windows (B, W, C)
       -> RevIN per window and channel                 xn (B, W, C)
+         (normalise "series": the training split's
+          per-channel mean and std instead)
       -> frequency branch: rFFT per channel           spec (N, F, 2)  real, imag
            -> Linear(2 -> d) + bin embedding          (N, F, d)
            -> [use_mamba] Mamba blocks over the bins  (N, F, d)  x + Mamba(LN(x)), scan
@@ -82,6 +84,7 @@ from models.detectors.cma import revin
 
 log = logging.getLogger(__name__)
 SEMANTICS = ("lm", "stats", "patches")
+NORMALISATIONS = ("window", "series")
 
 # encoder -> the `tsad embed` directories already put into its cache (an encoder rebuilt by
 # models.lm.runtime.configure starts with an empty cache, and with no entry here)
@@ -96,6 +99,11 @@ class SSMLLMConfig(DetectorConfig):
     use_mamba: bool = True  # False: a token-wise linear layer in each Mamba block's place
     use_memory: bool = True  # False: no principal memory (the LM embedding projected as is)
     residual_linear: bool = True  # low-rank linear path over time beside the branches
+    # window: RevIN, each window by its own mean and std (the paper; any stream, any
+    # level) | series: every window by the training split's per-channel mean and std, so
+    # a window's level and spread are part of what is reconstructed (a window wholly at an
+    # unseen level is not centred away); binds the model to its training channels
+    normalise: str = "window"
     # what the semantic branch reads: lm (the frozen LM's prompt embedding) | stats (the
     # numbers a prompt states, the window's mean, std, min and max, without the LM: a
     # control that tells the language model's part from the statistics' part) | patches
@@ -143,6 +151,9 @@ class SSMLLMConfig(DetectorConfig):
     min_std: float = 1e-3
 
     def __post_init__(self) -> None:
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise: unknown {self.normalise!r}; known: "
+                             f"{NORMALISATIONS}")
         if self.semantic not in SEMANTICS:
             raise ValueError(f"semantic: unknown {self.semantic!r}; known: {SEMANTICS}")
         if self.semantic == "patches" and (self.patch_len < 1
@@ -308,6 +319,8 @@ class SSMLLM(Detector):
         state["lm_dim"] = np.array([self._lm_dim])
         state["err_scale"] = np.array([self._err_scale])
         state["dis_scale"] = np.array([self._dis_scale])
+        if self.config.normalise == "series":
+            state["series_mean"], state["series_std"] = self._series
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -319,6 +332,9 @@ class SSMLLM(Detector):
         load_module_state(self._net, state)
         self._err_scale = float(state["err_scale"][0])
         self._dis_scale = float(state["dis_scale"][0])
+        if self.config.normalise == "series":
+            self._series = (np.asarray(state["series_mean"], dtype=np.float32).copy(),
+                            np.asarray(state["series_std"], dtype=np.float32).copy())
 
     def _build(self, lm_dim: int) -> None:
         from models.training import pick_device, seed_everything
@@ -331,6 +347,24 @@ class SSMLLM(Detector):
         self._net = build_net(self.config, lm_dim, self._backend, lm).to(self._device)
         self._err_scale = 1.0
         self._dis_scale = 1.0
+
+    @property
+    def fixed_channels(self) -> int | None:
+        """Channels the model is bound to (series normalisation), else None (any)."""
+        if self.config.normalise == "series" and hasattr(self, "_series"):
+            return len(self._series[0])
+        return None
+
+    def _normalised(self, x: Any) -> Any:
+        """(B, W, C) raw windows (tensor) -> (B, W, C) in the units the network reads."""
+        import torch
+
+        if self.config.normalise == "window":
+            return revin(x, self.config.min_std)[0]
+        mean, std = (torch.as_tensor(a, device=x.device) for a in self._series)
+        if x.shape[-1] != len(mean):
+            raise ValueError(f"windows: {x.shape[-1]} channels, model fitted on {len(mean)}")
+        return (x - mean) / std
 
     def save(self, path: str | Path) -> Path:
         """The artifact without ``embeddings``: where a training run read its cached prompt
@@ -422,6 +456,10 @@ class SSMLLM(Detector):
         t0 = time.perf_counter()
         emb = self.embed(windows)  # (N, C, D) once: every epoch reuses these
         self._build(emb.shape[-1] if emb is not None else self._lm_width())
+        if cfg.normalise == "series":  # per channel, over every training point
+            points = np.concatenate(series)
+            self._series = (points.mean(axis=0).astype(np.float32),
+                            np.maximum(points.std(axis=0), cfg.min_std).astype(np.float32))
         net = self._net
         x = torch.tensor(windows, dtype=torch.float32, device=self._device)
         e = None if emb is None else torch.as_tensor(emb, device=self._device)
@@ -434,7 +472,7 @@ class SSMLLM(Detector):
 
         def loss_of(idx: np.ndarray) -> torch.Tensor:
             idx_t = torch.as_tensor(idx, device=self._device)
-            xn, _, _ = revin(x[idx_t], cfg.min_std)
+            xn = self._normalised(x[idx_t])
             out, aux = net(xn, None if e is None else e[idx_t])
             loss = torch.mean((out - xn) ** 2)
             if cfg.use_lm:
@@ -487,7 +525,7 @@ class SSMLLM(Detector):
         with torch.no_grad():
             out = []
             for lo in range(0, len(x), batch):
-                xn, _, _ = revin(x[lo:lo + batch], self.config.min_std)
+                xn = self._normalised(x[lo:lo + batch])
                 b, w, c = xn.shape
                 e = self._net.patch_embed(xn.transpose(1, 2).reshape(b * c, w))
                 out.append(e.reshape(b, c, -1).cpu().numpy())
@@ -523,7 +561,7 @@ class SSMLLM(Detector):
             for lo in range(0, b, batch):
                 x = torch.tensor(windows[lo:lo + batch], dtype=torch.float32,
                                  device=self._device)
-                xn, _, _ = revin(x, self.config.min_std)
+                xn = self._normalised(x)
                 p = None if emb is None else torch.as_tensor(emb[lo:lo + batch],
                                                              device=self._device)
                 out, aux = self._net(xn, p)
