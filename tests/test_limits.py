@@ -302,6 +302,13 @@ def test_webhook_subscription_is_updated_in_place(request, store_kind):
             r = client.patch(f"/webhooks/{created['id']}", json=body)
             assert r.status_code == 422 and field in r.json()["message"], r.text
         assert client.patch("/webhooks/wh_nope", json={}).status_code == 404
+        # the published schema offers null only where null is accepted (description)
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["WebhookPatch"]
+        for name, prop in schema["properties"].items():
+            nullable = any(t.get("type") == "null" for t in prop.get("anyOf", []))
+            assert nullable == (name == "description"), (name, prop)
+        r = client.patch(f"/webhooks/{created['id']}", json={"description": None})
+        assert r.status_code == 200 and r.json()["description"] is None
 
 
 # --- a deleted stream: its alerts close and expire, its next life's events are new -----

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 _GLOB = re.compile(r"^[A-Za-z0-9_.:\-*?\[\]!]{1,128}$")
 
@@ -52,25 +52,38 @@ def check_glob(glob: str) -> str:
     return glob
 
 
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
+
+
 class WebhookPatch(BaseModel):
     """Fields to change; the URL is the subscription's identity and does not change."""
 
     model_config = ConfigDict(extra="forbid")
 
-    streams: str | None = Field(None, description="Glob over stream ids",
-                                examples=["web-*.cpu"])
-    min_severity: Literal["warning", "critical"] | None = Field(None, examples=["critical"])
-    secret: str | None = Field(None, min_length=16, max_length=256,
-                               description="New HMAC-SHA256 key; pending deliveries are "
-                               "signed with it", examples=["whsec_3f1c0b9e5a7d4c2b"])
+    # omitted = unchanged; the types say what a value must be, so the published schema
+    # offers no null (and no null default) for fields that cannot be cleared
+    streams: str = Field(None, description="Glob over stream ids", examples=["web-*.cpu"],
+                         json_schema_extra=_no_default)
+    min_severity: Literal["warning", "critical"] = Field(None, examples=["critical"],
+                                                         json_schema_extra=_no_default)
+    secret: str = Field(None, min_length=16, max_length=256,
+                        description="New HMAC-SHA256 key; pending deliveries are signed "
+                        "with it", examples=["whsec_3f1c0b9e5a7d4c2b"],
+                        json_schema_extra=_no_default)
     description: str | None = Field(None, max_length=256, examples=["on-call pager"])
 
-    @field_validator("streams", "min_severity", "secret")
+    @field_validator("streams", "min_severity", "secret", mode="before")
     @classmethod
-    def _not_null(cls, value: object, info: ValidationInfo) -> object:
+    def _not_null(cls, value: object) -> object:
         if value is None:  # only an explicit null gets here: omitted fields keep theirs
             raise ValueError("may be omitted, not null")
-        return check_glob(value) if info.field_name == "streams" else value
+        return value
+
+    @field_validator("streams")
+    @classmethod
+    def _glob(cls, value: str) -> str:
+        return check_glob(value)
 
 
 class WebhookOut(BaseModel):
