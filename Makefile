@@ -117,8 +117,8 @@ bench-ssm-llm-msl: install
 bench-spear-msl: install
 	test -f $(EMB)/msl-w64-s16-last/index.json || $(VENV)/bin/tsad embed --dataset msl \
 	  --data-dir $(DATA) --window 64 --stride 16 --pooling last --out $(EMB)/msl-w64-s16-last
-	$(VENV)/bin/tsad evaluate --config configs/eval/msl_spear_scale.yaml --data-dir $(DATA) \
-	  --out benchmarks/results/msl_spear_scale
+	$(VENV)/bin/tsad evaluate --config configs/eval/msl_spear_steps.yaml --data-dir $(DATA) \
+	  --out benchmarks/results/msl_spear_steps
 
 # NAB through the live path: Redis + the service as processes, every file replayed over
 # HTTP, scored by models/nab.py (benchmarks/results/nab.md)
