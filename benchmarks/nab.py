@@ -179,7 +179,7 @@ def lm_rows(corpus: list[nab.NabFile], default: dict, stride: int,
                 (f"ensemble + LM member (every {stride}th point), score", member))]
 
 
-SPEAR = {"window": 32, "scaling": "series", "max_steps": 40, "train_stride": 4,
+SPEAR = {"window": 32, "scaling": "series", "max_steps": 120, "train_stride": 4,
          "max_val_windows": 32, "eval_every": 10, "score": "log_odds"}
 
 
