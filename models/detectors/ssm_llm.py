@@ -391,7 +391,7 @@ class SSMLLM(Detector):
     def _patch_lm(self) -> Any:
         from models.lm.encoder import frozen_lm
 
-        return frozen_lm(self.config.model_path, self._device)
+        return frozen_lm(self.config.model_path, self.config.device)  # picks as _build
 
     def _encoder(self) -> Any:
         from models.lm.runtime import cached_encoder
@@ -510,12 +510,7 @@ class SSMLLM(Detector):
 
     def _lm_width(self) -> int:
         """The LM's hidden size where the network needs it (patch tokens), else 0."""
-        if not self._patches:
-            return 0
-        from models.training import pick_device
-
-        self._device = pick_device(self.config.device)
-        return self._patch_lm().dim
+        return self._patch_lm().dim if self._patches else 0
 
     def _patch_embeddings(self, x: Any, batch: int = 256) -> np.ndarray:
         """(B, W, C) raw windows -> (B, C, D) the LM's view of their patches, as the
