@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     per_entity: dict[str, list] = {}  # label -> EntityScores per entity (for fusion rows)
     notes: list[dict] = []  # degenerate entities and how each row handled them
     rescored_rows = {spec.rescore for spec in specs if spec.rescore}
+    fitted_elsewhere = {spec.label for spec in specs if spec.embeddings or spec.fuse}
     for spec in specs:
         t0 = time.perf_counter()
         if spec.fuse:
@@ -131,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
             if spec.rescore is not None and spec.rescore not in per_entity:
                 raise SystemExit(f"{spec.label}: rescore names a row not evaluated before "
                                  f"it: {spec.rescore!r}")
+            if spec.rescore in fitted_elsewhere:  # their models are not kept: no zeros
+                raise SystemExit(f"{spec.label}: rescore needs a row that fits a detector; "
+                                 f"{spec.rescore!r} reads embeddings or fuses rows")
             keep = spec.label in rescored_rows
             sources = per_entity[spec.rescore] if spec.rescore else [None] * len(entities)
             parts = [score_entity_full(spec, e.train.astype(np.float64),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -140,12 +140,9 @@ class EntityScores:
 
 def rescored(det: Detector, params: dict) -> Detector:
     """A shallow copy of a fitted detector with scoring-only config fields replaced (its
-    learnt state is shared, never changed)."""
-    unknown = sorted(set(params) - det.config_fields())
-    if unknown:
-        raise ValueError(f"{det.name}: unknown config keys {unknown}")
+    learnt state is shared, never changed); the config is checked as any config is."""
     copy_ = copy.copy(det)
-    copy_.config = replace(det.config, **params)
+    copy_.config = type(det).from_config_dict({**asdict(det.config), **params}).config
     return copy_
 
 

@@ -69,9 +69,14 @@ def test_evaluate_names_what_is_wrong_in_a_row(embeddings, tmp_path):
         ({"label": "m", "detector": "embedding_memory", "embeddings": str(embeddings),
           "columns": [5]}, "columns [5] are not in"),
     ]
+    memory = {"label": "m0", "detector": "embedding_memory", "embeddings": str(embeddings),
+              "columns": [0]}
+    bad.append(([memory, {"label": "r", "rescore": "m0", "params": {"k": 3}}],
+                "rescore needs a row that fits a detector"))
     for row, message in bad:
         path = tmp_path / "bad.yaml"
-        path.write_text(yaml.safe_dump({"dataset": "msl", "rows": [row]}))
+        rows = row if isinstance(row, list) else [row]
+        path.write_text(yaml.safe_dump({"dataset": "msl", "rows": rows}))
         r = tsad("evaluate", "--config", str(path), "--data-dir", str(DATA_DIR),
                  "--out", str(tmp_path / "bad"))
         assert r.returncode != 0 and message in r.stderr, r.stderr
