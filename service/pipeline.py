@@ -365,7 +365,7 @@ class ScoringPipeline:
         self.stream_series.observe(
             meta.stream, [r.score for r in results], [r.anomaly for r in results],
             [r.top_channels[0].channel if r.top_channels else None for r in results],
-            threshold)
+            threshold, [r.likelihood for r in results])
         scored = sum(r.status == "scored" for r in results)
         self.metrics.points_scored_total.labels(meta.detector).inc(scored)
         self.metrics.anomalies_total.labels(meta.detector).inc(sum(r.anomaly for r in results))
