@@ -25,6 +25,8 @@ from service.alerts.store import build_alert_store
 from service.auth.guard import Authenticator, exposure_problem, warn_if_open
 from service.auth.keys import build_key_store
 from service.errors import describe
+from service.ingest import router as ingest
+from service.ingest.runtime import start_ingest
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics, worker_exited
 from service.pipeline import ScoringPipeline
@@ -93,6 +95,8 @@ def create_app(settings: Settings | None = None,
         except StoreUnavailable as exc:  # start anyway; /readyz says 503 until it's back
             log.warning("store unavailable at start-up", extra={"error": str(exc)})
         await worker.start()  # deliveries run beside requests, never inside /score
+        # remote-write, OTLP, watches and score write-back (service/ingest/, issue 26)
+        app.state.ingest = await start_ingest(app)
         # what a crash left stored but unscored, scored without waiting for traffic
         recovery = (asyncio.create_task(app.state.pipeline.recover_all())
                     if settings.recover_on_start else None)
@@ -101,6 +105,7 @@ def create_app(settings: Settings | None = None,
             recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
+        await app.state.ingest.stop()
         await worker.stop()
         await store.close()
         worker_exited()
@@ -120,7 +125,7 @@ def create_app(settings: Settings | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.detectors_ready = False
-    for module in (score, streams, alerts, webhooks, keys, ops):
+    for module in (score, streams, alerts, webhooks, keys, ops, ingest):
         app.include_router(module.router)
     _install_error_handlers(app, settings, metrics)
     # inside the request metrics (added after it is outer), so 413s and 408s are counted
