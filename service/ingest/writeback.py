@@ -66,7 +66,8 @@ class ScoreWriter:
         key = self._labels.setdefault(key, key)
         for stamp, score, likelihood, anomaly in points:
             self.queue.append((key, round(stamp * 1000), score, likelihood, anomaly))
-        if over := len(self.queue) - self.settings.writeback_max_points:
+        over = len(self.queue) - self.settings.writeback_max_points
+        if over > 0:
             for _ in range(over):  # the oldest go first: the newest matter most
                 self.queue.popleft()
             self.metrics.writeback_points_dropped_total.labels("queue_full").inc(over)
