@@ -217,6 +217,20 @@ def test_promtool_checks_the_prometheus_config_and_rules():
     scrape = yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"]
     targets = {t for c in scrape for s in c["static_configs"] for t in s["targets"]}
     assert "tsad:8000" in targets  # the compose service name and its port
+    # both directions (issue 26): remote_write to tsad with the ingest key compose mounts,
+    # scores written back to a Prometheus that receives remote-write
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    (write,) = config["remote_write"]
+    assert write["url"] == "http://tsad:8000/api/v1/write"
+    mounted = {c["target"] for c in SERVICES["prometheus"]["configs"]}
+    assert write["authorization"]["credentials_file"] in mounted
+    assert COMPOSE["configs"]["tsad_ingest_key"] == {"environment": "TSAD_INGEST_KEY"}
+    assert "--web.enable-remote-write-receiver" in SERVICES["prometheus"]["command"]
+    env = {k: interpolate(v) for k, v in SERVICES["tsad"]["environment"].items()}
+    assert env["TSAD_WRITEBACK_URL"] == "http://prometheus:9090/api/v1/write"
+    assert env["TSAD_PROMETHEUS_URL"] == "http://prometheus:9090"
+    keep = write["write_relabel_configs"][0]
+    assert keep["action"] == "keep" and "tsad_anomaly" not in keep["regex"]
 
 
 def test_promtool_rejects_a_broken_rule(tmp_path):
@@ -240,7 +254,8 @@ def test_grafana_datasource_and_dashboards_are_consistent():
     ds = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
     (source,) = ds["datasources"]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
-    assert {d.name for d in DASHBOARDS} == {"tsad-overview.json", "tsad-stream.json"}
+    assert {d.name for d in DASHBOARDS} == {"tsad-overview.json", "tsad-stream.json",
+                                            "tsad-prometheus.json"}
     uids = []
     for path in DASHBOARDS:
         board = json.loads(path.read_text())

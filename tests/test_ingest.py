@@ -301,3 +301,36 @@ def test_score_writer_queue_is_bounded_oldest_dropped():
     writer.enqueue({"stream": "s"}, [(float(i), 1.0, None, False) for i in range(150)])
     assert len(writer.queue) == 100 and writer.queue[0][1] == 50_000
     assert metrics.writeback_points_dropped_total.labels("queue_full")._value.get() == 50
+
+
+def test_readme_point_prometheus_section_is_valid_as_written(tmp_path):
+    """Its remote_write stanza is a valid Prometheus configuration (promtool), its watch
+    is a valid PUT /watches body, and the dashboard it names exists."""
+    import json
+    import re
+    import shutil
+    import sys
+
+    import yaml
+
+    from service.ingest.watch import WatchIn
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Point Prometheus at tsad", 1)[1].split("\n## ", 1)[0]
+    stanza = re.search(r"```yaml\n(.*?)```", section, re.S)[1]
+    config = yaml.safe_load(stanza.replace("<ingest key>", "k" * 40))
+    (write,) = config["remote_write"]
+    assert write["url"].endswith("/api/v1/write")
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump({"scrape_configs": [], **config}))
+    promtool = shutil.which("promtool") or shutil.which(
+        "promtool", path=str(Path(sys.executable).parent))
+    assert promtool, "run `make promtool`"
+    check = subprocess.run([promtool, "check", "config", str(path)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    curl = re.search(r"-d '(\{.*?\})'", section, re.S)[1]
+    assert WatchIn(**json.loads(curl)).step == 30
+    boards = [json.loads(p.read_text())["title"]
+              for p in (ROOT / "configs/grafana/dashboards").glob("*.json")]
+    assert " ".join(re.search(r"\*\*(tsad / [^*]+)\*\*", section)[1].split()) in boards
