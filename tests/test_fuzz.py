@@ -9,6 +9,7 @@ fuzzer, each named by its input.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -87,10 +88,13 @@ def seed_data(url: str, tmp_path: Path) -> Path:
     assert scored.status_code == 200 and any(
         p["anomaly"] for p in scored.json()["results"]), scored.text
     alerts = [a["id"] for a in httpx.get(f"{url}/alerts", headers=auth).json()["alerts"]]
+    watch = httpx.put(f"{url}/watches/node-rx", headers=auth,  # polls a closed port
+                      json={"query": "up", "step": 60})
+    assert watch.status_code == 201, watch.text
     dead = wait_for(lambda: httpx.get(f"{url}/webhooks/dead-letters",
                                       headers=auth).json()["dead_letters"], timeout=30)
     ids = {"stream": ["web-01.cpu"], "webhook_id": [hook.json()["id"]], "alert_id": alerts,
-           "delivery_id": [d["id"] for d in dead]}
+           "delivery_id": [d["id"] for d in dead], "name": ["node-rx"]}
     assert all(ids.values()), ids
     config = tmp_path / "schemathesis.toml"
     config.write_text("".join(
@@ -105,7 +109,9 @@ def seed_data(url: str, tmp_path: Path) -> Path:
 def test_schemathesis_run_has_no_failure_and_bounded_memory(store, request, tmp_path):
     env = {"TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN_KEY, "TSAD_METRICS_AUTH": "true",
            # the seeded webhook's deliveries fail at once and become dead letters
-           "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "TSAD_WEBHOOK_MAX_ATTEMPTS": "1"}
+           "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "TSAD_WEBHOOK_MAX_ATTEMPTS": "1",
+           # watches run (and fail, backing off) against a port nothing listens on
+           "TSAD_PROMETHEUS_URL": f"http://127.0.0.1:{free_port()}"}
     if store == "redis":
         env["TSAD_REDIS_URL"] = request.getfixturevalue("redis_url")
     report = tmp_path / "report.json"
@@ -123,7 +129,10 @@ def test_schemathesis_run_has_no_failure_and_bounded_memory(store, request, tmp_
              # Hypothesis's generation-speed check fails on a busy machine, not on the API
              "--suppress-health-check", "too_slow",
              "--report", "json", "--report-json-path", str(report)],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            # protobuf bodies (POST /api/v1/write, /v1/metrics) as raw bytes
+            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
         wall = time.monotonic() - start
         sampler.stop()
         assert svc.proc.poll() is None, "the service died under fuzzing"

@@ -39,9 +39,11 @@ _ERRORS = {code: {"model": ErrorOut, "description": why} for code, why in (
     (503, "Store unavailable: retry (points already stored are recognised as retries)"))}
 
 
-def _binary(*types: str) -> dict:
-    return {"requestBody": {"required": True, "content": {
-        t: {"schema": {"type": "string", "format": "binary"}} for t in types}}}
+def _body_schema(json_body: bool = False) -> dict:
+    content = {"application/x-protobuf": {"schema": {"type": "string", "format": "binary"}}}
+    if json_body:  # OTLP/JSON: an ExportMetricsServiceRequest (its schema: opentelemetry-proto)
+        content["application/json"] = {"schema": {"type": "object"}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 async def _body(request: Request, runtime: IngestRuntime) -> bytes:
@@ -62,7 +64,7 @@ def _unavailable(report: Report, runtime: IngestRuntime) -> JSONResponse:
     "/api/v1/write", tags=["prometheus"], status_code=204, response_class=Response,
     responses={204: {"description": "Stored, or dropped by a policy (counted in "
                      "tsad_ingest_samples_total)"}, **_ERRORS},
-    openapi_extra=_binary("application/x-protobuf"),
+    openapi_extra=_body_schema(),
     summary="Prometheus remote-write 1.0 receiver (snappy-compressed protobuf)")
 async def remote_write(request: Request, runtime: Runtime, who: Ingest) -> Response:
     """Point Prometheus' `remote_write` here with an `ingest` key as its Bearer
@@ -95,7 +97,7 @@ async def remote_write(request: Request, runtime: Runtime, who: Ingest) -> Respo
                      "encoding; partial_success counts the points not accepted",
                      "content": {"application/x-protobuf": {}, "application/json": {}}},
                **_ERRORS},
-    openapi_extra=_binary("application/x-protobuf", "application/json"),
+    openapi_extra=_body_schema(json_body=True),
     summary="OTLP/HTTP metrics (protobuf or JSON): gauges and sums")
 async def otlp_metrics(request: Request, runtime: Runtime, who: Ingest) -> Response:
     """An OpenTelemetry SDK or Collector exporting OTLP/HTTP metrics to

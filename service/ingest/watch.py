@@ -29,7 +29,14 @@ import re
 import time
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from service.ingest.engine import Ingestor
 from service.ingest.mapping import NAME_PATTERN, GroupRule
@@ -49,6 +56,8 @@ def seconds(value: object) -> object:
     >>> seconds("1h30m"), seconds("500ms"), seconds(15)
     (5400.0, 0.5, 15)
     """
+    if isinstance(value, bool):  # JSON true is not a number of seconds
+        raise ValueError("a number of seconds or a duration like 30s, 5m or 1h30m")
     if not isinstance(value, str):
         return value
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", value.strip())
@@ -57,7 +66,19 @@ def seconds(value: object) -> object:
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
-Duration = Annotated[float, BeforeValidator(seconds)]
+_DURATION = r"^(\d+(\.\d+)?(ms|s|m|h|d|w))+$"
+
+
+def _duration(lo: float, hi: float) -> object:
+    """Seconds, or a Prometheus duration string; bounded. The schema says both."""
+    return Annotated[float, BeforeValidator(seconds), Field(ge=lo, le=hi), WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": lo, "maximum": hi},
+                   {"type": "string", "pattern": _DURATION}]})]
+
+
+Step = _duration(0.1, 86400)
+Backfill = _duration(0, 90 * 86400)
+Delay = _duration(0, 3600)
 
 
 class WatchIn(BaseModel):
@@ -69,13 +90,13 @@ class WatchIn(BaseModel):
     query: str = Field(min_length=1, max_length=4096, description="PromQL; every series "
                        "of its result is a stream (or a channel of one, with group_by)",
                        examples=['rate(node_network_receive_bytes_total{device="eth0"}[1m])'])
-    step: Duration = Field(ge=0.1, le=86400, description="seconds (or a duration like "
+    step: Step = Field(description="seconds (or a duration like "
                            "\"30s\") between evaluations", examples=[30])
-    backfill: Duration | None = Field(
-        None, ge=0, le=90 * 86400, description="how far back a new watch starts (default "
+    backfill: Backfill | None = Field(
+        None, description="how far back a new watch starts (default "
         "TSAD_WATCH_BACKFILL_SECONDS)", examples=["6h"])
-    delay: Duration | None = Field(
-        None, ge=0, le=3600, description="time t is evaluated at t + delay (default "
+    delay: Delay | None = Field(
+        None, description="time t is evaluated at t + delay (default "
         "TSAD_WATCH_DELAY_SECONDS)", examples=[5])
     group_by: list[str] | None = Field(
         None, min_length=1, description="labels whose values name a multichannel stream "

@@ -158,6 +158,9 @@ def decode_otlp(body: bytes, json_body: bool) -> ExportMetricsServiceRequest:
         raise Malformed(f"body is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise Malformed("body is not a JSON object (ExportMetricsServiceRequest)")
+    for key in ("resourceMetrics", "resource_metrics"):
+        if key in doc and not isinstance(doc[key], list):
+            raise Malformed(f"{key} must be an array")
     # OTLP/JSON writes trace and span ids in hex where protobuf's JSON mapping expects
     # base64; exemplars are all that carry them, and tsad does not use exemplars
     _drop_key(doc, "exemplars")
