@@ -52,31 +52,20 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server redis-tools; }
 
-# promtool checks configs/prometheus in the tests: the binary alone, unpacked from the
-# Debian/Ubuntu package `prometheus` into the venv (apt-get download + dpkg -x, no root needed
-# once apt's lists exist). Installing the package would also enable a Prometheus server on
-# port 9090 on a systemd machine. A promtool already on PATH is used as it is.
-promtool:
-	@command -v promtool >/dev/null || test -x $(VENV)/bin/promtool || { \
+# promtool checks configs/prometheus in the tests, and the Prometheus server runs in the
+# real-component tests (tests/test_prometheus_e2e.py, benchmarks/prometheus_ingest.py):
+# each binary alone, unpacked from the Debian/Ubuntu package `prometheus` into the venv
+# (apt-get download + dpkg -x, no root needed once apt's lists exist). Installing the
+# package would also enable a Prometheus server on port 9090 on a systemd machine. A binary
+# already on PATH is used as it is; without a server, the tests that need one skip.
+promtool prometheus:
+	@command -v $@ >/dev/null || test -x $(VENV)/bin/$@ || { \
 	  set -e; tmp=$$(mktemp -d); chmod 755 $$tmp; \
 	  ( cd $$tmp && apt-get download -qq prometheus 2>/dev/null ) || { \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq; \
 	    ( cd $$tmp && apt-get download -qq prometheus ); }; \
 	  dpkg -x $$tmp/prometheus_*.deb $$tmp/root; \
-	  mkdir -p $(VENV)/bin; cp $$tmp/root/usr/bin/promtool $(VENV)/bin/promtool; rm -rf $$tmp; }
-
-# --- issue 26: Prometheus-native ingest (service/ingest/) ---------------------------------
-# The Prometheus server for the real-component tests (tests/test_prometheus_e2e.py) and
-# benchmarks/prometheus_ingest.py: the binary alone, unpacked like promtool above (no system
-# service). A `prometheus` on PATH is used as it is; without either, those tests skip.
-prometheus:
-	@command -v prometheus >/dev/null || test -x $(VENV)/bin/prometheus || { \
-	  set -e; tmp=$$(mktemp -d); chmod 755 $$tmp; \
-	  ( cd $$tmp && apt-get download -qq prometheus 2>/dev/null ) || { \
-	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq; \
-	    ( cd $$tmp && apt-get download -qq prometheus ); }; \
-	  dpkg -x $$tmp/prometheus_*.deb $$tmp/root; \
-	  mkdir -p $(VENV)/bin; cp $$tmp/root/usr/bin/prometheus $(VENV)/bin/prometheus; rm -rf $$tmp; }
+	  mkdir -p $(VENV)/bin; cp $$tmp/root/usr/bin/$@ $(VENV)/bin/$@; rm -rf $$tmp; }
 
 # The remote-write protobuf modules from the vendored upstream .proto files
 # (service/ingest/prompb/README.md); imports made relative to the package.

@@ -46,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import throughput  # noqa: E402
 from service.ingest.local import Exporter, PrometheusServer  # noqa: E402
 from service.ingest.wire import REMOTE_WRITE_HEADERS, encode_remote_write  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
@@ -54,16 +55,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="tsad-bench-redis-")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                          text=True).stdout.strip() == "PONG":
-            return proc, f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
+    port = free_port()
+    return throughput.start_redis(port, tempfile.mkdtemp(prefix="tsad-bench-redis-")), \
+        f"redis://127.0.0.1:{port}/0"
 
 
 def metric(text: str, name: str) -> float:
@@ -90,7 +84,7 @@ class Sender:
         self.url, self.prefix, self.spacing = url + "/api/v1/write", prefix, spacing
         self.streams, self.batch, self.clients = streams, batch, clients
         self.samples = 0
-        self.errors = 0
+        self.errors: dict[str, int] = {}  # status -> requests
 
     def body(self, streams: range, t0: float, labels: dict | None = None) -> bytes:
         rng = np.random.default_rng(int(t0) % 2**31)
@@ -117,7 +111,8 @@ class Sender:
                         if r.status_code == 204:
                             self.samples += min(100, (k + 1) * per - lo) * self.batch
                         else:
-                            self.errors += 1
+                            self.errors[str(r.status_code)] = self.errors.get(
+                                str(r.status_code), 0) + 1
                     t += self.batch * self.spacing
             t0 = time.monotonic()
             await asyncio.gather(*(loop(k) for k in range(self.clients)))
@@ -287,7 +282,7 @@ def markdown(out: dict) -> str:
         f"| synthetic remote-write sender at full speed ({syn['streams']} streams, "
         f"{syn['clients']} clients, 100 series x {syn['points_per_request_per_stream']} "
         f"points a request), same run | {syn['samples_per_s']:,} samples/s "
-        f"({syn['errors']} errors) |",
+        f"(refused: {syn['errors'] or 'none'}) |",
         f"| points scored, both together | {t['points_scored_per_s']:,} points/s |",
         f"| scrape to score queryable in Prometheus, p50 / p99 (max) | {t['delay_s']['p50']} s / "
         f"{t['delay_s']['p99']} s ({t['delay_s']['max']} s), {t['delay_s']['samples']:,} samples |",

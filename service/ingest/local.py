@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from service.process import free_port
+from service.process import free_port, terminate
 
 
 def prometheus_binary() -> str | None:
@@ -84,13 +84,7 @@ class PrometheusServer:
         return body["data"]["result"]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def cleanup(self) -> None:
