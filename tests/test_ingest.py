@@ -334,3 +334,14 @@ def test_readme_point_prometheus_section_is_valid_as_written(tmp_path):
     boards = [json.loads(p.read_text())["title"]
               for p in (ROOT / "configs/grafana/dashboards").glob("*.json")]
     assert " ".join(re.search(r"\*\*(tsad / [^*]+)\*\*", section)[1].split()) in boards
+
+
+def test_the_stream_cap_drops_new_streams_with_a_2xx(tmp_path):
+    rules = tmp_path / "ingest.yml"
+    rules.write_text("rules:\n  - {name: host, group_by: [instance], channels: [mem]}\n")
+    mem = CPU | {"__name__": "mem"}
+    with client(max_streams=1, ingest_config=rules) as c:
+        r = c.post("/api/v1/write", content=body((CPU, sine(3)), (mem, sine(3))))
+        assert r.status_code == 204
+        assert len(c.get("/streams").json()["streams"]) == 1
+        assert samples_metric(c, "rejected") == 3

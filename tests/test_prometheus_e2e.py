@@ -217,6 +217,7 @@ def test_scores_are_queryable_back_with_promql(run):
     source = [t for t, _ in run["samples"] if t >= stamps[0]]
     assert set(stamps) <= set(source)  # scored at the samples' own stamps, none nudged
     # the write-back queue lives in the process: a kill loses what it held unsent
+    print(f"score samples written back: {len(stamps)} of {len(source)} scored samples")
     assert len(stamps) >= 0.95 * len(source), (len(stamps), len(source))
     (flagged,) = prom.query(
         f'max_over_time(tsad_anomaly{{stream="{rw}"}}[3s])',
@@ -233,6 +234,8 @@ def test_watch_gives_the_same_verdict(run):
 
 def test_kill_9_loses_no_sample_and_scores_none_twice(run):
     meta, samples = _meta(run["tsad"], run["rw"]), run["samples"]
+    print(f"kill -9: {len(samples)} samples in Prometheus, {meta['points_seen']} stored, "
+          f"{meta['points_seen'] - len(samples)} extra")
     assert meta["points_seen"] == len(samples)  # fewer: lost; more: stored twice
     assert meta["last_timestamp"] == samples[-1][0]
     window = httpx.get(f"{run['tsad'].url}/streams/{run['rw']}/window",

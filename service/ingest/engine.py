@@ -111,6 +111,12 @@ class Ingestor:
                 except StoreUnavailable as exc:
                     report.unavailable = str(exc)
                     return
+                except Exception:  # a bug, not a fault: a 5xx would be retried forever
+                    log.exception("ingesting a stream failed", extra={
+                        "stream": group.route.stream})
+                    report.dropped["error"] += sum(map(len, group.stamps)) + sum(
+                        len(c) for c in group.cells.values())
+                    return
             self._settle(group.route, outcome, report)
 
         await asyncio.gather(*(one(g) for g in groups.values()))
@@ -144,7 +150,9 @@ class Ingestor:
 
     async def _score_grouped(self, group: _Group, report: Report, final: bool) -> Outcome:
         rule, stream = group.route.rule, group.route.stream
-        await self.tx.ensure_stream(stream, list(rule.channels))
+        if refused := await self.tx.ensure_stream(stream, list(rule.channels)):
+            cells = sum(len(c) for c in group.cells.values())
+            return Outcome(stream, sent=cells, rejected=cells, reason=refused)
         async with self.tx.lock(f"stage~{stream}"):  # one request at a time per stage
             stage = await self.state.stage(stream)
             last = await self.tx.last_timestamp(stream)

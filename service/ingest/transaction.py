@@ -57,15 +57,20 @@ class ScoringTransaction:
         meta = await self.pipeline.store.get_stream(stream)
         return None if meta is None else meta.last_timestamp
 
-    async def ensure_stream(self, stream: str, channel_names: list[str]) -> None:
+    async def ensure_stream(self, stream: str, channel_names: list[str]) -> str | None:
         """A grouped stream is created with its channels' names (its first append would
-        create it nameless)."""
+        create it nameless). Returns why not when a policy refuses it (the stream cap,
+        too many channels), else None."""
         if stream in self._known:
-            return
+            return None
         if await self.pipeline.store.get_stream(stream) is None:
-            await self.pipeline.put_stream(stream, StreamConfigIn(
-                channels=len(channel_names), channel_names=channel_names))
+            try:
+                await self.pipeline.put_stream(stream, StreamConfigIn(
+                    channels=len(channel_names), channel_names=channel_names))
+            except (StoreRejection, RequestValidationError, HTTPException) as exc:
+                return _reason(exc)
         self._known.add(stream)
+        return None
 
     async def score(self, stream: str, timestamps: np.ndarray, values: np.ndarray
                     ) -> Outcome:
