@@ -275,7 +275,9 @@ def markdown(out: dict) -> str:
         "# Prometheus-native ingest", "",
         f"`python benchmarks/prometheus_ingest.py{' --quick' if out['quick'] else ''}` on "
         f"{out['machine']}; Prometheus {out['prometheus']}, tsad on Redis, default detector "
-        "and settings; every process on this machine (2 cores, shared).", "",
+        "and settings; every process on this machine (2 cores, shared with other work: load "
+        f"average {out['load_average_at_start']:.1f} at the start, "
+        f"{out['load_average_at_end']:.1f} at the end).", "",
         "| what | figure |", "| --- | --- |",
         f"| real Prometheus: {t['series']:,} series every {t['scrape_interval_s']:g} s, "
         f"samples scored and written back | {t['prometheus']['samples_per_s']} samples/s |",
@@ -322,12 +324,14 @@ def main() -> None:
                "prometheus": subprocess.run(
                    [PrometheusServer({}).binary, "--version"], capture_output=True,
                    text=True).stdout.split("\n")[0],
-               "max_points": Settings().writeback_max_points}
+               "max_points": Settings().writeback_max_points,
+               "load_average_at_start": os.getloadavg()[0]}
         out["throughput"] = throughput_and_delay(url, args)
         print(json.dumps(out["throughput"]), flush=True)
         subprocess.run(["redis-cli", "-u", url, "FLUSHALL"], capture_output=True)
         out["queue"] = queue_bound(url, args)
         print(json.dumps(out["queue"]), flush=True)
+        out["load_average_at_end"] = os.getloadavg()[0]
     finally:
         redis.terminate()
     args.out.parent.mkdir(parents=True, exist_ok=True)

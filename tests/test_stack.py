@@ -172,9 +172,12 @@ def queries() -> list[tuple[str, str]]:
         for var in board.get("templating", {}).get("list", []):
             if var.get("type") == "query":
                 q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-                m = re.fullmatch(r"label_values\((\w+)\s*,\s*(\w+)\)", q.strip())
+                m = re.fullmatch(r"label_values\((\w+)(\{[^}]*\})?\s*,\s*(\w+)\)",
+                                 q.strip())
                 assert m, f"{path.name}: variable {var['name']}: unexpected query {q!r}"
-                found.append((f"{path.name}: ${var['name']}", f"{m[1]}{{{m[2]}!=\"\"}}"))
+                matchers = m[2][1:-1] + "," if m[2] else ""
+                found.append((f"{path.name}: ${var['name']}",
+                              f"{m[1]}{{{matchers}{m[3]}!=\"\"}}"))
     for path in RULES:
         for group in yaml.safe_load(path.read_text())["groups"]:
             for rule in group["rules"]:
