@@ -345,3 +345,14 @@ def test_the_stream_cap_drops_new_streams_with_a_2xx(tmp_path):
         assert r.status_code == 204
         assert len(c.get("/streams").json()["streams"]) == 1
         assert samples_metric(c, "rejected") == 3
+
+
+def test_stored_points_sent_again_with_new_ones_store_the_new_ones():
+    """A watch evaluating again after a crash, or a sender replaying its log, sends
+    stored points followed by new ones: one /score batch would be refused whole."""
+    with client() as c:
+        assert c.post("/api/v1/write", content=body((CPU, sine(10)))).status_code == 204
+        again = body((CPU, sine(10) + sine(5, start=10)))
+        assert c.post("/api/v1/write", content=again).status_code == 204
+        assert c.get(f"/streams/{CPU_ID}").json()["points_seen"] == 15
+        assert samples_metric(c, "rejected") == 0
