@@ -165,12 +165,14 @@ def _send(args: argparse.Namespace, series: np.ndarray, results: list[dict],
     with httpx.Client(base_url=args.url, timeout=60, headers=bearer(args.api_key)) as http, tqdm(
         total=len(series), unit="pt", desc=args.stream, disable=True if args.quiet else None
     ) as bar:
+        earlier: set[str] = set()  # alerts of the stream's earlier lives: not this replay's
         if args.reset:
             resp = http.delete(f"/streams/{args.stream}")
             if resp.status_code not in (204, 404):
                 print(f"error {resp.status_code} deleting {args.stream}: {message(resp)}",
                       file=sys.stderr)
                 return None
+            earlier = {a["id"] for a in fetch_alerts(http, args.stream, float(series[0, 0]))}
         for lo in range(0, len(series), args.batch):
             chunk = series[lo:lo + args.batch]
             body = {"stream": args.stream, "points": [
@@ -199,7 +201,8 @@ def _send(args: argparse.Namespace, series: np.ndarray, results: list[dict],
                 ahead = (lo + len(chunk)) / args.rate - (time.monotonic() - began)
                 if ahead > 0:
                     time.sleep(ahead)
-        return fetch_alerts(http, args.stream, since=float(series[0, 0]))
+        return [a for a in fetch_alerts(http, args.stream, since=float(series[0, 0]))
+                if a["id"] not in earlier]
 
 
 def require_service(url: str) -> None:

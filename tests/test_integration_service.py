@@ -157,11 +157,17 @@ def test_demo_ends_in_one_anomaly_and_one_alert(redis_url, tmp_path):
     the stream warms up, the spike is the one anomaly, and it opens one alert."""
     from service.demo import POINTS, SPIKE
 
+    demo = [sys.executable, "-m", "models.cli", "demo", "--url"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with ServiceProcess({"REDIS_URL": redis_url}) as service:
-        proc = subprocess.run([sys.executable, "-m", "models.cli", "demo", "--url",
-                               service.url], capture_output=True, text=True, timeout=120,
-                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run([*demo, service.url], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env=env)
+        # again (the stream deleted first): the first run's alert, kept, is not counted
+        (tmp_path / "again").mkdir()
+        again = subprocess.run([*demo, service.url], capture_output=True, text=True,
+                               timeout=120, cwd=tmp_path / "again", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(again.stdout.splitlines()[-1])["alerts"] == 1, again.stdout
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
     assert summary["points"] == POINTS and summary["scored"] == POINTS - 320
