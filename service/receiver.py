@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import threading
@@ -169,6 +170,7 @@ def make_server(host: str, port: int, path: str, secret: str, status: int = 200,
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     secret = args.secret or f"whsec_{secrets.token_hex(16)}"
     if len(secret) < 16:
         raise SystemExit("--secret needs at least 16 characters")
