@@ -34,7 +34,7 @@ with its metrics (under runs/eval/OUT-NAME/, or --work), and OUT.json/OUT.md are
 as rows finish: a run cut short keeps its finished rows, and running the same command
 again reads them back and computes only the rest (a row whose config, data or detector
 code changed is computed again; ``--force`` computes every row again). ``--rows`` runs
-some rows (ids or numbers) and the rows they fuse or rescore.
+some rows (ids, numbers or labels) and the rows they fuse or rescore.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the first N entities, or comma-separated names (e.g. C-1,T-5); "
                    "default all")
     p.add_argument("--rows", default="",
-                   help="only these rows (comma-separated ids or numbers from 1), with the "
-                   "rows they fuse or rescore; default all")
+                   help="only these rows (comma-separated ids, numbers from 1 or labels), "
+                   "with the rows they fuse or rescore; default all")
     p.add_argument("--check", action="store_true",
                    help="check the whole config against the data and stop (nothing runs)")
     p.add_argument("--force", action="store_true",
