@@ -10,8 +10,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from models.data import load_nab
 from tests.conftest import DATA_DIR
+
+pytestmark = pytest.mark.slow  # the scripts as processes
 
 ROOT = DATA_DIR.parents[1]
 # every benchmark reading a data directory, with the flags it requires besides it

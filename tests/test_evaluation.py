@@ -271,6 +271,7 @@ def test_a_bad_row_stops_the_run_before_any_row_runs(tmp_path):
         assert not work.exists() and not (tmp_path / "report.json").exists()  # nothing ran
 
 
+@pytest.mark.slow  # seven runs of the command
 def test_finished_rows_survive_a_failed_row_and_a_rerun_skips_them(tmp_path):
     """Row 2 fails (a window too long for its validation split); row 1 is saved with its
     metrics and the report names row 2 pending. The next run reads row 1 back, fusion
