@@ -56,6 +56,7 @@ from throughput import start_redis  # noqa: E402
 
 from models import nab  # noqa: E402
 from models.detectors import build_detector  # noqa: E402
+from models.detectors.base import Records  # noqa: E402
 from models.reporting import save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
@@ -274,7 +275,7 @@ def main() -> int:
             default_scores = default_scores or scores
             # a record-ratio detector's likelihood ranks points exactly as its score
             kinds = [("score", scores)] + [("likelihood", lik)] * (
-                not build_detector(detector).record_scores)
+                not isinstance(build_detector(detector), Records))
             rows += [table_row(f"{label}, {what}", "offline loop", arrays, corpus,
                                n_points / seconds) for what, arrays in kinds]
     if args.lm and default_scores is not None:

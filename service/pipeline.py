@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic_core import to_json
 
 from models.detectors import REGISTRY
-from models.detectors.base import aggregate_channels
+from models.detectors.base import Online, aggregate_channels
 from service.alerts.store import AlertStore, build_alert_store
 from service.artifacts import Artifact, artifact_name, load_artifact
 from service.errors import field_error
@@ -510,8 +510,8 @@ class ScoringPipeline:
             raise field_error(("body", "detector"),
                               f"unknown detector {detector!r}; known: {sorted(REGISTRY)} or "
                               f"'artifact:<name>'")
-        elif not REGISTRY[detector].supports_online:
-            online = sorted(n for n, cls in REGISTRY.items() if cls.supports_online)
+        elif not issubclass(REGISTRY[detector], Online):
+            online = sorted(n for n, cls in REGISTRY.items() if issubclass(cls, Online))
             raise field_error(("body", "detector"),
                               f"detector {detector!r} is trained offline: fit it with `tsad "
                               f"train` and bind 'artifact:<name>', or pick one that learns "

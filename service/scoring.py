@@ -16,21 +16,22 @@ scores with an adapted copy of the artifact, which stays shared and unchanged
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import safetensors.numpy
 
 from models.calibration import AnomalyLikelihood
 from models.detectors import Detector, build_detector
+from models.detectors.base import Precedents, Records
 from models.streaming import OnlineLoop, Scored
+from models.thresholds import ThresholdSpec, build_threshold, verdict_spec
 from service.alerts.model import incarnation
 from service.alerts.tracker import AlertRules, AlertTracker
 from service.artifacts import Artifact, artifact_name, load_artifact
 from service.feedback import FeedbackSet
 from service.settings import Settings
 from service.stores.base import StreamMeta
-from service.thresholds import build_threshold, stream_spec
 
 STATE_VERSION = 1
 
@@ -66,7 +67,6 @@ class StreamScorer:
     def __init__(self, meta: StreamMeta, settings: Settings) -> None:
         self.meta = meta
         self.settings = settings
-        spec = stream_spec(settings, meta)
         name = artifact_name(meta.detector)
         # a fitted artifact is shared, read-only, by every stream bound to it: it is not
         # part of the stream's state blob
@@ -78,23 +78,20 @@ class StreamScorer:
         if name is not None:
             artifact = self.artifact = load_artifact(settings.artifacts_dir, name)
             self.detector: Detector = artifact.detector
-            if not (meta.threshold or {}).get("kind") and artifact.threshold is not None:
-                spec = replace(spec, kind="fixed", value=artifact.threshold)
         else:
             self.detector = build_detector(meta.detector, window=meta.window, defaults={
                 "warmup": settings.warmup_points, "memory_size": settings.memory_size,
                 "admit_quantile": settings.memory_admit_quantile or None,
                 "max_lags": settings.residual_max_lags})
-        if self.detector.record_scores and not (meta.threshold or {}).get("kind"):
-            # its scores are ratios to the stream's own record: a fixed cut means the same
-            # on every stream, where a fitted tail would chase the records it should flag
-            spec = replace(spec, kind="fixed", value=self.detector.record_threshold)
-        self.threshold = build_threshold(spec)
+        self.threshold = build_threshold(verdict_spec(
+            stream_spec(settings, meta), self.detector,
+            chosen=bool((meta.threshold or {}).get("kind")),
+            calibrated=self.artifact.threshold if self.artifact else None))
         stride = settings.costly_score_stride if self.detector.costly else 1
         self.loop = OnlineLoop(
             self.detector, self.threshold,
             AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores,
-                              record_ratio=self.detector.record_scores),
+                              record_ratio=isinstance(self.detector, Records)),
             score_stride=stride, online=not self.shared_detector)
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings),
                                     incarnation(meta.stream, meta.created_at))
@@ -195,7 +192,7 @@ class StreamScorer:
         detectors only): what "normal" looked like."""
         n = self.settings.precedents
         rows = np.flatnonzero(anomalous)
-        if not (n and len(rows) and self.detector.has_precedents):
+        if not (n and len(rows) and isinstance(self.detector, Precedents)):
             return {}
         dist, stamps = self.detector.precedents(windows[rows], n)  # (A, C, n), (A, C, n, 2)
         names = self.channel_names()
@@ -219,3 +216,23 @@ def alert_rules(settings: Settings) -> AlertRules:
 
 def _strip(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def stream_spec(settings: Settings, meta: StreamMeta) -> ThresholdSpec:
+    """The server defaults, overridden by the stream's own configuration."""
+    own = meta.threshold or {}
+    budget = meta.alert_budget_per_day or settings.threshold_alert_budget_per_day
+    return ThresholdSpec(
+        kind=own.get("kind") or settings.threshold_kind,
+        q=own.get("q") or settings.threshold_q,
+        depth=own.get("depth") or settings.threshold_depth,
+        level=settings.threshold_level,
+        calibration=settings.threshold_calibration_points,
+        min_scores=settings.threshold_min_scores,
+        max_peaks=settings.threshold_max_peaks,
+        # a stream's own q wins over a server-wide budget; its own budget over everything
+        budget_per_day=meta.alert_budget_per_day or (None if own.get("q") else budget),
+        quantile=settings.threshold_quantile,
+        history=settings.threshold_history,
+        value=own.get("value"),
+    )

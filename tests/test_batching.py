@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from models.detectors import REGISTRY
+from models.detectors.base import Online
 from models.streaming import stream_scores
 from service.app import create_app
 from service.metrics import ServiceMetrics
@@ -18,7 +19,7 @@ from service.settings import Settings
 from service.stores.base import StreamMeta
 
 N, SPIKE, WINDOW = 640, 560, 32
-ONLINE = sorted(name for name, cls in REGISTRY.items() if cls.supports_online)
+ONLINE = sorted(name for name, cls in REGISTRY.items() if issubclass(cls, Online))
 EXACT = ("anomaly", "status")
 # Scores match to float32 rounding: a language model and a float32 memory search run batched
 # matrix products whose last bits depend on the batch's size (BLAS), not on the chunking.

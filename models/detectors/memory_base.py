@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.detectors.base import Detector, DetectorConfig, as_windows, sliding_windows
+from models.detectors.base import DetectorConfig, Online, Precedents, as_windows, sliding_windows
 from models.detectors.memory_index import MemoryIndex
 
 
@@ -50,12 +50,10 @@ class MemoryConfig(DetectorConfig):
     admit_quantile: float | None = None
 
 
-class MemoryDetector(Detector):
+class MemoryDetector(Online, Precedents):
     """Base class: the memory, its update rules and the search. Subclasses: ``_features``."""
 
     Config = MemoryConfig
-    supports_online = True
-    has_precedents = True
 
     @abstractmethod
     def _features(self, windows: np.ndarray) -> np.ndarray:
