@@ -150,9 +150,9 @@ def offline(corpus: list[nab.NabFile], detector: str, config: dict,
     scores, lik = {}, {}
     t0 = time.perf_counter()
     for f in tqdm(corpus, desc=detector, unit="file", leave=False):
-        # as the service builds it (its window and warm-up), with the row's config
-        det = build_detector(detector, window=SETTINGS.default_window,
-                             defaults={"warmup": SETTINGS.warmup_points}, **config)
+        # as the service builds it (its window, the detector's own defaults), with the
+        # row's config
+        det = build_detector(detector, window=SETTINGS.default_window, **config)
         run = stream_scores(det, f.values, 0, timestamps=f.timestamps, score_stride=stride)
         scores[f.key], lik[f.key] = np.nan_to_num(run.scores), np.nan_to_num(run.likelihood)
     return scores, lik, time.perf_counter() - t0

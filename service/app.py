@@ -18,7 +18,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from threadpoolctl import threadpool_limits
 
-from models.detectors import build_detector
 from models.lm import runtime as lm_runtime
 from models.lm.cache import CacheConfig
 from service.alerts.store import build_alert_store
@@ -29,6 +28,7 @@ from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics, worker_exited
 from service.pipeline import ScoringPipeline
 from service.routers import alerts, keys, ops, score, streams, webhooks
+from service.scoring import stream_detector
 from service.settings import Settings
 from service.stores.base import StoreRejection, StoreUnavailable, WindowStore
 from service.stores.instrumented import InstrumentedStore
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None,
                                          redis_cluster=settings.redis_cluster,
                                          key_prefix=f"{settings.redis_prefix}:emb:v1"),
                              metrics.embedding, settings.lm_batch_window_ms / 1000)
-        build_detector(settings.default_detector, window=settings.default_window)
+        stream_detector(settings, settings.default_detector, settings.default_window)
         app.state.detectors_ready = True
         try:
             await store.ping()

@@ -99,7 +99,7 @@ class ServiceMetrics:
         # --- thresholds: a histogram over all streams (bounded), a gauge for allow-listed
         self.stream_state_bytes = Histogram(
             "tsad_stream_state_bytes", "Size of a stream's saved detector/threshold/alert state "
-            "(embedding memories dominate; bounded by TSAD_MEMORY_SIZE)", ["detector"],
+            "(embedding memories dominate; bounded by their memory_size)", ["detector"],
             buckets=(1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6), registry=r)
         self.threshold_value = Histogram(
             "tsad_threshold_value", "Stream thresholds in force, observed once per scored "

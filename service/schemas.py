@@ -166,7 +166,8 @@ class ScoreResponse(BaseModel):
     points_until_scored: int | None = Field(
         None, ge=0, description="While the stream warms up: how many more points it takes "
         "before one is scored (0: the next point is scored; the stream's window must fill, "
-        "then an online detector learns TSAD_WARMUP_POINTS windows, in chunks of 64). "
+        "then an online detector learns its warm-up, 256 windows by default "
+        "(TSAD_DETECTOR_PARAMS), in chunks of 64). "
         "Null when no point of this request was stored or the detector cannot say.",
         examples=[0])
 

@@ -79,10 +79,7 @@ class StreamScorer:
             artifact = self.artifact = load_artifact(settings.artifacts_dir, name)
             self.detector: Detector = artifact.detector
         else:
-            self.detector = build_detector(meta.detector, window=meta.window, defaults={
-                "warmup": settings.warmup_points, "memory_size": settings.memory_size,
-                "admit_quantile": settings.memory_admit_quantile or None,
-                "max_lags": settings.residual_max_lags})
+            self.detector = stream_detector(settings, meta.detector, meta.window)
         self.threshold = build_threshold(verdict_spec(
             stream_spec(settings, meta), self.detector,
             chosen=bool((meta.threshold or {}).get("kind")),
@@ -236,3 +233,12 @@ def stream_spec(settings: Settings, meta: StreamMeta) -> ThresholdSpec:
         history=settings.threshold_history,
         value=own.get("value"),
     )
+
+
+def stream_detector(settings: Settings, name: str, window: int) -> Detector:
+    """A fresh detector for a stream: its Config's defaults, with the operator's
+    overrides (TSAD_DETECTOR_PARAMS: "*" for every detector with the field, then the
+    detector's own) and the stream's window."""
+    params = settings.detector_params
+    return build_detector(name, defaults=params.get("*"),
+                          **{**params.get(name, {}), "window": window})

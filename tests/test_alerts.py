@@ -101,7 +101,7 @@ def test_tracker_state_round_trips_through_the_blob():
 def make_client(store: str, request, **overrides) -> TestClient:
     if store == "redis":
         overrides["redis_url"] = request.getfixturevalue("redis_url")
-    settings = Settings(warmup_points=64, threshold_min_scores=50,
+    settings = Settings(detector_params={"*": {"warmup": 64}}, threshold_min_scores=50,
                         threshold_calibration_points=200, max_batch_points=5000,
                         alert_quiet_points=10, alert_cooldown_seconds=0,
                         webhook_poll_seconds=0.05, webhook_allow_hosts="127.0.0.1",

@@ -21,8 +21,8 @@ from tests.conftest import DATA_DIR
 def make_client(store: str, request, **overrides) -> TestClient:
     if store == "redis":
         overrides["redis_url"] = request.getfixturevalue("redis_url")
-    settings = Settings(warmup_points=64, threshold_min_scores=20, max_batch_points=2000,
-                        **overrides)
+    settings = Settings(detector_params={"*": {"warmup": 64}}, threshold_min_scores=20,
+                        max_batch_points=2000, **overrides)
     return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
 
 

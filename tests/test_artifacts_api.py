@@ -30,8 +30,8 @@ def artifacts(spear_tiny):
 def client(request, artifacts):
     overrides = {"redis_url": request.getfixturevalue("redis_url")} \
         if request.param == "redis" else {}
-    settings = Settings(artifacts_dir=artifacts[0], warmup_points=64, threshold_min_scores=20,
-                        **overrides)
+    settings = Settings(artifacts_dir=artifacts[0], detector_params={"*": {"warmup": 64}},
+                        threshold_min_scores=20, **overrides)
     with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as c:
         c.store_kind = request.param
         yield c

@@ -40,8 +40,8 @@ def series() -> np.ndarray:
 
 
 def settings() -> Settings:
-    return Settings(warmup_points=96, threshold_min_scores=20, max_batch_points=1000,
-                    likelihood_min_scores=16)
+    return Settings(detector_params={"*": {"warmup": 96}}, threshold_min_scores=20,
+                    max_batch_points=1000, likelihood_min_scores=16)
 
 
 def replay(client: TestClient, stream: str, detector: str, x: np.ndarray, batch: int):

@@ -34,7 +34,7 @@ from tests.conftest import wait_for
 N, CRASHED = 1000, slice(400, 1000)  # batches of 100, then the 600 points with the spikes
 BATCHES = [slice(a, a + 100) for a in range(0, 400, 100)] + [CRASHED]
 ENV = {"TSAD_DEFAULT_DETECTOR": "residual_linear", "TSAD_DEFAULT_WINDOW": "32",
-       "TSAD_WARMUP_POINTS": "64", "TSAD_THRESHOLD_KIND": "quantile",
+       "TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 64}}', "TSAD_THRESHOLD_KIND": "quantile",
        "TSAD_THRESHOLD_MIN_SCORES": "100", "TSAD_ALERT_COOLDOWN_SECONDS": "0"}
 ALERT_FIELDS = ("state", "severity", "opened_at", "resolved_at", "peak_at", "peak_score",
                 "anomalous_points", "points")
@@ -258,7 +258,7 @@ async def test_a_dead_holders_lock_lapses_within_its_lease(redis_url):
 def client(kind: str, request, **overrides) -> TestClient:
     if kind == "redis":
         overrides["redis_url"] = request.getfixturevalue("redis_url")
-    settings = Settings(warmup_points=64, threshold_min_scores=20, **overrides)
+    settings = Settings(detector_params={"*": {"warmup": 64}}, threshold_min_scores=20, **overrides)
     return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
 
 

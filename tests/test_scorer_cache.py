@@ -21,7 +21,7 @@ from service.stores.redis import RedisWindowStore
 def client(kind: str, request, **overrides) -> TestClient:
     if kind == "redis":
         overrides["redis_url"] = request.getfixturevalue("redis_url")
-    settings = Settings(warmup_points=64, threshold_min_scores=20, **overrides)
+    settings = Settings(detector_params={"*": {"warmup": 64}}, threshold_min_scores=20, **overrides)
     return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
 
 

@@ -79,7 +79,8 @@ class EnsembleConfig(DetectorConfig):
     shape_stride: int = 8  # one remembered shape every `shape_stride` points
     history_blocks: int = 64  # blocks of record history (one block per partial_fit call)
     block: int = 64  # fit(): points per history block (the service's chunk)
-    warmup: int = 128  # online: points learnt before the first score
+    # online: points learnt before the first score; offline, the records start after it
+    warmup: int = 256
     min_std: float = 1e-6  # floor on a channel's scale, relative to its level
 
     def __post_init__(self) -> None:
