@@ -27,7 +27,7 @@ POINTS = [{"timestamp": float(t), "values": [math.sin(t / 5)]} for t in range(20
 
 
 def tsad(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "models.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT,
                           env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True,
                           text=True, timeout=60)
 

@@ -126,7 +126,7 @@ def test_replay_cli_posts_a_nab_series_and_reports(live_service, tmp_path):
     `--plot` (the labelled windows found beside the file) into runs/plots/, then the same
     file again, which the stream refuses with a hint to start over."""
     out = tmp_path / "results.jsonl"
-    replay = [sys.executable, "-m", "models.cli", "replay",
+    replay = [sys.executable, "-m", "service.cli", "replay",
               str(DATA_DIR / "nab" / "nyc_taxi.csv"), "--stream", "nyc_taxi",
               "--url", live_service.url, "--batch", "500"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -162,7 +162,7 @@ def test_demo_ends_in_one_anomaly_and_one_alert(redis_url, tmp_path):
     from service.demo import POINTS, SPIKE
 
     with ServiceProcess({"REDIS_URL": redis_url}) as service:
-        proc = subprocess.run([sys.executable, "-m", "models.cli", "demo", "--url",
+        proc = subprocess.run([sys.executable, "-m", "service.cli", "demo", "--url",
                                service.url], capture_output=True, text=True, timeout=120,
                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -44,7 +44,7 @@ ENV = {"TSAD_METRICS_STREAMS": "nyc_*", "TSAD_METRICS_MAX_STREAMS": "5",
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "models.cli", *args]
+    return [sys.executable, "-m", "service.cli", *args]
 
 
 @pytest.fixture(scope="module")

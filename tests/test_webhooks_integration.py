@@ -43,7 +43,7 @@ class Receiver:
 
     def start(self) -> Receiver:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "models.cli", "receive", "--port", str(self.port),
+            [sys.executable, "-m", "service.cli", "receive", "--port", str(self.port),
              "--path", "/hook", "--log", str(self.log), "--status", str(self.status),
              "--secret", SECRET, *(["--subscribe", self.subscribe] if self.subscribe else [])],
             cwd=ROOT, stdout=subprocess.DEVNULL)
