@@ -20,18 +20,19 @@ from service.streams import StreamAdmin
 from service.transaction import ScoreTransaction
 
 
-def _services(request: Request) -> Services:
+async def _services(request: Request) -> Services:
+    # async, as every dependency here: FastAPI runs a plain def in a worker thread
     return request.app.state.services
 
 
 ServicesDep = Annotated[Services, Depends(_services)]
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _metrics(request: Request) -> ServiceMetrics:
+async def _metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
@@ -39,31 +40,31 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
 
 
-def _score(services: ServicesDep) -> ScoreTransaction:
+async def _score(services: ServicesDep) -> ScoreTransaction:
     return services.score
 
 
-def _streams(services: ServicesDep) -> StreamAdmin:
+async def _streams(services: ServicesDep) -> StreamAdmin:
     return services.streams
 
 
-def _feedback(services: ServicesDep) -> FeedbackService:
+async def _feedback(services: ServicesDep) -> FeedbackService:
     return services.feedback
 
 
-def _backend(services: ServicesDep) -> Backend:
+async def _backend(services: ServicesDep) -> Backend:
     return services.backend
 
 
-def _alerts(services: ServicesDep) -> AlertStore:
+async def _alerts(services: ServicesDep) -> AlertStore:
     return services.backend.alerts
 
 
-def _webhooks(services: ServicesDep) -> WebhookStore:
+async def _webhooks(services: ServicesDep) -> WebhookStore:
     return services.backend.webhooks
 
 
-def _keys(services: ServicesDep) -> KeyStore:
+async def _keys(services: ServicesDep) -> KeyStore:
     return services.backend.keys
 
 
