@@ -158,13 +158,6 @@ class RedisClusterNodes:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterNodes]:
-    nodes = RedisClusterNodes().start()
-    yield nodes
-    nodes.stop()
-
-
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterNodes]:
     nodes = RedisClusterNodes().start()
