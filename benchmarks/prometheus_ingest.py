@@ -207,7 +207,8 @@ def queue_bound(redis_url: str, args: argparse.Namespace) -> dict:
     tsad = ServiceProcess({"REDIS_URL": redis_url, "TSAD_LOG_LEVEL": "ERROR",
                            "TSAD_WRITEBACK_URL": f"http://127.0.0.1:{dead}/api/v1/write",
                            "TSAD_DEFAULT_DETECTOR": "residual_linear",
-                           "TSAD_WARMUP_POINTS": "8", "TSAD_DEFAULT_WINDOW": "16"}).start()
+                           "TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 8}}',
+                           "TSAD_DEFAULT_WINDOW": "16"}).start()
     pid = tsad.proc.pid
     base = rss(pid)
     sender = Sender(tsad.url, "down", 200, 50, 2)

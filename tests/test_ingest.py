@@ -27,7 +27,8 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = int(time.time() * 1000) - 600_000  # ms, ten minutes ago
-FAST = {"default_detector": "residual_linear", "warmup_points": 64, "default_window": 16}
+FAST = {"default_detector": "residual_linear", "detector_params": {"*": {"warmup": 64}},
+        "default_window": 16}
 STALE = np.array([STALE_NAN_BITS], dtype=np.uint64).view(np.float64)[0]
 
 

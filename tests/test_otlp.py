@@ -25,8 +25,9 @@ pytestmark = pytest.mark.slow  # a real process
 INGEST = "otlp-ingest-" + "k" * 32
 ADMIN = "otlp-admin-" + "k" * 32
 ENV = {"TSAD_AUTH": "keys", "TSAD_INGEST_KEY": INGEST, "TSAD_ADMIN_KEY": ADMIN,
-       "TSAD_DEFAULT_DETECTOR": "residual_linear", "TSAD_WARMUP_POINTS": "64",
-       "TSAD_DEFAULT_WINDOW": "16", "TSAD_THRESHOLD_MIN_SCORES": "50"}
+       "TSAD_DEFAULT_DETECTOR": "residual_linear",
+       "TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 64}}', "TSAD_DEFAULT_WINDOW": "16",
+       "TSAD_THRESHOLD_MIN_SCORES": "50"}
 GAUGE = "checkout_queue_depth.instance:pod-1.job:checkout.region:eu"
 COUNTER = "checkout_orders_total.instance:pod-1.job:checkout"
 SHIFT = 220  # scoring starts at point 144 (window 16, then 64-point chunks)

@@ -47,8 +47,9 @@ SHIFT_AFTER = 45.0  # seconds after Prometheus starts: the level shift
 END_AFTER = 12.0  # seconds of shifted level before the exporter stops
 METRIC = "synthetic_level"
 ENV = {"TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN, "TSAD_INGEST_KEY": INGEST,
-       "TSAD_DEFAULT_DETECTOR": "residual_linear", "TSAD_WARMUP_POINTS": "64",
-       "TSAD_DEFAULT_WINDOW": "16", "TSAD_THRESHOLD_MIN_SCORES": "50",
+       "TSAD_DEFAULT_DETECTOR": "residual_linear",
+       "TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 64}}', "TSAD_DEFAULT_WINDOW": "16",
+       "TSAD_THRESHOLD_MIN_SCORES": "50",
        "TSAD_THRESHOLD_CALIBRATION_POINTS": "200", "TSAD_ALERT_QUIET_POINTS": "10",
        "TSAD_WEBHOOK_POLL_SECONDS": "0.05", "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
        "TSAD_WRITEBACK_FLUSH_SECONDS": "0.1", "TSAD_WATCH_DELAY_SECONDS": "1",

@@ -4,14 +4,15 @@ Each sample is checked first (a stale marker ends a series and is not a point; N
 infinities and values or time stamps beyond /score's bounds are dropped and counted: one
 bad sample must not refuse its neighbours), then routed to its stream
 (``service/ingest/mapping.py``). A series of its own is scored as it comes. A grouped
-stream's samples wait on its ``Stage`` (kept in the store, so an acknowledged sample
-survives a crash) until their row is complete: then that row, and any older one still
-missing a channel (completed with that channel's last value, as PromQL's look-back
-would), are scored. A row still incomplete TSAD_INGEST_FLUSH_AFTER_SECONDS behind the stream's
-newest sample is scored as it is. A sample for a row already stored is late: dropped.
+stream's samples wait as its held rows (``Backend.ingest``: in the store, so an
+acknowledged sample survives a crash) until their row is complete: then that row, and
+any older one still missing a channel (completed with that channel's last value, as
+PromQL's look-back would), are scored. A row still incomplete
+TSAD_INGEST_FLUSH_AFTER_SECONDS behind the stream's newest sample is scored as it is. A
+sample for a row already stored is late: dropped.
 
-Every stream is scored through ``ScoringTransaction`` (the /score path); streams of one
-request run concurrently (TSAD_INGEST_CONCURRENCY). A refusal of /score's policy drops
+Every stream is scored through ``StreamFeed`` (the /score transaction); streams of one
+request run concurrently (TSAD_INGEST_CONCURRENCY). A refusal of /score's rules drops
 that stream's points (counted, logged) and never fails the request: a 4xx would make the
 sender drop every other series of the request with it, a 5xx retry it forever. A store
 outage does fail it (503), and the sender's retry is recognised point by point.
@@ -28,21 +29,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.errors import StoreUnavailable
+from service.ingest.feed import Outcome, StreamFeed
 from service.ingest.mapping import GroupRule, Route, route
-from service.ingest.state import IngestState, Stage
-from service.ingest.transaction import Outcome, ScoringTransaction
 from service.ingest.wire import Series
 from service.ingest.writeback import ScoreWriter
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.stores.base import StoreUnavailable
+from service.stores.base import HeldRows, IngestStore
 
 log = logging.getLogger("tsad.ingest")
 
 
 @dataclass
 class Report:
-    accepted: int = 0  # samples handed to their stream (stored, staged, or a retry)
+    accepted: int = 0  # samples handed to their stream (stored, held, or a retry)
     dropped: Counter = field(default_factory=Counter)  # reason -> samples
     streams: int = 0
     scored: int = 0  # points scored by this request
@@ -65,10 +66,10 @@ class _Group:
 
 
 class Ingestor:
-    def __init__(self, transaction: ScoringTransaction, state: IngestState,
-                 writer: ScoreWriter | None, settings: Settings,
-                 metrics: ServiceMetrics, rules: Sequence[GroupRule] = ()) -> None:
-        self.tx = transaction
+    def __init__(self, feed: StreamFeed, state: IngestStore, writer: ScoreWriter | None,
+                 settings: Settings, metrics: ServiceMetrics,
+                 rules: Sequence[GroupRule] = ()) -> None:
+        self.feed = feed
         self.state = state
         self.writer = writer
         self.settings = settings
@@ -146,33 +147,34 @@ class Ingestor:
         if len(group.stamps) > 1:  # one series sent twice in a request: in time order
             order = np.argsort(stamps, kind="stable")
             stamps, values = stamps[order], values[order]
-        return await self.tx.score(group.route.stream, stamps, values[:, None])
+        return await self.feed.score(group.route.stream, stamps, values[:, None])
 
     async def _score_grouped(self, group: _Group, report: Report, final: bool) -> Outcome:
         rule, stream = group.route.rule, group.route.stream
-        if refused := await self.tx.ensure_stream(stream, list(rule.channels)):
-            cells = sum(len(c) for c in group.cells.values())
-            return Outcome(stream, sent=cells, rejected=cells, reason=refused)
-        async with self.tx.lock(f"stage~{stream}"):  # one request at a time per stage
-            stage = await self.state.stage(stream)
-            last = await self.tx.last_timestamp(stream)
+        async with self.state.holding(stream):  # one request at a time per held rows
+            meta, refused = await self.feed.grouped(stream, list(rule.channels))
+            if meta is None:
+                cells = sum(len(c) for c in group.cells.values())
+                return Outcome(stream, sent=cells, rejected=cells, reason=refused)
+            held = await self.state.held(stream)
+            last = meta.last_timestamp
             for t, cells in group.cells.items():
                 if last is not None and t / 1000 <= last:
                     report.dropped["late"] += len(cells)  # its row is stored already
                     report.accepted -= len(cells)
                     continue
-                row = stage.rows.setdefault(t, [None] * len(rule.channels))
+                row = held.rows.setdefault(t, [None] * len(rule.channels))
                 for channel, value in cells.items():
                     row[channel] = value
             stamps, rows, removed, incomplete = ready_rows(
-                stage, self.settings.ingest_flush_after_seconds * 1000, final,
+                held, self.settings.ingest_flush_after_seconds * 1000, final,
                 self.settings.max_batch_points)
             if incomplete:
                 report.dropped["incomplete"] += incomplete
             outcome = Outcome(stream)
             if len(stamps):
-                outcome = await self.tx.score(stream, stamps, rows)
-            await self.state.save_stage(stream, stage, removed)
+                outcome = await self.feed.score(stream, stamps, rows)
+            await self.state.hold(stream, held, removed)
         return outcome
 
     def _settle(self, to: Route, outcome: Outcome, report: Report) -> None:
@@ -187,23 +189,23 @@ class Ingestor:
             self.writer.enqueue(to.labels, outcome.scored)
 
 
-def ready_rows(stage: Stage, flush_after_ms: float, final: bool, cap: int
+def ready_rows(held: HeldRows, flush_after_ms: float, final: bool, cap: int
                ) -> tuple[np.ndarray, np.ndarray, list[int], int]:
-    """Take the rows of ``stage`` that are ready, oldest first: every row up to the
+    """Take the rows of ``held`` that are ready, oldest first: every row up to the
     newest complete one, rows ``flush_after_ms`` older than the newest, the oldest beyond
     ``cap``, and all of them when ``final``. A missing value is the channel's last one;
     a row with a channel never seen is dropped. Returns (stamps s, rows, removed stamps
     ms, dropped samples).
 
-    >>> st = Stage({1000: [1.0, None], 2000: [2.0, 3.0], 3000: [4.0, None]})
+    >>> st = HeldRows({1000: [1.0, None], 2000: [2.0, 3.0], 3000: [4.0, None]})
     >>> ts, rows, removed, dropped = ready_rows(st, 1e9, False, 100)
     >>> ts.tolist(), rows.tolist(), removed, dropped, st.rows, st.last
     ([2.0], [[2.0, 3.0]], [1000, 2000], 1, {3000: [4.0, None]}, [2.0, 3.0])
     """
-    times = sorted(stage.rows)
+    times = sorted(held.rows)
     if not times:
         return np.empty(0), np.empty((0, 0)), [], 0
-    complete = [t for t in times if None not in stage.rows[t]]
+    complete = [t for t in times if None not in held.rows[t]]
     cut = times[-1] if final else max(
         complete[-1] if complete else -np.inf, times[-1] - flush_after_ms,
         times[len(times) - cap - 1] if len(times) > cap else -np.inf)
@@ -211,15 +213,15 @@ def ready_rows(stage: Stage, flush_after_ms: float, final: bool, cap: int
     for t in times:
         if t > cut:
             break
-        row = stage.rows.pop(t)
+        row = held.rows.pop(t)
         removed.append(t)
-        last = stage.last or [None] * len(row)
+        last = held.last or [None] * len(row)
         filled = [v if v is not None else p for v, p in zip(row, last, strict=True)]
         if None in filled:
             dropped += sum(v is not None for v in row)
             continue
         stamps.append(t / 1000)
         rows.append(filled)
-        stage.last = filled
+        held.last = filled
     return np.asarray(stamps, dtype=np.float64), np.asarray(rows, dtype=np.float64), \
         removed, dropped

@@ -12,7 +12,9 @@ recognise its points as retries (no point is scored twice).
 
 When Prometheus does not answer, the watch backs off (1 s, doubling up to
 TSAD_WATCH_BACKOFF_MAX_SECONDS, full jitter) and then resumes from its cursor. With
-Redis, one replica runs each watch at a time (a lease renewed every evaluation).
+Redis, one replica runs each watch at a time (a lease renewed every evaluation, given up
+when the service stops; a killed replica's lapses within max(30 s, 3 steps + delay)).
+Cursors, leases and the API's watches are ``Backend.ingest``'s.
 
 Streams are named after the watch: ``<watch>.<metric>.<labels>``, or with ``group_by``,
 ``channels_by`` and ``channels``, one multichannel stream per group, ``<watch>.<labels>``.
@@ -24,8 +26,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import random
 import re
+import socket
 import time
 from typing import Annotated
 
@@ -38,13 +42,13 @@ from pydantic import (
     model_validator,
 )
 
+from service.errors import StoreUnavailable
 from service.ingest.engine import Ingestor
 from service.ingest.mapping import NAME_PATTERN, GroupRule
 from service.ingest.promapi import MAX_RANGE_POINTS, PrometheusAPI, QueryError, Unavailable
-from service.ingest.state import IngestState, owner_id
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.stores.base import StoreUnavailable
+from service.stores.base import IngestStore
 
 log = logging.getLogger("tsad.watch")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -145,13 +149,14 @@ class WatchRunner:
 
     SYNC_SECONDS = 3.0
 
-    def __init__(self, ingestor: Ingestor, state: IngestState, api: PrometheusAPI | None,
+    def __init__(self, ingestor: Ingestor, state: IngestStore, api: PrometheusAPI | None,
                  settings: Settings, metrics: ServiceMetrics,
                  file_watches: dict[str, WatchIn]) -> None:
         self.ingestor, self.state, self.api = ingestor, state, api
         self.settings, self.metrics = settings, metrics
         self.file_watches = file_watches
-        self.owner = owner_id()
+        # this process, as a lease holder
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
         self._tasks: dict[str, tuple[WatchIn, asyncio.Task]] = {}
         self.errors: dict[str, str | None] = {}
         self.holding: set[str] = set()
@@ -170,6 +175,9 @@ class WatchRunner:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for name in list(self.holding):  # another replica takes over now, not in 30 s
+            with contextlib.suppress(StoreUnavailable):
+                await self.state.release(name, self.owner)
         if self.api is not None:
             await self.api.close()
 

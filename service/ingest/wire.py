@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 
+from service.errors import TooLarge, Undecodable
 from service.ingest.prompb import remote_pb2
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -35,14 +36,6 @@ METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 STALE_NAN_BITS = 0x7FF0000000000002
 REMOTE_WRITE_HEADERS = {"Content-Encoding": "snappy", "Content-Type": "application/x-protobuf",
                         "X-Prometheus-Remote-Write-Version": "0.1.0"}
-
-
-class Malformed(ValueError):
-    """The body cannot be decoded: a 4xx whose message names what is wrong."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -67,8 +60,8 @@ class Decoded:
 
 def _bounded(size: int, limit: int, what: str) -> None:
     if size > limit:
-        raise Malformed(f"{what} decodes to {size} bytes, more than {limit} "
-                        "(TSAD_MAX_BODY_BYTES)", status=413)
+        raise TooLarge(f"{what} decodes to {size} bytes, more than {limit} "
+                       "(TSAD_MAX_BODY_BYTES)")
 
 
 # --- remote-write ------------------------------------------------------------------------
@@ -78,17 +71,17 @@ def decode_remote_write(body: bytes, max_bytes: int) -> Decoded:
     try:
         size = cramjam.snappy.decompress_raw_len(body)
     except Exception as exc:  # cramjam raises its own DecompressionError
-        raise Malformed(f"body is not snappy (block format) compressed: {exc}") from None
+        raise Undecodable(f"body is not snappy (block format) compressed: {exc}") from None
     _bounded(size, max_bytes, "the snappy body")
     try:
         raw = bytes(cramjam.snappy.decompress_raw(body))
     except Exception as exc:
-        raise Malformed(f"body is not snappy (block format) compressed: {exc}") from None
+        raise Undecodable(f"body is not snappy (block format) compressed: {exc}") from None
     request = remote_pb2.WriteRequest()
     try:
         request.ParseFromString(raw)
     except DecodeError as exc:
-        raise Malformed(f"body is not a protobuf prometheus.WriteRequest: {exc}") from None
+        raise Undecodable(f"body is not a protobuf prometheus.WriteRequest: {exc}") from None
     out = Decoded([])
     for i, ts in enumerate(request.timeseries):
         labels: dict[str, str] = {}
@@ -138,7 +131,7 @@ def gunzip(body: bytes, max_bytes: int) -> bytes:
     try:
         out = inflater.decompress(body, max_bytes + 1)
     except zlib.error as exc:
-        raise Malformed(f"body is not gzip: {exc}") from None
+        raise Undecodable(f"body is not gzip: {exc}") from None
     _bounded(len(out), max_bytes, "the gzip body")
     return out
 
@@ -149,25 +142,25 @@ def decode_otlp(body: bytes, json_body: bool) -> ExportMetricsServiceRequest:
         try:
             request.ParseFromString(body)
         except DecodeError as exc:
-            raise Malformed("body is not a protobuf ExportMetricsServiceRequest: "
+            raise Undecodable("body is not a protobuf ExportMetricsServiceRequest: "
                             f"{exc}") from None
         return request
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Malformed(f"body is not JSON: {exc}") from None
+        raise Undecodable(f"body is not JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise Malformed("body is not a JSON object (ExportMetricsServiceRequest)")
+        raise Undecodable("body is not a JSON object (ExportMetricsServiceRequest)")
     for key in ("resourceMetrics", "resource_metrics"):
         if key in doc and not isinstance(doc[key], list):
-            raise Malformed(f"{key} must be an array")
+            raise Undecodable(f"{key} must be an array")
     # OTLP/JSON writes trace and span ids in hex where protobuf's JSON mapping expects
     # base64; exemplars are all that carry them, and tsad does not use exemplars
     _drop_key(doc, "exemplars")
     try:
         json_format.ParseDict(doc, request, ignore_unknown_fields=True)
     except (json_format.ParseError, ValueError, TypeError) as exc:
-        raise Malformed(f"body is not an OTLP JSON ExportMetricsServiceRequest: {exc}") from None
+        raise Undecodable(f"body is not an OTLP JSON ExportMetricsServiceRequest: {exc}") from None
     return request
 
 

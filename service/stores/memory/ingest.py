@@ -1,0 +1,62 @@
+"""The in-process backend's ingest state (``IngestStore``): held rows of grouped
+streams, watches, their cursors. One process runs every watch: a lease is always its."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+
+from service.stores.base import HeldRows
+
+
+class MemoryIngest:
+    def __init__(self) -> None:
+        self._held: dict[str, HeldRows] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watches: dict[str, dict] = {}
+        self._cursors: dict[str, float] = {}
+
+    async def held(self, stream: str) -> HeldRows:
+        kept = self._held.get(stream)
+        return HeldRows({t: list(r) for t, r in kept.rows.items()},
+                        None if kept.last is None else list(kept.last)) if kept else HeldRows()
+
+    async def hold(self, stream: str, held: HeldRows, removed: Collection[int]) -> None:
+        self._held[stream] = HeldRows({t: list(r) for t, r in held.rows.items()},
+                                      None if held.last is None else list(held.last))
+
+    @asynccontextmanager
+    async def holding(self, stream: str) -> AsyncIterator[None]:
+        async with self._locks.setdefault(stream, asyncio.Lock()):
+            yield
+
+    async def forget_stream(self, stream: str) -> None:
+        self._held.pop(stream, None)
+        lock = self._locks.get(stream)
+        if lock is not None and not lock.locked():  # else its holder still needs it
+            del self._locks[stream]
+
+    async def watches(self) -> dict[str, dict]:
+        return dict(self._watches)
+
+    async def put_watch(self, name: str, spec: dict) -> bool:
+        new = name not in self._watches
+        self._watches[name] = spec
+        return new
+
+    async def delete_watch(self, name: str) -> bool:
+        self._cursors.pop(name, None)
+        return self._watches.pop(name, None) is not None
+
+    async def cursor(self, name: str) -> float | None:
+        return self._cursors.get(name)
+
+    async def set_cursor(self, name: str, t: float) -> None:
+        self._cursors[name] = t
+
+    async def lease(self, name: str, owner: str, seconds: float) -> bool:
+        return True
+
+    async def release(self, name: str, owner: str) -> None:
+        return None
