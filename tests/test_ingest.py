@@ -82,8 +82,8 @@ def test_vendored_protos_are_what_the_generated_modules_hold(tmp_path):
         assert len(held.message_type) >= 5
 
 
-def test_remote_write_stores_and_scores_a_series_and_a_retry_changes_nothing():
-    with client() as c:
+def test_remote_write_stores_and_scores_a_series_and_a_retry_changes_nothing(service_backend):
+    with client(**service_backend.settings) as c:
         payload = body((CPU, sine(300)))
         assert c.post("/api/v1/write", content=payload).status_code == 204
         meta = c.get(f"/streams/{CPU_ID}").json()
@@ -165,12 +165,12 @@ def test_keys_ingest_scope_tenant_prefix_and_the_bootstrap_ingest_key():
         assert ids == [f"acme.{CPU_ID}", CPU_ID]
 
 
-def test_grouped_streams_assemble_rows_across_requests(tmp_path):
+def test_grouped_streams_assemble_rows_across_requests(tmp_path, service_backend):
     rules = tmp_path / "ingest.yml"
     rules.write_text("rules:\n  - name: host\n    match: {job: node}\n"
                      "    group_by: [instance]\n    channels: [cpu, mem]\n")
     mem = CPU | {"__name__": "mem"}
-    with client(ingest_config=rules) as c:
+    with client(ingest_config=rules, **service_backend.settings) as c:
         # Prometheus shards series: one host's cpu and mem come in different requests
         assert c.post("/api/v1/write", content=body((CPU, sine(5)))).status_code == 204
         meta = c.get("/streams/host.instance:web-1").json()
@@ -357,3 +357,19 @@ def test_stored_points_sent_again_with_new_ones_store_the_new_ones():
         assert c.post("/api/v1/write", content=again).status_code == 204
         assert c.get(f"/streams/{CPU_ID}").json()["points_seen"] == 15
         assert samples_metric(c, "rejected") == 0
+
+
+def test_a_deleted_grouped_stream_forgets_the_rows_it_held(tmp_path, service_backend):
+    rules = tmp_path / "ingest.yml"
+    rules.write_text("rules:\n  - {name: host, group_by: [instance], channels: [cpu, mem]}\n")
+    mem = CPU | {"__name__": "mem"}
+    with client(ingest_config=rules, **service_backend.settings) as c:
+        c.post("/api/v1/write", content=body((CPU, sine(3)), (mem, sine(3))))  # stored
+        c.post("/api/v1/write", content=body((CPU, sine(2, start=3))))  # held for mem
+        assert c.get("/streams/host.instance:web-1").json()["points_seen"] == 3
+        assert c.delete("/streams/host.instance:web-1").status_code == 204
+        # the same host again, later: its cpu rows from before the delete are gone
+        later = [(t + 60_000, v) for t, v in sine(2)]
+        c.post("/api/v1/write", content=body((CPU, later), (mem, later)))
+        window = c.get("/streams/host.instance:web-1/window").json()
+        assert window["timestamps"] == [(t + 60_000) / 1000 for t, _ in sine(2)]

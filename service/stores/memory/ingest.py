@@ -1,9 +1,11 @@
 """The in-process backend's ingest state (``IngestStore``): held rows of grouped
-streams, watches, their cursors. One process runs every watch: a lease is always its."""
+streams, watches, their cursors and leases (one process holds them all, but the lease
+keeps the contract every backend keeps)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
@@ -16,6 +18,7 @@ class MemoryIngest:
         self._locks: dict[str, asyncio.Lock] = {}
         self._watches: dict[str, dict] = {}
         self._cursors: dict[str, float] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # name -> (owner, until, monotonic)
 
     async def held(self, stream: str) -> HeldRows:
         kept = self._held.get(stream)
@@ -56,7 +59,13 @@ class MemoryIngest:
         self._cursors[name] = t
 
     async def lease(self, name: str, owner: str, seconds: float) -> bool:
+        now = time.monotonic()
+        held = self._leases.get(name)
+        if held is not None and held[0] != owner and held[1] > now:
+            return False
+        self._leases[name] = (owner, now + seconds)
         return True
 
     async def release(self, name: str, owner: str) -> None:
-        return None
+        if self._leases.get(name, ("",))[0] == owner:
+            del self._leases[name]

@@ -43,6 +43,7 @@ class RedisBackend:
                                   lock_wait_seconds=lock_wait_seconds)
 
     async def commit(self, commit: Commit) -> int:
+        await self.conn.ready()  # before building a pipeline
         if not commit.writes_state:  # a receipt alone: nothing else to keep it atomic with
             pipe = self.conn.pipeline(transaction=True)
             self.streams.stage_receipt(pipe, commit)

@@ -12,7 +12,8 @@ doors share a slot whose tag no stream id can take (``<prefix>:{~watches}:<part>
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -52,16 +53,27 @@ class RedisConnection:
                 await self.client.initialize()
                 self._ready = True
 
+    async def ready(self) -> None:
+        """Read a cluster's slot map if not yet done. Before a MULTI pipeline is built:
+        a cluster pipeline built on a client that has not read it fails (redis-py 8)."""
+        if not self._ready:
+            with self._unavailable():
+                await self._initialise()
+
     async def call(self, coro: Awaitable[Any]) -> Any:
         """Await a Redis command; an outage or a Redis error is StoreUnavailable (503)."""
         try:
-            if not self._ready:
-                try:
-                    await self._initialise()
-                except BaseException:
-                    getattr(coro, "close", lambda: None)()  # never to be awaited
-                    raise
+            await self.ready()
+        except BaseException:
+            getattr(coro, "close", lambda: None)()  # never to be awaited
+            raise
+        with self._unavailable():
             return await coro
+
+    @contextlib.contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
         except RedisError as exc:

@@ -56,6 +56,7 @@ class RedisIngest:
 
     async def hold(self, stream: str, held: HeldRows, removed: Collection[int]) -> None:
         key = self._held_key(stream)
+        await self.conn.ready()
         pipe = self.conn.pipeline(transaction=True)
         if removed:
             pipe.hdel(key, *(f"r:{t}" for t in removed))
@@ -82,6 +83,7 @@ class RedisIngest:
                                                          json.dumps(spec))))
 
     async def delete_watch(self, name: str) -> bool:
+        await self.conn.ready()
         pipe = self.conn.pipeline(transaction=True)
         pipe.hdel(self.k_specs, name)
         pipe.hdel(self.k_cursors, name)
