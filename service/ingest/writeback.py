@@ -10,9 +10,13 @@ sent one batch at a time so a series' samples arrive in time order, retried with
 refuses a whole request for one out-of-order or too-old sample, so the batch is halved
 until the refused points are alone, and only they are dropped. The queue is bounded
 (TSAD_WRITEBACK_MAX_POINTS): while the target is down the oldest points are dropped
-first, counted in tsad_writeback_points_dropped_total{reason="queue_full"}. The queue
-lives in the process: a crash loses what it held (at most a flush interval of points
-while the target is up); the scored points themselves are safe in the store.
+first, counted in tsad_writeback_points_dropped_total{reason="queue_full"}.
+
+At most once, best effort: the queue lives in the process, and a crash loses what it held
+unsent (a flush interval of points and the batch in flight while the target is up). The
+scores are derived output: the points, alerts and webhook events they led to are
+committed, and retried samples are not scored again, so a loss is a gap in the score
+series, never a wrong or doubled value (service/README.md, "Scores back as series").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The storage interface: everything the service keeps, behind one declared ``Backend``.
 
 A backend is one package (``service/stores/memory``, ``service/stores/redis``: a single
-Redis or a Redis Cluster) with five parts and an explicit atomic commit:
+Redis or a Redis Cluster) with six parts and an explicit atomic commit:
 
 * ``streams`` (``StreamStore``): per stream, its metadata (channels, window, detector,
   points seen, the scored-up-to mark, last timestamp, timestamp policy, version), its
