@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from service.ingest.writeback import ScoreWriter
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.stores.base import HeldRows, IngestStore
+from service.validation import bounds
 
 log = logging.getLogger("tsad.ingest")
 
@@ -128,18 +128,17 @@ class Ingestor:
 
     def _check(self, s: Series, report: Report) -> np.ndarray:
         """Which samples of a series are points: the others are counted by reason."""
-        cfg = self.settings
         finite = np.isfinite(s.values)
         stale = s.stale & ~finite
         bad_value = ~finite & ~stale
-        bounds = finite & ((np.abs(s.values) > cfg.value_max_abs)
-                           | (s.timestamps > time.time() + cfg.timestamp_max_lead_seconds)
-                           | (s.timestamps < cfg.timestamp_min))
+        broken = bounds(np.column_stack([s.timestamps, s.values]), self.settings)
+        out = finite & np.any([bad.reshape(len(bad), -1).any(axis=1)
+                               for _, bad, _ in broken], axis=0)
         for reason, mask in (("stale", stale), ("non_finite", bad_value),
-                             ("out_of_bounds", bounds)):
+                             ("out_of_bounds", out)):
             if n := int(mask.sum()):
                 report.dropped[reason] += n
-        return finite & ~bounds
+        return finite & ~out
 
     async def _score_own(self, group: _Group) -> Outcome:
         stamps = np.concatenate(group.stamps)
