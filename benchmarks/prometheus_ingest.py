@@ -8,7 +8,9 @@ One run, three parts, every process on this machine:
    BATCH points, back to back, CLIENTS at a time). Both feed the same tsad (Redis store,
    default detector and settings). Reported: samples/s acknowledged and points/s scored,
    for each source. The Prometheus series are warmed up first (history sent by remote-
-   write), so that every scraped sample is scored.
+   write), so that every scraped sample is scored, and their scores written back before
+   the run starts (the synthetic streams warm up during the run: points scored counts
+   fewer than points stored).
 2. End-to-end delay: from a sample's scrape time stamp to its tsad_anomaly_score sample
    being queryable in that Prometheus (tsad writes back with TSAD_WRITEBACK_URL), p50 and
    p99 over every scraped sample of the throughput run, polled every 0.25 s.
@@ -52,6 +54,7 @@ from service.ingest.wire import REMOTE_WRITE_HEADERS, encode_remote_write  # noq
 from service.process import ServiceProcess, free_port  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+DROPPED = "tsad_writeback_points_dropped_total"
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:
@@ -150,6 +153,13 @@ def throughput_and_delay(redis_url: str, args: argparse.Namespace) -> dict:
         "remote_write": [{"url": f"{tsad.url}/api/v1/write", "write_relabel_configs": [
             {"source_labels": ["__name__"], "regex": "bench_level", "action": "keep"}]}]},
         port=prom_port).start()
+    # the warm-up's scores, queued while Prometheus was not up yet, are written back
+    # first: measure from an empty queue, or the first delays are that backlog's
+    t0 = time.monotonic()
+    while metric(httpx.get(tsad.url + "/metrics").text, "tsad_writeback_queue_points") and \
+            time.monotonic() - t0 < 300:
+        time.sleep(0.5)
+    drain_s = time.monotonic() - t0
     before = httpx.get(tsad.url + "/metrics").text
     # stamps 20 ms apart from half an hour ago: recent enough for Prometheus to take
     # their scores (it refuses samples older than its head block, about an hour)
@@ -176,10 +186,15 @@ def throughput_and_delay(redis_url: str, args: argparse.Namespace) -> dict:
     poller.join()
     after = httpx.get(tsad.url + "/metrics").text
     scraped = [t for (_, t) in seen if t >= run_start]
+
+    def grew(name: str) -> float:  # over the run
+        return metric(after, name) - metric(before, name)
+
     delays = np.array([w - t for (_, t), w in seen.items() if t >= run_start])
     prom_samples = len(scraped)
     out = {
         "series": args.series, "scrape_interval_s": args.scrape,
+        "warmup_writeback_drain_s": round(drain_s, 1),
         "synthetic": {"streams": args.synth_streams, "points_per_request_per_stream":
                       args.batch, "clients": args.clients, "seconds": round(elapsed, 1),
                       "samples": sender.samples, "errors": sender.errors,
@@ -193,8 +208,11 @@ def throughput_and_delay(redis_url: str, args: argparse.Namespace) -> dict:
                     "p99": round(float(np.percentile(delays, 99)), 2) if len(delays) else None,
                     "max": round(float(delays.max()), 2) if len(delays) else None,
                     "samples": int(len(delays))},
-        "writeback": {"sent": metric(after, "tsad_writeback_points_sent_total"),
-                      "dropped": metric(after, "tsad_writeback_points_dropped_total")},
+        "writeback": {"sent": grew("tsad_writeback_points_sent_total"),
+                      "dropped": {r: grew(f'{DROPPED}{{reason="{r}"}}')
+                                  for r in ("queue_full", "rejected", "out_of_order")},
+                      "requests": {o: grew(f'tsad_writeback_requests_total{{outcome="{o}"}}')
+                                   for o in ("ok", "retry", "rejected")}},
     }
     prom.cleanup()
     exporter.stop()
@@ -269,16 +287,26 @@ def full_queue_heap() -> int:
     return size
 
 
+def sample_load(into: list[float], done: threading.Event) -> None:
+    """The 1-minute load average every 10 s: the machine is shared."""
+    while True:
+        into.append(os.getloadavg()[0])
+        if done.wait(10):
+            return
+
+
 def markdown(out: dict) -> str:
-    t, q = out["throughput"], out["queue"]
+    t, q, load = out["throughput"], out["queue"], out["load_average_1min"]
+    wb = t["writeback"]
     syn = t["synthetic"]
     return "\n".join([
         "# Prometheus-native ingest", "",
         f"`python benchmarks/prometheus_ingest.py{' --quick' if out['quick'] else ''}` on "
         f"{out['machine']}; Prometheus {out['prometheus']}, tsad on Redis, default detector "
-        "and settings; every process on this machine (2 cores, shared with other work: load "
-        f"average {out['load_average_at_start']:.1f} at the start, "
-        f"{out['load_average_at_end']:.1f} at the end).", "",
+        "and settings; every process on this machine (2 cores, shared with other work: 1-minute "
+        f"load average {out['load_average_at_start']:.1f} at the start, "
+        f"{out['load_average_at_end']:.1f} at the end, {load['mean']:.1f} on average and "
+        f"{load['max']:.1f} at most over the run, sampled every 10 s).", "",
         "| what | figure |", "| --- | --- |",
         f"| real Prometheus: {t['series']:,} series every {t['scrape_interval_s']:g} s, "
         f"samples scored and written back | {t['prometheus']['samples_per_s']} samples/s |",
@@ -286,11 +314,16 @@ def markdown(out: dict) -> str:
         f"{syn['clients']} clients, 100 series x {syn['points_per_request_per_stream']} "
         f"points a request), same run | {syn['samples_per_s']:,} samples/s "
         f"(refused: {syn['errors'] or 'none'}) |",
-        f"| points scored, both together | {t['points_scored_per_s']:,} points/s |",
+        f"| points scored, both together (the synthetic streams warm up first) | "
+        f"{t['points_scored_per_s']:,} points/s |",
+        f"| write-back in the same run: points sent, dropped | {wb['sent']:,.0f}, "
+        f"{sum(wb['dropped'].values()):,.0f} ({wb['requests']['ok']:,.0f} requests, "
+        f"{wb['requests']['retry']:,.0f} retried) |",
         f"| scrape to score queryable in Prometheus, p50 / p99 (max) | {t['delay_s']['p50']} s / "
         f"{t['delay_s']['p99']} s ({t['delay_s']['max']} s), {t['delay_s']['samples']:,} samples |",
         f"| write-back target down {q['down_seconds']} s: peak queue | "
-        f"{q['peak_queue_points']:,.0f} points (bound {out['max_points']:,}); "
+        f"{q['peak_queue_points']:,.0f} points (bound {out['max_points']:,} queued + "
+        f"{out['batch_points']:,} in flight); "
         f"{q['dropped_queue_full']:,.0f} oldest dropped |",
         f"| same: tsad resident memory idle / peak | {q['idle_rss_mb']} MB / "
         f"{q['peak_rss_mb']} MB |",
@@ -326,13 +359,22 @@ def main() -> None:
                    [PrometheusServer({}).binary, "--version"], capture_output=True,
                    text=True).stdout.split("\n")[0],
                "max_points": Settings().writeback_max_points,
+               "batch_points": Settings().writeback_batch_points,
                "load_average_at_start": os.getloadavg()[0]}
+        loads: list[float] = []
+        done = threading.Event()
+        load_sampler = threading.Thread(target=sample_load, args=(loads, done), daemon=True)
+        load_sampler.start()
         out["throughput"] = throughput_and_delay(url, args)
         print(json.dumps(out["throughput"]), flush=True)
         subprocess.run(["redis-cli", "-u", url, "FLUSHALL"], capture_output=True)
         out["queue"] = queue_bound(url, args)
         print(json.dumps(out["queue"]), flush=True)
         out["load_average_at_end"] = os.getloadavg()[0]
+        done.set()
+        load_sampler.join()
+        out["load_average_1min"] = {"min": min(loads), "mean": round(sum(loads) / len(loads), 2),
+                                    "max": max(loads), "samples": len(loads)}
     finally:
         redis.terminate()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -263,6 +263,10 @@ class HeldRows:
     rows: dict[int, Row] = field(default_factory=dict)
     last: Row | None = None
 
+    def copy(self) -> HeldRows:
+        return HeldRows({t: list(row) for t, row in self.rows.items()},
+                        None if self.last is None else list(self.last))
+
 
 class IngestStore(Protocol):
     """What the Prometheus-native doors keep (``service/ingest/``). Held rows live in the

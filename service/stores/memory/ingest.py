@@ -18,16 +18,14 @@ class MemoryIngest:
         self._locks: dict[str, asyncio.Lock] = {}
         self._watches: dict[str, dict] = {}
         self._cursors: dict[str, float] = {}
-        self._leases: dict[str, tuple[str, float]] = {}  # name -> (owner, until, monotonic)
+        self._leases: dict[str, tuple[str, float]] = {}  # name -> (owner, until: monotonic)
 
     async def held(self, stream: str) -> HeldRows:
         kept = self._held.get(stream)
-        return HeldRows({t: list(r) for t, r in kept.rows.items()},
-                        None if kept.last is None else list(kept.last)) if kept else HeldRows()
+        return kept.copy() if kept else HeldRows()
 
     async def hold(self, stream: str, held: HeldRows, removed: Collection[int]) -> None:
-        self._held[stream] = HeldRows({t: list(r) for t, r in held.rows.items()},
-                                      None if held.last is None else list(held.last))
+        self._held[stream] = held.copy()  # the caller's stays the caller's
 
     @asynccontextmanager
     async def holding(self, stream: str) -> AsyncIterator[None]:
