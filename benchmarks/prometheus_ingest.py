@@ -71,6 +71,12 @@ def metric(text: str, name: str) -> float:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: what it cost, whatever else the machine ran."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -124,9 +130,10 @@ class Sender:
 
 def throughput_and_delay(redis_url: str, args: argparse.Namespace) -> dict:
     prom_port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="tsad-bench-")) / "tsad.log"
     tsad = ServiceProcess({"REDIS_URL": redis_url, "TSAD_LOG_LEVEL": "WARNING",
                            "TSAD_WRITEBACK_URL": f"http://127.0.0.1:{prom_port}/api/v1/write",
-                           "TSAD_MAX_STREAMS": "100000"}).start()
+                           "TSAD_MAX_STREAMS": "100000"}, log_path=log).start()
     rng = np.random.default_rng(0)
     exporter = Exporter(lambda: "".join(
         f'bench_level{{series="{i}"}} {10 + rng.normal():.4f}\n' for i in range(args.series)))
@@ -161,6 +168,7 @@ def throughput_and_delay(redis_url: str, args: argparse.Namespace) -> dict:
         time.sleep(0.5)
     drain_s = time.monotonic() - t0
     before = httpx.get(tsad.url + "/metrics").text
+    cpu_before = cpu_seconds(tsad.proc.pid)
     # stamps 20 ms apart from half an hour ago: recent enough for Prometheus to take
     # their scores (it refuses samples older than its head block, about an hour)
     sender = Sender(tsad.url, "synth", args.synth_streams, args.batch, args.clients, 0.02)
@@ -185,6 +193,7 @@ def throughput_and_delay(redis_url: str, args: argparse.Namespace) -> dict:
     stop.set()
     poller.join()
     after = httpx.get(tsad.url + "/metrics").text
+    cpu = cpu_seconds(tsad.proc.pid) - cpu_before
     scraped = [t for (_, t) in seen if t >= run_start]
 
     def grew(name: str) -> float:  # over the run
@@ -201,6 +210,8 @@ def throughput_and_delay(redis_url: str, args: argparse.Namespace) -> dict:
                       "samples_per_s": round(sender.samples / elapsed)},
         "prometheus": {"scored_samples_written_back": prom_samples,
                        "samples_per_s": round(prom_samples / (args.seconds + args.scrape), 1)},
+        "tsad_cpu_s": round(cpu, 1),
+        "tsad_cpu_us_per_sample": round(cpu / max(1, sender.samples + prom_samples) * 1e6, 1),
         "points_scored_per_s": round((metric(after, "tsad_points_scored_total") -
                                       metric(before, "tsad_points_scored_total")) /
                                      (elapsed + args.scrape * 2)),
@@ -212,7 +223,11 @@ def throughput_and_delay(redis_url: str, args: argparse.Namespace) -> dict:
                       "dropped": {r: grew(f'{DROPPED}{{reason="{r}"}}')
                                   for r in ("queue_full", "rejected", "out_of_order")},
                       "requests": {o: grew(f'tsad_writeback_requests_total{{outcome="{o}"}}')
-                                   for o in ("ok", "retry", "rejected")}},
+                                   for o in ("ok", "retry", "rejected")},
+                      # why the target refused points, if it did (tsad's log)
+                      "refusals": [json.loads(line).get("error") for line in
+                                   log.read_text().splitlines()
+                                   if "write-back point refused" in line][:3]},
     }
     prom.cleanup()
     exporter.stop()
@@ -314,6 +329,8 @@ def markdown(out: dict) -> str:
         f"{syn['clients']} clients, 100 series x {syn['points_per_request_per_stream']} "
         f"points a request), same run | {syn['samples_per_s']:,} samples/s "
         f"(refused: {syn['errors'] or 'none'}) |",
+        f"| tsad's CPU time per sample acknowledged, both together (user + system; load-proof) "
+        f"| {t['tsad_cpu_us_per_sample']} µs ({t['tsad_cpu_s']} s) |",
         f"| points scored, both together (the synthetic streams warm up first) | "
         f"{t['points_scored_per_s']:,} points/s |",
         f"| write-back in the same run: points sent, dropped | {wb['sent']:,.0f}, "
@@ -322,8 +339,8 @@ def markdown(out: dict) -> str:
         f"| scrape to score queryable in Prometheus, p50 / p99 (max) | {t['delay_s']['p50']} s / "
         f"{t['delay_s']['p99']} s ({t['delay_s']['max']} s), {t['delay_s']['samples']:,} samples |",
         f"| write-back target down {q['down_seconds']} s: peak queue | "
-        f"{q['peak_queue_points']:,.0f} points (bound {out['max_points']:,} queued + "
-        f"{out['batch_points']:,} in flight); "
+        f"{q['peak_queue_points']:,.0f} points (bound {out['max_points']:,}, the batch "
+        f"of {out['batch_points']:,} in flight included); "
         f"{q['dropped_queue_full']:,.0f} oldest dropped |",
         f"| same: tsad resident memory idle / peak | {q['idle_rss_mb']} MB / "
         f"{q['peak_rss_mb']} MB |",

@@ -236,8 +236,9 @@ class Settings(BaseSettings):
     writeback_flush_seconds: float = Field(
         1.0, gt=0, le=60, description="a partial batch is sent after this long")
     writeback_max_points: int = Field(
-        100_000, ge=100, description="scored points waiting while the target is down; "
-        "beyond, the oldest are dropped (tsad_writeback_points_dropped_total)")
+        100_000, ge=100, description="scored points held while the target is down, the "
+        "batch in flight included; beyond, the oldest are dropped "
+        "(tsad_writeback_points_dropped_total)")
     writeback_timeout_seconds: float = Field(10.0, gt=0, description="per request")
     writeback_backoff_seconds: float = Field(0.5, gt=0, description="first retry delay; "
                                              "doubles each attempt, full jitter")

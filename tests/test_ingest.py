@@ -23,6 +23,7 @@ from service.ingest.prompb import remote_pb2, types_pb2
 from service.ingest.wire import STALE_NAN_BITS, decode_remote_write, encode_remote_write
 from service.ingest.writeback import ScoreWriter
 from service.metrics import ServiceMetrics
+from service.process import free_port
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,6 +303,30 @@ def test_score_writer_queue_is_bounded_oldest_dropped():
     writer.enqueue({"stream": "s"}, [(float(i), 1.0, None, False) for i in range(150)])
     assert len(writer.queue) == 100 and writer.queue[0][1] == 50_000
     assert metrics.writeback_points_dropped_total.labels("queue_full")._value.get() == 50
+
+
+def test_score_writer_bound_counts_the_batch_in_flight():
+    """While the target is down a batch stays in flight, retried; the points queued behind
+    it and the batch together stay within TSAD_WRITEBACK_MAX_POINTS."""
+    settings = Settings(writeback_url=f"http://127.0.0.1:{free_port()}/api/v1/write",
+                        writeback_max_points=100, writeback_batch_points=40,
+                        writeback_flush_seconds=0.01, writeback_backoff_seconds=0.01)
+    metrics = ServiceMetrics(CollectorRegistry())
+
+    async def go() -> tuple[int, int, float]:
+        writer = ScoreWriter(settings, metrics)
+        await writer.start()
+        writer.enqueue({"stream": "s"}, [(float(i), 1.0, None, False) for i in range(40)])
+        while not writer.inflight:
+            await asyncio.sleep(0.01)
+        writer.enqueue({"stream": "s"}, [(float(i), 1.0, None, False) for i in range(40, 200)])
+        held = (len(writer.queue), writer.inflight, metrics.writeback_queue_points._value.get())
+        await writer.stop(flush_seconds=0)
+        return held
+
+    queued, inflight, gauge = asyncio.run(go())
+    assert (queued, inflight, gauge) == (60, 40, 100)
+    assert metrics.writeback_points_dropped_total.labels("queue_full")._value.get() == 100
 
 
 def test_readme_point_prometheus_section_is_valid_as_written(tmp_path):

@@ -8,9 +8,10 @@ Batched (TSAD_WRITEBACK_BATCH_POINTS, or what TSAD_WRITEBACK_FLUSH_SECONDS gathe
 sent one batch at a time so a series' samples arrive in time order, retried with backoff
 (full jitter) on a connection error, a 429 or a 5xx. A 4xx refuses the batch: Prometheus
 refuses a whole request for one out-of-order or too-old sample, so the batch is halved
-until the refused points are alone, and only they are dropped. The queue is bounded
-(TSAD_WRITEBACK_MAX_POINTS): while the target is down the oldest points are dropped
-first, counted in tsad_writeback_points_dropped_total{reason="queue_full"}.
+until the refused points are alone, and only they are dropped. The points held are
+bounded (TSAD_WRITEBACK_MAX_POINTS, the batch in flight included): while the target is
+down the oldest queued points are dropped first, counted in
+tsad_writeback_points_dropped_total{reason="queue_full"}.
 
 At most once, best effort: the queue lives in the process, and a crash loses what it held
 unsent (a flush interval of points and the batch in flight while the target is up). The
@@ -70,7 +71,8 @@ class ScoreWriter:
         key = self._labels.setdefault(key, key)
         for stamp, score, likelihood, anomaly in points:
             self.queue.append((key, round(stamp * 1000), score, likelihood, anomaly))
-        over = len(self.queue) - self.settings.writeback_max_points
+        # the batch in flight counts: the bound is every point this writer holds
+        over = len(self.queue) + self.inflight - self.settings.writeback_max_points
         if over > 0:
             for _ in range(over):  # the oldest go first: the newest matter most
                 self.queue.popleft()
