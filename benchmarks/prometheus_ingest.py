@@ -116,12 +116,15 @@ class Sender:
                 while time.monotonic() < deadline:
                     for lo in range(k * per, (k + 1) * per, 100):
                         body = self.body(range(lo, min(lo + 100, (k + 1) * per)), t, labels)
-                        r = await client.post(self.url, content=body)
-                        if r.status_code == 204:
+                        try:
+                            status = str((await client.post(self.url, content=body))
+                                         .status_code)
+                        except httpx.TimeoutException:  # counted, as a sender would retry
+                            status = "timeout"
+                        if status == "204":
                             self.samples += min(100, (k + 1) * per - lo) * self.batch
                         else:
-                            self.errors[str(r.status_code)] = self.errors.get(
-                                str(r.status_code), 0) + 1
+                            self.errors[status] = self.errors.get(status, 0) + 1
                     t += self.batch * self.spacing
             t0 = time.monotonic()
             await asyncio.gather(*(loop(k) for k in range(self.clients)))
