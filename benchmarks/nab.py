@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,6 +62,8 @@ from models.streaming import stream_scores  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 from service.replay import fetch_alerts, post_score  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.stores.base import StreamMeta  # noqa: E402
+from service.thresholds import build_threshold, stream_spec  # noqa: E402
 
 PROFILES = list(nab.PROFILES)
 SETTINGS = Settings()  # the service's defaults: what the live replay runs
@@ -73,23 +76,28 @@ PUBLISHED = {
     "tsad before the ensemble (residual linear + SPOT, live; ../shared/nab-reference)":
         (23.53, 15.49, 27.39),
 }
-# Offline rows: (label, detector, config). Same loop as the service, one file at a time.
+# Offline rows: (label, detector, config, loop options). Same loop, threshold and
+# likelihood as the service, one file at a time. The default and its ablations: each
+# part of the default taken out or set back to what it replaced.
 OFFLINE = [
-    ("ensemble default: range records at scales 1 and 16, shape grading", "ensemble", {}),
-    ("ensemble: range records at scale 1 only", "ensemble", {"range_scales": [1]}),
-    ("ensemble member alone: range", "ensemble", {"members": ["range"]}),
-    ("ensemble member alone: shape", "ensemble",
-     {"members": ["shape"], "record_members": ["shape"]}),
-    ("ensemble member alone: forecast", "ensemble",
-     {"members": ["forecast"], "record_members": ["forecast"]}),
-    ("ensemble: range + shape records", "ensemble",
-     {"members": ["range", "shape"], "record_members": ["range", "shape"]}),
-    ("ensemble: range + forecast records", "ensemble",
-     {"members": ["range", "forecast"], "record_members": ["range", "forecast"]}),
-    ("ensemble: range + shape + forecast records", "ensemble",
-     {"members": ["range", "shape", "forecast"],
-      "record_members": ["range", "shape", "forecast"]}),
-    ("residual linear (previous default), raw score", "residual_linear", {}),
+    ("ensemble default: robust range and level records, memory ranking", "ensemble", {}, {}),
+    ("ensemble: range records only (no level member, no memory ranking)", "ensemble",
+     {"members": ["range"]}, {}),
+    ("ensemble: range records + memory ranking (no level member)", "ensemble",
+     {"members": ["range", "memory"]}, {}),
+    ("ensemble: no noise margin on range records", "ensemble",
+     {"range_noise_margin": 0.0}, {}),
+    ("ensemble: range set by the most extreme block (not robust)", "ensemble",
+     {"range_rank": 1}, {}),
+    ("ensemble: level records at the record itself (no 10% margin)", "ensemble",
+     {"distance_margin": 0.0}, {}),
+    ("ensemble: memories learn every window (not only normal ones)", "ensemble",
+     {"memory_learns": "all"}, {}),
+    ("ensemble: memories of 1,024 points", "ensemble", {"memory_points": 1024}, {}),
+    ("ensemble: memories of 4,096 points", "ensemble", {"memory_points": 4096}, {}),
+    ("ensemble: a verdict right after another counts (no repeat factor)", "ensemble", {},
+     {"repeat_factor": 1.0}),
+    ("residual linear (the default before the ensemble)", "residual_linear", {}, {}),
 ]
 
 
@@ -145,14 +153,22 @@ def live(corpus: list[nab.NabFile], batch: int, concurrency: int) -> tuple[dict,
 
 
 def offline(corpus: list[nab.NabFile], detector: str, config: dict,
-            stride: int = 1) -> tuple[dict, dict, float]:
+            stride: int = 1, loop: dict | None = None) -> tuple[dict, dict, float]:
+    """Per-file scores and likelihoods of the service's loop, offline: the detector as the
+    service builds it (its window and warm-up) with the row's config, and the stream's
+    threshold as the service builds it (a record detector's fixed cut, else the server's
+    default), so the likelihood is the live one."""
     scores, lik = {}, {}
     t0 = time.perf_counter()
     for f in tqdm(corpus, desc=detector, unit="file", leave=False):
-        # as the service builds it (its window and warm-up), with the row's config
         det = build_detector(detector, window=SETTINGS.default_window,
                              defaults={"warmup": SETTINGS.warmup_points}, **config)
-        run = stream_scores(det, f.values, 0, timestamps=f.timestamps, score_stride=stride)
+        spec = stream_spec(SETTINGS, StreamMeta(stream_id(f.key), 1, det.config.window,
+                                                detector))
+        if det.record_scores:
+            spec = replace(spec, kind="fixed", value=det.record_threshold)
+        run = stream_scores(det, f.values, 0, build_threshold(spec), timestamps=f.timestamps,
+                            score_stride=stride, **(loop or {}))
         scores[f.key], lik[f.key] = np.nan_to_num(run.scores), np.nan_to_num(run.likelihood)
     return scores, lik, time.perf_counter() - t0
 
@@ -269,14 +285,12 @@ def main() -> int:
                               n_points / elapsed, fixed=name != "likelihood"))
     default_scores = None
     if not args.no_offline:
-        for label, detector, config in tqdm(OFFLINE, desc="offline rows", unit="row"):
-            scores, lik, seconds = offline(corpus, detector, config)
+        for label, detector, config, loop in tqdm(OFFLINE, desc="offline rows", unit="row"):
+            scores, lik, seconds = offline(corpus, detector, config, loop=loop)
             default_scores = default_scores or scores
-            # a record-ratio detector's likelihood ranks points exactly as its score
-            kinds = [("score", scores)] + [("likelihood", lik)] * (
-                not build_detector(detector).record_scores)
             rows += [table_row(f"{label}, {what}", "offline loop", arrays, corpus,
-                               n_points / seconds) for what, arrays in kinds]
+                               n_points / seconds)
+                     for what, arrays in (("score", scores), ("likelihood", lik))]
     if args.lm and default_scores is not None:
         rows += lm_rows(corpus, default_scores, args.lm, n_points)
     if args.spear:

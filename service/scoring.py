@@ -93,8 +93,7 @@ class StreamScorer:
         stride = settings.costly_score_stride if self.detector.costly else 1
         self.loop = OnlineLoop(
             self.detector, self.threshold,
-            AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores,
-                              record_ratio=self.detector.record_scores),
+            AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores),
             score_stride=stride, online=not self.shared_detector)
         self.tracker = AlertTracker(meta.stream, self.channel_names(), alert_rules(settings),
                                     incarnation(meta.stream, meta.created_at))
