@@ -125,10 +125,11 @@ class OnlineLoop:
             self.recent = np.asarray(state["recent"], dtype=np.float64).copy()
 
     def _beyond_recent(self, ratios: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """(F, C) record ratios of fresh points, in order -> the same divided by the
-        largest ratio (at least 1) of the channel's previous ``chunk`` points, where a
-        previous verdict counts ``repeat_factor`` times: one incident, one verdict,
-        unless a much larger one follows."""
+        """(F, C) record ratios of fresh points, in order -> the records (above 1)
+        divided by the largest ratio (at least 1) of the channel's previous ``chunk``
+        points, where a previous verdict counts ``repeat_factor`` times: one incident,
+        one verdict, unless a much larger one follows. Scores below 1 (the ranking) stay
+        as they are."""
         if self.recent.shape[1] != ratios.shape[1]:
             self.recent = np.zeros((self.chunk, ratios.shape[1]))
         line = self.detector.record_threshold
@@ -139,7 +140,7 @@ class OnlineLoop:
                                   ratios])
             seq = np.where(seq > line, seq * self.repeat_factor, seq)
             previous = sliding_window_view(seq, self.chunk, axis=0)[:n].max(axis=2)
-            out = ratios / np.maximum(previous, 1.0)
+            out = np.where(ratios > 1.0, ratios / np.maximum(previous, 1.0), ratios)
             keep = slice(max(0, n - self.chunk), n)
             self.recent[index[keep] % self.chunk] = ratios[keep]
             return out
@@ -147,7 +148,7 @@ class OnlineLoop:
         for i, (row, at) in enumerate(zip(ratios, index, strict=True)):
             recent = np.where(self.recent > line, self.recent * self.repeat_factor,
                               self.recent)
-            out[i] = row / np.maximum(recent.max(axis=0), 1.0)
+            out[i] = np.where(row > 1.0, row / np.maximum(recent.max(axis=0), 1.0), row)
             self.recent[at % self.chunk] = row
         return out
 

@@ -287,6 +287,20 @@ def test_nyc_taxi_residual_linear_ranks_labelled_windows_above_chance():
     assert flagged.sum() > 20 and precision > 1.5 * labels.mean(), (precision, labels.mean())
 
 
+def test_nyc_taxi_default_likelihood_ranks_labelled_windows():
+    """Issue 22's ranking target, end to end through POST /score: the default detector's
+    likelihood ranks the points of nyc_taxi's labelled windows well above chance (the
+    previous default ranked them below it: 0.44). Measured 0.77."""
+    from sklearn.metrics import roc_auc_score
+
+    _, _, labels = load_nyc_taxi()
+    results = replay_nyc_taxi()
+    lik = np.array([np.nan if r["likelihood"] is None else r["likelihood"] for r in results])
+    scored = ~np.isnan(lik)
+    assert scored.sum() > 9000
+    assert roc_auc_score(labels[scored], lik[scored]) >= 0.65
+
+
 def test_nyc_taxi_default_detector_beats_never_firing_on_nab():
     """The default detector at default settings, scored as NAB scores it: its verdicts on
     nyc_taxi earn more than a detector that never fires, with few false alarms."""
