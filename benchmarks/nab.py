@@ -15,17 +15,15 @@ probationary period only (the rows NAB never scores; series scaling, log-odds sc
 ``configs/eval/msl_spear_scale.yaml``), then scored through the same loop every STRIDE-th
 point (its newest STRIDE points' max), as an offline-loop row. Slow on a CPU: 35 fits.
 
-``--lm STRIDE`` adds the language-model member: the embedding memory (MiniLM embeddings of
-each window's prompt, nearest remembered normal window; online) scored every STRIDE-th
-point through the same loop, alone, and beside the default as an ensemble member (its
-distance divided by its own running record, the maximum taken with the default's record
-ratio). Slow on a CPU: about 45k / STRIDE prompts.
-
-Beside it, in the same run, offline rows through the same scoring loop
-(``models.streaming``): every member of the default ensemble alone, the combinations, and
-the previous default (residual linear), with their cost per point; and the published
+Beside it, in the same run, offline rows through the same scoring loop, threshold and
+likelihood as the service (``models.streaming``): the default and its ablations (each part
+taken out or set back to what it replaced), and the previous default (residual linear),
+with their cost per point; and the published
 detectors' scores on the same files from NAB's scoreboard, when the data directory is the
-35-file part this project ships with (``--reference``).
+35-file part this project ships with (``--reference``). The language model's rows (as
+the default's ranking member and as a confirmation tier) are ``benchmarks/lm_member.py``.
+The live likelihood on NAB's normal points (outside every labelled window, after the
+probationary period) is summarised too: its median and its share at 0.99 or above.
 
     python benchmarks/nab.py --data-dir ../shared/datasets
 
@@ -90,6 +88,8 @@ OFFLINE = [
      {"range_noise_margin": 0.0}, {}),
     ("ensemble: range set by the most extreme block (not robust)", "ensemble",
      {"range_rank": 1}, {}),
+    ("ensemble: wild values join the range (no exclusion)", "ensemble",
+     {"wild_spans": float("inf")}, {}),
     ("ensemble: level records at the record itself (no 10% margin)", "ensemble",
      {"distance_margin": 0.0}, {}),
     ("ensemble: memories learn every window (not only normal ones)", "ensemble",
@@ -174,28 +174,6 @@ def offline(corpus: list[nab.NabFile], detector: str, config: dict,
     return scores, lik, time.perf_counter() - t0
 
 
-def record_ratio(scores: np.ndarray, history: int = 4096, warmup: int = 64) -> np.ndarray:
-    """Each score divided by the largest of the previous ``history`` scores (0 before
-    ``warmup`` scores): a member's surprise on the ensemble's scale (1 = its record)."""
-    out = np.zeros(len(scores))
-    for i in range(warmup, len(scores)):
-        record = scores[max(0, i - history):i].max()
-        out[i] = scores[i] / record if record > 0 else 0.0
-    return out
-
-
-def lm_rows(corpus: list[nab.NabFile], default: dict, stride: int,
-            n_points: int) -> list[dict]:
-    """The embedding memory alone and as a member of the default ensemble."""
-    lm_scores, lm_lik, seconds = offline(corpus, "embedding_memory", {}, stride)
-    member = {k: np.maximum(default[k], record_ratio(v)) for k, v in lm_scores.items()}
-    return [table_row(label, "offline loop", arrays, corpus, n_points / seconds)
-            for label, arrays in (
-                (f"embedding memory alone (LM member, every {stride}th point), likelihood",
-                 lm_lik),
-                (f"ensemble + LM member (every {stride}th point), score", member))]
-
-
 SPEAR = {"window": 32, "scaling": "series", "max_steps": 120, "train_stride": 4,
          "max_val_windows": 32, "eval_every": 10, "score": "log_odds"}
 
@@ -260,9 +238,6 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=500, help="points per POST /score")
     ap.add_argument("--concurrency", type=int, default=4, help="files replayed at once")
     ap.add_argument("--no-offline", action="store_true", help="only the live replay")
-    ap.add_argument("--lm", type=int, metavar="STRIDE", default=0,
-                    help="add the language-model member's rows, scoring every STRIDE-th "
-                    "point (0 = no; slow on a CPU)")
     ap.add_argument("--spear", type=int, metavar="STRIDE", default=0,
                     help="add SPEAR's rows (fitted on each file's probationary period), "
                     "scoring every STRIDE-th point (0 = no; slow on a CPU)")
@@ -284,18 +259,15 @@ def main() -> int:
         rows.append(table_row(f"tsad live (default: ensemble), {label}", "live",
                               {k: v[name] for k, v in results.items()}, corpus,
                               n_points / elapsed, fixed=name != "likelihood"))
-    default_scores = None
     if not args.no_offline:
         for label, detector, config, loop in tqdm(OFFLINE, desc="offline rows", unit="row"):
             scores, lik, seconds = offline(corpus, detector, config, loop=loop)
-            default_scores = default_scores or scores
             rows += [table_row(f"{label}, {what}", "offline loop", arrays, corpus,
                                n_points / seconds)
                      for what, arrays in (("score", scores), ("likelihood", lik))]
-    if args.lm and default_scores is not None:
-        rows += lm_rows(corpus, default_scores, args.lm, n_points)
     if args.spear:
         rows += spear_rows(corpus, args.spear, n_points)
+    normal = normal_likelihood(corpus, {k: v["likelihood"] for k, v in results.items()})
     published = {k: dict(zip(PROFILES, v, strict=True)) for k, v in PUBLISHED.items()}
     result = {
         "data_dir": str(args.data_dir), "files": len(corpus), "points": n_points,
@@ -303,9 +275,25 @@ def main() -> int:
         "live_seconds": elapsed, "live_points_per_s": n_points / elapsed,
         "machine": platform.platform(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": rows, "published": published if reference else {},
+        "normal_likelihood": normal,
     }
     save_report(result, table(result), args.out)
     return 0
+
+
+def normal_likelihood(corpus: list[nab.NabFile], lik: dict[str, np.ndarray]) -> dict:
+    """The live likelihood on NAB's normal points: outside every labelled window, after
+    the probationary period, where the service reported one."""
+    values = []
+    for f in corpus:
+        normal = np.ones(len(f.values), dtype=bool)
+        normal[:f.probation] = False
+        for a, b in f.windows:
+            normal[a:b + 1] = False
+        values.append(lik[f.key][normal & (lik[f.key] > 0)])
+    v = np.concatenate(values)
+    return {"points": int(len(v)), "median": float(np.median(v)),
+            "share_at_099": float(np.mean(v >= 0.99))}
 
 
 def table(result: dict) -> str:
@@ -333,6 +321,10 @@ def table(result: dict) -> str:
     for name, p in result["published"].items():
         lines.append(f"| {name} (NAB's scorer, same files) | {p['standard']:.2f} | "
                      f"{p['reward_low_FP_rate']:.2f} | {p['reward_low_FN_rate']:.2f} | | |")
+    if (n := result.get("normal_likelihood")) and n["points"]:
+        lines += ["", f"Live likelihood on NAB's normal points ({n['points']:,} points outside "
+                  f"every labelled window, after the probationary period): median "
+                  f"{n['median']:.3f}, {100 * n['share_at_099']:.2f}% at 0.99 or above."]
     live_rows = [r for r in result["rows"] if r["source"] == "live"]
     if live_rows:
         lines += ["", "Per file, live (NAB raw score, standard profile):", "",

@@ -203,8 +203,13 @@ class Ensemble(Detector):
         cfg = self.config
         fitted = self.is_fitted
         # (B, M, C) surprises before learning this block; during the warm-up the history
-        # is a few points, and its surprises no record
+        # is a few points, and its surprises set no record and judge no window. The
+        # memory's typical distance is measured from its first windows on, so the first
+        # scored points are graded against it (not against nothing)
         raw = self._recall_raw(windows) if fitted else None
+        early = None
+        if not fitted and self._blocks[0] > 0 and len(self._ring) and self._memory_size():
+            early = self._raw(windows)
         slot = int(self._blocks[0]) % cfg.history_blocks
         smoothed = self._smoothed(windows)[:, :, -1]  # (B, K, C) newest point per scale
         # a wild value (beyond the range by wild_spans ranges) is flagged and kept out of
@@ -219,12 +224,13 @@ class Ensemble(Detector):
             self._lo[slot], self._hi[slot] = np.nanmin(kept, axis=0), np.nanmax(kept, axis=0)
         steps = np.where(wild, np.nan, np.abs(windows[:, -1] - windows[:, -2]))
         self._step[slot] = np.nanmean(steps, axis=0)
-        for member, ring, stat in (("level", self._level_top, np.nanmax),
-                                   ("memory", self._memory_mid, np.nanmedian)):
+        for member, ring, stat, seen in (("level", self._level_top, np.nanmax, raw),
+                                         ("memory", self._memory_mid, np.nanmedian,
+                                          raw if raw is not None else early)):
             if member in cfg.members:
                 m = cfg.members.index(member)
-                ring[slot] = (stat(np.where(wild, np.nan, raw[:, m]), axis=0)
-                              if raw is not None else np.nan)
+                ring[slot] = (stat(np.where(wild, np.nan, seen[:, m]), axis=0)
+                              if seen is not None else np.nan)
         normal = (np.ones(len(windows), dtype=bool) if raw is None else
                   self._combine(raw).max(axis=1) <= self.record_threshold)
         self._n += len(windows)
