@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of "
                     + ", ".join(KINDS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label", default="", help="what this run measures (its title)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/false_alerts")
     args = ap.parse_args()
     settings = Settings()
@@ -122,7 +123,8 @@ def main() -> int:
             "anomalous_point_share": anomalies / max(scored, 1),
             "seconds": time.perf_counter() - t0,
         })
-    result = {"detector": settings.default_detector, "points_per_day": POINTS_PER_DAY,
+    result = {"detector": settings.default_detector, "label": args.label,
+              "points_per_day": POINTS_PER_DAY,
               "batch": args.batch, "seed": args.seed, "rows": rows,
               "machine": platform.platform(),
               "date": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -133,7 +135,8 @@ def main() -> int:
 def table(result: dict) -> str:
     r0 = result["rows"][0] if result["rows"] else {"streams": 0, "points": 0}
     lines = [
-        f"# False alerts on clean data ({result['detector']}, default settings)",
+        f"# False alerts on clean data ({result.get('label') or result['detector']}, "
+        "default settings)",
         "",
         f"`python benchmarks/false_alerts.py` ({result['date']}): {r0['streams']:,} streams "
         f"of {r0['points']:,} points per kind, one point a minute, each through the "

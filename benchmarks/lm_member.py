@@ -12,7 +12,7 @@ MSL column 0, beside the default in the same run.
   level margin) proposes records; a record stands only where a confirmer's grade is at
   least ``c``, else the point falls back to its grade. The confirmer is the embedding
   memory, or (the control without a language model) the raw-window memory. ``c`` is
-  chosen on NAB's even-numbered files (half A) among 0.5, 0.6, 0.7, 0.8 and checked on
+  chosen on NAB's even-numbered files (half A) among 0.3 to 0.8 and checked on
   the odd ones; the same ``c`` then runs on MSL.
 
 Rows combine per-point scores of the service's own loop (``benchmarks/nab.py``'s offline
@@ -49,7 +49,7 @@ from models.detectors import build_detector  # noqa: E402
 from models.reporting import save_report  # noqa: E402
 
 SENSITIVE = {"range_noise_margin": 0.0, "distance_margin": 0.0}
-CONFIRM_CUTS = (0.5, 0.6, 0.7, 0.8)
+CONFIRM_CUTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def grade(distance: np.ndarray, typical: np.ndarray | float) -> np.ndarray:
