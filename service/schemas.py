@@ -131,11 +131,11 @@ class PointResultOut(BaseModel):
     score: float | None = Field(description="Anomaly score, higher is more anomalous; "
                                 "null while warming up", examples=[3.7])
     likelihood: float | None = Field(
-        None, ge=0.0, le=1.0, description="Anomaly likelihood in [0, 1]: 1 - p, p the share "
-        "of the stream's recent scores (TSAD_LIKELIHOOD_HISTORY) above this one (beyond the "
-        "largest, a Pareto tail). It means the same on every stream: on normal data about 1 "
-        "point in 1,000 reaches 0.999, so one threshold serves all streams. Null while "
-        "warming up", examples=[0.9993])
+        None, ge=0.0, le=1.0, description="Anomaly likelihood in [0, 1], one scale for "
+        "every stream and detector: a normal point reads 0.99 x (1 - p), p the share of the "
+        "stream's recent scores (TSAD_LIKELIHOOD_HISTORY) above it, so normal points are "
+        "uniform below 0.99 (median about 0.5); an anomaly reads 0.99 and above, higher the "
+        "further its score breaks the threshold. Null while warming up", examples=[0.42])
     anomaly: bool = Field(description="Score above the stream's threshold", examples=[False])
     threshold: float | None = Field(description="The stream's threshold when scored; null "
                                     "until enough scores are seen", examples=[5.2])
