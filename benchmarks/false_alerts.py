@@ -77,8 +77,8 @@ def run_stream(values: np.ndarray, settings: Settings, batch: int, name: str
         points = np.stack([stamps[first:hi], values[first:hi]], axis=1)
         meta.points_seen = hi
         results = scorer.process(points, hi - lo)
-        anomalies += sum(r.anomaly for r in results)
-        scored += sum(r.status == "scored" for r in results)
+        anomalies += int(results.anomalous.sum())
+        scored += int(results.scored.sum())
         for alert in scorer.tracker.drain()[0]:
             if alert.reopened == 0 and alert.opened_at >= stamps[lo]:
                 opened[alert.severity] = opened.get(alert.severity, 0) + 1

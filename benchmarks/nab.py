@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,11 +57,12 @@ from models.data import run_main  # noqa: E402
 from models.detectors import build_detector  # noqa: E402
 from models.reporting import results_dir, save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
+from models.thresholds import build_threshold, verdict_spec  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 from service.replay import fetch_alerts, post_score  # noqa: E402
+from service.scoring import stream_spec  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.stores.base import StreamMeta  # noqa: E402
-from service.thresholds import build_threshold, stream_spec  # noqa: E402
 
 PROFILES = list(nab.PROFILES)
 SETTINGS = Settings()  # the service's defaults: what the live replay runs
@@ -162,12 +162,11 @@ def offline(corpus: list[nab.NabFile], detector: str, config: dict,
     scores, lik = {}, {}
     t0 = time.perf_counter()
     for f in tqdm(corpus, desc=detector, unit="file", leave=False):
-        det = build_detector(detector, window=SETTINGS.default_window,
-                             defaults={"warmup": SETTINGS.warmup_points}, **config)
-        spec = stream_spec(SETTINGS, StreamMeta(stream_id(f.key), 1, det.config.window,
-                                                detector))
-        if det.record_scores:
-            spec = replace(spec, kind="fixed", value=det.record_threshold)
+        # as the service builds it (its window, the detector's own defaults), with the
+        # row's config, and the threshold it gives such a stream
+        det = build_detector(detector, window=SETTINGS.default_window, **config)
+        meta = StreamMeta(stream_id(f.key), 1, det.config.window, detector)
+        spec = verdict_spec(stream_spec(SETTINGS, meta), det, chosen=False)
         run = stream_scores(det, f.values, 0, build_threshold(spec), timestamps=f.timestamps,
                             score_stride=stride, **(loop or {}))
         scores[f.key], lik[f.key] = np.nan_to_num(run.scores), np.nan_to_num(run.likelihood)

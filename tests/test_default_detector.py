@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry
 from models.calibration import VERDICT_LINE
 from models.detectors import build_detector
 from models.streaming import stream_scores
+from models.thresholds import ThresholdSpec, build_threshold
 from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.thresholds import ThresholdSpec, build_threshold
 
 WINDOW = 64
 
@@ -25,31 +25,41 @@ def noise(n: int, seed: int = 0) -> np.ndarray:
     return 20.0 + 3.0 * np.random.default_rng(seed).standard_normal(n)
 
 
+SETTLED = 3000  # points after which the ensemble's memory (2,048 points) is full
+
+
 @pytest.mark.parametrize(("name", "threshold"), [
     ("ensemble", ThresholdSpec(kind="fixed", value=1.0)),  # as the service builds them
     ("residual_linear", ThresholdSpec(kind="spot")),
 ])
 def test_likelihood_is_uniform_below_the_verdict_line_on_stationary_streams(name, threshold):
-    """Twelve independent stationary streams (pooled: one stream's scores are
-    autocorrelated, so its own empirical distribution wanders): the likelihood of the
-    points judged normal is uniform on [0, 0.99), and only verdicts reach 0.99. Measured
-    KS 0.042 (ensemble: its memory fills over the first 2,048 points, so early distances
-    run a little high) and 0.015 (residual linear)."""
-    normal, verdicts, scored = [], 0, 0
-    for seed in range(12):
-        det = build_detector(name, window=WINDOW, warmup=256)
-        run = stream_scores(det, noise(3000, seed), 0, build_threshold(threshold))
+    """Ten independent stationary streams of 6,000 points (pooled: one stream's scores are
+    autocorrelated, so its own empirical distribution wanders): only verdicts reach 0.99,
+    fewer than 0.5% of the points, and the likelihood of the points judged normal is
+    uniform on [0, 0.99) once the detector's scores are stationary. The ensemble's are
+    from about 3,000 points on; before, its memory fills (2,048 points), its nearest
+    distances shrink and its typical distance follows them a little late, so its
+    likelihood runs high (median 0.54 over the whole streams, inside the issue's [0.3,
+    0.7]). Measured for the ensemble: KS 0.010 from point 3,000 on (0.039 on seeds
+    10-19); residual linear 0.008."""
+    early, settled, verdicts, scored = [], [], 0, 0
+    for seed in range(10):
+        det = build_detector(name, window=WINDOW)
+        run = stream_scores(det, noise(6000, seed), 0, build_threshold(threshold))
         ok = ~np.isnan(run.likelihood)
         assert (run.likelihood[ok & run.anomalous] >= VERDICT_LINE).all()
-        normal.append(run.likelihood[ok & ~run.anomalous])
+        normal = ok & ~run.anomalous
+        early.append(run.likelihood[:SETTLED][normal[:SETTLED]])
+        settled.append(run.likelihood[SETTLED:][normal[SETTLED:]])
         verdicts, scored = verdicts + int(run.anomalous.sum()), scored + int(ok.sum())
-    lik = np.concatenate(normal)
-    assert (lik < VERDICT_LINE).all()
+    assert verdicts / scored < 0.005  # fewer than 0.5% of the points read >= 0.99
+    whole, lik = np.concatenate(early + settled), np.concatenate(settled)
+    assert (whole < VERDICT_LINE).all()
+    assert 0.3 <= np.median(whole) <= 0.7
     u = np.sort(lik / VERDICT_LINE)
     ks = np.max(np.abs(u - np.arange(1, len(u) + 1) / len(u)))
     assert ks < 0.06, ks
     assert 0.45 < np.median(lik) < 0.55
-    assert verdicts / scored < 0.005  # fewer than 0.5% of the points read >= 0.99
 
 
 def replay(x: np.ndarray, batch: int = 500) -> list[dict]:

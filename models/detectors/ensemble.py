@@ -31,10 +31,10 @@ stream's own recent history, so it means the same on every stream:
 
 Both memories are the stream's last ``memory_points`` raw values: every window inside
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
-the ``memory.`` keys of the state). ``memory_learns`` says whether windows judged
-anomalous stay out of them. The records' history is kept as per-block statistics (one
-block per ``partial_fit`` call: the service's 64-point chunk), so it forgets after
-``history_blocks`` blocks.
+the ``memory/`` keys of the state: the service keeps them in a section of their own).
+``memory_learns`` says whether windows judged anomalous stay out of them. The records'
+history is kept as per-block statistics (one block per ``partial_fit`` call: the
+service's 64-point chunk), so it forgets after ``history_blocks`` blocks.
 
 Every window is offered (``learns_from_anomalies``): a persistent new level is reported
 when it appears and becomes the new normal afterwards; the alert tracker turns the first
@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.detectors.base import Detector, DetectorConfig, as_windows, sliding_windows
+from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
 
 MEMBERS = ("range", "level", "memory")
@@ -107,7 +107,8 @@ class EnsembleConfig(DetectorConfig):
     memory_learns: str = "normal"
     history_blocks: int = 64  # blocks of record history (one block per partial_fit call)
     block: int = 64  # fit(): points per history block (the service's chunk)
-    warmup: int = 128  # online: points learnt before the first score
+    # online: points learnt before the first score; offline, the records start after it
+    warmup: int = 256
     min_std: float = 1e-6  # floor on a range's width, relative to its level
 
     def __post_init__(self) -> None:
@@ -128,12 +129,10 @@ class EnsembleConfig(DetectorConfig):
             raise ValueError(f"memory_points: need more than window={self.window}")
 
 
-class Ensemble(Detector):
+class Ensemble(Online, Records):
     name = "ensemble"
     Config = EnsembleConfig
-    supports_online = True
     learns_from_anomalies = True
-    record_scores = True
     # any record beyond the noise margin is a verdict: the best of 1.0, 1.005 and 1.01 on
     # one half of NAB, checked on the other (benchmarks/results/nab.md); the noise margin,
     # not this cut, keeps stationary noise quiet
@@ -164,7 +163,7 @@ class Ensemble(Detector):
     # state keys -> attributes; the memory (the large part) under one prefix
     _STATE = {"n": "_n", "blocks": "_blocks", "lo": "_lo", "hi": "_hi", "step": "_step",
               "level_top": "_level_top", "memory_mid": "_memory_mid",
-              "memory.ring": "_ring", "memory.keep": "_keep"}
+              "memory/ring": "_ring", "memory/keep": "_keep"}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         if not hasattr(self, "_n"):
@@ -176,7 +175,7 @@ class Ensemble(Detector):
             return
         self._init_state(np.asarray(state["lo"]).shape[2])
         for key, attr in self._STATE.items():
-            dtype = np.uint8 if key == "memory.keep" else np.float64
+            dtype = np.uint8 if key == "memory/keep" else np.float64
             setattr(self, attr, np.asarray(state[key], dtype=dtype).copy())
 
     @property
@@ -201,7 +200,7 @@ class Ensemble(Detector):
 
     def partial_fit(self, windows: np.ndarray, stamps: np.ndarray | None = None) -> Ensemble:
         """Learn from windows (B, W, C), oldest first, each adding its newest point; one
-        call is one block of record history. ``stamps`` are not used."""
+        call is one block of record history (``stamps`` unused: no precedents)."""
         windows = as_windows(windows, self.config.window)
         if not hasattr(self, "_n"):
             self._init_state(windows.shape[2])
