@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 VERDICT_LINE = 0.99  # likelihoods at or above it are the stream's verdicts
+BLOCK = 256  # scores ranked at once (a block costs BLOCK x (history + BLOCK) comparisons)
 
 
 class AnomalyLikelihood:
@@ -63,22 +64,30 @@ class AnomalyLikelihood:
         cuts = (np.full(len(scores), np.nan) if thresholds is None
                 else np.asarray(thresholds, dtype=np.float64))
         out = np.full(len(scores), np.nan)
-        for i, s in enumerate(scores):
-            n = min(self._count, self.history)
-            if flagged[i]:
-                out[i] = verdict_likelihood(s, cuts[i])
-            elif n >= self.min_history:
-                out[i] = VERDICT_LINE * (1.0 - self._p_value(s, self._ring[:n]))
-            self._ring[self._count % self.history] = s
-            self._count += 1
+        for lo in range(0, len(scores), BLOCK):
+            part = slice(lo, lo + BLOCK)
+            out[part] = self._block(scores[part], flagged[part], cuts[part])
         return out
 
-    @staticmethod
-    def _p_value(s: float, past: np.ndarray) -> float:
-        s32 = np.float32(s)  # the ring holds float32: compare like with like
-        above = int(np.count_nonzero(past > s32))
-        ties = int(np.count_nonzero(past == s32))
-        return (above + (ties + 1) / 2.0) / (len(past) + 1.0)
+    def _block(self, scores: np.ndarray, flagged: np.ndarray, cuts: np.ndarray
+               ) -> np.ndarray:
+        """``process`` for a few scores at once: each compared with the history before it
+        (the ring's last scores, then the block's earlier ones), exactly as one point at a
+        time would be."""
+        count, size = self._count, self.history
+        s32 = scores.astype(np.float32)  # the ring holds float32: compare like with like
+        seen = min(count, size)
+        past = self._ring[(count - seen + np.arange(seen)) % size]  # oldest first
+        n = np.minimum(count + np.arange(len(scores)), size)  # the history of point i
+        above, ties = _counts(past, s32, seen + np.arange(len(scores)) - n)
+        p = (above + (ties + 1) / 2.0) / (n + 1.0)  # the conformal tail p-value
+        out = np.where(n >= self.min_history, VERDICT_LINE * (1.0 - p), np.nan)
+        for i in np.flatnonzero(flagged):
+            out[i] = verdict_likelihood(scores[i], cuts[i])
+        keep = slice(max(0, len(scores) - size), len(scores))  # a long block: its tail
+        self._ring[(count + np.arange(len(scores))[keep]) % size] = s32[keep]
+        self._count = count + len(scores)
+        return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"ring": self._ring.copy(), "count": np.array([self._count], dtype=np.int64)}
@@ -89,6 +98,34 @@ class AnomalyLikelihood:
             return
         self._ring = ring.copy()
         self._count = int(np.asarray(state["count"]).reshape(-1)[0])
+
+
+def _counts(past: np.ndarray, s: np.ndarray, dropped: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """For each score s[i], how many of its history lie above it and how many tie: the
+    history is ``past[dropped[i]:]`` (oldest first) and then ``s[:i]``. The whole past is
+    counted once, sorted; the few dropped and in-block values are compared directly."""
+    if np.isnan(past).any() or np.isnan(s).any():  # NaN does not sort like it compares
+        seq = np.concatenate([past, s])
+        at = np.arange(len(seq))[None, :]
+        ends = len(past) + np.arange(len(s))
+        inside = (at >= dropped[:, None]) & (at < ends[:, None])
+        return (np.count_nonzero((seq[None, :] > s[:, None]) & inside, axis=1),
+                np.count_nonzero((seq[None, :] == s[:, None]) & inside, axis=1))
+    ordered = np.sort(past)
+    right = np.searchsorted(ordered, s, side="right")
+    above, ties = len(past) - right, right - np.searchsorted(ordered, s, side="left")
+    gone = past[:dropped.max(initial=0)]
+    if len(gone):  # the oldest values left the history of the later points
+        out = np.arange(len(gone))[None, :] < dropped[:, None]
+        above = above - np.count_nonzero((gone[None, :] > s[:, None]) & out, axis=1)
+        ties = ties - np.count_nonzero((gone[None, :] == s[:, None]) & out, axis=1)
+    # the block's own earlier scores (beyond the history's length, only the latest)
+    at = np.arange(len(s))[None, :]
+    earlier = (at < np.arange(len(s))[:, None]) & (at >= (dropped - len(past))[:, None])
+    above = above + np.count_nonzero((s[None, :] > s[:, None]) & earlier, axis=1)
+    ties = ties + np.count_nonzero((s[None, :] == s[:, None]) & earlier, axis=1)
+    return above, ties
 
 
 def verdict_likelihood(score: float, threshold: float) -> float:

@@ -53,9 +53,11 @@ True
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
@@ -157,8 +159,10 @@ class Ensemble(Online, Records):
         size = cfg.memory_points if {"level", "memory"} & set(cfg.members) else 0
         self._ring = np.full((size, channels), np.nan)
         self._keep = np.zeros(size, dtype=np.uint8)
-        self._scored: dict[bytes, np.ndarray] = {}  # see _remember_raw
-        self._cache: dict[str, np.ndarray] = {}  # derived from the ring, see _memory
+        # fingerprints and raw surprises of the windows scored since the last block
+        self._scored = (np.zeros((0, 2), np.int64), np.zeros((0, len(cfg.members), channels)))
+        self._shapes: dict = {}  # derived from the ring, see _memory_shapes
+        self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
     # state keys -> attributes; the memory (the large part) under one prefix
     _STATE = {"n": "_n", "blocks": "_blocks", "lo": "_lo", "hi": "_hi", "step": "_step",
@@ -234,17 +238,19 @@ class Ensemble(Online, Records):
         steps = np.where(wild, np.nan, np.abs(windows[:, -1] - windows[:, -2]))
         self._step[slot] = np.nanmean(steps, axis=0)
         for member, ring, stat, seen in (("level", self._level_top, np.nanmax, raw),
-                                         ("memory", self._memory_mid, np.nanmedian,
+                                         ("memory", self._memory_mid, _nanmedian,
                                           raw if raw is not None else early)):
             if member in cfg.members:
                 m = cfg.members.index(member)
                 ring[slot] = (stat(np.where(wild, np.nan, seen[:, m]), axis=0)
                               if seen is not None else np.nan)
+        self._memo = {}  # the block history moved
         normal = (np.ones(len(windows), dtype=bool) if raw is None else
                   self._combine(raw).max(axis=1) <= self.record_threshold)
         self._n += len(windows)
         self._blocks += 1
-        self._scored.clear()  # the state moves on: surprises scored so far are stale
+        self._memo = {}
+        self._scored = (self._scored[0][:0], self._scored[1][:0])  # stale now: forget
         if len(self._ring):
             self._remember(windows, normal if cfg.memory_learns == "normal" else None)
 
@@ -260,16 +266,19 @@ class Ensemble(Online, Records):
             keep = np.concatenate([np.zeros(w - 1, dtype=bool), keep])
         self._ring = _shift_in(self._ring, newest)
         self._keep = _shift_in(self._keep, keep.astype(np.uint8))
-        if "features" in self._cache and not fresh and len(newest) < len(self._ring) - w:
-            # shift the derived windows along; the new ones read from the ring, exactly
-            # as a rebuild after a load would
-            new = sliding_windows(self._ring, w)[-len(newest):] * keep[:, None, None]
-            self._cache["windows"] = _shift_in(self._cache["windows"], new)
-            self._cache["features"] = _shift_in(
-                self._cache["features"],
-                scale_windows(new).transpose(1, 0, 2) * keep[None, :, None], axis=1)
+        shapes = self._shapes
+        if shapes and not fresh and len(newest) < len(shapes["norms"][0]):
+            # the oldest windows leave the ring, the new ones take their slots: read from
+            # the ring exactly as a rebuild after a load would
+            n, total = len(newest), len(shapes["norms"][0])
+            slots = (shapes["head"] + np.arange(n)) % total
+            new = sliding_windows(self._ring, w)[-n:] * keep[:, None, None]
+            scaled = scale_windows(new).transpose(1, 0, 2) * keep[None, :, None]
+            shapes["shapes"][:, slots] = scaled
+            shapes["norms"][:, slots] = _norms(scaled)
+            shapes["head"] = int(slots[-1] + 1) % total
         else:
-            self._cache.clear()
+            self._shapes = {}
 
     # --- scoring -----------------------------------------------------------------------
     def _scales(self, window: int) -> list[int]:
@@ -294,13 +303,22 @@ class Ensemble(Online, Records):
     def _filled(self) -> int:
         return min(int(self._blocks[0]), self.config.history_blocks)
 
+    def _derived(self, key: str, compute: Callable[[], tuple]) -> tuple:
+        """What the block history says (the range, the noise, the records), computed once
+        per block: scoring one window at a time asks for it at every window."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         """(K, C) low and high ends of the history's range at each scale: the
         ``range_rank``-th most extreme block (with fewer blocks, the least extreme)."""
-        filled = self._filled()
-        rank = min(self.config.range_rank, filled) - 1
-        return (np.partition(self._lo[:filled], rank, axis=0)[rank],
-                -np.partition(-self._hi[:filled], rank, axis=0)[rank])
+        def compute() -> tuple[np.ndarray, np.ndarray]:
+            filled = self._filled()
+            rank = min(self.config.range_rank, filled) - 1
+            return (np.partition(self._lo[:filled], rank, axis=0)[rank],
+                    -np.partition(-self._hi[:filled], rank, axis=0)[rank])
+        return self._derived("range", compute)
 
     def _range_excess(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): how far the newest value (or its mean over the last k points) lies
@@ -316,7 +334,8 @@ class Ensemble(Online, Records):
         span = np.maximum(hi - lo, floor)
         excess = np.maximum(np.maximum(x - hi, lo - x), 0.0)  # (B, K, C)
         if cfg.range_noise_margin > 0:
-            sigma = SIGMA_PER_STEP * np.nanmedian(self._step[:self._filled()], axis=0)
+            sigma, = self._derived("sigma", lambda: (
+                SIGMA_PER_STEP * _nanmedian(self._step[:self._filled()], axis=0),))
             ks = np.asarray(self._scales(windows.shape[1]), dtype=np.float64)
             margin = cfg.range_noise_margin * sigma[None, :] / np.sqrt(ks)[:, None]
             excess = np.where(excess > margin, excess, 0.0)
@@ -327,59 +346,54 @@ class Ensemble(Online, Records):
         """Windows the memories hold."""
         return int(self._keep[self.config.window - 1:].sum())
 
-    def _memory(self, kind: str) -> np.ndarray:
-        """The remembered windows, zero where none is kept: ``features`` (C, N, W)
-        shapes (integers 1..100, float32), ``windows`` (N, W, C) raw values; N = ring -
-        window + 1 (the first window - 1 positions' windows began before the ring).
-        Derived from the ring after a load, then shifted along with it."""
-        if kind not in self._cache:
+    def _memory_shapes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The memory member's remembered windows as shapes (integers 1..100 in uint8;
+        zeros in a slot whose window is not kept), (C, N, W), and their norms (C, N); N =
+        ring - window + 1 windows lie inside the ring. Slots are circular: built from the
+        ring after a load (slot i = the window ending at ring position window - 1 + i),
+        then each new window takes the slot of the oldest (``_remember``). Only the
+        nearest similarity is read, so the slots' order does not matter."""
+        if not self._shapes:
             w = self.config.window
-            raw = np.zeros((len(self._ring) - w + 1, w, self._ring.shape[1]))
-            feats = np.zeros((self._ring.shape[1], len(raw), w), np.float32)
+            total, channels = len(self._ring) - w + 1, self._ring.shape[1]
+            shapes = np.zeros((channels, total, w), np.uint8)
             ends = np.flatnonzero(self._keep[w - 1:])
             ends = ends[~np.isnan(self._ring[ends]).any(axis=1)]
             if len(ends):
                 wins = sliding_windows(self._ring, w)[ends]  # (N', W, C)
-                raw[ends] = wins
-                feats[:, ends] = scale_windows(wins).transpose(1, 0, 2)
-            self._cache["windows"] = np.concatenate([np.zeros((w - 1,) + raw.shape[1:]),
-                                                     raw])
-            self._cache["features"] = np.concatenate(
-                [np.zeros((feats.shape[0], w - 1, w), np.float32), feats], axis=1)
-        cut = self.config.window - 1
-        return self._cache[kind][cut:] if kind == "windows" else self._cache[kind][:, cut:]
+                shapes[:, ends] = scale_windows(wins).transpose(1, 0, 2)
+            self._shapes = {"shapes": shapes, "norms": _norms(shapes), "head": 0}
+        return self._shapes["shapes"], self._shapes["norms"]
 
     def _memory_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): cosine distance of each channel window's shape to the nearest
-        remembered one. Shapes are integers 1..100, so their float32 dot products are
-        exact whatever the batch (BLAS sums in any order); an empty slot, all zeros,
-        has similarity 0 and is never the nearest."""
-        mem = self._memory("features")  # (C, N, W)
-        norms = np.sqrt((mem.astype(np.float64) ** 2).sum(axis=2))  # (C, N)
+        remembered one (``_nearest_cosine``); an empty slot, all zeros, is never the
+        nearest."""
+        mem, norms = self._memory_shapes()  # (C, N, W), (C, N)
         q = scale_windows(windows).astype(np.float32)  # (B, C, W)
-        q_norms = np.sqrt((q.astype(np.float64) ** 2).sum(axis=2))  # (B, C)
+        q_norms = _norms(q)  # (B, C)
         out = np.empty((len(windows), windows.shape[2]))
         for c in range(windows.shape[2]):
-            sims = (q[:, c] @ mem[c].T) / np.maximum(np.outer(q_norms[:, c], norms[c]), 1.0)
-            out[:, c] = 1.0 - sims.max(axis=1)
+            out[:, c] = 1.0 - _nearest_cosine(q[:, c], q_norms[:, c], mem[c], norms[c])
         return np.clip(out, 0.0, 2.0)
 
     def _level_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): Euclidean distance of each channel window to the nearest remembered
-        raw window, per point, in units of the stream's range; 0 for a window that does
-        not continue the learnt stream."""
-        mem = self._memory("windows")  # (N, W, C)
-        kept = self._keep[self.config.window - 1:].astype(bool)
-        lo, hi = self._range()
+        raw window (read from the ring; ``_nearest_squared``), per point, in units of the
+        stream's range; 0 for a window that does not continue the learnt stream."""
+        w = self.config.window
+        kept = np.flatnonzero(self._keep[w - 1:])  # windows by their start in the ring
         out = np.zeros((len(windows), windows.shape[2]))
-        attached = self._continues(windows)
-        if not kept.any() or not attached.any():
+        if not len(kept):
             return out
+        attached = self._continues(windows)
+        if not attached.any():
+            return out
+        lo, hi = self._range()
         for c in range(windows.shape[2]):
             ref, span = (hi[0, c] + lo[0, c]) / 2.0, max(hi[0, c] - lo[0, c], 1e-12)
-            q, m = windows[attached, :, c] - ref, mem[kept, :, c] - ref
-            d2 = (q**2).sum(1)[:, None] + (m**2).sum(1)[None] - 2.0 * q @ m.T
-            out[attached, c] = np.sqrt(np.maximum(d2.min(axis=1), 0.0) / q.shape[1]) / span
+            d2 = _nearest_squared(windows[attached, :, c] - ref, self._ring[:, c] - ref, kept)
+            out[attached, c] = np.sqrt(np.maximum(d2, 0.0) / w) / span
         return out
 
     def _continues(self, windows: np.ndarray) -> np.ndarray:
@@ -392,38 +406,55 @@ class Ensemble(Online, Records):
         out = np.zeros(len(windows), dtype=bool)
         if np.isnan(tail).any():
             return out
-        for overlap in range(w - 1, 0, -1):
-            todo = ~out
-            if not todo.any():
-                break
-            out[todo] = (windows[todo, :overlap] == tail[-overlap:]).all(axis=(1, 2))
+        todo = np.arange(len(windows))
+        if (len(windows) > 1 and (windows[0, :-1] == tail).all()
+                and (windows[1:, :-1] == windows[:-1, 1:]).all()):
+            # the scoring loop's case: consecutive windows, the first one point after the
+            # tail, so the first W - 1 of them overlap it by W - 1 .. 1 points
+            out[:w - 1] = True
+            todo = todo[w - 1:]
+        # an overlap of k points starts at tail position w - 1 - k: the window's first
+        # value must equal the tail's there; each such candidate is then checked whole
+        rows, starts = np.nonzero((windows[todo, :1] == tail[None]).all(axis=2))
+        rows = todo[rows]
+        if not len(rows):
+            return out
+        padded = np.concatenate([tail, np.full_like(tail, np.nan)])  # (2W - 2, C)
+        shifted = sliding_windows(padded, w - 1)[starts]  # (K, W - 1, C): tail from start
+        beyond = np.arange(w - 1)[None, :] >= (w - 1 - starts)[:, None]  # past the tail
+        same = (windows[rows, :w - 1] == shifted).all(axis=2) | beyond
+        out[rows[same.all(axis=1)]] = True
         return out
 
     # Online, every window is scored and then learnt with the same state (learning comes
     # at block ends): the raw surprise computed to score it is remembered, by the window's
     # values, until the next block is learnt, so learning does not compute it again.
     @staticmethod
-    def _keys(windows: np.ndarray) -> list[bytes]:
-        """A fingerprint per window: two random projections of its values (a collision
-        needs two different windows equal on both; a float that rounds differently only
-        costs a recomputation)."""
+    def _keys(windows: np.ndarray) -> np.ndarray:
+        """A fingerprint per window, (B, 2) int64: the bits of two random projections of
+        its values (a collision needs two different windows equal on both; a float that
+        rounds differently only costs a recomputation)."""
         flat = windows.reshape(len(windows), -1)
-        return [row.tobytes() for row in flat @ _probe(flat.shape[1])]
+        return np.ascontiguousarray(flat @ _probe(flat.shape[1])).view(np.int64)
 
     def _remember_raw(self, windows: np.ndarray, raw: np.ndarray) -> None:
-        scored = self._scored  # made by _init_state, which every fitted detector ran
-        scored.update(zip(self._keys(windows), raw, strict=True))
-        while len(scored) > 4 * self.config.block:  # offline scoring never learns: bound it
-            del scored[next(iter(scored))]
+        keys, raws = self._scored  # made by _init_state, which every fitted detector ran
+        keep = 4 * self.config.block  # offline scoring never learns: bound it
+        self._scored = (np.concatenate([keys, self._keys(windows)])[-keep:],
+                        np.concatenate([raws, raw])[-keep:])
 
     def _recall_raw(self, windows: np.ndarray) -> np.ndarray:
-        scored = self._scored
-        keys = self._keys(windows)
-        known = np.array([k in scored for k in keys], dtype=bool)
+        keys, raws = self._scored
+        if not len(keys) or raws.shape[1:] != (len(self.config.members), windows.shape[2]):
+            return self._raw(windows)
+        match = (self._keys(windows)[:, None, :] == keys[None, :, :]).all(axis=2)
+        known = match.any(axis=1)
         if not known.any():
             return self._raw(windows)
-        out = np.empty((len(keys), len(self.config.members), windows.shape[2]))
-        out[known] = np.stack([scored[k] for k, hit in zip(keys, known, strict=True) if hit])
+        # the latest entry of a window scored more than once, as a dict would keep
+        latest = len(keys) - 1 - match[:, ::-1].argmax(axis=1)
+        out = np.empty((len(windows), len(self.config.members), windows.shape[2]))
+        out[known] = raws[latest[known]]
         if not known.all():
             out[~known] = self._raw(windows[~known])
         return out
@@ -438,22 +469,135 @@ class Ensemble(Online, Records):
             if member == "range":  # outside the range is a record by construction
                 record = np.maximum(record, np.where(raw[:, m] > 0, 1.0 + raw[:, m], 0.0))
             elif member == "level":
-                tops = self._level_top[~np.isnan(self._level_top[:, 0])]
-                if len(tops) >= MIN_RECORD_BLOCKS:  # else no record to break yet
-                    top = np.maximum(tops.max(axis=0), RECORD_FLOOR)
+                top, = self._derived("level", self._level_record)
+                if top is not None:  # else no record to break yet
                     record = np.maximum(record, raw[:, m] / (top * (1 + cfg.distance_margin)))
             else:  # memory: multiples q of the stream's typical distance, q / (1 + q)
-                mids = self._memory_mid[~np.isnan(self._memory_mid[:, 0])]
-                typical = np.median(mids, axis=0) if len(mids) else np.zeros(raw.shape[2])
+                typical, = self._derived("typical", lambda: (self._typical(raw.shape[2]),))
                 q = raw[:, m] / np.maximum(typical, RECORD_FLOOR)
                 rank = np.minimum(q / (1.0 + q), RANK_CAP)
         return np.where(record >= 1.0, 1.0 + np.log(np.maximum(record, 1.0)), rank)
+
+    def _level_record(self) -> tuple[np.ndarray | None]:
+        """The level member's record: the largest distance of the recent blocks (None
+        before MIN_RECORD_BLOCKS of them)."""
+        tops = self._level_top[~np.isnan(self._level_top[:, 0])]
+        if len(tops) < MIN_RECORD_BLOCKS:
+            return (None,)
+        return (np.maximum(tops.max(axis=0), RECORD_FLOOR),)
+
+    def _typical(self, channels: int) -> np.ndarray:
+        """The memory member's typical distance: the median of the blocks' medians."""
+        mids = self._memory_mid[~np.isnan(self._memory_mid[:, 0])]
+        return np.median(mids, axis=0) if len(mids) else np.zeros(channels)
 
     def _channel_scores(self, windows: np.ndarray) -> np.ndarray:
         windows = np.ascontiguousarray(windows, dtype=np.float64)
         raw = self._raw(windows)  # (B, M, C)
         self._remember_raw(windows, raw)
         return self._combine(raw)
+
+
+# The nearest-window searches. Both run in float32 over the whole memory, then compute
+# exactly, as the float64 formula over every remembered window would, the few windows
+# within the float32 search's error of the nearest (its error is below 1e-5 relative;
+# SEARCH_SLACK is ten times that); where more than CANDIDATES per query are that close
+# (a flat or exactly repeating stream) the formula runs over the whole memory instead.
+SEARCH_SLACK = 1e-4
+CANDIDATES = 8
+
+
+def _nearest_cosine(q: np.ndarray, q_norms: np.ndarray, mem: np.ndarray,
+                    norms: np.ndarray) -> np.ndarray:
+    """(B,) the largest cosine similarity ``dot / max(|q| |m|, 1)`` of each shape q (B, W),
+    float32 integers, to the remembered shapes ``mem`` (N, W), uint8 (zeros: empty).
+    The search runs on unit-scaled shapes; the candidates' dot products are integers,
+    exact in float32, so the result is the formula's to the last bit."""
+    inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    approx = q @ np.multiply(mem, inverse.astype(np.float32)[:, None], dtype=np.float32).T
+    first = approx.argmax(axis=1)
+    top = approx[np.arange(len(q)), first]
+    rows, cols = _near(-approx, first, -top * np.float32(1 - SEARCH_SLACK))
+    if len(rows) > CANDIDATES * len(q):
+        sims = (q @ mem.astype(np.float32).T) / np.maximum(np.outer(q_norms, norms), 1.0)
+        return sims.max(axis=1)
+    dots = (q[rows] * mem[cols]).sum(axis=1, dtype=np.float32)
+    best = np.full(len(q), -np.inf)
+    np.maximum.at(best, rows, dots / np.maximum(q_norms[rows] * norms[cols], 1.0))
+    return best
+
+
+def _nearest_squared(q: np.ndarray, ring: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """(B,) the smallest squared Euclidean distance ``|q|^2 + |m|^2 - 2 q.m`` (float64)
+    of each window q (B, W) to the ring's windows that start at ``kept`` (ring: (R,) raw
+    values, centred like q). The float32 search's error is below 1e-5 of |q|^2 plus the
+    largest |m|^2."""
+    w = q.shape[1]
+    windows = _windows_of(ring, w)  # (R - W + 1, W), a view
+    search_windows = _windows_of(ring.astype(np.float32), w)
+    mem = np.empty((len(kept), w + 1), np.float32)  # [m, |m|^2]
+    mem[:, :w] = search_windows if len(kept) == len(windows) else search_windows[kept]
+    msq = np.einsum("ij,ij->i", mem[:, :w], mem[:, :w])  # |m|^2 (the search's)
+    mem[:, w] = msq
+    search = np.empty((len(q), w + 1), np.float32)  # [-2 q, 1]: their product |m|^2 - 2 q.m
+    search[:, :w] = -2.0 * q
+    search[:, w] = 1.0
+    approx = search @ mem.T  # (B, N)
+    qsq = (q**2).sum(axis=1)
+    first = approx.argmin(axis=1)
+    low = approx[np.arange(len(q)), first]
+    rows, cols = _near(approx, first, low + 2.0 * SEARCH_SLACK * (qsq + msq.max()))
+    if len(rows) > CANDIDATES * len(q):
+        m = windows[kept]
+        return (qsq[:, None] + (m**2).sum(1)[None] - 2.0 * q @ m.T).min(axis=1)
+    m = windows[kept[cols]]
+    d2 = (qsq[rows] + (m**2).sum(axis=1)) - (2.0 * q[rows] * m).sum(axis=1)
+    best = np.full(len(q), np.inf)
+    np.minimum.at(best, rows, d2)
+    return best
+
+
+def _windows_of(x: np.ndarray, w: int) -> np.ndarray:
+    """The sliding windows of a 1-D array, (len - w + 1, w), as a read-only view (what
+    ``sliding_window_view`` gives, without its checks: this runs per chunk)."""
+    return as_strided(x, (len(x) - w + 1, w), (x.strides[0], x.strides[0]),
+                      writeable=False)
+
+
+def _near(approx: np.ndarray, first: np.ndarray, bound: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the entries of ``approx`` (B, N; overwritten) at or below
+    ``bound`` (B,), given each row's smallest (``first``): usually that one alone, told
+    by the row's second smallest."""
+    rows = np.arange(len(first))
+    approx[rows, first] = np.inf
+    more = np.flatnonzero(approx.min(axis=1) <= bound)
+    if not len(more):
+        return rows, first
+    more_rows, more_cols = np.nonzero(approx[more] <= bound[more, None])
+    return np.concatenate([rows, more[more_rows]]), np.concatenate([first, more_cols])
+
+
+def _nanmedian(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """``np.nanmedian(x, axis=0)`` of a 2-D array to the last bit (the mean of the two
+    middle values, or the middle one added to itself and halved; NaN for a column with
+    no value), without the masked arrays numpy uses for small inputs.
+
+    >>> _nanmedian(np.array([[1.0, np.nan], [4.0, np.nan], [2.0, 5.0]])).tolist()
+    [2.0, 5.0]
+    """
+    assert axis == 0 and x.ndim == 2
+    ordered = np.sort(x, axis=0)  # NaN last
+    count = np.count_nonzero(~np.isnan(x), axis=0)
+    high = np.minimum(count // 2, len(x) - 1)
+    low = np.maximum(np.where(count % 2 == 1, high, high - 1), 0)
+    pick = np.take_along_axis(ordered, np.stack([low, high]), axis=0)
+    return np.where(count > 0, (pick[0] + pick[1]) / 2.0, np.nan)
+
+
+def _norms(shapes: np.ndarray) -> np.ndarray:
+    """Euclidean norms along the last axis, in float64 (exact for integer shapes)."""
+    return np.sqrt((shapes.astype(np.float64) ** 2).sum(axis=-1))
 
 
 def _shift_in(ring: np.ndarray, new: np.ndarray, axis: int = 0) -> np.ndarray:
