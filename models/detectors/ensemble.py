@@ -227,22 +227,26 @@ class Ensemble(Online, Records):
         smoothed = self._smoothed(windows)[:, :, -1]  # (B, K, C) newest point per scale
         # a wild value (beyond the range by wild_spans ranges) is flagged and kept out of
         # what the block says is normal, unless most of the block is that wild (a new
-        # level: it becomes normal after one block, as any level does)
-        wild = np.zeros(windows.shape[::2], dtype=bool)  # (B, C)
+        # level: it becomes normal after one block, as any level does); the windows that
+        # still hold it stay out of the memories' records too (else the level member's
+        # record would be the wild value's distance for the history's length)
+        wild = held = np.zeros(windows.shape[::2], dtype=bool)  # (B, C)
         if raw is not None and "range" in cfg.members:
             wild = raw[:, cfg.members.index("range")] > cfg.wild_spans
-            wild &= wild.sum(axis=0) <= len(windows) // 2
+            new_level = wild.sum(axis=0) > len(windows) // 2
+            wild &= ~new_level
+            held = self._holds_wild(windows) & ~new_level
         kept = np.where(wild[:, None], np.nan, smoothed)
-        with np.errstate(invalid="ignore"):  # a channel with every window wild: all-NaN
-            self._lo[slot], self._hi[slot] = np.nanmin(kept, axis=0), np.nanmax(kept, axis=0)
+        # fmin/fmax skip NaN: a channel with every window wild reads NaN, with no warning
+        self._lo[slot], self._hi[slot] = np.fmin.reduce(kept), np.fmax.reduce(kept)
         steps = np.where(wild, np.nan, np.abs(windows[:, -1] - windows[:, -2]))
         self._step[slot] = np.nanmean(steps, axis=0)
-        for member, ring, stat, seen in (("level", self._level_top, np.nanmax, raw),
+        for member, ring, stat, seen in (("level", self._level_top, np.fmax.reduce, raw),
                                          ("memory", self._memory_mid, _nanmedian,
                                           raw if raw is not None else early)):
             if member in cfg.members:
                 m = cfg.members.index(member)
-                ring[slot] = (stat(np.where(wild, np.nan, seen[:, m]), axis=0)
+                ring[slot] = (stat(np.where(wild | held, np.nan, seen[:, m]), axis=0)
                               if seen is not None else np.nan)
         self._memo = {}  # the block history moved
         normal = (np.ones(len(windows), dtype=bool) if raw is None else
@@ -340,6 +344,15 @@ class Ensemble(Online, Records):
             margin = cfg.range_noise_margin * sigma[None, :] / np.sqrt(ks)[:, None]
             excess = np.where(excess > margin, excess, 0.0)
         return (excess / span).max(axis=1)
+
+    def _holds_wild(self, windows: np.ndarray) -> np.ndarray:
+        """(B, C): whether any value of the window lies beyond the history's range (at
+        the value itself) by more than ``wild_spans`` ranges."""
+        lo, hi = (end[0] for end in self._range())
+        span = np.maximum(hi - lo, self.config.min_std * np.maximum(
+            np.maximum(np.abs(lo), np.abs(hi)), 1.0))
+        beyond = np.maximum(np.maximum(windows - hi, lo - windows), 0.0) / span
+        return (beyond > self.config.wild_spans).any(axis=1)
 
     # the memories: the windows inside the ring whose end is marked
     def _memory_size(self) -> int:
