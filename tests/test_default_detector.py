@@ -128,3 +128,20 @@ def test_one_wild_value_does_not_blind_the_level_member():
         flags.append(np.flatnonzero(run.anomalous[3001:]) + 3001)
     assert len(flags[0]) and 5600 <= flags[0][0] < 5888
     assert np.array_equal(flags[0], flags[1])
+
+
+def test_the_demo_streams_likelihood():
+    """`tsad demo`'s stream (README, First contact), as the demo sends it (batches of 100):
+    the spike is the one verdict, at 0.99 or above; the normal points before it have a
+    median likelihood in [0.3, 0.7] (measured 0.60); the points whose window still holds
+    the spike read high but below the verdict line (measured 0.91 to 0.98)."""
+    from service.demo import SPIKE, demo_series
+
+    series = demo_series(1_700_000_000.0)
+    got = replay(series[:, 1], batch=100)
+    assert [i for i, r in enumerate(got) if r["anomaly"]] == [SPIKE]
+    assert got[SPIKE]["likelihood"] >= VERDICT_LINE
+    before = [r["likelihood"] for r in got[:SPIKE] if r["likelihood"] is not None]
+    assert len(before) > 40 and 0.3 <= np.median(before) <= 0.7
+    after = [r["likelihood"] for r in got[SPIKE + 1:SPIKE + WINDOW]]
+    assert min(after) > 0.5 and max(after) < VERDICT_LINE
