@@ -243,12 +243,8 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["nab"]:
-        p = r["profiles"]
-        lines.append(
-            f"| {r['row']} | {p['standard']['score']:.2f} | "
-            f"{p['reward_low_FP_rate']['score']:.2f} | {p['reward_low_FN_rate']['score']:.2f}"
-            f" | {r['halves'][0]:.1f} / {r['halves'][1]:.1f} | "
-            f"{r.get('nyc_taxi_auc', float('nan')):.3f} |")
+        lines.append(f"| {r['row']} | {nab_bench.score_cells(r)} | "
+                     f"{r.get('nyc_taxi_auc', float('nan')):.3f} |")
     for confirmer, what in (("lm_grade", "embedding memory"), ("raw_grade", "raw-window memory")):
         tried = result["cuts"][f"{confirmer} tried on half A"]
         lines.append(f"\nConfirmation by the {what}, half A (standard) by cut: " + ", ".join(

@@ -23,7 +23,9 @@ detectors' scores on the same files from NAB's scoreboard, when the data directo
 35-file part this project ships with (``--reference``). The language model's rows (as
 the default's ranking member and as a confirmation tier) are ``benchmarks/lm_member.py``.
 The live likelihood on NAB's normal points (outside every labelled window, after the
-probationary period) is summarised too: its median and its share at 0.99 or above.
+probationary period) is summarised too: its median and its share at 0.99 or above; and
+how it ranks: its point-wise AUC over each file's labelled windows (nyc_taxi's and the
+median over the files).
 
     python benchmarks/nab.py --data-dir ../shared/datasets
 
@@ -267,6 +269,7 @@ def main() -> int:
     if args.spear:
         rows += spear_rows(corpus, args.spear, n_points)
     normal = normal_likelihood(corpus, {k: v["likelihood"] for k, v in results.items()})
+    ranking = window_auc(corpus, {k: v["likelihood"] for k, v in results.items()})
     published = {k: dict(zip(PROFILES, v, strict=True)) for k, v in PUBLISHED.items()}
     result = {
         "data_dir": str(args.data_dir), "files": len(corpus), "points": n_points,
@@ -274,7 +277,7 @@ def main() -> int:
         "live_seconds": elapsed, "live_points_per_s": n_points / elapsed,
         "machine": platform.platform(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": rows, "published": published if reference else {},
-        "normal_likelihood": normal,
+        "normal_likelihood": normal, "window_auc": ranking,
     }
     save_report(result, table(result), args.out)
     return 0
@@ -295,6 +298,32 @@ def normal_likelihood(corpus: list[nab.NabFile], lik: dict[str, np.ndarray]) -> 
             "share_at_099": float(np.mean(v >= 0.99))}
 
 
+def window_auc(corpus: list[nab.NabFile], lik: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per file with labelled windows: the point-wise AUC of the live likelihood, the
+    points inside the windows against the others (after the probationary period, where
+    the service reported one): how well it ranks, whatever the threshold."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for f in corpus:
+        labels = np.zeros(len(f.values), dtype=bool)
+        for a, b in f.windows:
+            labels[a:b + 1] = True
+        scored = lik[f.key] > 0
+        scored[:f.probation] = False
+        if 0 < labels[scored].sum() < scored.sum():
+            out[f.key] = float(roc_auc_score(labels[scored], lik[f.key][scored]))
+    return out
+
+
+def score_cells(row: dict) -> str:
+    """A table row's standard, low FP and low FN scores and its halves, as table cells."""
+    p = row["profiles"]
+    return (f"{p['standard']['score']:.2f} | {p['reward_low_FP_rate']['score']:.2f} | "
+            f"{p['reward_low_FN_rate']['score']:.2f} | {row['halves'][0]:.1f} / "
+            f"{row['halves'][1]:.1f}")
+
+
 def table(result: dict) -> str:
     lines = [
         f"# NAB through the live path ({result['files']} files, {result['points']:,} points)",
@@ -312,11 +341,8 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        p = r["profiles"]
-        lines.append(
-            f"| {r['row']} ({r['source']}) | {p['standard']['score']:.2f} | "
-            f"{p['reward_low_FP_rate']['score']:.2f} | {p['reward_low_FN_rate']['score']:.2f} "
-            f"| {r['halves'][0]:.1f} / {r['halves'][1]:.1f} | {r['points_per_s']:,.0f} |")
+        lines.append(f"| {r['row']} ({r['source']}) | {score_cells(r)} | "
+                     f"{r['points_per_s']:,.0f} |")
     for name, p in result["published"].items():
         lines.append(f"| {name} (NAB's scorer, same files) | {p['standard']:.2f} | "
                      f"{p['reward_low_FP_rate']:.2f} | {p['reward_low_FN_rate']:.2f} | | |")
@@ -324,6 +350,13 @@ def table(result: dict) -> str:
         lines += ["", f"Live likelihood on NAB's normal points ({n['points']:,} points outside "
                   f"every labelled window, after the probationary period): median "
                   f"{n['median']:.3f}, {100 * n['share_at_099']:.2f}% at 0.99 or above."]
+    if auc := result.get("window_auc"):
+        nyc = auc.get("realKnownCause/nyc_taxi.csv")
+        lines += ["", f"Ranking: point-wise AUC of the live likelihood, the points of each "
+                  f"file's labelled windows against its other points (after the probationary "
+                  f"period): median {np.median(list(auc.values())):.3f} over the "
+                  f"{len(auc)} files with windows"
+                  + (f"; nyc_taxi {nyc:.3f}." if nyc is not None else ".")]
     live_rows = [r for r in result["rows"] if r["source"] == "live"]
     if live_rows:
         lines += ["", "Per file, live (NAB raw score, standard profile):", "",
