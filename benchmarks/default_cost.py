@@ -47,7 +47,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 OFFLINE_FILES = ("realKnownCause/nyc_taxi.csv", "artificialWithAnomaly/art_daily_jumpsup.csv",
                  "realAWSCloudwatch/ec2_cpu_utilization_5f5533.csv")
 # run inside a checkout (its own code): the offline loop's CPU per point, and the state of
-# one univariate stream after 5,000 points of nyc_taxi, by section
+# one univariate stream after 5,000 points of nyc_taxi, by section; BLAS threads limited as
+# the service limits them (on a loaded machine idle BLAS threads spin: 10x the CPU)
 PROBE = """
 import json, sys, time
 import numpy as np
@@ -59,6 +60,8 @@ from service.scoring import StreamScorer, stream_spec
 from service.settings import Settings
 from service.stores.base import StreamMeta
 settings = Settings()
+from threadpoolctl import threadpool_limits
+threadpool_limits(settings.blas_threads, user_api="blas")  # as the service does
 corpus = {f.key: f for f in nab.load_corpus(sys.argv[1])}
 files = [corpus[k] for k in json.loads(sys.argv[2])]
 cpu = []
