@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,12 +22,14 @@ from models.detectors import build_detector
 from models.lm import runtime as lm_runtime
 from models.lm.cache import CacheConfig
 from service.alerts.store import build_alert_store
+from service.auth.gate import AuthGate, path_pattern
 from service.auth.guard import Authenticator, exposure_problem, warn_if_open
 from service.auth.keys import build_key_store
-from service.errors import describe
+from service.errors import describe, unavailable_response
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics, worker_exited
 from service.pipeline import ScoringPipeline
+from service.redaction import register_secrets, settings_secrets
 from service.routers import alerts, keys, ops, score, streams, webhooks
 from service.settings import Settings
 from service.stores.base import StoreRejection, StoreUnavailable, WindowStore
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None,
                metrics: ServiceMetrics | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = metrics or ServiceMetrics()
+    register_secrets(settings_secrets(settings))  # cut from every log line and answer
     if problem := exposure_problem(settings):  # an open service on a public address
         raise RuntimeError(problem)
 
@@ -122,10 +125,15 @@ def create_app(settings: Settings | None = None,
     app.state.detectors_ready = False
     for module in (score, streams, alerts, webhooks, keys, ops):
         app.include_router(module.router)
+    # /metrics declares (and needs) a key only with TSAD_METRICS_AUTH: schema = behaviour
+    app.include_router(ops.metrics_router(keyed=settings.metrics_auth))
     _install_error_handlers(app, settings, metrics)
     # inside the request metrics (added after it is outer), so 413s and 408s are counted
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        timeout_seconds=settings.body_timeout_seconds)
+    # outside the body limits: a request without a known key is a 401 before a byte of
+    # its body is read (service/auth/gate.py)
+    app.add_middleware(AuthGate, retry_after_seconds=settings.retry_after_seconds)
     _install_request_metrics(app, metrics)
     return app
 
@@ -146,17 +154,15 @@ def _install_error_handlers(app: FastAPI, settings: Settings, metrics: ServiceMe
     @app.exception_handler(StoreUnavailable)
     async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
         log.warning("store unavailable", extra={"error": str(exc)})
-        return JSONResponse(
-            {"message": f"window store unavailable, retry later: {exc}", "detail": None},
-            status_code=503, headers={"Retry-After": str(settings.retry_after_seconds)})
+        return unavailable_response(exc, settings.retry_after_seconds)
 
     # Starlette's own (404 for an unknown path, 405) as well as FastAPI's: one error shape
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-            # FastAPI answers a body that is not UTF-8 with a bare 400; bad JSON is a 422
-            detail = [{"type": "json_invalid", "loc": ["body"],
-                       "msg": f"JSON body is not valid UTF-8: {exc.__cause__.reason}"}]
+        if exc.status_code == 400 and (why := _unparsable_body(exc.__cause__)):
+            # FastAPI answers a body it cannot parse (not UTF-8, nested deeper than the
+            # parser's recursion limit) with a bare 400; bad JSON is a 422 naming the body
+            detail = [{"type": "json_invalid", "loc": ["body"], "msg": why}]
             return JSONResponse({"message": describe(detail), "detail": detail},
                                 status_code=422)
         headers = exc.headers
@@ -164,6 +170,16 @@ def _install_error_handlers(app: FastAPI, settings: Settings, metrics: ServiceMe
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
         return JSONResponse({"message": str(exc.detail), "detail": None},
                             status_code=exc.status_code, headers=headers)
+
+
+def _unparsable_body(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body (its 400s), or None for another 400."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"JSON body is not valid UTF-8: {cause.reason}"
+    if isinstance(cause, RecursionError):
+        return (f"JSON nested too deeply: more than about {sys.getrecursionlimit()} levels "
+                "of arrays or objects")
+    return None
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -177,7 +193,7 @@ def _allowed_methods(request: Request) -> list[str]:
     path = request.scope["path"]
     matches = [(template.count("{"), ops) for template, ops
                in request.app.openapi()["paths"].items()
-               if re.fullmatch(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)), path)]
+               if path_pattern(template).fullmatch(path)]
     if matches:
         ops = min(matches, key=lambda m: m[0])[1]
         return [m for m in _METHODS if m.lower() in ops]

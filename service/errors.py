@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.redaction import redact
 
 
 def field_error(loc: Sequence[str | int], msg: str) -> RequestValidationError:
@@ -19,3 +22,12 @@ def describe(errors: Sequence[dict]) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()))
         parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", ""))
     return "; ".join(parts)
+
+
+def unavailable_response(exc: Exception, retry_after_seconds: int) -> JSONResponse:
+    """The 503 of a store that cannot be reached (its message redacted: a store's URL may
+    carry its password)."""
+    return JSONResponse(
+        {"message": f"window store unavailable, retry later: {redact(str(exc))}",
+         "detail": None},
+        status_code=503, headers={"Retry-After": str(retry_after_seconds)})

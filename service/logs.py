@@ -6,6 +6,8 @@ import json
 import logging
 import time
 
+from service.redaction import install_log_redaction
+
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -33,3 +35,4 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("uvicorn.access").disabled = True  # our middleware logs requests
+    install_log_redaction()  # no secret in any line, uvicorn's own handlers included

@@ -35,7 +35,9 @@ def store_kind(request) -> str:
 
 
 # --- body size and read deadline, in process (chunks fed one by one) ---------------------
-def asgi_post(client, path: str, chunks, delay: float = 0.0) -> tuple[int, dict, int]:
+def asgi_post(client, path: str, chunks, delay: float = 0.0,
+              headers: dict[str, str] | None = None,
+              method: str = "POST") -> tuple[int, dict, int]:
     """POST ``chunks`` as a chunked body straight into the app: (status, body, chunks the
     app pulled)."""
     pulled = 0
@@ -57,11 +59,13 @@ def asgi_post(client, path: str, chunks, delay: float = 0.0) -> tuple[int, dict,
 
     async def call() -> None:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
                  "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
                  "server": ("127.0.0.1", 80), "app": client.app,
                  "headers": [(b"content-type", b"application/json"),
-                             (b"transfer-encoding", b"chunked")]}
+                             (b"transfer-encoding", b"chunked"),
+                             *((k.lower().encode(), v.encode())
+                               for k, v in (headers or {}).items())]}
         await client.app(scope, receive, send)
 
     client.portal.call(call)

@@ -115,6 +115,22 @@ def test_alerts_arrive_signed_with_idempotency_keys(redis_url, receiver):
                       opened[0]["headers"]["x-tsad-signature"], body + b" ")
 
 
+def test_tsad_receive_subscribes_to_an_open_loopback_service_with_no_allow_list(tmp_path):
+    """The README's receiver beside `make serve` (open, on 127.0.0.1, nothing allow-listed).
+    Was: `subscription refused: 422 ... refused unless TSAD_WEBHOOK_ALLOW_HOSTS names
+    them`, and the receiver exited (tests/test_ssrf.py: where loopback stays refused)."""
+    env = {k: v for k, v in FAST.items() if k != "TSAD_WEBHOOK_ALLOW_HOSTS"}
+    with ServiceProcess(env) as service:
+        rec = Receiver(tmp_path / "requests.jsonl", subscribe=service.url).start()
+        try:
+            produce_incident(service.url, "web-01")
+            got = wait_for(lambda: [r for r in rec.requests()
+                                    if r["body"]["type"] == "alert.opened"])
+        finally:
+            rec.stop()
+    assert got[0]["verified"] and got[0]["body"]["alert"]["stream"] == "web-01"
+
+
 def test_delivery_survives_receiver_and_service_restarts_exactly_once(redis_url, tmp_path):
     """The receiver is down when the alert happens, the service restarts while the
     delivery is pending; once the receiver is back, every event arrives exactly once."""

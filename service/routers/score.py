@@ -15,7 +15,8 @@ IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
     description="Any unique string per batch (a UUID): a retry with the same key and "
     "body gets the first response again, for TSAD_IDEMPOTENCY_TTL_SECONDS (a day); the "
-    "same key with another body is a 422", examples=["3f0c9a52-5b7e-4d0e-9a51-0c1d2e3f4a5b"])]
+    "same key with another body is a 422, e.g. 3f0c9a52-5b7e-4d0e-9a51-0c1d2e3f4a5b (no "
+    "example value here: one key sent with each body example would be refused)")]
 
 
 @router.post(

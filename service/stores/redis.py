@@ -47,6 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.redaction import redact_url
 from service.stores.base import (
     HISTORY_EXTRA,
     NO_NUDGES,
@@ -230,7 +231,8 @@ class RedisWindowStore:
         try:
             return await coro
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
+            raise StoreUnavailable(  # the URL may carry the password: never shown
+                f"Redis unreachable at {redact_url(self.url)}: {exc}") from exc
         except RedisError as exc:
             raise StoreUnavailable(f"Redis error: {exc}") from exc
 

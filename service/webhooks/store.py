@@ -37,6 +37,7 @@ from typing import Protocol
 
 from service.alerts.model import SEVERITIES
 from service.alerts.store import AlertStore, RedisAlertStore
+from service.redaction import redact_url
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Subscription:
     def public(self) -> dict:
         d = asdict(self)
         d.pop("secret")
+        d["url"] = redact_url(d["url"])  # a receiver's basic-auth password is a secret too
         return d
 
 

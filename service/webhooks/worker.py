@@ -75,7 +75,7 @@ class WebhookWorker:
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        allow = AllowList.parse(self.settings.webhook_allow_hosts)
+        allow = AllowList.for_settings(self.settings)
         self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_seconds,
                                          follow_redirects=False, trust_env=False,
                                          transport=GuardedTransport(allow),
