@@ -40,7 +40,7 @@ _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/
 _QUERY_SECRET = re.compile(
     rf"(?P<head>[?&;](?:{'|'.join(_SECRET_PARAMS)})=)[^&;#\s'\"<>]*", re.IGNORECASE)
 
-_secrets: set[str] = set()
+_secrets: list[str] = []  # longest first, so that no part of a longer one is left over
 
 
 def _masked_userinfo(userinfo: str) -> str:
@@ -75,8 +75,9 @@ def register_secrets(values: Iterable[str | None]) -> None:
             continue
         for form in (value, unquote(value), quote(value, safe=""),
                      json.dumps(value)[1:-1]):
-            if len(form) >= MIN_SECRET_LENGTH:
-                _secrets.add(form)
+            if len(form) >= MIN_SECRET_LENGTH and form not in _secrets:
+                _secrets.append(form)
+    _secrets.sort(key=len, reverse=True)
 
 
 def url_secrets(url: str | None) -> list[str]:
@@ -105,7 +106,7 @@ def url_secrets(url: str | None) -> list[str]:
 def redact(text: str) -> str:
     """``text`` with URL credentials and every registered secret masked."""
     text = redact_url(text)
-    for secret in sorted(_secrets, key=len, reverse=True):  # longest first: no leftovers
+    for secret in _secrets:
         if secret in text:
             text = text.replace(secret, MASK)
     return text

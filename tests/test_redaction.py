@@ -11,10 +11,14 @@ body (even for a made-up key) and the logs.
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import secrets
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -22,8 +26,10 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
+from service.logs import JsonFormatter
 from service.metrics import ServiceMetrics
 from service.process import ServiceProcess, free_port
+from service.redaction import RedactingFormatter, register_secrets
 from service.settings import Settings
 from tests.conftest import RedisServer, wait_for
 from tests.test_alerts import spiky
@@ -137,3 +143,27 @@ def test_metrics_labels_carry_no_url_credentials():
         text = client.get("/metrics").text
     assert 'channel="https://probe:***@example.com/x"' in text
     assert HOOK_PASSWORD not in text
+
+
+def test_a_registered_secret_is_cut_in_every_form_a_log_line_renders_it_in():
+    """As is (a message, a traceback), percent-encoded (inside a URL), JSON-escaped (a
+    structured log's field): the same secret, three spellings."""
+    secret = 'pa"ss/w@rd-' + secrets.token_hex(6)
+    register_secrets([secret])
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(RedactingFormatter(JsonFormatter()))
+    logger = logging.getLogger("tsad.test.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        raise ConnectionError(f"AUTH {secret} refused")
+    except ConnectionError:
+        logger.exception("connect failed", extra={
+            "url": f"redis://{quote(secret, safe='')}@cache:6379/0", "raw": secret})
+    finally:
+        logger.removeHandler(handler)
+    line = out.getvalue()
+    for form in (secret, quote(secret, safe=""), json.dumps(secret)[1:-1]):
+        assert form not in line, form
+    assert line.count("***") >= 3 and "connect failed" in line and "cache:6379" in line
