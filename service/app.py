@@ -153,7 +153,6 @@ def _install_error_handlers(app: FastAPI, settings: Settings, metrics: ServiceMe
 
     @app.exception_handler(StoreUnavailable)
     async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        log.warning("store unavailable", extra={"error": str(exc)})
         return unavailable_response(exc, settings.retry_after_seconds)
 
     # Starlette's own (404 for an unknown path, 405) as well as FastAPI's: one error shape

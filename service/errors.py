@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from fastapi.exceptions import RequestValidationError
@@ -25,8 +26,9 @@ def describe(errors: Sequence[dict]) -> str:
 
 
 def unavailable_response(exc: Exception, retry_after_seconds: int) -> JSONResponse:
-    """The 503 of a store that cannot be reached (its message redacted: a store's URL may
-    carry its password)."""
+    """The 503 of a store that cannot be reached, logged (its message redacted: a store's
+    URL may carry its password)."""
+    logging.getLogger("tsad.service").warning("store unavailable", extra={"error": str(exc)})
     return JSONResponse(
         {"message": f"window store unavailable, retry later: {redact(str(exc))}",
          "detail": None},
