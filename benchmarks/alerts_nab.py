@@ -35,10 +35,10 @@ import numpy as np  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from models.reporting import save_report  # noqa: E402
+from models.data import DataNotFound, load_nab, run_main  # noqa: E402
+from models.reporting import results_dir, save_report  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
-from service.replay import load_series, parse_timestamp  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 BATCH = 1000
@@ -74,7 +74,7 @@ def evaluate(name: str, series, windows: list[tuple[float, float]],  # noqa: ANN
     days = (end - float(series[0, 0])) / DAY
     return {
         "series": name, "points": len(series), "days": round(days, 2),
-        "alerts": len(alerts), "alerts_per_day": round(len(alerts) / days, 3),
+        "alerts": len(alerts), "alerts_per_day": round(len(alerts) / days, 3) if days else None,
         "critical": sum(a["severity"] == "critical" for a in alerts),
         "alerts_in_windows": inside, "windows": len(windows), "windows_hit": hit,
         "replay_seconds": round(seconds, 2),
@@ -84,35 +84,42 @@ def evaluate(name: str, series, windows: list[tuple[float, float]],  # noqa: ANN
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, required=True,
+                   help="folder holding nab/ (NAB's layout; tests/data: the nyc_taxi slice)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting (e.g. alert_k=2); results go to *_custom files")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for alerts_nab.{json,md} (default benchmarks/results, "
+                   "runs/bench for tests/data)")
     args = p.parse_args()
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
     settings = Settings(max_batch_points=BATCH, **overrides)
-    nab = args.data_dir / "nab"
-    labels = json.loads((nab / "combined_windows.json").read_text())
+    files = [s for s in load_nab(args.data_dir) if s.name.startswith("realKnownCause/")]
+    if not files:
+        raise DataNotFound(f"--data-dir {args.data_dir}: no realKnownCause file of NAB's "
+                           "combined_windows.json there; try --data-dir tests/data")
     rows = []
     with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as client:
-        for path in sorted((nab / "realKnownCause").glob("*.csv")):
-            key = f"realKnownCause/{path.name}"
-            raw = load_series(path)
+        for s in files:
+            name = Path(s.name).stem
+            raw = np.column_stack([s.timestamps.astype(np.float64), s.values])
             # a few NAB files repeat timestamps; the API (rightly) refuses those points
             keep = np.concatenate([[True], raw[1:, 0] > np.maximum.accumulate(raw[:-1, 0])])
             series = raw[keep]
-            windows = [(parse_timestamp(a), parse_timestamp(b)) for a, b in labels[key]]
+            windows = [(float(a.astype(np.float64)), float(b.astype(np.float64)))
+                       for a, b in s.windows]
             start = time.perf_counter()
-            replay(client, path.stem, series)
+            replay(client, name, series)
             seconds = time.perf_counter() - start
-            rows.append(evaluate(path.stem, series, windows, all_alerts(client, path.stem),
+            rows.append(evaluate(name, series, windows, all_alerts(client, name),
                                  seconds) | {"dropped_points": int((~keep).sum())})
             print(json.dumps(rows[-1]), flush=True)
 
     total_days = sum(r["days"] for r in rows)
     total = {"alerts": sum(r["alerts"] for r in rows),
-             "alerts_per_day": round(sum(r["alerts"] for r in rows) / total_days, 3),
+             "alerts_per_day": (round(sum(r["alerts"] for r in rows) / total_days, 3)
+                                if total_days else None),
              "alerts_in_windows": sum(r["alerts_in_windows"] for r in rows),
              "windows": sum(r["windows"] for r in rows),
              "windows_hit": sum(r["windows_hit"] for r in rows)}
@@ -124,9 +131,9 @@ def main() -> int:
     result = {"settings": {k: getattr(settings, k) for k in keys}, "overrides": overrides,
               "rows": rows, "total": total, "commit": commit,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "python": platform.python_version()}
+              "python": platform.python_version(), "data_dir": str(args.data_dir)}
     stem = "alerts_nab" + ("_custom" if overrides else "")
-    save_report(result, render(result), args.out / stem)
+    save_report(result, render(result), (args.out or results_dir(args.data_dir)) / stem)
     return 0
 
 
@@ -161,4 +168,4 @@ def render(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

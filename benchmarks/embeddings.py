@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from models.data import load_msl  # noqa: E402
+from models.data import load_msl, run_main  # noqa: E402
 from models.lm.cache import CacheConfig, CachedEncoder, StridedEmbedder  # noqa: E402
 from models.lm.encoder import EncoderConfig, TextEncoder  # noqa: E402
 from models.lm.prompts import STRATEGIES, PromptBuilder, PromptConfig, count_tokens  # noqa: E402
-from models.reporting import save_report  # noqa: E402
+from models.reporting import results_dir, save_report  # noqa: E402
 
 WINDOWS = (32, 64, 100)
 BATCHES = (1, 16, 64)
@@ -115,12 +115,18 @@ def throughput(backends: dict[str, Any], entities: list, n_prompts: int) -> list
 
 
 # --- 2. token counts ---------------------------------------------------------------------------
+def command_columns(channels: int) -> list[int]:
+    """Three command-flag columns of MSL (5, 7, 9), or those a narrower slice has."""
+    return [c for c in (5, 7, 9) if c < channels] or list(range(1, channels))[:3]
+
+
 def token_counts(tokenizer: Any, entities: list, n_windows: int) -> list[dict]:
     rows = []
     for window in WINDOWS:
         telemetry = telemetry_windows(entities, window, n_windows)
         command = np.stack([e.test[:window, c].astype(np.float64)
-                            for e in entities for c in (5, 7, 9)])[:n_windows]
+                            for e in entities for c in command_columns(e.test.shape[1])]
+                           )[:n_windows]
         for strategy in STRATEGIES:
             cfg = PromptConfig(strategy=strategy)
             b = PromptBuilder(cfg, tokenizer)
@@ -275,7 +281,8 @@ def markdown(result: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder holding msl/")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=None,
+                   help="folder (default benchmarks/results, runs/bench for tests/data)")
     p.add_argument("--quick", action="store_true", help="smaller counts (about 3 minutes)")
     p.add_argument("--prompts", type=int, default=None,
                    help="prompts per throughput cell (default 48, quick 24)")
@@ -318,7 +325,7 @@ def main() -> int:
             redis_url = local.url
         except (FileNotFoundError, RuntimeError) as exc:
             print(f"  no Redis for the replay ({exc}): LRU only", flush=True)
-    print(f"replay ({n_points} points x 55 channels):", flush=True)
+    print(f"replay ({n_points} points x {entities[0].test.shape[1]} channels):", flush=True)
     try:
         rep = replay(torch_enc, entities, n_points, args.replay_window, redis_url)
     finally:
@@ -349,9 +356,10 @@ def main() -> int:
         },
         "throughput": tp, "tokens": tokens, "replay": rep,
     }
-    save_report(result, markdown(result), Path(args.out) / "embeddings")
+    save_report(result, markdown(result),
+                Path(args.out or results_dir(args.data_dir)) / "embeddings")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -73,11 +73,11 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from models.data import NABSeries, load_nab  # noqa: E402
+from models.data import DataNotFound, NABSeries, load_nab, run_main  # noqa: E402
 from models.detectors import Detector, build_detector  # noqa: E402
 from models.detectors.base import aggregate_channels, sliding_windows  # noqa: E402
 from models.evaluation import METRICS, evaluate_scores  # noqa: E402
-from models.reporting import save_report  # noqa: E402
+from models.reporting import results_dir, save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
 from service.thresholds import ThresholdSpec, build_threshold  # noqa: E402
 
@@ -258,8 +258,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
     ap.add_argument("--jobs", type=int, default=1, help="metric worker processes")
     ap.add_argument("--out", type=Path,
-                    default=ROOT / "benchmarks" / "results" / "memory_nab_stream",
-                    help="output path without suffix: writes OUT.json and OUT.md")
+                    default=None, help="output path without suffix: writes OUT.json and "
+                    "OUT.md (default benchmarks/results/memory_nab_stream; runs/bench/... "
+                    "for tests/data)")
     args = ap.parse_args()
 
     import torch
@@ -270,6 +271,10 @@ def main() -> int:
                                                   for i in args.rows.split(","))
     files: list[NABSeries] = [s for s in load_nab(args.data_dir)
                               if fnmatch.fnmatch(s.name, args.files)][:args.limit]
+    if not files:
+        raise DataNotFound(f"--data-dir {args.data_dir}: no NAB file matches --files "
+                           f"{args.files!r}")
+    args.out = args.out or results_dir(args.data_dir) / "memory_nab_stream"
     t_start = time.perf_counter()
     pool = ProcessPoolExecutor(max_workers=max(1, args.jobs),
                                mp_context=multiprocessing.get_context("spawn"))
@@ -346,4 +351,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -34,8 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from models.data import DataNotFound, run_main  # noqa: E402
 from models.detectors.base import sliding_windows  # noqa: E402
-from models.reporting import save_report  # noqa: E402
+from models.reporting import results_dir, save_report  # noqa: E402
 
 # Paper rows (Tables II and III): Accuracy, F1, Recall, Precision, AUROC, AUPR.
 PAPER = {
@@ -95,7 +96,22 @@ def load_series(dataset: str, data_dir: Path) -> list[dict]:
             out.append({"name": s.name, "train": s.values[:cut],
                         "train_labels": s.labels[:cut].astype(bool), "test": s.values[cut:],
                         "test_labels": s.labels[cut:].astype(int)})
+    if not out:
+        raise DataNotFound(f"--data-dir {data_dir}: no realAWSCloudwatch file of NAB there "
+                           "(the repository's slice has none)")
     return out
+
+
+def check_lengths(dataset: str, series: list[dict]) -> None:
+    """The paper set-up needs a training split with room for a validation split of at
+    least one window; the repository's slices (tests/data) have none."""
+    from models.detectors import build_detector
+
+    w, share = SETUPS[dataset]["window"], build_detector("spear").config.val_fraction
+    if not any(len(s["train"]) * share >= w for s in series):
+        raise DataNotFound(f"{dataset}: every training split is shorter than "
+                           f"{w / share:.0f} points, too short for the paper set-up (window "
+                           f"{w}, a {share:.0%} validation split): it needs the full data")
 
 
 def test_windows(series: list[dict], window: int, stride: int, n: int,
@@ -249,7 +265,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=Path("../shared/datasets"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/spear"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output path without suffix (default benchmarks/results/spear; "
+                    "runs/bench/spear for tests/data)")
     ap.add_argument("--datasets", default="msl,nab_aws")
     ap.add_argument("--steps", type=int, default=60, help="SPEAR training steps")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -266,6 +284,9 @@ def main() -> int:
 
     from models.detectors import build_detector
 
+    for dataset in args.datasets.split(","):  # missing data stops here, not after a run
+        check_lengths(dataset, load_series(dataset, args.data_dir))
+    args.out = args.out or results_dir(args.data_dir) / "spear"
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "device": "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"CPU ({os.cpu_count()} cores, {platform.machine()})",
@@ -283,4 +304,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from models.data import run_main  # noqa: E402
 from models.detectors.base import sliding_windows  # noqa: E402
 from models.detectors.spear import rank_auc  # noqa: E402
 from models.synthesis import inject_anomalies  # noqa: E402
@@ -178,4 +179,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -31,9 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from models.data import DataNotFound, run_main  # noqa: E402
 from models.detectors.base import sliding_windows  # noqa: E402
 from models.detectors.spear import rank_auc  # noqa: E402
-from models.reporting import save_report  # noqa: E402
+from models.reporting import results_dir, save_report  # noqa: E402
 
 STREAMS = ("realAWSCloudwatch/ec2_cpu_utilization_fe7f93.csv",
            "realAWSCloudwatch/grok_asg_anomaly.csv",
@@ -121,7 +122,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=Path("../shared/datasets"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/spear_feedback_nab"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output path without suffix (default "
+                    "benchmarks/results/spear_feedback_nab; runs/bench/... for tests/data)")
     ap.add_argument("--streams", default=",".join(STREAMS))
     ap.add_argument("--steps", type=int, default=20, help="the service's feedback_steps")
     ap.add_argument("--lr", type=float, default=1e-2, help="the service's feedback_lr")
@@ -131,6 +134,10 @@ def main() -> int:
 
     wanted = args.streams.split(",")
     series = [s for s in load_nab(args.data_dir) if s.name in wanted]
+    if not series:
+        raise DataNotFound(f"--data-dir {args.data_dir}: none of the --streams is in its "
+                           f"NAB folder ({', '.join(wanted)}); the full corpus has them")
+    args.out = args.out or results_dir(args.data_dir) / "spear_feedback_nab"
     rows = []
     for s in series:  # the report is rewritten after each stream: a cut-short run keeps it
         rows.append(run_stream(s, args.steps, args.lr))
@@ -149,4 +156,4 @@ def report(rows: list[dict], args: argparse.Namespace, planned: int) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

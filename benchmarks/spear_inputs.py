@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.data import load_msl  # noqa: E402
+from models.data import load_msl, run_main  # noqa: E402
 from models.detectors.base import sliding_windows  # noqa: E402
 from models.detectors.spear import rank_auc  # noqa: E402
 
@@ -79,4 +79,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

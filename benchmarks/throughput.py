@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import csv
 import json
 import os
 import platform
@@ -35,20 +34,26 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.reporting import save_report  # noqa: E402
+from models.data import DataNotFound, run_main  # noqa: E402
+from models.data import load_msl as load_msl_entities  # noqa: E402
+from models.data import load_nab as load_nab_series  # noqa: E402
+from models.reporting import results_dir, save_report  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 
 def load_nab(data_dir: Path) -> np.ndarray:
-    with open(data_dir / "nab" / "realKnownCause" / "nyc_taxi.csv") as f:
-        rows = list(csv.reader(f))[1:]
-    ts = [datetime.fromisoformat(r[0]).replace(tzinfo=UTC).timestamp() for r in rows]
-    return np.column_stack([ts, [float(r[1]) for r in rows]])
+    """NAB's nyc_taxi: (T, 2) epoch seconds and values."""
+    for s in load_nab_series(data_dir):
+        if s.name == "realKnownCause/nyc_taxi.csv":
+            return np.column_stack([s.timestamps.astype(np.float64), s.values])
+    raise DataNotFound(f"--data-dir {data_dir}: no realKnownCause/nyc_taxi.csv in its NAB "
+                       "folder; try --data-dir tests/data")
 
 
 def load_msl(data_dir: Path) -> np.ndarray:
-    test = np.load(data_dir / "msl" / "test.npy").astype(np.float64)
+    """The MSL test set, every entity in order: (T, 1 + 55) row numbers and values."""
+    test = np.concatenate([e.test for e in load_msl_entities(data_dir)]).astype(np.float64)
     return np.column_stack([np.arange(len(test), dtype=np.float64), test])
 
 
@@ -245,7 +250,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets",
                     help="folder holding nab/ and msl/")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder (default benchmarks/results, runs/bench for tests/data)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (one stream each)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 100, 1000])
     ap.add_argument("--max-requests", type=int, default=800,
@@ -321,7 +327,8 @@ def main() -> None:
         f"service and clients on the same {report['machine']['cpus']}-core machine, "
         f"the default detector ({Settings().default_detector}). "
         f"`python benchmarks/throughput.py`.\n\n"
-        f"{markdown(rows, lpush, river, profile)}"), args.out / args.name)
+        f"{markdown(rows, lpush, river, profile)}"),
+                (args.out or results_dir(args.data_dir)) / args.name)
 
 
 def detector_rows(url: str, series: np.ndarray, args: argparse.Namespace) -> list[dict]:
@@ -343,4 +350,4 @@ def detector_rows(url: str, series: np.ndarray, args: argparse.Namespace) -> lis
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,15 @@ class DataNotFound(FileNotFoundError):
     get it (the CLI prints it as one line)."""
 
 
+# Where each dataset comes from, for the one line that says it is missing.
+SOURCES = {
+    "nab": "NAB's data/ folder (github.com/numenta/NAB) with labels/combined_windows.json "
+           "copied into it",
+    "msl": "NASA's MSL telemetry (telemanom, Hundman et al. 2018) in the layout of "
+           "models/data.py",
+}
+
+
 def _dataset_dir(data_dir: str | Path, name: str, marker: str) -> Path:
     path = Path(data_dir)
     if (path / marker).exists():
@@ -63,10 +74,34 @@ def _dataset_dir(data_dir: str | Path, name: str, marker: str) -> Path:
         if child.name.lower() == name.lower() and (child / marker).exists():
             return child
     layout = "NAB" if marker == "combined_windows.json" else "MSL"
+    source = SOURCES.get(name.lower(), f"a folder {name}/ in the {layout} layout "
+                         "(models/data.py)")
     raise DataNotFound(
-        f"--data-dir: no {name} dataset ({marker}) in {path} or {path / name}. Point "
-        f"--data-dir at a folder holding {name}/ in the {layout} layout (models/data.py), "
-        f"or try --data-dir tests/data (small MSL and NAB slices in the repository)")
+        f"--data-dir: no {name} dataset ({marker}) in {path} or {path / name}; get "
+        f"{source} and point --data-dir at it (`make bench-*`: DATA=...), or try "
+        f"--data-dir tests/data (DATA=tests/data: small MSL and NAB slices in the "
+        f"repository)")
+
+
+def nab_path(root: Path, key: str) -> Path | None:
+    """The CSV of a ``combined_windows.json`` key (``realKnownCause/nyc_taxi.csv``) under
+    the NAB folder ``root``: at that path, else a file of that name beside the JSON (the
+    repository's slices keep one file per category without its folder); None if neither.
+    """
+    for path in (root / key, root / Path(key).name):
+        if path.is_file():
+            return path
+    return None
+
+
+def run_main(main: Callable[[], int | None]) -> int:
+    """A benchmark script's entry point: data that is not there is one line on stderr
+    naming what is missing and how to get it (exit 2), not a traceback."""
+    try:
+        return int(main() or 0)
+    except DataNotFound as exc:
+        print(f"{Path(sys.argv[0]).name}: {exc}", file=sys.stderr)
+        return 2
 
 
 def load_msl(data_dir: str | Path, name: str = "msl") -> list[MSLEntity]:
@@ -131,8 +166,8 @@ def load_nab(data_dir: str | Path) -> list[NABSeries]:
     windows_by_file = json.loads((root / "combined_windows.json").read_text())
     out = []
     for name in sorted(windows_by_file):
-        path = root / name
-        if not path.is_file():
+        path = nab_path(root, name)
+        if path is None:
             continue  # the corpus here is a subset of NAB
         ts, values = _read_nab_csv(path)
         windows = [

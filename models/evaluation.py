@@ -120,6 +120,8 @@ class DetectorSpec:
     # this row scores again, with ``params`` replacing scoring-only config fields (e.g.
     # SPEAR's ``score``): two scorings of one fit, side by side, at the cost of one fit
     rescore: str | None = None
+    # a short name other rows (`fuse`, `rescore`) and `tsad evaluate --rows` may use
+    id: str | None = None
 
     def build(self) -> Detector:
         return build_detector(self.detector, **self.params)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import _dataset_dir, _read_nab_csv
+from models.data import DataNotFound, _dataset_dir, _read_nab_csv, nab_path
 
 WINDOWS_FILE = "combined_windows.json"
 PROBATION_FRACTION = 0.15
@@ -137,16 +137,16 @@ def load_corpus(data_dir: Path, keys: list[str] | None = None) -> list[NabFile]:
     root = _dataset_dir(data_dir, "nab", WINDOWS_FILE)
     limits_by_key = json.loads((root / WINDOWS_FILE).read_text())
     if keys is None:
-        keys = [k for k in sorted(limits_by_key) if (root / k).is_file()]
+        keys = [k for k in sorted(limits_by_key) if nab_path(root, k)]
         if not keys:
-            raise FileNotFoundError(f"data_dir: no CSV listed in {WINDOWS_FILE} under {root}")
+            raise DataNotFound(f"--data-dir: no CSV listed in {WINDOWS_FILE} under {root}")
     corpus = []
     for key in keys:
         if key not in limits_by_key:
             raise KeyError(f"keys: {key} is not listed in {root / WINDOWS_FILE}")
-        if not (root / key).is_file():
-            raise FileNotFoundError(f"keys: {root / key} does not exist")
-        stamps, values = _read_nab_csv(root / key)
+        if (path := nab_path(root, key)) is None:
+            raise DataNotFound(f"keys: {root / key} does not exist")
+        stamps, values = _read_nab_csv(path)
         ts = _epoch_seconds(stamps)
         limits = [
             tuple(_epoch_seconds(np.array([a.replace(" ", "T"), b.replace(" ", "T")],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import tempfile
 
 
@@ -53,12 +54,27 @@ def run(args: argparse.Namespace) -> int:
             os.makedirs(base, exist_ok=True)
         metrics_dir = tempfile.mkdtemp(prefix="tsad-metrics-", dir=base)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by every worker
+    # uvicorn shuts down gracefully on Ctrl-C or SIGTERM, then raises the signal again to
+    # die by it, which `make serve` reports as "make: *** [serve] Terminated". A stop that
+    # was asked for is a normal end: these handlers get the re-raised signal, exit 0.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _stopped)
     try:
         uvicorn.run("service.main:app", host=settings.host, port=settings.port,
                     workers=args.workers, log_config=None, access_log=False,
                     timeout_keep_alive=settings.keep_alive_seconds,
                     http=PROTOCOL)  # header deadline, size cap (service/connections.py)
+    except _Stopped:
+        pass
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+class _Stopped(Exception):
+    """A stop signal (SIGINT, SIGTERM) arrived outside uvicorn's own handlers."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise _Stopped

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.auth.keys import API_KEY_ENV
+from service.replay import add_url_argument
 
 POINTS = 480  # the default detector scores from the 321st point (README, First contact)
 SPIKE = 440
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="send a synthetic stream with one spike and show the "
                        "anomaly and its alert", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    add_url_argument(p)
     p.add_argument("--stream", default="demo", help="stream id (deleted first)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"API key with the admin scope; default ${API_KEY_ENV}")
@@ -52,6 +53,7 @@ def demo_series(now: float, seed: int = 0) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     from service import replay
 
+    replay.require_service(args.url)  # before writing anything: one line if none answers
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "demo.csv"
     series = demo_series(float(int(time.time())))

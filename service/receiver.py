@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import threading
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from service.auth.keys import API_KEY_ENV, bearer
 from service.redaction import redact_url
+from service.replay import add_url_argument, message, unreachable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--path", default="/hook", help="path events are POSTed to")
     p.add_argument("--secret", default=None,
                    help="signing secret (at least 16 characters); generated when omitted")
-    p.add_argument("--subscribe", metavar="SERVICE_URL",
-                   help="subscribe this receiver to the service at this base URL on start")
+    add_url_argument(p, "--subscribe", default=None,
+                     what="subscribe this receiver on start to the service at this base URL, "
+                     "e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"--subscribe: an admin API key without tenant; default ${API_KEY_ENV}")
     p.add_argument("--public-url", help="URL the service reaches this receiver at "
@@ -61,19 +64,30 @@ def subscribe(service_url: str, hook_url: str, secret: str, streams: str = "*",
     import httpx
 
     deadline = time.monotonic() + wait
+    waiting = False
     with httpx.Client(base_url=service_url, timeout=10, headers=bearer(api_key)) as http:
         while True:
             try:
                 existing = http.get("/webhooks")
-                if existing.status_code in (401, 403):  # waiting will not help
-                    raise SystemExit(f"subscription refused: {existing.status_code} "
-                                     f"{existing.text} (--api-key / ${API_KEY_ENV})")
-                existing.raise_for_status()
-                break
-            except httpx.HTTPError as exc:
+            except httpx.TransportError as exc:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"service at {service_url} not reachable: {exc}") from exc
+                    raise SystemExit(unreachable(service_url, exc).replace(
+                        "--url", "--subscribe")) from None
+                if not waiting:  # say why nothing happens yet, once
+                    print(f"waiting up to {wait:.0f} s for the service at {service_url} "
+                          "(`make serve` starts one)", flush=True)
+                    waiting = True
                 time.sleep(1.0)
+                continue
+            if existing.status_code in (401, 403):  # waiting will not help
+                raise SystemExit(f"subscription refused: {existing.status_code} "
+                                 f"{message(existing)} (--api-key / ${API_KEY_ENV})")
+            if existing.status_code == 200:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"subscription refused: {existing.status_code} "
+                                 f"{message(existing)}")
+            time.sleep(1.0)  # e.g. 503 while the service starts
         fields = {"secret": secret, "streams": streams, "min_severity": min_severity,
                   "description": "tsad receive (demo receiver)"}
         shown = redact_url(hook_url)  # the service shows URLs without their password
@@ -87,7 +101,7 @@ def subscribe(service_url: str, hook_url: str, secret: str, streams: str = "*",
             r = http.post("/webhooks", json={"url": hook_url, **fields})
             ok = 201
         if r.status_code != ok:
-            raise SystemExit(f"subscription refused: {r.status_code} {r.text}")
+            raise SystemExit(f"subscription refused: {r.status_code} {message(r)}")
         return r.json()
 
 
@@ -130,7 +144,8 @@ def make_server(host: str, port: int, path: str, secret: str, status: int = 200,
                 duplicate = key in seen
                 seen.add(key)
                 line = describe(event) if isinstance(event, dict) else "not an event"
-                flags = ("" if verified else " UNVERIFIED") + (" duplicate" if duplicate else "")
+                flags = (" signature ok" if verified else " UNVERIFIED: bad signature") + (
+                    " duplicate" if duplicate else "")
                 print(f"{line}{flags}", flush=True)
                 if log_path:
                     with open(log_path, "a") as f:
@@ -157,6 +172,7 @@ def make_server(host: str, port: int, path: str, secret: str, status: int = 200,
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     secret = args.secret or f"whsec_{secrets.token_hex(16)}"
     if len(secret) < 16:
         raise SystemExit("--secret needs at least 16 characters")

@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import os
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,23 @@ import numpy as np
 from service.auth.keys import API_KEY_ENV, bearer
 
 PLOT_DIR = Path("runs/plots")  # `--plot` without a path: here (/runs/ is ignored by git)
+DEFAULT_URL = "http://127.0.0.1:8000"  # where `make serve` listens
+
+
+def add_url_argument(parser: argparse.ArgumentParser, flag: str = "--url",
+                     default: str | None = DEFAULT_URL, what: str = "service base URL") -> None:
+    """The service URL flag of the client commands (replay, demo, receive)."""
+    where = f" (default {default})" if default else ""
+    parser.add_argument(flag, default=default, metavar="URL",
+                        help=f"{what}{where}; a service started with `PORT=8123 make serve` "
+                        "is at http://127.0.0.1:8123")
+
+
+def unreachable(url: str, exc: Exception) -> str:
+    """One line for a service that does not answer, saying what to do."""
+    reason = str(exc).split("] ", 1)[-1] or type(exc).__name__  # "[Errno 111] Connection refused"
+    return (f"no tsad service answers at {url} ({reason}): start one with `make serve` "
+            "in another terminal, or pass --url with the address it listens on")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", type=Path, help="CSV (timestamp,value[,value...]) or .npy (T, C)")
     p.add_argument("--stream", required=True, help="stream id to post to")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    add_url_argument(p)
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"API key with the ingest scope (admin for --reset); default "
                    f"${API_KEY_ENV}")
@@ -95,7 +113,6 @@ def parse_timestamp(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     import httpx
-    from tqdm import tqdm
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     if args.plot is not None:
@@ -110,15 +127,52 @@ def run(args: argparse.Namespace) -> int:
     latencies: list[float] = []
     results: list[dict] = []
     out = open(args.out, "w") if args.out else None  # noqa: SIM115
+    try:
+        alerts = _send(args, series, results, latencies, out)
+    except httpx.ConnectError as exc:  # no service (or it went away): one line, no traceback
+        sent = len(results)
+        raise SystemExit(unreachable(args.url, exc) if not sent else
+                         f"lost the service at {args.url} after {sent} points: {exc}") from None
+    except httpx.TransportError as exc:
+        raise SystemExit(f"the service at {args.url} stopped answering after "
+                         f"{len(results)} points: {exc or type(exc).__name__}") from None
+    finally:
+        if out:
+            out.close()
+    if alerts is None:
+        return 1
+    for a in sorted(alerts, key=lambda a: a["opened_at"]):
+        print(describe_alert(a))
+    summary = summarize(args.stream, series, results, alerts, latencies)
+    if windows is not None:
+        summary["windows"] = window_hits(series[:, 0], results, windows)
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(args.plot, args.stream, series, results, alerts, windows)
+        summary["plot"] = str(args.plot)
+    print(json.dumps(summary))
+    return 0
+
+
+def _send(args: argparse.Namespace, series: np.ndarray, results: list[dict],
+          latencies: list[float], out) -> list[dict] | None:  # noqa: ANN001
+    """POST the series in batches (results and latencies appended as they come); the
+    stream's alerts, or None after an error it has printed."""
+    import httpx
+    from tqdm import tqdm
+
     began = time.monotonic()
     with httpx.Client(base_url=args.url, timeout=60, headers=bearer(args.api_key)) as http, tqdm(
         total=len(series), unit="pt", desc=args.stream, disable=True if args.quiet else None
     ) as bar:
+        earlier: set[str] = set()  # alerts of the stream's earlier lives: not this replay's
         if args.reset:
             resp = http.delete(f"/streams/{args.stream}")
             if resp.status_code not in (204, 404):
-                print(f"error {resp.status_code} deleting {args.stream}: {resp.text}")
-                return 1
+                print(f"error {resp.status_code} deleting {args.stream}: {message(resp)}",
+                      file=sys.stderr)
+                return None
+            earlier = {a["id"] for a in fetch_alerts(http, args.stream, float(series[0, 0]))}
         for lo in range(0, len(series), args.batch):
             chunk = series[lo:lo + args.batch]
             body = {"stream": args.stream, "points": [
@@ -128,12 +182,12 @@ def run(args: argparse.Namespace) -> int:
             latencies.append(time.perf_counter() - t0)
             if resp.status_code != 200:
                 bar.close()
-                print(f"error {resp.status_code} at point {lo}: {resp.text}")
-                if resp.status_code == 422:
-                    hint = start_over_hint(http, args.stream, float(chunk[0, 0]))
-                    if hint:
-                        print(hint)
-                return 1
+                # a file sent again: the hint alone says what happened and what to do
+                hint = (start_over_hint(http, args.stream, float(chunk[0, 0]))
+                        if resp.status_code == 422 else None)
+                print(hint or f"error {resp.status_code} at point {lo}: {message(resp)}",
+                      file=sys.stderr)
+                return None
             for r in resp.json()["results"]:
                 results.append(r)
                 if r["anomaly"] and not args.quiet:
@@ -147,20 +201,26 @@ def run(args: argparse.Namespace) -> int:
                 ahead = (lo + len(chunk)) / args.rate - (time.monotonic() - began)
                 if ahead > 0:
                     time.sleep(ahead)
-        alerts = fetch_alerts(http, args.stream, since=float(series[0, 0]))
-    if out:
-        out.close()
-    for a in sorted(alerts, key=lambda a: a["opened_at"]):
-        print(describe_alert(a))
-    summary = summarize(args.stream, series, results, alerts, latencies)
-    if windows is not None:
-        summary["windows"] = window_hits(series[:, 0], results, windows)
-    if args.plot is not None:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(args.plot, args.stream, series, results, alerts, windows)
-        summary["plot"] = str(args.plot)
-    print(json.dumps(summary))
-    return 0
+        return [a for a in fetch_alerts(http, args.stream, since=float(series[0, 0]))
+                if a["id"] not in earlier]
+
+
+def require_service(url: str) -> None:
+    """Exit with one line saying what to do when no service answers at ``url``."""
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/healthz", timeout=10)
+    except httpx.TransportError as exc:
+        raise SystemExit(unreachable(url, exc)) from None
+
+
+def message(resp) -> str:  # noqa: ANN001
+    """The service's own explanation of a refusal (its ``message``), else the body."""
+    try:
+        return str(resp.json()["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:500]
 
 
 def post_score(http, body: dict, attempts: int = 5):  # noqa: ANN001, ANN201
@@ -195,7 +255,9 @@ def fetch_alerts(http, stream: str, since: float) -> list[dict]:  # noqa: ANN001
     params: dict = {"stream": stream, "since": since, "limit": 500}
     while True:
         resp = http.get("/alerts", params=params)
-        resp.raise_for_status()
+        if resp.status_code != 200:
+            raise SystemExit(f"error {resp.status_code} listing the alerts of {stream}: "
+                             f"{message(resp)}")
         page = resp.json()
         alerts += page["alerts"]
         if not page.get("next_cursor"):

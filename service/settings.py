@@ -230,7 +230,9 @@ class Settings(BaseSettings):
         "its Nth append that stored points, before scoring them; 0 = off")
     retry_after_seconds: int = Field(5, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_json: bool = True
+    log_json: bool | None = Field(
+        None, description="true: JSON lines; false: readable lines; unset: JSON unless "
+        "stderr is a terminal")
 
     @field_validator("default_detector")
     @classmethod

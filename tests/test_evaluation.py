@@ -65,7 +65,7 @@ def test_evaluate_reads_embeddings_and_fuses_rows(embeddings, tmp_path):
 
 def test_evaluate_names_what_is_wrong_in_a_row(embeddings, tmp_path):
     bad = [
-        ({"label": "f", "fuse": ["nowhere"]}, "fuse names rows not evaluated before it"),
+        ({"label": "f", "fuse": ["nowhere"]}, "`fuse` names rows not defined before it"),
         ({"label": "m", "detector": "embedding_memory", "embeddings": str(embeddings),
           "columns": [5]}, "columns [5] are not in"),
     ]
@@ -203,3 +203,128 @@ def test_a_rescore_row_scores_the_fitted_models_again_without_refitting(monkeypa
     with pytest.raises(ValueError, match="unknown config keys"):
         score_entity_full(DetectorSpec("bad", params={"kk": 3}, rescore="mean", **row),
                           train, test, fitted=fitted)
+
+
+# --- a researcher's loop: the whole config checked first, finished rows kept -------------
+
+def write_config(path: Path, rows: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump({"dataset": "msl", "rows": rows}, sort_keys=False))
+    return path
+
+
+def test_rows_are_read_whole_each_problem_naming_row_and_key():
+    from models.evaluate_config import rows_from, select
+
+    rows = [
+        {"label": "residual linear, column 0", "id": "rl", "detector": "residual_linear",
+         "params": {"window": 32}, "columns": [0]},
+        {"label": "pca", "detector": "pca", "params": {"window": 32, "stide": 4},
+         "column": [0]},
+        {"label": "spear", "detector": "spaer"},
+        {"label": "rl again", "id": "rl", "detector": "residual_linear", "spread": "median"},
+        {"label": "fused", "fuse": ["rl", "pca"]},
+        {"label": "rescored", "rescore": "rl", "params": {"aggregate": "max"}},
+        {"label": "two kinds", "detector": "pca", "fuse": ["rl"]},
+    ]
+    specs, problems = rows_from({"dataset": "msl", "rows": rows}, "c.yaml")
+    assert [s.label for s in specs] == ["residual linear, column 0", "rescored"]
+    assert specs[1].rescore == "residual linear, column 0"  # ids resolve to labels
+    expected = [
+        "c.yaml: row 2 ('pca'): unknown key 'column' (did you mean 'columns'?)",
+        "c.yaml: row 2 ('pca'): `params`: pca: unknown config keys ['stide']",
+        "c.yaml: row 3 ('spear'): `detector` 'spaer' is not registered (did you mean 'spear'?)",
+        "c.yaml: row 4 ('rl again'): `spread` must be one of ['newest', 'max', 'mean'], got "
+        "'median'",
+        "c.yaml: row 4 ('rl again'): id 'rl' is used by an earlier row",
+        "c.yaml: row 5 ('fused'): `fuse` names a row with problems (above)",
+        "c.yaml: row 7 ('two kinds'): needs exactly one of `detector`",
+    ]
+    for line in expected:
+        assert any(p.startswith(line) for p in problems), (line, problems)
+    assert len(problems) == len(expected) and all("\n" not in p for p in problems)
+
+    good, none = rows_from({"rows": [rows[0], {"label": "f", "fuse": ["rl"]},
+                                     rows[5] | {"id": "re"}]}, "c.yaml")
+    assert not none and good[1].fuse == ["residual linear, column 0"]
+    assert [s.label for s in select(good, "f")] == ["residual linear, column 0", "f"]
+    assert [s.label for s in select(good, "re")] == ["residual linear, column 0", "rescored"]
+    assert [s.label for s in select(good, "1")] == ["residual linear, column 0"]
+    with pytest.raises(ValueError, match=r"--rows: \['x'\]"):
+        select(good, "x")
+
+
+def test_a_bad_row_stops_the_run_before_any_row_runs(tmp_path):
+    config = write_config(tmp_path / "bad.yaml", [
+        {"label": "fine", "detector": "residual_linear", "params": {"window": 32},
+         "columns": [0]},
+        {"label": "typo", "detector": "pca", "column": [0]},
+        {"label": "wide", "detector": "pca", "columns": [0, 9]},
+    ])
+    work = tmp_path / "work"
+    for extra in ((), ("--check",)):
+        r = tsad("evaluate", "--config", str(config), "--data-dir", str(DATA_DIR), "--out",
+                 str(tmp_path / "report"), "--work", str(work), *extra)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.splitlines() == [
+            f"{config}: row 2 ('typo'): unknown key 'column' (did you mean 'columns'?)",
+            f"{config}: row 3 ('wide'): `columns` [0, 9]: the msl data has 5 columns (0..4)"]
+        assert not work.exists() and not (tmp_path / "report.json").exists()  # nothing ran
+
+
+@pytest.mark.slow  # seven runs of the command
+def test_finished_rows_survive_a_failed_row_and_a_rerun_skips_them(tmp_path):
+    """Row 2 fails (a window too long for its validation split); row 1 is saved with its
+    metrics and the report names row 2 pending. The next run reads row 1 back, fusion
+    rows name members by id, a changed row is computed again, --force computes all."""
+    rl = {"label": "residual linear, column 0", "id": "rl", "detector": "residual_linear",
+          "params": {"window": 32}, "columns": [0]}
+    pca = {"label": "PCA reconstruction, column 0", "id": "pca", "detector": "pca",
+           "params": {"window": 32}, "columns": [0], "stride": 4, "spread": "max"}
+    fused = {"label": "fused", "fuse": ["rl", "pca"]}
+    crash = {"label": "SPEAR, window 300", "detector": "spear", "params": {"window": 300},
+             "columns": [0], "stride": 16}
+    out, work = tmp_path / "report", tmp_path / "work"
+
+    def evaluate(rows: list[dict], *extra: str) -> subprocess.CompletedProcess:
+        config = write_config(tmp_path / "eval.yaml", rows)
+        return tsad("evaluate", "--config", str(config), "--data-dir", str(DATA_DIR),
+                    "--out", str(out), "--work", str(work), "--jobs", "1", *extra)
+
+    def read_back(r: subprocess.CompletedProcess) -> set[str]:
+        return {line.split(": read back")[0].split("tsad.evaluate: ")[1]
+                for line in r.stderr.splitlines() if ": read back from" in line}
+
+    first = evaluate([rl, crash])
+    assert first.returncode == 1 and "row 'SPEAR, window 300' failed" in first.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [row["label"] for row in report["rows"]] == [rl["label"]]
+    assert report["pending"] == [crash["label"]]
+    assert report["rows"][0]["metrics_seconds"] >= 0 and "metrics:" in first.stderr
+
+    again = evaluate([rl, pca, fused])
+    assert again.returncode == 0, again.stderr
+    assert read_back(again) == {rl["label"]}
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [row["label"] for row in report["rows"]] == [rl["label"], pca["label"], "fused"]
+    assert report["rows"][2]["fuse"] == [rl["label"], pca["label"]] and "pending" not in report
+    assert "seconds (scores + metrics)" in out.with_suffix(".md").read_text()
+    first_metrics = {row["label"]: row["metrics"] for row in report["rows"]}
+
+    changed = evaluate([rl, pca | {"stride": 2}, fused], "--rows", "fused")
+    assert changed.returncode == 0 and read_back(changed) == {rl["label"]}
+
+    forced = evaluate([rl, pca, fused], "--rows", "rl", "--force")
+    assert forced.returncode == 0 and read_back(forced) == set()
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [row["label"] for row in report["rows"]] == [rl["label"]]
+    assert report["rows"][0]["metrics"] == first_metrics[rl["label"]]  # the same, computed
+
+    rescore = {"label": "residual linear, channels by max", "rescore": "rl",
+               "params": {"aggregate": "max"}, "columns": [0]}
+    refit = evaluate([rl, rescore])  # rl's fitted models are not saved: it is fitted again
+    assert refit.returncode == 0 and read_back(refit) == set(), refit.stderr
+    assert read_back(evaluate([rl, rescore])) == {rl["label"], rescore["label"]}
+
+    check = evaluate([rl, pca, fused], "--check")
+    assert check.returncode == 0 and "3 rows check out on msl (2 entities): 0 to compute, " \
+        "3 finished" in check.stdout, check.stdout

@@ -1,8 +1,8 @@
 """An alert and the events its lifecycle emits, as plain JSON-ready data.
 
 Times named ``*_at`` are the stream's own timestamps (epoch seconds of the points), so a
-replay of history gives the same alerts, ids included; ``created`` on events is the
-wall clock when the service emitted them.
+replay of history gives the same alerts (ids are per life of a stream: ``alert_id``);
+``created`` on events is the wall clock when the service emitted them.
 """
 
 from __future__ import annotations
@@ -17,20 +17,26 @@ SEVERITIES: tuple[str, ...] = ("warning", "critical")
 EVENT_TYPES = ("alert.opened", "alert.updated", "alert.resolved")
 
 
-def alert_id(stream: str, opened_at: float) -> str:
-    """Stable: the same stream and opening timestamp give the same id on any replica.
+def alert_id(stream: str, opened_at: float, incarnation: str = "") -> str:
+    """Stable: the same stream life and opening timestamp give the same id on any replica
+    (a batch scored again after a crash included). A stream deleted and created again
+    (`tsad replay --reset`) is a new life: replaying the same history there gives new
+    ids, so the first life's alerts, kept for their retention, are not overwritten.
 
     >>> alert_id("web-01.cpu", 1700000000.0)
     'al_4b1deffe08c3cd9c0e68'
+    >>> alert_id("web-01.cpu", 1700000000.0, "b7c2e3ef") != alert_id("web-01.cpu", 1700000000.0)
+    True
     """
-    digest = hashlib.sha256(f"{stream}\0{opened_at!r}".encode()).hexdigest()
+    life = f"\0{incarnation}" if incarnation else ""  # "": ids as before incarnations
+    digest = hashlib.sha256(f"{stream}\0{opened_at!r}{life}".encode()).hexdigest()
     return f"al_{digest[:20]}"
 
 
 def incarnation(stream: str, created_at: float) -> str:
     """Tells apart the lives of a stream id: a stream deleted and created again (a replay
-    of the same history included) opens alerts with the same ids, but its events get new
-    ids, so receivers that deduplicate on event ids drop none of them.
+    of the same history included) opens alerts with new ids and its events get new ids,
+    so receivers that deduplicate on event ids drop none of them.
 
     >>> incarnation("web-01.cpu", 1700000000.0)
     'b7c2e3ef'

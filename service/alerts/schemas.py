@@ -8,7 +8,9 @@ from pydantic import BaseModel, Field
 
 
 class AlertOut(BaseModel):
-    id: str = Field(description="Stable id: a hash of stream and opening timestamp",
+    id: str = Field(description="Stable id: a hash of the stream, its incarnation and the "
+                    "opening timestamp (the same on every replica; new after the stream is "
+                    "deleted and created again)",
                     examples=["al_4b1deffe08c3cd9c0e68"])
     stream: str = Field(examples=["web-01.cpu"])
     state: Literal["open", "resolved"] = Field(examples=["open"])
@@ -39,8 +41,8 @@ class AlertOut(BaseModel):
     version: int = Field(description="Events emitted so far; event ids are "
                          "<id>-<version>-<incarnation>", examples=[2])
     incarnation: str = Field("", description="Which life of the stream opened it: a stream "
-                             "deleted and created again gets a new one, so its events "
-                             "never repeat an earlier event id", examples=["b7c2e3ef"])
+                             "deleted and created again gets a new one, so its alert ids "
+                             "and event ids never repeat an earlier life's", examples=["b7c2e3ef"])
     evidence: dict = Field(
         description="At the peak: score, threshold and, per top channel, its share of the "
         "score, window statistics now (variance, trend, autocorr), the stream's recent "

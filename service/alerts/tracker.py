@@ -120,7 +120,7 @@ class AlertTracker:
             return
         name = self._leader(cs)
         alert = Alert(
-            id=alert_id(self.stream, ts), stream=self.stream, state="open",
+            id=alert_id(self.stream, ts, self.incarnation), stream=self.stream, state="open",
             severity=severity_of(ratio, r.critical_ratio), opened_at=ts, updated_at=ts,
             last_anomaly_at=ts, peak_score=score, peak_at=ts, threshold=threshold,
             peak_ratio=_round(ratio), anomalous_points=int(self._ring.sum()), points=1,
