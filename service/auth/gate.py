@@ -7,9 +7,10 @@ request, /healthz p50 5.7 ms -> 1,280 ms under two such clients). The gate runs 
 any of that. When the request's operation declares the API key scheme in the OpenAPI
 schema (the routes' own ``Ingest``/``Reader``/``Admin`` dependencies put it there), the
 gate authenticates the ``Authorization`` header there and then: no key, or an unknown one,
-is a 401 from the headers alone, the body never read (the server discards what still
-arrives). A known key's principal goes on with the request (``principal``), and the
-route's dependencies check scope and tenant exactly as before, without a second lookup.
+is a 401 from the headers alone, the body never read (a small one is discarded, a large
+one closes the connection: ``KEEP_ALIVE_BODY_BYTES``). A known key's principal goes on
+with the request (``principal``), and the route's dependencies check scope and tenant
+exactly as before, without a second lookup.
 
 Operations without the scheme (/healthz, /readyz, /metrics unless TSAD_METRICS_AUTH) and
 paths outside the schema (/docs, 404s, 405s) pass through untouched: none reads a body.
