@@ -124,7 +124,7 @@ def main() -> int:
              "windows": sum(r["windows"] for r in rows),
              "windows_hit": sum(r["windows_hit"] for r in rows)}
     keys = ("threshold_kind", "threshold_q", "threshold_calibration_points",
-            "threshold_level", "warmup_points", "default_window", "alert_k", "alert_m",
+            "threshold_level", "default_detector", "default_window", "alert_k", "alert_m",
             "alert_critical_ratio", "alert_quiet_points", "alert_cooldown_seconds")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
@@ -144,8 +144,8 @@ def render(result: dict) -> str:
         "",
         f"Default settings{' with ' + str(result['overrides']) if result['overrides'] else ''}"
         f": {s['threshold_kind']} q={s['threshold_q']}, calibration "
-        f"{s['threshold_calibration_points']} scores after {s['warmup_points']} warm-up "
-        f"points, window {s['default_window']}, k-of-m {s['alert_k']}/{s['alert_m']}, "
+        f"{s['threshold_calibration_points']} scores after the {s['default_detector']} "
+        f"detector's warm-up, window {s['default_window']}, k-of-m {s['alert_k']}/{s['alert_m']}, "
         f"critical at {s['alert_critical_ratio']}x, quiet {s['alert_quiet_points']} points, "
         f"cooldown {s['alert_cooldown_seconds']:g} s. `python benchmarks/alerts_nab.py "
         f"--data-dir ../shared/datasets` (commit {result['commit']}).",

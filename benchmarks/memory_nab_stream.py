@@ -9,7 +9,7 @@ memory, as a stream would). The remaining 85% arrive in chunks of --chunk points
 (``models.streaming.stream_scores``, the loop of ``service/scoring.py``): the chunk's
 windows are scored in one batch with the current detector, one window every
 --score-stride points, points in between repeating the last score (the service's
-``costly_score_stride``); the service's SPOT threshold (``service.thresholds``) decides
+``costly_score_stride``); the service's SPOT threshold (``models.thresholds``) decides
 which scored windows are normal, and online rows ``partial_fit`` those only. The metrics
 use the continuous scores of the streamed 85% (TSB-AD: AUC-ROC, Standard-F1,
 Affiliation-F1, VUS-ROC, VUS-PR; no point adjustment); thresholds only drive the update.
@@ -79,7 +79,7 @@ from models.detectors.base import aggregate_channels, sliding_windows  # noqa: E
 from models.evaluation import METRICS, evaluate_scores  # noqa: E402
 from models.reporting import results_dir, save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
-from service.thresholds import ThresholdSpec, build_threshold  # noqa: E402
+from models.thresholds import ThresholdSpec, build_threshold  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,13 @@ class Row:
 
 
 ROWS = (
-    Row("embedding memory (online)", "embedding_memory", True, True),
+    # admission off on the rows that measure the memory without it (the default is on)
+    Row("embedding memory (online)", "embedding_memory", True, True,
+        {"admit_quantile": None}),
     Row("embedding memory (online, admission q=1.0)", "embedding_memory", True, True,
         {"admit_quantile": 1.0}),
-    Row("raw-window kNN (online, ablation: no LM)", "raw_knn", True, True),
+    Row("raw-window kNN (online, ablation: no LM)", "raw_knn", True, True,
+        {"admit_quantile": None}),
     Row("raw-window kNN (online, admission q=1.0)", "raw_knn", True, True,
         {"admit_quantile": 1.0}),
     Row("embedding memory (frozen after 15%)", "embedding_memory", False, True),

@@ -57,6 +57,7 @@ from throughput import start_redis  # noqa: E402
 from models import nab  # noqa: E402
 from models.data import run_main  # noqa: E402
 from models.detectors import build_detector  # noqa: E402
+from models.detectors.base import Records  # noqa: E402
 from models.reporting import results_dir, save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
@@ -150,9 +151,9 @@ def offline(corpus: list[nab.NabFile], detector: str, config: dict,
     scores, lik = {}, {}
     t0 = time.perf_counter()
     for f in tqdm(corpus, desc=detector, unit="file", leave=False):
-        # as the service builds it (its window and warm-up), with the row's config
-        det = build_detector(detector, window=SETTINGS.default_window,
-                             defaults={"warmup": SETTINGS.warmup_points}, **config)
+        # as the service builds it (its window, the detector's own defaults), with the
+        # row's config
+        det = build_detector(detector, window=SETTINGS.default_window, **config)
         run = stream_scores(det, f.values, 0, timestamps=f.timestamps, score_stride=stride)
         scores[f.key], lik[f.key] = np.nan_to_num(run.scores), np.nan_to_num(run.likelihood)
     return scores, lik, time.perf_counter() - t0
@@ -275,7 +276,7 @@ def main() -> int:
             default_scores = default_scores or scores
             # a record-ratio detector's likelihood ranks points exactly as its score
             kinds = [("score", scores)] + [("likelihood", lik)] * (
-                not build_detector(detector).record_scores)
+                not isinstance(build_detector(detector), Records))
             rows += [table_row(f"{label}, {what}", "offline loop", arrays, corpus,
                                n_points / seconds) for what, arrays in kinds]
     if args.lm and default_scores is not None:

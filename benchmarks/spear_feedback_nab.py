@@ -3,7 +3,7 @@ real labelled data: NAB streams with three or more labelled incidents.
 
 Per stream: a SPEAR model is fitted on the points before the first incident (the
 artifact); an operator then labels the first incident ``anomaly``. As the service does
-(``service/pipeline.py``, ``service/feedback.py``), that range becomes up to
+(``service/feedback/service.py``, ``service/feedback/labels.py``), that range becomes up to
 ``feedback_windows_per_range`` (8) windows ending in it (target 1), plus up to 8 of the
 newest windows before the feedback that lie outside it and that the model scores below
 its threshold (target 0); a copy of the model is tuned on them with the service's

@@ -158,7 +158,11 @@ def profile_in_process(series: np.ndarray, batch: int, requests: int,
     from service.metrics import ServiceMetrics
 
     settings = Settings(max_batch_points=10_000)
-    warm = settings.default_window + settings.warmup_points + 64
+    from service.scoring import stream_detector
+
+    # the stream's window, then its detector's warm-up, then a chunk
+    det = stream_detector(settings, settings.default_detector, settings.default_window)
+    warm = settings.default_window + (det.windows_to_fit or 0) + 64
     bodies = [{"stream": "p", **to_body(series[lo:lo + n], "points")} for lo, n in
               [(0, warm)] + [(warm + i * batch, batch) for i in range(requests)]]
     profiler = cProfile.Profile()

@@ -17,7 +17,7 @@ Each score is compared with the history *before* it and then joins it, so a chun
 points gives exactly what the same points give one at a time.
 
 A detector whose score already *is* a ratio to the stream's recent record
-(``Detector.record_scores``: 1 = as surprising as the worst of its recent history) is
+(a ``Records`` detector: 1 = as surprising as the worst of its recent history) is
 calibrated by that ratio r alone, with the same tail: ``p = min(1, 1 / ((n + 1) r))``,
 n = ``history``. Ranking the record ratio through a second history would let a stream's
 second-worst moments compete with other streams' records (measured on NAB:

@@ -8,7 +8,7 @@ the chunk's windows (those judged normal, unless it ``learns_from_anomalies``). 
 split over several requests is scored with the same detector state and learnt once, when
 it completes, so how a stream is batched never changes a score, a verdict or an alert.
 
-A detector whose scores are ratios to its own record (``record_scores``) learns its
+A detector whose scores are ratios to its own record (``Records``) learns its
 record a chunk late; the loop carries the record of the last ``chunk`` scored points per
 channel, so a point counts as a new record only if it also beats those (a novel shape
 lasting ten points is one record, not ten).
@@ -37,13 +37,20 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from models.calibration import AnomalyLikelihood
-from models.detectors.base import Detector, aggregate_channels, as_series, sliding_windows
+from models.detectors.base import (
+    Detector,
+    Online,
+    Records,
+    aggregate_channels,
+    as_series,
+    sliding_windows,
+)
 
 CHUNK = 64  # points scored between two online updates
 
 
 class StreamThreshold(Protocol):
-    """What the loop needs from a threshold (``service.thresholds`` classes fit)."""
+    """What the loop needs from a threshold (``models.thresholds`` classes fit)."""
 
     def process(self, scores: np.ndarray,
                 timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
@@ -76,13 +83,51 @@ class LoopOutput:
     offered: int  # windows offered to partial_fit
 
 
+@dataclass
+class Verdict:
+    """The verdict in force: the last freshly scored point's, which the points between
+    strided scores repeat (carried across requests in the loop's state)."""
+
+    score: float = np.nan  # NaN: nothing scored yet
+    likelihood: float = np.nan
+    threshold: float = np.nan
+    anomalous: bool = False
+
+    @property
+    def known(self) -> bool:
+        return not np.isnan(self.score)
+
+
+@dataclass
+class _Pass:
+    """One ``run``: its points (context then new), where the new ones start, and what it
+    has produced so far."""
+
+    values: np.ndarray  # (K, C)
+    timestamps: np.ndarray  # (K,)
+    start: int  # local position of the first new point
+    first_index: int  # stream-wide index of the first new point
+    out: LoopOutput
+    observe: Callable[[Scored], None] | None
+
+    def index(self, pos: int) -> int:
+        """Stream-wide index of local position ``pos``."""
+        return self.first_index + pos - self.start
+
+    def windows(self, rows: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """The windows ending at local rows (F, W, C) and their first/last stamps (F, 2)."""
+        windows = np.stack([self.values[r - window + 1:r + 1] for r in rows])
+        stamps = np.stack([self.timestamps[rows - window + 1], self.timestamps[rows]], axis=1)
+        return windows, stamps
+
+
 class OnlineLoop:
     """A stream's detector, likelihood and threshold, advanced point by point.
 
     ``threshold`` None: every score is normal. ``online`` False: the detector stays as it
-    is (a shared artifact). State (``state_dict``) is the last verdict and which points of
-    the unfinished chunk will be learnt; the detector, calibrator and threshold save their
-    own.
+    is (a shared artifact). State (``state_dict``) is the verdict in force and which
+    points of the unfinished chunk will be learnt; the detector, calibrator and threshold
+    save their own.
     """
 
     def __init__(self, detector: Detector, threshold: StreamThreshold | None = None,
@@ -90,28 +135,37 @@ class OnlineLoop:
                  score_stride: int = 1, online: bool = True) -> None:
         if chunk < 1 or score_stride < 1:
             raise ValueError("chunk and score_stride must be >= 1")
-        if online and not detector.supports_online and not detector.is_fitted:
+        learns = isinstance(detector, Online)
+        if online and not learns and not detector.is_fitted:
             raise RuntimeError(f"detector {detector.name!r} is not fitted and cannot "
                                "learn online")
         self.detector = detector
         self.threshold = threshold
         self.likelihood = likelihood or AnomalyLikelihood(
-            record_ratio=detector.record_scores)
+            record_ratio=isinstance(detector, Records))
         self.chunk = chunk
         self.score_stride = score_stride
-        self.online = online and detector.supports_online
-        self.last = np.full(4, np.nan)  # score, likelihood, threshold, anomalous
+        self.online = online and learns
+        self.last = Verdict()
         self.pending = np.zeros(chunk, dtype=bool)  # learn the window ending at chunk pos i
-        self.recent = np.zeros((chunk, 0))  # record_scores: ratios of the last chunk points
+        self.recent = np.zeros((chunk, 0))  # Records: ratios of the last chunk points
 
     # --- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"last": self.last.copy(), "pending": self.pending.astype(np.uint8),
-                "recent": self.recent.copy()}
+        last = self.last
+        return {"score": np.array([last.score]), "likelihood": np.array([last.likelihood]),
+                "threshold": np.array([last.threshold]),
+                "anomalous": np.array([last.anomalous], dtype=np.uint8),
+                "pending": self.pending.astype(np.uint8), "recent": self.recent.copy()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if "last" in state and len(state["last"]) == 4:
-            self.last = np.asarray(state["last"], dtype=np.float64).copy()
+        if "score" in state:
+            self.last = Verdict(*(float(state[k][0]) for k in ("score", "likelihood",
+                                                                "threshold")),
+                                bool(state["anomalous"][0]))
+        elif "last" in state and len(state["last"]) == 4:  # written before Verdict
+            score, likelihood, threshold, anomalous = (float(v) for v in state["last"])
+            self.last = Verdict(score, likelihood, threshold, anomalous == 1.0)
         if "pending" in state and len(state["pending"]) == self.chunk:
             self.pending = np.asarray(state["pending"]).astype(bool)
         if "recent" in state and len(state["recent"]) == self.chunk:
@@ -154,7 +208,7 @@ class OnlineLoop:
             while have + max(end - first, 0) < need:
                 end += self.chunk
             first = max(end, window - 1)
-        if np.isnan(self.last[0]) and first != window - 1 and first % self.score_stride:
+        if not self.last.known and first != window - 1 and first % self.score_stride:
             first += self.score_stride - first % self.score_stride  # the stride's grid
         return first - next_index
 
@@ -165,27 +219,24 @@ class OnlineLoop:
         first; ``first_index``: the stream-wide index of the first new point. The context
         should reach back to the start of the first new point's chunk plus window - 1
         points (what the store keeps); with less, the chunk learns the windows it has."""
-        window = self.detector.config.window
-        start = len(values) - n_new
         out = LoopOutput(np.zeros(n_new, bool), np.zeros(n_new, bool), np.full(n_new, np.nan),
                          np.full(n_new, np.nan), np.full(n_new, np.nan),
                          np.zeros(n_new, bool), 0)
-        pos = start
+        run = _Pass(values, timestamps, len(values) - n_new, first_index, out, observe)
+        pos = run.start
         while pos < len(values):
-            index = first_index + pos - start
-            chunk_end = pos + self.chunk - index % self.chunk  # local end of this chunk
+            chunk_end = pos + self.chunk - run.index(pos) % self.chunk  # local end of chunk
             hi = min(chunk_end, len(values))
-            self._segment(values, timestamps, pos, hi, index, window, start, out, observe)
+            self._segment(run, pos, hi)
             if hi == chunk_end:  # the chunk is complete: learn from it
-                out.offered += self._learn(values, timestamps, hi - self.chunk, hi, window)
+                out.offered += self._learn(run, hi - self.chunk, hi)
             pos = hi
         return out
 
-    def _segment(self, values: np.ndarray, timestamps: np.ndarray, lo: int, hi: int,
-                 index: int, window: int, start: int, out: LoopOutput,
-                 observe: Callable[[Scored], None] | None) -> None:
-        det = self.detector
-        idx = index + np.arange(hi - lo)  # stream-wide indices of the segment
+    def _segment(self, run: _Pass, lo: int, hi: int) -> None:
+        """Score the new points at local positions [lo, hi), all in one chunk."""
+        det, window, out = self.detector, self.detector.config.window, run.out
+        idx = run.index(lo) + np.arange(hi - lo)  # stream-wide indices of the segment
         full = (np.arange(lo, hi) >= window - 1) & (idx >= window - 1)
         slots = idx % self.chunk
         if not det.is_fitted:  # cold start: learn every full window, score none
@@ -194,14 +245,12 @@ class OnlineLoop:
         # on the stride's grid of the stream index; the stream's first full window too, so
         # a fitted detector scores from there without a gap
         fresh = full & ((idx % self.score_stride == 0) | (idx == window - 1))
-        o = slice(lo - start, hi - start)
+        o = slice(lo - run.start, hi - run.start)
         verdicts = np.zeros(hi - lo, bool)
         if fresh.any():
-            rows = np.arange(lo, hi)[fresh]
-            windows = np.stack([values[r - window + 1:r + 1] for r in rows])
-            stamps = np.stack([timestamps[rows - window + 1], timestamps[rows]], axis=1)
+            windows, stamps = run.windows(np.arange(lo, hi)[fresh], window)
             channel_scores = det.channel_scores(windows)
-            if det.record_scores:
+            if isinstance(det, Records):
                 channel_scores = self._beyond_recent(channel_scores, idx[fresh])
             scores = aggregate_channels(channel_scores, det.config.aggregate)
             lik = self.likelihood.process(scores)
@@ -209,47 +258,53 @@ class OnlineLoop:
                 thr, anom = np.full(len(scores), np.nan), np.zeros(len(scores), bool)
             else:
                 thr, anom = self.threshold.process(scores, stamps[:, 1])
-            if observe is not None:
-                observe(Scored(idx[fresh], windows, stamps, channel_scores, scores, lik, thr,
-                               anom))
+            if run.observe is not None:
+                run.observe(Scored(idx[fresh], windows, stamps, channel_scores, scores, lik,
+                                   thr, anom))
             verdicts[fresh] = anom
             out.scores[o][fresh], out.likelihood[o][fresh] = scores, lik
             out.thresholds[o][fresh], out.anomalous[o][fresh] = thr, anom
-        # between fresh scores a point repeats the verdict in force: the segment's last
-        # fresh one before it, else the one carried from earlier requests (self.last)
-        cols = (out.scores, out.likelihood, out.thresholds, out.anomalous)
-        source = np.maximum.accumulate(np.where(fresh, np.arange(hi - lo), -1))
-        fill = full & ~fresh
-        for col, carried in zip(cols, self.last, strict=True):
-            seg = col[o]  # a view: writes go to out
-            seg[fill & (source >= 0)] = seg[source[fill & (source >= 0)]]
-            if not np.isnan(self.last[0]):
-                seg[fill & (source < 0)] = carried
-        if fresh.any():
-            j = o.start + int(np.flatnonzero(fresh)[-1])
-            self.last = np.array([c[j] for c in cols], dtype=np.float64)
+        self._repeat_verdicts(out, o, full & ~fresh, fresh)
         out.fresh[o] = fresh
         out.scored[o] = full & ~np.isnan(out.scores[o])
-        learn = fresh if det.learns_from_anomalies else fresh & ~verdicts
+        everything = isinstance(det, Online) and det.learns_from_anomalies
+        learn = fresh if everything else fresh & ~verdicts
         self.pending[slots] = learn
 
-    def _learn(self, values: np.ndarray, timestamps: np.ndarray, lo: int, hi: int,
-               window: int) -> int:
+    def _repeat_verdicts(self, out: LoopOutput, o: slice, fill: np.ndarray,
+                         fresh: np.ndarray) -> None:
+        """Between fresh scores a point repeats the verdict in force: the segment's last
+        fresh one before it, else the one carried from earlier requests (``last``); then
+        the segment's last fresh verdict is the one in force."""
+        source = np.maximum.accumulate(np.where(fresh, np.arange(len(fresh)), -1))
+        inside = fill & (source >= 0)
+        carried = fill & (source < 0)
+        last = self.last
+        for col, value in ((out.scores, last.score), (out.likelihood, last.likelihood),
+                           (out.thresholds, last.threshold), (out.anomalous, last.anomalous)):
+            seg = col[o]  # a view: writes go to out
+            seg[inside] = seg[source[inside]]
+            if last.known:
+                seg[carried] = value
+        if fresh.any():
+            j = o.start + int(np.flatnonzero(fresh)[-1])
+            self.last = Verdict(float(out.scores[j]), float(out.likelihood[j]),
+                                float(out.thresholds[j]), bool(out.anomalous[j]))
+
+    def _learn(self, run: _Pass, lo: int, hi: int) -> int:
         """Learn the marked windows of the chunk ending at local position hi."""
         marked = self.pending.copy()
         self.pending[:] = False
         if not self.online:
             return 0
+        window = self.detector.config.window
         rows = np.arange(lo, hi)[marked]
         rows = rows[rows - window + 1 >= 0]  # windows the context still holds
         if not len(rows):
             return 0
-        windows = np.stack([values[r - window + 1:r + 1] for r in rows])
-        if self.detector.has_precedents:
-            stamps = np.stack([timestamps[rows - window + 1], timestamps[rows]], axis=1)
-            self.detector.partial_fit(windows, stamps)
-        else:
-            self.detector.partial_fit(windows)
+        windows, stamps = run.windows(rows, window)
+        assert isinstance(self.detector, Online)  # self.online says so
+        self.detector.partial_fit(windows, stamps)
         return len(rows)
 
 
@@ -281,7 +336,7 @@ def stream_scores(det: Detector, series: np.ndarray, start: int,
     window = det.config.window
     if not 0 <= start < len(series) or (det.is_fitted and start < window - 1):
         raise ValueError(f"start: need window - 1 <= start < {len(series)}, got {start}")
-    if online and not det.supports_online:
+    if online and not isinstance(det, Online):
         raise ValueError(f"{det.name} does not learn online: pass online=False")
     ts = np.arange(len(series), dtype=np.float64) if timestamps is None else np.asarray(
         timestamps, dtype=np.float64)

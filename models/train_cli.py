@@ -78,6 +78,7 @@ def load_training_series(data: dict, data_dir: Path) -> tuple[list[np.ndarray],
 def train_artifact(cfg: dict, data_dir: Path, out: Path) -> dict:
     """Fit, calibrate and save; returns the calibration summary."""
     from models.detectors import build_detector
+    from models.detectors.base import LearnsFromLabels
     from models.evaluation import score_series
 
     det = build_detector(cfg["detector"], **cfg.get("params", {}))
@@ -87,7 +88,7 @@ def train_artifact(cfg: dict, data_dir: Path, out: Path) -> dict:
     fit_part = [x[:c] for x, c in zip(series, cuts, strict=True)]
     held = [x[c:] for x, c in zip(series, cuts, strict=True)]
     t0 = time.perf_counter()
-    if det.learns_from_labels and all(x.shape[1] == 1 for x in fit_part):
+    if isinstance(det, LearnsFromLabels) and all(x.shape[1] == 1 for x in fit_part):
         det.fit_series([x[:, 0] for x in fit_part],
                        [None if lab is None else lab[:c]
                         for lab, c in zip(labels, cuts, strict=True)])

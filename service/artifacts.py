@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.detectors import Detector, load_detector
-from models.detectors.base import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS
+from models.detectors.base import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, Adaptable
 
 PREFIX = "artifact:"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -44,7 +44,7 @@ class Artifact:
     @property
     def adaptable(self) -> bool:
         """Streams bound to it may tune their own copy of its soft prompts (SPEAR)."""
-        return self.detector.adaptable
+        return isinstance(self.detector, Adaptable)
 
     @property
     def channels(self) -> int | None:

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: typed handles on what create_app put in app.state."""
+"""FastAPI dependencies: typed handles on the service's parts (``service/services.py``),
+which the routers take as arguments instead of reaching into app.state or the stores."""
 
 from __future__ import annotations
 
@@ -8,29 +9,73 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth.gate import principal as authenticated
-from service.auth.guard import Authenticator, Principal
+from service.auth.guard import Principal
 from service.auth.keys import Scope
+from service.feedback.service import FeedbackService
 from service.metrics import ServiceMetrics
-from service.pipeline import ScoringPipeline
 from service.schemas import STREAM_ID_PATTERN, ErrorOut
+from service.services import Services
 from service.settings import Settings
+from service.stores.base import AlertStore, Backend, KeyStore, WebhookStore
+from service.streams import StreamAdmin
+from service.transaction import ScoreTransaction
 
 
-def _pipeline(request: Request) -> ScoringPipeline:
-    return request.app.state.pipeline
+async def _services(request: Request) -> Services:
+    # async, as every dependency here: FastAPI runs a plain def in a worker thread
+    return request.app.state.services
 
 
-def _settings(request: Request) -> Settings:
+ServicesDep = Annotated[Services, Depends(_services)]
+
+
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _metrics(request: Request) -> ServiceMetrics:
+async def _metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-PipelineDep = Annotated[ScoringPipeline, Depends(_pipeline)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
+
+
+async def _score(services: ServicesDep) -> ScoreTransaction:
+    return services.score
+
+
+async def _streams(services: ServicesDep) -> StreamAdmin:
+    return services.streams
+
+
+async def _feedback(services: ServicesDep) -> FeedbackService:
+    return services.feedback
+
+
+async def _backend(services: ServicesDep) -> Backend:
+    return services.backend
+
+
+async def _alerts(services: ServicesDep) -> AlertStore:
+    return services.backend.alerts
+
+
+async def _webhooks(services: ServicesDep) -> WebhookStore:
+    return services.backend.webhooks
+
+
+async def _keys(services: ServicesDep) -> KeyStore:
+    return services.backend.keys
+
+
+ScoreDep = Annotated[ScoreTransaction, Depends(_score)]  # POST /score
+StreamsDep = Annotated[StreamAdmin, Depends(_streams)]  # /streams administration
+FeedbackDep = Annotated[FeedbackService, Depends(_feedback)]  # /streams/{id}/feedback
+BackendDep = Annotated[Backend, Depends(_backend)]  # readiness
+AlertsDep = Annotated[AlertStore, Depends(_alerts)]
+WebhooksDep = Annotated[WebhookStore, Depends(_webhooks)]
+KeysDep = Annotated[KeyStore, Depends(_keys)]
 StreamPath = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="Stream id",
                                  examples=["web-01.cpu"])]
 
@@ -46,7 +91,7 @@ AUTH_RESPONSES = {401: {"model": ErrorOut, "description": "Missing, unknown or r
 
 def _require(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
     async def principal(request: Request, credentials: Credentials) -> Principal:
-        auth: Authenticator = request.app.state.auth
+        auth = request.app.state.services.auth
         # authenticated from the headers by the gate (service/auth/gate.py), before the
         # body was read; looked up here only for a request the gate did not see
         who = authenticated(request.scope) or await auth.authenticate(

@@ -1,35 +1,73 @@
-"""Errors the API turns into 4xx/503 answers that name the offending field."""
+"""The service's domain errors: what went wrong, and where, in the service's own terms.
+
+Domain code (validation, the score transaction, stores, feedback, auth) raises these and
+never an HTTP exception; ``service/http.py`` maps each kind to its status code in one
+table. ``loc`` names the offending field as FastAPI does (``("body", "points", 3,
+"timestamp")``): an error with a ``loc`` is answered with that field in ``detail``.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-
-from service.redaction import redact
+Loc = tuple[str | int, ...]
 
 
-def field_error(loc: Sequence[str | int], msg: str) -> RequestValidationError:
-    """A 422 in FastAPI's own shape, for checks pydantic cannot express alone."""
-    return RequestValidationError([{"type": "value_error", "loc": tuple(loc), "msg": msg}])
+class ServiceError(Exception):
+    """Base class: a message for the caller, and the field it concerns (if any)."""
+
+    def __init__(self, message: str, loc: Sequence[str | int] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.loc: Loc | None = tuple(loc) if loc is not None else None
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed or breaks a rule of the data (422); nothing changed."""
+
+    def __init__(self, loc: Sequence[str | int], message: str) -> None:
+        super().__init__(message, loc)
+
+
+class Conflict(ServiceError):
+    """The request conflicts with stored state (409); nothing changed. ``loc``: the field
+    whose value conflicts (None: the request as a whole)."""
+
+    def __init__(self, loc: Sequence[str | int] | None, message: str) -> None:
+        super().__init__(message, loc)
+
+
+class LimitReached(ServiceError):
+    """A quota of the service is full (429), e.g. TSAD_MAX_STREAMS."""
+
+    def __init__(self, loc: Sequence[str | int] | None, message: str) -> None:
+        super().__init__(message, loc)
+
+
+class NotFound(ServiceError):
+    """No such stream, alert, webhook, key or dead letter (404)."""
+
+
+class Unauthenticated(ServiceError):
+    """No key, or an unknown or revoked one (401, with a Bearer challenge)."""
+
+
+class Forbidden(ServiceError):
+    """The key's scope or tenant does not allow the request (403)."""
+
+
+class StoreUnavailable(ServiceError):
+    """The backing store cannot be reached (503); the request may be retried."""
 
 
 def describe(errors: Sequence[dict]) -> str:
-    """'body.points.3.values.0: Input should be a finite number; ...'"""
+    """'body.points.3.values.0: Input should be a finite number; ...'
+
+    >>> describe([{"loc": ("body", "points", 3), "msg": "bad"}, {"msg": "worse"}])
+    'body.points.3: bad; worse'
+    """
     parts = []
     for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()))
         parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", ""))
     return "; ".join(parts)
-
-
-def unavailable_response(exc: Exception, retry_after_seconds: int) -> JSONResponse:
-    """The 503 of a store that cannot be reached, logged (its message redacted: a store's
-    URL may carry its password)."""
-    logging.getLogger("tsad.service").warning("store unavailable", extra={"error": str(exc)})
-    return JSONResponse(
-        {"message": f"window store unavailable, retry later: {redact(str(exc))}",
-         "detail": None},
-        status_code=503, headers={"Retry-After": str(retry_after_seconds)})

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from models.lm.metrics import EmbeddingMetrics
-from service.schemas import FeedbackLabel
+from service.feedback.schemas import FeedbackLabel
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -99,7 +99,7 @@ class ServiceMetrics:
         # --- thresholds: a histogram over all streams (bounded), a gauge for allow-listed
         self.stream_state_bytes = Histogram(
             "tsad_stream_state_bytes", "Size of a stream's saved detector/threshold/alert state "
-            "(embedding memories dominate; bounded by TSAD_MEMORY_SIZE)", ["detector"],
+            "(embedding memories dominate; bounded by their memory_size)", ["detector"],
             buckets=(1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6), registry=r)
         self.threshold_value = Histogram(
             "tsad_threshold_value", "Stream thresholds in force, observed once per scored "

@@ -46,7 +46,7 @@ class ServiceProcess:
                "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5"),
                "--http", PROTOCOL]  # header deadline, size cap (service/connections.py)
         if self.workers > 1:
-            cmd = [sys.executable, "-m", "models.cli", "serve", "--host", "127.0.0.1",
+            cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(self.workers)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parent.parent)

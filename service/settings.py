@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Settings that were detector tunables, and the config field each became (the service
+# refuses to start with one set, naming its replacement in TSAD_DETECTOR_PARAMS)
+MOVED = {"TSAD_WARMUP_POINTS": "warmup", "TSAD_MEMORY_SIZE": "memory_size",
+         "TSAD_MEMORY_ADMIT_QUANTILE": "admit_quantile", "TSAD_RESIDUAL_MAX_LAGS": "max_lags"}
 
 
 class Settings(BaseSettings):
@@ -57,9 +64,6 @@ class Settings(BaseSettings):
         "connection closes (httptools has no limit)")
     max_window: int = Field(4096, ge=4, le=65_536, description="points per window a "
                             "stream may ask for")
-    residual_max_lags: int = Field(
-        128, ge=1, le=4096, description="residual_linear: lags its forecast uses (the "
-        "newest ones of the window); its state is quadratic in this, not in the window")
     max_streams: int = Field(10_000, ge=0, description="streams per store; creating one "
                              "more is a 429 (0 = no limit)")
     duplicates: Literal["reject", "drop"] = Field(
@@ -87,7 +91,13 @@ class Settings(BaseSettings):
         1e15, gt=0, le=1e300, description="422 for a value of larger magnitude: the "
         "detectors square and sum values, and a 1e308 would overflow to inf and wreck a "
         "stream's threshold for good (1e15 keeps integers exact in float64)")
-    warmup_points: int = Field(256, ge=8, description="points before an online detector scores")
+    detector_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="overrides of detector tunables for the streams "
+        "this service creates, as JSON: a registered detector name, or \"*\" for every "
+        "detector that has the field, to its config fields, e.g. '{\"*\": {\"warmup\": "
+        "512}, \"embedding_memory\": {\"memory_size\": 1024}}'; the defaults are each "
+        "detector's Config (models/README.md). Unknown names, fields and ill-typed values "
+        "stop the service at start-up")
     costly_score_stride: int = Field(
         4, ge=1, description="language-model detectors score every Nth point; the points in "
         "between repeat the last verdict (CPU inference is the bottleneck)")
@@ -98,13 +108,6 @@ class Settings(BaseSettings):
     blas_threads: int = Field(
         1, ge=1, le=256, description="BLAS threads per process for numpy work (requests "
         "already run in parallel; more threads oversubscribe the cores)")
-    memory_size: int = Field(
-        256, ge=16, le=65536, description="embedding-memory entries per stream channel "
-        "(float16; 384-d MiniLM: 768 bytes each)")
-    memory_admit_quantile: float = Field(
-        1.0, ge=0, le=1, description="memory detectors, online: a window judged normal "
-        "joins the memory only if its distance is within this quantile of the memory's "
-        "leave-one-out distances (0 = off: every window judged normal is a candidate)")
     likelihood_history: int = Field(
         2000, ge=10, le=100_000, description="scores of the stream's recent past that each "
         "score's likelihood (the [0, 1] field of every result) is measured against")
@@ -243,6 +246,18 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown detector {name!r}; known: {sorted(REGISTRY)}")
         return name
 
+    @field_validator("detector_params")
+    @classmethod
+    def _detector_params(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from models.detectors import check_params
+
+        for name, params in value.items():
+            if "window" in params:  # the stream's: TSAD_DEFAULT_WINDOW or PUT /streams
+                raise ValueError(f"{name}.window: a stream's window is not a detector "
+                                 "parameter (TSAD_DEFAULT_WINDOW, or the stream's own)")
+            check_params(name, params)
+        return value
+
     @field_validator("admin_key", mode="before")
     @classmethod
     def _unset_if_empty(cls, value: object) -> object:
@@ -258,6 +273,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        for old, field in MOVED.items():  # refused, not ignored: it would silently change
+            if old in os.environ:
+                value = json.loads(os.environ[old]) if os.environ[old] else None
+                value = None if field == "admit_quantile" and value == 0 else value
+                raise ValueError(f"{old} was removed: detector tunables are the detectors' "
+                                 "own (models/README.md); set TSAD_DETECTOR_PARAMS="
+                                 f"'{json.dumps({'*': {field: value}})}' instead")
         if self.likelihood_min_scores > self.likelihood_history:
             raise ValueError("likelihood_min_scores must not exceed likelihood_history")
         if self.threshold_min_scores > self.threshold_history:

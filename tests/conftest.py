@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server per test session, on a free loopback port."""
+"""Shared fixtures: a real redis-server (and a real 3-master Redis Cluster) per test
+session on free loopback ports, and ``backend``: every storage backend in turn."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from service.process import free_port
+from service.settings import Settings
+from service.stores import build_backend
+from service.stores.base import Backend, StreamPolicy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -101,6 +107,122 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+class RedisClusterNodes:
+    """Three cluster-enabled redis-servers joined by `redis-cli --cluster create`."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.ports = [free_port() for _ in range(masters)]
+        self.dir = tempfile.mkdtemp(prefix="tsad-cluster-")
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"  # any node: the client finds the rest
+
+    def start(self) -> RedisClusterNodes:
+        for port in self.ports:
+            self.procs.append(subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                 "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
+                 "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            wait_for(lambda p=port: self.cli(p, "ping") == "PONG", timeout=10)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port in self.ports:  # every node agrees the slots are covered
+            wait_for(lambda p=port: "cluster_state:ok" in self.cli(p, "cluster", "info"),
+                     timeout=30)
+        return self
+
+    def cli(self, port: int, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                              text=True).stdout.strip()
+
+    def node_of(self, key: str) -> int:
+        """The port of the master that holds ``key``'s slot."""
+        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key))
+        for line in self.cli(self.ports[0], "cluster", "nodes").splitlines():
+            parts = line.split()
+            for span in parts[8:]:
+                lo, _, hi = span.partition("-")
+                if int(lo) <= slot <= int(hi or lo):
+                    return int(parts[1].split(":")[1].split("@")[0])
+        raise AssertionError(f"no node holds slot {slot}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    nodes = RedisClusterNodes().start()
+    yield nodes
+    nodes.stop()
+
+
+# --- every backend: a test taking ``backend`` runs once on each --------------------------
+BACKENDS = ("memory", "redis", "redis-cluster")
+
+
+@dataclass
+class BackendUnderTest:
+    """One storage backend, as the service would configure it."""
+
+    kind: str
+    redis_url: str | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Settings fields (``Settings(**backend.settings, ...)``) that select it."""
+        if self.redis_url is None:
+            return {}
+        return {"redis_url": self.redis_url, "redis_cluster": self.kind == "redis-cluster"}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The same as environment variables, for the service as a process."""
+        return {f"TSAD_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in self.settings.items()}
+
+    def build(self, policy: StreamPolicy | None = None, **settings: Any) -> Backend:
+        """A backend with this stream policy (default: the store's own defaults)."""
+        backend = build_backend(Settings(**self.settings, **settings))
+        backend.streams.policy = policy or StreamPolicy()
+        return backend
+
+
+def _backend(kind: str, request: pytest.FixtureRequest) -> BackendUnderTest:
+    if kind == "memory":
+        return BackendUnderTest(kind)
+    if kind == "redis":
+        return BackendUnderTest(kind, request.getfixturevalue("redis_url"))
+    cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+    for port in cluster.ports:  # a clean cluster per test
+        cluster.cli(port, "flushall")
+    return BackendUnderTest(kind, cluster.url)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> BackendUnderTest:
+    """Each backend in turn: storage tests run on all of them."""
+    return _backend(request.param, request)
+
+
+@pytest.fixture(params=BACKENDS[:2])
+def service_backend(request: pytest.FixtureRequest) -> BackendUnderTest:
+    """The in-memory and the single-Redis backend, for tests of the whole service (the
+    cluster runs the service in tests/test_cluster.py)."""
+    return _backend(request.param, request)
 
 
 SPEAR_TINY_WINDOW = 16

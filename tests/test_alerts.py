@@ -14,6 +14,7 @@ from service.alerts.tracker import AlertRules, AlertTracker
 from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+from tests.conftest import BackendUnderTest
 
 W = 16
 
@@ -98,10 +99,9 @@ def test_tracker_state_round_trips_through_the_blob():
 
 
 # --- through the API ------------------------------------------------------------------
-def make_client(store: str, request, **overrides) -> TestClient:
-    if store == "redis":
-        overrides["redis_url"] = request.getfixturevalue("redis_url")
-    settings = Settings(warmup_points=64, threshold_min_scores=50,
+def make_client(backend: BackendUnderTest, **overrides) -> TestClient:
+    settings = Settings(**backend.settings,
+                        detector_params={"*": {"warmup": 64}}, threshold_min_scores=50,
                         threshold_calibration_points=200, max_batch_points=5000,
                         alert_quiet_points=10, alert_cooldown_seconds=0,
                         webhook_poll_seconds=0.05, webhook_allow_hosts="127.0.0.1",
@@ -109,9 +109,9 @@ def make_client(store: str, request, **overrides) -> TestClient:
     return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
 
 
-@pytest.fixture(params=["memory", "redis"])
-def client(request):
-    with make_client(request.param, request) as c:
+@pytest.fixture
+def client(service_backend):
+    with make_client(service_backend) as c:
         yield c
 
 

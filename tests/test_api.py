@@ -15,20 +15,20 @@ from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.replay import load_series, parse_timestamp
 from service.settings import Settings
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, BackendUnderTest
+
+MEMORY = BackendUnderTest("memory")
 
 
-def make_client(store: str, request, **overrides) -> TestClient:
-    if store == "redis":
-        overrides["redis_url"] = request.getfixturevalue("redis_url")
-    settings = Settings(warmup_points=64, threshold_min_scores=20, max_batch_points=2000,
-                        **overrides)
+def make_client(backend: BackendUnderTest, **overrides) -> TestClient:
+    settings = Settings(**backend.settings, detector_params={"*": {"warmup": 64}},
+                        threshold_min_scores=20, max_batch_points=2000, **overrides)
     return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
 
 
-@pytest.fixture(params=["memory", "redis"])
-def client(request):
-    with make_client(request.param, request) as c:
+@pytest.fixture
+def client(service_backend):
+    with make_client(service_backend) as c:
         yield c
 
 
@@ -137,8 +137,8 @@ def test_bad_input_is_422_naming_the_field_and_changes_nothing(client, body, fie
     assert before == after
 
 
-def test_duplicate_policy_drop_is_idempotent(request):
-    with make_client("redis", request, duplicates="drop") as client:
+def test_duplicate_policy_drop_is_idempotent(redis_url):
+    with make_client(BackendUnderTest("redis", redis_url), duplicates="drop") as client:
         first = post(client, "d", sine_points(0, 120))
         retry = post(client, "d", sine_points(100, 30))  # 100..119 stored already
         assert first.status_code == retry.status_code == 200
@@ -207,10 +207,10 @@ def test_openapi_documents_every_field_with_an_example(client):
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
-def test_docs_pages_reference_only_assets_the_service_serves(request, page):
+def test_docs_pages_reference_only_assets_the_service_serves(page):
     """/docs works offline: every script, style sheet and icon the page loads is a path of
     this service (no CDN), and the service serves it."""
-    with make_client("memory", request) as client:
+    with make_client(MEMORY) as client:
         html = client.get(page)
         assert html.status_code == 200 and "text/html" in html.headers["content-type"]
         refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html.text)
@@ -303,3 +303,24 @@ def test_nyc_taxi_default_detector_beats_never_firing_on_nab():
     never = nab.score_detections({"nyc_taxi.csv": 0 * flagged}, corpus, "standard").files[0]
     assert row.raw > never.raw + 3.0, (row, never)  # measured: 0.15 vs -5.0
     assert row.fp < 20, row
+
+
+def test_an_unexpected_error_is_a_json_500_with_the_request_id_its_log_names(caplog):
+    """Never Starlette's plain-text 500: JSON naming a request id, the same id in the
+    header and on the log line that carries the traceback."""
+    app = create_app(Settings(), ServiceMetrics(CollectorRegistry()))
+
+    async def broken() -> dict:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)  # a real route of the real app, failing
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/broken")
+        ok = client.get("/healthz")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    rid = r.json()["request_id"]
+    assert r.headers["X-Request-Id"] == rid and rid in r.json()["message"]
+    assert r.json()["detail"] is None
+    logged = [rec for rec in caplog.records if rec.getMessage() == "unhandled error"]
+    assert logged and logged[0].request_id == rid and "a bug" in str(logged[0].exc_info[1])
+    assert ok.headers["X-Request-Id"] != rid  # every request gets its own id

@@ -1,6 +1,6 @@
 """The service scores a stream with a SPEAR artifact trained here (tiny) by `tsad train`'s
 code path, on both window stores: probability scores, the calibrated cut as threshold,
-names validated, and the shared artifact kept out of the stream's state blob."""
+names validated, and the shared artifact kept out of the stream's state."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import pytest
-import safetensors.numpy
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -26,14 +25,11 @@ def artifacts(spear_tiny):
     return spear_tiny  # (artifacts dir, calibration): tests/conftest.py
 
 
-@pytest.fixture(params=["memory", "redis"])
-def client(request, artifacts):
-    overrides = {"redis_url": request.getfixturevalue("redis_url")} \
-        if request.param == "redis" else {}
-    settings = Settings(artifacts_dir=artifacts[0], warmup_points=64, threshold_min_scores=20,
-                        **overrides)
+@pytest.fixture
+def client(service_backend, artifacts):
+    settings = Settings(**service_backend.settings, artifacts_dir=artifacts[0],
+                        detector_params={"*": {"warmup": 64}}, threshold_min_scores=20)
     with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as c:
-        c.store_kind = request.param
         yield c
 
 
@@ -68,8 +64,9 @@ def test_stream_scored_by_a_spear_artifact(client, artifacts):
     more = [{"timestamp": float(t), "values": [math.sin(t / 4.0)]} for t in range(120, 140)]
     again = client.post("/score", json={"stream": "sp", "points": more})
     assert again.status_code == 200 and again.json()["results"][0]["status"] == "scored"
-    blob = client.portal.call(client.app.state.pipeline.store.load_state, "sp")
-    assert blob and not any(k.startswith("det.") for k in safetensors.numpy.load(blob))
+    sections = client.portal.call(client.app.state.services.backend.streams.sections, "sp")
+    assert {"loop", "lik", "thr", "alr"} <= set(sections)
+    assert not any(name.startswith("det") for name in sections)
 
 
 def test_an_explicit_threshold_overrides_the_calibrated_cut(client):

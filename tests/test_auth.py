@@ -27,7 +27,7 @@ POINTS = [{"timestamp": float(t), "values": [math.sin(t / 5)]} for t in range(20
 
 
 def tsad(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "models.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT,
                           env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True,
                           text=True, timeout=60)
 
@@ -44,7 +44,8 @@ def keyed(redis_server, tmp_path_factory):
     redis_server.flush()
     log = tmp_path_factory.mktemp("auth") / "service.log"
     env = {"REDIS_URL": redis_server.url, "TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN,
-           "TSAD_WARMUP_POINTS": "64", "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+           "TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 64}}',
+           "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
            "TSAD_LOG_LEVEL": "INFO"}
     with ServiceProcess(env, log_path=log) as service:
         yield service.url, redis_server.url

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from models.detectors import REGISTRY
+from models.detectors.base import Online
 from models.streaming import stream_scores
 from service.app import create_app
 from service.metrics import ServiceMetrics
@@ -18,7 +19,7 @@ from service.settings import Settings
 from service.stores.base import StreamMeta
 
 N, SPIKE, WINDOW = 640, 560, 32
-ONLINE = sorted(name for name, cls in REGISTRY.items() if cls.supports_online)
+ONLINE = sorted(name for name, cls in REGISTRY.items() if issubclass(cls, Online))
 EXACT = ("anomaly", "status")
 # Scores match to float32 rounding: a language model and a float32 memory search run batched
 # matrix products whose last bits depend on the batch's size (BLAS), not on the chunking.
@@ -39,8 +40,8 @@ def series() -> np.ndarray:
 
 
 def settings() -> Settings:
-    return Settings(warmup_points=96, threshold_min_scores=20, max_batch_points=1000,
-                    likelihood_min_scores=16)
+    return Settings(detector_params={"*": {"warmup": 96}}, threshold_min_scores=20,
+                    max_batch_points=1000, likelihood_min_scores=16)
 
 
 def replay(client: TestClient, stream: str, detector: str, x: np.ndarray, batch: int):

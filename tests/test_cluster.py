@@ -3,83 +3,23 @@ on loopback, two service processes sharing one stream, and one killed mid-stream
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from service.process import ServiceProcess, free_port
-from tests.conftest import wait_for
+from service.process import ServiceProcess
+from tests.conftest import RedisClusterNodes, wait_for
 from tests.test_alerts import spiky
 from tests.test_webhooks_integration import FAST, Receiver, subscribe
 
 pytestmark = pytest.mark.slow  # real processes; `make test` runs them
 
 
-class RedisClusterNodes:
-    """Three cluster-enabled redis-servers joined by `redis-cli --cluster create`."""
-
-    def __init__(self, masters: int = 3) -> None:
-        self.ports = [free_port() for _ in range(masters)]
-        self.dir = tempfile.mkdtemp(prefix="tsad-cluster-")
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports[0]}/0"  # any node: the client finds the rest
-
-    def start(self) -> RedisClusterNodes:
-        for port in self.ports:
-            self.procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                 "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
-                 "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
-                 "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in self.ports:
-            wait_for(lambda p=port: self.cli(p, "ping") == "PONG", timeout=10)
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *(f"127.0.0.1:{p}" for p in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        for port in self.ports:  # every node agrees the slots are covered
-            wait_for(lambda p=port: "cluster_state:ok" in self.cli(p, "cluster", "info"),
-                     timeout=30)
-        return self
-
-    def cli(self, port: int, *args: str) -> str:
-        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
-                              text=True).stdout.strip()
-
-    def node_of(self, key: str) -> int:
-        """The port of the master that holds ``key``'s slot."""
-        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key))
-        for line in self.cli(self.ports[0], "cluster", "nodes").splitlines():
-            parts = line.split()
-            for span in parts[8:]:
-                lo, _, hi = span.partition("-")
-                if int(lo) <= slot <= int(hi or lo):
-                    return int(parts[1].split(":")[1].split("@")[0])
-        raise AssertionError(f"no node holds slot {slot}")
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterNodes]:
-    nodes = RedisClusterNodes().start()
-    yield nodes
-    nodes.stop()
+def cluster(redis_cluster: RedisClusterNodes) -> RedisClusterNodes:
+    return redis_cluster
 
 
 @pytest.fixture

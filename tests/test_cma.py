@@ -15,11 +15,11 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from models.cli import main as tsad
 from models.data import load_msl
 from models.detectors import build_detector, load_detector
 from models.detectors.base import sliding_windows
 from service.app import create_app
+from service.cli import main as tsad
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 

@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 
+from tests.conftest import BackendUnderTest
 from tests.test_api import make_client, sine_points
 
 
-@pytest.fixture(params=["memory", "redis"])
-def client(request):
-    with make_client(request.param, request, timestamps="nudge") as c:
+@pytest.fixture
+def client(service_backend):
+    with make_client(service_backend, timestamps="nudge") as c:
         yield c
 
 
@@ -82,9 +83,9 @@ def test_bad_columnar_input_is_422_naming_the_field_and_changes_nothing(client, 
     assert before == after
 
 
-def test_columnar_order_errors_name_the_timestamp(request):
+def test_columnar_order_errors_name_the_timestamp(redis_url):
     """The store's checks (here timestamp policy reject) name timestamps.i, not points.i."""
-    with make_client("redis", request, timestamps="reject") as client:
+    with make_client(BackendUnderTest("redis", redis_url), timestamps="reject") as client:
         assert client.post("/score", json={"stream": "r", "timestamps": [5.0, 6.0],
                                            "values": [[1.0], [2.0]]}).status_code == 200
         r = client.post("/score", json={"stream": "r", "timestamps": [7.0, 7.0],

@@ -25,16 +25,14 @@ from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.process import ServiceProcess
 from service.settings import Settings
-from service.stores.base import retained
-from service.stores.memory import MemoryWindowStore
-from service.stores.redis import RedisWindowStore
-from tests.conftest import wait_for
+from service.stores.base import Commit, StreamPolicy, retained
+from tests.conftest import BackendUnderTest, wait_for
 
 # --- the stream: 8 spikes, all in one batch longer than the window --------------------
 N, CRASHED = 1000, slice(400, 1000)  # batches of 100, then the 600 points with the spikes
 BATCHES = [slice(a, a + 100) for a in range(0, 400, 100)] + [CRASHED]
 ENV = {"TSAD_DEFAULT_DETECTOR": "residual_linear", "TSAD_DEFAULT_WINDOW": "32",
-       "TSAD_WARMUP_POINTS": "64", "TSAD_THRESHOLD_KIND": "quantile",
+       "TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 64}}', "TSAD_THRESHOLD_KIND": "quantile",
        "TSAD_THRESHOLD_MIN_SCORES": "100", "TSAD_ALERT_COOLDOWN_SECONDS": "0"}
 ALERT_FIELDS = ("state", "severity", "opened_at", "resolved_at", "peak_at", "peak_score",
                 "anomalous_points", "points")
@@ -154,42 +152,44 @@ def rows(ts: list[float]) -> np.ndarray:
     return np.hstack([t, t * 2])
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request):
-    if request.param == "memory":
-        s = MemoryWindowStore(unscored_max_points=300)
-    else:
-        s = RedisWindowStore(request.getfixturevalue("redis_url"), unscored_max_points=300,
-                             lock_lease_seconds=0.6)
+@pytest.fixture
+async def store(backend):
+    s = backend.build(StreamPolicy(window=W, detector="zscore", unscored_max_points=300),
+                      lock_lease_seconds=0.6)
     yield s
     await s.close()
 
 
-async def append(store, ts: list[float], duplicates: str = "reject"):
-    return await store.append("u", rows(ts), default_window=W, default_detector="zscore",
-                              duplicates=duplicates)
+async def append(store, ts: list[float]):
+    return await store.streams.append("u", rows(ts))
+
+
+async def commit(store, scored: int, receipt: tuple[str, bytes] | None = None) -> int:
+    """What a scored batch's commit writes for the stream (its sections: one here)."""
+    return await store.commit(Commit("u", sections={"det": b"state"}, scored=scored,
+                                     receipt=receipt))
 
 
 async def test_unscored_points_are_held_and_handed_back_first(store):
     await append(store, list(range(100)))
-    await store.save_state("u", b"state", scored=100)  # a commit
+    await commit(store, 100)  # a commit
     crashed = await append(store, list(range(100, 250)))  # then no commit: a crash
     assert (crashed.unscored, crashed.accepted) == (0, 150)
-    meta = await store.get_stream("u")
+    meta = await store.streams.get("u")
     assert (meta.points_seen, meta.points_scored) == (250, 100)
     nxt = await append(store, [250, 251])
     # the 150 unscored come back before the batch, with their context
     assert (nxt.unscored, nxt.skipped, nxt.to_score) == (150, 0, 152)
     np.testing.assert_array_equal(nxt.points[-152:, 0], np.arange(100, 252))
     assert len(nxt.points) >= 152 + retained(W) - 1
-    await store.save_state("u", b"state", scored=252)
+    await commit(store, 252)
     done = await append(store, [252])
     assert (done.unscored, done.to_score, len(done.points)) == (0, 1, retained(W))
 
 
 async def test_beyond_the_limit_unscored_points_are_skipped_visibly(store):
     await append(store, [0])
-    await store.save_state("u", b"state", scored=1)
+    await commit(store, 1)
     for a in range(1, 501, 100):  # 500 points never scored; the store holds 300
         await append(store, list(range(a, a + 100)))
     late = await append(store, [501])
@@ -199,24 +199,24 @@ async def test_beyond_the_limit_unscored_points_are_skipped_visibly(store):
 
 async def test_a_retry_of_a_batch_longer_than_the_window_is_answered(store):
     await append(store, list(range(10)))
-    await store.save_state("u", b"state", scored=10)
+    await commit(store, 10)
     await append(store, list(range(10, 210)))
-    await store.save_state("u", b"state", scored=210)
+    await commit(store, 210)
     again = await append(store, list(range(10, 210)))  # all 200 recognised, not 422
     assert again.actions == ["duplicate"] * 200 and again.accepted == 0
     assert again.stamps == [float(t) for t in range(10, 210)]
-    assert (await store.get_stream("u")).points_seen == 210
+    assert (await store.streams.get("u")).points_seen == 210
 
 
 async def test_receipts_round_trip_with_the_commit(store):
     await append(store, [1, 2])
-    assert await store.get_receipt("u", "k1") is None
-    await store.save_state("u", b"state", scored=2, receipt=("k1", b"response"))
-    await store.put_receipt("u", "k2", b"other")
-    assert await store.get_receipt("u", "k1") == b"response"
-    assert await store.get_receipt("u", "k2") == b"other"
-    assert await store.get_receipt("v", "k1") is None  # per stream
-    assert (await store.get_stream("u")).points_scored == 2
+    assert await store.streams.receipt("u", "k1") is None
+    await commit(store, 2, receipt=("k1", b"response"))
+    await store.commit(Commit("u", receipt=("k2", b"other")))  # nothing scored: alone
+    assert await store.streams.receipt("u", "k1") == b"response"
+    assert await store.streams.receipt("u", "k2") == b"other"
+    assert await store.streams.receipt("v", "k1") is None  # per stream
+    assert (await store.streams.get("u")).points_scored == 2
 
 
 async def test_a_lock_is_held_past_its_lease_while_its_holder_lives(store):
@@ -224,14 +224,14 @@ async def test_a_lock_is_held_past_its_lease_while_its_holder_lives(store):
     order: list[str] = []
 
     async def hold() -> None:
-        async with store.lock("L"):
+        async with store.streams.lock("L"):
             order.append("a-in")
             await asyncio.sleep(2.0)  # over three leases of 0.6 s
             order.append("a-out")
 
     async def wait() -> None:
         await asyncio.sleep(0.1)
-        async with store.lock("L"):
+        async with store.streams.lock("L"):
             order.append("b-in")
 
     await asyncio.gather(hold(), wait())
@@ -242,23 +242,22 @@ async def test_a_dead_holders_lock_lapses_within_its_lease(redis_url):
     """A holder that stops renewing (its process died) frees the stream within a lease;
     the default lease is seconds, where it used to be 30."""
     assert Settings().lock_lease_seconds <= 5
-    store = RedisWindowStore(redis_url, lock_lease_seconds=0.6)
-    held = store.lock("L")
+    store = BackendUnderTest("redis", redis_url).build(lock_lease_seconds=0.6)
+    held = store.streams.lock("L")
     await held.__aenter__()
     task = next(t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_hold")
     task.cancel()  # what a kill -9 does to the heartbeat
     start = time.monotonic()
-    async with store.lock("L"):
+    async with store.streams.lock("L"):
         waited = time.monotonic() - start
     assert waited < 0.6 + 0.2
     await store.close()
 
 
 # --- the API, both stores: Idempotency-Key, and retries without one ------------------
-def client(kind: str, request, **overrides) -> TestClient:
-    if kind == "redis":
-        overrides["redis_url"] = request.getfixturevalue("redis_url")
-    settings = Settings(warmup_points=64, threshold_min_scores=20, **overrides)
+def client(backend: BackendUnderTest, **overrides) -> TestClient:
+    settings = Settings(**backend.settings, detector_params={"*": {"warmup": 64}},
+                        threshold_min_scores=20, **overrides)
     return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
 
 
@@ -266,9 +265,8 @@ def sine(start: int, n: int) -> list[dict]:
     return [{"timestamp": float(t), "values": [math.sin(t / 5)]} for t in range(start, start + n)]
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_idempotency_key_returns_the_same_response_and_refuses_another_body(kind, request):
-    with client(kind, request) as c:
+def test_idempotency_key_returns_the_same_response_and_refuses_another_body(service_backend):
+    with client(service_backend) as c:
         assert c.post("/score", json={"stream": "i", "points": sine(0, 200)}).status_code == 200
         body = {"stream": "i", "points": sine(200, 120)}
         key = {"Idempotency-Key": "b-200"}
@@ -291,9 +289,8 @@ def test_idempotency_key_returns_the_same_response_and_refuses_another_body(kind
         assert "tsad_idempotent_replays_total 1.0" in c.get("/metrics").text
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_a_receipt_of_a_deleted_stream_does_not_answer_its_successor(kind, request):
-    with client(kind, request) as c:
+def test_a_receipt_of_a_deleted_stream_does_not_answer_its_successor(service_backend):
+    with client(service_backend) as c:
         body = {"stream": "d", "points": sine(0, 10)}
         key = {"Idempotency-Key": "k"}
         assert c.post("/score", json=body, headers=key).status_code == 200
@@ -302,11 +299,10 @@ def test_a_receipt_of_a_deleted_stream_does_not_answer_its_successor(kind, reque
         assert r.status_code == 200 and c.get("/streams/d").json()["points_seen"] == 10
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_a_retry_without_key_is_answered_duplicate_never_422(kind, request):
+def test_a_retry_without_key_is_answered_duplicate_never_422(service_backend):
     """Default duplicates=reject: a retried batch (longer than the retained window) is
     answered status duplicate; a retry that goes on with new points is still a 422."""
-    with client(kind, request, default_window=16) as c:
+    with client(service_backend, default_window=16) as c:
         body = {"stream": "r", "points": sine(0, 300)}
         assert c.post("/score", json=body).status_code == 200
         again = c.post("/score", json=body)

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
-from models.cli import build_parser
+from service.cli import build_parser
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

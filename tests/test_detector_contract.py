@@ -6,12 +6,21 @@ detector (unfitted, or learning online) build their own."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from models.detectors import REGISTRY, build_detector, load_detector
-from models.detectors.base import Detector, sliding_windows
+from models.detectors.base import (
+    Adaptable,
+    LearnsFromLabels,
+    Online,
+    Precedents,
+    Records,
+    sliding_windows,
+)
 
 WINDOW = 16
 # Measured floors of ROC-AUC (spiked vs clean windows) where a detector is weaker than
@@ -109,7 +118,7 @@ def test_bad_input_is_rejected(name, fitted):
 
 def test_online_detectors_learn_from_a_stream(name):
     cls = REGISTRY[name]
-    if not cls.supports_online:
+    if not issubclass(cls, Online):
         pytest.skip(f"{name} is trained offline only")  # the contract allows it
     series = normal_series()
     det = build_detector(name, window=WINDOW, defaults={"warmup": 200})
@@ -148,24 +157,44 @@ def test_a_channel_constant_in_training_is_reported_and_neither_explodes_nor_bli
 
 
 # --- declared capabilities: what a detector says it can do is what it implements --------
-def overrides(cls: type, method: str) -> bool:
-    return getattr(cls, method) is not getattr(Detector, method)
+# each capability mix-in and the methods that implement it (ABC makes a detector that
+# declares one implement them; the test below makes one that implements them declare it)
+CAPABILITY_METHODS = {Online: ("partial_fit",), Precedents: ("precedents",),
+                      LearnsFromLabels: ("fit_series",),
+                      Adaptable: ("adaptable_state", "with_parameters", "finetune")}
 
 
 def test_capabilities_are_declared_not_discovered(name):
-    """Every optional method the loop, `tsad train` or the service may call has a base
-    default; a detector that implements one declares it, and one that declares a
-    capability implements it (no caller probes with hasattr)."""
+    """A detector that implements a capability's methods declares the mix-in, and one that
+    declares it implements them (no caller probes with hasattr or flags)."""
     cls = REGISTRY[name]
-    assert cls.supports_online == overrides(cls, "partial_fit"), "supports_online"
-    assert cls.has_precedents == overrides(cls, "precedents"), "has_precedents"
-    assert cls.learns_from_labels == overrides(cls, "fit_series"), "learns_from_labels"
-    for method in ("adaptable_state", "with_parameters", "finetune"):
-        assert cls.adaptable == overrides(cls, method), f"adaptable: {method}"
-    if cls.record_scores:
+    for capability, methods in CAPABILITY_METHODS.items():
+        for method in methods:
+            assert hasattr(cls, method) == issubclass(cls, capability), (capability, method)
+            if issubclass(cls, capability):
+                assert not getattr(getattr(cls, method), "__isabstractmethod__", False)
+    # one partial_fit signature: (windows, stamps=None)
+    if issubclass(cls, Online):
+        params = list(inspect.signature(cls.partial_fit).parameters.values())
+        assert [p.name for p in params] == ["self", "windows", "stamps"]
+        assert params[2].default is None
+        assert isinstance(cls.learns_from_anomalies, bool)
+    else:
+        assert not hasattr(cls, "learns_from_anomalies")
+    if issubclass(cls, Records):
         assert cls.record_threshold > 0
-    unfitted = build_detector(name, window=WINDOW).windows_to_fit
-    assert unfitted is None or unfitted > 0, "windows_to_fit: 0 means fitted"
+    # costly is declared once, in one form: a property wherever it is defined
+    for klass in cls.__mro__:
+        if "costly" in vars(klass):
+            assert isinstance(vars(klass)["costly"], property), klass
+    # no capability flags of the old contract linger on a detector
+    for flag in ("supports_online", "has_precedents", "record_scores", "adaptable",
+                 "learns_from_labels"):
+        assert not hasattr(cls, flag), flag
+    unfitted = build_detector(name, window=WINDOW)
+    assert unfitted.windows_to_fit is None or unfitted.windows_to_fit > 0, \
+        "windows_to_fit: 0 means fitted"
+    assert isinstance(unfitted.costly, bool) and unfitted.constant_channels == []
 
 
 def test_declared_defaults_answer_for_a_fitted_detector(fitted):

@@ -40,7 +40,7 @@ def test_identical_windows_are_at_distance_zero(name):
 
 @pytest.mark.parametrize("policy", ["reservoir", "recency"])
 def test_memory_stays_bounded_and_follows_its_policy(policy):
-    det = RawKnn(window=8, stride=1, memory_size=20, policy=policy)
+    det = RawKnn(window=8, stride=1, memory_size=20, policy=policy, admit_quantile=None)
     windows = sliding_windows(series(600), 8)
     for lo in range(0, len(windows), 50):
         det.partial_fit(windows[lo:lo + 50])
@@ -66,7 +66,8 @@ def test_online_memory_only_takes_every_stride_th_window():
 
 
 def test_service_scores_a_stream_with_no_artifact_and_keeps_memory_in_redis(redis_url):
-    settings = Settings(redis_url=redis_url, memory_size=64, costly_score_stride=4)
+    settings = Settings(redis_url=redis_url, detector_params={"*": {"memory_size": 64}},
+                        costly_score_stride=4)
 
     def client() -> TestClient:
         return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
@@ -142,7 +143,8 @@ def test_precedents_name_the_nearest_normal_windows_and_survive_state_round_trip
 
 
 def test_anomalous_points_and_their_alerts_carry_nearest_normal_precedents():
-    settings = Settings(warmup_points=64, memory_size=128, costly_score_stride=1,
+    settings = Settings(detector_params={"*": {"warmup": 64, "memory_size": 128}},
+                        costly_score_stride=1,
                         threshold_min_scores=50, threshold_calibration_points=200,
                         max_batch_points=5000, alert_quiet_points=10)
     values = series(900)[:, 0]

@@ -135,8 +135,8 @@ def test_decoder_model_without_pad_token(tiny_gpt2, prompts):
 
 
 def test_embed_cli_writes_arrays_and_index(tmp_path, encoder):
-    from models.cli import main
     from models.lm.precompute import load_precomputed
+    from service.cli import main
 
     series = np.stack([np.sin(np.arange(60.0) / 4), np.zeros(60)], axis=1)
     np.save(tmp_path / "tiny.npy", series)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tsad(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "models.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -61,8 +61,17 @@ def client(artifacts_dir):
         yield c
 
 
-def state(client: TestClient, stream: str) -> bytes | None:
-    return client.portal.call(client.app.state.pipeline.store.load_state, stream)
+def state(client: TestClient, stream: str) -> dict[str, bytes]:
+    """The stream's stored state sections."""
+    return client.portal.call(client.app.state.services.backend.streams.sections, stream)
+
+
+def scorer(client: TestClient, stream: str) -> StreamScorer:
+    """The stream's scorer as its stored state sections make it."""
+    streams = client.app.state.services.backend.streams
+    meta = client.portal.call(streams.get, stream)
+    sections = client.portal.call(streams.sections, stream)
+    return StreamScorer.from_sections(meta, client.app.state.settings, sections)
 
 
 HELD = {"start": 39, "end": 39, "label": "normal"}  # the newest held point: a full window
@@ -120,9 +129,7 @@ def test_ranges_are_bounded_oldest_dropped(client):
     kept = client.get("/streams/sp/feedback").json()["ranges"]
     assert len(kept) == 4  # feedback_max_ranges
     assert [x["label"] for x in kept] == ["normal", "anomaly"] * 2
-    fb = StreamScorer.from_blob(
-        client.portal.call(client.app.state.pipeline.store.get_stream, "sp"),
-        client.app.state.settings, state(client, "sp")).feedback
+    fb = scorer(client, "sp").feedback
     assert set(fb.window_range) <= set(fb.ranges[:, 0].astype(int))
 
 
@@ -144,7 +151,7 @@ def test_adaptation_moves_only_that_stream_and_survives_a_restart(artifacts_dir,
             assert c.put(f"/streams/{name}", json={
                 "channels": 1, "detector": "artifact:spear-tiny"}).status_code == 201
             scores(c, name, history)
-        shared = c.portal.call(c.app.state.pipeline._artifact, "artifact:spear-tiny")
+        shared = c.app.state.services.streams.artifact("artifact:spear-tiny")
         before = {k: v.copy() for k, v in shared.detector.adaptable_state().items()}
         r = c.post("/streams/a/feedback", json={"ranges": ranges, "adapt": True,
                                                 "steps": 30})
@@ -179,12 +186,10 @@ def test_adaptation_moves_only_that_stream_and_survives_a_restart(artifacts_dir,
         assert sa[spike] < sb[spike], (sa[spike], sb[spike])
         assert sa[flat] > sb[flat], (sa[flat], sb[flat])
         # b scores exactly as the artifact does; a exactly as its stored adaptation does
-        pipeline = c.app.state.pipeline
         # the stored context (the last W - 1 points of history), then the new points
         series = np.array([[value(t)] for t in [*range(100 - W + 1, 100), *range(160, 260)]])
         windows = sliding_windows(series, W)
-        artifact = pipeline._artifact("artifact:spear-tiny").detector
+        artifact = c.app.state.services.streams.artifact("artifact:spear-tiny").detector
         np.testing.assert_allclose(sb, artifact.channel_scores(windows)[:, 0], rtol=1e-5)
-        meta = c.portal.call(pipeline.store.get_stream, "a")
-        adapted = StreamScorer.from_blob(meta, c.app.state.settings, state(c, "a")).detector
+        adapted = scorer(c, "a").detector
         np.testing.assert_allclose(sa, adapted.channel_scores(windows)[:, 0], rtol=1e-5)

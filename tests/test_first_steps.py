@@ -22,7 +22,7 @@ ROOT = DATA_DIR.parents[1]
 
 
 def tsad(*args: str, cwd: object = ROOT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "models.cli", *args], cwd=cwd, text=True,
+    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
@@ -82,7 +82,7 @@ def test_make_serve_on_a_terminal_logs_lines_and_stops_quietly_on_ctrl_c():
 @pytest.mark.slow
 def test_serve_stopped_by_sigterm_exits_0_with_json_logs_off_a_terminal():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "models.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 120

@@ -102,13 +102,11 @@ def seed_data(url: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["memory", "redis"])
-def test_schemathesis_run_has_no_failure_and_bounded_memory(store, request, tmp_path):
+def test_schemathesis_run_has_no_failure_and_bounded_memory(service_backend, tmp_path):
     env = {"TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN_KEY, "TSAD_METRICS_AUTH": "true",
            # the seeded webhook's deliveries fail at once and become dead letters
-           "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "TSAD_WEBHOOK_MAX_ATTEMPTS": "1"}
-    if store == "redis":
-        env["TSAD_REDIS_URL"] = request.getfixturevalue("redis_url")
+           "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "TSAD_WEBHOOK_MAX_ATTEMPTS": "1",
+           **service_backend.env}
     report = tmp_path / "report.json"
     with ServiceProcess(env, log_path=tmp_path / "service.log") as svc:
         config = seed_data(svc.url, tmp_path)
@@ -129,7 +127,7 @@ def test_schemathesis_run_has_no_failure_and_bounded_memory(store, request, tmp_
         sampler.stop()
         assert svc.proc.poll() is None, "the service died under fuzzing"
     out = json.loads(report.read_text())
-    summary = (f"{store}: {out['operations']['tested']} operations, "
+    summary = (f"{service_backend.kind}: {out['operations']['tested']} operations, "
                f"{out['test_cases']['generated']} test cases, "
                f"{len(out['failures'])} failure kinds, {len(out['errors'])} errors, "
                f"peak RSS {sampler.peak / 2**20:.0f} MiB, {wall:.0f} s")

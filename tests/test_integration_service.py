@@ -22,11 +22,13 @@ pytestmark = pytest.mark.slow  # real processes; `make test` runs them
 ROOT = DATA_DIR.parents[1]
 
 W = 64
+FAST_WARMUP = '{"*": {"warmup": 64}}'  # TSAD_DETECTOR_PARAMS: scores from point 128
 
 
 @pytest.fixture
 def live_service(redis_url):
-    env = {"REDIS_URL": redis_url, "TSAD_DEFAULT_WINDOW": str(W), "TSAD_WARMUP_POINTS": "64"}
+    env = {"REDIS_URL": redis_url, "TSAD_DEFAULT_WINDOW": str(W),
+           "TSAD_DETECTOR_PARAMS": FAST_WARMUP}
     with ServiceProcess(env) as service:
         yield service
 
@@ -66,7 +68,8 @@ def test_32_concurrent_clients_lose_and_duplicate_nothing(redis_url, policy):
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
             await asyncio.gather(*(client(k, http) for k in range(clients)))
 
-    env = {"REDIS_URL": redis_url, "TSAD_DEFAULT_WINDOW": str(W), "TSAD_WARMUP_POINTS": "64",
+    env = {"REDIS_URL": redis_url, "TSAD_DEFAULT_WINDOW": str(W),
+           "TSAD_DETECTOR_PARAMS": FAST_WARMUP,
            "TSAD_TIMESTAMPS": policy}
     with ServiceProcess(env) as service:
         asyncio.run(main(service.url))
@@ -84,7 +87,8 @@ def test_32_concurrent_clients_lose_and_duplicate_nothing(redis_url, policy):
 def test_redis_outage_gives_503_and_recovers_by_itself():
     redis = RedisServer()
     redis.start()
-    env = {"REDIS_URL": redis.url, "TSAD_WARMUP_POINTS": "64", "TSAD_REDIS_TIMEOUT_SECONDS": "1"}
+    env = {"REDIS_URL": redis.url, "TSAD_DETECTOR_PARAMS": FAST_WARMUP,
+           "TSAD_REDIS_TIMEOUT_SECONDS": "1"}
     try:
         with ServiceProcess(env) as service:
             url = service.url
@@ -122,7 +126,7 @@ def test_replay_cli_posts_a_nab_series_and_reports(live_service, tmp_path):
     `--plot` (the labelled windows found beside the file) into runs/plots/, then the same
     file again, which the stream refuses with a hint to start over."""
     out = tmp_path / "results.jsonl"
-    replay = [sys.executable, "-m", "models.cli", "replay",
+    replay = [sys.executable, "-m", "service.cli", "replay",
               str(DATA_DIR / "nab" / "nyc_taxi.csv"), "--stream", "nyc_taxi",
               "--url", live_service.url, "--batch", "500"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -157,7 +161,7 @@ def test_demo_ends_in_one_anomaly_and_one_alert(redis_url, tmp_path):
     the stream warms up, the spike is the one anomaly, and it opens one alert."""
     from service.demo import POINTS, SPIKE
 
-    demo = [sys.executable, "-m", "models.cli", "demo", "--url"]
+    demo = [sys.executable, "-m", "service.cli", "demo", "--url"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with ServiceProcess({"REDIS_URL": redis_url}) as service:
         proc = subprocess.run([*demo, service.url], capture_output=True, text=True,

@@ -15,23 +15,13 @@ import redis
 
 from models.detectors import build_detector
 from models.detectors.base import sliding_windows
-from service.alerts.store import MemoryAlertStore, RedisAlertStore
 from service.process import ServiceProcess
-from service.stores.memory import MemoryWindowStore
-from service.stores.redis import RedisWindowStore
-from service.webhooks.store import (
-    DELETED,
-    MemoryWebhookStore,
-    RedisWebhookStore,
-    Subscription,
-)
-from tests.conftest import wait_for
+from service.stores.base import Commit
+from service.webhooks.model import DELETED, Subscription
+from tests.conftest import BackendUnderTest, wait_for
 from tests.test_alerts import make_client, spiky
 
-
-@pytest.fixture(params=["memory", "redis"])
-def store_kind(request) -> str:
-    return request.param
+MEMORY = BackendUnderTest("memory")
 
 
 # --- body size and read deadline, in process (chunks fed one by one) ---------------------
@@ -74,8 +64,8 @@ def asgi_post(client, path: str, chunks, delay: float = 0.0,
     return status, json.loads(body), pulled
 
 
-def test_streamed_body_over_the_limit_is_413_before_it_is_read_whole(request):
-    with make_client("memory", request, max_body_bytes=100_000) as client:
+def test_streamed_body_over_the_limit_is_413_before_it_is_read_whole():
+    with make_client(MEMORY, max_body_bytes=100_000) as client:
         chunks = [b" " * 10_000] * 1000  # 10 MB of it, if anyone read it all
         status, body, pulled = asgi_post(client, "/score", chunks)
         assert status == 413 and "TSAD_MAX_BODY_BYTES" in body["message"], body
@@ -88,8 +78,8 @@ def test_streamed_body_over_the_limit_is_413_before_it_is_read_whole(request):
                    and 'status="413"' in line for line in lines)
 
 
-def test_body_that_does_not_arrive_in_time_is_408(request):
-    with make_client("memory", request, body_timeout_seconds=0.3) as client:
+def test_body_that_does_not_arrive_in_time_is_408():
+    with make_client(MEMORY, body_timeout_seconds=0.3) as client:
         status, body, pulled = asgi_post(client, "/score", [b"{"] * 100, delay=0.1)
         assert status == 408 and "TSAD_BODY_TIMEOUT_SECONDS" in body["message"], body
         assert pulled < 10
@@ -138,8 +128,8 @@ def test_idle_keep_alive_connections_are_closed(service):
 
 
 # --- stream shape and count -----------------------------------------------------------
-def test_stream_shape_limits_are_422_naming_the_limit(request, store_kind):
-    with make_client(store_kind, request, max_channels=8, max_window=256) as client:
+def test_stream_shape_limits_are_422_naming_the_limit(service_backend):
+    with make_client(service_backend, max_channels=8, max_window=256) as client:
         r = client.put("/streams/x", json={"channels": 1_000_000_000})
         assert r.status_code == 422 and "body.channels" in r.json()["message"]
         assert "TSAD_MAX_CHANNELS" in r.json()["message"]
@@ -150,8 +140,8 @@ def test_stream_shape_limits_are_422_naming_the_limit(request, store_kind):
         assert client.put("/streams/x", json={"channels": 8, "window": 256}).status_code == 201
 
 
-def test_stream_count_is_capped_for_put_and_score(request, store_kind):
-    with make_client(store_kind, request, max_streams=2) as client:
+def test_stream_count_is_capped_for_put_and_score(service_backend):
+    with make_client(service_backend, max_streams=2) as client:
         for s in ("a", "b"):
             assert client.put(f"/streams/{s}", json={"channels": 2}).status_code == 201
         r = client.put("/streams/c", json={"channels": 2})
@@ -167,8 +157,8 @@ def test_stream_count_is_capped_for_put_and_score(request, store_kind):
                            ).status_code == 200
 
 
-def test_streams_are_listed_a_page_at_a_time(request, store_kind):
-    with make_client(store_kind, request) as client:
+def test_streams_are_listed_a_page_at_a_time(service_backend):
+    with make_client(service_backend) as client:
         ids = ["s3", "s1", "s4", "s0", "s2"]
         for s in ids:
             client.put(f"/streams/{s}", json={"channels": 1})
@@ -199,8 +189,8 @@ def test_streams_are_listed_a_page_at_a_time(request, store_kind):
     ({"until": "inf"}, "query.until"),
     ({"limit": 100_000}, "query.limit"),
 ])
-def test_bad_alert_queries_are_422_naming_the_parameter(request, store_kind, params, field):
-    with make_client(store_kind, request) as client:
+def test_bad_alert_queries_are_422_naming_the_parameter(service_backend, params, field):
+    with make_client(service_backend) as client:
         r = client.get("/alerts", params=params)
         assert r.status_code == 422 and field in r.json()["message"], r.text
 
@@ -230,41 +220,27 @@ def test_residual_linear_state_of_another_lag_count_keeps_its_own():
 
 
 # --- webhooks: nothing pending is dropped, dead letters expire --------------------------
-def webhook_store(kind: str, request, retention: float = 3600.0):
-    if kind == "redis":
-        ws = RedisWindowStore(request.getfixturevalue("redis_url"))
-        return RedisWebhookStore(RedisAlertStore(ws, 3600), retention)
-    return MemoryWebhookStore(MemoryAlertStore(MemoryWindowStore(), 3600), retention)
-
-
-async def close(store) -> None:
-    if isinstance(store, RedisWebhookStore):
-        await store.ws.close()
-
-
 def event(i: int) -> dict:
     return {"id": f"al_{i:04x}-1-abcd", "type": "alert.opened", "created": time.time(),
             "alert": {"stream": "s", "severity": "warning"}}
 
 
-async def queue_events(store, alert_store_outbox, n: int) -> Subscription:
+async def queue_events(store, n: int) -> Subscription:
+    """A subscription and n events committed to the outbox, fanned out to it."""
     sub = Subscription(id="wh_1", url="http://127.0.0.1:9/hook", streams="*",
                        min_severity="warning", secret="s" * 16, created_at=time.time())
-    await store.add(sub)
-    for i in range(n):
-        raw = json.dumps(event(i))
-        if isinstance(alert_store_outbox, str):
-            await store.redis.rpush(alert_store_outbox, raw)
-        else:
-            alert_store_outbox.append(raw)
-    assert await store.fan_out(await store.subscriptions(), limit=100) == n
+    await store.webhooks.add(sub)
+    await store.commit(Commit("s", events=[event(i) for i in range(n)]))
+    hooks = store.webhooks
+    assert await hooks.fan_out(await hooks.subscriptions(), limit=100) == n
     return sub
 
 
-def test_unsubscribing_dead_letters_pending_deliveries_with_a_reason(request, store_kind):
+def test_unsubscribing_dead_letters_pending_deliveries_with_a_reason(backend):
     async def run() -> None:
-        store = webhook_store(store_kind, request)
-        sub = await queue_events(store, store.outbox, 10)
+        backend_ = backend.build()
+        store = backend_.webhooks
+        sub = await queue_events(backend_, 10)
         assert await store.depth() == 10
         assert await store.remove(sub.id)
         assert await store.depth() == 0
@@ -272,29 +248,31 @@ def test_unsubscribing_dead_letters_pending_deliveries_with_a_reason(request, st
         assert len(dead) == 10 and {d["last_error"] for d in dead} == {DELETED}
         assert {d["event_id"] for d in dead} == {event(i)["id"] for i in range(10)}
         assert await store.dead_letter(dead[0]["id"]) == dead[0]
-        await close(store)
+        await backend_.close()
 
     asyncio.run(run())
 
 
-def test_dead_letters_expire_after_their_retention(request, store_kind):
+def test_dead_letters_expire_after_their_retention(backend):
     async def run() -> None:
-        store = webhook_store(store_kind, request, retention=0.3)
-        await queue_events(store, store.outbox, 3)
+        backend_ = backend.build()
+        store = backend_.webhooks
+        store.dead_retention_seconds = 0.3  # the setting's floor is a minute
+        await queue_events(backend_, 3)
         for d in await store.claim_due(time.time(), 10, 60):
             await store.bury(d | {"last_error": "HTTP 500"})
         assert len(await store.dead_letters(10)) == 3
         await asyncio.sleep(0.5)
         assert await store.dead_letters(10) == []
-        if store_kind == "redis":  # gone from Redis, not just hidden
+        if backend.redis_url:  # gone from Redis, not just hidden
             assert not await store.redis.exists(store.k_dead, store.k_dead_idx)
-        await close(store)
+        await backend_.close()
 
     asyncio.run(run())
 
 
-def test_webhook_subscription_is_updated_in_place(request, store_kind):
-    with make_client(store_kind, request) as client:
+def test_webhook_subscription_is_updated_in_place(service_backend):
+    with make_client(service_backend) as client:
         created = client.post("/webhooks", json={"url": "http://127.0.0.1:9/hook"}).json()
         r = client.patch(f"/webhooks/{created['id']}",
                          json={"streams": "web-*", "secret": "n" * 20})
@@ -316,9 +294,9 @@ def test_webhook_subscription_is_updated_in_place(request, store_kind):
 
 
 # --- a deleted stream: its alerts close and expire, its next life's events are new -----
-def pending_events(client, store_kind: str, redis_url: str | None) -> list[dict]:
-    store = client.app.state.webhooks
-    if store_kind == "redis":
+def pending_events(client, redis_url: str | None) -> list[dict]:
+    store = client.app.state.services.backend.webhooks
+    if redis_url:
         raws = redis.Redis.from_url(redis_url).hvals(store.k_deliveries)
     else:
         raws = [json.dumps(d) for d in list(store.deliveries.values())]
@@ -326,10 +304,10 @@ def pending_events(client, store_kind: str, redis_url: str | None) -> list[dict]
 
 
 def test_deleted_stream_resolves_and_expires_its_alerts_and_event_ids_stay_unique(
-        request, store_kind):
-    redis_url = request.getfixturevalue("redis_url") if store_kind == "redis" else None
+        service_backend):
+    redis_url = service_backend.redis_url
     points = spiky(400, [395])  # the alert is still open at the end
-    with make_client(store_kind, request, alert_retention_seconds=600) as client:
+    with make_client(service_backend, alert_retention_seconds=600) as client:
         client.post("/webhooks", json={"url": "http://127.0.0.1:9/hook"})  # never answers
         assert client.post("/score", json={"stream": "s", "points": points}).status_code == 200
         opened = client.get("/alerts", params={"state": "open"}).json()["alerts"]
@@ -339,7 +317,7 @@ def test_deleted_stream_resolves_and_expires_its_alerts_and_event_ids_stay_uniqu
         closed = client.get(f"/alerts/{first['id']}").json()
         assert closed["state"] == "resolved" and closed["resolved_at"] == closed["updated_at"]
         assert client.get("/alerts", params={"state": "open"}).json()["alerts"] == []
-        if store_kind == "redis":
+        if redis_url:
             ttl = redis.Redis.from_url(redis_url).ttl(f"tsad:alert:{first['id']}")
             assert 0 < ttl <= 600
         # the same history again: a new life, a new alert id (the first life's alert stays
@@ -354,7 +332,7 @@ def test_deleted_stream_resolves_and_expires_its_alerts_and_event_ids_stay_uniqu
         n = sum(a["version"] for a in listed)
         second = [a for a in listed if a["incarnation"] == again[0]["incarnation"]]
         assert n == 2 * sum(a["version"] for a in second) + 1
-        events = wait_for(lambda: len(e := pending_events(client, store_kind, redis_url))
+        events = wait_for(lambda: len(e := pending_events(client, redis_url))
                           >= n and e)
     ids = [e["id"] for e in events]
     assert len(ids) == len(set(ids)) == n

@@ -8,9 +8,9 @@ import pytest
 from tests.test_alerts import W, make_client, spiky
 
 
-@pytest.fixture(params=["memory", "redis"])
-def client(request):
-    with make_client(request.param, request, metrics_streams="web-*, db-01",
+@pytest.fixture
+def client(service_backend):
+    with make_client(service_backend, metrics_streams="web-*, db-01",
                      metrics_max_streams=2) as c:
         yield c
 

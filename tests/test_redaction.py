@@ -68,7 +68,7 @@ class Transcript:
 
 
 def tsad(*args: str, env: dict[str, str]) -> str:
-    out = subprocess.run([sys.executable, "-m", "models.cli", *args], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     return out.stdout + out.stderr
 
@@ -80,7 +80,7 @@ def test_no_secret_in_any_answer_or_log_line_through_a_redis_outage(tmp_path):
     log = tmp_path / "service.log"
     env = {"REDIS_URL": redis.url, "TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN,
            "TSAD_LOG_LEVEL": "DEBUG", "TSAD_REDIS_TIMEOUT_SECONDS": "0.5",
-           "TSAD_WARMUP_POINTS": "64", "TSAD_DEFAULT_WINDOW": "16",
+           "TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 64}}', "TSAD_DEFAULT_WINDOW": "16",
            "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "TSAD_WEBHOOK_MAX_ATTEMPTS": "1",
            "TSAD_WEBHOOK_POLL_SECONDS": "0.05"}
     hook = f"http://receiver:{HOOK_PASSWORD}@127.0.0.1:{free_port()}/hook"  # nobody there
@@ -131,8 +131,8 @@ def test_no_secret_in_any_answer_or_log_line_through_a_redis_outage(tmp_path):
 
 def test_metrics_labels_carry_no_url_credentials():
     """Label values are client data (a channel's name): a URL in one loses its password."""
-    settings = Settings(warmup_points=64, default_window=16, metrics_streams="*",
-                        threshold_min_scores=50)
+    settings = Settings(detector_params={"*": {"warmup": 64}}, default_window=16,
+                        metrics_streams="*", threshold_min_scores=50)
     with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as client:
         names = ["cpu", f"https://probe:{HOOK_PASSWORD}@example.com/x"]
         assert client.put("/streams/web-01", json={"channels": 2, "channel_names": names,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -15,13 +14,13 @@ from prometheus_client import CollectorRegistry
 from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.stores.redis import RedisWindowStore
+from service.stores.base import StreamPolicy
+from tests.conftest import BackendUnderTest
 
 
-def client(kind: str, request, **overrides) -> TestClient:
-    if kind == "redis":
-        overrides["redis_url"] = request.getfixturevalue("redis_url")
-    settings = Settings(warmup_points=64, threshold_min_scores=20, **overrides)
+def client(backend: BackendUnderTest, **overrides) -> TestClient:
+    settings = Settings(**backend.settings, detector_params={"*": {"warmup": 64}},
+                        threshold_min_scores=20, **overrides)
     return TestClient(create_app(settings, ServiceMetrics(CollectorRegistry())))
 
 
@@ -41,13 +40,12 @@ def metric(c: TestClient, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_the_cache_changes_no_result(kind, request):
-    with client(kind, request, scorer_cache_mb=0) as off:
+def test_the_cache_changes_no_result(service_backend):
+    with client(service_backend, scorer_cache_mb=0) as off:
         want = [off.post("/score", json=batch(*b)).json() for b in BATCHES]
         assert metric(off, 'tsad_scorer_cache_total{result="hit"}') == 0
-    with client(kind, request) as on:
-        if kind == "redis":
+    with client(service_backend) as on:
+        if service_backend.redis_url:
             on.delete("/streams/c")  # the same Redis database as the run above
         got = [on.post("/score", json=batch(*b)).json() for b in BATCHES]
         assert metric(on, 'tsad_scorer_cache_total{result="hit"}') == len(BATCHES) - 1
@@ -57,13 +55,14 @@ def test_the_cache_changes_no_result(kind, request):
     assert any(p["anomaly"] for r in got for p in r["results"]) and alerts
 
 
-def test_another_replicas_writes_are_never_missed(request):
+def test_another_replicas_writes_are_never_missed(redis_url):
     """Two processes' worth of service on one Redis take turns on a stream: every batch
     finds the other's write (a miss) and the results are those of a single process."""
-    with client("redis", request) as single:
+    with client(BackendUnderTest("redis", redis_url)) as single:
         want = [single.post("/score", json=batch(*b)).json() for b in BATCHES]
         single.delete("/streams/c")
-    with client("redis", request) as a, client("redis", request) as b:
+    redis_backend = BackendUnderTest("redis", redis_url)
+    with client(redis_backend) as a, client(redis_backend) as b:
         got = [(a if i % 2 else b).post("/score", json=batch(*x)).json()
                for i, x in enumerate(BATCHES)]
         for c in (a, b):
@@ -75,9 +74,8 @@ def test_another_replicas_writes_are_never_missed(request):
     assert got == want
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_a_configuration_change_reaches_a_cached_stream(kind, request):
-    with client(kind, request) as c:
+def test_a_configuration_change_reaches_a_cached_stream(service_backend):
+    with client(service_backend) as c:
         for b in BATCHES[:8]:
             assert c.post("/score", json=batch(*b)).status_code == 200
         r = c.put("/streams/c", json={"channels": 1, "threshold": {"kind": "fixed",
@@ -91,23 +89,21 @@ def test_a_configuration_change_reaches_a_cached_stream(kind, request):
 async def test_an_append_on_known_meta_is_one_round_trip(redis_url):
     """With the meta of its cached scorer, an append is one script call: no read of the
     meta before it nor after it."""
-    store = RedisWindowStore(redis_url)
+    store = BackendUnderTest("redis", redis_url).build(StreamPolicy(window=8,
+                                                                    detector="zscore"))
     ts = np.arange(10.0)[:, None]
-    first = await store.append("rt", np.hstack([ts, ts]), default_window=8,
-                               default_detector="zscore")
+    first = await store.streams.append("rt", np.hstack([ts, ts]))
     plain = redis.Redis.from_url(redis_url)
     plain.config_resetstat()
     more = np.hstack([ts + 10, ts])
-    second = await store.append("rt", more, default_window=8, default_detector="zscore",
-                                known=first.meta)
+    second = await store.streams.append("rt", more, known=first.meta)
     stats = plain.info("commandstats")  # counts the commands scripts run, too
     calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
     # one script call, whose own HGETALL returns the meta: nothing read before or after
     assert calls["evalsha"] == 1 and calls["hgetall"] == 1, calls
     assert (second.meta.points_seen, second.meta.version) == (20, first.meta.version + 1)
     # a stale meta (another writer got in first) is found out and the append planned again
-    third = await store.append("rt", np.hstack([ts + 20, ts]), default_window=8,
-                               default_detector="zscore", known=first.meta)
+    third = await store.streams.append("rt", np.hstack([ts + 20, ts]), known=first.meta)
     assert third.accepted == 10 and third.meta.points_seen == 30
     await store.close()
     plain.close()

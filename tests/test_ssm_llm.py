@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-from models.cli import main as tsad
 from models.data import load_msl
 from models.detectors import build_detector, load_detector
 from models.detectors.base import sliding_windows
 from models.detectors.ssm_llm import build_net, mamba_mixer
+from service.cli import main as tsad
 
 DATA = Path(__file__).parent / "data"
 W = 16

@@ -37,14 +37,14 @@ SPIKE_ROW = 500
 # tests/test_api.py test the default end to end).
 ENV = {"TSAD_METRICS_STREAMS": "nyc_*", "TSAD_METRICS_MAX_STREAMS": "5",
        "TSAD_DEFAULT_DETECTOR": "residual_linear",
-       "TSAD_WARMUP_POINTS": "64", "TSAD_DEFAULT_WINDOW": "16",
+       "TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 64}}', "TSAD_DEFAULT_WINDOW": "16",
        "TSAD_THRESHOLD_MIN_SCORES": "50", "TSAD_THRESHOLD_CALIBRATION_POINTS": "200",
        "TSAD_ALERT_QUIET_POINTS": "10", "TSAD_WEBHOOK_POLL_SECONDS": "0.05",
        "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"}  # the receiver is on loopback
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "models.cli", *args]
+    return [sys.executable, "-m", "service.cli", *args]
 
 
 @pytest.fixture(scope="module")

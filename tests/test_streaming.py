@@ -32,7 +32,9 @@ def series(n: int = 800, spike: tuple[int, int] = (600, 616)) -> np.ndarray:
 
 def test_online_memory_grows_from_normal_windows_only():
     s = series()
-    det = RawKnn(window=16, stride=1, min_memory=1, memory_size=1000).fit(s[:200])
+    # no admission rule: every window the threshold lets through is kept
+    det = RawKnn(window=16, stride=1, min_memory=1, memory_size=1000,
+                 admit_quantile=None).fit(s[:200])
     fitted = det.memory_entries
     cut = Cut(0.02)
     run = stream_scores(det, s, 200, cut, chunk=32, score_stride=4)

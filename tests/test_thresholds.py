@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import genpareto
 
-from service.evt import fit_gpd, gpd_loglik
-from service.thresholds import DSpot, Spot, ThresholdSpec, budget_to_q, build_threshold
+from models.evt import fit_gpd, gpd_loglik
+from models.thresholds import DSpot, Spot, ThresholdSpec, budget_to_q, build_threshold
 
 MINUTE = 60.0
 

@@ -9,12 +9,7 @@ import pytest
 
 from service.replay import load_series, parse_timestamp
 from tests.conftest import DATA_DIR
-from tests.test_api import make_client, post, sine_points
-
-
-@pytest.fixture(params=["memory", "redis"])
-def backend(request) -> str:
-    return request.param
+from tests.test_api import MEMORY, make_client, post, sine_points
 
 
 def bad_stamps() -> list[dict]:
@@ -33,8 +28,8 @@ def metric(client, line: str) -> float:
     raise AssertionError(f"{line} not exported")
 
 
-def test_repeated_and_backward_stamps_are_nudged_and_scored(backend, request):
-    with make_client(backend, request) as client:
+def test_repeated_and_backward_stamps_are_nudged_and_scored(service_backend):
+    with make_client(service_backend) as client:
         assert post(client, "n", sine_points(0, 200)).status_code == 200
         r = post(client, "n", bad_stamps())
         assert r.status_code == 200, r.text
@@ -53,8 +48,8 @@ def test_repeated_and_backward_stamps_are_nudged_and_scored(backend, request):
         assert metric(client, 'tsad_points_reordered_total{action="dropped"}') == 0
 
 
-def test_drop_policy_skips_the_point_and_says_so(backend, request):
-    with make_client(backend, request, timestamps="drop") as client:
+def test_drop_policy_skips_the_point_and_says_so(service_backend):
+    with make_client(service_backend, timestamps="drop") as client:
         post(client, "d", sine_points(0, 200))
         results = post(client, "d", bad_stamps()).json()["results"]
         for i in (10, 50):
@@ -76,8 +71,8 @@ REJECTED = [  # policy reject: today's strict 422, naming the point's timestamp
 
 
 @pytest.mark.parametrize("points,field", REJECTED)
-def test_reject_policy_is_a_422_that_changes_nothing(backend, request, points, field):
-    with make_client(backend, request, timestamps="reject") as client:
+def test_reject_policy_is_a_422_that_changes_nothing(service_backend, points, field):
+    with make_client(service_backend, timestamps="reject") as client:
         post(client, "s", sine_points(0, 100))
         before = (client.get("/streams/s").json(), client.get("/streams/s/window").json())
         r = post(client, "s", points)
@@ -88,8 +83,8 @@ def test_reject_policy_is_a_422_that_changes_nothing(backend, request, points, f
         assert metric(client, 'tsad_points_reordered_total{action="nudged"}') == 0
 
 
-def test_a_streams_own_policy_overrides_the_server_default(backend, request):
-    with make_client(backend, request) as client:  # server default: nudge
+def test_a_streams_own_policy_overrides_the_server_default(service_backend):
+    with make_client(service_backend) as client:  # server default: nudge
         r = client.put("/streams/strict", json={"channels": 1, "timestamps": "reject"})
         assert r.status_code == 201 and r.json()["timestamps"] == "reject"
         post(client, "strict", sine_points(0, 200))
@@ -106,8 +101,8 @@ def test_a_streams_own_policy_overrides_the_server_default(backend, request):
         assert r.status_code == 422 and "body.timestamps" in r.json()["message"]
 
 
-def test_a_retry_is_a_duplicate_even_where_it_was_nudged(backend, request):
-    with make_client(backend, request, duplicates="drop") as client:
+def test_a_retry_is_a_duplicate_even_where_it_was_nudged(service_backend):
+    with make_client(service_backend, duplicates="drop") as client:
         post(client, "r", sine_points(0, 200))
         batch = bad_stamps()
         first = post(client, "r", batch).json()["results"]
@@ -121,7 +116,7 @@ def test_a_retry_is_a_duplicate_even_where_it_was_nudged(backend, request):
         assert client.get("/streams/r").json()["points_seen"] == 305
         assert metric(client, 'tsad_points_reordered_total{action="nudged"}') == 2
         assert metric(client, "tsad_points_duplicate_total") == 60
-    with make_client(backend, request) as client:  # duplicates reject: answered, unless
+    with make_client(service_backend) as client:  # duplicates reject: answered, unless
         post(client, "r2", sine_points(0, 200))    # the retry goes on with new points
         batch = bad_stamps()
         post(client, "r2", batch)
@@ -140,11 +135,11 @@ def test_a_retry_is_a_duplicate_even_where_it_was_nudged(backend, request):
     # the stamp goes back from 02:55 to 02:00: the 12 points of the repeated hour
     ("machine_temperature_backward_excerpt.csv", 12, 1000),
 ])
-def test_nab_files_replay_as_published(backend, request, name, affected, batch):
+def test_nab_files_replay_as_published(service_backend, name, affected, batch):
     series = load_series(DATA_DIR / "nab" / name)
     ts = series[:, 0]  # as published: points not after an earlier one
     assert (ts[1:] <= np.maximum.accumulate(ts[:-1])).sum() == affected
-    with make_client(backend, request) as client:
+    with make_client(service_backend) as client:
         results = []
         for lo in range(0, len(series), batch):
             r = post(client, "nab", [{"timestamp": t, "values": v} for t, *v in
@@ -166,8 +161,8 @@ def test_nab_files_replay_as_published(backend, request, name, affected, batch):
         assert base == parse_timestamp("2014-03-09 03:00:00")
 
 
-def test_bounds_are_settings(request):
-    with make_client("memory", request, value_max_abs=100.0, timestamp_max_lead_seconds=60,
+def test_bounds_are_settings():
+    with make_client(MEMORY, value_max_abs=100.0, timestamp_max_lead_seconds=60,
                      timestamp_min=1e9) as client:
         ok = [{"timestamp": 1.7e9, "values": [-100.0]}]
         assert post(client, "b", ok).status_code == 200
@@ -180,10 +175,10 @@ def test_bounds_are_settings(request):
         assert client.get("/streams/b").json()["points_seen"] == 1
 
 
-def test_older_data_sent_again_is_refused_not_nudged(backend, request):
+def test_older_data_sent_again_is_refused_not_nudged(service_backend):
     """A point further behind than TSAD_TIMESTAMP_MAX_BACK_SECONDS is a series sent again,
     not a reordered stamp: 422 naming it under every policy, nothing stored."""
-    with make_client(backend, request, timestamp_max_back_seconds=60) as client:
+    with make_client(service_backend, timestamp_max_back_seconds=60) as client:
         assert post(client, "old", sine_points(0, 200)).status_code == 200
         again = sine_points(100, 50)  # 99 s behind the last stored stamp (199)
         for p in again:  # other values: not a retry of stored points

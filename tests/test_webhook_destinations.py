@@ -13,11 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from service.alerts.store import MemoryAlertStore
 from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.webhooks.store import MemoryWebhookStore, Subscription
+from service.stores.base import Commit
+from service.stores.memory import MemoryBackend
+from service.webhooks.model import Subscription
 from service.webhooks.worker import WebhookWorker
 
 INTERNAL = [
@@ -104,19 +105,19 @@ def deliver_once(url: str, allow: str, auth: str = "keys") -> dict:
     loopback also reaches loopback receivers (tests/test_ssrf.py)."""
     settings = Settings(auth=auth, webhook_allow_hosts=allow, webhook_max_attempts=1,
                         webhook_poll_seconds=0.02, webhook_timeout_seconds=3)
-    alerts = MemoryAlertStore(None, 3600)
-    store = MemoryWebhookStore(alerts, dead_retention_seconds=30 * 86400)
+    backend = MemoryBackend()
+    store, outbox = backend.webhooks, backend.alerts.outbox
     event = {"id": "al_1-1", "type": "alert.opened", "created": 0.0,
              "alert": {"stream": "s", "severity": "critical"}}
 
     async def main() -> dict:
         await store.add(Subscription("wh_1", url, "*", "warning", "s" * 16, 0.0))
-        alerts.outbox.append(json.dumps(event))
+        await backend.commit(Commit("s", events=[event]))  # as a scored batch does
         worker = WebhookWorker(store, settings, ServiceMetrics(CollectorRegistry()))
         await worker.start()
         try:
             for _ in range(250):
-                if not store.deliveries and not alerts.outbox:
+                if not store.deliveries and not outbox:
                     break
                 await asyncio.sleep(0.02)
         finally:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # real processes; `make test` runs them
 
 SECRET = "test-secret-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
-FAST = {"TSAD_WARMUP_POINTS": "64", "TSAD_DEFAULT_WINDOW": "16",
+FAST = {"TSAD_DETECTOR_PARAMS": '{"*": {"warmup": 64}}', "TSAD_DEFAULT_WINDOW": "16",
         "TSAD_THRESHOLD_MIN_SCORES": "50", "TSAD_THRESHOLD_CALIBRATION_POINTS": "200",
         "TSAD_ALERT_QUIET_POINTS": "10", "TSAD_WEBHOOK_POLL_SECONDS": "0.05",
         "TSAD_WEBHOOK_BACKOFF_SECONDS": "0.05", "TSAD_WEBHOOK_BACKOFF_MAX_SECONDS": "0.3",
@@ -43,7 +43,7 @@ class Receiver:
 
     def start(self) -> Receiver:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "models.cli", "receive", "--port", str(self.port),
+            [sys.executable, "-m", "service.cli", "receive", "--port", str(self.port),
              "--path", "/hook", "--log", str(self.log), "--status", str(self.status),
              "--secret", SECRET, *(["--subscribe", self.subscribe] if self.subscribe else [])],
             cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -1,17 +1,32 @@
-"""The one detector contract.
+"""The one detector contract: a small base class and opt-in capability mix-ins.
 
-Every detector:
+Every detector (``Detector``):
 
-* is built from a config dataclass (the constructor only stores it),
+* is built from its own ``Config`` (a frozen dataclass of its tunables and their
+  defaults; the constructor only stores it),
 * ``fit(train)`` on a normal series of shape (T, C),
 * ``channel_scores(windows)`` maps windows (B, W, C) to non-negative per-channel scores
   (B, C) for the *newest* point of each window, and ``score(windows)`` aggregates them to
   (B,): higher is more anomalous, always,
+* ``state_dict()`` / ``load_state_dict()`` and ``is_fitted``,
 * saves to / loads from an artifact directory that carries its own config, so
-  ``load_detector(path)`` rebuilds it with nothing else.
+  ``load_detector(path)`` rebuilds it with nothing else,
+* answers the few small defaults every caller may ask (``costly``, ``fit_many``,
+  ``calibration_scores``, ``calibrated_threshold``, ``fixed_channels``,
+  ``constant_channels``, ``windows_to_fit``, ``training_report``).
 
-Detectors that can learn online per stream (the service's cold-start path) also implement
-``partial_fit(series)`` and report ``is_fitted``.
+What a detector can do beyond that it declares by inheriting a mix-in; callers test it
+with ``isinstance``, never with flags or ``hasattr``:
+
+* ``Online``: learns per stream from windows, ``partial_fit(windows, stamps=None)``;
+* ``Records``: its scores are ratios to the stream's own recent record, and scores above
+  ``record_threshold`` are verdicts without a fitted threshold;
+* ``Precedents``: ``precedents(windows, n)``, the nearest remembered normal windows;
+* ``Adaptable``: a stream may tune its own copy (``adaptable_state``, ``with_parameters``,
+  ``finetune``);
+* ``LearnsFromLabels``: ``fit_series(series, point_labels)``.
+
+``tests/test_detector_contract.py`` checks each declaration against the code.
 """
 
 from __future__ import annotations
@@ -43,28 +58,6 @@ class Detector(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
-    supports_online: ClassVar[bool] = False
-    # Costly detectors (a language-model call per window) are scored every
-    # TSAD_COSTLY_SCORE_STRIDE points by the service; points in between repeat the verdict.
-    costly: ClassVar[bool] = False
-    # Online, learn from every window, anomalous or not (a detector that judges surprise
-    # against its own recent record must see the records); others learn normal ones only.
-    learns_from_anomalies: ClassVar[bool] = False
-    # Memories: ``partial_fit(windows, stamps)`` remembers where each window came from and
-    # ``precedents(windows, n)`` returns the nearest remembered normal windows.
-    has_precedents: ClassVar[bool] = False
-    # Scores are ratios to the stream's own recent record (1 = as surprising as the worst
-    # recent point): already comparable across streams, calibrated by the ratio alone
-    # (models/calibration.py). Such a detector also names the score above which a point is
-    # anomalous without a fitted threshold (``record_threshold``).
-    record_scores: ClassVar[bool] = False
-    record_threshold: ClassVar[float] = 1.0
-    # Trained artifacts whose streams may tune their own copy (soft prompts and head):
-    # ``finetune``, ``adaptable_state`` and ``with_parameters`` (service/feedback.py).
-    adaptable: ClassVar[bool] = False
-    # ``fit_series(series, point_labels)``: one model over many univariate series of any
-    # length, with optional point labels (`tsad train` prefers it when the data allows).
-    learns_from_labels: ClassVar[bool] = False
     # What training measured (loss curve, validation), saved beside an artifact.
     training_report: Mapping[str, Any] = MappingProxyType({})
 
@@ -92,6 +85,13 @@ class Detector(ABC):
     @abstractmethod
     def is_fitted(self) -> bool: ...
 
+    # --- small defaults every caller may ask; a detector overrides what differs -------
+    @property
+    def costly(self) -> bool:
+        """A language-model call per scored window: the service scores such a detector
+        every TSAD_COSTLY_SCORE_STRIDE-th point and repeats the verdict in between."""
+        return False
+
     @property
     def windows_to_fit(self) -> int | None:
         """Windows still to learn online before the detector scores: 0 once fitted, None
@@ -105,31 +105,13 @@ class Detector(ABC):
         that learns each channel's scale from its training data has none for them: it
         scores them 0 (rather than dividing by a floor and letting any change explode)
         and lists them here, so callers can report it."""
-        mask = getattr(self, "_constant", None)
-        return [] if mask is None else np.flatnonzero(mask).tolist()
+        return []
 
-    # --- the shared part ---------------------------------------------------------------
-    def fit(self, train: np.ndarray) -> Self:
-        train = as_series(train, "train")
-        if len(train) < self.config.window:
-            raise ValueError(f"train: need at least window={self.config.window} points")
-        self._fit(train)
-        return self
-
-    def partial_fit(self, series: np.ndarray) -> Self:
-        raise NotImplementedError(f"{self.name} does not learn online")
-
-    # --- optional capabilities, with their defaults (callers never probe with hasattr;
-    # tests/test_detector_contract.py checks each declaration against the code) --------
     def fit_many(self, series: Sequence[np.ndarray]) -> Self:
         """One model over several series (e.g. every entity of a dataset). The default
         fits their concatenation, where a few windows straddle two series; a detector
         that can keep series apart overrides it."""
         return self.fit(np.concatenate([as_series(x, "series") for x in series]))
-
-    def fit_series(self, series: list[np.ndarray],
-                   point_labels: list[np.ndarray | None] | None = None) -> Self:
-        raise NotImplementedError(f"{self.name} does not learn from labelled series")
 
     def calibration_scores(self) -> np.ndarray | None:
         """(M, C) channel scores of normal training windows that the detector can give
@@ -148,24 +130,13 @@ class Detector(ABC):
         """Channel count a fitted model is bound to, or None (any)."""
         return None
 
-    def precedents(self, windows: np.ndarray, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
-        """Memories (``has_precedents``): the n nearest remembered normal windows."""
-        raise NotImplementedError(f"{self.name} keeps no precedents")
-
-    # ``adaptable`` detectors: a stream's own copy, tuned from its labelled windows
-    def adaptable_state(self) -> dict[str, np.ndarray]:
-        """The parameters a stream may tune, as named arrays."""
-        raise NotImplementedError(f"{self.name} cannot be adapted per stream")
-
-    def with_parameters(self, state: dict[str, np.ndarray] | None = None) -> Self:
-        """A copy sharing the frozen parts, with ``state`` (None: its own) as parameters."""
-        raise NotImplementedError(f"{self.name} cannot be adapted per stream")
-
-    def finetune(self, windows: np.ndarray, targets: np.ndarray, *, steps: int = 20,
-                 lr: float = 1e-2, max_seconds: float = 10.0) -> dict[str, Any]:
-        """Tune the copy in place on (N, W, C) windows and their targets; a report with
-        ``steps``, ``seconds``, ``loss_before``, ``loss_after``."""
-        raise NotImplementedError(f"{self.name} cannot be adapted per stream")
+    # --- the shared part ---------------------------------------------------------------
+    def fit(self, train: np.ndarray) -> Self:
+        train = as_series(train, "train")
+        if len(train) < self.config.window:
+            raise ValueError(f"train: need at least window={self.config.window} points")
+        self._fit(train)
+        return self
 
     def channel_scores(self, windows: np.ndarray) -> np.ndarray:
         windows = as_windows(windows, self.config.window)
@@ -200,6 +171,73 @@ class Detector(ABC):
             raise ValueError(f"{cls.name}: unknown config keys {unknown}; known: "
                              f"{sorted(cls.config_fields())}")
         return cls(cls.Config(**config))
+
+
+# --- capabilities: opt-in mix-ins, tested with isinstance -----------------------------
+class Online(Detector):
+    """Learns per stream, online: the service's cold-start path and every stream's
+    continued learning (``models.streaming.OnlineLoop``)."""
+
+    # Learn from every window, anomalous or not (a detector that judges surprise against
+    # its own recent record must see the records); others learn normal windows only.
+    learns_from_anomalies: ClassVar[bool] = False
+
+    @abstractmethod
+    def partial_fit(self, windows: np.ndarray, stamps: np.ndarray | None = None) -> Self:
+        """Learn from windows (B, W, C), oldest first, each adding its newest point.
+        ``stamps`` (B, 2): the first and last timestamp of each window (a detector that
+        keeps precedents remembers them; the others ignore them)."""
+
+
+class Records(Detector):
+    """Scores are ratios to the stream's own recent record (1 = as surprising as the worst
+    recent point): comparable across streams, calibrated by the ratio alone
+    (``models.calibration``), and a score at or above ``record_threshold`` is anomalous
+    without a fitted threshold (``models.thresholds.verdict_spec``)."""
+
+    record_threshold: ClassVar[float] = 1.0
+
+
+class Precedents(Detector):
+    """A memory of normal windows, each with where it came from: a score comes with its
+    evidence, the nearest normal precedents."""
+
+    @abstractmethod
+    def precedents(self, windows: np.ndarray, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` nearest remembered normal windows of each channel window, nearest
+        first: (B, W, C) -> distances (B, C, n) and their [start, end] (B, C, n, 2)."""
+
+
+class Adaptable(Detector):
+    """A trained artifact whose streams may tune their own copy (soft prompts and head)
+    from labelled windows (``service/feedback``); the shared artifact never changes."""
+
+    @abstractmethod
+    def adaptable_state(self) -> dict[str, np.ndarray]:
+        """The parameters a stream may tune, as named arrays."""
+
+    @abstractmethod
+    def with_parameters(self, state: dict[str, np.ndarray] | None = None) -> Self:
+        """A copy sharing the frozen parts, with ``state`` (None: its own) as parameters."""
+
+    @abstractmethod
+    def finetune(self, windows: np.ndarray, targets: np.ndarray, *, steps: int = 20,
+                 lr: float = 1e-2, max_seconds: float = 10.0) -> dict[str, Any]:
+        """Tune the copy in place on (N, W, C) windows and their targets; a report with
+        ``steps``, ``seconds``, ``loss_before``, ``loss_after``."""
+
+
+class LearnsFromLabels(Detector):
+    """One model over many univariate series of any length, with optional point labels
+    (``tsad train`` prefers it when the data allows)."""
+
+    @abstractmethod
+    def fit_series(self, series: list[np.ndarray],
+                   point_labels: list[np.ndarray | None] | None = None) -> Self: ...
+
+
+CAPABILITIES: tuple[type[Detector], ...] = (Online, Records, Precedents, Adaptable,
+                                            LearnsFromLabels)
 
 
 def aggregate_channels(channel_scores: np.ndarray, how: str) -> np.ndarray:

@@ -145,7 +145,7 @@ class CMA(Detector):
     Config = CMAConfig
 
     @property
-    def costly(self) -> bool:  # type: ignore[override]
+    def costly(self) -> bool:
         """A language-model call per window, unless the LM branch is removed."""
         return self.config.use_lm
 

@@ -33,7 +33,11 @@ class EmbeddingMemoryConfig(MemoryConfig):
 class EmbeddingMemory(MemoryDetector):
     name = "embedding_memory"
     Config = EmbeddingMemoryConfig
-    costly = True
+
+    @property
+    def costly(self) -> bool:
+        """A language-model call per window (cached by prompt)."""
+        return True
 
     def prompts(self, windows: np.ndarray) -> list[str]:
         """(B, W, C) -> B*C prompts, window-major (the text a person can read)."""

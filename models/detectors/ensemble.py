@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.detectors.base import Detector, DetectorConfig, as_windows, sliding_windows
+from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.residual_linear import ResidualLinear
 
 MEMBERS = ("range", "shape", "forecast")
@@ -79,7 +79,8 @@ class EnsembleConfig(DetectorConfig):
     shape_stride: int = 8  # one remembered shape every `shape_stride` points
     history_blocks: int = 64  # blocks of record history (one block per partial_fit call)
     block: int = 64  # fit(): points per history block (the service's chunk)
-    warmup: int = 128  # online: points learnt before the first score
+    # online: points learnt before the first score; offline, the records start after it
+    warmup: int = 256
     min_std: float = 1e-6  # floor on a channel's scale, relative to its level
 
     def __post_init__(self) -> None:
@@ -97,12 +98,10 @@ class EnsembleConfig(DetectorConfig):
             raise ValueError(f"shape_window: need 2 <= shape_window <= window={self.window}")
 
 
-class Ensemble(Detector):
+class Ensemble(Online, Records):
     name = "ensemble"
     Config = EnsembleConfig
-    supports_online = True
     learns_from_anomalies = True
-    record_scores = True
     # a new record by at least 1% of the range: ties and rounding-level excesses of noisy
     # or quantised telemetry are not incidents. The best of 1.0, 1.01, 1.02, 1.05, 1.1 on
     # one half of NAB (verdicts), checked on the other (benchmarks/results/nab.md)
@@ -181,9 +180,9 @@ class Ensemble(Detector):
         for lo in range(0, len(windows), self.config.block):
             self._learn(windows[lo:lo + self.config.block])
 
-    def partial_fit(self, windows: np.ndarray) -> Ensemble:
+    def partial_fit(self, windows: np.ndarray, stamps: np.ndarray | None = None) -> Ensemble:
         """Learn from windows (B, W, C), oldest first, each adding its newest point; one
-        call is one block of record history."""
+        call is one block of record history (``stamps`` unused: no precedents)."""
         windows = as_windows(windows, self.config.window)
         if not hasattr(self, "_n"):
             self._init_state(windows.shape[2])

@@ -50,7 +50,7 @@ class Fusion(Detector):
     Config = FusionConfig
 
     @property
-    def costly(self) -> bool:  # type: ignore[override]
+    def costly(self) -> bool:
         return any(m.costly for m in self._members())
 
     def _members(self) -> list[Detector]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.detectors.base import Detector, DetectorConfig, as_windows, sliding_windows
+from models.detectors.base import DetectorConfig, Online, Precedents, as_windows, sliding_windows
 from models.detectors.memory_index import MemoryIndex
 
 
@@ -39,23 +39,25 @@ class MemoryConfig(DetectorConfig):
     window: int = 64
     stride: int = 16  # one memory candidate every `stride` windows
     k: int = 1  # neighbours averaged
-    memory_size: int = 2048  # entries per channel
+    # entries per channel (float16; 384-d MiniLM embeddings: 768 bytes each): what a
+    # served stream keeps in its state
+    memory_size: int = 256
     policy: str = "reservoir"  # reservoir | recency
     min_memory: int = 16  # online: entries before the detector scores
     query_batch: int = 256  # windows scored per similarity product (bounds memory use)
     # exact | hnsw | auto: HNSW (faiss, `tsad[ann]`) from memory_index.AUTO_MIN_SIZE entries
     index: str = "auto"
-    # online admission: distance <= this quantile of the memory's leave-one-out distances
-    # (None: every candidate offered is admitted)
-    admit_quantile: float | None = None
+    # online admission: a window judged normal joins the memory only if its distance is
+    # within this quantile of the memory's own leave-one-out distances (None: every
+    # candidate offered is admitted; NAB streaming, benchmarks/results/memory_nab_stream.md:
+    # VUS-PR 25.9 without, 27.7 with 1.0)
+    admit_quantile: float | None = 1.0
 
 
-class MemoryDetector(Detector):
+class MemoryDetector(Online, Precedents):
     """Base class: the memory, its update rules and the search. Subclasses: ``_features``."""
 
     Config = MemoryConfig
-    supports_online = True
-    has_precedents = True
 
     @abstractmethod
     def _features(self, windows: np.ndarray) -> np.ndarray:

@@ -54,6 +54,10 @@ class PcaReconstruction(Detector):
     def is_fitted(self) -> bool:
         return hasattr(self, "_components")
 
+    @property
+    def constant_channels(self) -> list[int]:
+        return np.flatnonzero(self._constant).tolist() if hasattr(self, "_constant") else []
+
     def _samples(self, windows: np.ndarray) -> np.ndarray:
         """(B, W, C) -> (B, C, W) standardised per channel."""
         z = (windows - self._mean) / self._std

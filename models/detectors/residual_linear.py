@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.detectors.base import Detector, DetectorConfig, as_windows, sliding_windows
+from models.detectors.base import DetectorConfig, Online, as_windows, sliding_windows
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,9 @@ class ResidualLinearConfig(DetectorConfig):
     residual_memory: int = 2000  # online: effective sample count of the error scale
 
 
-class ResidualLinear(Detector):
+class ResidualLinear(Online):
     name = "residual_linear"
     Config = ResidualLinearConfig
-    supports_online = True
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -105,6 +104,11 @@ class ResidualLinear(Detector):
         return 0 if self.is_fitted else max(self.config.warmup - self.points_seen, 1)
 
     @property
+    def constant_channels(self) -> list[int]:
+        # only an offline fit knows which channels were constant
+        return np.flatnonzero(self._constant).tolist() if hasattr(self, "_constant") else []
+
+    @property
     def points_seen(self) -> int:
         return int(getattr(self, "_n", np.zeros(1))[0])
 
@@ -119,8 +123,10 @@ class ResidualLinear(Detector):
         err = self._standardised_errors(windows)
         self._resid_var = np.maximum(np.mean(err**2, axis=0), self.config.min_residual**2)
 
-    def partial_fit(self, windows: np.ndarray) -> ResidualLinear:
-        """Learn online from windows (B, W, C), each contributing its newest point."""
+    def partial_fit(self, windows: np.ndarray,
+                    stamps: np.ndarray | None = None) -> ResidualLinear:
+        """Learn online from windows (B, W, C), each contributing its newest point
+        (``stamps`` unused: no precedents)."""
         windows = as_windows(windows, self.config.window)
         if not hasattr(self, "_n"):
             self._init_state(windows.shape[2])

@@ -57,7 +57,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.detectors.base import Detector, DetectorConfig, as_series, sliding_windows
+from models.detectors.base import (
+    Adaptable,
+    DetectorConfig,
+    LearnsFromLabels,
+    as_series,
+    sliding_windows,
+)
 from models.detectors.spear_net import SoftPromptClassifier, frozen_lm
 from models.detectors.spear_tuning import FewLabelTuning
 from models.synthesis import INJECT_KINDS, inject_anomalies, random_suffixes
@@ -145,11 +151,12 @@ class SpearConfig(DetectorConfig):
         return tuple(s for s in self.labels.split("+") if s)
 
 
-class Spear(FewLabelTuning, Detector):
+class Spear(FewLabelTuning, Adaptable, LearnsFromLabels):
+    """Streams tune their own soft prompts from feedback (``Adaptable``, through
+    ``FewLabelTuning``); ``tsad train`` fits it on labelled series (``LearnsFromLabels``)."""
+
     name = "spear"
     Config = SpearConfig
-    adaptable = True  # streams tune their own soft prompts from feedback
-    learns_from_labels = True
 
     # --- scaling and tokens ------------------------------------------------------------
     def scale(self, windows: np.ndarray, channel: np.ndarray | int = 0) -> np.ndarray:

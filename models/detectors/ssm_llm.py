@@ -301,7 +301,7 @@ class SSMLLM(Detector):
     Config = SSMLLMConfig
 
     @property
-    def costly(self) -> bool:  # type: ignore[override]
+    def costly(self) -> bool:
         """A language-model call per window, unless the LM branch is removed."""
         return self.config.use_lm and self.config.semantic in ("lm", "patches")
 

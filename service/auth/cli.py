@@ -31,18 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from service.auth.keys import RedisKeyStore, new_key
+    from service.auth.keys import new_key
     from service.settings import Settings
-    from service.stores.redis import RedisWindowStore
+    from service.stores import build_backend
 
     settings = Settings()
     if not settings.redis_url:
         raise SystemExit("tsad keys needs REDIS_URL (the service's Redis): without Redis the "
                          "service keeps keys in memory; use TSAD_ADMIN_KEY and POST /keys")
-    ws = RedisWindowStore(settings.redis_url, prefix=settings.redis_prefix,
-                          timeout_seconds=settings.redis_timeout_seconds,
-                          cluster=settings.redis_cluster)
-    keys = RedisKeyStore(ws)
+    backend = build_backend(settings)  # the service's own: the same keys, prefix, cluster
+    keys = backend.keys
     try:
         if args.verb == "create":
             try:
@@ -66,7 +64,7 @@ async def _run(args: argparse.Namespace) -> int:
         else:
             print(f"revoked {args.key_id}", file=sys.stderr)
     finally:
-        await ws.close()
+        await backend.close()
     return 0
 
 

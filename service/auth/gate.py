@@ -22,13 +22,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fastapi import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth.guard import Authenticator, Principal
-from service.errors import unavailable_response
-from service.limits import content_length, error_response
-from service.stores.base import StoreUnavailable
+from service.errors import ServiceError
+from service.http import error_response, path_pattern
+from service.limits import content_length
 
 _PRINCIPAL = "tsad.principal"  # key of the request's principal in the ASGI scope's state
 
@@ -36,17 +35,6 @@ _PRINCIPAL = "tsad.principal"  # key of the request's principal in the ASGI scop
 def principal(scope: Scope) -> Principal | None:
     """The principal the gate authenticated for this request (None: it did not)."""
     return scope.get("state", {}).get(_PRINCIPAL)
-
-
-def path_pattern(template: str) -> re.Pattern[str]:
-    """The paths an OpenAPI path template matches.
-
-    >>> bool(path_pattern("/streams/{stream}/window").fullmatch("/streams/web-01/window"))
-    True
-    >>> bool(path_pattern("/streams/{stream}").fullmatch("/streams/a/b"))
-    False
-    """
-    return re.compile(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)))
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -101,13 +89,12 @@ class AuthGate:
         if operation is None:
             await self.app(scope, receive, send)
             return
-        auth: Authenticator = scope["app"].state.auth
+        auth: Authenticator = scope["app"].state.services.auth
         try:
             who = await auth.authenticate(presented_key(scope))
-        except (HTTPException, StoreUnavailable) as exc:  # 401; 503: the key store is down
+        except ServiceError as exc:  # 401; 503: the key store is down
             scope["route"] = operation  # the request metrics name the route, as before
-            response = (unavailable_response(exc, self.retry_after)
-                        if isinstance(exc, StoreUnavailable) else error_response(exc))
+            response = error_response(exc, self.retry_after)
             if _body_to_come(scope):  # never receive it: close instead (see below)
                 response.headers["Connection"] = "close"
             await response(scope, receive, send)

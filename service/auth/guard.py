@@ -13,13 +13,12 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from fastapi import HTTPException
-
-from service.auth.keys import SCOPES, KeyStore, Scope, digest, key_id
+from service.auth.keys import SCOPES, Scope, digest, key_id
+from service.errors import Forbidden, Unauthenticated
 from service.settings import Settings
+from service.stores.base import KeyStore
 
 log = logging.getLogger("tsad.auth")
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 @dataclass(frozen=True)
@@ -36,13 +35,13 @@ class Principal:
 
     def check_stream(self, stream: str) -> None:
         if not self.owns(stream):
-            raise HTTPException(403, f"key {self.key_id} belongs to tenant {self.tenant!r}: "
-                                f"stream ids must start with '{self.tenant}.', not {stream!r}")
+            raise Forbidden(f"key {self.key_id} belongs to tenant {self.tenant!r}: "
+                            f"stream ids must start with '{self.tenant}.', not {stream!r}")
 
     def check_global(self, what: str) -> None:
         if self.tenant is not None:
-            raise HTTPException(403, f"{what} concern every tenant: this needs a key without "
-                                f"tenant (key {self.key_id} belongs to {self.tenant!r})")
+            raise Forbidden(f"{what} concern every tenant: this needs a key without "
+                            f"tenant (key {self.key_id} belongs to {self.tenant!r})")
 
 
 OPEN = Principal("open", SCOPES)
@@ -61,21 +60,20 @@ class Authenticator:
         if self.open:
             return OPEN
         if not raw:
-            raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
-                                headers=_CHALLENGE)
+            raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
         if self._bootstrap and hmac.compare_digest(self._bootstrap, digest(raw)):
             return Principal("bootstrap", SCOPES)
         kid = key_id(raw)
         record = await self.keys.get(kid) if kid else None
         if record is None or not record.matches(raw):
-            raise HTTPException(401, "unknown or revoked API key", headers=_CHALLENGE)
+            raise Unauthenticated("unknown or revoked API key")
         return Principal(record.id, tuple(record.scopes), record.tenant)
 
     @staticmethod
     def require(principal: Principal, scope: Scope) -> Principal:
         if not principal.has(scope):
-            raise HTTPException(403, f"key {principal.key_id} lacks the {scope!r} scope "
-                                f"(it has: {', '.join(principal.scopes)})")
+            raise Forbidden(f"key {principal.key_id} lacks the {scope!r} scope "
+                            f"(it has: {', '.join(principal.scopes)})")
         return principal
 
 

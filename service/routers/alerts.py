@@ -3,12 +3,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 
+from service.alerts.query import AlertQuery, valid_cursor
 from service.alerts.schemas import AlertList, AlertOut
-from service.alerts.store import AlertQuery, valid_cursor
-from service.deps import AUTH_RESPONSES, PipelineDep, Reader
-from service.errors import field_error
+from service.deps import AUTH_RESPONSES, AlertsDep, Reader
+from service.errors import InvalidInput, NotFound
 from service.schemas import STREAM_ID_PATTERN, ErrorOut, FiniteFloat, epoch
 
 router = APIRouter(prefix="/alerts", tags=["alerts"], responses=AUTH_RESPONSES)
@@ -18,7 +18,7 @@ _ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": Er
 @router.get("", response_model=AlertList, responses=_ERRORS,
             summary="List alerts, newest opening first (filter by stream, state, time)")
 async def list_alerts(
-    pipeline: PipelineDep,
+    store: AlertsDep,
     who: Reader,
     stream: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN)] = None,
     state: Annotated[Literal["open", "resolved"] | None, Query()] = None,
@@ -36,20 +36,20 @@ async def list_alerts(
     if stream is not None:
         who.check_stream(stream)
     if cursor is not None and not valid_cursor(cursor):
-        raise field_error(("query", "cursor"), "not a cursor this service wrote: pass "
+        raise InvalidInput(("query", "cursor"), "not a cursor this service wrote: pass "
                           "next_cursor of the previous page unchanged")
     query = AlertQuery(stream=stream, state=state,
                        since=None if since is None else epoch(since),
                        until=None if until is None else epoch(until), limit=limit,
                        cursor=cursor, stream_prefix=f"{who.tenant}." if who.tenant else None)
-    alerts, next_cursor = await pipeline.alerts.list(query)
+    alerts, next_cursor = await store.list(query)
     return AlertList(alerts=[AlertOut(**a) for a in alerts], next_cursor=next_cursor)
 
 
 @router.get("/{alert_id}", response_model=AlertOut, responses=_ERRORS,
             summary="One alert with its evidence")
-async def get_alert(alert_id: str, pipeline: PipelineDep, who: Reader) -> AlertOut:
-    alert = await pipeline.alerts.get(alert_id)
+async def get_alert(alert_id: str, store: AlertsDep, who: Reader) -> AlertOut:
+    alert = await store.get(alert_id)
     if alert is None or not who.owns(alert["stream"]):  # another tenant's: as if absent
-        raise HTTPException(404, f"alert {alert_id!r} not found")
+        raise NotFound(f"alert {alert_id!r} not found")
     return AlertOut(**alert)

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Depends, Response
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
-
-from service.auth.keys import KeyStore, new_key
+from service.auth.keys import new_key
 from service.auth.schemas import KeyCreated, KeyIn, KeyList, KeyOut
-from service.deps import AUTH_RESPONSES, global_admin
+from service.deps import AUTH_RESPONSES, KeysDep, global_admin
+from service.errors import NotFound
 from service.schemas import ErrorOut
 
 router = APIRouter(prefix="/keys", tags=["keys"], responses=AUTH_RESPONSES,
                    dependencies=[Depends(global_admin)])
 _ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
-
-
-def _keys(request: Request) -> KeyStore:
-    return request.app.state.auth.keys
-
-
-KeysDep = Annotated[KeyStore, Depends(_keys)]
 
 
 @router.post("", response_model=KeyCreated, status_code=201, responses=_ERRORS,
@@ -41,5 +33,5 @@ async def list_keys(keys: KeysDep) -> KeyList:
                summary="Revoke an API key (effective at the next request)")
 async def revoke_key(key_id: str, keys: KeysDep) -> Response:
     if not await keys.revoke(key_id):
-        raise HTTPException(404, f"key {key_id!r} not found")
+        raise NotFound(f"key {key_id!r} not found")
     return Response(status_code=204)

@@ -8,9 +8,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import AUTH_RESPONSES, MetricsDep, PipelineDep, SettingsDep, metrics_reader
+from service.deps import (
+    AUTH_RESPONSES,
+    AlertsDep,
+    BackendDep,
+    MetricsDep,
+    SettingsDep,
+    metrics_reader,
+)
+from service.errors import StoreUnavailable
 from service.redaction import redact
-from service.stores.base import StoreUnavailable
 
 router = APIRouter(tags=["operations"])
 # /metrics answers text, its 401 and 403 JSON: a `model` would be documented as text/plain
@@ -25,11 +32,11 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="Readiness: store reachable and detectors loaded (503 if not)",
             responses={503: {"description": "Not ready: the checks say why"}})
-async def readyz(pipeline: PipelineDep, settings: SettingsDep, request: Request) -> JSONResponse:
+async def readyz(backend: BackendDep, settings: SettingsDep, request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
-        await pipeline.store.ping()
-        checks["store"] = f"ok ({pipeline.store.backend})"
+        await backend.ping()
+        checks["store"] = f"ok ({backend.name})"
     except StoreUnavailable as exc:
         checks["store"] = f"unavailable: {redact(str(exc))}"  # a URL may hold a password
     checks["detectors"] = "ok" if request.app.state.detectors_ready else "not loaded"
@@ -40,11 +47,11 @@ async def readyz(pipeline: PipelineDep, settings: SettingsDep, request: Request)
                                                     str(settings.retry_after_seconds)})
 
 
-async def metrics(m: MetricsDep, pipeline: PipelineDep) -> PlainTextResponse:
+async def metrics(m: MetricsDep, alerts: AlertsDep) -> PlainTextResponse:
     # a gauge of state held in the store, read when Prometheus asks; on an outage it keeps
     # its last value (tsad_window_store_up says the store is down)
     with contextlib.suppress(StoreUnavailable):
-        m.alerts_open.set(await pipeline.alerts.count_open())
+        m.alerts_open.set(await alerts.count_open())
     # label values are client data (channel names): no URL credentials in them either
     return PlainTextResponse(redact(m.exposition().decode()), media_type=CONTENT_TYPE_LATEST)
 

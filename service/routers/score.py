@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 from pydantic_core import to_json
 
-from service.deps import AUTH_RESPONSES, Ingest, PipelineDep
-from service.schemas import ErrorOut, ScoreRequest, ScoreResponse, columnar_loc
-from service.stores.base import StoreRejection
+from service.deps import AUTH_RESPONSES, Ingest, ScoreDep
+from service.errors import InvalidInput
+from service.schemas import ErrorOut, ScoreRequest, ScoreResponse
+from service.transaction import Idempotency
+from service.validation import columnar, score_points
 
 router = APIRouter(tags=["scoring"], responses=AUTH_RESPONSES)
 
@@ -25,20 +28,26 @@ IdempotencyKey = Annotated[str | None, Header(
     responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
     summary="Append points to a stream and score them",
 )
-async def score(body: ScoreRequest, pipeline: PipelineDep, who: Ingest,
+async def score(body: ScoreRequest, transaction: ScoreDep, who: Ingest,
                 idempotency_key: IdempotencyKey = None) -> Response:
     """Points are stored atomically (all or none), then scored: one result per point.
     Send them as a list of points or, faster to parse, as columns (timestamps, values)."""
     who.check_stream(body.stream)
+    sent = body.sent_timestamps()
+    idempotency = None if idempotency_key is None else Idempotency(
+        idempotency_key, hashlib.sha256(body.model_dump_json().encode()).hexdigest(), sent)
     try:
-        out = await pipeline.score(body, idempotency_key)
-    except StoreRejection as exc:
-        if body.columnar:  # the store names points.i: name the columns sent
-            exc.loc = columnar_loc(exc.loc)
+        points = score_points(body, transaction.settings)
+        outcome = await transaction(body.stream, points[:, 0], points[:, 1:],
+                                    idempotency=idempotency)
+    except InvalidInput as exc:
+        if body.columnar:  # errors name points.i: name the columns sent
+            raise columnar(exc) from None
         raise
     # ScoreResponse's shape as plain dicts, serialised in one call (pydantic-core's JSON
     # encoder, in Rust): no model object per point
-    return Response(to_json(out, fallback=_numpy_scalar), media_type="application/json")
+    return Response(to_json(outcome.body(sent), fallback=_numpy_scalar),
+                    media_type="application/json")
 
 
 def _numpy_scalar(value: object) -> object:

@@ -1,30 +1,19 @@
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Query, Response, status
 
-from service.deps import AUTH_RESPONSES, AdminStream, PipelineDep, Reader, ReadStream
+from service.deps import AUTH_RESPONSES, AdminStream, FeedbackDep, Reader, ReadStream, StreamsDep
+from service.feedback.schemas import FeedbackOut, FeedbackRequest
 from service.schemas import (
     STREAM_ID_PATTERN,
     ErrorOut,
-    FeedbackOut,
-    FeedbackRequest,
     StreamConfigIn,
     StreamList,
     StreamOut,
     WindowOut,
 )
-
-T = TypeVar("T")
-
-
-def found(out: T | None, stream: str) -> T:
-    """The pipeline answers None for a stream it does not know: that is a 404."""
-    if out is None:
-        raise HTTPException(404, f"stream {stream!r} not found")
-    return out
-
 
 router = APIRouter(prefix="/streams", tags=["streams"], responses=AUTH_RESPONSES)
 _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -34,7 +23,7 @@ _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": Er
 @router.get("", response_model=StreamList, responses=_ERRORS,
             summary="List streams, by id, a page at a time")
 async def list_streams(
-    pipeline: PipelineDep,
+    admin: StreamsDep,
     who: Reader,
     limit: Annotated[int, Query(ge=1, le=1000, description="Streams per page")] = 500,
     cursor: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN,
@@ -42,7 +31,7 @@ async def list_streams(
 ) -> StreamList:
     """A key with a tenant sees that tenant's streams only (a page may then hold fewer
     than ``limit``; follow ``next_cursor`` until it is null)."""
-    page = await pipeline.list_streams(limit, cursor)
+    page = await admin.list(limit, cursor)
     page.streams = [s for s in page.streams if who.owns(s.stream)]
     return page
 
@@ -50,46 +39,45 @@ async def list_streams(
 @router.put("/{stream}", response_model=StreamOut,
             responses={**_ERRORS, 201: {"model": StreamOut, "description": "Created"}},
             summary="Create or configure a stream (channels are fixed once set)")
-async def put_stream(stream: AdminStream, body: StreamConfigIn, pipeline: PipelineDep,
+async def put_stream(stream: AdminStream, body: StreamConfigIn, admin: StreamsDep,
                      response: Response) -> StreamOut:
-    out, created = await pipeline.put_stream(stream, body)
+    out, created = await admin.put(stream, body)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return out
 
 
 @router.get("/{stream}", response_model=StreamOut, responses=_ERRORS, summary="Describe a stream")
-async def get_stream(stream: ReadStream, pipeline: PipelineDep) -> StreamOut:
-    return found(await pipeline.get_stream(stream), stream)
+async def get_stream(stream: ReadStream, admin: StreamsDep) -> StreamOut:
+    return await admin.get(stream)
 
 
 @router.delete("/{stream}", status_code=204, responses=_ERRORS,
                summary="Delete a stream, its window and its state")
-async def delete_stream(stream: AdminStream, pipeline: PipelineDep) -> Response:
-    if not await pipeline.delete_stream(stream):
-        raise HTTPException(404, f"stream {stream!r} not found")
+async def delete_stream(stream: AdminStream, admin: StreamsDep) -> Response:
+    await admin.delete(stream)
     return Response(status_code=204)
 
 
 @router.get("/{stream}/window", response_model=WindowOut, responses=_ERRORS,
             summary="The stream's stored window: the last `window` points, oldest first")
-async def get_window(stream: ReadStream, pipeline: PipelineDep) -> WindowOut:
-    return found(await pipeline.get_window(stream), stream)
+async def get_window(stream: ReadStream, admin: StreamsDep) -> WindowOut:
+    return await admin.window(stream)
 
 
 @router.post("/{stream}/feedback", response_model=FeedbackOut, responses=_ERRORS,
              summary="Label time ranges (false positive, missed anomaly); optionally adapt "
              "the stream's soft prompts (SPEAR artifacts) on them")
 async def post_feedback(stream: AdminStream, body: FeedbackRequest,
-                        pipeline: PipelineDep) -> FeedbackOut:
+                        feedback: FeedbackDep) -> FeedbackOut:
     """Each range becomes labelled windows (ending at its points) stored with the stream.
     With `adapt: true`, the stream's own copy of its SPEAR artifact's soft prompts and
     head is tuned on all its stored feedback (the language model stays frozen, other
     streams are unaffected) and its next scores use it. 409 when the stream's detector
     cannot adapt; then nothing is stored."""
-    return found(await pipeline.feedback(stream, body), stream)
+    return await feedback.post(stream, body)
 
 
 @router.get("/{stream}/feedback", response_model=FeedbackOut, responses=_ERRORS,
             summary="The stream's stored feedback ranges and the adaptation in force")
-async def get_feedback(stream: ReadStream, pipeline: PipelineDep) -> FeedbackOut:
-    return found(await pipeline.get_feedback(stream), stream)
+async def get_feedback(stream: ReadStream, feedback: FeedbackDep) -> FeedbackOut:
+    return await feedback.get(stream)

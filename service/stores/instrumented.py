@@ -1,31 +1,30 @@
-"""Wraps any window store with latency and error metrics, so the stores stay plain."""
+"""Wraps any backend with latency and error metrics, so the backends stay plain: every
+call of its streams part, its commit and its ping (``tsad_window_store_*``)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from service.errors import StoreUnavailable
 from service.metrics import ServiceMetrics
-from service.stores.base import StoreUnavailable, WindowStore
+from service.stores.base import Backend, StreamStore
 
-_TIMED = ("ping", "put_stream", "get_stream", "list_streams", "count_streams",
-          "delete_stream", "append", "window", "load_state", "save_state", "get_receipt",
-          "put_receipt")
+_STREAM_OPS = ("put", "get", "list", "count", "delete", "append", "window", "sections",
+               "receipt")
 
 
-class InstrumentedStore:
-    def __init__(self, store: WindowStore, metrics: ServiceMetrics) -> None:
-        self.inner = store
-        self.backend = store.backend
+class _Timed:
+    def __init__(self, name: str, metrics: ServiceMetrics) -> None:
+        self.name = name
         self.metrics = metrics
-        for op in _TIMED:
-            setattr(self, op, self._timed(op, getattr(store, op)))
 
-    def _timed(self, op: str, fn: Any) -> Any:
-        hist = self.metrics.store_operation_duration_seconds.labels(self.backend, op)
-        errors = self.metrics.store_errors_total.labels(self.backend, op)
-        up = self.metrics.store_up.labels(self.backend)
+    def __call__(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        hist = self.metrics.store_operation_duration_seconds.labels(self.name, op)
+        errors = self.metrics.store_errors_total.labels(self.name, op)
+        up = self.metrics.store_up.labels(self.name)
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -41,8 +40,32 @@ class InstrumentedStore:
 
         return call
 
+
+class _InstrumentedStreams:
+    def __init__(self, streams: StreamStore, timed: _Timed) -> None:
+        self.inner = streams
+        for op in _STREAM_OPS:
+            setattr(self, op, timed(op, getattr(streams, op)))
+
+    @property
+    def policy(self) -> Any:
+        return self.inner.policy
+
     def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
         return self.inner.lock(stream)
+
+
+class InstrumentedBackend:
+    def __init__(self, backend: Backend, metrics: ServiceMetrics) -> None:
+        timed = _Timed(backend.name, metrics)
+        self.inner = backend
+        self.name = backend.name
+        self.streams = _InstrumentedStreams(backend.streams, timed)
+        self.alerts = backend.alerts
+        self.webhooks = backend.webhooks
+        self.keys = backend.keys
+        self.commit = timed("commit", backend.commit)
+        self.ping = timed("ping", backend.ping)
 
     async def close(self) -> None:
         await self.inner.close()

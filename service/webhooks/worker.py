@@ -26,12 +26,13 @@ import time
 
 import httpx
 
+from service.errors import StoreUnavailable
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.stores.base import StoreUnavailable
+from service.stores.base import WebhookStore
 from service.webhooks.destinations import AllowList, DestinationRefused, GuardedTransport
+from service.webhooks.model import DELETED, Subscription
 from service.webhooks.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from service.webhooks.store import DELETED, Subscription, WebhookStore
 
 log = logging.getLogger("tsad.webhooks")
 USER_AGENT = "tsad-webhooks/0.1"

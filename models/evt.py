@@ -14,7 +14,7 @@ zoomed grids around the best point, then compared with the exponential case (x -
 deterministic, no optimiser start points, about a millisecond for 500 peaks. Without
 censored values the stationary points are exactly the roots of Grimshaw's u(x) v(x) = 1.
 Censoring is what lets SPOT keep its alarms out of the tail without truncating it
-(``service.thresholds``).
+(``models.thresholds``).
 Fewer than ``MIN_PEAKS_MLE`` peaks fall back to the method of moments.
 
 >>> rng = np.random.default_rng(0)

@@ -11,14 +11,14 @@ inline ``points`` when the service no longer holds them. At most
 ``TSAD_FEEDBACK_WINDOWS_PER_RANGE`` windows are kept per range (evenly spread over it),
 and the stream keeps its last ``TSAD_FEEDBACK_MAX_RANGES`` ranges with their windows.
 
-The feedback lives in the stream's state blob (``fb.*``), beside the detector, threshold
+The feedback lives in the stream's state (section ``fb``), beside the detector, threshold
 and alert state, so it survives a restart and every replica sees it; rebinding the stream
 to another detector or window drops it with the rest of the state.
 
 Adaptation (``adapt: true``, streams bound to a SPEAR artifact only) copies the
 artifact's soft prompts and head, tunes the copy on every stored labelled window (plus
 recent windows the model judged normal, as negatives) and stores the result in the
-blob (``ada.*``, about 31 KiB for 20 MiniLM prompts). The shared artifact and the LM
+state (section ``ada``, about 31 KiB for 20 MiniLM prompts). The shared artifact and the LM
 never change; the stream's next scores use its own prompts, other streams bound to the
 same artifact are unaffected. Each adaptation starts again from the artifact, so the
 result depends on the feedback kept, not on how often it was requested. An adaptation
@@ -34,7 +34,7 @@ from typing import get_args
 
 import numpy as np
 
-from service.schemas import FeedbackLabel
+from service.feedback.schemas import FeedbackLabel
 
 LABELS: tuple[str, ...] = get_args(FeedbackLabel)  # index = the stored label code
 TARGETS = {"false_positive": 0, "normal": 0, "missed_anomaly": 1, "anomaly": 1}
@@ -103,7 +103,7 @@ class FeedbackSet:
         return int(((self.window_range == range_id)
                     & (self.window_label != RECENT_NORMAL)).sum())
 
-    # --- the state blob ----------------------------------------------------------------
+    # --- the state section ---------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         if not len(self.ranges):
             return {}

@@ -1,33 +1,24 @@
-"""In-process window store: the embedded default when no Redis is configured.
+"""The in-process backend's streams: the embedded default when no Redis is configured.
 
-Single process only. Atomicity comes from the event loop: ``append`` has no await between
-its checks and its writes, so no other request can interleave.
+Single process only. Atomicity comes from the event loop: ``append`` and ``apply`` (the
+commit's part) have no await between their checks and their writes, so no other request
+can interleave.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from service.stores.base import (
-    NO_NUDGES,
-    AppendResult,
-    DuplicatePolicy,
-    StoreRejection,
-    StreamMeta,
-    TimestampPolicy,
-    may_resend,
-    plan_append,
-    retained,
-    scoreable_unscored,
-)
+from service.errors import Conflict, InvalidInput
+from service.stores.base import AppendResult, Commit, StreamMeta, StreamPolicy, retained
+from service.stores.plan import NO_NUDGES, may_resend, plan_append, scoreable_unscored
 
 # Receipts (Idempotency-Key responses) kept per stream, newest first: the in-process store
 # bounds them by count as well as by age
@@ -39,38 +30,26 @@ class _Stream:
     meta: StreamMeta
     points: deque = field(default_factory=deque)  # of np.ndarray rows (1 + C,)
     nudges: deque = field(default_factory=deque)  # (stored, sent) stamps of nudged points
-    state: bytes | None = None
+    sections: dict[str, bytes] = field(default_factory=dict)
     touched: float = field(default_factory=time.monotonic)
     receipts: OrderedDict = field(default_factory=OrderedDict)  # key -> (expiry, data)
 
 
-class MemoryWindowStore:
-    backend = "memory"
-
-    def __init__(self, ttl_seconds: float = 0, unscored_max_points: int = 10_000,
-                 receipt_ttl_seconds: float = 86_400) -> None:
-        self.ttl_seconds = ttl_seconds
-        self.unscored_max_points = unscored_max_points
-        self.receipt_ttl_seconds = receipt_ttl_seconds
+class MemoryStreams:
+    def __init__(self, policy: StreamPolicy) -> None:
+        self.policy = policy
         self._streams: dict[str, _Stream] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # outlive their stream: first posts race
 
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
     def _get(self, stream: str) -> _Stream | None:
         entry = self._streams.get(stream)
-        if entry is not None and self.ttl_seconds and (
-            time.monotonic() - entry.touched > self.ttl_seconds
-        ):
+        ttl = self.policy.ttl_seconds
+        if entry is not None and ttl and time.monotonic() - entry.touched > ttl:
             del self._streams[stream]  # idle past its TTL, like a Redis EXPIRE
             return None
         return entry
 
-    async def put_stream(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
+    async def put(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
         entry = self._get(meta.stream)
         if entry is None:
             self._streams[meta.stream] = _Stream(meta=replace(meta, points_seen=0,
@@ -78,13 +57,10 @@ class MemoryWindowStore:
             return replace(meta, points_scored=0), True
         old = entry.meta
         if old.channels != meta.channels:
-            raise StoreRejection(
-                ("body", "channels"),
-                f"stream {meta.stream!r} has {old.channels} channels; it cannot change",
-                status=409,
-            )
+            raise Conflict(("body", "channels"), f"stream {meta.stream!r} has "
+                           f"{old.channels} channels; it cannot change")
         if (old.window, old.detector) != (meta.window, meta.detector):
-            entry.state = None  # a new detector starts afresh: nothing left to score
+            entry.sections = {}  # a new detector starts afresh: nothing left to score
             old.points_scored = old.points_seen
         while len(entry.points) > retained(meta.window):
             entry.points.popleft()
@@ -95,11 +71,11 @@ class MemoryWindowStore:
         entry.touched = time.monotonic()
         return replace(entry.meta), False
 
-    async def get_stream(self, stream: str) -> StreamMeta | None:
+    async def get(self, stream: str) -> StreamMeta | None:
         entry = self._get(stream)
         return replace(entry.meta) if entry else None
 
-    async def list_streams(self, limit: int | None = None,
+    async def list(self, limit: int | None = None,
                            after: str | None = None) -> list[StreamMeta]:
         out = []
         for s in sorted(self._streams):
@@ -109,51 +85,41 @@ class MemoryWindowStore:
                 out.append(replace(e.meta))
         return out
 
-    async def count_streams(self, exact: bool = False) -> int:
+    async def count(self, exact: bool = False) -> int:
         if exact:
             for s in list(self._streams):
                 self._get(s)  # drops it when idle past its TTL
         return len(self._streams)
 
-    async def delete_stream(self, stream: str) -> bool:
+    async def delete(self, stream: str) -> bool:
         lock = self._locks.get(stream)
         if lock is not None and not lock.locked():  # else its holder still needs it
             del self._locks[stream]
         return self._streams.pop(stream, None) is not None
 
-    async def append(
-        self,
-        stream: str,
-        points: np.ndarray,
-        *,
-        default_window: int,
-        default_detector: str,
-        duplicates: DuplicatePolicy = "reject",
-        default_timestamps: TimestampPolicy = "reject",
-        max_back_seconds: float = math.inf,
-        known: StreamMeta | None = None,  # unused: this store's meta is always current
-    ) -> AppendResult:
+    async def append(self, stream: str, points: np.ndarray, *,
+                     known: StreamMeta | None = None) -> AppendResult:
+        # ``known`` is unused: this store's meta is always current
+        policy = self.policy
         channels = points.shape[1] - 1
         entry = self._get(stream)
         # --- checks: nothing is written until all pass --------------------------------
         if entry is not None and entry.meta.channels != channels:
-            raise StoreRejection(
-                ("body", "points", 0, "values"),
-                f"stream {stream!r} has {entry.meta.channels} channels, got {channels}",
-            )
+            raise InvalidInput(("body", "points", 0, "values"), f"stream {stream!r} has "
+                               f"{entry.meta.channels} channels, got {channels}")
         last = entry.meta.last_timestamp if entry else None
         stored, nudges = np.empty((0, 1 + channels)), NO_NUDGES
         if entry is not None and entry.points and may_resend(points, last):
             stored = np.array(entry.points, dtype=np.float64)
             nudges = np.array(entry.nudges, dtype=np.float64).reshape(-1, 2)
-        plan = plan_append(points, stored, last, duplicates,
-                           (entry and entry.meta.timestamps) or default_timestamps, nudges,
-                           max_back_seconds)
+        plan = plan_append(points, stored, last, policy.duplicates,
+                           (entry and entry.meta.timestamps) or policy.timestamps, nudges,
+                           policy.max_back_seconds)
         # --- writes ---------------------------------------------------------------------
         created = entry is None
         if entry is None:
-            meta = StreamMeta(stream=stream, channels=channels, window=default_window,
-                              detector=default_detector, points_scored=0)
+            meta = StreamMeta(stream=stream, channels=channels, window=policy.window,
+                              detector=policy.detector, points_scored=0)
             entry = self._streams[stream] = _Stream(meta=meta)
         new = plan.rows
         m = entry.meta
@@ -161,7 +127,7 @@ class MemoryWindowStore:
         unscored = 0 if m.points_scored is None else max(0, m.points_seen - m.points_scored)
         # held after the batch: the batch whole (a retry of it is recognised), the
         # unscored before it, and the context that scoring them needs
-        before = min(unscored, self.unscored_max_points) + retained(m.window) - 1
+        before = min(unscored, policy.unscored_max_points) + retained(m.window) - 1
         context = list(entry.points)[-before:] if len(new) or unscored else []
         for row in new:
             entry.points.append(np.array(row, dtype=np.float64))
@@ -191,36 +157,40 @@ class MemoryWindowStore:
             return np.empty((0, 1 + channels))
         return np.array(entry.points, dtype=np.float64)[-entry.meta.window:]
 
-    async def load_state(self, stream: str) -> bytes | None:
-        entry = self._get(stream)
-        return entry.state if entry else None
-
-    async def save_state(self, stream: str, blob: bytes, *, scored: int | None = None,
-                         receipt: tuple[str, bytes] | None = None) -> int:
+    async def sections(self, stream: str,
+                       names: Collection[str] | None = None) -> dict[str, bytes]:
         entry = self._get(stream)
         if entry is None:
-            return 0
-        entry.state = blob
-        if scored is not None:
-            entry.meta.points_scored = scored
-        if receipt is not None:
-            self._keep_receipt(entry, *receipt)
-        entry.meta.version += 1
-        return entry.meta.version
+            return {}
+        return {k: v for k, v in entry.sections.items() if names is None or k in names}
 
-    async def get_receipt(self, stream: str, key: str) -> bytes | None:
+    async def receipt(self, stream: str, key: str) -> bytes | None:
         entry = self._get(stream)
         found = entry.receipts.get(key) if entry else None
         return found[1] if found and found[0] > time.monotonic() else None
 
-    async def put_receipt(self, stream: str, key: str, data: bytes) -> None:
-        entry = self._get(stream)
-        if entry is not None:
-            self._keep_receipt(entry, key, data)
+    # --- the commit's part (no await: atomic on the event loop) ---------------------------
+    def apply(self, commit: Commit) -> int:
+        """A commit's stream writes; the new version (0: no such stream, or only a
+        receipt written)."""
+        entry = self._get(commit.stream)
+        if entry is None:
+            return 0
+        if commit.receipt is not None:
+            self._keep_receipt(entry, *commit.receipt)
+        if not commit.writes_state:
+            return 0
+        entry.sections.update(commit.sections)
+        for name in commit.drop:
+            entry.sections.pop(name, None)
+        if commit.scored is not None:
+            entry.meta.points_scored = commit.scored
+        entry.meta.version += 1
+        return entry.meta.version
 
     def _keep_receipt(self, entry: _Stream, key: str, data: bytes) -> None:
         now = time.monotonic()
-        entry.receipts[key] = (now + self.receipt_ttl_seconds, data)
+        entry.receipts[key] = (now + self.policy.receipt_ttl_seconds, data)
         entry.receipts.move_to_end(key)
         while entry.receipts and (len(entry.receipts) > RECEIPTS_PER_STREAM
                                   or next(iter(entry.receipts.values()))[0] <= now):

@@ -12,7 +12,7 @@ SPOT, in the service's terms:
    only when it beats every score the stream has produced so far (under exchangeable
    scores that happens about ln(calibration / min_scores) times in the whole period).
 2. *Calibration* on the stream's first ``calibration`` scores: t = their ``level``
-   quantile; a GPD is fitted to the excesses over t (``service.evt``); the alarm
+   quantile; a GPD is fitted to the excesses over t (``models.evt``); the alarm
    threshold is z_q = t + sigma/gamma ((q n / N_t)^-gamma - 1), the score exceeded with
    probability q.
 3. *Online*: a score between t and z_q is a new peak: the GPD is refitted and z_q moves;
@@ -27,7 +27,7 @@ of the peaks so that anomalies cannot raise the threshold; but then the fitted t
 truncated at z_q, the fit's shape turns negative, z_q drops, more scores become alarms
 and are truncated too: on i.i.d. exponential scores at q = 1e-3 we measured alarm rates of
 2.6-4.2e-3 after 48k points, gamma drifting to -0.4. Here an alarm joins the peaks as a
-*right-censored* excess at z_q - t (``service.evt.fit_gpd``): it tells the fit "beyond the
+*right-censored* excess at z_q - t (``models.evt.fit_gpd``): it tells the fit "beyond the
 alarm threshold" and nothing about how far, so a huge anomaly weighs no more than a
 marginal one, the tail stays unbiased and the alarm rate stays at q.
 
@@ -51,14 +51,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
-from service.evt import GPDFit, fit_gpd, gpd_quantile
-from service.settings import Settings
-from service.stores.base import StreamMeta
+from models.detectors.base import Detector, Records
+from models.evt import GPDFit, fit_gpd, gpd_quantile
 
 KINDS = ("spot", "dspot", "quantile", "fixed")
 DAY_SECONDS = 86_400.0
@@ -409,21 +408,27 @@ class FixedThreshold:
         """Nothing is learnt."""
 
 
-def stream_spec(settings: Settings, meta: StreamMeta) -> ThresholdSpec:
-    """The server defaults, overridden by the stream's own configuration."""
-    own = meta.threshold or {}
-    budget = meta.alert_budget_per_day or settings.threshold_alert_budget_per_day
-    return ThresholdSpec(
-        kind=own.get("kind") or settings.threshold_kind,
-        q=own.get("q") or settings.threshold_q,
-        depth=own.get("depth") or settings.threshold_depth,
-        level=settings.threshold_level,
-        calibration=settings.threshold_calibration_points,
-        min_scores=settings.threshold_min_scores,
-        max_peaks=settings.threshold_max_peaks,
-        # a stream's own q wins over a server-wide budget; its own budget over everything
-        budget_per_day=meta.alert_budget_per_day or (None if own.get("q") else budget),
-        quantile=settings.threshold_quantile,
-        history=settings.threshold_history,
-        value=own.get("value"),
-    )
+def verdict_spec(spec: ThresholdSpec, detector: Detector, *, chosen: bool,
+                 calibrated: float | None = None) -> ThresholdSpec:
+    """The threshold a stream of ``detector`` runs: ``spec`` when the stream chose its
+    kind (``chosen``); else a fixed cut where the detector brings one. A ``Records``
+    detector's scores are ratios to the stream's own record, so its record threshold
+    means the same on every stream, where a fitted tail would chase the records it should
+    flag; a trained artifact brings the cut it was calibrated at (``calibrated``).
+
+    >>> from models.detectors import build_detector
+    >>> verdict_spec(ThresholdSpec(), build_detector("ensemble"), chosen=False).value
+    1.01
+    >>> cut = verdict_spec(ThresholdSpec(), build_detector("pca"), chosen=False, calibrated=0.7)
+    >>> cut.kind, cut.value
+    ('fixed', 0.7)
+    >>> verdict_spec(ThresholdSpec(), build_detector("ensemble"), chosen=True).kind
+    'spot'
+    """
+    if chosen:
+        return spec
+    if isinstance(detector, Records):
+        return replace(spec, kind="fixed", value=detector.record_threshold)
+    if calibrated is not None:
+        return replace(spec, kind="fixed", value=calibrated)
+    return spec

@@ -1,0 +1,57 @@
+"""The per-process scorer cache: each stream's decoded scorer as last committed, kept
+between requests so that a request whose stream nobody else wrote since skips reading and
+decoding its state. Valid while the store's version of the stream is the cached one (plus
+this process's own append): another replica's append, commit, feedback or configuration
+change bumps the version, and a stream deleted and created again has another
+``created_at``. Bounded by state bytes, least recently used out."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from service.scoring import StreamScorer
+from service.stores.base import AppendResult, StreamMeta
+
+
+@dataclass
+class Cached:
+    meta: StreamMeta  # as committed
+    scorer: StreamScorer
+    nbytes: int  # the size of its state: what the cache's bound counts
+
+
+class ScorerCache:
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._entries: OrderedDict[str, Cached] = OrderedDict()  # least recent first
+        self._bytes = 0
+
+    def take(self, stream: str) -> Cached | None:
+        """The stream's entry, out of the cache (it goes back in once committed)."""
+        cached = self._entries.pop(stream, None)
+        if cached is not None:
+            self._bytes -= cached.nbytes
+        return cached
+
+    evict = take  # a deleted stream's scorer must not outlive it
+
+    @staticmethod
+    def valid(cached: Cached | None, appended: AppendResult) -> StreamScorer | None:
+        """The cached scorer if nothing but our own append wrote the stream since it was
+        committed."""
+        if cached is None:
+            return None
+        ours = 1 if appended.accepted else 0
+        if (cached.meta.created_at, cached.meta.version + ours) != (
+                appended.meta.created_at, appended.meta.version):
+            return None
+        return cached.scorer
+
+    def put(self, stream: str, entry: Cached) -> None:
+        if entry.nbytes > self.limit_bytes:
+            return
+        self._entries[stream] = entry
+        self._bytes += entry.nbytes
+        while self._bytes > self.limit_bytes:  # least recently used first
+            self._bytes -= self._entries.popitem(last=False)[1].nbytes

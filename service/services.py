@@ -1,0 +1,43 @@
+"""The service's parts, built once from the settings: what the routers reach through the
+typed dependencies of ``service/deps.py``, and what any other ingest path calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.auth.guard import Authenticator
+from service.feedback.service import FeedbackService
+from service.metrics import ServiceMetrics, StreamSeries
+from service.scorers import ScorerCache
+from service.settings import Settings
+from service.stores import build_backend
+from service.stores.base import Backend
+from service.stores.instrumented import InstrumentedBackend
+from service.streams import StreamAdmin
+from service.transaction import ScoreTransaction, crash_after_appends
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: ServiceMetrics
+    backend: Backend  # instrumented: every stream call and commit is timed
+    score: ScoreTransaction  # the /score transaction: (stream, timestamps, values)
+    streams: StreamAdmin
+    feedback: FeedbackService
+    auth: Authenticator
+
+
+def build_services(settings: Settings, metrics: ServiceMetrics,
+                   backend: Backend | None = None) -> Services:
+    backend = InstrumentedBackend(backend or build_backend(settings), metrics)
+    series = StreamSeries(metrics, settings.metrics_streams, settings.metrics_max_streams)
+    scorers = ScorerCache(settings.scorer_cache_mb * 2**20)
+    crash = settings.fault_crash_after_append
+    return Services(
+        settings=settings, metrics=metrics, backend=backend,
+        score=ScoreTransaction(backend, settings, metrics, series, scorers,
+                               crash_after_appends(crash) if crash else None),
+        streams=StreamAdmin(backend, settings, metrics, series, scorers),
+        feedback=FeedbackService(backend, settings, metrics),
+        auth=Authenticator(settings, backend.keys))

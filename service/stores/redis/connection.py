@@ -1,0 +1,89 @@
+"""One Redis connection shared by the Redis backend's parts: the client (a single Redis
+or a Redis Cluster), its errors as StoreUnavailable, and the key names.
+
+Keys of one stream carry the stream's hash tag (``<prefix>:{<stream>}:<part>``), so they
+live in one Redis Cluster slot and one Lua script or MULTI may touch them together.
+Alerts and webhooks share another slot on a cluster (``<prefix>:{alerts}:<part>``; a
+single Redis keeps the plain names ``<prefix>:<part>``), API keys and the stream index
+are single keys (``<prefix>:apikeys``, ``<prefix>:streams``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.errors import StoreUnavailable
+from service.redaction import redact_url
+
+
+def connect(url: str, *, cluster: bool = False,
+            timeout_seconds: float = 2.0) -> aioredis.Redis | RedisCluster:
+    """A client of one Redis, or of a Redis Cluster that ``url`` names one node of (the
+    client finds the others and routes each command to its key's slot)."""
+    kind = RedisCluster if cluster else aioredis.Redis
+    return kind.from_url(url, socket_timeout=timeout_seconds,
+                         socket_connect_timeout=timeout_seconds, health_check_interval=15)
+
+
+class RedisConnection:
+    def __init__(self, url: str, *, prefix: str = "tsad", cluster: bool = False,
+                 timeout_seconds: float = 2.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.cluster = cluster
+        self.client = connect(url, cluster=cluster, timeout_seconds=timeout_seconds)
+        self._shared_tag = "{alerts}:" if cluster else ""  # alerts and webhooks: one slot
+        # a cluster client reads the slot map once, before any command: concurrent first
+        # commands on an uninitialised client race on its connections (redis-py 8)
+        self._ready = not cluster
+        self._initialising = asyncio.Lock()
+
+    async def _initialise(self) -> None:
+        async with self._initialising:
+            if not self._ready:
+                await self.client.initialize()
+                self._ready = True
+
+    async def call(self, coro: Awaitable[Any]) -> Any:
+        """Await a Redis command; an outage or a Redis error is StoreUnavailable (503)."""
+        try:
+            if not self._ready:
+                try:
+                    await self._initialise()
+                except BaseException:
+                    getattr(coro, "close", lambda: None)()  # never to be awaited
+                    raise
+            return await coro
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(  # the URL may carry the password: never shown
+                f"Redis unreachable at {redact_url(self.url)}: {exc}") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+    def stream_key(self, stream: str, part: str) -> str:
+        return f"{self.prefix}:{{{stream}}}:{part}"
+
+    def shared_key(self, part: str) -> str:
+        """Alerts' and webhooks' keys (one hash slot on a cluster)."""
+        return f"{self.prefix}:{self._shared_tag}{part}"
+
+    def key(self, part: str) -> str:
+        """A single key outside any stream's or the alerts' slot."""
+        return f"{self.prefix}:{part}"
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        return self.client.pipeline(transaction=transaction)
+
+    async def ping(self) -> None:
+        await self.call(self.client.ping())
+
+    async def close(self) -> None:
+        await self.client.aclose()

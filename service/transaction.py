@@ -1,0 +1,307 @@
+"""The score transaction: validate, append, score, commit, and the batch's receipt.
+
+``ScoreTransaction`` is called with a stream and its points as arrays (timestamps (N,),
+values (N, C)): the HTTP router, and any other ingest path, go through it alike. The order
+is what keeps acknowledged data safe: the atomic append comes first and an answer is
+given only after it; the scoring state is saved afterwards with the stream's
+scored-up-to mark, its alerts and events and the batch's receipt, in one atomic commit
+(``Backend.commit``). If the process dies between the two, the points are stored but
+unscored: the stream's next append hands them back before its own points, so they are
+scored (and their alerts raised) first; ``recover`` does the same for one stream and
+``service/recovery.py`` for every stream at start-up. A retry of a stored batch is
+answered (its points' results when it scored them now, else status "duplicate"), and one
+sent with the same Idempotency-Key gets the kept response. Repeated and backward
+timestamps follow the stream's timestamp policy (``service/stores/plan.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from pydantic_core import to_json
+
+from service.alerts.events import record_events
+from service.errors import InvalidInput, LimitReached
+from service.metrics import ServiceMetrics, StreamSeries
+from service.responses import score_response
+from service.scorers import Cached, ScorerCache
+from service.scoring import Results, StreamScorer
+from service.settings import Settings
+from service.stores.base import AppendResult, Backend, Commit
+from service.validation import check_points
+
+log = logging.getLogger("tsad.pipeline")
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A batch sent with an Idempotency-Key: a retry with the same key and body gets the
+    first response again."""
+
+    key: str
+    digest: str  # of the request body: the same key with another body is refused
+    sent: Sequence[float | datetime]  # the points' timestamps as sent (the answer echoes)
+
+
+@dataclass
+class ScoreOutcome:
+    """What one call did: the append's actions, the scorer's columns, and the answer."""
+
+    stream: str
+    appended: AppendResult | None = None
+    results: Results | None = None  # a row per point scored (unscored first, then new)
+    points_until_scored: int | None = None
+    kept: dict | None = None  # the response of an earlier call with the same key
+    _body: dict | None = field(default=None, repr=False)
+
+    def body(self, sent: Sequence[float | datetime]) -> dict[str, Any]:
+        """The /score answer (``ScoreResponse``'s shape), ``sent`` the stamps as sent."""
+        if self.kept is not None:
+            return self.kept
+        if self._body is None:
+            assert self.appended is not None
+            self._body = score_response(self.stream, self.appended, self.results, sent,
+                                        self.points_until_scored)
+        return self._body
+
+
+@dataclass
+class _Scored:
+    scorer: StreamScorer
+    results: Results
+    sections: dict[str, bytes]  # changed since loaded
+    drop: tuple[str, ...]
+    alerts: list
+    events: list[dict]
+    nbytes: int
+
+
+class ScoreTransaction:
+    def __init__(self, backend: Backend, settings: Settings, metrics: ServiceMetrics,
+                 series: StreamSeries, scorers: ScorerCache,
+                 after_append: Callable[[AppendResult], None] | None = None) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.series = series
+        self.scorers = scorers
+        self.after_append = after_append  # tests: a crash between append and commit
+
+    async def __call__(self, stream: str, timestamps: np.ndarray, values: np.ndarray, *,
+                       idempotency: Idempotency | None = None) -> ScoreOutcome:
+        """Store the points (N timestamps, N x C values) of ``stream`` and score them."""
+        points = np.column_stack([np.asarray(timestamps, np.float64),
+                                  np.asarray(values, np.float64).reshape(len(timestamps), -1)])
+        check_points(points, self.settings)
+        async with self.backend.streams.lock(stream):
+            if idempotency is not None and (
+                    kept := await self._receipt(stream, idempotency)):
+                return ScoreOutcome(stream, kept=kept)
+            cached = self.scorers.take(stream)  # back in only once committed
+            appended = await self._append(stream, points, cached)
+            if self.after_append is not None:
+                self.after_append(appended)
+            appended, scored = await self._score(appended, cached)
+            outcome = ScoreOutcome(stream, appended, scored.results if scored else None,
+                                   scored.scorer.points_until_scored if scored else None)
+            receipt = None
+            if idempotency is not None:
+                receipt = (idempotency.key, _encode_receipt(
+                    idempotency.digest, appended.meta.created_at,
+                    outcome.body(idempotency.sent)))
+            await self._commit(appended, scored, receipt, cached)
+        return outcome
+
+    async def recover(self, stream: str) -> int:
+        """Score what a crash left stored but unscored on one stream; returns how many
+        points were scored (0: nothing was pending)."""
+        async with self.backend.streams.lock(stream):
+            meta = await self.backend.streams.get(stream)
+            if meta is None or meta.points_scored is None or (
+                    meta.points_scored >= meta.points_seen):
+                return 0
+            appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
+            appended, scored = await self._score(appended, None)
+            await self._commit(appended, scored, None, None)
+            return appended.unscored
+
+    # --- the steps -----------------------------------------------------------------------
+    async def _receipt(self, stream: str, idem: Idempotency) -> dict | None:
+        """The kept response of the batch first sent with the key (None: none, or one of
+        a deleted earlier stream of the same id); InvalidInput when this body is not that
+        batch."""
+        raw = await self.backend.streams.receipt(stream, idem.key)
+        meta = await self.backend.streams.get(stream) if raw else None
+        if raw is None or meta is None:
+            return None
+        kept = json.loads(zlib.decompress(raw))
+        if kept["created_at"] != meta.created_at:
+            return None
+        if kept["body"] != idem.digest:
+            raise InvalidInput(("header", "Idempotency-Key"), f"key {idem.key!r} was already "
+                               "used for a different batch (kept "
+                               f"{self.settings.idempotency_ttl_seconds} s, "
+                               "TSAD_IDEMPOTENCY_TTL_SECONDS): use a new key per batch")
+        self.metrics.idempotent_replays_total.inc()
+        return kept["response"]
+
+    async def _append(self, stream: str, points: np.ndarray,
+                      cached: Cached | None = None) -> AppendResult:
+        m = self.metrics
+        try:
+            appended = await self.backend.streams.append(
+                stream, points, known=cached.meta if cached else None)
+        except InvalidInput:
+            m.points_rejected_total.inc(len(points))
+            raise
+        if appended.created and await over_stream_cap(self.backend, self.settings):
+            await self.backend.streams.delete(stream)  # undo: the cap is checked after
+            m.points_rejected_total.inc(len(points))  # the atomic append
+            raise stream_cap_error(self.settings, ("body", "stream"))
+        m.points_ingested_total.inc(appended.accepted)
+        m.points_duplicate_total.inc(appended.duplicates)
+        for action in ("nudged", "dropped"):
+            if n := appended.actions.count(action):
+                m.points_reordered_total.labels(action).inc(n)
+        if appended.created:
+            m.streams_created_total.inc()
+            log.info("stream created", extra={"stream": stream,
+                                              "channels": appended.meta.channels})
+        if appended.unscored or appended.skipped:
+            m.points_unscored_total.inc(appended.skipped)
+            log.log(logging.WARNING if appended.skipped else logging.INFO,
+                    "scoring points a crash left unscored", extra={
+                        "stream": stream, "points": appended.unscored,
+                        "skipped": appended.skipped,
+                        "limit": self.settings.unscored_max_points})
+        return appended
+
+    async def _score(self, appended: AppendResult, cached: Cached | None
+                     ) -> tuple[AppendResult, _Scored | None]:
+        """Score the stored points not yet scored: those a crash left, then the batch's.
+        If the ones a crash left make the detector fail, they are skipped (logged and
+        counted) rather than failing every later request of the stream."""
+        if not (appended.to_score or appended.skipped):
+            return appended, None
+        scorer, sections = ScorerCache.valid(cached, appended), None
+        self.metrics.scorer_cache_total.labels("hit" if scorer else "miss").inc()
+        if scorer is None:
+            sections = await self.backend.streams.sections(appended.meta.stream)
+        try:
+            scored = await asyncio.to_thread(self._run, appended, sections, scorer)
+        except Exception:
+            if not appended.unscored:
+                raise
+            log.exception("scoring points a crash left unscored failed: skipped", extra={
+                "stream": appended.meta.stream, "points": appended.unscored})
+            self.metrics.points_unscored_total.inc(appended.unscored)
+            appended = replace(appended, unscored=0,
+                               skipped=appended.skipped + appended.unscored)
+            sections = await self.backend.streams.sections(appended.meta.stream)
+            scored = await asyncio.to_thread(self._run, appended, sections)  # afresh
+        self.metrics.points_recovered_total.inc(appended.unscored)
+        return appended, scored
+
+    def _run(self, appended: AppendResult, sections: dict[str, bytes] | None,
+             scorer: StreamScorer | None = None) -> _Scored:
+        """The detector's part, in a worker thread: score, then encode the state."""
+        start = time.perf_counter()
+        meta, m = appended.meta, self.metrics
+        if scorer is None:
+            scorer = StreamScorer.from_sections(meta, self.settings, sections or {})
+        scorer.meta = meta  # points_seen moved on: it indexes the new points
+        results = scorer.process(appended.points, appended.to_score)
+        alerts, events = scorer.tracker.drain()
+        threshold = scorer.threshold.value()
+        if threshold is not None:
+            m.threshold_value.observe(threshold)
+        self._observe_series(meta.stream, results, threshold)
+        m.points_scored_total.labels(meta.detector).inc(int(results.scored.sum()))
+        m.anomalies_total.labels(meta.detector).inc(int(results.anomalous.sum()))
+        m.scoring_duration_seconds.labels(meta.detector).observe(time.perf_counter() - start)
+        changed, drop, nbytes = scorer.to_commit()
+        m.stream_state_bytes.labels(meta.detector).observe(nbytes)
+        return _Scored(scorer, results, changed, drop, alerts, events, nbytes)
+
+    def _observe_series(self, stream: str, results: Results, threshold: float | None) -> None:
+        if not self.series.admit(stream):
+            return
+        scored = results.scored.tolist()
+        scores = [s if ok else None for s, ok in zip(results.scores.tolist(), scored,
+                                                     strict=True)]
+        leads = [e.top_channels[0].channel if (e := results.explained.get(k)) else None
+                 for k in range(len(results))]
+        self.series.observe(stream, scores, results.anomalous.tolist(), leads, threshold)
+
+    async def _commit(self, appended: AppendResult, scored: _Scored | None,
+                      receipt: tuple[str, bytes] | None, cached: Cached | None) -> None:
+        """Changed sections, scored-up-to mark, alerts, events and receipt: one atomic
+        write; then the scorer goes (back) into the cache, under the version it gave."""
+        meta = appended.meta
+        if scored is None:
+            if receipt is not None:
+                await self.backend.commit(Commit(meta.stream, receipt=receipt))
+            if ScorerCache.valid(cached, appended):  # nothing written: the same state
+                self.scorers.put(meta.stream, replace(cached, meta=meta))
+            return
+        version = await self.backend.commit(Commit(
+            meta.stream, sections=scored.sections, drop=scored.drop,
+            scored=meta.points_seen, receipt=receipt, alerts=scored.alerts,
+            events=scored.events))
+        record_events(scored.events, self.metrics, self.series)
+        if version:
+            self.scorers.put(meta.stream, Cached(
+                replace(meta, version=version, points_scored=meta.points_seen),
+                scored.scorer, scored.nbytes))
+
+
+def _encode_receipt(digest: str, created_at: float, response: dict) -> bytes:
+    """What an Idempotency-Key keeps: the batch's digest, the stream's incarnation (a
+    receipt of a deleted stream of the same id does not answer) and the response (as
+    /score sends it: date-times as RFC 3339 strings)."""
+    return zlib.compress(to_json({"body": digest, "created_at": created_at,
+                                  "response": response}))
+
+
+async def over_stream_cap(backend: Backend, settings: Settings, slack: int = 0) -> bool:
+    """More than TSAD_MAX_STREAMS - slack streams? The index count is cheap; the exact
+    count (which tidies streams expired by TTL out of the index) runs only past it."""
+    cap = settings.max_streams - slack
+    if not settings.max_streams or await backend.streams.count() <= cap:
+        return False
+    return await backend.streams.count(exact=True) > cap
+
+
+def stream_cap_error(settings: Settings, loc: tuple[str, ...]) -> LimitReached:
+    return LimitReached(loc, f"at most {settings.max_streams} streams (TSAD_MAX_STREAMS): "
+                        "delete one or raise the limit")
+
+
+def crash_after_appends(n: int) -> Callable[[AppendResult], None]:
+    """TSAD_FAULT_CRASH_AFTER_APPEND (tests only): the process dies between its n-th
+    append that stored points and its commit, as a kill -9 there would."""
+    stored = 0
+
+    def after(appended: AppendResult) -> None:
+        nonlocal stored
+        if appended.accepted:
+            stored += 1
+            if stored == n:
+                log.critical("fault injection: exiting after an append",
+                             extra={"stream": appended.meta.stream})
+                os._exit(137)
+
+    return after
+
+
+__all__ = ["Idempotency", "ScoreOutcome", "ScoreTransaction", "crash_after_appends"]
