@@ -66,11 +66,15 @@ def create_app(settings: Settings | None = None,
         # what a crash left stored but unscored, scored without waiting for traffic
         recovery = (asyncio.create_task(recover_all(backend, services.score))
                     if settings.recover_on_start else None)
+        # scorers of streams deleted or written elsewhere leave this process's cache
+        checks = asyncio.create_task(services.scorers.run_checks(
+            backend.streams, settings.scorer_cache_check_seconds))
         yield
-        if recovery is not None:
-            recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await recovery
+        for task in (recovery, checks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await worker.stop()
         await backend.close()
         worker_exited()

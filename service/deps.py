@@ -3,6 +3,7 @@ which the routers take as arguments instead of reaching into app.state or the st
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -89,6 +90,7 @@ AUTH_RESPONSES = {401: {"model": ErrorOut, "description": "Missing, unknown or r
                   403: {"model": ErrorOut, "description": "Scope or tenant does not allow"}}
 
 
+@functools.cache  # one callable per scope: FastAPI resolves it once per request
 def _require(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
     async def principal(request: Request, credentials: Credentials) -> Principal:
         auth = request.app.state.services.auth

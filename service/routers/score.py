@@ -25,7 +25,9 @@ IdempotencyKey = Annotated[str | None, Header(
 @router.post(
     "/score",
     response_model=ScoreResponse,
-    responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}, 429: {
+        "model": ErrorOut, "description": "A new stream beyond TSAD_MAX_STREAMS or the "
+        "key's tenant's TSAD_MAX_STREAMS_PER_TENANT"}},
     summary="Append points to a stream and score them",
 )
 async def score(body: ScoreRequest, transaction: ScoreDep, who: Ingest,
@@ -39,7 +41,7 @@ async def score(body: ScoreRequest, transaction: ScoreDep, who: Ingest,
     try:
         points = score_points(body, transaction.settings)
         outcome = await transaction(body.stream, points[:, 0], points[:, 1:],
-                                    idempotency=idempotency)
+                                    idempotency=idempotency, tenant=who.tenant)
     except InvalidInput as exc:
         if body.columnar:  # errors name points.i: name the columns sent
             raise columnar(exc) from None
