@@ -117,9 +117,9 @@ def main() -> None:
                     help="points posted to each new stream (the default detector warms "
                     "up on 256)")
     ap.add_argument("--setups", nargs="+", default=["one", "two"], choices=["one", "two"])
-    ap.add_argument("--settle", type=float, default=35.0,
+    ap.add_argument("--settle", type=float, default=15.0,
                     help="seconds between the churn's end and the memory reading (the "
-                    "cache check runs every TSAD_SCORER_CACHE_CHECK_SECONDS, 30 s)")
+                    "cache check runs every TSAD_SCORER_CACHE_CHECK_SECONDS, 10 s)")
     ap.add_argument("--before", type=Path, default=None,
                     help="the JSON of a run of an earlier commit, shown beside this one")
     ap.add_argument("--name", default="stream_churn", help="results file name")

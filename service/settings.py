@@ -233,9 +233,9 @@ class Settings(BaseSettings):
         "(least recently used out; counted by state size): a request whose stream nobody "
         "else wrote since skips reading and decoding its state; 0 = off")
     scorer_cache_check_seconds: float = Field(
-        30.0, gt=0, description="how often each process checks its cached scorers against "
-        "the store: those of streams deleted (through any replica) or written by another "
-        "replica since are evicted")
+        10.0, gt=0, description="how often each process checks its cached scorers against "
+        "the store (one round trip per 1,000 cached streams): those of streams deleted "
+        "(through any replica) or written by another replica since are evicted")
     fault_crash_after_append: int = Field(
         0, ge=0, description="TESTS ONLY: the process exits at once (os._exit) right after "
         "its Nth append that stored points, before scoring them; 0 = off")

@@ -241,7 +241,10 @@ def test_retries_stop_at_the_horizon_not_a_fixed_count(redis_url, tmp_path):
             dead = wait_for(lambda: len(d := httpx.get(
                 f"{service.url}/webhooks/dead-letters").json()["dead_letters"]) >= events
                 and d)
-            assert all(d["last_status"] == 503 and 1 < d["attempts"] < 100 for d in dead)
+            # an alert's later events wait behind its first (in sequence order): they may
+            # get one attempt before the horizon; each alert's first is retried
+            assert all(d["last_status"] == 503 and 1 <= d["attempts"] < 100 for d in dead)
+            assert all(d["attempts"] > 1 for d in dead if d["event"]["sequence"] == 1)
             assert all(d["failed_at"] - d["event"]["created"] < 1.5 + 1 for d in dead)
             # a replay starts the horizon over: retried again, not buried at once
             r = httpx.post(f"{service.url}/webhooks/dead-letters/{dead[0]['id']}/replay")
