@@ -38,6 +38,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.throughput import start_redis  # noqa: E402
 from models.reporting import save_report  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 
@@ -52,18 +53,6 @@ def rss_mb(pid: int) -> float:
 def points(k: int, n: int) -> list[dict]:
     return [{"timestamp": 1.7e9 + 60.0 * i, "values": [50 + 10 * math.sin((i + k) / 9)]}
             for i in range(n)]
-
-
-def start_redis(port: int, workdir: str) -> subprocess.Popen:
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                          text=True).stdout.strip() == "PONG":
-            return proc
-        time.sleep(0.1)
-    raise RuntimeError("redis-server did not start")
 
 
 def run(setup: str, redis_url: str, live: int, churn: int, n_points: int,

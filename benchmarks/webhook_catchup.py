@@ -148,7 +148,8 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['tree']} | {r['events']} | {r['delivered']} | "
                      f"{r['first_after_back_seconds']} | {r['median_after_back_seconds']} | "
-                     f"{r['last_after_back_seconds']} | {r['alerts_out_of_order']} |")
+                     f"{r['last_after_back_seconds']} | "
+                     f"{r['alerts_out_of_order']} of {r['alerts']} |")
     report = "\n".join(lines) + "\n"
     save_report({"commit": commit, "rows": rows}, report,
                 ROOT / "benchmarks" / "results" / args.name)
