@@ -15,12 +15,10 @@ Prints a markdown table and writes benchmarks/results/edge_cost.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -31,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.reporting import save_report  # noqa: E402
+from models import reporting  # noqa: E402
 from service.process import ServiceProcess  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -78,22 +76,14 @@ def measure(root: Path | None, n: int, clients: int) -> dict[str, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = reporting.service_benchmark_parser(__doc__, "edge_cost")
     ap.add_argument("--requests", type=int, default=3000, help="per kind of request")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds (alternating with the baseline): medians are reported")
-    ap.add_argument("--baseline", type=Path, default=None,
-                    help="another commit's tree (git archive COMMIT | tar -x -C DIR), "
-                    "measured in alternate rounds")
-    ap.add_argument("--baseline-label", default="baseline")
-    ap.add_argument("--name", default="edge_cost", help="results file name")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    trees = ([(args.baseline_label, args.baseline)] if args.baseline else []) + [
-        (commit, None)]
+    trees = reporting.trees_to_compare(args)
+    commit = trees[-1][0]
     rounds: dict[str, list[dict]] = {label: [] for label, _ in trees}
     for _ in range(args.rounds):
         for label, root in trees:
@@ -109,15 +99,13 @@ def main() -> None:
              f"{os.getloadavg()[0]:.1f} at the end (a shared machine: the rate follows "
              "the load, the CPU per request much less); `python benchmarks/edge_cost.py "
              f"--requests {args.requests} --clients {args.clients} --rounds {args.rounds}"
-             + (f" --baseline DIR --baseline-label '{args.baseline_label}'`"
-                if args.baseline else "`") + ", medians of the rounds", "",
+             f"{reporting.baseline_options(args)}`, medians of the rounds", "",
              "| request | tree | server CPU per request (µs) | requests/s |",
              "| --- | --- | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['tree']} | {r['server_cpu_us_per_request']:,} | "
                      f"{r['requests_per_second']:,} |")
-    report = "\n".join(lines) + "\n"
-    save_report({"commit": commit, "rows": rows, "rounds": rounds}, report,
+    reporting.save_report({"commit": commit, "rows": rows, "rounds": rounds}, "\n".join(lines),
                 ROOT / "benchmarks" / "results" / args.name)
 
 

@@ -20,12 +20,10 @@ Prints a markdown table and writes benchmarks/results/stream_churn.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import start_redis  # noqa: E402
-from models.reporting import save_report  # noqa: E402
+from models import reporting  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 
 
@@ -98,8 +96,7 @@ def _sample(metrics: str, name: str) -> float | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = reporting.service_benchmark_parser(__doc__, "stream_churn", baseline=False)
     ap.add_argument("--live", type=int, default=500, help="streams alive throughout")
     ap.add_argument("--churn", type=int, default=5000, help="deletes (and as many creates)")
     ap.add_argument("--points", type=int, default=300,
@@ -111,7 +108,6 @@ def main() -> None:
                     "cache check runs every TSAD_SCORER_CACHE_CHECK_SECONDS, 10 s)")
     ap.add_argument("--before", type=Path, default=None,
                     help="the JSON of a run of an earlier commit, shown beside this one")
-    ap.add_argument("--name", default="stream_churn", help="results file name")
     args = ap.parse_args()
     if not shutil.which("redis-server"):
         raise SystemExit("redis-server not found: `make redis-server` installs it")
@@ -125,8 +121,7 @@ def main() -> None:
         redis.terminate()
         redis.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
+    commit = reporting.git_commit()
     lines = [f"# Stream churn: resident memory at the same live count ({commit})", "",
              f"{datetime.now(UTC):%Y-%m-%d}, {platform.node()}; `python "
              f"benchmarks/stream_churn.py --live {args.live} --churn {args.churn} "
@@ -141,8 +136,7 @@ def main() -> None:
             lines.append(f"| {who}, {run_['commit']} | {r['live']} | {r['churn']:,} | "
                          f"{r['rss_before_mb']} | {r['rss_after_mb']} | {r['growth_mb']:+} "
                          f"| {r['churn_seconds']} |")
-    report = "\n".join(lines) + "\n"
-    save_report({"commit": commit, "rows": rows, "before": before}, report,
+    reporting.save_report({"commit": commit, "rows": rows, "before": before}, "\n".join(lines),
                 ROOT / "benchmarks" / "results" / args.name)
 
 

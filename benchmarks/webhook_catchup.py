@@ -17,11 +17,9 @@ benchmarks/results/webhook_catchup.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -36,7 +34,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.reporting import save_report  # noqa: E402
+from models import reporting  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 
 ENV = {"TSAD_DEFAULT_DETECTOR": "residual_linear", "TSAD_DEFAULT_WINDOW": "16",
@@ -120,29 +118,21 @@ def run(root: Path | None, streams: int, outage: float, wait: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = reporting.service_benchmark_parser(__doc__, "webhook_catchup")
     ap.add_argument("--streams", type=int, default=20, help="one alert (opened, resolved) each")
     ap.add_argument("--outage", type=float, default=120.0, help="seconds the receiver is down")
     ap.add_argument("--wait", type=float, default=600.0,
                     help="at most this long for every event after the receiver is back")
-    ap.add_argument("--baseline", type=Path, default=None,
-                    help="another commit's tree, run first, side by side")
-    ap.add_argument("--baseline-label", default="baseline")
-    ap.add_argument("--name", default="webhook_catchup", help="results file name")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    trees = ([(args.baseline_label, args.baseline)] if args.baseline else []) + [
-        (commit, None)]
+    trees = reporting.trees_to_compare(args)
+    commit = trees[-1][0]
     rows = [{"tree": label, **run(root, args.streams, args.outage, args.wait)}
             for label, root in trees]
     lines = [f"# Webhook catch-up after a {args.outage:g} s receiver outage ({commit})", "",
              f"{datetime.now(UTC):%Y-%m-%d}, {platform.node()}, load average "
              f"{os.getloadavg()[0]:.1f}; `python benchmarks/webhook_catchup.py --streams "
-             f"{args.streams} --outage {args.outage:g}"
-             + (f" --baseline DIR --baseline-label '{args.baseline_label}'`"
-                if args.baseline else "`") + "; seconds after the receiver is back", "",
+             f"{args.streams} --outage {args.outage:g}{reporting.baseline_options(args)}`; seconds "
+             "after the receiver is back", "",
              "| tree | events | delivered | first (s) | median (s) | last (s) | alerts out of "
              "order |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -150,8 +140,7 @@ def main() -> None:
                      f"{r['first_after_back_seconds']} | {r['median_after_back_seconds']} | "
                      f"{r['last_after_back_seconds']} | "
                      f"{r['alerts_out_of_order']} of {r['alerts']} |")
-    report = "\n".join(lines) + "\n"
-    save_report({"commit": commit, "rows": rows}, report,
+    reporting.save_report({"commit": commit, "rows": rows}, "\n".join(lines),
                 ROOT / "benchmarks" / "results" / args.name)
 
 

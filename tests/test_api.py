@@ -329,7 +329,7 @@ def test_an_unexpected_error_is_a_json_500_with_the_request_id_its_log_names(cap
 def test_the_request_middleware_is_plain_asgi_and_sees_every_answer():
     """Request ids, metrics and the access log come from plain ASGI middleware: Starlette's
     BaseHTTPMiddleware cost about as much server CPU as the rest of a cheap request
-    (/healthz 442 against 218 us, benchmarks/results/edge_cost.md). A refusal of the auth
+    (/healthz 473 against 290 us, benchmarks/results/edge_cost.md). A refusal of the auth
     gate, before any route, is still counted under its route and carries the caller's
     request id."""
     from starlette.middleware.base import BaseHTTPMiddleware
