@@ -128,7 +128,8 @@ class ScoreTransaction:
             appended, scored = await self._score(appended, cached)
             completed = await self._complete(appended, scored)
             outcome = ScoreOutcome(stream, appended, scored.results if scored else None,
-                                   scored.scorer.points_until_scored if scored else None)
+                                   scored.scorer.points_until_scored if scored
+                                   else await self._warm_up_left(appended, cached))
             receipt = None
             if idempotency is not None and idempotency.key in completed:
                 outcome.kept = completed[idempotency.key][0]  # the first request's answer
@@ -253,6 +254,18 @@ class ScoreTransaction:
             scored = await asyncio.to_thread(self._run, appended, sections)  # afresh
         self.metrics.points_recovered_total.inc(appended.unscored)
         return appended, scored
+
+    async def _warm_up_left(self, appended: AppendResult, cached: Cached | None
+                            ) -> int | None:
+        """points_until_scored of a batch that stored nothing (a retry, dropped points):
+        the stream's warm-up progress as it stands, so a retry answers what the first
+        answer did. Reads the stream's state unless its scorer is cached."""
+        scorer = ScorerCache.valid(cached, appended)
+        if scorer is None:
+            sections = await self.backend.streams.sections(appended.meta.stream)
+            scorer = await asyncio.to_thread(StreamScorer.from_sections, appended.meta,
+                                             self.settings, sections)
+        return scorer.loop.points_until_scored(appended.meta.points_seen)
 
     def _run(self, appended: AppendResult, sections: dict[str, bytes] | None,
              scorer: StreamScorer | None = None) -> _Scored:
