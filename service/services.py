@@ -26,6 +26,7 @@ class Services:
     streams: StreamAdmin
     feedback: FeedbackService
     auth: Authenticator
+    scorers: ScorerCache  # this process's decoded scorers (checked in the lifespan)
 
 
 def build_services(settings: Settings, metrics: ServiceMetrics,
@@ -40,4 +41,4 @@ def build_services(settings: Settings, metrics: ServiceMetrics,
                                crash_after_appends(crash) if crash else None),
         streams=StreamAdmin(backend, settings, metrics, series, scorers),
         feedback=FeedbackService(backend, settings, metrics),
-        auth=Authenticator(settings, backend.keys))
+        auth=Authenticator(settings, backend.keys), scorers=scorers)
