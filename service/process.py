@@ -33,11 +33,15 @@ def terminate(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
 
 class ServiceProcess:
     """`uvicorn service.main:app` on 127.0.0.1:<port>, configured by environment variables;
-    with workers > 1, `tsad serve --workers N` (which merges the workers' metrics)."""
+    with workers > 1, `tsad serve --workers N` (which merges the workers' metrics).
+    ``root``: the source tree to run (default this one; a benchmark compares another
+    commit's, exported with ``git archive``)."""
 
     def __init__(self, env: dict[str, str] | None = None, port: int | None = None,
-                 workers: int = 1, log_path: str | Path | None = None) -> None:
+                 workers: int = 1, log_path: str | Path | None = None,
+                 root: str | Path | None = None) -> None:
         self.env = env or {}
+        self.root = Path(root) if root else Path(__file__).resolve().parent.parent
         self.port = port or free_port()
         self.workers = workers
         self.log_path = Path(log_path) if log_path else None
@@ -60,7 +64,7 @@ class ServiceProcess:
             cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(self.workers)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parent.parent)
+                                     cwd=self.root)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -28,6 +28,7 @@ class Services:
     feedback: FeedbackService
     auth: Authenticator
     ingest: IngestRuntime  # remote-write, OTLP, watches, score write-back (service/ingest)
+    scorers: ScorerCache  # this process's decoded scorers (checked in the lifespan)
 
 
 def build_services(settings: Settings, metrics: ServiceMetrics,
@@ -42,5 +43,5 @@ def build_services(settings: Settings, metrics: ServiceMetrics,
     return Services(
         settings=settings, metrics=metrics, backend=backend, score=score, streams=streams,
         feedback=FeedbackService(backend, settings, metrics),
-        auth=Authenticator(settings, backend.keys),
+        auth=Authenticator(settings, backend.keys), scorers=scorers,
         ingest=build_ingest(settings, metrics, score, streams))

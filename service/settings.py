@@ -66,6 +66,10 @@ class Settings(BaseSettings):
                             "stream may ask for")
     max_streams: int = Field(10_000, ge=0, description="streams per store; creating one "
                              "more is a 429 (0 = no limit)")
+    max_streams_per_tenant: int = Field(
+        0, ge=0, description="streams of one tenant (ids '<tenant>.*') that its keys may "
+        "create; one more is a 429, so one tenant cannot fill TSAD_MAX_STREAMS for the "
+        "others (0 = no limit but the store's; keys without tenant: the store's only)")
     duplicates: Literal["reject", "drop"] = Field(
         "reject",
         description="a batch that resends stored points (a retry) and goes on with new "
@@ -282,6 +286,10 @@ class Settings(BaseSettings):
         256, ge=0, description="stream scorers each process keeps decoded between requests "
         "(least recently used out; counted by state size): a request whose stream nobody "
         "else wrote since skips reading and decoding its state; 0 = off")
+    scorer_cache_check_seconds: float = Field(
+        10.0, gt=0, description="how often each process checks its cached scorers against "
+        "the store (one round trip per 1,000 cached streams): those of streams deleted "
+        "(through any replica) or written by another replica since are evicted")
     fault_crash_after_append: int = Field(
         0, ge=0, description="TESTS ONLY: the process exits at once (os._exit) right after "
         "its Nth append that stored points, before scoring them; 0 = off")

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import StoreUnavailable
+from service.redaction import redact_url
 
 
 def connect(url: str, *, cluster: bool = False,
@@ -75,7 +76,8 @@ class RedisConnection:
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
+            raise StoreUnavailable(  # the URL may carry the password: never shown
+                f"Redis unreachable at {redact_url(self.url)}: {exc}") from exc
         except RedisError as exc:
             raise StoreUnavailable(f"Redis error: {exc}") from exc
 
