@@ -308,8 +308,9 @@ class Ensemble(Online, Records):
         return min(int(self._blocks[0]), self.config.history_blocks)
 
     def _derived(self, key: str, compute: Callable[[], tuple]) -> tuple:
-        """What the block history says (the range, the noise, the records), computed once
-        per block: scoring one window at a time asks for it at every window."""
+        """What the block history and the memories say (the range, the noise, the
+        records, the searches' prepared memories), computed once per block: scoring one
+        window at a time asks for it at every window."""
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
@@ -380,19 +381,20 @@ class Ensemble(Online, Records):
 
     def _memory_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): cosine distance of each channel window's shape to the nearest
-        remembered one (``_nearest_cosine``); an empty slot, all zeros, is never the
+        remembered one (``CosineMemory``); an empty slot, all zeros, is never the
         nearest."""
-        mem, norms = self._memory_shapes()  # (C, N, W), (C, N)
+        memories = self._derived("memory_search", lambda: tuple(
+            CosineMemory(mem, norms) for mem, norms in zip(*self._memory_shapes(), strict=True)))
         q = scale_windows(windows).astype(np.float32)  # (B, C, W)
         q_norms = _norms(q)  # (B, C)
         out = np.empty((len(windows), windows.shape[2]))
-        for c in range(windows.shape[2]):
-            out[:, c] = 1.0 - _nearest_cosine(q[:, c], q_norms[:, c], mem[c], norms[c])
+        for c, memory in enumerate(memories):
+            out[:, c] = 1.0 - memory.nearest(q[:, c], q_norms[:, c])
         return np.clip(out, 0.0, 2.0)
 
     def _level_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): Euclidean distance of each channel window to the nearest remembered
-        raw window (read from the ring; ``_nearest_squared``), per point, in units of the
+        raw window (read from the ring; ``SquaredMemory``), per point, in units of the
         stream's range; 0 for a window that does not continue the learnt stream."""
         w = self.config.window
         kept = np.flatnonzero(self._keep[w - 1:])  # windows by their start in the ring
@@ -403,9 +405,12 @@ class Ensemble(Online, Records):
         if not attached.any():
             return out
         lo, hi = self._range()
-        for c in range(windows.shape[2]):
-            ref, span = (hi[0, c] + lo[0, c]) / 2.0, max(hi[0, c] - lo[0, c], 1e-12)
-            d2 = _nearest_squared(windows[attached, :, c] - ref, self._ring[:, c] - ref, kept)
+        refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
+        memories = self._derived("level_search", lambda: tuple(
+            SquaredMemory(self._ring[:, c] - refs[c], kept, w) for c in range(len(refs))))
+        for c, memory in enumerate(memories):
+            span = max(hi[0, c] - lo[0, c], 1e-12)
+            d2 = memory.nearest(windows[attached, :, c] - refs[c])
             out[attached, c] = np.sqrt(np.maximum(d2, 0.0) / w) / span
         return out
 
@@ -520,54 +525,73 @@ SEARCH_SLACK = 1e-4
 CANDIDATES = 8
 
 
-def _nearest_cosine(q: np.ndarray, q_norms: np.ndarray, mem: np.ndarray,
-                    norms: np.ndarray) -> np.ndarray:
-    """(B,) the largest cosine similarity ``dot / max(|q| |m|, 1)`` of each shape q (B, W),
-    float32 integers, to the remembered shapes ``mem`` (N, W), uint8 (zeros: empty).
-    The search runs on unit-scaled shapes; the candidates' dot products are integers,
-    exact in float32, so the result is the formula's to the last bit."""
-    inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    approx = q @ np.multiply(mem, inverse.astype(np.float32)[:, None], dtype=np.float32).T
-    first = approx.argmax(axis=1)
-    top = approx[np.arange(len(q)), first]
-    rows, cols = _near(-approx, first, -top * np.float32(1 - SEARCH_SLACK))
-    if len(rows) > CANDIDATES * len(q):
-        sims = (q @ mem.astype(np.float32).T) / np.maximum(np.outer(q_norms, norms), 1.0)
-        return sims.max(axis=1)
-    dots = (q[rows] * mem[cols]).sum(axis=1, dtype=np.float32)
-    best = np.full(len(q), -np.inf)
-    np.maximum.at(best, rows, dots / np.maximum(q_norms[rows] * norms[cols], 1.0))
-    return best
+class CosineMemory:
+    """The memory member's search over one channel's remembered shapes ``mem`` (N, W),
+    uint8 (zeros: empty), with their norms (N,): prepared once per block, searched by
+    every scoring call until the next."""
+
+    def __init__(self, mem: np.ndarray, norms: np.ndarray) -> None:
+        self.mem, self.norms = mem, norms
+        inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        # (W, N): the unit-scaled shapes the float32 search runs on
+        self.unit_t = np.multiply(mem, inverse.astype(np.float32)[:, None],
+                                  dtype=np.float32).T
+
+    def nearest(self, q: np.ndarray, q_norms: np.ndarray) -> np.ndarray:
+        """(B,) the largest cosine similarity ``dot / max(|q| |m|, 1)`` of each shape q
+        (B, W), float32 integers, to the remembered shapes. The candidates' dot products
+        are integers, exact in float32, so the result is the formula's to the last bit."""
+        mem, norms = self.mem, self.norms
+        approx = q @ self.unit_t
+        first = approx.argmax(axis=1)
+        top = approx[np.arange(len(q)), first]
+        rows, cols = _near(-approx, first, -top * np.float32(1 - SEARCH_SLACK))
+        if len(rows) > CANDIDATES * len(q):
+            sims = (q @ mem.astype(np.float32).T) / np.maximum(np.outer(q_norms, norms), 1.0)
+            return sims.max(axis=1)
+        dots = (q[rows] * mem[cols]).sum(axis=1, dtype=np.float32)
+        best = np.full(len(q), -np.inf)
+        np.maximum.at(best, rows, dots / np.maximum(q_norms[rows] * norms[cols], 1.0))
+        return best
 
 
-def _nearest_squared(q: np.ndarray, ring: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """(B,) the smallest squared Euclidean distance ``|q|^2 + |m|^2 - 2 q.m`` (float64)
-    of each window q (B, W) to the ring's windows that start at ``kept`` (ring: (R,) raw
-    values, centred like q). The float32 search's error is below 1e-5 of |q|^2 plus the
-    largest |m|^2."""
-    w = q.shape[1]
-    windows = _windows_of(ring, w)  # (R - W + 1, W), a view
-    search_windows = _windows_of(ring.astype(np.float32), w)
-    mem = np.empty((len(kept), w + 1), np.float32)  # [m, |m|^2]
-    mem[:, :w] = search_windows if len(kept) == len(windows) else search_windows[kept]
-    msq = np.einsum("ij,ij->i", mem[:, :w], mem[:, :w])  # |m|^2 (the search's)
-    mem[:, w] = msq
-    search = np.empty((len(q), w + 1), np.float32)  # [-2 q, 1]: their product |m|^2 - 2 q.m
-    search[:, :w] = -2.0 * q
-    search[:, w] = 1.0
-    approx = search @ mem.T  # (B, N)
-    qsq = (q**2).sum(axis=1)
-    first = approx.argmin(axis=1)
-    low = approx[np.arange(len(q)), first]
-    rows, cols = _near(approx, first, low + 2.0 * SEARCH_SLACK * (qsq + msq.max()))
-    if len(rows) > CANDIDATES * len(q):
-        m = windows[kept]
-        return (qsq[:, None] + (m**2).sum(1)[None] - 2.0 * q @ m.T).min(axis=1)
-    m = windows[kept[cols]]
-    d2 = (qsq[rows] + (m**2).sum(axis=1)) - (2.0 * q[rows] * m).sum(axis=1)
-    best = np.full(len(q), np.inf)
-    np.minimum.at(best, rows, d2)
-    return best
+class SquaredMemory:
+    """The level member's search over the windows of ``ring`` (R,) (one channel's raw
+    values, centred as the queries will be) that start at ``kept``: prepared once per
+    block, searched by every scoring call until the next."""
+
+    def __init__(self, ring: np.ndarray, kept: np.ndarray, w: int) -> None:
+        self.windows = _windows_of(ring, w)  # (R - W + 1, W), a view
+        self.kept = kept
+        search_windows = _windows_of(ring.astype(np.float32), w)
+        mem = np.empty((len(kept), w + 1), np.float32)  # [m, |m|^2]
+        mem[:, :w] = search_windows if len(kept) == len(self.windows) else search_windows[kept]
+        msq = np.einsum("ij,ij->i", mem[:, :w], mem[:, :w])  # |m|^2 (the search's)
+        mem[:, w] = msq
+        self.mem_t = mem.T  # (W + 1, N)
+        self.msq_max = msq.max()
+
+    def nearest(self, q: np.ndarray) -> np.ndarray:
+        """(B,) the smallest squared Euclidean distance ``|q|^2 + |m|^2 - 2 q.m``
+        (float64) of each window q (B, W) to the remembered windows. The float32
+        search's error is below 1e-5 of |q|^2 plus the largest |m|^2."""
+        w, windows, kept = q.shape[1], self.windows, self.kept
+        search = np.empty((len(q), w + 1), np.float32)  # [-2 q, 1]: times [m, |m|^2]
+        search[:, :w] = -2.0 * q  # gives |m|^2 - 2 q.m
+        search[:, w] = 1.0
+        approx = search @ self.mem_t  # (B, N)
+        qsq = (q**2).sum(axis=1)
+        first = approx.argmin(axis=1)
+        low = approx[np.arange(len(q)), first]
+        rows, cols = _near(approx, first, low + 2.0 * SEARCH_SLACK * (qsq + self.msq_max))
+        if len(rows) > CANDIDATES * len(q):
+            m = windows[kept]
+            return (qsq[:, None] + (m**2).sum(1)[None] - 2.0 * q @ m.T).min(axis=1)
+        m = windows[kept[cols]]
+        d2 = (qsq[rows] + (m**2).sum(axis=1)) - (2.0 * q[rows] * m).sum(axis=1)
+        best = np.full(len(q), np.inf)
+        np.minimum.at(best, rows, d2)
+        return best
 
 
 def _windows_of(x: np.ndarray, w: int) -> np.ndarray:
