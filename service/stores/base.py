@@ -106,9 +106,10 @@ class AppendResult:
     created: bool  # this append created the stream
     duplicates: int  # points recognised as retries of stored points (policy "drop")
     accepted: int  # points written
-    # Context then accepted points, oldest first: up to retained(window) - 1 points stored
-    # before the batch, followed by the accepted points. Column 0 is the timestamp (as
-    # stored). (K, 1 + C)
+    # Context then accepted points, oldest first: the points stored before the batch that
+    # scoring it needs (at least window - 1 of them when the stream has them, up to
+    # retained(window) - 1 when the batch completes a chunk), followed by the accepted
+    # points. Column 0 is the timestamp (as stored). (K, 1 + C)
     points: np.ndarray
     actions: list[PointAction]  # one per point sent, in order
     # one per point sent: the stamp it is stored under (a duplicate: its stored twin's);

@@ -18,7 +18,13 @@ import numpy as np
 
 from service.errors import Conflict, InvalidInput
 from service.stores.base import AppendResult, Commit, StreamMeta, StreamPolicy, retained
-from service.stores.plan import NO_NUDGES, may_resend, plan_append, scoreable_unscored
+from service.stores.plan import (
+    NO_NUDGES,
+    context_needed,
+    may_resend,
+    plan_append,
+    scoreable_unscored,
+)
 
 # Receipts (Idempotency-Key responses) kept per stream, newest first: the in-process store
 # bounds them by count as well as by age
@@ -128,7 +134,8 @@ class MemoryStreams:
         # held after the batch: the batch whole (a retry of it is recognised), the
         # unscored before it, and the context that scoring them needs
         before = min(unscored, policy.unscored_max_points) + retained(m.window) - 1
-        context = list(entry.points)[-before:] if len(new) or unscored else []
+        wanted = before if unscored else context_needed(m, len(new))
+        context = list(entry.points)[-wanted:] if wanted and (len(new) or unscored) else []
         for row in new:
             entry.points.append(np.array(row, dtype=np.float64))
         if len(new):

@@ -5,18 +5,19 @@ from service.stores.base import HISTORY_EXTRA
 
 # KEYS: meta, win, sections, nudges, legacy state. ARGV: channels, default window, default
 # detector, ttl seconds, created_at, the last_ts and points_seen the plan was made on (""
-# and "0": no stream or no points), the new last_ts, n, m, the most unscored points to keep, the
-# version the plan was made on, then n encoded points (the plan's rows), then m encoded
-# (stored, sent) stamp pairs of nudged points. Returns 'ok', created, the stream's
-# unscored points before the batch, the length of the meta hash and the hash after the
-# append (field, value, ...), then the held points: up to that many unscored ones with
-# their context, then the batch.
+# and "0": no stream or no points), the new last_ts, n, m, the most unscored points to keep,
+# the version the plan was made on, the n points of the plan (one string: n rows of
+# little-endian float64, timestamp first), the m (stored, sent) stamp pairs of nudged
+# points (one string, likewise), and how many stored points before the batch to return
+# when none is unscored ("": all that are held). The meta that results is the one the plan
+# was made on, moved on by the batch, so nothing of it is returned. Returns 'ok', created,
+# the stream's unscored points before the batch, then the held points as one string: up
+# to that many unscored ones with their context (or the points asked for), then the batch.
 APPEND = """
 local meta, win, sections, nudges, legacy = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local channels = tonumber(ARGV[1])
 local ttl, n, m = tonumber(ARGV[4]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local cap = tonumber(ARGV[11])
-local P = 12  -- ARGV[P + i]: the i-th encoded point
 local created = 0
 local window
 local unscored = 0
@@ -43,22 +44,27 @@ end
 -- held after the batch: the batch whole (a retry of it is recognised), the unscored
 -- before it, and the context that scoring them needs
 local keep = n + math.min(unscored, cap) + window - 1 + EXTRA
-local context = {}
+local wanted = keep
+if unscored == 0 and ARGV[15] ~= '' then wanted = math.min(keep, n + tonumber(ARGV[15])) end
+local function split(blob, count, size, key)
+  local rows = {}
+  for i = 0, count - 1 do rows[i + 1] = string.sub(blob, i * size + 1, (i + 1) * size) end
+  for i = 1, count, 500 do redis.call('RPUSH', key, unpack(rows, i, math.min(i + 499, count))) end
+end
+local held = ''
 if n > 0 then
-  for i = 1, n, 500 do
-    redis.call('RPUSH', win, unpack(ARGV, P + i, P + math.min(i + 499, n)))
+  split(ARGV[13], n, 8 * (channels + 1), win)
+  if m > 0 then
+    split(ARGV[14], m, 16, nudges)
+    redis.call('LTRIM', nudges, -keep, -1)
   end
-  for i = 1, m, 500 do
-    redis.call('RPUSH', nudges, unpack(ARGV, P + n + i, P + n + math.min(i + 499, m)))
-  end
-  if m > 0 then redis.call('LTRIM', nudges, -keep, -1) end
-  context = redis.call('LRANGE', win, -keep, -1)
   redis.call('LTRIM', win, -keep, -1)
+  held = table.concat(redis.call('LRANGE', win, -wanted, -1))
   redis.call('HINCRBY', meta, 'points_seen', n)
   redis.call('HINCRBY', meta, 'version', 1)
   redis.call('HSET', meta, 'last_ts', ARGV[8])
 elseif unscored > 0 then
-  context = redis.call('LRANGE', win, -keep, -1)
+  held = table.concat(redis.call('LRANGE', win, -keep, -1))
 end
 if ttl > 0 then
   redis.call('EXPIRE', meta, ttl)
@@ -67,11 +73,7 @@ if ttl > 0 then
   if redis.call('EXISTS', legacy) == 1 then redis.call('EXPIRE', legacy, ttl) end
   if redis.call('EXISTS', nudges) == 1 then redis.call('EXPIRE', nudges, ttl) end
 end
-local h = redis.call('HGETALL', meta)
-local out = {'ok', tostring(created), tostring(unscored), tostring(#h)}
-for _, e in ipairs(h) do out[#out + 1] = e end
-for _, e in ipairs(context) do out[#out + 1] = e end
-return out
+return {'ok', tostring(created), tostring(unscored), held}
 """.replace("EXTRA", str(HISTORY_EXTRA))
 
 # KEYS: meta, win, sections, nudges, legacy state. ARGV: channels, window, detector, names

@@ -36,6 +36,7 @@ import random
 import time
 from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,9 @@ from service.errors import Conflict, InvalidInput, StoreUnavailable
 from service.stores.base import LEGACY_SECTION, AppendResult, Commit, StreamMeta, StreamPolicy
 from service.stores.plan import (
     NO_NUDGES,
+    context_needed,
     decode_points,
-    encode_point,
+    encode_points,
     may_resend,
     plan_append,
     scoreable_unscored,
@@ -172,14 +174,15 @@ class RedisStreams:
                                (meta and meta.timestamps) or policy.timestamps, nudges,
                                policy.max_back_seconds)
             rows = plan.rows
-            args: list = [channels, policy.window, policy.detector, policy.ttl_seconds,
-                          repr(time.time()), "" if last is None else repr(last),
+            now = repr(time.time())
+            args: list = [channels, policy.window, policy.detector, policy.ttl_seconds, now,
+                          "" if last is None else repr(last),
                           str(meta.points_seen if meta else 0),
                           repr(float(rows[-1, 0])) if len(rows) else "", len(rows),
                           len(plan.nudges), policy.unscored_max_points,
-                          str(meta.version if meta else 0)]
-            args += [encode_point(row) for row in rows]
-            args += [encode_point(pair) for pair in plan.nudges]
+                          str(meta.version if meta else 0), encode_points(rows),
+                          encode_points(plan.nudges),
+                          "" if meta is None else context_needed(meta, len(rows))]
             out = await self.conn.call(self._append(keys=self._keys(stream), args=args))
             status = out[0].decode()
             if status == "err_stale":  # another append got in between: plan again
@@ -191,14 +194,17 @@ class RedisStreams:
                 continue
             if status == "err_channels":
                 raise _channel_rejection(stream, int(out[1]), channels)
-            created = int(out[1])
+            created, unscored = int(out[1]), int(out[2])
             if created:
                 await self.conn.call(self._redis.sadd(self._index, stream))
-            fields = int(out[3])
-            flat = out[4:4 + fields]
-            meta = _meta_from_hash(stream, dict(zip(flat[::2], flat[1::2], strict=True)))
-            held = decode_points(out[4 + fields:], channels)
-            unscored = int(out[2])
+                meta = StreamMeta(stream=stream, channels=channels, window=policy.window,
+                                  detector=policy.detector, created_at=float(now),
+                                  points_scored=0)
+            assert meta is not None
+            if len(rows):  # what the script did to the meta it checked
+                meta = replace(meta, points_seen=meta.points_seen + len(rows),
+                               last_timestamp=float(rows[-1, 0]), version=meta.version + 1)
+            held = decode_points(out[3], channels)
             usable = scoreable_unscored(unscored, len(held), len(rows), meta.points_seen,
                                         meta.window)
             return AppendResult(meta=meta, created=bool(created), duplicates=plan.duplicates,
