@@ -18,8 +18,10 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
     Conflict,
@@ -121,25 +123,47 @@ def _allowed_methods(request: Request) -> list[str]:
 
 
 def _install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:
-    access = logging.getLogger("tsad.access")
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):  # noqa: ANN001, ANN202
+
+class RequestMetrics:
+    """The request id, the request metrics and the access log, as plain ASGI middleware
+    (Starlette's ``BaseHTTPMiddleware`` runs each request in a task of its own and streams
+    the response through a queue: a fifth of a batch-1 request's cost, measured)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access = logging.getLogger("tsad.access")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        given = request.headers.get(REQUEST_ID, "")
-        rid = request.state.request_id = (given if _REQUEST_ID.match(given)
-                                          else uuid.uuid4().hex)
+        given = next((v.decode("latin-1") for k, v in scope["headers"]
+                      if k == b"x-request-id"), "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
         status = 500
+
+        async def answer(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID, rid)
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            response.headers[REQUEST_ID] = rid
-            return response
+            await self.app(scope, receive, answer)
         finally:
             elapsed = time.perf_counter() - start
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            metrics.http_requests_total.labels(route, request.method, str(status)).inc()
-            metrics.http_request_duration_seconds.labels(route, request.method).observe(elapsed)
-            access.info("request", extra={"method": request.method, "route": route,
-                                          "status": status, "request_id": rid,
-                                          "duration_ms": round(elapsed * 1000, 2)})
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            m = self.metrics
+            m.http_requests_total.labels(route, method, str(status)).inc()
+            m.http_request_duration_seconds.labels(route, method).observe(elapsed)
+            if self.access.isEnabledFor(logging.INFO):
+                self.access.info("request", extra={
+                    "method": method, "route": route, "status": status, "request_id": rid,
+                    "duration_ms": round(elapsed * 1000, 2)})

@@ -55,6 +55,14 @@ class Results:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def head(self, n: int) -> Results:
+        """The first n rows."""
+        if n >= len(self):
+            return self
+        return Results(self.scored[:n], self.scores[:n], self.likelihood[:n],
+                       self.thresholds[:n], self.anomalous[:n],
+                       {k: e for k, e in self.explained.items() if k < n})
+
 
 class StreamScorer:
     def __init__(self, meta: StreamMeta, settings: Settings) -> None:

@@ -12,6 +12,13 @@ scored (and their alerts raised) first; ``recover`` does the same for one stream
 answered (its points' results when it scored them now, else status "duplicate"), and one
 sent with the same Idempotency-Key gets the kept response. Repeated and backward
 timestamps follow the stream's timestamp policy (``service/stores/plan.py``).
+
+Writers of one stream queue in arrival order (per process; across processes the stream
+lock is fair, ``service/stores/redis/lock.py``). Requests that queued while the stream
+was busy are served together: under one lock, each is appended on its own (all or none,
+its own errors), then all their points are scored in one pass (scores never depend on
+batching) and committed once, with a receipt per request. Many writers on one stream
+then cost about what one does, and none waits for more than the batch in progress.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import os
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -31,13 +39,13 @@ import numpy as np
 from pydantic_core import to_json
 
 from service.alerts.events import record_events
-from service.errors import InvalidInput, LimitReached
+from service.errors import InvalidInput, LimitReached, ServiceError, StoreUnavailable
 from service.metrics import ServiceMetrics, StreamSeries
 from service.responses import score_response
 from service.scorers import Cached, ScorerCache
 from service.scoring import Results, StreamScorer
 from service.settings import Settings
-from service.stores.base import AppendResult, Backend, Commit
+from service.stores.base import AppendResult, Backend, Commit, StreamMeta
 from service.validation import check_points
 
 log = logging.getLogger("tsad.pipeline")
@@ -76,6 +84,22 @@ class ScoreOutcome:
 
 
 @dataclass
+class _Job:
+    """One request in its stream's queue."""
+
+    points: np.ndarray  # (N, 1 + C)
+    idempotency: Idempotency | None
+    done: asyncio.Future  # of its ScoreOutcome
+    taken: bool = False  # its batch is being served (no longer to be withdrawn)
+
+
+@dataclass
+class _Queue:
+    jobs: deque[_Job] = field(default_factory=deque)
+    server: asyncio.Task | None = None
+
+
+@dataclass
 class _Scored:
     scorer: StreamScorer
     results: Results
@@ -96,6 +120,7 @@ class ScoreTransaction:
         self.series = series
         self.scorers = scorers
         self.after_append = after_append  # tests: a crash between append and commit
+        self._queues: dict[str, _Queue] = {}  # streams with requests queued or served
 
     async def __call__(self, stream: str, timestamps: np.ndarray, values: np.ndarray, *,
                        idempotency: Idempotency | None = None) -> ScoreOutcome:
@@ -103,24 +128,122 @@ class ScoreTransaction:
         points = np.column_stack([np.asarray(timestamps, np.float64),
                                   np.asarray(values, np.float64).reshape(len(timestamps), -1)])
         check_points(points, self.settings)
-        async with self.backend.streams.lock(stream):
-            if idempotency is not None and (
-                    kept := await self._receipt(stream, idempotency)):
-                return ScoreOutcome(stream, kept=kept)
-            cached = self.scorers.take(stream)  # back in only once committed
-            appended = await self._append(stream, points, cached)
+        job = _Job(points, idempotency, asyncio.get_running_loop().create_future())
+        queue = self._queues.setdefault(stream, _Queue())
+        queue.jobs.append(job)
+        if queue.server is None:
+            queue.server = asyncio.create_task(self._serve(stream, queue))
+        try:  # the queue is served in its own task: a caller gone away stops nothing
+            await asyncio.wait([job.done], timeout=self.settings.lock_wait_seconds)
+        except asyncio.CancelledError:
+            if not job.taken:  # never started: its points are not stored
+                queue.jobs.remove(job)
+            raise
+        if not job.done.done():
+            if not job.taken:
+                queue.jobs.remove(job)
+                raise StoreUnavailable(f"stream {stream!r} is busy (lock wait timed out)")
+            await asyncio.shield(job.done)  # started: its points may be stored already
+        return job.done.result()
+
+    async def _serve(self, stream: str, queue: _Queue) -> None:
+        """Serve the stream's queue, oldest first, the requests waiting together, until
+        it is empty."""
+        try:
+            while queue.jobs:
+                batch = self._take(queue)
+                try:
+                    async with self.backend.streams.lock(stream):
+                        await self._serve_batch(stream, batch)
+                except BaseException as exc:  # the lock, the store or the detector failed
+                    for job in batch:
+                        if not job.done.done():
+                            job.done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise  # cancelled: the process is stopping
+        finally:
+            queue.server = None
+            if not queue.jobs:
+                self._queues.pop(stream, None)
+            else:  # cancelled with requests still queued: they fail like their batch
+                for job in queue.jobs:
+                    if not job.done.done():
+                        job.done.set_exception(StoreUnavailable(
+                            f"stream {stream!r}: the service is stopping"))
+
+    def _take(self, queue: _Queue) -> list[_Job]:
+        """The requests served together: the oldest, and those behind it while their
+        points fit in one request's limits (``max_batch_points``, and the unscored
+        points a store holds), stopping before an Idempotency-Key already among them."""
+        limit = min(self.settings.max_batch_points, self.settings.unscored_max_points)
+        batch, points, keys = [], 0, set()
+        while queue.jobs:
+            job = queue.jobs[0]
+            key = job.idempotency.key if job.idempotency else None
+            if batch and (points + len(job.points) > limit or (key and key in keys)):
+                break
+            queue.jobs.popleft()
+            job.taken = True
+            batch.append(job)
+            points += len(job.points)
+            keys.add(key)
+        return batch
+
+    async def _serve_batch(self, stream: str, batch: list[_Job]) -> None:
+        """Under the stream's lock: each request's receipt check and append, in order,
+        then one scoring pass and one commit for all of them."""
+        cached = self.scorers.take(stream)  # back in only once committed
+        known = cached.meta if cached else None
+        appended: list[tuple[_Job, AppendResult]] = []
+        pending = 0  # points appended by this batch so far: unscored until it commits
+        for i, job in enumerate(batch):
+            try:
+                if job.idempotency is not None and (
+                        kept := await self._receipt(stream, job.idempotency)):
+                    job.done.set_result(ScoreOutcome(stream, kept=kept))
+                    continue
+                result = await self._append(stream, job.points, known, pending)
+            except ServiceError as exc:  # this request's own: the others go on
+                job.done.set_exception(exc)
+                if isinstance(exc, StoreUnavailable):  # the store is gone: so are they
+                    for rest in batch[i + 1:]:
+                        rest.done.set_exception(exc)
+                    break
+                continue
             if self.after_append is not None:
-                self.after_append(appended)
-            appended, scored = await self._score(appended, cached)
-            outcome = ScoreOutcome(stream, appended, scored.results if scored else None,
-                                   scored.scorer.points_until_scored if scored else None)
-            receipt = None
-            if idempotency is not None:
-                receipt = (idempotency.key, _encode_receipt(
-                    idempotency.digest, appended.meta.created_at,
-                    outcome.body(idempotency.sent)))
-            await self._commit(appended, scored, receipt, cached)
-        return outcome
+                self.after_append(result)
+            known, pending = result.meta, pending + result.accepted
+            appended.append((job, result))
+            if result.unscored > pending - result.accepted:  # a crash left points: they
+                self._put_back(stream, batch[i + 1:])  # and this request, on their own
+                break
+        if not appended:
+            if cached is not None:
+                self.scorers.put(stream, cached)  # nothing written: still valid
+            return
+        first, writes = appended[0][1], sum(1 for _, a in appended if a.accepted)
+        last, scored = await self._score(appended[-1][1], cached, writes, first.unscored)
+        dropped = appended[-1][1].unscored - last.unscored  # crash-left rows skipped
+        until = scored.scorer.points_until_scored if scored else None
+        outcomes = []
+        for job, result in appended:
+            mine = replace(result, unscored=result.unscored - dropped,
+                           skipped=result.skipped + dropped)
+            outcomes.append((job, _outcome(stream, mine, scored, until)))
+        receipts = [(job.idempotency.key, _encode_receipt(
+            job.idempotency.digest, out.appended.meta.created_at, out.body(
+                job.idempotency.sent))) for job, out in outcomes if job.idempotency]
+        await self._commit(last, scored, receipts, cached, writes)
+        for job, out in outcomes:
+            job.done.set_result(out)
+
+    def _put_back(self, stream: str, jobs: list[_Job]) -> None:
+        """Requests taken for a batch but not served: first in the queue again."""
+        if jobs:
+            queue = self._queues[stream]
+            for job in reversed(jobs):
+                job.taken = False
+                queue.jobs.appendleft(job)
 
     async def recover(self, stream: str) -> int:
         """Score what a crash left stored but unscored on one stream; returns how many
@@ -132,7 +255,7 @@ class ScoreTransaction:
                 return 0
             appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
             appended, scored = await self._score(appended, None)
-            await self._commit(appended, scored, None, None)
+            await self._commit(appended, scored, [], None)
             return appended.unscored
 
     # --- the steps -----------------------------------------------------------------------
@@ -155,12 +278,13 @@ class ScoreTransaction:
         self.metrics.idempotent_replays_total.inc()
         return kept["response"]
 
-    async def _append(self, stream: str, points: np.ndarray,
-                      cached: Cached | None = None) -> AppendResult:
+    async def _append(self, stream: str, points: np.ndarray, known: StreamMeta | None = None,
+                      pending: int = 0) -> AppendResult:
+        """``known``: the stream's meta as last seen (a cached scorer's, or the previous
+        append's); ``pending``: points appended before in this batch (still unscored)."""
         m = self.metrics
         try:
-            appended = await self.backend.streams.append(
-                stream, points, known=cached.meta if cached else None)
+            appended = await self.backend.streams.append(stream, points, known=known)
         except InvalidInput:
             m.points_rejected_total.inc(len(points))
             raise
@@ -177,39 +301,43 @@ class ScoreTransaction:
             m.streams_created_total.inc()
             log.info("stream created", extra={"stream": stream,
                                               "channels": appended.meta.channels})
-        if appended.unscored or appended.skipped:
+        if appended.unscored > pending or appended.skipped:
             m.points_unscored_total.inc(appended.skipped)
             log.log(logging.WARNING if appended.skipped else logging.INFO,
                     "scoring points a crash left unscored", extra={
-                        "stream": stream, "points": appended.unscored,
+                        "stream": stream, "points": appended.unscored - pending,
                         "skipped": appended.skipped,
                         "limit": self.settings.unscored_max_points})
         return appended
 
-    async def _score(self, appended: AppendResult, cached: Cached | None
-                     ) -> tuple[AppendResult, _Scored | None]:
-        """Score the stored points not yet scored: those a crash left, then the batch's.
+    async def _score(self, appended: AppendResult, cached: Cached | None, writes: int = 1,
+                     recovering: int | None = None) -> tuple[AppendResult, _Scored | None]:
+        """Score the stored points not yet scored: those a crash left (``recovering``,
+        by default all the unscored the append handed back), then the batch's
+        (``appended``: the batch's last append; ``writes`` of its appends stored points).
         If the ones a crash left make the detector fail, they are skipped (logged and
         counted) rather than failing every later request of the stream."""
+        recovering = appended.unscored if recovering is None else recovering
         if not (appended.to_score or appended.skipped):
             return appended, None
-        scorer, sections = ScorerCache.valid(cached, appended), None
+        scorer, sections = ScorerCache.valid(cached, appended, writes), None
         self.metrics.scorer_cache_total.labels("hit" if scorer else "miss").inc()
         if scorer is None:
             sections = await self.backend.streams.sections(appended.meta.stream)
         try:
             scored = await asyncio.to_thread(self._run, appended, sections, scorer)
         except Exception:
-            if not appended.unscored:
+            if not recovering:
                 raise
             log.exception("scoring points a crash left unscored failed: skipped", extra={
-                "stream": appended.meta.stream, "points": appended.unscored})
-            self.metrics.points_unscored_total.inc(appended.unscored)
-            appended = replace(appended, unscored=0,
-                               skipped=appended.skipped + appended.unscored)
+                "stream": appended.meta.stream, "points": recovering})
+            self.metrics.points_unscored_total.inc(recovering)
+            appended = replace(appended, unscored=appended.unscored - recovering,
+                               skipped=appended.skipped + recovering)
+            recovering = 0
             sections = await self.backend.streams.sections(appended.meta.stream)
             scored = await asyncio.to_thread(self._run, appended, sections)  # afresh
-        self.metrics.points_recovered_total.inc(appended.unscored)
+        self.metrics.points_recovered_total.inc(recovering)
         return appended, scored
 
     def _run(self, appended: AppendResult, sections: dict[str, bytes] | None,
@@ -244,25 +372,44 @@ class ScoreTransaction:
         self.series.observe(stream, scores, results.anomalous.tolist(), leads, threshold)
 
     async def _commit(self, appended: AppendResult, scored: _Scored | None,
-                      receipt: tuple[str, bytes] | None, cached: Cached | None) -> None:
-        """Changed sections, scored-up-to mark, alerts, events and receipt: one atomic
-        write; then the scorer goes (back) into the cache, under the version it gave."""
+                      receipts: list[tuple[str, bytes]], cached: Cached | None,
+                      writes: int = 1) -> None:
+        """Changed sections, scored-up-to mark, alerts, events and receipts: one atomic
+        write; then the scorer goes (back) into the cache, under the version it gave
+        (``appended``: the batch's last append, ``writes`` of its appends stored points)."""
         meta = appended.meta
         if scored is None:
-            if receipt is not None:
-                await self.backend.commit(Commit(meta.stream, receipt=receipt))
-            if ScorerCache.valid(cached, appended):  # nothing written: the same state
+            if receipts:
+                await self.backend.commit(Commit(meta.stream, receipts=receipts))
+            if ScorerCache.valid(cached, appended, writes):  # nothing written: the same state
                 self.scorers.put(meta.stream, replace(cached, meta=meta))
             return
         version = await self.backend.commit(Commit(
             meta.stream, sections=scored.sections, drop=scored.drop,
-            scored=meta.points_seen, receipt=receipt, alerts=scored.alerts,
+            scored=meta.points_seen, receipts=receipts, alerts=scored.alerts,
             events=scored.events))
         record_events(scored.events, self.metrics, self.series)
         if version:
             self.scorers.put(meta.stream, Cached(
                 replace(meta, version=version, points_scored=meta.points_seen),
                 scored.scorer, scored.nbytes))
+
+
+def _outcome(stream: str, appended: AppendResult, scored: _Scored | None,
+             until: int | None) -> ScoreOutcome:
+    """One request's outcome from its batch's scoring: its rows are the first
+    ``appended.to_score`` (the points before it in the batch are its unscored ones, so
+    the answer indexes them as a lone request's would); points until scored counts
+    from its last point (a later point of the batch that is scored says exactly)."""
+    if scored is None:
+        return ScoreOutcome(stream, appended, None, None)
+    results, n = scored.results, appended.to_score
+    later = np.flatnonzero(results.scored[n:])
+    if len(later):
+        until = int(later[0])
+    elif until is not None:
+        until += len(results) - n
+    return ScoreOutcome(stream, appended, results.head(n), until)
 
 
 def _encode_receipt(digest: str, created_at: float, response: dict) -> bytes:

@@ -106,10 +106,10 @@ class AppendResult:
     created: bool  # this append created the stream
     duplicates: int  # points recognised as retries of stored points (policy "drop")
     accepted: int  # points written
-    # Context then accepted points, oldest first: the points stored before the batch that
-    # scoring it needs (at least window - 1 of them when the stream has them, up to
-    # retained(window) - 1 when the batch completes a chunk), followed by the accepted
-    # points. Column 0 is the timestamp (as stored). (K, 1 + C)
+    # Context then accepted points, oldest first: up to retained(window) - 1 points stored
+    # before the batch (for an append with ``known`` meta, only those scoring the batch
+    # needs: window - 1, or up to retained(window) - 1 when it completes a chunk),
+    # followed by the accepted points. Column 0 is the timestamp (as stored). (K, 1 + C)
     points: np.ndarray
     actions: list[PointAction]  # one per point sent, in order
     # one per point sent: the stamp it is stored under (a duplicate: its stored twin's);
@@ -135,8 +135,14 @@ class Commit:
     drop: tuple[str, ...] = ()  # sections to remove (e.g. a shadow detector retired)
     scored: int | None = None  # the scored-up-to mark (None: unchanged)
     receipt: tuple[str, bytes] | None = None  # (Idempotency-Key, the kept response)
+    # the receipts of further requests committed together with it (served as one batch)
+    receipts: list[tuple[str, bytes]] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)  # records the batch changed
     events: list[dict] = field(default_factory=list)  # alert events, to the outbox
+
+    @property
+    def all_receipts(self) -> list[tuple[str, bytes]]:
+        return ([self.receipt] if self.receipt is not None else []) + self.receipts
 
     @property
     def writes_state(self) -> bool:
@@ -180,7 +186,8 @@ class StreamStore(Protocol):
         Raises InvalidInput (nothing written) on a channel-count mismatch or when the
         plan rejects a point. ``known``: the stream's meta as the caller last saw it (a
         cached scorer's): the plan is made on it without reading it first, and made again
-        if its version is no longer the stored one.
+        if its version is no longer the stored one; the context returned is then only
+        what scoring the batch needs (``plan.context_needed``).
         """
         ...
 

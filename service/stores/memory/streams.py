@@ -105,7 +105,8 @@ class MemoryStreams:
 
     async def append(self, stream: str, points: np.ndarray, *,
                      known: StreamMeta | None = None) -> AppendResult:
-        # ``known`` is unused: this store's meta is always current
+        # this store's meta is always current: ``known`` only says that the caller scores
+        # with a scorer it kept, which needs only the context scoring the batch takes
         policy = self.policy
         channels = points.shape[1] - 1
         entry = self._get(stream)
@@ -134,7 +135,7 @@ class MemoryStreams:
         # held after the batch: the batch whole (a retry of it is recognised), the
         # unscored before it, and the context that scoring them needs
         before = min(unscored, policy.unscored_max_points) + retained(m.window) - 1
-        wanted = before if unscored else context_needed(m, len(new))
+        wanted = before if unscored or known is None else context_needed(m, len(new))
         context = list(entry.points)[-wanted:] if wanted and (len(new) or unscored) else []
         for row in new:
             entry.points.append(np.array(row, dtype=np.float64))
@@ -183,8 +184,8 @@ class MemoryStreams:
         entry = self._get(commit.stream)
         if entry is None:
             return 0
-        if commit.receipt is not None:
-            self._keep_receipt(entry, *commit.receipt)
+        for key, data in commit.all_receipts:
+            self._keep_receipt(entry, key, data)
         if not commit.writes_state:
             return 0
         entry.sections.update(commit.sections)

@@ -103,9 +103,74 @@ if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
 return created
 """.replace("EXTRA", str(HISTORY_EXTRA))
 
-UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+# The fair stream lock (lock.py). KEYS: lock (the holder's token, with its lease), queue
+# (waiting tokens, in arrival order), alive (waiting token -> the time, in Redis ms, by
+# which its waiter must have shown it is alive). ARGV: token, lease ms. ``promote`` hands
+# a free lock to the first live waiter (the caller then wakes it) and returns its token.
+_LOCK = """
+local lock, queue, alive = KEYS[1], KEYS[2], KEYS[3]
+local token, lease = ARGV[1], tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function promote()
+  if redis.call('EXISTS', lock) == 1 then return false end
+  while true do
+    local head = redis.call('LPOP', queue)
+    if not head then return false end
+    local by = redis.call('HGET', alive, head)
+    redis.call('HDEL', alive, head)
+    if by and tonumber(by) >= now then
+      redis.call('SET', lock, head, 'PX', lease)
+      return head
+    end
+  end
+end
+local function wait()
+  redis.call('HSET', alive, token, now + lease)
+  redis.call('PEXPIRE', queue, 3 * lease)
+  redis.call('PEXPIRE', alive, 3 * lease)
+end
+"""
+
+# Take the lock if it is free and nobody waits ({1}), else join the queue ({0, the token
+# the lock was just handed to or '', the holder's lease left in ms}).
+ACQUIRE = _LOCK + """
+local granted = promote()
+if not granted and redis.call('EXISTS', lock) == 0 then
+  redis.call('SET', lock, token, 'PX', lease)
+  return {1}
+end
+redis.call('RPUSH', queue, token)
+wait()
+return {0, granted or '', redis.call('PTTL', lock)}
+"""
+
+# A waiter awake (woken, or its sleep over): holding the lock now ({1}), or still waiting
+# ({0, granted, lease left}, as ACQUIRE); it shows it is alive, and hands on a lapsed
+# holder's lock. A waiter dropped as dead (it had not shown up in time) queues again.
+CHECK = _LOCK + """
+if redis.call('GET', lock) == token then return {1} end
+if not redis.call('HGET', alive, token) then redis.call('RPUSH', queue, token) end
+wait()
+local granted = promote()
+if granted == token then return {1} end
+return {0, granted or '', redis.call('PTTL', lock)}
+"""
+
+# The holder is done: the lock goes to the first live waiter (its token returned, '' if
+# none). A holder whose lease ran out releases nothing.
+RELEASE = _LOCK + """
+if redis.call('GET', lock) == token then redis.call('DEL', lock) end
+return promote() or ''
+"""
+
+# A waiter gives up (timed out, cancelled): out of the queue, and the lock passed on if it
+# had just been handed to it.
+ABANDON = _LOCK + """
+redis.call('LREM', queue, 0, token)
+redis.call('HDEL', alive, token)
+if redis.call('GET', lock) == token then redis.call('DEL', lock) end
+return promote() or ''
 """
 
 # KEYS: lock. ARGV: token, lease ms. The holder extends its own lease only.

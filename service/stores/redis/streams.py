@@ -154,12 +154,16 @@ class RedisStreams:
         deadline = time.monotonic() + self.lock_wait_seconds
         delay = 0.002
         while True:
+            cached = None
             if known is not None:  # planned on the caller's meta: the script checks it
-                meta, known = known, None
+                meta = cached = known
+                known = None
             else:
                 raw = await self.conn.call(self._redis.hgetall(self._key(stream, "meta")))
                 meta = _meta_from_hash(stream, raw) if raw else None
             if meta is not None and meta.channels != channels:
+                if cached is not None:
+                    continue  # a refusal is decided on the stored meta, never a kept one
                 raise _channel_rejection(stream, meta.channels, channels)
             last = meta.last_timestamp if meta else None
             stored, nudges = np.empty((0, 1 + channels)), NO_NUDGES
@@ -170,9 +174,14 @@ class RedisStreams:
                 pairs = await self.conn.call(self._redis.lrange(self._key(stream, "nudges"),
                                                                 0, -1))
                 nudges = decode_points(pairs, 1)
-            plan = plan_append(points, stored, last, policy.duplicates,
-                               (meta and meta.timestamps) or policy.timestamps, nudges,
-                               policy.max_back_seconds)
+            try:
+                plan = plan_append(points, stored, last, policy.duplicates,
+                                   (meta and meta.timestamps) or policy.timestamps, nudges,
+                                   policy.max_back_seconds)
+            except InvalidInput:
+                if cached is not None:
+                    continue  # the kept meta may be stale (a PUT changed the policy)
+                raise
             rows = plan.rows
             now = repr(time.time())
             args: list = [channels, policy.window, policy.detector, policy.ttl_seconds, now,
@@ -182,7 +191,7 @@ class RedisStreams:
                           len(plan.nudges), policy.unscored_max_points,
                           str(meta.version if meta else 0), encode_points(rows),
                           encode_points(plan.nudges),
-                          "" if meta is None else context_needed(meta, len(rows))]
+                          "" if cached is None else context_needed(cached, len(rows))]
             out = await self.conn.call(self._append(keys=self._keys(stream), args=args))
             status = out[0].decode()
             if status == "err_stale":  # another append got in between: plan again
@@ -259,8 +268,7 @@ class RedisStreams:
         self.stage_receipt(pipe, commit)
 
     def stage_receipt(self, pipe: Any, commit: Commit) -> None:
-        if commit.receipt is not None:
-            key, data = commit.receipt
+        for key, data in commit.all_receipts:
             pipe.set(self._receipt_key(commit.stream, key), data,
                      ex=self.policy.receipt_ttl_seconds)
 
