@@ -112,14 +112,22 @@ class _Pass:
     first_index: int  # stream-wide index of the first new point
     out: LoopOutput
     observe: Callable[[Scored], None] | None
+    _view: np.ndarray | None = None  # sliding windows over values, made when first needed
 
     def index(self, pos: int) -> int:
         """Stream-wide index of local position ``pos``."""
         return self.first_index + pos - self.start
 
     def windows(self, rows: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """The windows ending at local rows (F, W, C) and their first/last stamps (F, 2)."""
-        windows = np.stack([self.values[r - window + 1:r + 1] for r in rows])
+        """The windows ending at local rows (F, W, C), C-contiguous, and their first/last
+        stamps (F, 2)."""
+        if len(rows) == 1:
+            r = int(rows[0])
+            windows = self.values[None, r - window + 1:r + 1].copy()
+        else:  # one gather from the sliding view instead of a slice per window
+            if self._view is None:
+                self._view = sliding_window_view(self.values, window, axis=0)  # (N, C, W)
+            windows = np.ascontiguousarray(self._view[rows - window + 1].transpose(0, 2, 1))
         stamps = np.stack([self.timestamps[rows - window + 1], self.timestamps[rows]], axis=1)
         return windows, stamps
 
@@ -289,7 +297,15 @@ class OnlineLoop:
             verdicts[fresh] = anom
             out.scores[o][fresh], out.likelihood[o][fresh] = scores, lik
             out.thresholds[o][fresh], out.anomalous[o][fresh] = thr, anom
-        self._repeat_verdicts(out, o, full & ~fresh, fresh)
+        fill = full & ~fresh
+        if fill.any():
+            self._repeat_verdicts(out, o, fill, fresh)
+        elif len(fresh) and fresh[-1]:  # the segment's last point is fresh: in force
+            j = o.stop - 1
+            self.last = Verdict(float(out.scores[j]), float(out.likelihood[j]),
+                                float(out.thresholds[j]), bool(out.anomalous[j]))
+        elif fresh.any():
+            self._repeat_verdicts(out, o, fill, fresh)
         out.fresh[o] = fresh
         out.scored[o] = full & ~np.isnan(out.scores[o])
         everything = isinstance(det, Online) and det.learns_from_anomalies

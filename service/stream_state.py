@@ -42,8 +42,9 @@ _DTYPES = {"f8": "F64", "f4": "F32", "f2": "F16", "i8": "I64", "i4": "I32", "i2"
 def encode(arrays: Mapping[str, np.ndarray]) -> bytes:
     """Named arrays as a safetensors file (what ``safetensors.numpy.load`` reads), written
     here: the same bytes for the same arrays, at a fraction of the library's cost per
-    array, which the per-point sections pay on every commit. Little-endian, the widest
-    dtypes first (each array aligned), then by name.
+    array, which the per-point sections pay on every commit (a section's header depends
+    on its arrays' names, dtypes and shapes only, and is made once per layout).
+    Little-endian, the widest dtypes first (each array aligned), then by name.
 
     >>> state = {"n": np.arange(3), "flags": np.array([True, False]), "x": np.ones((2, 2))}
     >>> back = safetensors.numpy.load(encode(state))
@@ -57,16 +58,28 @@ def encode(arrays: Mapping[str, np.ndarray]) -> bytes:
             a = a.astype(a.dtype.newbyteorder("<"))
         parts.append((-a.dtype.itemsize, name, a))
     parts.sort(key=lambda p: p[:2])
-    header, data, offset = {}, [], 0
-    for _, name, a in parts:
-        raw = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": _DTYPES[a.dtype.str[1:]], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        data.append(raw)
-        offset += len(raw)
+    layout = tuple((name, a.dtype.str, a.shape) for _, name, a in parts)
+    head = _HEADERS.get(layout)
+    if head is None:
+        head = _HEADERS[layout] = _header(layout)
+        if len(_HEADERS) > 4096:  # layouts are few (one per kind of section); bounded
+            del _HEADERS[next(iter(_HEADERS))]
+    return head + b"".join(np.ascontiguousarray(a).tobytes() for _, _, a in parts)
+
+
+_HEADERS: dict[tuple, bytes] = {}
+
+
+def _header(layout: tuple) -> bytes:
+    header, offset = {}, 0
+    for name, dtype, shape in layout:
+        size = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _DTYPES[dtype[1:]], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + b"".join(data)
+    return struct.pack("<Q", len(head)) + head
 
 
 def decode(stored: Mapping[str, bytes]) -> dict[str, dict[str, np.ndarray]]:

@@ -153,8 +153,8 @@ class ScoreTransaction:
             while queue.jobs:
                 batch = self._take(queue)
                 try:
-                    async with self.backend.streams.lock(stream):
-                        await self._serve_batch(stream, batch)
+                    async with self.backend.streams.lock(stream) as held:
+                        await self._serve_batch(stream, batch, held)
                 except BaseException as exc:  # the lock, the store or the detector failed
                     for job in batch:
                         if not job.done.done():
@@ -189,7 +189,7 @@ class ScoreTransaction:
             keys.add(key)
         return batch
 
-    async def _serve_batch(self, stream: str, batch: list[_Job]) -> None:
+    async def _serve_batch(self, stream: str, batch: list[_Job], held: object) -> None:
         """Under the stream's lock: each request's receipt check and append, in order,
         then one scoring pass and one commit for all of them."""
         cached = self.scorers.take(stream)  # back in only once committed
@@ -233,7 +233,7 @@ class ScoreTransaction:
         receipts = [(job.idempotency.key, _encode_receipt(
             job.idempotency.digest, out.appended.meta.created_at, out.body(
                 job.idempotency.sent))) for job, out in outcomes if job.idempotency]
-        await self._commit(last, scored, receipts, cached, writes)
+        await self._commit(last, scored, receipts, cached, writes, held)
         for job, out in outcomes:
             job.done.set_result(out)
 
@@ -248,14 +248,14 @@ class ScoreTransaction:
     async def recover(self, stream: str) -> int:
         """Score what a crash left stored but unscored on one stream; returns how many
         points were scored (0: nothing was pending)."""
-        async with self.backend.streams.lock(stream):
+        async with self.backend.streams.lock(stream) as held:
             meta = await self.backend.streams.get(stream)
             if meta is None or meta.points_scored is None or (
                     meta.points_scored >= meta.points_seen):
                 return 0
             appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
             appended, scored = await self._score(appended, None)
-            await self._commit(appended, scored, [], None)
+            await self._commit(appended, scored, [], None, held=held)
             return appended.unscored
 
     # --- the steps -----------------------------------------------------------------------
@@ -373,10 +373,11 @@ class ScoreTransaction:
 
     async def _commit(self, appended: AppendResult, scored: _Scored | None,
                       receipts: list[tuple[str, bytes]], cached: Cached | None,
-                      writes: int = 1) -> None:
+                      writes: int = 1, held: object = None) -> None:
         """Changed sections, scored-up-to mark, alerts, events and receipts: one atomic
-        write; then the scorer goes (back) into the cache, under the version it gave
-        (``appended``: the batch's last append, ``writes`` of its appends stored points)."""
+        write (which may release ``held``, the stream's lock); then the scorer goes
+        (back) into the cache, under the version it gave (``appended``: the batch's last
+        append, ``writes`` of its appends stored points)."""
         meta = appended.meta
         if scored is None:
             if receipts:
@@ -387,7 +388,7 @@ class ScoreTransaction:
         version = await self.backend.commit(Commit(
             meta.stream, sections=scored.sections, drop=scored.drop,
             scored=meta.points_seen, receipts=receipts, alerts=scored.alerts,
-            events=scored.events))
+            events=scored.events, release=held))
         record_events(scored.events, self.metrics, self.series)
         if version:
             self.scorers.put(meta.stream, Cached(

@@ -139,6 +139,9 @@ class Commit:
     receipts: list[tuple[str, bytes]] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)  # records the batch changed
     events: list[dict] = field(default_factory=list)  # alert events, to the outbox
+    # the stream's lock as ``streams.lock`` yielded it, when the commit is the last write
+    # under it: a backend may release it with the commit (Redis: in the same script)
+    release: object | None = None
 
     @property
     def all_receipts(self) -> list[tuple[str, bytes]]:
@@ -205,8 +208,10 @@ class StreamStore(Protocol):
         """The kept response of the batch sent with Idempotency-Key ``key``, if any."""
         ...
 
-    def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
-        """Serialises read-modify-write of one stream (across replicas for Redis)."""
+    def lock(self, stream: str) -> AbstractAsyncContextManager[object]:
+        """Serialises read-modify-write of one stream (across replicas for Redis), its
+        writers served in arrival order. Yields a handle that the last commit under it
+        may carry (``Commit.release``)."""
         ...
 
 

@@ -206,5 +206,6 @@ class MemoryStreams:
 
     @asynccontextmanager
     async def lock(self, stream: str) -> AsyncIterator[None]:
+        # asyncio.Lock serves its waiters in arrival order: the memory store is fair
         async with self._locks.setdefault(stream, asyncio.Lock()):
             yield

@@ -26,6 +26,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -34,6 +35,19 @@ from service.stores.redis.connection import RedisConnection
 from service.stores.redis.scripts import ABANDON, ACQUIRE, CHECK, RELEASE, RENEW
 
 log = logging.getLogger("tsad.store")
+
+
+@dataclass
+class Held:
+    """A held stream lock: a commit may release it in its own script (``released``,
+    ``granted``: the waiter it was handed to), which saves a round trip."""
+
+    stream: str
+    token: str
+    keys: list[str]  # lock, queue, alive
+    lease_ms: int
+    released: bool = False
+    granted: bytes | str | None = None
 
 
 class LeaseLock:
@@ -58,20 +72,22 @@ class LeaseLock:
         return self.conn.stream_key(stream, f"lockwake:{token}")
 
     @asynccontextmanager
-    async def __call__(self, stream: str) -> AsyncIterator[None]:
+    async def __call__(self, stream: str) -> AsyncIterator[Held]:
         keys, token = self._keys(stream), secrets.token_hex(8)
         lease_ms = int(self.lease_seconds * 1000)
         await self._wait_for(stream, keys, token, lease_ms)
-        heartbeat = asyncio.create_task(self._hold(stream, keys[0], token, lease_ms))
+        held = Held(stream, token, keys, lease_ms)
+        heartbeat = asyncio.create_task(self._hold(held))
         try:
-            yield
+            yield held
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             with contextlib.suppress(RedisError, StoreUnavailable):  # else it lapses
-                granted = await self._release(keys=keys, args=[token, lease_ms])
-                await self._wake(stream, granted, lease_ms)
+                if not held.released:
+                    held.granted = await self._release(keys=keys, args=[token, lease_ms])
+                await self._wake(stream, held.granted, lease_ms)
 
     async def _wait_for(self, stream: str, keys: list[str], token: str, lease_ms: int) -> None:
         """Returns holding the lock; StoreUnavailable after ``wait_seconds`` in the queue."""
@@ -114,15 +130,19 @@ class LeaseLock:
         pipe.pexpire(self._wake_key(stream, token), lease_ms)
         await self.conn.call(pipe.execute())
 
-    async def _hold(self, stream: str, key: str, token: str, lease_ms: int) -> None:
-        """Renew the lease while its holder is alive; stop if another holder has it."""
+    async def _hold(self, held: Held) -> None:
+        """Renew the lease while its holder is alive; stop if another holder has it, or
+        once a commit released it (``held.released``)."""
         while True:
-            await asyncio.sleep(lease_ms / 3000)
+            await asyncio.sleep(held.lease_ms / 3000)
+            if held.released:
+                return
             try:
-                if not await self._renew(keys=[key], args=[token, lease_ms]):
-                    log.warning("stream lock lost: its lease ran out before renewal",
-                                extra={"stream": stream})
+                if not await self._renew(keys=held.keys[:1], args=[held.token, held.lease_ms]):
+                    if not held.released:
+                        log.warning("stream lock lost: its lease ran out before renewal",
+                                    extra={"stream": held.stream})
                     return
             except (RedisError, OSError) as exc:  # unreachable now: try next period
-                log.warning("stream lock renewal failed", extra={"stream": stream,
+                log.warning("stream lock renewal failed", extra={"stream": held.stream,
                                                                  "error": str(exc)})

@@ -103,16 +103,17 @@ if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
 return created
 """.replace("EXTRA", str(HISTORY_EXTRA))
 
-# The fair stream lock (lock.py). KEYS: lock (the holder's token, with its lease), queue
-# (waiting tokens, in arrival order), alive (waiting token -> the time, in Redis ms, by
-# which its waiter must have shown it is alive). ARGV: token, lease ms. ``promote`` hands
-# a free lock to the first live waiter (the caller then wakes it) and returns its token.
-_LOCK = """
-local lock, queue, alive = KEYS[1], KEYS[2], KEYS[3]
-local token, lease = ARGV[1], tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function promote()
+# The fair stream lock (lock.py). Its keys: lock (the holder's token, with its lease),
+# queue (waiting tokens, in arrival order), alive (waiting token -> the time, in Redis ms,
+# by which its waiter must have shown it is alive). ``promote`` hands a free lock to the
+# first live waiter (the caller then wakes it) and returns its token; ``release`` frees
+# the holder's lock and hands it on.
+_LOCK_LIB = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function promote(lock, queue, alive, lease, now)
   if redis.call('EXISTS', lock) == 1 then return false end
   while true do
     local head = redis.call('LPOP', queue)
@@ -125,6 +126,17 @@ local function promote()
     end
   end
 end
+local function release(lock, queue, alive, token, lease)
+  if redis.call('GET', lock) == token then redis.call('DEL', lock) end
+  return promote(lock, queue, alive, lease, now_ms()) or ''
+end
+"""
+
+# KEYS: lock, queue, alive. ARGV: token, lease ms.
+_LOCK = _LOCK_LIB + """
+local lock, queue, alive = KEYS[1], KEYS[2], KEYS[3]
+local token, lease = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
 local function wait()
   redis.call('HSET', alive, token, now + lease)
   redis.call('PEXPIRE', queue, 3 * lease)
@@ -135,7 +147,7 @@ end
 # Take the lock if it is free and nobody waits ({1}), else join the queue ({0, the token
 # the lock was just handed to or '', the holder's lease left in ms}).
 ACQUIRE = _LOCK + """
-local granted = promote()
+local granted = promote(lock, queue, alive, lease, now)
 if not granted and redis.call('EXISTS', lock) == 0 then
   redis.call('SET', lock, token, 'PX', lease)
   return {1}
@@ -152,7 +164,7 @@ CHECK = _LOCK + """
 if redis.call('GET', lock) == token then return {1} end
 if not redis.call('HGET', alive, token) then redis.call('RPUSH', queue, token) end
 wait()
-local granted = promote()
+local granted = promote(lock, queue, alive, lease, now)
 if granted == token then return {1} end
 return {0, granted or '', redis.call('PTTL', lock)}
 """
@@ -160,8 +172,7 @@ return {0, granted or '', redis.call('PTTL', lock)}
 # The holder is done: the lock goes to the first live waiter (its token returned, '' if
 # none). A holder whose lease ran out releases nothing.
 RELEASE = _LOCK + """
-if redis.call('GET', lock) == token then redis.call('DEL', lock) end
-return promote() or ''
+return release(lock, queue, alive, token, lease)
 """
 
 # A waiter gives up (timed out, cancelled): out of the queue, and the lock passed on if it
@@ -169,8 +180,7 @@ return promote() or ''
 ABANDON = _LOCK + """
 redis.call('LREM', queue, 0, token)
 redis.call('HDEL', alive, token)
-if redis.call('GET', lock) == token then redis.call('DEL', lock) end
-return promote() or ''
+return release(lock, queue, alive, token, lease)
 """
 
 # KEYS: lock. ARGV: token, lease ms. The holder extends its own lease only.
@@ -186,4 +196,38 @@ COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'scored', ARGV[1]) end
 return redis.call('HINCRBY', KEYS[1], 'version', 1)
+"""
+
+# A scored batch that changed no alert, in one call: what COMMIT and the MULTI around it
+# write (the mark, the version, the changed sections, the sections dropped, the
+# receipts), then the stream's lock released and handed on. KEYS: meta, sections, legacy
+# state, lock, queue, alive, then one receipt key per receipt. ARGV: points scored (""),
+# ttl, receipt ttl, the lock token ("": keep the lock), lease ms, the number of sections
+# and of names to drop, then the sections' name/value pairs, the names to drop, and the
+# receipts' values. Returns {version (0: no such stream, nothing written), the token the
+# lock was handed to or ''}.
+COMMIT_STREAM = _LOCK_LIB + """
+local meta, sections, legacy = KEYS[1], KEYS[2], KEYS[3]
+local ns, nd = tonumber(ARGV[6]), tonumber(ARGV[7])
+local version = 0
+if redis.call('EXISTS', meta) == 1 then
+  if ARGV[1] ~= '' then redis.call('HSET', meta, 'scored', ARGV[1]) end
+  version = redis.call('HINCRBY', meta, 'version', 1)
+  local a = 8
+  if ns > 0 then
+    redis.call('HSET', sections, unpack(ARGV, a, a + 2 * ns - 1))
+    redis.call('DEL', legacy)  -- the whole-blob state the sections replace
+  end
+  a = a + 2 * ns
+  if nd > 0 then redis.call('HDEL', sections, unpack(ARGV, a, a + nd - 1)) end
+  a = a + nd
+  local ttl = tonumber(ARGV[2])
+  if ttl > 0 and ns + nd > 0 then redis.call('EXPIRE', sections, ttl) end
+  for i = 7, #KEYS do redis.call('SET', KEYS[i], ARGV[a + i - 7], 'EX', ARGV[3]) end
+end
+local granted = ''
+if ARGV[4] ~= '' then
+  granted = release(KEYS[4], KEYS[5], KEYS[6], ARGV[4], tonumber(ARGV[5]))
+end
+return {version, granted}
 """

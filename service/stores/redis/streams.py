@@ -53,8 +53,8 @@ from service.stores.plan import (
     scoreable_unscored,
 )
 from service.stores.redis.connection import RedisConnection
-from service.stores.redis.lock import LeaseLock
-from service.stores.redis.scripts import APPEND, COMMIT, PUT
+from service.stores.redis.lock import Held, LeaseLock
+from service.stores.redis.scripts import APPEND, COMMIT, COMMIT_STREAM, PUT
 
 
 class RedisStreams:
@@ -66,6 +66,7 @@ class RedisStreams:
         self._redis = conn.client
         self._append = self._redis.register_script(APPEND)
         self._put = self._redis.register_script(PUT)
+        self._commit = self._redis.register_script(COMMIT_STREAM)
         self._lock = LeaseLock(conn, lease_seconds=lock_lease_seconds,
                                wait_seconds=lock_wait_seconds)
 
@@ -246,10 +247,32 @@ class RedisStreams:
     async def receipt(self, stream: str, key: str) -> bytes | None:
         return await self.conn.call(self._redis.get(self._receipt_key(stream, key)))
 
-    def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
+    def lock(self, stream: str) -> AbstractAsyncContextManager[Held]:
         return self._lock(stream)
 
     # --- the commit's part -------------------------------------------------------------
+    async def commit_alone(self, commit: Commit) -> int:
+        """A commit that changed no alert: one script writes all of it (the MULTI's
+        writes), then releases the stream's lock when ``commit.release`` holds it."""
+        stream, held = commit.stream, commit.release
+        if not (isinstance(held, Held) and held.stream == stream):
+            held = None
+        keys = [self._key(stream, p) for p in ("meta", "sections", "state")]
+        keys += held.keys if held else self._lock._keys(stream)
+        keys += [self._receipt_key(stream, key) for key, _ in commit.all_receipts]
+        args: list = ["" if commit.scored is None else commit.scored,
+                      self.policy.ttl_seconds, self.policy.receipt_ttl_seconds,
+                      held.token if held else "", held.lease_ms if held else 0,
+                      len(commit.sections), len(commit.drop)]
+        for name, blob in commit.sections.items():
+            args += [name, blob]
+        args += list(commit.drop)
+        args += [data for _, data in commit.all_receipts]
+        version, granted = await self.conn.call(self._commit(keys=keys, args=args))
+        if held:
+            held.released, held.granted = True, granted
+        return int(version)
+
     def stage_commit(self, pipe: Any, commit: Commit) -> None:
         """Queue a commit's stream writes on a MULTI pipeline, the version bump first (its
         result, the new version, is the transaction's first); the backend adds the alert
