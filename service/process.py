@@ -25,8 +25,12 @@ class ServiceProcess:
     with workers > 1, `tsad serve --workers N` (which merges the workers' metrics)."""
 
     def __init__(self, env: dict[str, str] | None = None, port: int | None = None,
-                 workers: int = 1, log_path: str | Path | None = None) -> None:
+                 workers: int = 1, log_path: str | Path | None = None,
+                 app: str = "service.main:app", root: Path | None = None) -> None:
         self.env = env or {}
+        self.app = app  # an ASGI app path importable from ``root``
+        # the checkout whose code runs (a benchmark's baseline may be another one)
+        self.root = root or Path(__file__).resolve().parent.parent
         self.port = port or free_port()
         self.workers = workers
         self.log_path = Path(log_path) if log_path else None
@@ -41,7 +45,7 @@ class ServiceProcess:
         env = {**os.environ, "TSAD_LOG_LEVEL": "WARNING", "TSAD_HOST": "127.0.0.1",
                "TSAD_PORT": str(self.port), **self.env}
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        cmd = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1",
                "--port", str(self.port), "--no-access-log",
                "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5"),
                "--http", PROTOCOL]  # header deadline, size cap (service/connections.py)
@@ -49,7 +53,7 @@ class ServiceProcess:
             cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(self.workers)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parent.parent)
+                                     cwd=self.root)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
