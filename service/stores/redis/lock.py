@@ -48,6 +48,7 @@ class Held:
     lease_ms: int
     released: bool = False
     granted: bytes | str | None = None
+    done: bool = False  # its holder left the lock's block
 
 
 class LeaseLock:
@@ -81,9 +82,10 @@ class LeaseLock:
         try:
             yield held
         finally:
+            held.done = True  # the heartbeat stops at its next turn even if a cancel is lost
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+                await asyncio.wait([heartbeat], timeout=self.lease_seconds)
             with contextlib.suppress(RedisError, StoreUnavailable):  # else it lapses
                 if not held.released:
                     held.granted = await self._release(keys=keys, args=[token, lease_ms])
@@ -135,7 +137,7 @@ class LeaseLock:
         once a commit released it (``held.released``)."""
         while True:
             await asyncio.sleep(held.lease_ms / 3000)
-            if held.released:
+            if held.released or held.done:
                 return
             try:
                 if not await self._renew(keys=held.keys[:1], args=[held.token, held.lease_ms]):
