@@ -108,9 +108,17 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
                 "channels": series.shape[1] - 1, "detector": detector})
             if r.status_code not in (200, 201):
                 raise RuntimeError(f"PUT /streams/{stream}: {r.status_code} {r.text}")
-        (await http.post("/score", json={"stream": stream,
-                                         **to_body(series[:warm], form)})).raise_for_status()
-        warmed.put_nowait(k)
+        try:  # a stream whose warm-up fails or hangs: its requests count as errors
+            warm_up = await http.post("/score", json={"stream": stream,
+                                                      **to_body(series[:warm], form)})
+            ok = warm_up.is_success
+        except httpx.TimeoutException:
+            ok = False
+        finally:
+            warmed.put_nowait(k)
+        if not ok:
+            errors += len(payloads)
+            return
         await go.wait()
         for body in payloads:
             t0 = time.perf_counter()
