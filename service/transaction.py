@@ -224,7 +224,10 @@ class ScoreTransaction:
         first, writes = appended[0][1], sum(1 for _, a in appended if a.accepted)
         last, scored = await self._score(appended[-1][1], cached, writes, first.unscored)
         dropped = appended[-1][1].unscored - last.unscored  # crash-left rows skipped
-        until = scored.scorer.points_until_scored if scored else None
+        # nothing scored (a retry, dropped points): the warm-up as it stands, so a retry
+        # answers what the first answer did
+        until = (scored.scorer.points_until_scored if scored
+                 else await self._warm_up_left(last, cached, writes))
         outcomes = []
         for job, result in appended:
             mine = replace(result, unscored=result.unscored - dropped,
@@ -340,6 +343,18 @@ class ScoreTransaction:
         self.metrics.points_recovered_total.inc(recovering)
         return appended, scored
 
+    async def _warm_up_left(self, appended: AppendResult, cached: Cached | None,
+                            writes: int = 1) -> int | None:
+        """points_until_scored of a batch that stored nothing (a retry, dropped points):
+        the stream's warm-up progress as it stands, so a retry answers what the first
+        answer did. Reads the stream's state unless its scorer is cached."""
+        scorer = ScorerCache.valid(cached, appended, writes)
+        if scorer is None:
+            sections = await self.backend.streams.sections(appended.meta.stream)
+            scorer = await asyncio.to_thread(StreamScorer.from_sections, appended.meta,
+                                             self.settings, sections)
+        return scorer.loop.points_until_scored(appended.meta.points_seen)
+
     def _run(self, appended: AppendResult, sections: dict[str, bytes] | None,
              scorer: StreamScorer | None = None) -> _Scored:
         """The detector's part, in a worker thread: score, then encode the state."""
@@ -403,7 +418,7 @@ def _outcome(stream: str, appended: AppendResult, scored: _Scored | None,
     the answer indexes them as a lone request's would); points until scored counts
     from its last point (a later point of the batch that is scored says exactly)."""
     if scored is None:
-        return ScoreOutcome(stream, appended, None, None)
+        return ScoreOutcome(stream, appended, None, until)
     results, n = scored.results, appended.to_score
     later = np.flatnonzero(results.scored[n:])
     if len(later):
