@@ -22,15 +22,16 @@ def free_port() -> int:
 
 class ServiceProcess:
     """`uvicorn service.main:app` on 127.0.0.1:<port>, configured by environment variables;
-    with workers > 1, `tsad serve --workers N` (which merges the workers' metrics)."""
+    with workers > 1, `tsad serve --workers N` (which merges the workers' metrics).
+    ``root``: the source tree to run (default this one; a benchmark compares another
+    checkout's)."""
 
     def __init__(self, env: dict[str, str] | None = None, port: int | None = None,
                  workers: int = 1, log_path: str | Path | None = None,
-                 app: str = "service.main:app", root: Path | None = None) -> None:
+                 root: str | Path | None = None, app: str = "service.main:app") -> None:
         self.env = env or {}
-        self.app = app  # an ASGI app path importable from ``root``
-        # the checkout whose code runs (a benchmark's baseline may be another one)
-        self.root = root or Path(__file__).resolve().parent.parent
+        self.root = Path(root) if root else Path(__file__).resolve().parent.parent
+        self.app = app  # an ASGI app importable from ``root``
         self.port = port or free_port()
         self.workers = workers
         self.log_path = Path(log_path) if log_path else None
