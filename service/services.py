@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from service.auth.guard import Authenticator
 from service.feedback.service import FeedbackService
+from service.ingest.runtime import IngestRuntime, build_ingest
 from service.metrics import ServiceMetrics, StreamSeries
 from service.scorers import ScorerCache
 from service.settings import Settings
@@ -26,6 +27,8 @@ class Services:
     streams: StreamAdmin
     feedback: FeedbackService
     auth: Authenticator
+    ingest: IngestRuntime  # remote-write, OTLP, watches, score write-back (service/ingest)
+    scorers: ScorerCache  # this process's decoded scorers (checked in the lifespan)
 
 
 def build_services(settings: Settings, metrics: ServiceMetrics,
@@ -34,10 +37,11 @@ def build_services(settings: Settings, metrics: ServiceMetrics,
     series = StreamSeries(metrics, settings.metrics_streams, settings.metrics_max_streams)
     scorers = ScorerCache(settings.scorer_cache_mb * 2**20)
     crash = settings.fault_crash_after_append
+    score = ScoreTransaction(backend, settings, metrics, series, scorers,
+                             crash_after_appends(crash) if crash else None)
+    streams = StreamAdmin(backend, settings, metrics, series, scorers)
     return Services(
-        settings=settings, metrics=metrics, backend=backend,
-        score=ScoreTransaction(backend, settings, metrics, series, scorers,
-                               crash_after_appends(crash) if crash else None),
-        streams=StreamAdmin(backend, settings, metrics, series, scorers),
+        settings=settings, metrics=metrics, backend=backend, score=score, streams=streams,
         feedback=FeedbackService(backend, settings, metrics),
-        auth=Authenticator(settings, backend.keys))
+        auth=Authenticator(settings, backend.keys), scorers=scorers,
+        ingest=build_ingest(settings, metrics, score, streams))

@@ -10,15 +10,22 @@ unscored: the stream's next append hands them back before its own points, so the
 scored (and their alerts raised) first; ``recover`` does the same for one stream and
 ``service/recovery.py`` for every stream at start-up. A retry of a stored batch is
 answered (its points' results when it scored them now, else status "duplicate"), and one
-sent with the same Idempotency-Key gets the kept response. Repeated and backward
-timestamps follow the stream's timestamp policy (``service/stores/plan.py``).
+sent with the same Idempotency-Key gets the kept response: a batch sent with a key is
+appended with a *pending receipt* (what the append decided for each point), and whoever
+scores its points after a crash completes it with their results, so the retry gets the
+answer the first request would have had, whether the retry itself, another batch or the
+start-up recovery scored them. Repeated and backward timestamps follow the stream's
+timestamp policy (``service/stores/plan.py``).
 
 Writers of one stream queue in arrival order (per process; across processes the stream
 lock is fair, ``service/stores/redis/lock.py``). Requests that queued while the stream
 was busy are served together: under one lock, each is appended on its own (all or none,
-its own errors), then all their points are scored in one pass (scores never depend on
-batching) and committed once, with a receipt per request. Many writers on one stream
-then cost about what one does, and none waits for more than the batch in progress.
+its own errors, its own pending receipt), then all their points are scored in one pass
+(scores never depend on batching) and committed once, with a receipt per request. Many
+writers on one stream then cost about what one does, and none waits for more than the
+batch in progress. Points a crash left unscored are scored with the one request that
+finds them, alone, so the pending receipts they complete are answered as in a lone
+request.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -41,11 +49,19 @@ from pydantic_core import to_json
 from service.alerts.events import record_events
 from service.errors import InvalidInput, LimitReached, ServiceError, StoreUnavailable
 from service.metrics import ServiceMetrics, StreamSeries
-from service.responses import score_response
+from service.quotas import check_room
+from service.responses import recovered_response, score_response
 from service.scorers import Cached, ScorerCache
 from service.scoring import Results, StreamScorer
 from service.settings import Settings
-from service.stores.base import AppendResult, Backend, Commit, StreamMeta
+from service.stores.base import (
+    AppendResult,
+    Backend,
+    Commit,
+    PendingReceipt,
+    PointAction,
+    StreamMeta,
+)
 from service.validation import check_points
 
 log = logging.getLogger("tsad.pipeline")
@@ -89,6 +105,7 @@ class _Job:
 
     points: np.ndarray  # (N, 1 + C)
     idempotency: Idempotency | None
+    tenant: str | None  # whose stream quota a new stream counts against
     done: asyncio.Future  # of its ScoreOutcome
     taken: bool = False  # its batch is being served (no longer to be withdrawn)
 
@@ -123,12 +140,15 @@ class ScoreTransaction:
         self._queues: dict[str, _Queue] = {}  # streams with requests queued or served
 
     async def __call__(self, stream: str, timestamps: np.ndarray, values: np.ndarray, *,
-                       idempotency: Idempotency | None = None) -> ScoreOutcome:
-        """Store the points (N timestamps, N x C values) of ``stream`` and score them."""
+                       idempotency: Idempotency | None = None,
+                       tenant: str | None = None) -> ScoreOutcome:
+        """Store the points (N timestamps, N x C values) of ``stream`` and score them.
+        ``tenant``: the caller's (its key's), whose stream quota a new stream counts
+        against (``service/quotas.py``)."""
         points = np.column_stack([np.asarray(timestamps, np.float64),
                                   np.asarray(values, np.float64).reshape(len(timestamps), -1)])
         check_points(points, self.settings)
-        job = _Job(points, idempotency, asyncio.get_running_loop().create_future())
+        job = _Job(points, idempotency, tenant, asyncio.get_running_loop().create_future())
         queue = self._queues.setdefault(stream, _Queue())
         queue.jobs.append(job)
         if queue.server is None:
@@ -198,11 +218,17 @@ class ScoreTransaction:
         pending = 0  # points appended by this batch so far: unscored until it commits
         for i, job in enumerate(batch):
             try:
-                if job.idempotency is not None and (
-                        kept := await self._receipt(stream, job.idempotency)):
-                    job.done.set_result(ScoreOutcome(stream, kept=kept))
-                    continue
-                result = await self._append(stream, job.points, known, pending)
+                receipt = None  # the pending receipt its append writes
+                if job.idempotency is not None:
+                    kept = await self._receipt(stream, job.idempotency)
+                    if kept is not None and "response" in kept:
+                        job.done.set_result(ScoreOutcome(stream, kept=kept["response"]))
+                        continue
+                    if kept is None:  # a pending one is kept as its first append wrote it
+                        receipt = PendingReceipt(job.idempotency.key,
+                                                 partial(_encode_pending, job.idempotency))
+                result = await self._append(stream, job.points, known, pending, receipt,
+                                            job.tenant)
             except ServiceError as exc:  # this request's own: the others go on
                 job.done.set_exception(exc)
                 if isinstance(exc, StoreUnavailable):  # the store is gone: so are they
@@ -228,15 +254,23 @@ class ScoreTransaction:
         # answers what the first answer did
         until = (scored.scorer.points_until_scored if scored
                  else await self._warm_up_left(last, cached, writes))
-        outcomes = []
+        # a crash left points (then the batch is this one request): the pending receipts
+        # of the batches they came from are completed with their results
+        completed = await self._complete(last, scored) if first.unscored else {}
+        outcomes, receipts = [], []
         for job, result in appended:
             mine = replace(result, unscored=result.unscored - dropped,
                            skipped=result.skipped + dropped)
-            outcomes.append((job, _outcome(stream, mine, scored, until)))
-        receipts = [(job.idempotency.key, _encode_receipt(
-            job.idempotency.digest, out.appended.meta.created_at, out.body(
-                job.idempotency.sent))) for job, out in outcomes if job.idempotency]
-        await self._commit(last, scored, receipts, cached, writes, held)
+            out = _outcome(stream, mine, scored, until)
+            idem = job.idempotency
+            if idem is not None and idem.key in completed:
+                out.kept = completed[idem.key][0]  # the first request's answer
+            elif idem is not None:
+                receipts.append((idem.key, _encode_receipt(
+                    idem.digest, mine.meta.created_at, out.body(idem.sent))))
+            outcomes.append((job, out))
+        await self._commit(last, scored, receipts, cached, writes, held,
+                           {k: data for k, (_, data) in completed.items()})
         for job, out in outcomes:
             job.done.set_result(out)
 
@@ -258,14 +292,16 @@ class ScoreTransaction:
                 return 0
             appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
             appended, scored = await self._score(appended, None)
-            await self._commit(appended, scored, [], None, held=held)
+            completed = await self._complete(appended, scored)
+            await self._commit(appended, scored, [], None, held=held,
+                               completed={k: data for k, (_, data) in completed.items()})
             return appended.unscored
 
     # --- the steps -----------------------------------------------------------------------
     async def _receipt(self, stream: str, idem: Idempotency) -> dict | None:
-        """The kept response of the batch first sent with the key (None: none, or one of
-        a deleted earlier stream of the same id); InvalidInput when this body is not that
-        batch."""
+        """The receipt of the batch first sent with the key: its ``response``, or
+        ``pending`` (None: none, or one of a deleted earlier stream of the same id);
+        InvalidInput when this body is not that batch."""
         raw = await self.backend.streams.receipt(stream, idem.key)
         meta = await self.backend.streams.get(stream) if raw else None
         if raw is None or meta is None:
@@ -278,23 +314,48 @@ class ScoreTransaction:
                                "used for a different batch (kept "
                                f"{self.settings.idempotency_ttl_seconds} s, "
                                "TSAD_IDEMPOTENCY_TTL_SECONDS): use a new key per batch")
-        self.metrics.idempotent_replays_total.inc()
-        return kept["response"]
+        if "response" in kept:
+            self.metrics.idempotent_replays_total.inc()
+        return kept
+
+    async def _complete(self, appended: AppendResult, scored: _Scored | None
+                        ) -> dict[str, tuple[dict, bytes]]:
+        """The pending receipts whose batches' points were scored now, among the points
+        a crash had left unscored: Idempotency-Key -> (the answer, the receipt to keep)."""
+        if scored is None or not appended.unscored:
+            return {}
+        meta, done = appended.meta, {}
+        for key, raw in (await self.backend.streams.pending_receipts(meta.stream)).items():
+            kept = json.loads(zlib.decompress(raw))
+            if "pending" not in kept or kept["created_at"] != meta.created_at:
+                continue
+            body = recovered_response(meta.stream, kept["pending"], appended, scored.results,
+                                      scored.scorer.points_until_scored)
+            if body is not None:
+                done[key] = (body, _encode_receipt(kept["body"], meta.created_at, body))
+        return done
 
     async def _append(self, stream: str, points: np.ndarray, known: StreamMeta | None = None,
-                      pending: int = 0) -> AppendResult:
+                      pending: int = 0, receipt: PendingReceipt | None = None,
+                      tenant: str | None = None) -> AppendResult:
         """``known``: the stream's meta as last seen (a cached scorer's, or the previous
-        append's); ``pending``: points appended before in this batch (still unscored)."""
+        append's); ``pending``: points appended before in this batch (still unscored);
+        ``receipt``: the request's pending receipt, written with its points; ``tenant``:
+        whose stream quota a new stream counts against."""
         m = self.metrics
         try:
-            appended = await self.backend.streams.append(stream, points, known=known)
+            appended = await self.backend.streams.append(stream, points, known=known,
+                                                         pending=receipt)
         except InvalidInput:
             m.points_rejected_total.inc(len(points))
             raise
-        if appended.created and await over_stream_cap(self.backend, self.settings):
-            await self.backend.streams.delete(stream)  # undo: the cap is checked after
-            m.points_rejected_total.inc(len(points))  # the atomic append
-            raise stream_cap_error(self.settings, ("body", "stream"))
+        if appended.created:  # quotas are checked after the atomic append: undone if over
+            try:
+                await check_room(self.backend, self.settings, tenant, ("body", "stream"))
+            except LimitReached:
+                await self.backend.streams.delete(stream)
+                m.points_rejected_total.inc(len(points))
+                raise
         m.points_ingested_total.inc(appended.accepted)
         m.points_duplicate_total.inc(appended.duplicates)
         for action in ("nudged", "dropped"):
@@ -384,15 +445,18 @@ class ScoreTransaction:
                                                      strict=True)]
         leads = [e.top_channels[0].channel if (e := results.explained.get(k)) else None
                  for k in range(len(results))]
-        self.series.observe(stream, scores, results.anomalous.tolist(), leads, threshold)
+        likelihoods = [None if v != v else v for v in results.likelihood.tolist()]  # NaN
+        self.series.observe(stream, scores, results.anomalous.tolist(), leads, threshold,
+                            likelihoods)
 
     async def _commit(self, appended: AppendResult, scored: _Scored | None,
                       receipts: list[tuple[str, bytes]], cached: Cached | None,
-                      writes: int = 1, held: object = None) -> None:
-        """Changed sections, scored-up-to mark, alerts, events and receipts: one atomic
-        write (which may release ``held``, the stream's lock); then the scorer goes
-        (back) into the cache, under the version it gave (``appended``: the batch's last
-        append, ``writes`` of its appends stored points)."""
+                      writes: int = 1, held: object = None,
+                      completed: dict[str, bytes] | None = None) -> None:
+        """Changed sections, scored-up-to mark, alerts, events, receipts and the pending
+        ones it completed: one atomic write (which may release ``held``, the stream's
+        lock); then the scorer goes (back) into the cache, under the version it gave
+        (``appended``: the batch's last append, ``writes`` of its appends stored points)."""
         meta = appended.meta
         if scored is None:
             if receipts:
@@ -402,8 +466,8 @@ class ScoreTransaction:
             return
         version = await self.backend.commit(Commit(
             meta.stream, sections=scored.sections, drop=scored.drop,
-            scored=meta.points_seen, receipts=receipts, alerts=scored.alerts,
-            events=scored.events, release=held))
+            scored=meta.points_seen, receipts=receipts, completed=completed or {},
+            alerts=scored.alerts, events=scored.events, release=held))
         record_events(scored.events, self.metrics, self.series)
         if version:
             self.scorers.put(meta.stream, Cached(
@@ -436,18 +500,13 @@ def _encode_receipt(digest: str, created_at: float, response: dict) -> bytes:
                                   "response": response}))
 
 
-async def over_stream_cap(backend: Backend, settings: Settings, slack: int = 0) -> bool:
-    """More than TSAD_MAX_STREAMS - slack streams? The index count is cheap; the exact
-    count (which tidies streams expired by TTL out of the index) runs only past it."""
-    cap = settings.max_streams - slack
-    if not settings.max_streams or await backend.streams.count() <= cap:
-        return False
-    return await backend.streams.count(exact=True) > cap
-
-
-def stream_cap_error(settings: Settings, loc: tuple[str, ...]) -> LimitReached:
-    return LimitReached(loc, f"at most {settings.max_streams} streams (TSAD_MAX_STREAMS): "
-                        "delete one or raise the limit")
+def _encode_pending(idem: Idempotency, actions: list[PointAction],
+                    stamps: list[float | None], created_at: float) -> bytes:
+    """A pending receipt (``PendingReceipt.encode``): the batch's digest, the stream's
+    incarnation, and what the append decided for each point, to answer with once the
+    points are scored."""
+    return zlib.compress(to_json({"body": idem.digest, "created_at": created_at, "pending": {
+        "sent": idem.sent, "actions": actions, "stamps": stamps}}))
 
 
 def crash_after_appends(n: int) -> Callable[[AppendResult], None]:

@@ -22,10 +22,14 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
+from service.errors import InvalidInput
 from service.metrics import ServiceMetrics
 from service.process import ServiceProcess
+from service.recovery import recover_all
+from service.services import build_services
 from service.settings import Settings
 from service.stores.base import Commit, StreamPolicy, retained
+from service.transaction import Idempotency
 from tests.conftest import BackendUnderTest, wait_for
 
 # --- the stream: 8 spikes, all in one batch longer than the window --------------------
@@ -311,3 +315,102 @@ def test_a_retry_without_key_is_answered_duplicate_never_422(service_backend):
         mixed = c.post("/score", json={"stream": "r", "points": sine(290, 20)})
         assert mixed.status_code == 422
         assert c.get("/streams/r").json()["points_seen"] == 300
+
+
+# --- Idempotency-Key after a crash, every backend: the first request's answer ----------
+class Crash(Exception):
+    """What the process's death between the append and the commit leaves: no commit."""
+
+
+async def test_an_idempotent_retry_gets_the_first_answer_after_recovery_scored_it(backend):
+    """A batch sent with a key is stored, then its process dies before the commit; the
+    start-up recovery (stream a) or the stream's next batch (stream b) scores it. The
+    retry with the same key gets the results the first request would have had (was:
+    status duplicate with no score, 50-150 points per client in the audit's crash runs)."""
+    settings = Settings(**backend.settings, default_detector="residual_linear",
+                        default_window=16, detector_params={"*": {"warmup": 64}},
+                        threshold_min_scores=20)
+    services = build_services(settings, ServiceMetrics(CollectorRegistry()))
+    score = services.score
+    warm, batch, later = (np.arange(a, b, dtype=float) for a, b in ((0, 150), (150, 190),
+                                                                    (190, 200)))
+    values = lambda t: np.sin(t / 5)[:, None] + (t == 170)[:, None] * 4  # noqa: E731
+    key = Idempotency("batch-2", "digest", batch.tolist())
+    try:
+        await score("ref", warm, values(warm))
+        first = (await score("ref", batch, values(batch), idempotency=key)).body(key.sent)
+        assert {r["status"] for r in first["results"]} == {"scored"}
+        assert any(r["anomaly"] for r in first["results"])
+
+        def die(appended) -> None:
+            raise Crash
+
+        for stream in ("a", "b"):
+            await score(stream, warm, values(warm))
+            score.after_append = die
+            with pytest.raises(Crash):
+                await score(stream, batch, values(batch), idempotency=key)
+            score.after_append = None
+        await recover_all(services.backend, score)  # stream a
+        assert (await services.backend.streams.get("a")).points_scored == 190
+        await score("b", later, values(later))  # stream b: its next batch scores it first
+        for stream in ("a", "b"):
+            again = (await score(stream, batch, values(batch), idempotency=key)).body(key.sent)
+            assert again["results"] == first["results"], stream
+            assert again["points_until_scored"] == first["points_until_scored"]
+            other = Idempotency("batch-2", "another body", batch.tolist())
+            with pytest.raises(InvalidInput, match="different batch"):
+                await score(stream, batch, values(batch), idempotency=other)
+        assert (await services.backend.streams.get("a")).points_seen == 190  # stored once
+    finally:
+        await services.backend.close()
+
+
+async def test_every_batched_writers_retry_gets_its_first_answer_after_a_crash(backend):
+    """Three writers of one stream, each with its key, queue together and are served as
+    one batch (three appends, each with its pending receipt, one commit); the process
+    dies after the third append, before the commit. Once recovery (stream a) or the
+    stream's next batch (stream b) scored their points, each retry gets the answer its
+    request had in a run without the crash."""
+    settings = Settings(**backend.settings, default_detector="residual_linear",
+                        default_window=16, detector_params={"*": {"warmup": 64}},
+                        threshold_min_scores=20)
+    services = build_services(settings, ServiceMetrics(CollectorRegistry()))
+    score = services.score
+    warm, later = np.arange(0, 150, dtype=float), np.arange(210, 220, dtype=float)
+    parts = [np.arange(a, a + 20, dtype=float) for a in (150, 170, 190)]
+    values = lambda t: np.sin(t / 5)[:, None] + (t == 175)[:, None] * 4  # noqa: E731
+    keys = [Idempotency(f"k{i}", f"digest {i}", p.tolist()) for i, p in enumerate(parts)]
+
+    async def together(stream: str) -> list:
+        return await asyncio.gather(*(score(stream, p, values(p), idempotency=k)
+                                      for p, k in zip(parts, keys, strict=True)),
+                                    return_exceptions=True)
+
+    appends = 0
+
+    def die_at_the_third(appended) -> None:
+        nonlocal appends
+        appends += 1
+        if appends == 3:
+            raise Crash
+
+    try:
+        await score("ref", warm, values(warm))
+        first = [out.body(k.sent) for out, k in zip(await together("ref"), keys, strict=True)]
+        assert any(r["anomaly"] for r in first[1]["results"])
+        for stream in ("a", "b"):
+            await score(stream, warm, values(warm))
+            appends, score.after_append = 0, die_at_the_third
+            assert all(isinstance(e, Crash) for e in await together(stream))  # one batch
+            score.after_append = None
+            assert (await services.backend.streams.get(stream)).points_seen == 210
+        await recover_all(services.backend, score)  # stream a
+        await score("b", later, values(later))  # stream b: its next batch scores them first
+        for stream in ("a", "b"):
+            for part, key, answer in zip(parts, keys, first, strict=True):
+                again = (await score(stream, part, values(part), idempotency=key)
+                         ).body(key.sent)
+                assert again == {**answer, "stream": stream}, (stream, key.key)
+    finally:
+        await services.backend.close()

@@ -53,8 +53,10 @@ class Held:
 
 class LeaseLock:
     def __init__(self, conn: RedisConnection, *, lease_seconds: float = 5.0,
-                 wait_seconds: float = 10.0) -> None:
+                 wait_seconds: float = 10.0, part: str = "lock") -> None:
         self.conn = conn
+        # the keys: <prefix>:{<stream>}:<part> (and <part>q, <part>w), in the stream's slot
+        self.part = part
         self.lease_seconds = lease_seconds
         self.wait_seconds = wait_seconds
         # a blocked wait must return before the client's socket timeout
@@ -67,10 +69,10 @@ class LeaseLock:
         self._renew = client.register_script(RENEW)
 
     def _keys(self, stream: str) -> list[str]:
-        return [self.conn.stream_key(stream, part) for part in ("lock", "lockq", "lockw")]
+        return [self.conn.stream_key(stream, self.part + end) for end in ("", "q", "w")]
 
     def _wake_key(self, stream: str, token: str) -> str:
-        return self.conn.stream_key(stream, f"lockwake:{token}")
+        return self.conn.stream_key(stream, f"{self.part}wake:{token}")
 
     @asynccontextmanager
     async def __call__(self, stream: str) -> AsyncIterator[Held]:

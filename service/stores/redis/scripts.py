@@ -3,18 +3,22 @@ keys (one stream's keys share a hash slot)."""
 
 from service.stores.base import HISTORY_EXTRA
 
-# KEYS: meta, win, sections, nudges, legacy state. ARGV: channels, default window, default
+# KEYS: meta, win, sections, nudges, legacy state, pending receipts' keys, the batch's
+# receipt. ARGV: channels, default window, default
 # detector, ttl seconds, created_at, the last_ts and points_seen the plan was made on (""
 # and "0": no stream or no points), the new last_ts, n, m, the most unscored points to keep,
 # the version the plan was made on, the n points of the plan (one string: n rows of
 # little-endian float64, timestamp first), the m (stored, sent) stamp pairs of nudged
-# points (one string, likewise), and how many stored points before the batch to return
-# when none is unscored ("": all that are held). The meta that results is the one the plan
-# was made on, moved on by the batch, so nothing of it is returned. Returns 'ok', created,
-# the stream's unscored points before the batch, then the held points as one string: up
-# to that many unscored ones with their context (or the points asked for), then the batch.
+# points (one string, likewise), how many stored points before the batch to return when
+# none is unscored ("": all that are held), then the batch's Idempotency-Key ("": none),
+# its pending receipt and the receipt's ttl seconds. The meta that results is the one the
+# plan was made on, moved on by the batch, so nothing of it is returned. Returns 'ok',
+# created, the stream's unscored points before the batch, then the held points as one
+# string: up to that many unscored ones with their context (or the points asked for),
+# then the batch.
 APPEND = """
 local meta, win, sections, nudges, legacy = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local pending, receipt = KEYS[6], KEYS[7]
 local channels = tonumber(ARGV[1])
 local ttl, n, m = tonumber(ARGV[4]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local cap = tonumber(ARGV[11])
@@ -65,6 +69,11 @@ if n > 0 then
   redis.call('HSET', meta, 'last_ts', ARGV[8])
 elseif unscored > 0 then
   held = table.concat(redis.call('LRANGE', win, -keep, -1))
+end
+if ARGV[16] ~= '' then  -- the pending receipt: with the append, or not at all
+  redis.call('SET', receipt, ARGV[17], 'EX', ARGV[18])
+  redis.call('SADD', pending, ARGV[16])
+  redis.call('EXPIRE', pending, ARGV[18])
 end
 if ttl > 0 then
   redis.call('EXPIRE', meta, ttl)
@@ -189,6 +198,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
+# KEYS: lease. ARGV: owner. Give up a lease (a watch's) only if the owner holds it.
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: lease. ARGV: owner, lease ms. Take a free lease, or renew one the owner holds.
+LEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # KEYS: meta. ARGV: points scored ("": unchanged). A state commit: set the mark, bump the
 # version, return it. Only on a stream that still exists (a mark alone would be a meta
 # hash without its fields): 0. The sections follow it in the same MULTI.
@@ -200,11 +223,12 @@ return redis.call('HINCRBY', KEYS[1], 'version', 1)
 
 # A scored batch that changed no alert, in one call: what COMMIT and the MULTI around it
 # write (the mark, the version, the changed sections, the sections dropped, the
-# receipts), then the stream's lock released and handed on. KEYS: meta, sections, legacy
-# state, lock, queue, alive, then one receipt key per receipt. ARGV: points scored (""),
-# ttl, receipt ttl, the lock token ("": keep the lock), lease ms, the number of sections
-# and of names to drop, then the sections' name/value pairs, the names to drop, and the
-# receipts' values. Returns {version (0: no such stream, nothing written), the token the
+# receipts, none of them pending any more), then the stream's lock released and handed
+# on. KEYS: meta, sections, legacy state, lock, queue, alive, pending receipts' keys, then
+# one receipt key per receipt. ARGV: points scored (""), ttl, receipt ttl, the lock token
+# ("": keep the lock), lease ms, the number of sections and of names to drop, then the
+# sections' name/value pairs, the names to drop, the receipts' values and their
+# Idempotency-Keys. Returns {version (0: no such stream, nothing written), the token the
 # lock was handed to or ''}.
 COMMIT_STREAM = _LOCK_LIB + """
 local meta, sections, legacy = KEYS[1], KEYS[2], KEYS[3]
@@ -223,7 +247,9 @@ if redis.call('EXISTS', meta) == 1 then
   a = a + nd
   local ttl = tonumber(ARGV[2])
   if ttl > 0 and ns + nd > 0 then redis.call('EXPIRE', sections, ttl) end
-  for i = 7, #KEYS do redis.call('SET', KEYS[i], ARGV[a + i - 7], 'EX', ARGV[3]) end
+  local r = #KEYS - 7
+  for i = 1, r do redis.call('SET', KEYS[7 + i], ARGV[a + i - 1], 'EX', ARGV[3]) end
+  if r > 0 then redis.call('SREM', KEYS[7], unpack(ARGV, a + r, a + 2 * r - 1)) end
 end
 local granted = ''
 if ARGV[4] ~= '' then
