@@ -1,10 +1,15 @@
 """Throughput of POST /score: the service runs as its own process (uvicorn), clients post
 concurrently, one stream each. In-memory and Redis stores side by side, one and two worker
-processes (`tsad serve --workers 2`, Redis), batch sizes 1, 100 and 1000, the list of
-points and the columnar form (timestamps + values), a NAB series (1 channel) and the MSL
-test set (55 channels); the 1-minute load average after each row. References from the
-same run: River's HalfSpaceTrees scoring and learning the NAB series in process (one
-core, no HTTP), and redis-benchmark's pipelined LPUSH as the store's ceiling.
+processes (`tsad serve --workers 2`, Redis), batch sizes 1, 10, 100 and 1000, the list
+of points and the columnar form (timestamps + values), a NAB series (1 channel) and the
+MSL test set (55 channels); the 1-minute load average after each row, and on Redis the
+bytes the service sent Redis per request (its INFO total_net_input_bytes: every command
+and its arguments, reads included). References from the same run: River's
+HalfSpaceTrees scoring and learning the NAB series in process (one core, no HTTP),
+redis-benchmark's pipelined LPUSH as the store's ceiling, and the service's own
+ceiling: streams configured with ``none``, a detector registered for this benchmark only
+(benchmarks/ceiling_app.py). ``--baseline DIR`` runs the same store rows again with the
+code of another checkout (e.g. a clone of main), side by side in the same run.
 
     python benchmarks/throughput.py --data-dir ../shared/datasets
 
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -68,36 +74,75 @@ def to_body(rows: np.ndarray, form: str) -> dict:
     return {"points": to_points(rows)}
 
 
+def warm_points() -> int:
+    """Points before a stream of the default detector scores with a fitted detector: its
+    window, its windows to fit and a chunk."""
+    from service.scoring import stream_detector
+
+    settings = Settings()
+    det = stream_detector(settings, settings.default_detector, settings.default_window)
+    return settings.default_window + (det.windows_to_fit or 0) + 64
+
+
 async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
                    max_requests: int, tag: str, form: str = "points",
-                   detector: str | None = None) -> dict:
+                   detector: str | None = None, stats: redis.Redis | None = None) -> dict:
     """Each client replays the series into its own stream, sequential batches; with
-    ``detector``, each stream is configured with it first (PUT /streams/{id})."""
-    per_client = max(1, min(max_requests // clients, len(series) // batch))
+    ``detector``, each stream is configured with it first (PUT /streams/{id}). The first
+    ``warm_points()`` of the series go in untimed, one request per stream: the rows
+    measure streams past their warm-up, as a running stream is. ``stats``: the Redis
+    whose input bytes are counted over the timed requests."""
+    warm = warm_points()
+    per_client = max(1, min(max_requests // clients, (len(series) - warm) // batch))
     latencies: list[float] = []
     errors = 0
-    payloads = [to_body(series[i * batch:(i + 1) * batch], form) for i in range(per_client)]
+    payloads = [to_body(series[warm + i * batch:warm + (i + 1) * batch], form)
+                for i in range(per_client)]
+    warmed, go = asyncio.Queue(), asyncio.Event()
 
     async def client(k: int, http: httpx.AsyncClient) -> None:
         nonlocal errors
+        stream = f"{tag}-{k}"
         if detector is not None:  # a row that silently ran another detector would lie
-            r = await http.put(f"/streams/{tag}-{k}", json={
+            r = await http.put(f"/streams/{stream}", json={
                 "channels": series.shape[1] - 1, "detector": detector})
             if r.status_code not in (200, 201):
-                raise RuntimeError(f"PUT /streams/{tag}-{k}: {r.status_code} {r.text}")
+                raise RuntimeError(f"PUT /streams/{stream}: {r.status_code} {r.text}")
+        try:  # a stream whose warm-up fails or hangs: its requests count as errors
+            warm_up = await http.post("/score", json={"stream": stream,
+                                                      **to_body(series[:warm], form)})
+            ok = warm_up.is_success
+        except httpx.TimeoutException:
+            ok = False
+        finally:
+            warmed.put_nowait(k)
+        if not ok:
+            errors += len(payloads)
+            return
+        await go.wait()
         for body in payloads:
             t0 = time.perf_counter()
-            r = await http.post("/score", json={"stream": f"{tag}-{k}", **body})
+            try:
+                ok = (await http.post("/score", json={"stream": stream, **body})).is_success
+            except httpx.TimeoutException:  # counted, and the row goes on
+                ok = False
             latencies.append(time.perf_counter() - t0)
-            errors += r.status_code != 200
+            errors += not ok
 
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        tasks = [asyncio.create_task(client(k, http)) for k in range(clients)]
+        for _ in range(clients):
+            await warmed.get()
+        sent = stats.info("stats")["total_net_input_bytes"] if stats else 0
         start = time.perf_counter()
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        go.set()
+        await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
+        if stats:
+            sent = stats.info("stats")["total_net_input_bytes"] - sent
     lat = np.array(latencies) * 1000
-    return {
+    result = {
         "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
         "points_per_s": round(len(latencies) * batch / elapsed, 1),
         "requests_per_s": round(len(latencies) / elapsed, 1),
@@ -106,6 +151,9 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "load_1m": round(os.getloadavg()[0], 2),
     }
+    if stats:
+        result["redis_bytes_per_request"] = round(sent / max(len(latencies), 1))
+    return result
 
 
 def river_reference(series: np.ndarray) -> dict | None:
@@ -141,6 +189,45 @@ class _Inline(concurrent.futures.ThreadPoolExecutor):
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
             future.set_exception(exc)
         return future
+
+
+def state_bytes(series: np.ndarray, requests: int) -> dict:
+    """The stream state a batch-1 request writes: one univariate stream of the default
+    detector past its warm-up, ``requests`` single points through the app in process
+    (in-memory store); each commit's changed sections, by name, in bytes per request
+    (the point itself is appended to the window besides: 16 bytes)."""
+    from prometheus_client import CollectorRegistry
+
+    from service.app import create_app
+    from service.metrics import ServiceMetrics
+
+    written: dict[str, int] = {}
+    warm = warm_points()
+
+    async def run() -> None:
+        app = create_app(Settings(max_batch_points=10_000), ServiceMetrics(CollectorRegistry()))
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://bench") as http:
+            (await http.post("/score", json={"stream": "b", **to_body(
+                series[:warm], "columnar")})).raise_for_status()
+            backend = app.state.services.score.backend
+            commit = backend.commit
+
+            async def recording(c):  # noqa: ANN001, ANN202 - the backend's commit
+                for name, blob in c.sections.items():
+                    written[name] = written.get(name, 0) + len(blob)
+                return await commit(c)
+
+            backend.commit = recording
+            for i in range(requests):
+                (await http.post("/score", json={"stream": "b", **to_body(
+                    series[warm + i:warm + i + 1], "columnar")})).raise_for_status()
+
+    asyncio.run(run())
+    per = {name: round(n / requests) for name, n in sorted(written.items(),
+                                                           key=lambda kv: -kv[1])}
+    return {"requests": requests, "sections_bytes_per_request": per,
+            "total_bytes_per_request": round(sum(written.values()) / requests)}
 
 
 def profile_in_process(series: np.ndarray, batch: int, requests: int,
@@ -215,16 +302,19 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen:
 
 
 def markdown(rows: list[dict], lpush: float | None, river: dict | None,
-             profile: list[dict] | None = None) -> str:
-    lines = ["| store | workers | detector | form | dataset | channels | batch | requests | "
-             "points/s | requests/s | p50 ms | p95 ms | p99 ms | errors | load 1m |",
-             "|" + "---|" * 15]
+             profile: list[dict] | None = None, state: dict | None = None) -> str:
+    lines = ["| code | store | workers | detector | form | dataset | channels | batch | "
+             "requests | points/s | requests/s | p50 ms | p95 ms | p99 ms | errors | "
+             "Redis bytes/request | load 1m |",
+             "|" + "---|" * 17]
     for r in rows:
-        lines.append(f"| {r['store']} | {r['workers']} | {r['detector']} | {r['form']} | "
+        lines.append(f"| {r.get('code', 'this')} | {r['store']} | {r['workers']} | "
+                     f"{r['detector']} | {r['form']} | "
                      f"{r['dataset']} | "
                      f"{r['channels']} | {r['batch']} | {r['requests']} | "
                      f"{r['points_per_s']} | {r['requests_per_s']} | {r['p50_ms']} | "
-                     f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} | {r['load_1m']} |")
+                     f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} | "
+                     f"{r.get('redis_bytes_per_request', '')} | {r['load_1m']} |")
     reference = ("river not installed (`pip install river`)" if river is None else
                  f"{river['points_per_s']:,.0f} points/s ({river['points']} points of "
                  f"nab/nyc_taxi scored then learnt, one at a time, in "
@@ -236,16 +326,26 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None,
                  "below an idle machine's; compare rows of one run, not runs.")
     lines.append(f"\nReference: River HalfSpaceTrees in process, one core: {reference}.")
     lines.append(f"\nCeiling: redis-benchmark -t lpush -P 16 on the same Redis: {ceiling}.")
+    lines.append("\nRedis bytes/request: what the service sent Redis over the row's timed "
+                 "requests (INFO total_net_input_bytes: commands, key names, scripts' "
+                 "arguments, the lock's calls, reads included) per request.")
+    if state:
+        parts = ", ".join(f"{k} {v}" for k, v in state["sections_bytes_per_request"].items())
+        lines.append(f"\nStream state written per batch-1 request (default detector, "
+                     f"univariate, past its warm-up, {state['requests']} requests): "
+                     f"{state['total_bytes_per_request']} bytes of changed sections "
+                     f"({parts}), plus the point appended to the window.")
     if profile:
         lines += ["\n## Where the time goes\n",
-                  "One univariate stream of the default detector, batch 1000, in process "
+                  "One univariate stream of the default detector, in process "
                   "(the app over the in-memory store, no sockets, the detector inline), "
                   "cProfile (its overhead inflates the times; the shares are what to read). "
                   "Cumulative: tsad's functions with the largest share, callees included "
                   "(nested). Self: the time spent in the function itself, any module.",
-                  "", "| kind | function | share | ms per request |", "|---|---|---|---|"]
-        lines += [f"| {p['kind']} | `{p['function']}` | {p['share']:.1%} | "
-                  f"{p['ms_per_request']} |" for p in profile]
+                  "", "| batch | kind | function | share | ms per request |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {p.get('batch', 1000)} | {p['kind']} | `{p['function']}` | "
+                  f"{p['share']:.1%} | {p['ms_per_request']} |" for p in profile]
     return "\n".join(lines)
 
 
@@ -257,7 +357,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="folder (default benchmarks/results, runs/bench for tests/data)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (one stream each)")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 100, 1000])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100, 1000])
     ap.add_argument("--max-requests", type=int, default=800,
                     help="requests per configuration, spread over the clients")
     ap.add_argument("--max-points", type=int, default=40_000,
@@ -268,13 +368,20 @@ def main() -> None:
                     choices=["points", "columnar"], help="request bodies")
     ap.add_argument("--datasets", nargs="+", default=["nab/nyc_taxi", "msl/test"],
                     choices=["nab/nyc_taxi", "msl/test"])
-    ap.add_argument("--detectors", nargs="*", default=["residual_linear"],
+    ap.add_argument("--detectors", nargs="*", default=["none", "residual_linear"],
                     help="besides the default detector: rows on the Redis store (one worker, "
-                    "columnar, NAB); the embedding memory at batch 100 and 1000 only, "
-                    "bounded by --costly-points")
+                    "columnar, NAB); none: the service's ceiling (benchmarks/ceiling_app.py); "
+                    "the embedding memory at batch 100 and 1000 only, bounded by "
+                    "--costly-points")
     ap.add_argument("--costly-points", type=int, default=4000,
                     help="points per row for the embedding memory (a language-model call "
                     "per scored window)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of earlier code (e.g. `git clone -q . /tmp/base && git "
+                    "-C /tmp/base checkout main`): its service runs the same store rows in "
+                    "this run, labelled code=baseline")
+    ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 1000],
+                    help="batch sizes profiled in process after the rows")
     ap.add_argument("--name", default="throughput",
                     help="output file name under --out (.json and .md)")
     args = ap.parse_args()
@@ -285,72 +392,96 @@ def main() -> None:
     print(json.dumps({"river_halfspacetrees": river}), flush=True)
     redis_port = free_port()
     workdir = tempfile.mkdtemp(prefix="tsad-bench-")
-    redis = start_redis(redis_port, workdir)
+    redis_server = start_redis(redis_port, workdir)
     rows: list[dict] = []
+    stats = redis.Redis(port=redis_port)
+    codes = [("this", None)] + ([("baseline", args.baseline)] if args.baseline else [])
     try:
-        for config in args.stores:
-            store, _, workers = config.partition("-")
-            env = {"TSAD_MAX_BATCH_POINTS": "10000", "TSAD_LOG_LEVEL": "WARNING"}
-            if store == "redis":
-                env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            with ServiceProcess(env, workers=int(workers or 1)) as service:
-                for name, series in datasets.items():
-                    for batch in args.batch_sizes:
-                        for form in args.forms:
-                            max_req = min(args.max_requests, max(args.clients,
-                                                                 args.max_points // batch))
-                            tag = f"{config}-{form}-{name.replace('/', '.')}-{batch}"
-                            result = asyncio.run(run_load(service.url, series, batch,
-                                                          args.clients, max_req, tag, form))
-                            row = {"store": store, "workers": int(workers or 1),
-                                   "detector": "default", "form": form, "dataset": name,
-                                   "channels": series.shape[1] - 1, "batch": batch, **result}
-                            rows.append(row)
-                            print(json.dumps(row), flush=True)
-                if config == "redis" and "nab/nyc_taxi" in datasets:
-                    rows += detector_rows(service.url, datasets["nab/nyc_taxi"], args)
+        for code, root in codes:
+            for config in args.stores:
+                rows += store_rows(config, code, root, redis_port, stats, datasets, args)
         lpush = redis_benchmark_lpush(redis_port, 200_000)
     finally:
-        redis.terminate()
-        redis.wait()
+        redis_server.terminate()
+        redis_server.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    profile = None
+    profile, state = [], None
     if "nab/nyc_taxi" in datasets:
-        profile = profile_in_process(datasets["nab/nyc_taxi"], 1000, 8)
+        state = state_bytes(datasets["nab/nyc_taxi"], 400)
+        print(json.dumps({"state_bytes": state}), flush=True)
+        for batch in args.profile_batches:
+            requests = 8 if batch >= 100 else 200
+            profile += [{"batch": batch, **p} for p in
+                        profile_in_process(datasets["nab/nyc_taxi"], batch, requests)]
         print(json.dumps({"profile": profile}), flush=True)
     report = {
         "benchmark": "throughput", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "clients": args.clients, "redis_benchmark_lpush_per_s": lpush,
+        "baseline": str(args.baseline) if args.baseline else None,
         "river_halfspacetrees": river, "results": rows, "profile": profile,
+        "state_bytes": state,
     }
     save_report(report, (
         f"# POST /score throughput\n\n{args.clients} concurrent clients, one stream each, "
         f"service and clients on the same {report['machine']['cpus']}-core machine, "
         f"the default detector ({Settings().default_detector}). "
-        f"`python benchmarks/throughput.py`.\n\n"
-        f"{markdown(rows, lpush, river, profile)}"),
+        f"`python benchmarks/{' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}`.\n\n"
+        f"{markdown(rows, lpush, river, profile, state)}"),
                 (args.out or results_dir(args.data_dir)) / args.name)
 
 
-def detector_rows(url: str, series: np.ndarray, args: argparse.Namespace) -> list[dict]:
-    """The other detectors on the same service (Redis, one worker, columnar, NAB)."""
+def store_rows(config: str, code: str, root: Path | None, redis_port: int,
+               stats: redis.Redis, datasets: dict[str, np.ndarray],
+               args: argparse.Namespace) -> list[dict]:
+    """One service (``config``: memory, redis or redis-<workers>; ``root``: the checkout
+    whose code runs, None for this one) under every dataset, batch size and form; on the
+    one-worker Redis service of this code, the other detectors' rows too."""
+    store, _, workers = config.partition("-")
+    env = {"TSAD_MAX_BATCH_POINTS": "10000", "TSAD_LOG_LEVEL": "WARNING"}
+    if store == "redis":
+        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    detectors = args.detectors if (config == "redis" and root is None
+                                   and "nab/nyc_taxi" in datasets) else []
+    app = "benchmarks.ceiling_app:app" if "none" in detectors else "service.main:app"
     rows = []
-    for detector in args.detectors:
-        costly = detector == "embedding_memory"
-        for batch in [b for b in args.batch_sizes if not costly or b >= 100]:
-            points = args.costly_points if costly else args.max_points
-            max_req = min(args.max_requests, max(args.clients, points // batch))
-            tag = f"{detector}-{batch}"
-            result = asyncio.run(run_load(url, series, batch, args.clients, max_req, tag,
-                                          "columnar", detector))
-            row = {"store": "redis", "workers": 1, "detector": detector, "form": "columnar",
-                   "dataset": "nab/nyc_taxi", "channels": 1, "batch": batch, **result}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    with ServiceProcess(env, workers=int(workers or 1), app=app, root=root) as service:
+        for name, series in datasets.items():
+            for batch in args.batch_sizes:
+                for form in args.forms:
+                    max_req = min(args.max_requests, max(args.clients,
+                                                         args.max_points // batch))
+                    tag = f"{code}-{config}-{form}-{name.replace('/', '.')}-{batch}"
+                    row = {"code": code, "store": store, "workers": int(workers or 1),
+                           "detector": "default", "form": form, "dataset": name,
+                           "channels": series.shape[1] - 1, "batch": batch}
+                    rows.append(measured(row, stats if store == "redis" else None,
+                                         service.url, series, batch, args.clients, max_req,
+                                         tag, form))
+        for detector in detectors:
+            costly = detector == "embedding_memory"
+            for batch in [b for b in args.batch_sizes if not costly or b >= 100]:
+                points = args.costly_points if costly else args.max_points
+                max_req = min(args.max_requests, max(args.clients, points // batch))
+                row = {"code": code, "store": "redis", "workers": 1, "detector": detector,
+                       "form": "columnar", "dataset": "nab/nyc_taxi", "channels": 1,
+                       "batch": batch}
+                rows.append(measured(row, stats, service.url, datasets["nab/nyc_taxi"],
+                                     batch, args.clients, max_req, f"{code}-{detector}-{batch}",
+                                     "columnar", detector))
     return rows
+
+
+def measured(row: dict, stats: redis.Redis | None, url: str, series: np.ndarray,
+             batch: int, clients: int, max_requests: int, tag: str, form: str,
+             detector: str | None = None) -> dict:
+    """``row`` with its load's figures (on Redis, the bytes sent to it per request)."""
+    row = {**row, **asyncio.run(run_load(url, series, batch, clients, max_requests, tag,
+                                         form, detector, stats))}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 if __name__ == "__main__":

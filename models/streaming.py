@@ -74,6 +74,9 @@ class Scored:
     likelihood: np.ndarray  # (F,) NaN while the stream has too few scores
     thresholds: np.ndarray  # (F,) NaN while the threshold has none
     anomalous: np.ndarray  # (F,) bool
+    # (F,) bool: the last point of its chunk that is scored (a chunk's last fresh point;
+    # which it is depends on the stream's index only, never on how it was batched)
+    closes_chunk: np.ndarray | None = None
 
 
 @dataclass
@@ -115,14 +118,22 @@ class _Pass:
     first_index: int  # stream-wide index of the first new point
     out: LoopOutput
     observe: Callable[[Scored], None] | None
+    _view: np.ndarray | None = None  # sliding windows over values, made when first needed
 
     def index(self, pos: int) -> int:
         """Stream-wide index of local position ``pos``."""
         return self.first_index + pos - self.start
 
     def windows(self, rows: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """The windows ending at local rows (F, W, C) and their first/last stamps (F, 2)."""
-        windows = np.stack([self.values[r - window + 1:r + 1] for r in rows])
+        """The windows ending at local rows (F, W, C), C-contiguous, and their first/last
+        stamps (F, 2)."""
+        if len(rows) == 1:
+            r = int(rows[0])
+            windows = self.values[None, r - window + 1:r + 1].copy()
+        else:  # one gather from the sliding view instead of a slice per window
+            if self._view is None:
+                self._view = sliding_window_view(self.values, window, axis=0)  # (N, C, W)
+            windows = np.ascontiguousarray(self._view[rows - window + 1].transpose(0, 2, 1))
         stamps = np.stack([self.timestamps[rows - window + 1], self.timestamps[rows]], axis=1)
         return windows, stamps
 
@@ -132,8 +143,10 @@ class OnlineLoop:
 
     ``threshold`` None: every score is normal. ``online`` False: the detector stays as it
     is (a shared artifact). State (``state_dict``) is the verdict in force and which
-    points of the unfinished chunk will be learnt; the detector, calibrator and threshold
-    save their own.
+    points of the unfinished chunk will be learnt, and, for a ``Records`` detector, the
+    records of the last chunk (``recent/...``: only ratios above 1 count, so only they are
+    kept); the detector, calibrator and threshold save their own. ``learnt`` counts the
+    detector's updates: a point that completes no chunk leaves the detector as it was.
     """
 
     def __init__(self, detector: Detector, threshold: StreamThreshold | None = None,
@@ -156,26 +169,43 @@ class OnlineLoop:
         self.last = Verdict()
         self.pending = np.zeros(chunk, dtype=bool)  # learn the window ending at chunk pos i
         self.recent = np.zeros((chunk, 0))  # Records: ratios of the last chunk points
+        self.learnt = 0  # partial_fit calls so far (in this process)
 
     # --- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         last = self.last
-        return {"score": np.array([last.score]), "likelihood": np.array([last.likelihood]),
-                "threshold": np.array([last.threshold]),
-                "anomalous": np.array([last.anomalous], dtype=np.uint8),
-                "pending": self.pending.astype(np.uint8), "recent": self.recent.copy()}
+        state = {"verdict": np.array([last.score, last.likelihood, last.threshold,
+                                      float(last.anomalous)]),
+                 "pending_bits": np.packbits(self.pending)}
+        if self.recent.shape[1]:  # a record ratio of at most 1 never divides: left out
+            at = np.flatnonzero(self.recent > 1.0)
+            state |= {"recent/at": at, "recent/ratio": self.recent.reshape(-1)[at],
+                      "recent/channels": np.array([self.recent.shape[1]])}
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if "score" in state:
+        if "verdict" in state:
+            score, likelihood, threshold, anomalous = (float(v) for v in state["verdict"])
+            self.last = Verdict(score, likelihood, threshold, anomalous == 1.0)
+        elif "score" in state:  # written before the verdict was one array
             self.last = Verdict(*(float(state[k][0]) for k in ("score", "likelihood",
                                                                 "threshold")),
                                 bool(state["anomalous"][0]))
         elif "last" in state and len(state["last"]) == 4:  # written before Verdict
             score, likelihood, threshold, anomalous = (float(v) for v in state["last"])
             self.last = Verdict(score, likelihood, threshold, anomalous == 1.0)
-        if "pending" in state and len(state["pending"]) == self.chunk:
+        if "pending_bits" in state:
+            bits = np.unpackbits(np.asarray(state["pending_bits"], dtype=np.uint8))
+            if len(bits) >= self.chunk:
+                self.pending = bits[:self.chunk].astype(bool)
+        elif "pending" in state and len(state["pending"]) == self.chunk:
             self.pending = np.asarray(state["pending"]).astype(bool)
-        if "recent" in state and len(state["recent"]) == self.chunk:
+        if "recent/channels" in state:
+            recent = np.zeros((self.chunk, int(state["recent/channels"][0])))
+            recent.reshape(-1)[np.asarray(state["recent/at"], dtype=np.int64)] = \
+                state["recent/ratio"]
+            self.recent = recent
+        elif "recent" in state and len(state["recent"]) == self.chunk:
             self.recent = np.asarray(state["recent"], dtype=np.float64).copy()
 
     def _beyond_recent(self, ratios: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -276,12 +306,23 @@ class OnlineLoop:
                 thr, anom = self.threshold.process(scores, stamps[:, 1])
             lik = self.likelihood.process(scores, anom, thr)
             if run.observe is not None:
-                run.observe(Scored(idx[fresh], windows, stamps, channel_scores, scores, lik,
-                                   thr, anom))
+                at = idx[fresh]
+                # the stride's next grid point after each fresh point is in the next chunk
+                following = (at // self.score_stride + 1) * self.score_stride
+                run.observe(Scored(at, windows, stamps, channel_scores, scores, lik, thr,
+                                   anom, following // self.chunk != at // self.chunk))
             verdicts[fresh] = anom
             out.scores[o][fresh], out.likelihood[o][fresh] = scores, lik
             out.thresholds[o][fresh], out.anomalous[o][fresh] = thr, anom
-        self._repeat_verdicts(out, o, full & ~fresh, fresh)
+        fill = full & ~fresh
+        if fill.any():
+            self._repeat_verdicts(out, o, fill, fresh)
+        elif len(fresh) and fresh[-1]:  # the segment's last point is fresh: in force
+            j = o.stop - 1
+            self.last = Verdict(float(out.scores[j]), float(out.likelihood[j]),
+                                float(out.thresholds[j]), bool(out.anomalous[j]))
+        elif fresh.any():
+            self._repeat_verdicts(out, o, fill, fresh)
         out.fresh[o] = fresh
         out.scored[o] = full & ~np.isnan(out.scores[o])
         everything = isinstance(det, Online) and det.learns_from_anomalies
@@ -322,6 +363,7 @@ class OnlineLoop:
         windows, stamps = run.windows(rows, window)
         assert isinstance(self.detector, Online)  # self.online says so
         self.detector.partial_fit(windows, stamps)
+        self.learnt += 1
         return len(rows)
 
 

@@ -197,6 +197,7 @@ class RequestObserver:
             method = scope["method"]
             self.metrics.http_requests_total.labels(route, method, str(status)).inc()
             self.metrics.http_request_duration_seconds.labels(route, method).observe(elapsed)
-            self.access.info("request", extra={"method": method, "route": route,
-                                               "status": status, "request_id": rid,
-                                               "duration_ms": round(elapsed * 1000, 2)})
+            if self.access.isEnabledFor(logging.INFO):  # else no record is built at all
+                self.access.info("request", extra={
+                    "method": method, "route": route, "status": status, "request_id": rid,
+                    "duration_ms": round(elapsed * 1000, 2)})

@@ -39,9 +39,10 @@ class ServiceProcess:
 
     def __init__(self, env: dict[str, str] | None = None, port: int | None = None,
                  workers: int = 1, log_path: str | Path | None = None,
-                 root: str | Path | None = None) -> None:
+                 root: str | Path | None = None, app: str = "service.main:app") -> None:
         self.env = env or {}
         self.root = Path(root) if root else Path(__file__).resolve().parent.parent
+        self.app = app  # an ASGI app importable from ``root``
         self.port = port or free_port()
         self.workers = workers
         self.log_path = Path(log_path) if log_path else None
@@ -56,7 +57,7 @@ class ServiceProcess:
         env = {**os.environ, "TSAD_LOG_LEVEL": "WARNING", "TSAD_HOST": "127.0.0.1",
                "TSAD_PORT": str(self.port), **self.env}
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        cmd = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1",
                "--port", str(self.port), "--no-access-log",
                "--timeout-keep-alive", env.get("TSAD_KEEP_ALIVE_SECONDS", "5"),
                "--http", PROTOCOL]  # header deadline, size cap (service/connections.py)

@@ -49,12 +49,14 @@ class ScorerCache:
     evict = take  # a deleted stream's scorer must not outlive it
 
     @staticmethod
-    def valid(cached: Cached | None, appended: AppendResult) -> StreamScorer | None:
-        """The cached scorer if nothing but our own append wrote the stream since it was
-        committed."""
+    def valid(cached: Cached | None, appended: AppendResult,
+              writes: int | None = None) -> StreamScorer | None:
+        """The cached scorer if nothing but our own appends wrote the stream since it was
+        committed (``appended`` the last of them; ``writes``: how many stored points,
+        by default the one append's)."""
         if cached is None:
             return None
-        ours = 1 if appended.accepted else 0
+        ours = (1 if appended.accepted else 0) if writes is None else writes
         if (cached.meta.created_at, cached.meta.version + ours) != (
                 appended.meta.created_at, appended.meta.version):
             return None

@@ -34,6 +34,12 @@ from service.feedback.labels import FeedbackSet
 from service.settings import Settings
 from service.stores.base import LEGACY_SECTION, StreamMeta
 
+# The parts of a scorer that own state sections (service/stream_state.py), and those that
+# may move with any batch (the others: the detector at chunk ends, feedback and adaptation
+# through their own requests)
+OWNERS = ("det", "loop", "lik", "thr", "alr", "fb", "ada")
+PER_BATCH = frozenset({"loop", "lik", "thr", "alr"})
+
 
 @dataclass
 class Results:
@@ -48,6 +54,14 @@ class Results:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def head(self, n: int) -> Results:
+        """The first n rows."""
+        if n >= len(self):
+            return self
+        return Results(self.scored[:n], self.scores[:n], self.likelihood[:n],
+                       self.thresholds[:n], self.anomalous[:n],
+                       {k: e for k, e in self.explained.items() if k < n})
 
 
 class StreamScorer:
@@ -81,6 +95,10 @@ class StreamScorer:
                                     incarnation(meta.stream, meta.created_at))
         self.points_until_scored: int | None = None  # after process(): see OnlineLoop
         self.stored: dict[str, bytes] = {}  # the sections as the store holds them
+        # the loop's detector updates when the detector's sections were last encoded
+        # (None: never): between chunk ends the detector does not move, nor is encoded
+        self._det_encoded_at: int | None = None
+        self._touched: set[str] = set()  # owners changed outside scoring (``touch``)
         # row of process() -> explanation of an anomalous point
         self._explained: dict[int, Explanation] = {}
         self._first_row = 0
@@ -91,37 +109,70 @@ class StreamScorer:
                       stored: Mapping[str, bytes]) -> StreamScorer:
         scorer = cls(meta, settings)
         parts = stream_state.decode(stored)
+        state = {owner: stream_state.merge(owner, parts) for owner in OWNERS}
         if scorer.loop.online:
-            scorer.detector.load_state_dict(stream_state.detector_state(parts))
-        scorer.threshold.load_state_dict(parts.get("thr", {}))
-        scorer.tracker.load_state_dict(parts.get("alr", {}))
-        scorer.loop.load_state_dict(parts.get("loop", {}))
-        if parts.get("lik"):
-            scorer.loop.likelihood.load_state_dict(parts["lik"])
-        scorer.feedback = FeedbackSet.from_state(parts.get("fb", {}), meta.window,
-                                                 meta.channels)
-        if adaptation := parts.get("ada"):
+            scorer.detector.load_state_dict(state["det"])
+        scorer.threshold.load_state_dict(state["thr"])
+        scorer.tracker.load_state_dict(state["alr"])
+        scorer.loop.load_state_dict(state["loop"])
+        if state["lik"]:
+            scorer.loop.likelihood.load_state_dict(state["lik"])
+        scorer.feedback = FeedbackSet.from_state(state["fb"], meta.window, meta.channels)
+        if adaptation := state["ada"]:
             scorer.set_adaptation(adaptation)
         scorer.stored = dict(stored)  # a legacy blob: every section differs, all written
+        if LEGACY_SECTION not in stored:
+            scorer._det_encoded_at = scorer.loop.learnt
         return scorer
 
-    def sections(self) -> dict[str, bytes]:
-        """Every section of the stream's state, encoded."""
-        parts = {"loop": self.loop.state_dict(), "lik": self.loop.likelihood.state_dict(),
-                 "thr": self.threshold.state_dict(), "alr": self.tracker.state_dict(),
-                 "fb": self.feedback.state_dict(), "ada": self.adaptation or {}}
-        if self.loop.online:
-            parts |= stream_state.detector_sections(self.detector.state_dict())
-        return {name: stream_state.encode(arrays) for name, arrays in parts.items()}
+    def _state(self, owner: str) -> dict[str, np.ndarray]:
+        if owner == "det":
+            return self.detector.state_dict() if self.loop.online else {}
+        return {"loop": self.loop.state_dict, "lik": self.loop.likelihood.state_dict,
+                "thr": self.threshold.state_dict, "alr": self.tracker.state_dict,
+                "fb": self.feedback.state_dict, "ada": lambda: self.adaptation or {},
+                }[owner]()
+
+    def sections(self, owners: tuple[str, ...] = ()) -> dict[str, bytes]:
+        """The sections of the stream's state (of ``owners`` only, when given), encoded."""
+        out = {}
+        for owner in owners or OWNERS:
+            if owner == "det" and not self.loop.online:
+                continue  # a shared artifact: not the stream's state
+            for name, arrays in stream_state.split(owner, self._state(owner)).items():
+                out[name] = stream_state.encode(arrays)
+        return out
 
     def to_commit(self) -> tuple[dict[str, bytes], tuple[str, ...], int]:
         """(changed sections, sections to drop, bytes of the whole state) for a commit;
-        what is written becomes what the store holds (``stored``)."""
-        encoded = self.sections()
+        what is written becomes what the store holds (``stored``). Only the parts that may
+        have moved are encoded: the detector when it learnt (a chunk ended) or was never
+        written, feedback and adaptation when never written (their own requests write
+        them), the rest always (small, or moving with every point); then only the sections
+        whose bytes differ from the stored ones are written."""
+        first = not self.stored or LEGACY_SECTION in self.stored
+        learnt = self._det_encoded_at != self.loop.learnt
+        owners = tuple(o for o in OWNERS if first or o in PER_BATCH or o in self._touched
+                       or (o == "det" and learnt))
+        self._touched = set()
+        encoded = self.sections(owners)
+        if "det" in owners:
+            self._det_encoded_at = self.loop.learnt
         changed = stream_state.changed(encoded, self.stored)
-        drop = tuple(sorted(set(self.stored) - set(encoded) - {LEGACY_SECTION}))
-        self.stored = encoded
-        return changed, drop, sum(len(b) for b in encoded.values())
+        ours = set(owners)
+        drop = tuple(sorted(name for name in self.stored if name not in encoded
+                            and stream_state.owner(name) in ours and name != LEGACY_SECTION))
+        if first:
+            self.stored = {}
+        for name in drop:
+            del self.stored[name]
+        self.stored.update(encoded)
+        return changed, drop, sum(len(b) for b in self.stored.values())
+
+    def touch(self, *owners: str) -> None:
+        """Parts changed outside scoring (feedback, adaptation): the next commit encodes
+        them."""
+        self._touched.update(owners)
 
     def set_adaptation(self, adaptation: dict[str, np.ndarray]) -> bool:
         """Score with the stream's own soft prompts and head (``prompts``, ``head.weight``,
@@ -131,9 +182,11 @@ class StreamScorer:
         base = bytes(np.asarray(adaptation["base"], dtype=np.uint8)).decode()
         if art is None or not isinstance(art.detector, Adaptable) or base != art.digest:
             self.adaptation = None
+            self.touch("ada")
             return False
         self.detector = self.loop.detector = art.detector.with_parameters(adaptation)
         self.adaptation = dict(adaptation)
+        self.touch("ada")
         return True
 
     # --- scoring -----------------------------------------------------------------------
@@ -153,7 +206,7 @@ class StreamScorer:
                                                    scored.channel_scores, scored.anomalous)
         self.tracker.observe(scored.stamps[:, 1], scored.scores, scored.thresholds,
                              scored.anomalous, scored.channel_scores, scored.windows,
-                             precedents)
+                             precedents, scored.closes_chunk)
         for i in np.flatnonzero(scored.anomalous):
             row = int(scored.index[i]) - self._first_row
             self._explained[row] = Explanation(

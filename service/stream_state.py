@@ -1,11 +1,15 @@
 """A stream's state as named sections, each kept and written on its own.
 
-A section is a set of named arrays (safetensors bytes in the store): ``det`` the
-detector (a detector state key ``"<part>/<name>"`` goes to its own section ``det/<part>``,
-so a large, slowly changing part such as a memory of normal windows is rewritten only
-when it changes), ``loop`` the online loop's verdict in force and pending chunk, ``lik``
-the likelihood's history, ``thr`` the threshold, ``alr`` the alert tracker, ``fb`` the
-operator feedback and ``ada`` a SPEAR stream's adapted prompts. A shadow detector's
+A section is a set of named arrays (safetensors bytes in the store). Each part of a
+scorer owns one: ``det`` the detector, ``loop`` the online loop's verdict in force and
+pending chunk, ``lik`` the likelihood's history, ``thr`` the threshold, ``alr`` the alert
+tracker, ``fb`` the operator feedback and ``ada`` a SPEAR stream's adapted prompts. A
+state key ``"<part>/<name>"`` goes to a section of its own, ``<owner>/<part>``, so that
+what changes at another rate is written at its own: the detector's memory of normal
+windows (``det/memory``, at most once a chunk), the loop's record of the last chunk
+(``loop/recent``, when a record enters or leaves it), the tracker's alerts and normal
+statistics (``alr/alerts`` while an alert changes, ``alr/normal`` once a chunk) beside
+what moves with every point (``loop``, ``alr``: a few hundred bytes). A shadow detector's
 sections would carry its name as a prefix (``shadow.<name>.det``).
 
 A commit writes only the sections whose bytes changed since they were loaded or last
@@ -16,6 +20,8 @@ the same sections when read (``decode``); the first commit then writes every sec
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,8 +34,52 @@ LEGACY_VERSION = 1  # the whole-blob format's version array
 LEGACY_PREFIXES = ("det", "loop", "lik", "thr", "alr", "fb", "ada")
 
 
+# safetensors' names of the dtypes a state holds
+_DTYPES = {"f8": "F64", "f4": "F32", "f2": "F16", "i8": "I64", "i4": "I32", "i2": "I16",
+           "i1": "I8", "u8": "U64", "u4": "U32", "u2": "U16", "u1": "U8", "b1": "BOOL"}
+
+
 def encode(arrays: Mapping[str, np.ndarray]) -> bytes:
-    return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    """Named arrays as a safetensors file (what ``safetensors.numpy.load`` reads), written
+    here: the same bytes for the same arrays, at a fraction of the library's cost per
+    array, which the per-point sections pay on every commit (a section's header depends
+    on its arrays' names, dtypes and shapes only, and is made once per layout).
+    Little-endian, the widest dtypes first (each array aligned), then by name.
+
+    >>> state = {"n": np.arange(3), "flags": np.array([True, False]), "x": np.ones((2, 2))}
+    >>> back = safetensors.numpy.load(encode(state))
+    >>> all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
+    True
+    """
+    parts = []
+    for name, value in arrays.items():
+        a = np.asarray(value)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        parts.append((-a.dtype.itemsize, name, a))
+    parts.sort(key=lambda p: p[:2])
+    layout = tuple((name, a.dtype.str, a.shape) for _, name, a in parts)
+    head = _HEADERS.get(layout)
+    if head is None:
+        head = _HEADERS[layout] = _header(layout)
+        if len(_HEADERS) > 4096:  # layouts are few (one per kind of section); bounded
+            del _HEADERS[next(iter(_HEADERS))]
+    return head + b"".join(np.ascontiguousarray(a).tobytes() for _, _, a in parts)
+
+
+_HEADERS: dict[tuple, bytes] = {}
+
+
+def _header(layout: tuple) -> bytes:
+    header, offset = {}, 0
+    for name, dtype, shape in layout:
+        size = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _DTYPES[dtype[1:]], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head
 
 
 def decode(stored: Mapping[str, bytes]) -> dict[str, dict[str, np.ndarray]]:
@@ -43,30 +93,45 @@ def decode(stored: Mapping[str, bytes]) -> dict[str, dict[str, np.ndarray]]:
     return {name: dict(safetensors.numpy.load(blob)) for name, blob in stored.items()}
 
 
-def detector_sections(state: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """A detector's state_dict by section: ``"<part>/<name>"`` keys to ``det/<part>``.
+def split(owner: str, state: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """A part's state by section: ``"<part>/<name>"`` keys to ``<owner>/<part>``.
 
-    >>> sorted(detector_sections({"n": 1, "memory/vectors": 2}).items())
+    >>> sorted(split("det", {"n": 1, "memory/vectors": 2}).items())
     [('det', {'n': 1}), ('det/memory', {'vectors': 2})]
     """
-    out: dict[str, dict[str, np.ndarray]] = {DETECTOR: {}}
+    out: dict[str, dict[str, np.ndarray]] = {owner: {}}
     for key, value in state.items():
         part, sep, name = key.partition("/")
         if sep:
-            out.setdefault(f"{DETECTOR}/{part}", {})[name] = value
+            out.setdefault(f"{owner}/{part}", {})[name] = value
         else:
-            out[DETECTOR][key] = value
+            out[owner][key] = value
     return out
+
+
+def merge(owner: str, sections: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Inverse of ``split``: the part's state from its sections."""
+    state = dict(sections.get(owner, {}))
+    for name, arrays in sections.items():
+        if name.startswith(owner + "/"):
+            part = name[len(owner) + 1:]
+            state |= {f"{part}/{k}": v for k, v in arrays.items()}
+    return state
+
+
+def owner(section: str) -> str:
+    """The part a section belongs to: ``det/memory`` -> ``det``."""
+    return section.partition("/")[0]
+
+
+def detector_sections(state: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """A detector's state_dict by section (``split`` for ``det``)."""
+    return split(DETECTOR, state)
 
 
 def detector_state(sections: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Inverse of ``detector_sections``."""
-    state = dict(sections.get(DETECTOR, {}))
-    for name, arrays in sections.items():
-        if name.startswith(DETECTOR + "/"):
-            part = name[len(DETECTOR) + 1:]
-            state |= {f"{part}/{k}": v for k, v in arrays.items()}
-    return state
+    return merge(DETECTOR, sections)
 
 
 def changed(encoded: Mapping[str, bytes], stored: Mapping[str, bytes]) -> dict[str, bytes]:

@@ -16,6 +16,16 @@ scores its points after a crash completes it with their results, so the retry ge
 answer the first request would have had, whether the retry itself, another batch or the
 start-up recovery scored them. Repeated and backward timestamps follow the stream's
 timestamp policy (``service/stores/plan.py``).
+
+Writers of one stream queue in arrival order (per process; across processes the stream
+lock is fair, ``service/stores/redis/lock.py``). Requests that queued while the stream
+was busy are served together: under one lock, each is appended on its own (all or none,
+its own errors, its own pending receipt), then all their points are scored in one pass
+(scores never depend on batching) and committed once, with a receipt per request. Many
+writers on one stream then cost about what one does, and none waits for more than the
+batch in progress. Points a crash left unscored are scored with the one request that
+finds them, alone, so the pending receipts they complete are answered as in a lone
+request.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import logging
 import os
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -36,14 +47,21 @@ import numpy as np
 from pydantic_core import to_json
 
 from service.alerts.events import record_events
-from service.errors import InvalidInput, LimitReached
+from service.errors import InvalidInput, LimitReached, ServiceError, StoreUnavailable
 from service.metrics import ServiceMetrics, StreamSeries
 from service.quotas import check_room
 from service.responses import recovered_response, score_response
 from service.scorers import Cached, ScorerCache
 from service.scoring import Results, StreamScorer
 from service.settings import Settings
-from service.stores.base import AppendResult, Backend, Commit, PendingReceipt, PointAction
+from service.stores.base import (
+    AppendResult,
+    Backend,
+    Commit,
+    PendingReceipt,
+    PointAction,
+    StreamMeta,
+)
 from service.validation import check_points
 
 log = logging.getLogger("tsad.pipeline")
@@ -82,6 +100,23 @@ class ScoreOutcome:
 
 
 @dataclass
+class _Job:
+    """One request in its stream's queue."""
+
+    points: np.ndarray  # (N, 1 + C)
+    idempotency: Idempotency | None
+    tenant: str | None  # whose stream quota a new stream counts against
+    done: asyncio.Future  # of its ScoreOutcome
+    taken: bool = False  # its batch is being served (no longer to be withdrawn)
+
+
+@dataclass
+class _Queue:
+    jobs: deque[_Job] = field(default_factory=deque)
+    server: asyncio.Task | None = None
+
+
+@dataclass
 class _Scored:
     scorer: StreamScorer
     results: Results
@@ -102,6 +137,7 @@ class ScoreTransaction:
         self.series = series
         self.scorers = scorers
         self.after_append = after_append  # tests: a crash between append and commit
+        self._queues: dict[str, _Queue] = {}  # streams with requests queued or served
 
     async def __call__(self, stream: str, timestamps: np.ndarray, values: np.ndarray, *,
                        idempotency: Idempotency | None = None,
@@ -112,39 +148,144 @@ class ScoreTransaction:
         points = np.column_stack([np.asarray(timestamps, np.float64),
                                   np.asarray(values, np.float64).reshape(len(timestamps), -1)])
         check_points(points, self.settings)
-        async with self.backend.streams.lock(stream):
-            pending = None
-            if idempotency is not None:
-                kept = await self._receipt(stream, idempotency)
-                if kept is not None and "response" in kept:
-                    return ScoreOutcome(stream, kept=kept["response"])
-                if kept is None:  # a pending one is kept as its first append wrote it
-                    pending = PendingReceipt(idempotency.key,
-                                             partial(_encode_pending, idempotency))
-            cached = self.scorers.take(stream)  # back in only once committed
-            appended = await self._append(stream, points, cached, pending, tenant)
+        job = _Job(points, idempotency, tenant, asyncio.get_running_loop().create_future())
+        queue = self._queues.setdefault(stream, _Queue())
+        queue.jobs.append(job)
+        if queue.server is None:
+            queue.server = asyncio.create_task(self._serve(stream, queue))
+        try:  # the queue is served in its own task: a caller gone away stops nothing
+            await asyncio.wait([job.done], timeout=self.settings.lock_wait_seconds)
+        except asyncio.CancelledError:
+            if not job.taken:  # never started: its points are not stored
+                queue.jobs.remove(job)
+            raise
+        if not job.done.done():
+            if not job.taken:
+                queue.jobs.remove(job)
+                raise StoreUnavailable(f"stream {stream!r} is busy (lock wait timed out)")
+            await asyncio.shield(job.done)  # started: its points may be stored already
+        return job.done.result()
+
+    async def _serve(self, stream: str, queue: _Queue) -> None:
+        """Serve the stream's queue, oldest first, the requests waiting together, until
+        it is empty."""
+        try:
+            while queue.jobs:
+                batch = self._take(queue)
+                try:
+                    async with self.backend.streams.lock(stream) as held:
+                        await self._serve_batch(stream, batch, held)
+                except BaseException as exc:  # the lock, the store or the detector failed
+                    for job in batch:
+                        if not job.done.done():
+                            job.done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise  # cancelled: the process is stopping
+        finally:
+            queue.server = None
+            if not queue.jobs:
+                self._queues.pop(stream, None)
+            else:  # cancelled with requests still queued: they fail like their batch
+                for job in queue.jobs:
+                    if not job.done.done():
+                        job.done.set_exception(StoreUnavailable(
+                            f"stream {stream!r}: the service is stopping"))
+
+    def _take(self, queue: _Queue) -> list[_Job]:
+        """The requests served together: the oldest, and those behind it while their
+        points fit in one request's limits (``max_batch_points``, and the unscored
+        points a store holds), stopping before an Idempotency-Key already among them."""
+        limit = min(self.settings.max_batch_points, self.settings.unscored_max_points)
+        batch, points, keys = [], 0, set()
+        while queue.jobs:
+            job = queue.jobs[0]
+            key = job.idempotency.key if job.idempotency else None
+            if batch and (points + len(job.points) > limit or (key and key in keys)):
+                break
+            queue.jobs.popleft()
+            job.taken = True
+            batch.append(job)
+            points += len(job.points)
+            keys.add(key)
+        return batch
+
+    async def _serve_batch(self, stream: str, batch: list[_Job], held: object) -> None:
+        """Under the stream's lock: each request's receipt check and append, in order,
+        then one scoring pass and one commit for all of them."""
+        cached = self.scorers.take(stream)  # back in only once committed
+        known = cached.meta if cached else None
+        appended: list[tuple[_Job, AppendResult]] = []
+        pending = 0  # points appended by this batch so far: unscored until it commits
+        for i, job in enumerate(batch):
+            try:
+                receipt = None  # the pending receipt its append writes
+                if job.idempotency is not None:
+                    kept = await self._receipt(stream, job.idempotency)
+                    if kept is not None and "response" in kept:
+                        job.done.set_result(ScoreOutcome(stream, kept=kept["response"]))
+                        continue
+                    if kept is None:  # a pending one is kept as its first append wrote it
+                        receipt = PendingReceipt(job.idempotency.key,
+                                                 partial(_encode_pending, job.idempotency))
+                result = await self._append(stream, job.points, known, pending, receipt,
+                                            job.tenant)
+            except ServiceError as exc:  # this request's own: the others go on
+                job.done.set_exception(exc)
+                if isinstance(exc, StoreUnavailable):  # the store is gone: so are they
+                    for rest in batch[i + 1:]:
+                        rest.done.set_exception(exc)
+                    break
+                continue
             if self.after_append is not None:
-                self.after_append(appended)
-            appended, scored = await self._score(appended, cached)
-            completed = await self._complete(appended, scored)
-            outcome = ScoreOutcome(stream, appended, scored.results if scored else None,
-                                   scored.scorer.points_until_scored if scored
-                                   else await self._warm_up_left(appended, cached))
-            receipt = None
-            if idempotency is not None and idempotency.key in completed:
-                outcome.kept = completed[idempotency.key][0]  # the first request's answer
-            elif idempotency is not None:
-                receipt = (idempotency.key, _encode_receipt(
-                    idempotency.digest, appended.meta.created_at,
-                    outcome.body(idempotency.sent)))
-            await self._commit(appended, scored, receipt, cached,
-                               {k: data for k, (_, data) in completed.items()})
-        return outcome
+                self.after_append(result)
+            known, pending = result.meta, pending + result.accepted
+            appended.append((job, result))
+            if result.unscored > pending - result.accepted:  # a crash left points: they
+                self._put_back(stream, batch[i + 1:])  # and this request, on their own
+                break
+        if not appended:
+            if cached is not None:
+                self.scorers.put(stream, cached)  # nothing written: still valid
+            return
+        first, writes = appended[0][1], sum(1 for _, a in appended if a.accepted)
+        last, scored = await self._score(appended[-1][1], cached, writes, first.unscored)
+        dropped = appended[-1][1].unscored - last.unscored  # crash-left rows skipped
+        # nothing scored (a retry, dropped points): the warm-up as it stands, so a retry
+        # answers what the first answer did
+        until = (scored.scorer.points_until_scored if scored
+                 else await self._warm_up_left(last, cached, writes))
+        # a crash left points (then the batch is this one request): the pending receipts
+        # of the batches they came from are completed with their results
+        completed = await self._complete(last, scored) if first.unscored else {}
+        outcomes, receipts = [], []
+        for job, result in appended:
+            mine = replace(result, unscored=result.unscored - dropped,
+                           skipped=result.skipped + dropped)
+            out = _outcome(stream, mine, scored, until)
+            idem = job.idempotency
+            if idem is not None and idem.key in completed:
+                out.kept = completed[idem.key][0]  # the first request's answer
+            elif idem is not None:
+                receipts.append((idem.key, _encode_receipt(
+                    idem.digest, mine.meta.created_at, out.body(idem.sent))))
+            outcomes.append((job, out))
+        await self._commit(last, scored, receipts, cached, writes, held,
+                           {k: data for k, (_, data) in completed.items()})
+        for job, out in outcomes:
+            job.done.set_result(out)
+
+    def _put_back(self, stream: str, jobs: list[_Job]) -> None:
+        """Requests taken for a batch but not served: first in the queue again."""
+        if jobs:
+            queue = self._queues[stream]
+            for job in reversed(jobs):
+                job.taken = False
+                queue.jobs.appendleft(job)
 
     async def recover(self, stream: str) -> int:
         """Score what a crash left stored but unscored on one stream; returns how many
         points were scored (0: nothing was pending)."""
-        async with self.backend.streams.lock(stream):
+        async with self.backend.streams.lock(stream) as held:
             meta = await self.backend.streams.get(stream)
             if meta is None or meta.points_scored is None or (
                     meta.points_scored >= meta.points_seen):
@@ -152,8 +293,8 @@ class ScoreTransaction:
             appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
             appended, scored = await self._score(appended, None)
             completed = await self._complete(appended, scored)
-            await self._commit(appended, scored, None, None,
-                               {k: data for k, (_, data) in completed.items()})
+            await self._commit(appended, scored, [], None, held=held,
+                               completed={k: data for k, (_, data) in completed.items()})
             return appended.unscored
 
     # --- the steps -----------------------------------------------------------------------
@@ -194,13 +335,17 @@ class ScoreTransaction:
                 done[key] = (body, _encode_receipt(kept["body"], meta.created_at, body))
         return done
 
-    async def _append(self, stream: str, points: np.ndarray, cached: Cached | None = None,
-                      pending: PendingReceipt | None = None,
+    async def _append(self, stream: str, points: np.ndarray, known: StreamMeta | None = None,
+                      pending: int = 0, receipt: PendingReceipt | None = None,
                       tenant: str | None = None) -> AppendResult:
+        """``known``: the stream's meta as last seen (a cached scorer's, or the previous
+        append's); ``pending``: points appended before in this batch (still unscored);
+        ``receipt``: the request's pending receipt, written with its points; ``tenant``:
+        whose stream quota a new stream counts against."""
         m = self.metrics
         try:
-            appended = await self.backend.streams.append(
-                stream, points, known=cached.meta if cached else None, pending=pending)
+            appended = await self.backend.streams.append(stream, points, known=known,
+                                                         pending=receipt)
         except InvalidInput:
             m.points_rejected_total.inc(len(points))
             raise
@@ -220,47 +365,51 @@ class ScoreTransaction:
             m.streams_created_total.inc()
             log.info("stream created", extra={"stream": stream,
                                               "channels": appended.meta.channels})
-        if appended.unscored or appended.skipped:
+        if appended.unscored > pending or appended.skipped:
             m.points_unscored_total.inc(appended.skipped)
             log.log(logging.WARNING if appended.skipped else logging.INFO,
                     "scoring points a crash left unscored", extra={
-                        "stream": stream, "points": appended.unscored,
+                        "stream": stream, "points": appended.unscored - pending,
                         "skipped": appended.skipped,
                         "limit": self.settings.unscored_max_points})
         return appended
 
-    async def _score(self, appended: AppendResult, cached: Cached | None
-                     ) -> tuple[AppendResult, _Scored | None]:
-        """Score the stored points not yet scored: those a crash left, then the batch's.
+    async def _score(self, appended: AppendResult, cached: Cached | None, writes: int = 1,
+                     recovering: int | None = None) -> tuple[AppendResult, _Scored | None]:
+        """Score the stored points not yet scored: those a crash left (``recovering``,
+        by default all the unscored the append handed back), then the batch's
+        (``appended``: the batch's last append; ``writes`` of its appends stored points).
         If the ones a crash left make the detector fail, they are skipped (logged and
         counted) rather than failing every later request of the stream."""
+        recovering = appended.unscored if recovering is None else recovering
         if not (appended.to_score or appended.skipped):
             return appended, None
-        scorer, sections = ScorerCache.valid(cached, appended), None
+        scorer, sections = ScorerCache.valid(cached, appended, writes), None
         self.metrics.scorer_cache_total.labels("hit" if scorer else "miss").inc()
         if scorer is None:
             sections = await self.backend.streams.sections(appended.meta.stream)
         try:
             scored = await asyncio.to_thread(self._run, appended, sections, scorer)
         except Exception:
-            if not appended.unscored:
+            if not recovering:
                 raise
             log.exception("scoring points a crash left unscored failed: skipped", extra={
-                "stream": appended.meta.stream, "points": appended.unscored})
-            self.metrics.points_unscored_total.inc(appended.unscored)
-            appended = replace(appended, unscored=0,
-                               skipped=appended.skipped + appended.unscored)
+                "stream": appended.meta.stream, "points": recovering})
+            self.metrics.points_unscored_total.inc(recovering)
+            appended = replace(appended, unscored=appended.unscored - recovering,
+                               skipped=appended.skipped + recovering)
+            recovering = 0
             sections = await self.backend.streams.sections(appended.meta.stream)
             scored = await asyncio.to_thread(self._run, appended, sections)  # afresh
-        self.metrics.points_recovered_total.inc(appended.unscored)
+        self.metrics.points_recovered_total.inc(recovering)
         return appended, scored
 
-    async def _warm_up_left(self, appended: AppendResult, cached: Cached | None
-                            ) -> int | None:
+    async def _warm_up_left(self, appended: AppendResult, cached: Cached | None,
+                            writes: int = 1) -> int | None:
         """points_until_scored of a batch that stored nothing (a retry, dropped points):
         the stream's warm-up progress as it stands, so a retry answers what the first
         answer did. Reads the stream's state unless its scorer is cached."""
-        scorer = ScorerCache.valid(cached, appended)
+        scorer = ScorerCache.valid(cached, appended, writes)
         if scorer is None:
             sections = await self.backend.streams.sections(appended.meta.stream)
             scorer = await asyncio.to_thread(StreamScorer.from_sections, appended.meta,
@@ -301,27 +450,46 @@ class ScoreTransaction:
                             likelihoods)
 
     async def _commit(self, appended: AppendResult, scored: _Scored | None,
-                      receipt: tuple[str, bytes] | None, cached: Cached | None,
+                      receipts: list[tuple[str, bytes]], cached: Cached | None,
+                      writes: int = 1, held: object = None,
                       completed: dict[str, bytes] | None = None) -> None:
-        """Changed sections, scored-up-to mark, alerts, events, the receipt and those it
-        completed: one atomic write; then the scorer goes (back) into the cache, under the
-        version it gave."""
+        """Changed sections, scored-up-to mark, alerts, events, receipts and the pending
+        ones it completed: one atomic write (which may release ``held``, the stream's
+        lock); then the scorer goes (back) into the cache, under the version it gave
+        (``appended``: the batch's last append, ``writes`` of its appends stored points)."""
         meta = appended.meta
         if scored is None:
-            if receipt is not None:
-                await self.backend.commit(Commit(meta.stream, receipt=receipt))
-            if ScorerCache.valid(cached, appended):  # nothing written: the same state
+            if receipts:
+                await self.backend.commit(Commit(meta.stream, receipts=receipts))
+            if ScorerCache.valid(cached, appended, writes):  # nothing written: the same state
                 self.scorers.put(meta.stream, replace(cached, meta=meta))
             return
         version = await self.backend.commit(Commit(
             meta.stream, sections=scored.sections, drop=scored.drop,
-            scored=meta.points_seen, receipt=receipt, completed=completed or {},
-            alerts=scored.alerts, events=scored.events))
+            scored=meta.points_seen, receipts=receipts, completed=completed or {},
+            alerts=scored.alerts, events=scored.events, release=held))
         record_events(scored.events, self.metrics, self.series)
         if version:
             self.scorers.put(meta.stream, Cached(
                 replace(meta, version=version, points_scored=meta.points_seen),
                 scored.scorer, scored.nbytes))
+
+
+def _outcome(stream: str, appended: AppendResult, scored: _Scored | None,
+             until: int | None) -> ScoreOutcome:
+    """One request's outcome from its batch's scoring: its rows are the first
+    ``appended.to_score`` (the points before it in the batch are its unscored ones, so
+    the answer indexes them as a lone request's would); points until scored counts
+    from its last point (a later point of the batch that is scored says exactly)."""
+    if scored is None:
+        return ScoreOutcome(stream, appended, None, until)
+    results, n = scored.results, appended.to_score
+    later = np.flatnonzero(results.scored[n:])
+    if len(later):
+        until = int(later[0])
+    elif until is not None:
+        until += len(results) - n
+    return ScoreOutcome(stream, appended, results.head(n), until)
 
 
 def _encode_receipt(digest: str, created_at: float, response: dict) -> bytes:

@@ -364,3 +364,53 @@ async def test_an_idempotent_retry_gets_the_first_answer_after_recovery_scored_i
         assert (await services.backend.streams.get("a")).points_seen == 190  # stored once
     finally:
         await services.backend.close()
+
+
+async def test_every_batched_writers_retry_gets_its_first_answer_after_a_crash(backend):
+    """Three writers of one stream, each with its key, queue together and are served as
+    one batch (three appends, each with its pending receipt, one commit); the process
+    dies after the third append, before the commit. Once recovery (stream a) or the
+    stream's next batch (stream b) scored their points, each retry gets the answer its
+    request had in a run without the crash."""
+    settings = Settings(**backend.settings, default_detector="residual_linear",
+                        default_window=16, detector_params={"*": {"warmup": 64}},
+                        threshold_min_scores=20)
+    services = build_services(settings, ServiceMetrics(CollectorRegistry()))
+    score = services.score
+    warm, later = np.arange(0, 150, dtype=float), np.arange(210, 220, dtype=float)
+    parts = [np.arange(a, a + 20, dtype=float) for a in (150, 170, 190)]
+    values = lambda t: np.sin(t / 5)[:, None] + (t == 175)[:, None] * 4  # noqa: E731
+    keys = [Idempotency(f"k{i}", f"digest {i}", p.tolist()) for i, p in enumerate(parts)]
+
+    async def together(stream: str) -> list:
+        return await asyncio.gather(*(score(stream, p, values(p), idempotency=k)
+                                      for p, k in zip(parts, keys, strict=True)),
+                                    return_exceptions=True)
+
+    appends = 0
+
+    def die_at_the_third(appended) -> None:
+        nonlocal appends
+        appends += 1
+        if appends == 3:
+            raise Crash
+
+    try:
+        await score("ref", warm, values(warm))
+        first = [out.body(k.sent) for out, k in zip(await together("ref"), keys, strict=True)]
+        assert any(r["anomaly"] for r in first[1]["results"])
+        for stream in ("a", "b"):
+            await score(stream, warm, values(warm))
+            appends, score.after_append = 0, die_at_the_third
+            assert all(isinstance(e, Crash) for e in await together(stream))  # one batch
+            score.after_append = None
+            assert (await services.backend.streams.get(stream)).points_seen == 210
+        await recover_all(services.backend, score)  # stream a
+        await score("b", later, values(later))  # stream b: its next batch scores them first
+        for stream in ("a", "b"):
+            for part, key, answer in zip(parts, keys, first, strict=True):
+                again = (await score(stream, part, values(part), idempotency=key)
+                         ).body(key.sent)
+                assert again == {**answer, "stream": stream}, (stream, key.key)
+    finally:
+        await services.backend.close()

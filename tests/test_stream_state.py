@@ -30,15 +30,51 @@ def test_a_commit_writes_only_the_sections_that_changed():
     scorer = StreamScorer(StreamMeta("s", 1, 16, "ensemble"), SETTINGS)
     run(scorer, 0, 300)
     first, _, nbytes = scorer.to_commit()
-    # the ensemble's memory of raw values is a section of its own (det/memory)
-    assert set(first) == {"det", "det/memory", "loop", "lik", "thr", "alr", "fb", "ada"}
+    # the ensemble's memory of raw values is a section of its own (det/memory), and so
+    # are the loop's recent rows, the tracker's alerts and its normal-window sample
+    assert set(first) == {"det", "det/memory", "loop", "loop/recent", "lik", "thr", "alr",
+                          "alr/alerts", "alr/normal", "fb", "ada"}
     assert nbytes == sum(len(b) for b in first.values())
     run(scorer, 300, 310)  # within a chunk: the detector learns nothing yet
     changed, drop, _ = scorer.to_commit()
     assert not {"det", "det/memory", "fb"} & set(changed) and not drop
-    assert {"loop", "alr"} <= set(changed)
+    assert {"loop", "alr"} <= set(changed) <= {"loop", "loop/recent", "lik", "alr", "alr/alerts"}
     again, _, _ = scorer.to_commit()
     assert again == {}  # nothing moved since
+    run(scorer, 310, 320)  # completes the chunk of points 256-319: the detector learns
+    changed, drop, _ = scorer.to_commit()
+    assert {"det", "alr/normal"} <= set(changed) and not drop
+
+
+def test_a_point_that_completes_no_chunk_writes_nothing_of_the_detector():
+    """The batch-1 path at default settings: a univariate stream of the default detector,
+    scored past its warm-up, no alert open: each point's commit writes the loop's verdict
+    and pending chunk and the tracker's counters (under a kilobyte together) and the
+    likelihood's window of recent scores (``lik``: the default ensemble's is about 8 KB,
+    benchmarks/results/default_cost.md), nothing of the detector."""
+    settings = Settings()
+    scorer = StreamScorer(StreamMeta("s", 1, 64, settings.default_detector), settings)
+    t = np.arange(2000, dtype=np.float64)
+    series = np.column_stack([t, np.sin(t / 7) + 0.01 * np.cos(t * 1.3)])
+    context = retained(64) - 1
+
+    def score(lo: int, hi: int) -> None:
+        scorer.meta.points_seen = hi
+        scorer.process(series[max(0, lo - context):hi], hi - lo)
+
+    score(0, 1200)
+    scorer.to_commit()
+    written = []
+    for i in range(1200, 1264):
+        score(i, i + 1)
+        changed, drop, _ = scorer.to_commit()
+        assert not drop
+        if (i + 1) % 64:
+            assert set(changed) <= {"loop", "lik", "alr"}, set(changed)
+            written.append(len(changed["loop"]) + len(changed.get("alr", b"")))
+        else:  # a chunk's last point: the detector learnt
+            assert "det" in changed
+    assert scorer.tracker.open is None and max(written) <= 1024, written
 
 
 def test_state_written_whole_by_an_earlier_version_loads_and_scores_the_same():
@@ -48,8 +84,9 @@ def test_state_written_whole_by_an_earlier_version_loads_and_scores_the_same():
     sections = scorer.sections()
     # the whole-blob format: every section's arrays under "<section>.", and a version
     whole = {"version": np.array([1])}
-    for name, arrays in stream_state.decode(sections).items():
-        whole |= {f"{name}.{k}": v for k, v in arrays.items()}
+    parts = stream_state.decode(sections)
+    for owner in ("det", "loop", "lik", "thr", "alr", "fb", "ada"):
+        whole |= {f"{owner}.{k}": v for k, v in stream_state.merge(owner, parts).items()}
     legacy = {LEGACY_SECTION: safetensors.numpy.save(whole)}
     a = StreamScorer.from_sections(StreamMeta("s", 1, 16, "residual_linear"), SETTINGS,
                                    sections)

@@ -13,8 +13,10 @@
   of opening a new one: a flapping signal is one alert.
 
 The tracker's state (the k-of-m ring, the open and the last resolved alert, the normal
-statistics) is part of the stream's state blob, saved under the stream lock together
-with the alert records and their events, so replicas continue it exactly.
+statistics) is part of the stream's state (its ``alr`` sections: the ring and counters,
+which move with every point, apart from ``alr/alerts`` and ``alr/normal``, which move
+with an alert and once a chunk), saved under the stream lock together with the alert
+records and their events, so replicas continue it exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -59,13 +61,17 @@ class AlertTracker:
         self.last_resolved: Alert | None = None
         self.changed: dict[str, Alert] = {}  # alerts to persist after this batch
         self.events: list[dict] = []  # to deliver after this batch
+        self._records: np.ndarray | None = None  # the open and last alert, as state
 
     # --- per chunk -------------------------------------------------------------------
     def observe(self, timestamps: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
                 anomalous: np.ndarray, channel_scores: np.ndarray,
-                windows: np.ndarray, precedents: Mapping[int, Sequence] | None = None) -> None:
-        """One scored chunk: timestamps/scores/thresholds/anomalous (B,), channel_scores
-        (B, C), windows (B, W, C); precedents: point -> its nearest normal windows."""
+                windows: np.ndarray, precedents: Mapping[int, Sequence] | None = None,
+                closes_chunk: np.ndarray | None = None) -> None:
+        """Scored points of one chunk: timestamps/scores/thresholds/anomalous (B,),
+        channel_scores (B, C), windows (B, W, C); precedents: point -> its nearest normal
+        windows; closes_chunk (B,): the chunk's last scored point, whose window, when
+        normal, updates the normal statistics (None: the last normal point's does)."""
         precedents = precedents or {}
         start = 0
         if self.open is None:  # normal points before the first anomaly only fill the ring
@@ -73,10 +79,17 @@ class AlertTracker:
             start = int(anomalies[0]) if len(anomalies) else len(scores)
             self._ring[(self._seen + np.arange(start)) % self.rules.m] = False
             self._seen += start
+        if start < len(scores):  # an alert is open, or may open: its record moves
+            self._records = None
         for i in range(start, len(scores)):
             self._point(float(timestamps[i]), float(scores[i]), float(thresholds[i]),
                         bool(anomalous[i]), channel_scores[i], windows[i], precedents.get(i))
-        normal = np.flatnonzero(~anomalous)
+        if closes_chunk is None:
+            closes_chunk = np.zeros(len(scores), bool)
+            closes_chunk[-1:] = True
+        # once a chunk, whatever the batching: one window in a chunk of overlapping ones
+        # loses little, and keeps the statistics off the per-point path
+        normal = np.flatnonzero(closes_chunk & ~anomalous)
         if len(normal):
             self.normal.update(windows[normal[-1]])
 
@@ -177,12 +190,14 @@ class AlertTracker:
 
     # --- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        alerts = {"open": self.open.to_dict() if self.open else None,
-                  "last": self.last_resolved.to_dict() if self.last_resolved else None}
+        if self._records is None:
+            alerts = {"open": _plain(self.open) if self.open else None,
+                      "last": _plain(self.last_resolved) if self.last_resolved else None}
+            self._records = np.frombuffer(json.dumps(alerts).encode(), dtype=np.uint8)
         state = {"ring": self._ring.astype(np.uint8),
                  "counters": np.array([self._seen, self.quiet]),
-                 "alerts": np.frombuffer(json.dumps(alerts).encode(), dtype=np.uint8)}
-        return state | {f"normal.{k}": v for k, v in self.normal.state_dict().items()}
+                 "alerts/records": self._records}
+        return state | {f"normal/{k}": v for k, v in self.normal.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if "ring" not in state:
@@ -191,11 +206,20 @@ class AlertTracker:
             self._ring = state["ring"].astype(bool)
             self._seen = int(state["counters"][0])
         self.quiet = int(state["counters"][1])
-        alerts = json.loads(state["alerts"].tobytes().decode())
+        # "alerts" and "normal.*": the keys of state written before alr had sections
+        records = state["alerts/records"] if "alerts/records" in state else state["alerts"]
+        alerts = json.loads(records.tobytes().decode())
         self.open = Alert.from_dict(alerts["open"]) if alerts["open"] else None
         self.last_resolved = Alert.from_dict(alerts["last"]) if alerts["last"] else None
+        self._records = None
         self.normal.load_state_dict({k[7:]: v for k, v in state.items()
-                                     if k.startswith("normal.")})
+                                     if k.startswith(("normal/", "normal."))})
+
+
+def _plain(alert: Alert) -> dict:
+    """``Alert.to_dict`` without its deep copy: the record as JSON writes it."""
+    return {f.name: getattr(alert, f.name) for f in fields(alert)} | {
+        "duration_seconds": alert.duration_seconds}
 
 
 def _round(x: float) -> float:

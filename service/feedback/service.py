@@ -81,6 +81,7 @@ class FeedbackService:
         return self._out(meta, scorer)
 
     async def _save(self, stream: str, scorer: StreamScorer) -> None:
+        scorer.touch("fb", "ada")  # what feedback changes, scoring never does
         changed, drop, _ = scorer.to_commit()
         await self.backend.commit(Commit(stream, sections=changed, drop=drop))
 

@@ -111,8 +111,9 @@ class AppendResult:
     duplicates: int  # points recognised as retries of stored points (policy "drop")
     accepted: int  # points written
     # Context then accepted points, oldest first: up to retained(window) - 1 points stored
-    # before the batch, followed by the accepted points. Column 0 is the timestamp (as
-    # stored). (K, 1 + C)
+    # before the batch (for an append with ``known`` meta, only those scoring the batch
+    # needs: window - 1, or up to retained(window) - 1 when it completes a chunk),
+    # followed by the accepted points. Column 0 is the timestamp (as stored). (K, 1 + C)
     points: np.ndarray
     actions: list[PointAction]  # one per point sent, in order
     # one per point sent: the stamp it is stored under (a duplicate: its stored twin's);
@@ -151,11 +152,22 @@ class Commit:
     drop: tuple[str, ...] = ()  # sections to remove (e.g. a shadow detector retired)
     scored: int | None = None  # the scored-up-to mark (None: unchanged)
     receipt: tuple[str, bytes] | None = None  # (Idempotency-Key, the kept response)
+    # the receipts of further requests committed together with it (served as one batch)
+    receipts: list[tuple[str, bytes]] = field(default_factory=list)
     # pending receipts of earlier batches whose points this commit scored (a crash had
     # left them unscored), completed: Idempotency-Key -> the kept response
     completed: dict[str, bytes] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)  # records the batch changed
     events: list[dict] = field(default_factory=list)  # alert events, to the outbox
+    # the stream's lock as ``streams.lock`` yielded it, when the commit is the last write
+    # under it: a backend may release it with the commit (Redis: in the same script)
+    release: object | None = None
+
+    @property
+    def all_receipts(self) -> list[tuple[str, bytes]]:
+        """Every response this commit keeps (none of them pending any more)."""
+        return (([self.receipt] if self.receipt is not None else []) + self.receipts
+                + list(self.completed.items()))
 
     @property
     def writes_state(self) -> bool:
@@ -207,8 +219,9 @@ class StreamStore(Protocol):
         Raises InvalidInput (nothing written) on a channel-count mismatch or when the
         plan rejects a point. ``known``: the stream's meta as the caller last saw it (a
         cached scorer's): the plan is made on it without reading it first, and made again
-        if its version is no longer the stored one. ``pending``: the batch's pending
-        receipt, written with the append (``PendingReceipt``).
+        if its version is no longer the stored one; the context returned is then only
+        what scoring the batch needs (``plan.context_needed``). ``pending``: the batch's
+        pending receipt, written with the append (``PendingReceipt``).
         """
         ...
 
@@ -232,8 +245,10 @@ class StreamStore(Protocol):
         response no commit has kept yet."""
         ...
 
-    def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
-        """Serialises read-modify-write of one stream (across replicas for Redis)."""
+    def lock(self, stream: str) -> AbstractAsyncContextManager[object]:
+        """Serialises read-modify-write of one stream (across replicas for Redis), its
+        writers served in arrival order. Yields a handle that the last commit under it
+        may carry (``Commit.release``)."""
         ...
 
 

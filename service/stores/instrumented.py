@@ -51,7 +51,7 @@ class _InstrumentedStreams:
     def policy(self) -> Any:
         return self.inner.policy
 
-    def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
+    def lock(self, stream: str) -> AbstractAsyncContextManager[object]:
         return self.inner.lock(stream)
 
 

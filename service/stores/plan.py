@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.streaming import CHUNK
 from service.errors import InvalidInput
 from service.stores.base import (
     NUDGE_SECONDS,
     DuplicatePolicy,
     PointAction,
+    StreamMeta,
     TimestampPolicy,
     retained,
 )
@@ -39,15 +41,30 @@ def scoreable_unscored(unscored: int, held: int, new: int, points_seen: int,
     return max(0, min(unscored, held - new - (retained(window) - 1)))
 
 
-def encode_point(row: np.ndarray) -> bytes:
-    """One point (timestamp + values) as little-endian float64 bytes: exact and compact."""
-    return np.ascontiguousarray(row, dtype="<f8").tobytes()
+def encode_points(rows: np.ndarray) -> bytes:
+    """Points (timestamp + values per row) as little-endian float64 bytes, row after row:
+    exact and compact (a store keeps each row as one such string)."""
+    return np.ascontiguousarray(rows, dtype="<f8").tobytes()
 
 
-def decode_points(blobs: list[bytes], channels: int) -> np.ndarray:
-    if not blobs:
-        return np.empty((0, 1 + channels))
-    return np.frombuffer(b"".join(blobs), dtype="<f8").reshape(len(blobs), 1 + channels).copy()
+def decode_points(blobs: list[bytes] | bytes, channels: int) -> np.ndarray:
+    """Rows stored by ``encode_points``: a list of them, or one string of many."""
+    data = blobs if isinstance(blobs, bytes) else b"".join(blobs)
+    return np.frombuffer(data, dtype="<f8").reshape(-1, 1 + channels).copy()
+
+
+def context_needed(meta: StreamMeta, new: int) -> int:
+    """How many stored points before a batch of ``new`` points scoring them needs: the
+    window of the first one, and, when the batch completes a chunk, the windows of that
+    whole chunk, which the detector then learns (at most ``retained(window) - 1``).
+
+    >>> context_needed(StreamMeta("s", 1, 64, "ensemble", points_seen=130), 1)
+    63
+    >>> context_needed(StreamMeta("s", 1, 64, "ensemble", points_seen=127), 1)  # ends one
+    126
+    """
+    completes = meta.points_seen % CHUNK + new >= CHUNK
+    return (meta.points_seen % CHUNK if completes else 0) + meta.window - 1
 
 
 def may_resend(points: np.ndarray, last: float | None) -> bool:

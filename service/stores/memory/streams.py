@@ -25,7 +25,13 @@ from service.stores.base import (
     StreamPolicy,
     retained,
 )
-from service.stores.plan import NO_NUDGES, may_resend, plan_append, scoreable_unscored
+from service.stores.plan import (
+    NO_NUDGES,
+    context_needed,
+    may_resend,
+    plan_append,
+    scoreable_unscored,
+)
 
 # Receipts (Idempotency-Key responses) kept per stream, newest first: the in-process store
 # bounds them by count as well as by age
@@ -114,7 +120,8 @@ class MemoryStreams:
     async def append(self, stream: str, points: np.ndarray, *,
                      known: StreamMeta | None = None,
                      pending: PendingReceipt | None = None) -> AppendResult:
-        # ``known`` is unused: this store's meta is always current
+        # this store's meta is always current: ``known`` only says that the caller scores
+        # with a scorer it kept, which needs only the context scoring the batch takes
         policy = self.policy
         channels = points.shape[1] - 1
         entry = self._get(stream)
@@ -143,7 +150,8 @@ class MemoryStreams:
         # held after the batch: the batch whole (a retry of it is recognised), the
         # unscored before it, and the context that scoring them needs
         before = min(unscored, policy.unscored_max_points) + retained(m.window) - 1
-        context = list(entry.points)[-before:] if len(new) or unscored else []
+        wanted = before if unscored or known is None else context_needed(m, len(new))
+        context = list(entry.points)[-wanted:] if wanted and (len(new) or unscored) else []
         for row in new:
             entry.points.append(np.array(row, dtype=np.float64))
         if len(new):
@@ -203,8 +211,7 @@ class MemoryStreams:
         entry = self._get(commit.stream)
         if entry is None:
             return 0
-        for key, data in ([commit.receipt] if commit.receipt else []) + list(
-                commit.completed.items()):
+        for key, data in commit.all_receipts:
             self._keep_receipt(entry, key, data)
             entry.pending.discard(key)
         if not commit.writes_state:
@@ -227,5 +234,6 @@ class MemoryStreams:
 
     @asynccontextmanager
     async def lock(self, stream: str) -> AsyncIterator[None]:
+        # asyncio.Lock serves its waiters in arrival order: the memory store is fair
         async with self._locks.setdefault(stream, asyncio.Lock()):
             yield

@@ -4,12 +4,14 @@ one node), shared by every replica of the service and surviving its restarts.
 ``commit`` is one MULTI/EXEC on a single Redis: the stream's changed state sections, its
 scored-up-to mark and the batch's receipt (``streams.py``), the alerts the batch changed
 and the events it emitted (``alerts.py``), so a crash never leaves a tracker that believes
-an alert is open without its record or its event. On a cluster the stream's keys and the
-alerts' keys live in two slots, and a transaction cannot span two slots: the alerts and
-their events are committed first, then the stream's state. A crash in between can leave
-the stream one batch behind its alerts, never an event lost: the same batch scored again
-emits the same alert and event ids (they derive from the stream, the time and the
-version), which receivers deduplicate.
+an alert is open without its record or its event. A batch that changed no alert (most
+of them) commits in one Lua script instead, which also releases the stream's lock.
+
+On a cluster the stream's keys and the alerts' keys live in two slots, and a transaction
+cannot span two slots: the alerts and their events are committed first, then the
+stream's state. A crash in between can leave the stream one batch behind its alerts,
+never an event lost: the same batch scored again emits the same alert and event ids (they
+derive from the stream, the time and the version), which receivers deduplicate.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class RedisBackend:
             self.streams.stage_receipt(pipe, commit)
             await self.conn.call(pipe.execute())
             return 0
+        if not (commit.alerts or commit.events):  # the stream's keys only: one script
+            return await self.streams.commit_alone(commit)
         if self.conn.cluster and (commit.alerts or commit.events):  # their slot first
             alerts = self.alerts.stage(self.conn.pipeline(transaction=True), commit.stream,
                                        commit.alerts, commit.events)

@@ -41,6 +41,7 @@ class RedisConnection:
         self.url = url
         self.prefix = prefix
         self.cluster = cluster
+        self.timeout_seconds = timeout_seconds
         self.client = connect(url, cluster=cluster, timeout_seconds=timeout_seconds)
         self._shared_tag = "{alerts}:" if cluster else ""  # alerts and webhooks: one slot
         # a cluster client reads the slot map once, before any command: concurrent first

@@ -6,20 +6,22 @@ from service.stores.base import HISTORY_EXTRA
 # KEYS: meta, win, sections, nudges, legacy state, pending receipts' keys, the batch's
 # receipt. ARGV: channels, default window, default
 # detector, ttl seconds, created_at, the last_ts and points_seen the plan was made on (""
-# and "0": no stream or no points), the new last_ts, n, m, the most unscored points to keep, the
-# version the plan was made on, then n encoded points (the plan's rows), then m encoded
-# (stored, sent) stamp pairs of nudged points, then the batch's Idempotency-Key ("": none),
-# its pending receipt and the receipt's ttl seconds. Returns 'ok', created, the stream's
-# unscored points before the batch, the length of the meta hash and the hash after the
-# append (field, value, ...), then the held points: up to that many unscored ones with
-# their context, then the batch.
+# and "0": no stream or no points), the new last_ts, n, m, the most unscored points to keep,
+# the version the plan was made on, the n points of the plan (one string: n rows of
+# little-endian float64, timestamp first), the m (stored, sent) stamp pairs of nudged
+# points (one string, likewise), how many stored points before the batch to return when
+# none is unscored ("": all that are held), then the batch's Idempotency-Key ("": none),
+# its pending receipt and the receipt's ttl seconds. The meta that results is the one the
+# plan was made on, moved on by the batch, so nothing of it is returned. Returns 'ok',
+# created, the stream's unscored points before the batch, then the held points as one
+# string: up to that many unscored ones with their context (or the points asked for),
+# then the batch.
 APPEND = """
 local meta, win, sections, nudges, legacy = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local pending, receipt = KEYS[6], KEYS[7]
 local channels = tonumber(ARGV[1])
 local ttl, n, m = tonumber(ARGV[4]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local cap = tonumber(ARGV[11])
-local P = 12  -- ARGV[P + i]: the i-th encoded point
 local created = 0
 local window
 local unscored = 0
@@ -46,28 +48,32 @@ end
 -- held after the batch: the batch whole (a retry of it is recognised), the unscored
 -- before it, and the context that scoring them needs
 local keep = n + math.min(unscored, cap) + window - 1 + EXTRA
-local context = {}
+local wanted = keep
+if unscored == 0 and ARGV[15] ~= '' then wanted = math.min(keep, n + tonumber(ARGV[15])) end
+local function split(blob, count, size, key)
+  local rows = {}
+  for i = 0, count - 1 do rows[i + 1] = string.sub(blob, i * size + 1, (i + 1) * size) end
+  for i = 1, count, 500 do redis.call('RPUSH', key, unpack(rows, i, math.min(i + 499, count))) end
+end
+local held = ''
 if n > 0 then
-  for i = 1, n, 500 do
-    redis.call('RPUSH', win, unpack(ARGV, P + i, P + math.min(i + 499, n)))
+  split(ARGV[13], n, 8 * (channels + 1), win)
+  if m > 0 then
+    split(ARGV[14], m, 16, nudges)
+    redis.call('LTRIM', nudges, -keep, -1)
   end
-  for i = 1, m, 500 do
-    redis.call('RPUSH', nudges, unpack(ARGV, P + n + i, P + n + math.min(i + 499, m)))
-  end
-  if m > 0 then redis.call('LTRIM', nudges, -keep, -1) end
-  context = redis.call('LRANGE', win, -keep, -1)
   redis.call('LTRIM', win, -keep, -1)
+  held = table.concat(redis.call('LRANGE', win, -wanted, -1))
   redis.call('HINCRBY', meta, 'points_seen', n)
   redis.call('HINCRBY', meta, 'version', 1)
   redis.call('HSET', meta, 'last_ts', ARGV[8])
 elseif unscored > 0 then
-  context = redis.call('LRANGE', win, -keep, -1)
+  held = table.concat(redis.call('LRANGE', win, -keep, -1))
 end
-local idem = P + n + m  -- the pending receipt: with the append, or not at all
-if ARGV[idem + 1] ~= '' then
-  redis.call('SET', receipt, ARGV[idem + 2], 'EX', ARGV[idem + 3])
-  redis.call('SADD', pending, ARGV[idem + 1])
-  redis.call('EXPIRE', pending, ARGV[idem + 3])
+if ARGV[16] ~= '' then  -- the pending receipt: with the append, or not at all
+  redis.call('SET', receipt, ARGV[17], 'EX', ARGV[18])
+  redis.call('SADD', pending, ARGV[16])
+  redis.call('EXPIRE', pending, ARGV[18])
 end
 if ttl > 0 then
   redis.call('EXPIRE', meta, ttl)
@@ -76,11 +82,7 @@ if ttl > 0 then
   if redis.call('EXISTS', legacy) == 1 then redis.call('EXPIRE', legacy, ttl) end
   if redis.call('EXISTS', nudges) == 1 then redis.call('EXPIRE', nudges, ttl) end
 end
-local h = redis.call('HGETALL', meta)
-local out = {'ok', tostring(created), tostring(unscored), tostring(#h)}
-for _, e in ipairs(h) do out[#out + 1] = e end
-for _, e in ipairs(context) do out[#out + 1] = e end
-return out
+return {'ok', tostring(created), tostring(unscored), held}
 """.replace("EXTRA", str(HISTORY_EXTRA))
 
 # KEYS: meta, win, sections, nudges, legacy state. ARGV: channels, window, detector, names
@@ -110,14 +112,95 @@ if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
 return created
 """.replace("EXTRA", str(HISTORY_EXTRA))
 
-UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+# The fair stream lock (lock.py). Its keys: lock (the holder's token, with its lease),
+# queue (waiting tokens, in arrival order), alive (waiting token -> the time, in Redis ms,
+# by which its waiter must have shown it is alive). ``promote`` hands a free lock to the
+# first live waiter (the caller then wakes it) and returns its token; ``release`` frees
+# the holder's lock and hands it on.
+_LOCK_LIB = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function promote(lock, queue, alive, lease, now)
+  if redis.call('EXISTS', lock) == 1 then return false end
+  while true do
+    local head = redis.call('LPOP', queue)
+    if not head then return false end
+    local by = redis.call('HGET', alive, head)
+    redis.call('HDEL', alive, head)
+    if by and tonumber(by) >= now then
+      redis.call('SET', lock, head, 'PX', lease)
+      return head
+    end
+  end
+end
+local function release(lock, queue, alive, token, lease)
+  if redis.call('GET', lock) == token then redis.call('DEL', lock) end
+  return promote(lock, queue, alive, lease, now_ms()) or ''
+end
+"""
+
+# KEYS: lock, queue, alive. ARGV: token, lease ms.
+_LOCK = _LOCK_LIB + """
+local lock, queue, alive = KEYS[1], KEYS[2], KEYS[3]
+local token, lease = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+local function wait()
+  redis.call('HSET', alive, token, now + lease)
+  redis.call('PEXPIRE', queue, 3 * lease)
+  redis.call('PEXPIRE', alive, 3 * lease)
+end
+"""
+
+# Take the lock if it is free and nobody waits ({1}), else join the queue ({0, the token
+# the lock was just handed to or '', the holder's lease left in ms}).
+ACQUIRE = _LOCK + """
+local granted = promote(lock, queue, alive, lease, now)
+if not granted and redis.call('EXISTS', lock) == 0 then
+  redis.call('SET', lock, token, 'PX', lease)
+  return {1}
+end
+redis.call('RPUSH', queue, token)
+wait()
+return {0, granted or '', redis.call('PTTL', lock)}
+"""
+
+# A waiter awake (woken, or its sleep over): holding the lock now ({1}), or still waiting
+# ({0, granted, lease left}, as ACQUIRE); it shows it is alive, and hands on a lapsed
+# holder's lock. A waiter dropped as dead (it had not shown up in time) queues again.
+CHECK = _LOCK + """
+if redis.call('GET', lock) == token then return {1} end
+if not redis.call('HGET', alive, token) then redis.call('RPUSH', queue, token) end
+wait()
+local granted = promote(lock, queue, alive, lease, now)
+if granted == token then return {1} end
+return {0, granted or '', redis.call('PTTL', lock)}
+"""
+
+# The holder is done: the lock goes to the first live waiter (its token returned, '' if
+# none). A holder whose lease ran out releases nothing.
+RELEASE = _LOCK + """
+return release(lock, queue, alive, token, lease)
+"""
+
+# A waiter gives up (timed out, cancelled): out of the queue, and the lock passed on if it
+# had just been handed to it.
+ABANDON = _LOCK + """
+redis.call('LREM', queue, 0, token)
+redis.call('HDEL', alive, token)
+return release(lock, queue, alive, token, lease)
 """
 
 # KEYS: lock. ARGV: token, lease ms. The holder extends its own lease only.
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: lease. ARGV: owner. Give up a lease (a watch's) only if the owner holds it.
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -136,4 +219,41 @@ COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'scored', ARGV[1]) end
 return redis.call('HINCRBY', KEYS[1], 'version', 1)
+"""
+
+# A scored batch that changed no alert, in one call: what COMMIT and the MULTI around it
+# write (the mark, the version, the changed sections, the sections dropped, the
+# receipts, none of them pending any more), then the stream's lock released and handed
+# on. KEYS: meta, sections, legacy state, lock, queue, alive, pending receipts' keys, then
+# one receipt key per receipt. ARGV: points scored (""), ttl, receipt ttl, the lock token
+# ("": keep the lock), lease ms, the number of sections and of names to drop, then the
+# sections' name/value pairs, the names to drop, the receipts' values and their
+# Idempotency-Keys. Returns {version (0: no such stream, nothing written), the token the
+# lock was handed to or ''}.
+COMMIT_STREAM = _LOCK_LIB + """
+local meta, sections, legacy = KEYS[1], KEYS[2], KEYS[3]
+local ns, nd = tonumber(ARGV[6]), tonumber(ARGV[7])
+local version = 0
+if redis.call('EXISTS', meta) == 1 then
+  if ARGV[1] ~= '' then redis.call('HSET', meta, 'scored', ARGV[1]) end
+  version = redis.call('HINCRBY', meta, 'version', 1)
+  local a = 8
+  if ns > 0 then
+    redis.call('HSET', sections, unpack(ARGV, a, a + 2 * ns - 1))
+    redis.call('DEL', legacy)  -- the whole-blob state the sections replace
+  end
+  a = a + 2 * ns
+  if nd > 0 then redis.call('HDEL', sections, unpack(ARGV, a, a + nd - 1)) end
+  a = a + nd
+  local ttl = tonumber(ARGV[2])
+  if ttl > 0 and ns + nd > 0 then redis.call('EXPIRE', sections, ttl) end
+  local r = #KEYS - 7
+  for i = 1, r do redis.call('SET', KEYS[7 + i], ARGV[a + i - 1], 'EX', ARGV[3]) end
+  if r > 0 then redis.call('SREM', KEYS[7], unpack(ARGV, a + r, a + 2 * r - 1)) end
+end
+local granted = ''
+if ARGV[4] ~= '' then
+  granted = release(KEYS[4], KEYS[5], KEYS[6], ARGV[4], tonumber(ARGV[5]))
+end
+return {version, granted}
 """

@@ -38,6 +38,7 @@ import random
 import time
 from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -53,15 +54,16 @@ from service.stores.base import (
 )
 from service.stores.plan import (
     NO_NUDGES,
+    context_needed,
     decode_points,
-    encode_point,
+    encode_points,
     may_resend,
     plan_append,
     scoreable_unscored,
 )
 from service.stores.redis.connection import RedisConnection
-from service.stores.redis.lock import LeaseLock
-from service.stores.redis.scripts import APPEND, COMMIT, PUT
+from service.stores.redis.lock import Held, LeaseLock
+from service.stores.redis.scripts import APPEND, COMMIT, COMMIT_STREAM, PUT
 
 
 class RedisStreams:
@@ -73,6 +75,7 @@ class RedisStreams:
         self._redis = conn.client
         self._append = self._redis.register_script(APPEND)
         self._put = self._redis.register_script(PUT)
+        self._commit = self._redis.register_script(COMMIT_STREAM)
         self._lock = LeaseLock(conn, lease_seconds=lock_lease_seconds,
                                wait_seconds=lock_wait_seconds)
 
@@ -191,12 +194,16 @@ class RedisStreams:
         deadline = time.monotonic() + self.lock_wait_seconds
         delay = 0.002
         while True:
+            cached = None
             if known is not None:  # planned on the caller's meta: the script checks it
-                meta, known = known, None
+                meta = cached = known
+                known = None
             else:
                 raw = await self.conn.call(self._redis.hgetall(self._key(stream, "meta")))
                 meta = _meta_from_hash(stream, raw) if raw else None
             if meta is not None and meta.channels != channels:
+                if cached is not None:
+                    continue  # a refusal is decided on the stored meta, never a kept one
                 raise _channel_rejection(stream, meta.channels, channels)
             last = meta.last_timestamp if meta else None
             stored, nudges = np.empty((0, 1 + channels)), NO_NUDGES
@@ -207,22 +214,27 @@ class RedisStreams:
                 pairs = await self.conn.call(self._redis.lrange(self._key(stream, "nudges"),
                                                                 0, -1))
                 nudges = decode_points(pairs, 1)
-            plan = plan_append(points, stored, last, policy.duplicates,
-                               (meta and meta.timestamps) or policy.timestamps, nudges,
-                               policy.max_back_seconds)
+            try:
+                plan = plan_append(points, stored, last, policy.duplicates,
+                                   (meta and meta.timestamps) or policy.timestamps, nudges,
+                                   policy.max_back_seconds)
+            except InvalidInput:
+                if cached is not None:
+                    continue  # the kept meta may be stale (a PUT changed the policy)
+                raise
             rows = plan.rows
-            now = time.time()  # the created_at of a stream this append creates
-            args: list = [channels, policy.window, policy.detector, policy.ttl_seconds,
-                          repr(now), "" if last is None else repr(last),
+            now = repr(time.time())  # the created_at of a stream this append creates
+            args: list = [channels, policy.window, policy.detector, policy.ttl_seconds, now,
+                          "" if last is None else repr(last),
                           str(meta.points_seen if meta else 0),
                           repr(float(rows[-1, 0])) if len(rows) else "", len(rows),
                           len(plan.nudges), policy.unscored_max_points,
-                          str(meta.version if meta else 0)]
-            args += [encode_point(row) for row in rows]
-            args += [encode_point(pair) for pair in plan.nudges]
+                          str(meta.version if meta else 0), encode_points(rows),
+                          encode_points(plan.nudges),
+                          "" if cached is None else context_needed(cached, len(rows))]
             receipt_key = self._receipt_key(stream, pending.key if pending else "")
             args += [pending.key, pending.encode(plan.actions, plan.stamps,
-                                                 meta.created_at if meta else now),
+                                                 meta.created_at if meta else float(now)),
                      self.policy.receipt_ttl_seconds] if pending else ["", "", 0]
             out = await self.conn.call(self._append(keys=[*self._keys(stream), receipt_key],
                                                     args=args))
@@ -236,14 +248,17 @@ class RedisStreams:
                 continue
             if status == "err_channels":
                 raise _channel_rejection(stream, int(out[1]), channels)
-            created = int(out[1])
+            created, unscored = int(out[1]), int(out[2])
             if created:
                 await self.conn.call(self._redis.sadd(self._index, stream))
-            fields = int(out[3])
-            flat = out[4:4 + fields]
-            meta = _meta_from_hash(stream, dict(zip(flat[::2], flat[1::2], strict=True)))
-            held = decode_points(out[4 + fields:], channels)
-            unscored = int(out[2])
+                meta = StreamMeta(stream=stream, channels=channels, window=policy.window,
+                                  detector=policy.detector, created_at=float(now),
+                                  points_scored=0)
+            assert meta is not None
+            if len(rows):  # what the script did to the meta it checked
+                meta = replace(meta, points_seen=meta.points_seen + len(rows),
+                               last_timestamp=float(rows[-1, 0]), version=meta.version + 1)
+            held = decode_points(out[3], channels)
             usable = scoreable_unscored(unscored, len(held), len(rows), meta.points_seen,
                                         meta.window)
             return AppendResult(meta=meta, created=bool(created), duplicates=plan.duplicates,
@@ -288,10 +303,34 @@ class RedisStreams:
             await self.conn.call(self._redis.srem(self._key(stream, "pending"), *gone))
         return {k: data for k, data in zip(keys, found, strict=True) if data is not None}
 
-    def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
+    def lock(self, stream: str) -> AbstractAsyncContextManager[Held]:
         return self._lock(stream)
 
     # --- the commit's part -------------------------------------------------------------
+    async def commit_alone(self, commit: Commit) -> int:
+        """A commit that changed no alert: one script writes all of it (the MULTI's
+        writes), then releases the stream's lock when ``commit.release`` holds it."""
+        stream, held = commit.stream, commit.release
+        if not (isinstance(held, Held) and held.stream == stream):
+            held = None
+        keys = [self._key(stream, p) for p in ("meta", "sections", "state")]
+        keys += held.keys if held else self._lock._keys(stream)
+        keys.append(self._key(stream, "pending"))
+        keys += [self._receipt_key(stream, key) for key, _ in commit.all_receipts]
+        args: list = ["" if commit.scored is None else commit.scored,
+                      self.policy.ttl_seconds, self.policy.receipt_ttl_seconds,
+                      held.token if held else "", held.lease_ms if held else 0,
+                      len(commit.sections), len(commit.drop)]
+        for name, blob in commit.sections.items():
+            args += [name, blob]
+        args += list(commit.drop)
+        args += [data for _, data in commit.all_receipts]
+        args += [key for key, _ in commit.all_receipts]
+        version, granted = await self.conn.call(self._commit(keys=keys, args=args))
+        if held:
+            held.released, held.granted = True, granted
+        return int(version)
+
     def stage_commit(self, pipe: Any, commit: Commit) -> None:
         """Queue a commit's stream writes on a MULTI pipeline, the version bump first (its
         result, the new version, is the transaction's first); the backend adds the alert
@@ -310,8 +349,8 @@ class RedisStreams:
         self.stage_receipt(pipe, commit)
 
     def stage_receipt(self, pipe: Any, commit: Commit) -> None:
-        """The batch's receipt and those it completed; none of them pending any more."""
-        kept = ([commit.receipt] if commit.receipt else []) + list(commit.completed.items())
+        """The batch's receipts and those it completed; none of them pending any more."""
+        kept = commit.all_receipts
         for key, data in kept:
             pipe.set(self._receipt_key(commit.stream, key), data,
                      ex=self.policy.receipt_ttl_seconds)
