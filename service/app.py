@@ -20,7 +20,7 @@ from service.errors import StoreUnavailable
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics, worker_exited
 from service.recovery import recover_all
-from service.routers import alerts, keys, ops, score, streams, webhooks
+from service.routers import alerts, keys, ops, score, shadows, streams, webhooks
 from service.scoring import stream_detector
 from service.services import build_services
 from service.settings import Settings
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None,
         except StoreUnavailable as exc:  # start anyway; /readyz says 503 until it's back
             log.warning("store unavailable at start-up", extra={"error": str(exc)})
         await worker.start()  # deliveries run beside requests, never inside /score
+        await services.shadow_queue.start()  # costly shadows, off the request path
         # what a crash left stored but unscored, scored without waiting for traffic
         recovery = (asyncio.create_task(recover_all(backend, services.score))
                     if settings.recover_on_start else None)
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None,
             recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
+        await services.shadow_queue.stop()
         await worker.stop()
         await backend.close()
         worker_exited()
@@ -87,7 +89,7 @@ def create_app(settings: Settings | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.detectors_ready = False
-    for module in (score, streams, alerts, webhooks, keys, ops):
+    for module in (score, streams, shadows, alerts, webhooks, keys, ops):
         app.include_router(module.router)
     # inside the request middleware (added after it is outer), so 413s and 408s are counted
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,

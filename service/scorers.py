@@ -8,7 +8,7 @@ change bumps the version, and a stream deleted and created again has another
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.scoring import StreamScorer
 from service.stores.base import AppendResult, StreamMeta
@@ -47,6 +47,14 @@ class ScorerCache:
                 appended.meta.created_at, appended.meta.version):
             return None
         return cached.scorer
+
+    def bumped(self, stream: str, version: int) -> None:
+        """A write that changed nothing a cached scorer holds (a costly shadow's own
+        sections) moved the stream to ``version``: the scorer stays valid if it was the
+        stream's state just before."""
+        entry = self._entries.get(stream)
+        if entry is not None and entry.meta.version == version - 1:
+            entry.meta = replace(entry.meta, version=version)
 
     def put(self, stream: str, entry: Cached) -> None:
         if entry.nbytes > self.limit_bytes:

@@ -15,8 +15,10 @@ with an adapted copy of the artifact, which stays shared and unchanged
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +35,9 @@ from service.explain import Explainer, Explanation
 from service.feedback.labels import FeedbackSet
 from service.settings import Settings
 from service.stores.base import LEGACY_SECTION, StreamMeta
+
+if TYPE_CHECKING:
+    from service.shadows.stream import StreamShadows
 
 
 @dataclass
@@ -51,7 +56,9 @@ class Results:
 
 
 class StreamScorer:
-    def __init__(self, meta: StreamMeta, settings: Settings) -> None:
+    def __init__(self, meta: StreamMeta, settings: Settings,
+                 alert_scope: str | None = None) -> None:
+        """``alert_scope``: a shadow detector's name (its alerts get ids of their own)."""
         self.meta = meta
         self.settings = settings
         name = artifact_name(meta.detector)
@@ -65,7 +72,7 @@ class StreamScorer:
             self.artifact = load_artifact(settings.artifacts_dir, name)
             self.detector: Detector = self.artifact.detector
         else:
-            self.detector = stream_detector(settings, meta.detector, meta.window)
+            self.detector = stream_detector(settings, meta.detector, meta.window, meta.params)
         self.threshold = build_threshold(verdict_spec(
             stream_spec(settings, meta), self.detector,
             chosen=bool((meta.threshold or {}).get("kind")),
@@ -78,8 +85,10 @@ class StreamScorer:
             score_stride=stride, online=self.artifact is None)
         names = meta.channel_names or [str(i) for i in range(meta.channels)]
         self.explainer = Explainer(names, settings.top_channels, settings.precedents)
+        life = incarnation(meta.stream, meta.created_at)
         self.tracker = AlertTracker(meta.stream, names, alert_rules(settings),
-                                    incarnation(meta.stream, meta.created_at))
+                                    f"{life}~{alert_scope}" if alert_scope else life)
+        self.shadows = _shadows().none(meta, settings)  # shadow detectors: service/shadows
         self.points_until_scored: int | None = None  # after process(): see OnlineLoop
         self.stored: dict[str, bytes] = {}  # the sections as the store holds them
         # row of process() -> explanation of an anomalous point
@@ -88,9 +97,13 @@ class StreamScorer:
 
     # --- state -------------------------------------------------------------------------
     @classmethod
-    def from_sections(cls, meta: StreamMeta, settings: Settings,
-                      stored: Mapping[str, bytes]) -> StreamScorer:
-        scorer = cls(meta, settings)
+    def from_sections(cls, meta: StreamMeta, settings: Settings, stored: Mapping[str, bytes],
+                      alert_scope: str | None = None) -> StreamScorer:
+        scorer = cls(meta, settings, alert_scope)
+        shadows = _shadows()
+        if any(shadows.owns(k) for k in stored):
+            scorer.shadows = shadows.load(meta, settings, dict(stored))
+            stored = {k: v for k, v in stored.items() if not shadows.owns(k)}
         parts = stream_state.decode(stored)
         if scorer.loop.online:
             scorer.detector.load_state_dict(stream_state.detector_state(parts))
@@ -122,7 +135,9 @@ class StreamScorer:
         changed = stream_state.changed(encoded, self.stored)
         drop = tuple(sorted(set(self.stored) - set(encoded) - {LEGACY_SECTION}))
         self.stored = encoded
-        return changed, drop, sum(len(b) for b in encoded.values())
+        shadows_changed, shadows_drop, shadows_bytes = self.shadows.to_commit()
+        return (changed | shadows_changed, drop + shadows_drop,
+                sum(len(b) for b in encoded.values()) + shadows_bytes)
 
     def set_adaptation(self, adaptation: dict[str, np.ndarray]) -> bool:
         """Score with the stream's own soft prompts and head (``prompts``, ``head.weight``,
@@ -142,11 +157,18 @@ class StreamScorer:
         """points: (K, 1 + C), oldest first, the last ``n_new`` rows to score."""
         self._first_row = self.meta.points_seen - n_new  # stream index of the first row
         self._explained = {}
+        start = time.perf_counter()
         out = self.loop.run(points[:, 1:], points[:, 0], n_new, self._first_row,
                             self._observe)
         self.points_until_scored = self.loop.points_until_scored(self.meta.points_seen)
-        return Results(out.scored, out.scores, out.likelihood, out.thresholds,
-                       out.anomalous & out.scored, self._explained)
+        results = Results(out.scored, out.scores, out.likelihood, out.thresholds,
+                          out.anomalous & out.scored, self._explained)
+        if self.shadows:  # the same points, before the alerts are drained
+            self.shadows.meta = self.meta
+            self.shadows.advance(points, n_new, self._first_row, results.scores,
+                                 results.scored, results.anomalous,
+                                 self.tracker.changed.values(), time.perf_counter() - start)
+        return results
 
     def _observe(self, scored: Scored) -> None:
         """Explanations and alerts for freshly scored points, before the detector learns."""
@@ -161,13 +183,21 @@ class StreamScorer:
                 self.explainer.shares(scored.channel_scores[i]), precedents.get(int(i)))
 
 
-def stream_detector(settings: Settings, name: str, window: int) -> Detector:
+def _shadows() -> type[StreamShadows]:
+    # imported when used: a shadow detector is itself scored by a StreamScorer
+    from service.shadows.stream import StreamShadows
+
+    return StreamShadows
+
+
+def stream_detector(settings: Settings, name: str, window: int,
+                    own: dict | None = None) -> Detector:
     """A fresh detector for a stream: its Config's defaults, with the operator's
     overrides (TSAD_DETECTOR_PARAMS: "*" for every detector with the field, then the
-    detector's own) and the stream's window."""
+    detector's own), the stream's own params and its window."""
     params = settings.detector_params
     return build_detector(name, defaults=params.get("*"),
-                          **{**params.get(name, {}), "window": window})
+                          **{**params.get(name, {}), **(own or {}), "window": window})
 
 
 def stream_spec(settings: Settings, meta: StreamMeta) -> ThresholdSpec:

@@ -10,6 +10,8 @@ from service.feedback.service import FeedbackService
 from service.metrics import ServiceMetrics, StreamSeries
 from service.scorers import ScorerCache
 from service.settings import Settings
+from service.shadows.queue import ShadowQueue
+from service.shadows.service import ShadowService
 from service.stores import build_backend
 from service.stores.base import Backend
 from service.stores.instrumented import InstrumentedBackend
@@ -25,6 +27,8 @@ class Services:
     score: ScoreTransaction  # the /score transaction: (stream, timestamps, values)
     streams: StreamAdmin
     feedback: FeedbackService
+    shadows: ShadowService  # /streams/{id}/shadows
+    shadow_queue: ShadowQueue  # costly shadows' background work (started by the app)
     auth: Authenticator
 
 
@@ -34,10 +38,13 @@ def build_services(settings: Settings, metrics: ServiceMetrics,
     series = StreamSeries(metrics, settings.metrics_streams, settings.metrics_max_streams)
     scorers = ScorerCache(settings.scorer_cache_mb * 2**20)
     crash = settings.fault_crash_after_append
+    queue = ShadowQueue(backend, settings, metrics, series, scorers)
+    score = ScoreTransaction(backend, settings, metrics, series, scorers,
+                             crash_after_appends(crash) if crash else None, queue)
+    streams = StreamAdmin(backend, settings, metrics, series, scorers, queue)
     return Services(
-        settings=settings, metrics=metrics, backend=backend,
-        score=ScoreTransaction(backend, settings, metrics, series, scorers,
-                               crash_after_appends(crash) if crash else None),
-        streams=StreamAdmin(backend, settings, metrics, series, scorers),
+        settings=settings, metrics=metrics, backend=backend, score=score, streams=streams,
         feedback=FeedbackService(backend, settings, metrics),
-        auth=Authenticator(settings, backend.keys))
+        shadows=ShadowService(backend, settings, metrics, series, scorers, queue, score,
+                              streams),
+        shadow_queue=queue, auth=Authenticator(settings, backend.keys))

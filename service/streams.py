@@ -1,6 +1,6 @@
 """Stream administration: create or configure (PUT), describe, list, read the window,
 delete. A deleted stream's open alert resolves (event reason "stream deleted"), its
-per-stream series and its cached scorer go with it."""
+per-stream series, its cached scorer and its shadows' queued work go with it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from service.metrics import ServiceMetrics, StreamSeries
 from service.schemas import StreamConfigIn, StreamList, StreamOut, WindowOut
 from service.scorers import ScorerCache
 from service.settings import Settings
+from service.shadows.queue import ShadowQueue
 from service.stores.base import Backend
 from service.transaction import over_stream_cap, stream_cap_error
 from service.validation import check_shape, stream_meta
@@ -20,12 +21,14 @@ from service.validation import check_shape, stream_meta
 
 class StreamAdmin:
     def __init__(self, backend: Backend, settings: Settings, metrics: ServiceMetrics,
-                 series: StreamSeries, scorers: ScorerCache) -> None:
+                 series: StreamSeries, scorers: ScorerCache,
+                 shadows: ShadowQueue | None = None) -> None:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
         self.series = series
         self.scorers = scorers
+        self.shadows = shadows
 
     async def put(self, stream: str, cfg: StreamConfigIn) -> tuple[StreamOut, bool]:
         """Create or configure a stream; (the stream as stored, created)."""
@@ -78,6 +81,8 @@ class StreamAdmin:
             if not await self.backend.streams.delete(stream):
                 raise not_found(stream)
             self.scorers.evict(stream)
+            if self.shadows is not None:
+                self.shadows.forget(stream)
             record_events(await self.backend.alerts.forget_stream(stream), self.metrics,
                           self.series)
 

@@ -37,6 +37,7 @@ from service.responses import score_response
 from service.scorers import Cached, ScorerCache
 from service.scoring import Results, StreamScorer
 from service.settings import Settings
+from service.shadows.queue import ShadowQueue
 from service.stores.base import AppendResult, Backend, Commit
 from service.validation import check_points
 
@@ -89,13 +90,15 @@ class _Scored:
 class ScoreTransaction:
     def __init__(self, backend: Backend, settings: Settings, metrics: ServiceMetrics,
                  series: StreamSeries, scorers: ScorerCache,
-                 after_append: Callable[[AppendResult], None] | None = None) -> None:
+                 after_append: Callable[[AppendResult], None] | None = None,
+                 shadows: ShadowQueue | None = None) -> None:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
         self.series = series
         self.scorers = scorers
         self.after_append = after_append  # tests: a crash between append and commit
+        self.shadows = shadows  # shadow detectors' metrics and costly work, after commits
 
     async def __call__(self, stream: str, timestamps: np.ndarray, values: np.ndarray, *,
                        idempotency: Idempotency | None = None) -> ScoreOutcome:
@@ -259,6 +262,8 @@ class ScoreTransaction:
             scored=meta.points_seen, receipt=receipt, alerts=scored.alerts,
             events=scored.events))
         record_events(scored.events, self.metrics, self.series)
+        if self.shadows is not None and scored.scorer.shadows:
+            self.shadows.committed(meta.stream, scored.scorer.shadows)
         if version:
             self.scorers.put(meta.stream, Cached(
                 replace(meta, version=version, points_scored=meta.points_seen),

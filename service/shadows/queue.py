@@ -1,0 +1,233 @@
+"""Costly shadows (a language model or torch per window) off the request path: a bounded
+queue of their pending points in each process, worked by background tasks.
+
+After each commit the score transaction hands over what its stream's shadows did
+(``committed``): the cheap ones' metrics, and for each costly shadow the batch's points
+and live results, which join that shadow's pending job (one per shadow: batches merge, so
+a busy queue scores several batches in one call). A worker scores a job outside the
+stream's lock, then commits the shadow's own sections under it, after checking that the
+shadow is still the one it scored (same id: not deleted, promoted or replaced) and still
+where it started (same mark). ``/score`` never waits on this: when more than
+``TSAD_SHADOW_QUEUE_POINTS`` points wait, the oldest are dropped and counted as skipped,
+and so are the points a crash loses from the queue (the shadow then goes on from what
+the store holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import stream_state
+from service.metrics import ServiceMetrics, StreamSeries
+from service.scorers import ScorerCache
+from service.settings import Settings
+from service.shadows.config import ShadowConfig, section, split
+from service.shadows.engine import Caught, Run, ShadowEngine
+from service.shadows.log import LiveResults
+from service.shadows.stream import Offer, StreamShadows
+from service.stores.base import Backend, Commit, retained
+
+log = logging.getLogger("tsad.shadows")
+ENGINES_KEPT = 256  # decoded costly engines kept between jobs, per process
+
+
+@dataclass
+class Job:
+    """A costly shadow's pending points: the stream's points from index ``first`` (with
+    the context its windows need) and the live results of the points to score."""
+
+    stream: str
+    config: ShadowConfig
+    window: int
+    points: np.ndarray
+    first: int
+    live: LiveResults
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.stream, self.config.id
+
+    @property
+    def pending(self) -> int:
+        return len(self.live.columns)
+
+    def merge(self, offer: Offer) -> None:
+        end = self.first + len(self.points)
+        if offer.first <= end:  # overlapping context: append what is new
+            self.points = np.concatenate([self.points, offer.points[end - offer.first:]])
+        else:  # a gap (points offered elsewhere, or lost): the older ones are skipped
+            self.points, self.first = offer.points, offer.first
+        self.live = self.live.extend(offer.live)
+
+    def drop_oldest(self, n: int) -> None:
+        """Forget the ``n`` oldest pending points (and the context only they needed)."""
+        self.live = self.live.since(self.live.first + n)
+        keep_from = max(self.first, self.live.first - retained(self.window) + 1)
+        self.points = self.points[keep_from - self.first:]
+        self.first = keep_from
+
+
+class ShadowQueue:
+    def __init__(self, backend: Backend, settings: Settings, metrics: ServiceMetrics,
+                 series: StreamSeries, scorers: ScorerCache) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.series = series
+        self.scorers = scorers
+        self.jobs: OrderedDict[tuple[str, str], Job] = OrderedDict()  # oldest first
+        self.engines: OrderedDict[tuple[str, str], ShadowEngine] = OrderedDict()
+        self.offered: dict[tuple[str, str], int] = {}  # the newest point offered, per shadow
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.busy = 0  # jobs being scored now
+
+    # --- from the score transaction ---------------------------------------------------------
+    def committed(self, stream: str, shadows: StreamShadows) -> None:
+        """A batch of ``stream`` committed: its shadows' metrics, its costly shadows' work."""
+        caught, offers = shadows.drain()
+        for name, c in caught:
+            self._record(stream, name, c, shadows.engines[name], "inline",
+                         shadows.meta.points_seen)
+        for offer in offers:
+            self.offer(offer)
+
+    def offer(self, offer: Offer) -> None:
+        key = (offer.stream, offer.config.id)
+        job = self.jobs.get(key)
+        if job is None:
+            self.jobs[key] = Job(offer.stream, offer.config, offer.window, offer.points,
+                                 offer.first, offer.live)
+        else:
+            job.merge(offer)
+        self.offered[key] = offer.live.end
+        self._bound()
+        self._ready.set()
+
+    def _bound(self) -> None:
+        """At most TSAD_SHADOW_QUEUE_POINTS waiting: the longest job loses its oldest."""
+        over = self.waiting - self.settings.shadow_queue_points
+        while over > 0:
+            job = max(self.jobs.values(), key=lambda j: j.pending)
+            n = min(over, job.pending)
+            job.drop_oldest(n)
+            self.metrics.shadow_points_skipped_total.inc(n)
+            over -= n
+        self.metrics.shadow_queue_points.set(self.waiting)
+
+    @property
+    def waiting(self) -> int:
+        return sum(j.pending for j in self.jobs.values())
+
+    def forget(self, stream: str, shadow_id: str | None = None) -> None:
+        """The stream was deleted (``shadow_id`` None), or one shadow deleted, promoted or
+        replaced: its pending work goes."""
+        for held in (self.jobs, self.engines, self.offered):
+            for key in [k for k in held if k[0] == stream and shadow_id in (None, k[1])]:
+                del held[key]
+        self.metrics.shadow_queue_points.set(self.waiting)
+
+    # --- the workers ------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work())
+                       for _ in range(self.settings.shadow_workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def drained(self, timeout: float = 60.0) -> bool:
+        """Wait until nothing waits or runs (tests, benchmarks); False on timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.jobs or self.busy:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _work(self) -> None:
+        while True:
+            if not self.jobs:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            _, job = self.jobs.popitem(last=False)
+            self.metrics.shadow_queue_points.set(self.waiting)
+            self.busy += 1
+            try:
+                await self._run(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one shadow's failure must not stop the others
+                log.exception("costly shadow failed: its points are skipped",
+                              extra={"stream": job.stream, "shadow": job.config.name})
+                self.metrics.shadow_points_skipped_total.inc(job.pending)
+                self.engines.pop(job.key, None)
+            finally:
+                self.busy -= 1
+
+    async def _run(self, job: Job) -> None:
+        streams, config = self.backend.streams, job.config
+        mark = await self._mark(job)
+        if mark is None:  # deleted, promoted or replaced meanwhile
+            self.engines.pop(job.key, None)
+            return
+        engine = self.engines.pop(job.key, None)
+        if engine is None or engine.run.mark != mark:
+            meta = await streams.get(job.stream)
+            if meta is None:
+                return
+            _, parts = split(await streams.sections(job.stream))
+            engine = ShadowEngine.load(config, meta, self.settings, parts.get(config.name, {}))
+        caught = await asyncio.to_thread(engine.catch_up, job.points, job.first, job.live)
+        if caught is None:
+            self._keep(job.key, engine)
+            return
+        async with streams.lock(job.stream):
+            if await self._mark(job) != mark:  # changed meanwhile: not ours to write
+                return
+            changed, drop = engine.to_commit()
+            version = await self.backend.commit(Commit(job.stream, sections=changed,
+                                                       drop=drop))
+            self.scorers.bumped(job.stream, version)
+        self._keep(job.key, engine)
+        newest = self.offered.get(job.key, engine.run.mark)
+        self._record(job.stream, config.name, caught, engine, "queued", newest)
+
+    async def _mark(self, job: Job) -> int | None:
+        """The shadow's mark as stored, if it is still the job's shadow."""
+        names = [section(job.config.name, "cfg"), section(job.config.name, "run")]
+        head = await self.backend.streams.sections(job.stream, names)
+        if names[0] not in head:
+            return None
+        parts = stream_state.decode(head)
+        if ShadowConfig.decode(parts[names[0]]).id != job.config.id:
+            return None
+        return Run.decode(parts.get(names[1], {}), job.config.start).mark
+
+    def _keep(self, key: tuple[str, str], engine: ShadowEngine) -> None:
+        self.engines[key] = engine
+        while len(self.engines) > ENGINES_KEPT:
+            self.engines.popitem(last=False)
+
+    def _record(self, stream: str, name: str, caught: Caught, engine: ShadowEngine,
+                kind: str, newest: int) -> None:
+        m = self.metrics
+        for lag in caught.lag_seconds:
+            m.shadow_lag_seconds.labels(kind).observe(lag)
+        m.shadow_points_skipped_total.inc(caught.skipped)
+        c = engine.run.counters
+        either = c["alerted_either_seconds"]
+        self.series.shadow(stream, name, caught.alerts_opened,
+                           c["alerted_both_seconds"] / either if either else None,
+                           max(newest - engine.run.mark, 0))
