@@ -250,6 +250,9 @@ class Settings(BaseSettings):
     fault_crash_after_append: int = Field(
         0, ge=0, description="TESTS ONLY: the process exits at once (os._exit) right after "
         "its Nth append that stored points, before scoring them; 0 = off")
+    fault_kill_in_promotion: Literal["", "before-commit", "after-commit"] = Field(
+        "", description="TESTS ONLY: the process SIGKILLs itself in a shadow promotion, just "
+        "before or just after its commit; empty = off")
     retry_after_seconds: int = Field(5, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool | None = Field(

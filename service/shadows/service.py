@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from dataclasses import replace
 
 from service import stream_state
@@ -190,16 +192,15 @@ class ShadowService:
         out = {}
         for side, detector in (("live", meta.detector), ("shadow", config.detector)):
             shown = rep.overlapping(sides[side], since, until) if since is not None else []
-            seconds = c["live_seconds"] / c["live_costed"] if side == "live" else (
-                c["shadow_seconds"] / c["points"])
+            seconds, points = ((c["live_seconds"], c["live_costed"]) if side == "live" else
+                               (c["shadow_seconds"], c["points"]))
             out[side] = {
                 "detector": detector, "points_scored": int(c[f"{side}_scored"]),
                 "anomalies": int(c[f"{side}_anomalies"]),
                 "alerts_opened": int(c["alerts_opened"]) if side == "shadow" else sum(
                     a["opened_at"] >= since for a in shown),
                 "alerts": [rep.alert_summary(a) for a in shown][-200:],
-                "cost_ms_per_point": round(1e3 * seconds, 4) if c["points"] and c[
-                    "live_costed" if side == "live" else "points"] else None,
+                "cost_ms_per_point": round(1e3 * seconds / points, 4) if points else None,
                 "nab_score": nab[side], **rep.side_scores(logged, covered, side)}
         return ShadowReport(
             stream=stream, config=self._out(stream, config, run, meta), since=since,
@@ -278,9 +279,11 @@ class ShadowService:
             if done.demoted is not None:
                 shadows.configs[done.demoted.config.name] = done.demoted.config
             done.sections[REGISTRY] = stream_state.encode(shadows.registry())
+            self._fault("before-commit")
             await self.backend.commit(Commit(
                 stream, sections=done.sections, drop=done.drop, binding=done.binding,
                 alerts=done.alerts, events=done.events))
+            self._fault("after-commit")
             self._changed(stream, config)
         record_events(done.events, self.metrics, self.series)
         self.series.forget_shadow(stream, name)
@@ -314,6 +317,12 @@ class ShadowService:
         prefix = section(engine.config.name, "")
         return switch(live, set(live_sections), engine,
                       {k for k in stored if k.startswith(prefix)}, demoted, self.settings)
+
+    def _fault(self, where: str) -> None:
+        """TSAD_FAULT_KILL_IN_PROMOTION (tests only): a real kill -9, at that instant."""
+        if self.settings.fault_kill_in_promotion == where:
+            log.critical("fault injection: SIGKILL in a promotion", extra={"at": where})
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # --- helpers -------------------------------------------------------------------------
     async def _meta(self, stream: str) -> StreamMeta:
