@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -156,7 +157,7 @@ class ServiceMetrics:
         self.shadow_agreement_ratio = Gauge(
             "tsad_shadow_agreement_ratio", "Agreement of a shadow with the live detector "
             "since it started: the Jaccard index of their alerted time (per allow-listed "
-            "stream; absent while neither alerted)", ["stream", "shadow"],
+            "stream; NaN while neither alerted)", ["stream", "shadow"],
             multiprocess_mode="mostrecent", registry=r)
         self.shadow_lag_points = Gauge(
             "tsad_shadow_lag_points", "Points the stream stored that a shadow has not "
@@ -296,8 +297,8 @@ class StreamSeries:
             self._shadows.setdefault(stream, set()).add(shadow)
         m = self.metrics
         m.shadow_alerts_total.labels(stream, shadow).inc(alerts_opened)
-        if agreement is not None:
-            m.shadow_agreement_ratio.labels(stream, shadow).set(agreement)
+        m.shadow_agreement_ratio.labels(stream, shadow).set(
+            math.nan if agreement is None else agreement)
         if lag_points is not None:
             m.shadow_lag_points.labels(stream, shadow).set(lag_points)
 

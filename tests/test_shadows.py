@@ -484,3 +484,31 @@ def test_shadow_sections_are_prefixed_and_gone_with_the_stream(service_backend):
         assert c.delete("/streams/s").status_code == 204
         assert c.get("/streams/s/shadows").status_code == 404
 
+
+
+# --- the store: a detector binding switched with the state, atomically -------------------------
+async def test_a_commit_switches_the_binding_with_the_state(backend):
+    """Commit.binding (a promotion) on every backend, the cluster included: the detector,
+    its params, threshold and budget change with the sections, in one commit, keeping
+    the state (unlike PUT /streams, which drops it); a deleted stream is not recreated."""
+    from service.stores.base import Commit, StreamMeta
+
+    store = backend.build()
+    try:
+        await store.streams.put(StreamMeta("s", 1, 16, "ensemble", params={"warmup": 64}))
+        await store.commit(Commit("s", sections={"det": b"old", "fb": b"labels"}))
+        binding = {"detector": "residual_linear", "params": None,
+                   "threshold": {"kind": "spot"}, "alert_budget_per_day": 2.0}
+        version = await store.commit(Commit("s", sections={"det": b"new"}, drop=("x",),
+                                            binding=binding))
+        meta = await store.streams.get("s")
+        assert version == meta.version
+        assert {k: getattr(meta, k) for k in binding} == binding
+        assert await store.streams.sections("s") == {"det": b"new", "fb": b"labels"}
+        await store.streams.put(meta)  # the same binding again: the state stays
+        assert await store.streams.sections("s") == {"det": b"new", "fb": b"labels"}
+        await store.streams.delete("s")
+        assert await store.commit(Commit("s", sections={"det": b"x"}, binding=binding)) == 0
+        assert await store.streams.get("s") is None
+    finally:
+        await store.close()

@@ -1,0 +1,287 @@
+"""What shadow detectors cost the live path: the service as its own process (uvicorn),
+real HTTP, in-memory and Redis stores.
+
+1. Live latency with 0, 1 and 3 cheap shadows: three streams of NAB's nyc_taxi on one
+   service (the default detector live; shadows: residual_linear, then also ensemble with
+   its own warm-up and raw_knn), posted in turn, request by request (so the three see the
+   same moments of a shared machine), batch 1 and batch 100, after their warm-up.
+2. The lag of a language-model shadow: ``streams`` streams (100), each the default live
+   and an embedding-memory shadow (TSAD_SHADOWS_ALLOW_COSTLY), each sent one point a
+   second for ``seconds``, after a warm-up (each stream a different stretch of nyc_taxi,
+   scaled differently, so their prompts do not share the embedding cache). The lag of
+   each point, from its storing to the shadow's score, is the service's own histogram
+   (tsad_shadow_lag_seconds{kind="queued"}) over the paced phase; the /score latency of
+   the same phase says whether the lagging shadow held requests back.
+
+    python benchmarks/shadows.py --data-dir ../shared/datasets
+
+Prints markdown tables and writes benchmarks/results/shadows.{json,md}; the 1-minute
+load average is recorded before and after each part (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from throughput import load_nab, start_redis  # noqa: E402
+
+from models.data import run_main  # noqa: E402
+from models.reporting import results_dir, save_report  # noqa: E402
+from service.process import ServiceProcess, free_port  # noqa: E402
+
+CHEAP = [("rl", {"detector": "residual_linear"}),
+         ("ens", {"detector": "ensemble", "params": {"warmup": 128}}),
+         ("knn", {"detector": "raw_knn"})]
+WARM = 640  # the default's warm-up (320 points) and a few chunks more
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def stats(ms: list[float]) -> dict:
+    a = np.array(ms)
+    return {"requests": len(a), "mean_ms": round(float(a.mean()), 3),
+            "p50_ms": round(float(np.percentile(a, 50)), 3),
+            "p95_ms": round(float(np.percentile(a, 95)), 3),
+            "p99_ms": round(float(np.percentile(a, 99)), 3)}
+
+
+def body(stream: str, rows: np.ndarray) -> dict:
+    return {"stream": stream, "timestamps": rows[:, 0].tolist(),
+            "values": rows[:, 1:].tolist()}
+
+
+# --- 1. live latency with 0, 1, 3 cheap shadows ------------------------------------------------
+def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int, ...],
+                  requests: int) -> list[dict]:
+    rows = []
+    with ServiceProcess(env) as svc, httpx.Client(base_url=svc.url, timeout=120) as http:
+        for batch in batches:
+            streams = {n: f"{store}-b{batch}-s{n}" for n in (0, 1, 3)}
+            for n, stream in streams.items():
+                assert http.put(f"/streams/{stream}", json={"channels": 1}).status_code == 201
+                for name, spec in CHEAP[:n]:
+                    r = http.put(f"/streams/{stream}/shadows/{name}", json=spec)
+                    assert r.status_code == 201, r.text
+                http.post("/score", json=body(stream, series[:WARM])).raise_for_status()
+            latencies: dict[int, list[float]] = {n: [] for n in streams}
+            before = load()
+            steps = min(requests, (len(series) - WARM) // batch)
+            for i in tqdm(range(steps), desc=f"{store} batch {batch}", leave=False):
+                rows_i = series[WARM + i * batch:WARM + (i + 1) * batch]
+                for n in ((0, 1, 3) if i % 2 == 0 else (3, 1, 0)):  # order evens out
+                    t0 = time.perf_counter()
+                    r = http.post("/score", json=body(streams[n], rows_i))
+                    latencies[n].append((time.perf_counter() - t0) * 1000)
+                    assert r.status_code == 200, r.text
+            for n in (0, 1, 3):
+                shadows = http.get(f"/streams/{streams[n]}/shadows").json()["shadows"]
+                rows.append({"store": store, "batch": batch, "shadows": n,
+                             "detectors": [s["detector"] for s in shadows],
+                             **stats(latencies[n]), "load_1m_before": before,
+                             "load_1m_after": load()})
+            base = rows[-3]["mean_ms"]
+            for row in rows[-2:]:
+                row["mean_vs_none"] = round(row["mean_ms"] / base - 1, 4)
+    return rows
+
+
+# --- 2. a language-model shadow's lag ----------------------------------------------------------
+def histogram(text: str, name: str, labels: dict) -> dict[float, float]:
+    """Cumulative bucket counts of a histogram series in /metrics text."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == f"{name}_bucket" and all(s.labels.get(k) == v
+                                                  for k, v in labels.items()):
+                out[float(s.labels["le"])] = s.value
+    return out
+
+
+def quantile(buckets: dict[float, float], q: float) -> float | None:
+    """A quantile from cumulative bucket counts (linear within a bucket, as PromQL's
+    histogram_quantile)."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0
+    if not total:
+        return None
+    rank, lo, below = q * total, 0.0, 0.0
+    for b in bounds:
+        if buckets[b] >= rank:
+            if b == float("inf"):
+                return lo
+            return round(lo + (b - lo) * (rank - below) / max(buckets[b] - below, 1e-9), 3)
+        lo, below = b, buckets[b]
+    return None
+
+
+def stream_series(series: np.ndarray, k: int, n: int) -> np.ndarray:
+    """Stream k's points: its own stretch of the file, its own scale and noise."""
+    rng = np.random.default_rng(k)
+    start = (k * 97) % (len(series) - n)
+    rows = series[start:start + n].copy()
+    rows[:, 0] = series[:n, 0]  # one clock for all
+    rows[:, 1] = rows[:, 1] * rng.uniform(0.5, 2.0) + rng.normal(0, 50, n)
+    return rows
+
+
+async def paced(url: str, streams: int, data: list[np.ndarray], seconds: float,
+                first: int) -> tuple[list[float], int]:
+    """Each stream one point a second (streams spread over the second)."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+
+    async def one(k: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        await asyncio.sleep(k / streams)
+        i = first
+        while time.perf_counter() - start < seconds:
+            due = start + k / streams + (i - first)
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            t0 = time.perf_counter()
+            r = await http.post("/score", json=body(f"lm-{k}", data[k][i:i + 1]))
+            latencies.append((time.perf_counter() - t0) * 1000)
+            errors += r.status_code != 200
+            i += 1
+
+    limits = httpx.Limits(max_connections=streams)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        await asyncio.gather(*(one(k, http) for k in range(streams)))
+    return latencies, errors
+
+
+def lm_lag(series: np.ndarray, env: dict, streams: int, seconds: float) -> dict:
+    n = WARM + int(seconds) + 10
+    data = [stream_series(series, k, n) for k in range(streams)]
+    env = {**env, "TSAD_SHADOWS_ALLOW_COSTLY": "true"}
+    with ServiceProcess(env, log_path=Path(tempfile.gettempdir()) / "tsad-bench-lm.log"
+                        ) as svc, httpx.Client(base_url=svc.url, timeout=600) as http:
+        for k in tqdm(range(streams), desc="streams and warm-up", leave=False):
+            assert http.put(f"/streams/lm-{k}", json={"channels": 1}).status_code == 201
+            r = http.put(f"/streams/lm-{k}/shadows/memory", json={"detector": "embedding_memory"})
+            assert r.status_code == 201, r.text
+            http.post("/score", json=body(f"lm-{k}", data[k][:WARM])).raise_for_status()
+        t0 = time.perf_counter()  # the warm-up's language-model work, on the queue
+        while any(s["lag_points"] for k in range(streams) for s in
+                  http.get(f"/streams/lm-{k}/shadows").json()["shadows"]):
+            time.sleep(2)
+        warm_seconds = round(time.perf_counter() - t0, 1)
+        before_text = http.get("/metrics").text
+        load_before = load()
+        latencies, errors = asyncio.run(paced(svc.url, streams, data, seconds, WARM))
+        load_after = load()
+        lags = [s["lag_points"] for k in range(streams) for s in
+                http.get(f"/streams/lm-{k}/shadows").json()["shadows"]]
+        after_text = http.get("/metrics").text
+        skipped = sum(s["skipped_points"] for k in range(streams) for s in
+                      http.get(f"/streams/lm-{k}/shadows").json()["shadows"])
+    lag = {"kind": "queued"}
+    b0, b1 = (histogram(t, "tsad_shadow_lag_seconds", lag) for t in (before_text, after_text))
+    phase = {le: b1[le] - b0.get(le, 0.0) for le in b1}
+    hits = {t: sum(s.value for f in text_string_to_metric_families(t) for s in f.samples
+                   if s.name == "tsad_embedding_cache_hits_total") for t in
+            (before_text, after_text)}
+    return {"streams": streams, "points_per_second_per_stream": 1, "seconds": seconds,
+            "warm_up_points": WARM, "warm_up_catch_up_seconds": warm_seconds,
+            "points_scored_by_shadows": int(phase.get(float("inf"), 0)),
+            "lag_p50_s": quantile(phase, 0.5), "lag_p95_s": quantile(phase, 0.95),
+            "lag_p99_s": quantile(phase, 0.99), "lag_buckets": phase,
+            "lag_points_at_end_max": max(lags), "skipped_points": skipped,
+            "score": stats(latencies), "score_errors": errors,
+            "embedding_cache_hits_in_phase": hits[after_text] - hits[before_text],
+            "load_1m_before": load_before, "load_1m_after": load_after}
+
+
+def table(result: dict) -> str:
+    lines = ["# Shadow detectors: what they cost the live path", "",
+             f"{result['created']}, {result['machine']}; `{result['command']}`", "",
+             "## Live /score latency with 0, 1 and 3 cheap shadows", "",
+             "| store | batch | shadows | mean ms | vs none | p50 ms | p95 ms | p99 ms | "
+             "requests | load 1m |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["cheap"]:
+        vs = f"{100 * r['mean_vs_none']:+.1f}%" if "mean_vs_none" in r else ""
+        lines.append(f"| {r['store']} | {r['batch']} | {r['shadows']} | {r['mean_ms']} | {vs} "
+                     f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['requests']} | "
+                     f"{r['load_1m_before']} → {r['load_1m_after']} |")
+    lines += ["", "Shadows: 1 = residual_linear; 3 = residual_linear, ensemble (warmup 128), "
+              "raw_knn. Live: the default (ensemble).", ""]
+    if lm := result.get("lm"):
+        s = lm["score"]
+        lines += ["## A language-model shadow's lag", "",
+                  f"{lm['streams']} streams, one point a second each, {lm['seconds']:.0f} s, "
+                  "each stream the default live and an `embedding_memory` shadow (queued), "
+                  "Redis.", "",
+                  "| lag p50 s | lag p95 s | lag p99 s | points scored | lag at end (max, "
+                  "points) | skipped | /score p50 ms | /score p99 ms | load 1m |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  f"| {lm['lag_p50_s']} | {lm['lag_p95_s']} | {lm['lag_p99_s']} | "
+                  f"{lm['points_scored_by_shadows']} | {lm['lag_points_at_end_max']} | "
+                  f"{lm['skipped_points']} | {s['p50_ms']} | {s['p99_ms']} | "
+                  f"{lm['load_1m_before']} → {lm['load_1m_after']} |", "",
+                  "Lag: from a point's storing to its score by the shadow "
+                  "(`tsad_shadow_lag_seconds`, quantiles interpolated within its buckets).", ""]
+    return "\n".join(lines)
+
+
+def main() -> int | None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets",
+                    help="a folder holding nab/ (tests/data works: results go to runs/bench)")
+    ap.add_argument("--stores", default="memory,redis", help="comma-separated")
+    ap.add_argument("--batches", default="1,100", help="batch sizes of the latency part")
+    ap.add_argument("--requests", type=int, default=1500,
+                    help="requests per stream and batch size in the latency part")
+    ap.add_argument("--lm-streams", type=int, default=100)
+    ap.add_argument("--lm-seconds", type=float, default=180.0,
+                    help="paced phase of the language-model part (0: skip it)")
+    ap.add_argument("--out", type=Path, default=None, help="default: results dir/shadows")
+    args = ap.parse_args()
+    series = load_nab(args.data_dir)
+    out = args.out or results_dir(args.data_dir) / "shadows"
+    result: dict = {"created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
+                    "command": "python " + " ".join([Path(sys.argv[0]).as_posix(),
+                                                     *sys.argv[1:]]), "cheap": []}
+    batches = tuple(int(b) for b in args.batches.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        redis = start_redis(port, tmp)
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            for store in args.stores.split(","):
+                env = {"REDIS_URL": url} if store == "redis" else {}
+                result["cheap"] += cheap_shadows(series, store, env, batches, args.requests)
+                save_report(result, table(result), out, echo=False)
+            if args.lm_seconds > 0:
+                subprocess.run(["redis-cli", "-p", str(port), "FLUSHALL"], check=True,
+                               stdout=subprocess.DEVNULL)
+                result["lm"] = lm_lag(series, {"REDIS_URL": url}, args.lm_streams,
+                                      args.lm_seconds)
+        finally:
+            redis.terminate()
+    save_report(result, table(result), out)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
