@@ -25,6 +25,7 @@ from service.schemas import (
     columnar_loc,
     epoch,
 )
+from service.scoring import stream_detector
 from service.settings import Settings
 from service.stores.base import StreamMeta
 
@@ -157,8 +158,14 @@ def stream_meta(stream: str, cfg: StreamConfigIn, settings: Settings,
         raise InvalidInput(("body", "detector"), f"detector {detector!r} is trained "
                            "offline: fit it with `tsad train` and bind 'artifact:<name>', "
                            f"or pick one that learns online: {online}")
-    if cfg.params and artifact is None:
-        check_detector_params(detector, cfg.params)
+    if artifact is None:
+        if cfg.params:
+            check_detector_params(detector, cfg.params)
+        try:  # what its config refuses with this window (a window shorter than a part)
+            stream_detector(settings, detector, window, cfg.params)
+        except ValueError as exc:
+            raise InvalidInput(("body", "params" if cfg.params else "window"),
+                               f"{detector}: {exc}") from None
     if cfg.channel_names is not None and len(cfg.channel_names) != cfg.channels:
         raise InvalidInput(("body", "channel_names"), f"expected {cfg.channels} names, "
                            f"got {len(cfg.channel_names)}")

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/streams/{stream}/shadows", tags=["shadows"],
 _ERRORS = {404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
            429: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 Name = Annotated[str, Path(pattern=NAME_PATTERN, description="Shadow name: 1-32 of A-Z a-z "
-                           "0-9 _ -", examples=["memory"])]
+                           "0-9 _ -", examples=["candidate"])]
 
 
 @router.get("", response_model=ShadowList, responses=_ERRORS,

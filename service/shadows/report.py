@@ -60,8 +60,8 @@ def point_labels(ts: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     """Per stamp: 1 anomalous, 0 normal, -1 unlabelled; ranges rows (id, start, end, label
     code, received_at) in the order received (the last one holding a point wins).
 
-    >>> point_labels(np.arange(6.0), np.array([[0, 1, 3, 1, 0], [1, 3, 4, 0, 0]]))
-    array([-1,  1,  1,  0,  0, -1])
+    >>> point_labels(np.arange(6.0), np.array([[0, 1, 3, 1, 0], [1, 3, 4, 0, 0]])).tolist()
+    [-1, 1, 1, 0, 0, -1]
     """
     out = np.full(len(ts), -1, np.int8)
     for _, start, end, code, _ in ranges:

@@ -10,9 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.schemas import PARAMS_HELP, StreamOut, ThresholdConfigIn
 from service.shadows.config import NAME_PATTERN
 
-ShadowName = Field(pattern=NAME_PATTERN, description="Shadow name: 1-32 of A-Z a-z 0-9 _ -",
-                   examples=["memory"])
-
 
 class ShadowIn(BaseModel):
     model_config = ConfigDict(
@@ -38,7 +35,7 @@ class ShadowIn(BaseModel):
 
 class ShadowOut(BaseModel):
     stream: str = Field(description="Stream id", examples=["nyc_taxi"])
-    name: str = Field(description="Shadow name", examples=["memory"])
+    name: str = Field(description="Shadow name", examples=["candidate"])
     detector: str = Field(description="Its detector", examples=["embedding_memory"])
     params: dict[str, Any] | None = Field(None, description="Its detector's own tunables",
                                           examples=[None])
@@ -157,7 +154,7 @@ class ShadowReport(BaseModel):
 
 class ScoresOut(BaseModel):
     stream: str = Field(description="Stream id", examples=["nyc_taxi"])
-    shadow: str = Field(description="Shadow name", examples=["memory"])
+    shadow: str = Field(description="Shadow name", examples=["candidate"])
     timestamps: list[float] = Field(description="Epoch seconds, oldest first",
                                     examples=[[1700000000.0, 1700000060.0]])
     live_scores: list[float | None] = Field(description="null: not scored",
