@@ -3,11 +3,14 @@ queue of their pending points in each process, worked by background tasks.
 
 After each commit the score transaction hands over what its stream's shadows did
 (``committed``): the cheap ones' metrics, and for each costly shadow the batch's points
-and live results, which join that shadow's pending job (one per shadow: batches merge, so
-a busy queue scores several batches in one call). A worker scores a job outside the
-stream's lock, then commits the shadow's own sections under it, after checking that the
-shadow is still the one it scored (same id: not deleted, promoted or replaced) and still
-where it started (same mark). ``/score`` never waits on this: when more than
+and live results, which join that shadow's pending job (one per shadow: batches merge).
+Like a cheap shadow, a costly one catches up when its stream completes a chunk (64
+points): a job is ready once it holds a chunk end, so the language model embeds a
+chunk's windows in one call rather than one window per request. A worker (its own
+thread, at a lower priority than the requests') scores a ready job outside the stream's
+lock, then commits the shadow's own sections under it, after checking that the shadow is
+still the one it scored (same id: not deleted, promoted or replaced) and still where it
+started (same mark). ``/score`` never waits on this: when more than
 ``TSAD_SHADOW_QUEUE_POINTS`` points wait, the oldest are dropped and counted as skipped,
 and so are the points a crash loses from the queue (the shadow then goes on from what
 the store holds).
@@ -18,11 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from models.streaming import CHUNK
 from service import stream_state
 from service.metrics import ServiceMetrics, StreamSeries
 from service.scorers import ScorerCache
@@ -57,6 +64,11 @@ class Job:
     def pending(self) -> int:
         return len(self.live.columns)
 
+    @property
+    def ready(self) -> bool:
+        """It holds a chunk end: a chunk of the stream is complete."""
+        return self.live.end // CHUNK > self.live.first // CHUNK
+
     def merge(self, offer: Offer) -> None:
         end = self.first + len(self.points)
         if offer.first <= end:  # overlapping context: append what is new
@@ -87,6 +99,7 @@ class ShadowQueue:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.busy = 0  # jobs being scored now
+        self._executor: ThreadPoolExecutor | None = None
 
     # --- from the score transaction ---------------------------------------------------------
     def committed(self, stream: str, shadows: StreamShadows) -> None:
@@ -135,8 +148,10 @@ class ShadowQueue:
 
     # --- the workers ------------------------------------------------------------------------
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work())
-                       for _ in range(self.settings.shadow_workers)]
+        workers = self.settings.shadow_workers
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tsad-shadows",
+                                            initializer=_lower_priority)
+        self._tasks = [asyncio.create_task(self._work()) for _ in range(workers)]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -145,11 +160,13 @@ class ShadowQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def drained(self, timeout: float = 60.0) -> bool:
-        """Wait until nothing waits or runs (tests, benchmarks); False on timeout."""
+        """Wait until no ready job waits or runs (tests, benchmarks); False on timeout."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while self.jobs or self.busy:
+        while any(j.ready for j in self.jobs.values()) or self.busy:
             if asyncio.get_running_loop().time() > deadline:
                 return False
             await asyncio.sleep(0.01)
@@ -157,11 +174,12 @@ class ShadowQueue:
 
     async def _work(self) -> None:
         while True:
-            if not self.jobs:
+            key = next((k for k, j in self.jobs.items() if j.ready), None)  # oldest first
+            if key is None:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            _, job = self.jobs.popitem(last=False)
+            job = self.jobs.pop(key)
             self.metrics.shadow_queue_points.set(self.waiting)
             self.busy += 1
             try:
@@ -189,7 +207,8 @@ class ShadowQueue:
                 return
             _, parts = split(await streams.sections(job.stream))
             engine = ShadowEngine.load(config, meta, self.settings, parts.get(config.name, {}))
-        caught = await asyncio.to_thread(engine.catch_up, job.points, job.first, job.live)
+        caught = await asyncio.get_running_loop().run_in_executor(
+            self._executor, engine.catch_up, job.points, job.first, job.live)
         if caught is None:
             self._keep(job.key, engine)
             return
@@ -231,3 +250,9 @@ class ShadowQueue:
         self.series.shadow(stream, name, caught.alerts_opened,
                            c["alerted_both_seconds"] / either if either else None,
                            max(newest - engine.run.mark, 0))
+
+
+def _lower_priority() -> None:
+    """The shadow workers' thread yields the CPU to the requests' (Linux: per thread)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
