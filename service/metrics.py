@@ -161,21 +161,21 @@ class ServiceMetrics:
             multiprocess_mode="mostrecent", registry=r)
         self.shadow_lag_points = Gauge(
             "tsad_shadow_lag_points", "Points the stream stored that a shadow has not "
-            "scored yet (cheap ones catch up at each chunk end, costly ones on the "
-            "background queue; per allow-listed stream)", ["stream", "shadow"],
+            "scored yet (shadows catch up at each chunk end of 64 points, on the background "
+            "queue; per allow-listed stream)", ["stream", "shadow"],
             multiprocess_mode="mostrecent", registry=r)
         self.shadow_lag_seconds = Histogram(
             "tsad_shadow_lag_seconds", "From a point's storing to its score by a shadow, per "
-            "point, by how the shadow runs (inline: in the score transaction at chunk ends; "
-            "queued: costly, on the background queue)", ["kind"], buckets=LAG_BUCKETS,
+            "point, by the shadow's kind (cheap; costly: a language model or torch per "
+            "window)", ["kind"], buckets=LAG_BUCKETS,
             registry=r)
         self.shadow_points_skipped_total = Counter(
-            "tsad_shadow_points_skipped_total", "Points a costly shadow never scored: "
-            "dropped from a full queue (TSAD_SHADOW_QUEUE_POINTS) or lost with a crash",
+            "tsad_shadow_points_skipped_total", "Points a shadow never scored: dropped from "
+            "a full queue (TSAD_SHADOW_QUEUE_POINTS) or no longer held after a crash",
             registry=r)
         self.shadow_queue_points = Gauge(
             "tsad_shadow_queue_points", "Points waiting on this process's background queue "
-            "for costly shadows", multiprocess_mode="livesum", registry=r)
+            "for shadow detectors", multiprocess_mode="livesum", registry=r)
         # --- webhooks
         self.webhook_deliveries_total = Counter(
             "tsad_webhook_deliveries_total", "Webhook delivery attempts by outcome "
@@ -290,15 +290,19 @@ class StreamSeries:
 
     def shadow(self, stream: str, shadow: str, alerts_opened: int = 0,
                agreement: float | None = None, lag_points: int | None = None) -> None:
-        """A shadow scored (its alert counter exists from its first report, at 0)."""
+        """A shadow was offered points or scored them. Its series exist from the first
+        call (alerts at 0, agreement NaN until either side alerted)."""
         if not self.admit(stream):
             return
         with self._lock:
-            self._shadows.setdefault(stream, set()).add(shadow)
+            seen = self._shadows.setdefault(stream, set())
+            new = shadow not in seen
+            seen.add(shadow)
         m = self.metrics
         m.shadow_alerts_total.labels(stream, shadow).inc(alerts_opened)
-        m.shadow_agreement_ratio.labels(stream, shadow).set(
-            math.nan if agreement is None else agreement)
+        if agreement is not None or new:
+            m.shadow_agreement_ratio.labels(stream, shadow).set(
+                math.nan if agreement is None else agreement)
         if lag_points is not None:
             m.shadow_lag_points.labels(stream, shadow).set(lag_points)
 

@@ -6,7 +6,7 @@ so a large, slowly changing part such as a memory of normal windows is rewritten
 when it changes), ``loop`` the online loop's verdict in force and pending chunk, ``lik``
 the likelihood's history, ``thr`` the threshold, ``alr`` the alert tracker, ``fb`` the
 operator feedback and ``ada`` a SPEAR stream's adapted prompts. A shadow detector's
-sections would carry its name as a prefix (``shadow.<name>.det``).
+sections carry its name as a prefix (``shadow.<name>.det``, ``service/shadows``).
 
 A commit writes only the sections whose bytes changed since they were loaded or last
 committed (``changed``), atomically with the scored-up-to mark. State written whole by

@@ -56,6 +56,11 @@ def post(c: TestClient, stream: str, ts: list[float], values: list[list[float]])
     return r.json()["results"]
 
 
+def settle(c: TestClient) -> None:
+    """Wait until the shadows have scored every chunk the streams completed."""
+    assert c.portal.call(c.app.state.services.shadow_queue.drained, 120.0)
+
+
 def batches(n: int, seed: int = 3) -> list[slice]:
     """Random batch sizes (1 to 150): how a stream is batched never changes a score."""
     rng, out, i = np.random.default_rng(seed), [], 0
@@ -86,6 +91,7 @@ def test_a_shadow_scores_as_its_detector_would_live(service_backend):
         for b in batches(n):
             post(c, "a", ts[b], values[b])
             live_b += post(c, "b", ts[b], values[b])
+        settle(c)
         got = c.get("/streams/a/shadows/rl/scores", params={"limit": 10_000}).json()
         report = c.get("/streams/a/shadows/rl/report").json()
         alerts_b = c.get("/alerts", params={"stream": "b"}).json()["alerts"]
@@ -134,6 +140,7 @@ def test_shadow_alerts_never_reach_a_webhook_and_promotion_opens_one_once(
             for a in range(0, n, 128):
                 post(c, "s", ts[a:a + 128], values[a:a + 128])
                 post(c, "control", ts[a:a + 128], values[a:a + 128])
+            settle(c)
             report = c.get("/streams/s/shadows/cand/report").json()
             opened = [a for a in report["shadow"]["alerts"] if a["state"] == "open"]
             assert len(report["shadow"]["alerts"]) >= 4 and len(opened) == 1
@@ -154,7 +161,7 @@ def test_shadow_alerts_never_reach_a_webhook_and_promotion_opens_one_once(
             more_ts, more = series(64, spikes=[], start=n)
             post(c, "s", more_ts, more)  # quiet: the promoted detector resolves it
             got = wait_for(lambda: len(events(receiver, "s")) >= 2 and events(receiver, "s"))
-            # the demoted detector went on as a shadow (caught up at the chunk end)
+            settle(c)  # the demoted detector went on as a shadow (caught up at the chunk end)
             assert c.get("/streams/s/shadows/previous/report").json()["config"]["points"] == 64
     finally:
         receiver.stop()
@@ -196,6 +203,7 @@ def test_a_crash_between_append_and_commit_leaves_shadows_in_step(service_backen
                     assert {p["status"] for p in r.json()["results"]} == {"scored"}
                 assert r.status_code == 200, r.text
         assert next(crashes, False) is False  # it did crash
+        settle(c)
         ref, crashed = (c.get(f"/streams/{s}/shadows/rl/scores", params={"limit": 10_000}
                               ).json() for s in ("ref", "crash"))
     assert crashed | {"stream": "ref"} == ref
@@ -253,6 +261,7 @@ def test_report_precision_and_recall_match_a_hand_count(service_backend):
         r = c.post("/streams/s/feedback", json={"ranges": [
             {"start": ts[a], "end": ts[b], "label": label} for a, b, label in labels]})
         assert r.status_code == 200, r.text
+        settle(c)
         report = c.get("/streams/s/shadows/rl/report").json()
         got = c.get("/streams/s/shadows/rl/scores", params={"limit": 10_000}).json()
     target = {}
@@ -294,15 +303,14 @@ def test_a_lagging_costly_shadow_never_blocks_score(service_backend):
     with make_client(service_backend, shadows_allow_costly=True) as c:
         assert c.put("/streams/a", json={"channels": 1}).status_code == 201
         shadow = c.put("/streams/a/shadows/mem", json=memory).json()
-        assert shadow["mode"] == "queued"
+        assert shadow["costly"]
         post(c, "a", ts[:768], values[:768])  # hundreds of windows for the language model
         lagging = []
         for i in range(768, n):  # meanwhile, one point at a time
             post(c, "a", ts[i:i + 1], values[i:i + 1])
             lagging.append(c.get("/streams/a/shadows/mem").json()["lag_points"])
         assert max(lagging) > 64  # it lagged more than a chunk behind, /score went on
-        queue = c.app.state.services.shadow_queue
-        assert c.portal.call(queue.drained, 300.0)
+        settle(c)
         got = c.get("/streams/a/shadows/mem/scores", params={"limit": 10_000}).json()
         assert c.get("/streams/a/shadows/mem").json()["lag_points"] == 0
         assert c.put("/streams/b", json={"channels": 1, **memory}).status_code == 201

@@ -1,19 +1,20 @@
-"""Costly shadows (a language model or torch per window) off the request path: a bounded
-queue of their pending points in each process, worked by background tasks.
+"""Shadow detectors off the request path: a bounded queue of their pending points in
+each process, worked by background tasks, so a shadow never adds its detector's cost to
+a live request, and a lagging one never holds /score back.
 
-After each commit the score transaction hands over what its stream's shadows did
-(``committed``): the cheap ones' metrics, and for each costly shadow the batch's points
-and live results, which join that shadow's pending job (one per shadow: batches merge).
-Like a cheap shadow, a costly one catches up when its stream completes a chunk (64
-points): a job is ready once it holds a chunk end, so the language model embeds a
-chunk's windows in one call rather than one window per request. A worker (its own
-thread, at a lower priority than the requests') scores a ready job outside the stream's
-lock, then commits the shadow's own sections under it, after checking that the shadow is
-still the one it scored (same id: not deleted, promoted or replaced) and still where it
-started (same mark). ``/score`` never waits on this: when more than
-``TSAD_SHADOW_QUEUE_POINTS`` points wait, the oldest are dropped and counted as skipped,
-and so are the points a crash loses from the queue (the shadow then goes on from what
-the store holds).
+After each commit the score transaction hands over each shadow's batch (``committed``):
+the points with the context their windows need, and the live results to compare with.
+Batches join the shadow's pending job (one per shadow: batches merge). A shadow catches
+up when its stream completes a chunk (64 points): a job is ready once it holds a chunk
+end, so a detector scores a chunk in one vectorised call (a language model embeds its
+windows in one call), and a shadow runs at most a chunk behind plus the queue's wait.
+Cheap shadows' jobs go first. A worker (its own thread, at a lower priority than the
+requests') scores a ready job outside the stream's lock, then commits the shadow's own
+sections under it, after checking that the shadow is still the one it scored (same id:
+not deleted, promoted or replaced) and still where it started (same mark). When more
+than ``TSAD_SHADOW_QUEUE_POINTS`` points wait, the oldest are dropped and counted as
+skipped; after a crash, a shadow goes on from its mark with what the store holds (and
+the live results committed with it, ``stream.py``), skipping what is gone, counted.
 """
 
 from __future__ import annotations
@@ -41,48 +42,59 @@ from service.shadows.stream import Offer, StreamShadows
 from service.stores.base import Backend, Commit, retained
 
 log = logging.getLogger("tsad.shadows")
-ENGINES_KEPT = 256  # decoded costly engines kept between jobs, per process
+ENGINES_KEPT = 256  # decoded shadow engines kept between jobs, per process
 
 
 @dataclass
 class Job:
-    """A costly shadow's pending points: the stream's points from index ``first`` (with
-    the context its windows need) and the live results of the points to score."""
+    """A shadow's pending batches: the stream's points from index ``first`` (with the
+    context their windows need), the first of them not yet scored (``new``) and the live
+    results known for them."""
 
     stream: str
     config: ShadowConfig
     window: int
     points: np.ndarray
     first: int
+    new: int
     live: LiveResults
+
+    @classmethod
+    def of(cls, offer: Offer) -> Job:
+        return cls(offer.stream, offer.config, offer.window, offer.points, offer.first,
+                   offer.new, offer.live)
 
     @property
     def key(self) -> tuple[str, str]:
         return self.stream, self.config.id
 
     @property
+    def end(self) -> int:
+        return self.first + len(self.points)
+
+    @property
     def pending(self) -> int:
-        return len(self.live.columns)
+        return self.end - self.new
 
     @property
     def ready(self) -> bool:
         """It holds a chunk end: a chunk of the stream is complete."""
-        return self.live.end // CHUNK > self.live.first // CHUNK
+        return self.end // CHUNK > self.new // CHUNK
 
     def merge(self, offer: Offer) -> None:
-        end = self.first + len(self.points)
-        if offer.first <= end:  # overlapping context: append what is new
-            self.points = np.concatenate([self.points, offer.points[end - offer.first:]])
-        else:  # a gap (points offered elsewhere, or lost): the older ones are skipped
-            self.points, self.first = offer.points, offer.first
-        self.live = self.live.extend(offer.live)
+        if offer.first <= self.end:  # overlapping context: append what is new
+            self.points = np.concatenate([self.points, offer.points[self.end - offer.first:]])
+        else:  # a gap (batches offered to another process, or dropped): skipped
+            self.points, self.first, self.new = offer.points, offer.first, offer.new
+        self.live = self.live.extend(offer.live.since(self.live.end))
 
     def drop_oldest(self, n: int) -> None:
         """Forget the ``n`` oldest pending points (and the context only they needed)."""
-        self.live = self.live.since(self.live.first + n)
-        keep_from = max(self.first, self.live.first - retained(self.window) + 1)
+        self.new += n
+        keep_from = max(self.first, self.new - retained(self.window) + 1)
         self.points = self.points[keep_from - self.first:]
         self.first = keep_from
+        self.live = self.live.since(keep_from)
 
 
 class ShadowQueue:
@@ -96,30 +108,29 @@ class ShadowQueue:
         self.jobs: OrderedDict[tuple[str, str], Job] = OrderedDict()  # oldest first
         self.engines: OrderedDict[tuple[str, str], ShadowEngine] = OrderedDict()
         self.offered: dict[tuple[str, str], int] = {}  # the newest point offered, per shadow
+        self.marks: dict[tuple[str, str], int] = {}  # where each shadow was last committed
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self.busy = 0  # jobs being scored now
+        self.running: set[tuple[str, str]] = set()  # shadows being scored now
         self._executor: ThreadPoolExecutor | None = None
 
     # --- from the score transaction ---------------------------------------------------------
     def committed(self, stream: str, shadows: StreamShadows) -> None:
-        """A batch of ``stream`` committed: its shadows' metrics, its costly shadows' work."""
-        caught, offers = shadows.drain()
-        for name, c in caught:
-            self._record(stream, name, c, shadows.engines[name], "inline",
-                         shadows.meta.points_seen)
-        for offer in offers:
+        """A batch of ``stream`` committed: its shadows' work."""
+        for offer in shadows.drain():
             self.offer(offer)
 
     def offer(self, offer: Offer) -> None:
         key = (offer.stream, offer.config.id)
         job = self.jobs.get(key)
         if job is None:
-            self.jobs[key] = Job(offer.stream, offer.config, offer.window, offer.points,
-                                 offer.first, offer.live)
+            self.jobs[key] = Job.of(offer)
         else:
             job.merge(offer)
-        self.offered[key] = offer.live.end
+        end = offer.first + len(offer.points)
+        self.offered[key] = end
+        self.series.shadow(offer.stream, offer.config.name,
+                           lag_points=end - self.marks.get(key, offer.config.start))
         self._bound()
         self._ready.set()
 
@@ -141,7 +152,7 @@ class ShadowQueue:
     def forget(self, stream: str, shadow_id: str | None = None) -> None:
         """The stream was deleted (``shadow_id`` None), or one shadow deleted, promoted or
         replaced: its pending work goes."""
-        for held in (self.jobs, self.engines, self.offered):
+        for held in (self.jobs, self.engines, self.offered, self.marks):
             for key in [k for k in held if k[0] == stream and shadow_id in (None, k[1])]:
                 del held[key]
         self.metrics.shadow_queue_points.set(self.waiting)
@@ -164,9 +175,10 @@ class ShadowQueue:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def drained(self, timeout: float = 60.0) -> bool:
-        """Wait until no ready job waits or runs (tests, benchmarks); False on timeout."""
+        """Wait until no ready job waits or runs (tests, benchmarks, a promotion); False on
+        timeout."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while any(j.ready for j in self.jobs.values()) or self.busy:
+        while any(j.ready for j in self.jobs.values()) or self.running:
             if asyncio.get_running_loop().time() > deadline:
                 return False
             await asyncio.sleep(0.01)
@@ -174,25 +186,38 @@ class ShadowQueue:
 
     async def _work(self) -> None:
         while True:
-            key = next((k for k, j in self.jobs.items() if j.ready), None)  # oldest first
+            ready = [k for k, j in self.jobs.items() if j.ready]  # oldest first, cheap first
+            key = min(ready, key=lambda k: self.jobs[k].config.costly, default=None)
             if key is None:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            job = self.jobs.pop(key)
-            self.metrics.shadow_queue_points.set(self.waiting)
-            self.busy += 1
-            try:
-                await self._run(job)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # one shadow's failure must not stop the others
-                log.exception("costly shadow failed: its points are skipped",
-                              extra={"stream": job.stream, "shadow": job.config.name})
-                self.metrics.shadow_points_skipped_total.inc(job.pending)
-                self.engines.pop(job.key, None)
-            finally:
-                self.busy -= 1
+            await self._take(key)
+
+    async def settle(self, stream: str, shadow_id: str, timeout: float = 120.0) -> None:
+        """Score what waits for one shadow now, ready or not (before a promotion)."""
+        key = (stream, shadow_id)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while key in self.running and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if key in self.jobs and key not in self.running:
+            await self._take(key)
+
+    async def _take(self, key: tuple[str, str]) -> None:
+        job = self.jobs.pop(key)
+        self.metrics.shadow_queue_points.set(self.waiting)
+        self.running.add(key)
+        try:
+            await self._run(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one shadow's failure must not stop the others
+            log.exception("shadow failed: its points are skipped",
+                          extra={"stream": job.stream, "shadow": job.config.name})
+            self.metrics.shadow_points_skipped_total.inc(job.pending)
+            self.engines.pop(job.key, None)
+        finally:
+            self.running.discard(key)
 
     async def _run(self, job: Job) -> None:
         streams, config = self.backend.streams, job.config
@@ -207,6 +232,8 @@ class ShadowQueue:
                 return
             _, parts = split(await streams.sections(job.stream))
             engine = ShadowEngine.load(config, meta, self.settings, parts.get(config.name, {}))
+        if job.new < mark:  # another process scored some meanwhile
+            job.new = mark
         caught = await asyncio.get_running_loop().run_in_executor(
             self._executor, engine.catch_up, job.points, job.first, job.live)
         if caught is None:
@@ -220,8 +247,9 @@ class ShadowQueue:
                                                        drop=drop))
             self.scorers.bumped(job.stream, version)
         self._keep(job.key, engine)
+        self.marks[job.key] = engine.run.mark
         newest = self.offered.get(job.key, engine.run.mark)
-        self._record(job.stream, config.name, caught, engine, "queued", newest)
+        self._record(job.stream, config.name, caught, engine, newest)
 
     async def _mark(self, job: Job) -> int | None:
         """The shadow's mark as stored, if it is still the job's shadow."""
@@ -240,8 +268,9 @@ class ShadowQueue:
             self.engines.popitem(last=False)
 
     def _record(self, stream: str, name: str, caught: Caught, engine: ShadowEngine,
-                kind: str, newest: int) -> None:
+                newest: int) -> None:
         m = self.metrics
+        kind = "costly" if engine.config.costly else "cheap"
         for lag in caught.lag_seconds:
             m.shadow_lag_seconds.labels(kind).observe(lag)
         m.shadow_points_skipped_total.inc(caught.skipped)

@@ -43,18 +43,18 @@ class ShadowOut(BaseModel):
                                    examples=[{"kind": "spot", "q": 0.001}])
     alert_budget_per_day: float | None = Field(None, description="Its alert budget",
                                                examples=[None])
-    mode: Literal["inline", "queued"] = Field(
-        description="inline: scored in the score transaction, at each chunk end (64 points); "
-        "queued: a costly detector, scored on the background queue", examples=["queued"])
+    costly: bool = Field(description="Its detector runs a language model or torch per "
+                         "window (allowed by TSAD_SHADOWS_ALLOW_COSTLY)", examples=[True])
     created_at: float = Field(description="Epoch seconds", examples=[1700000000.0])
     start: int = Field(description="Stream index of the first point it scored (it warmed "
                        "up on the points held before)", examples=[320])
     points: int = Field(description="Points it has scored beside the live detector",
                         examples=[10000])
     lag_points: int = Field(description="Points the stream has stored that it has not "
-                            "scored yet", examples=[0])
-    skipped_points: int = Field(description="Points it never scored (a full queue, or a "
-                                "crash, for costly shadows)", examples=[0])
+                            "scored yet (it catches up at each chunk end, 64 points, off the "
+                            "request path)", examples=[0])
+    skipped_points: int = Field(description="Points it never scored (dropped from a full "
+                                "queue, or no longer held after a crash)", examples=[0])
 
 
 class ShadowList(BaseModel):

@@ -37,7 +37,7 @@ from service.shadows.config import (
 )
 from service.shadows.engine import Run, ShadowEngine
 from service.shadows.handover import switch
-from service.shadows.log import COMPARED, LIVE, Columns, LiveResults
+from service.shadows.log import COMPARED, Columns, LiveResults
 from service.shadows.queue import ShadowQueue
 from service.shadows.schemas import (
     PromotedOut,
@@ -257,24 +257,28 @@ class ShadowService:
     async def promote(self, stream: str, name: str, demote_as: str | None) -> PromotedOut:
         s, streams = self.settings, self.backend.streams
         await self._meta(stream)
+        head = await streams.sections(stream, [section(name, "cfg")])
+        if head:  # its queued points first (an unknown name is a 404 below)
+            await self.queue.settle(stream, _config(head, name).id)
         await self.transaction.recover(stream)
         async with streams.lock(stream):
             meta = await self._meta(stream)
             if meta.points_scored is not None and meta.points_scored < meta.points_seen:
                 raise Conflict(None, "points a crash left are being scored: retry")
             stored = await streams.sections(stream)
-            shadows = StreamShadows.load(meta, s, stored, costly_too=True)
+            shadows = StreamShadows.load(meta, s, stored)
             config = self._config(shadows, stream, name)
             if demote_as is not None and demote_as != name and demote_as in shadows.configs:
                 raise Conflict(("body", "demote_as"), f"stream {stream!r} already has a "
                                f"shadow {demote_as!r}: name another, or delete it first")
-            engine = shadows.engines[name]
+            _, parts = split(stored)
+            engine = await asyncio.to_thread(ShadowEngine.load, config, meta, s, parts[name])
             lag = meta.points_seen - engine.run.mark
             held = await streams.window(stream, last=lag + retained(meta.window))
             live_sections, _ = split(stored)
             live_sections.pop(REGISTRY, None)
             done = await asyncio.to_thread(self._switch, meta, live_sections, engine, held,
-                                           demote_as, stored)
+                                           shadows.recent, demote_as, stored)
             del shadows.configs[name]
             if done.demoted is not None:
                 shadows.configs[done.demoted.config.name] = done.demoted.config
@@ -298,11 +302,10 @@ class ShadowService:
             events=[e["id"] for e in done.events])
 
     def _switch(self, meta: StreamMeta, live_sections: dict[str, bytes],
-                engine: ShadowEngine, held, demote_as: str | None,  # noqa: ANN001
-                stored: dict[str, bytes]):  # noqa: ANN202
+                engine: ShadowEngine, held, recent: LiveResults,  # noqa: ANN001
+                demote_as: str | None, stored: dict[str, bytes]):  # noqa: ANN202
         """In a worker thread: the shadow caught up, the live scorer loaded, the switch."""
-        engine.catch_up(held, meta.points_seen - len(held),
-                        LiveResults(meta.points_seen, Columns.empty(LIVE)))
+        engine.catch_up(held, meta.points_seen - len(held), recent)
         live = StreamScorer.from_sections(meta, self.settings, live_sections)
         demoted = None
         if demote_as is not None:
@@ -354,7 +357,7 @@ class ShadowService:
         return ShadowOut(
             stream=stream, name=config.name, detector=config.detector, params=config.params,
             threshold=config.threshold, alert_budget_per_day=config.alert_budget_per_day,
-            mode="queued" if config.costly else "inline", created_at=config.created_at,
+            costly=config.costly, created_at=config.created_at,
             start=config.start, points=int(run.counters["points"]),
             lag_points=max(meta.points_seen - run.mark, 0),
             skipped_points=int(run.counters["skipped"]))
