@@ -197,18 +197,18 @@ class Settings(BaseSettings):
         "(PUT /streams/{id}/shadows/{name}; one more is a 429; 0 = shadows off)")
     shadows_allow_costly: bool = Field(
         False, description="allow shadows whose detector runs a language model or torch "
-        "per window (embedding_memory, CMA, SPEAR, SSM x LLM, fusions of them); they are "
-        "scored on a background queue, off the request path")
+        "per window (embedding_memory, CMA, SPEAR, SSM x LLM, fusions of them); like "
+        "every shadow they are scored on the background queue, off the request path")
     shadow_log_points: int = Field(
         20_000, ge=64, le=1_000_000, description="per-point comparison (both scores and "
         "verdicts) kept per shadow, newest first: what the report's rank correlation, "
         "precision and recall cover (about 22 bytes a point)")
     shadow_queue_points: int = Field(
-        100_000, ge=64, description="points waiting for costly shadows in one process (all "
-        "streams); beyond it a shadow's oldest waiting points are dropped and counted as "
-        "skipped, so a lagging shadow never holds back /score or memory")
-    shadow_workers: int = Field(1, ge=1, le=16, description="background tasks scoring costly "
-                                "shadows per process")
+        100_000, ge=64, description="points waiting for shadows on one process's background "
+        "queue (all streams); beyond it a shadow's oldest waiting points are dropped and "
+        "counted as skipped, so a lagging shadow never holds back /score or memory")
+    shadow_workers: int = Field(1, ge=1, le=16, description="background tasks scoring "
+                                "shadows per process (cheap shadows' jobs first)")
 
     # --- security: API keys and webhook destinations (README, "Security") ---------------
     auth: Literal["keys", "open"] = Field(

@@ -6,7 +6,7 @@ binding), the detector's own sections as a live stream has them (``det``, ``det/
 counters), ``alerts`` (its alert records, kept for the report, never delivered) and
 ``log/<k>`` (the per-point comparison with the live detector, in blocks of ``LOG_BLOCK``
 points of the stream's index). The stream's own section ``shadows`` holds the names of
-its shadows and the live results the shadows have not caught up with yet.
+its shadows and the live detector's results of the points the store holds.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Per-point records of live and shadow verdicts: the live results the shadows have not
-caught up with yet (``LIVE``, kept in the stream's ``shadows`` section), and each shadow's
-comparison log (``COMPARED``, in blocks of ``LOG_BLOCK`` points of the stream's index, the
-newest ``TSAD_SHADOW_LOG_POINTS`` kept) that the report reads."""
+"""Per-point records of live and shadow verdicts: the live detector's results of the
+points the store holds (``LIVE``, in the stream's ``shadows`` section), which shadows
+compare with when they catch up, and each shadow's comparison log (``COMPARED``, in
+blocks of ``LOG_BLOCK`` points of the stream's index, the newest
+``TSAD_SHADOW_LOG_POINTS`` kept) that the report reads."""
 
 from __future__ import annotations
 

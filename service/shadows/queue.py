@@ -37,7 +37,6 @@ from service.scorers import ScorerCache
 from service.settings import Settings
 from service.shadows.config import ShadowConfig, section, split
 from service.shadows.engine import Caught, Run, ShadowEngine
-from service.shadows.log import LiveResults
 from service.shadows.stream import Offer, StreamShadows
 from service.stores.base import Backend, Commit, retained
 
@@ -46,23 +45,14 @@ ENGINES_KEPT = 256  # decoded shadow engines kept between jobs, per process
 
 
 @dataclass
-class Job:
-    """A shadow's pending batches: the stream's points from index ``first`` (with the
-    context their windows need), the first of them not yet scored (``new``) and the live
-    results known for them."""
-
-    stream: str
-    config: ShadowConfig
-    window: int
-    points: np.ndarray
-    first: int
-    new: int
-    live: LiveResults
+class Job(Offer):
+    """A shadow's pending batches, merged: the stream's points from index ``first`` (with
+    the context their windows need), the first of them not yet scored (``new``) and the
+    live results known for them."""
 
     @classmethod
     def of(cls, offer: Offer) -> Job:
-        return cls(offer.stream, offer.config, offer.window, offer.points, offer.first,
-                   offer.new, offer.live)
+        return cls(**vars(offer))
 
     @property
     def key(self) -> tuple[str, str]:
