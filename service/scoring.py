@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,10 +33,8 @@ from service.artifacts import Artifact, artifact_name, load_artifact
 from service.explain import Explainer, Explanation
 from service.feedback.labels import FeedbackSet
 from service.settings import Settings
+from service.shadows.stream import StreamShadows
 from service.stores.base import LEGACY_SECTION, StreamMeta
-
-if TYPE_CHECKING:
-    from service.shadows.stream import StreamShadows
 
 
 @dataclass
@@ -88,7 +85,7 @@ class StreamScorer:
         life = incarnation(meta.stream, meta.created_at)
         self.tracker = AlertTracker(meta.stream, names, alert_rules(settings),
                                     f"{life}~{alert_scope}" if alert_scope else life)
-        self.shadows = _shadows().none(meta, settings)  # shadow detectors: service/shadows
+        self.shadows = StreamShadows.none(meta, settings)  # shadow detectors: service/shadows
         self.points_until_scored: int | None = None  # after process(): see OnlineLoop
         self.stored: dict[str, bytes] = {}  # the sections as the store holds them
         # row of process() -> explanation of an anomalous point
@@ -100,10 +97,9 @@ class StreamScorer:
     def from_sections(cls, meta: StreamMeta, settings: Settings, stored: Mapping[str, bytes],
                       alert_scope: str | None = None) -> StreamScorer:
         scorer = cls(meta, settings, alert_scope)
-        shadows = _shadows()
-        if any(shadows.owns(k) for k in stored):
-            scorer.shadows = shadows.load(meta, settings, dict(stored))
-            stored = {k: v for k, v in stored.items() if not shadows.owns(k)}
+        if any(StreamShadows.owns(k) for k in stored):
+            scorer.shadows = StreamShadows.load(meta, settings, dict(stored))
+            stored = {k: v for k, v in stored.items() if not StreamShadows.owns(k)}
         parts = stream_state.decode(stored)
         if scorer.loop.online:
             scorer.detector.load_state_dict(stream_state.detector_state(parts))
@@ -181,13 +177,6 @@ class StreamScorer:
             row = int(scored.index[i]) - self._first_row
             self._explained[row] = Explanation(
                 self.explainer.shares(scored.channel_scores[i]), precedents.get(int(i)))
-
-
-def _shadows() -> type[StreamShadows]:
-    # imported when used: a shadow detector is itself scored by a StreamScorer
-    from service.shadows.stream import StreamShadows
-
-    return StreamShadows
 
 
 def stream_detector(settings: Settings, name: str, window: int,
