@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -148,21 +149,35 @@ def histogram(text: str, name: str, labels: dict) -> dict[float, float]:
     return out
 
 
-def quantile(buckets: dict[float, float], q: float) -> float | None:
-    """A quantile from cumulative bucket counts (linear within a bucket, as PromQL's
-    histogram_quantile)."""
+def quantile(buckets: dict[float, float], q: float) -> list[float] | None:
+    """The bucket a quantile lies in, (lo, hi], from cumulative bucket counts: the lag
+    buckets are coarse (60, 120, 300 s), and interpolating within one (as PromQL's
+    histogram_quantile) can name a lag longer than the run."""
     bounds = sorted(buckets)
     total = buckets[bounds[-1]] if bounds else 0
     if not total:
         return None
-    rank, lo, below = q * total, 0.0, 0.0
+    lo = 0.0
     for b in bounds:
-        if buckets[b] >= rank:
-            if b == float("inf"):
-                return lo
-            return round(lo + (b - lo) * (rank - below) / max(buckets[b] - below, 1e-9), 3)
-        lo, below = b, buckets[b]
+        if buckets[b] >= q * total:
+            return [lo, b]
+        lo = b
     return None
+
+
+def span(bucket: list[float] | None) -> str:
+    return "" if bucket is None else f"{bucket[0]:g}–{bucket[1]:g}"
+
+
+def within(buckets: dict) -> str:
+    """'10 s: 9, 30 s: 66, ...': cumulative counts, up to the first bucket holding all."""
+    out = []
+    for le, n in sorted((float(k), v) for k, v in buckets.items()):
+        if n:
+            out.append(f"{le:g} s: {int(n)}")
+        if n and n == max(buckets.values()):
+            break
+    return ", ".join(out)
 
 
 def stream_series(series: np.ndarray, k: int, n: int) -> np.ndarray:
@@ -298,17 +313,24 @@ def table(result: dict) -> str:
                   "lag p95 s | lag p99 s | lag at end (max, mean, total points) | skipped | "
                   "load 1m |", "|---|---|---|---|---|---|---|---|---|",
                   f"| {lm['points_offered']} | {lm['points_scored_by_shadows']} | "
-                  f"{lm['shadow_points_per_second']} | {lm['lag_p50_s']} | {lm['lag_p95_s']} | "
-                  f"{lm['lag_p99_s']} | {lm['lag_points_at_end_max']}, "
+                  f"{lm['shadow_points_per_second']} | {span(lm['lag_p50_s'])} | "
+                  f"{span(lm['lag_p95_s'])} | {span(lm['lag_p99_s'])} | "
+                  f"{lm['lag_points_at_end_max']}, "
                   f"{lm['lag_points_at_end_mean']}, {lm['lag_points_at_end_total']} | "
                   f"{lm['skipped_points']} | {lm['load_1m_before']} → {lm['load_1m_after']} |",
                   "", "Lag: from a point's storing to its score by the shadow "
-                  "(`tsad_shadow_lag_seconds{kind=\"costly\"}`, quantiles interpolated "
-                  "within its buckets), over the points the shadows scored in the phase; "
+                  "(`tsad_shadow_lag_seconds{kind=\"costly\"}`: the bucket each quantile "
+                  "lies in), over the points the shadows scored in the phase; "
                   "a costly shadow catches up at each chunk end (64 points: about a minute "
                   "at one point a second). Lag at end: points each stream stored that its "
                   "shadow had not scored when the phase ended (at one point a second, "
                   "points = seconds behind).", "",
+                  f"Points scored within: {within(lm['lag_buckets'])}.", "",
+                  *([f"Points offered: the requests the clients sent. A stream sends its "
+                     f"next point once the previous one is answered, so fewer than "
+                     f"{lm['streams'] * lm['seconds']:.0f} means /score could not keep "
+                     "the pace on this machine, with or without shadows.", ""]
+                    if lm["points_offered"] < 0.95 * lm["streams"] * lm["seconds"] else []),
                   "| /score, the same pace | mean ms | p50 ms | p95 ms | p99 ms | errors | "
                   "load 1m |", "|---|---|---|---|---|---|---|"]
         b = lm["score_without_shadows"]
@@ -344,8 +366,8 @@ def main() -> int | None:
     out = args.out or results_dir(args.data_dir) / "shadows"
     result: dict = {"created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
-                    "command": "python " + " ".join([Path(sys.argv[0]).as_posix(),
-                                                     *sys.argv[1:]]), "cheap": []}
+                    "command": "python " + shlex.join([Path(sys.argv[0]).as_posix(),
+                                                       *sys.argv[1:]]), "cheap": []}
     batches = tuple(int(b) for b in args.batches.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
