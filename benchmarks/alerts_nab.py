@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,7 @@ from models.reporting import results_dir, save_report  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.stores.base import StreamMeta  # noqa: E402
 
 BATCH = 1000
 DAY = 86_400.0
@@ -129,7 +131,8 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     result = {"settings": {k: getattr(settings, k) for k in keys}, "overrides": overrides,
-              "rows": rows, "total": total, "commit": commit,
+              "threshold": threshold_in_force(settings), "rows": rows, "total": total,
+              "commit": commit, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "python": platform.python_version(), "data_dir": str(args.data_dir)}
     stem = "alerts_nab" + ("_custom" if overrides else "")
@@ -137,18 +140,36 @@ def main() -> int:
     return 0
 
 
+def threshold_in_force(settings: Settings) -> str:
+    """The threshold the default detector's streams run, in words: a detector whose
+    scores are ratios to the stream's record brings a fixed cut; others fit SPOT."""
+    from models.detectors import build_detector
+    from models.thresholds import verdict_spec
+    from service.scoring import stream_spec
+
+    meta = StreamMeta(stream="x", channels=1, window=settings.default_window,
+                      detector=settings.default_detector)
+    spec = verdict_spec(stream_spec(settings, meta), build_detector(settings.default_detector),
+                        chosen=False)
+    if spec.kind == "fixed":
+        return f"a fixed cut at {spec.value:g} (the {settings.default_detector} record line)"
+    return (f"{spec.kind} q={spec.q}, calibration {spec.calibration} scores after the "
+            f"{settings.default_detector} detector's warm-up")
+
+
 def render(result: dict) -> str:
     s = result["settings"]
+    when = f", {result['date']}" if result.get("date") else ""
     lines = [
         "# Alerts on NAB realKnownCause",
         "",
         f"Default settings{' with ' + str(result['overrides']) if result['overrides'] else ''}"
-        f": {s['threshold_kind']} q={s['threshold_q']}, calibration "
-        f"{s['threshold_calibration_points']} scores after the {s['default_detector']} "
-        f"detector's warm-up, window {s['default_window']}, k-of-m {s['alert_k']}/{s['alert_m']}, "
+        f": detector {s['default_detector']}, threshold "
+        f"{result.get('threshold', s['threshold_kind'])}, window {s['default_window']}, "
+        f"k-of-m {s['alert_k']}/{s['alert_m']}, "
         f"critical at {s['alert_critical_ratio']}x, quiet {s['alert_quiet_points']} points, "
         f"cooldown {s['alert_cooldown_seconds']:g} s. `python benchmarks/alerts_nab.py "
-        f"--data-dir ../shared/datasets` (commit {result['commit']}).",
+        f"--data-dir ../shared/datasets` (commit {result['commit']}{when}).",
         "",
         "A window is *hit* when an alert is active during it; *in windows* counts alerts "
         "that opened inside a labelled window.",

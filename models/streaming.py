@@ -193,10 +193,13 @@ class OnlineLoop:
         return out
 
     def points_until_scored(self, next_index: int) -> int | None:
-        """Points still to arrive before one is scored, when the next point has stream
-        index ``next_index``: 0 means the next point is scored. None when the detector
-        cannot say how much it still has to learn. Learning happens at chunk ends, so a
-        detector that needs k more windows scores from the chunk end that brings them."""
+        """Points still needed for the first score, when the next point has stream index
+        ``next_index``: 1 means the next point is the first scored, 0 that the stream is
+        scoring already (a point was scored). None when the detector cannot say how much it
+        still has to learn. Learning happens at chunk ends, so a detector that needs k more
+        windows scores from the chunk end that brings them."""
+        if self.last.known:
+            return 0
         det, window = self.detector, self.detector.config.window
         need = det.windows_to_fit
         if need is None:
@@ -208,9 +211,9 @@ class OnlineLoop:
             while have + max(end - first, 0) < need:
                 end += self.chunk
             first = max(end, window - 1)
-        if not self.last.known and first != window - 1 and first % self.score_stride:
+        if first != window - 1 and first % self.score_stride:
             first += self.score_stride - first % self.score_stride  # the stride's grid
-        return first - next_index
+        return first - next_index + 1  # the first scored point counts among them
 
     # --- the loop ----------------------------------------------------------------------
     def run(self, values: np.ndarray, timestamps: np.ndarray, n_new: int, first_index: int,

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from service.auth.keys import API_KEY_ENV, bearer
-from service.replay import add_url_argument, message, unreachable
+from service.replay import add_url_argument, apart, message, unreachable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -114,8 +114,9 @@ def describe(event: dict) -> str:
     """
     a = event.get("alert", {})
     opened = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.get("opened_at", 0)))
+    peak, threshold = apart(a.get("peak_score", 0), a.get("threshold", 0))
     return (f"{event.get('type')} stream={a.get('stream')} severity={a.get('severity')} "
-            f"peak={a.get('peak_score', 0):.3g} threshold={a.get('threshold', 0):.3g} "
+            f"peak={peak} threshold={threshold} "
             f"channels={','.join(a.get('channels', []))} opened={opened}")
 
 

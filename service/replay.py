@@ -192,8 +192,7 @@ def _send(args: argparse.Namespace, series: np.ndarray, results: list[dict],
                 results.append(r)
                 if r["anomaly"] and not args.quiet:
                     tqdm.write(f"anomaly at {iso(epoch(r['timestamp']))}: "
-                               f"score {r['score']:.3g} > "
-                               f"threshold {r['threshold']:.3g}")
+                               f"{versus(r['score'], r['threshold'])}")
                 if out:
                     out.write(json.dumps(r) + "\n")
             bar.update(len(chunk))
@@ -282,6 +281,31 @@ def iso(ts: float) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def apart(a: float, b: float) -> tuple[str, str]:
+    """a and b to 3 significant digits, or as many more as it takes to print unequal
+    numbers unequal: a score just over its threshold never reads ``1.01 > 1.01``.
+
+    >>> apart(2.7113, 1.01), apart(1.0123, 1.01), apart(1.0004, 1.0)
+    (('2.71', '1.01'), ('1.012', '1.01'), ('1.0004', '1'))
+    """
+    for digits in range(3, 18):
+        x, y = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if x != y or a == b:
+            break
+    return x, y
+
+
+def versus(score: float, threshold: float) -> str:
+    """``score S > threshold T`` with digits enough to tell them apart (``>=`` when equal:
+    a score at a fixed cut is a verdict).
+
+    >>> versus(1.0123, 1.01), versus(1.01, 1.01)
+    ('score 1.012 > threshold 1.01', 'score 1.01 >= threshold 1.01')
+    """
+    s, t = apart(score, threshold)
+    return f"score {s} {'>' if score > threshold else '>='} threshold {t}"
+
+
 def labelled_windows(path: Path, windows_file: Path | None = None
                      ) -> list[tuple[float, float]] | None:
     """The labelled anomaly windows of ``path`` (epoch seconds, inclusive), from NAB's
@@ -340,8 +364,10 @@ def window_hits(ts: np.ndarray, results: list[dict],
 
 def describe_alert(a: dict) -> str:
     end = f"resolved {iso(a['resolved_at'])}" if a.get("resolved_at") else "still open"
+    peak, threshold = apart(a['peak_score'], a['threshold'])
+    ratio = apart(a['peak_ratio'], 1.0)[0]  # a peak just over its threshold reads above 1
     return (f"alert {a['id']} {a['severity']}: opened {iso(a['opened_at'])}, {end}; "
-            f"peak {a['peak_score']:.3g} = {a['peak_ratio']:.2f} x threshold at "
+            f"peak {peak} = {ratio} x threshold {threshold} at "
             f"{iso(a['peak_at'])}, {a['anomalous_points']} anomalous points, channels "
             f"{','.join(a['channels'])}")
 

@@ -164,12 +164,12 @@ class ScoreResponse(BaseModel):
     stream: str = Field(examples=["web-01.cpu"])
     results: list[PointResultOut] = Field(description="One result per point, in order")
     points_until_scored: int | None = Field(
-        None, ge=0, description="While the stream warms up: how many more points it takes "
-        "before one is scored (0: the next point is scored; the stream's window must fill, "
-        "then an online detector learns its warm-up, 256 windows by default "
-        "(TSAD_DETECTOR_PARAMS), in chunks of 64). "
-        "Null when no point of this request was stored or the detector cannot say.",
-        examples=[0])
+        None, ge=0, description="How many more points the stream needs for its first "
+        "score: 1 while the next point is the first scored, 0 once the stream scores (the "
+        "stream's window must fill, then an online detector learns its warm-up, 256 "
+        "windows by default (TSAD_DETECTOR_PARAMS), in chunks of 64: the first scored point "
+        "is the 321st). A batch that stored nothing (a retry) answers it too. Null when the "
+        "detector cannot say.", examples=[0])
 
 
 class ThresholdConfigIn(BaseModel):

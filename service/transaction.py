@@ -116,7 +116,8 @@ class ScoreTransaction:
                 self.after_append(appended)
             appended, scored = await self._score(appended, cached)
             outcome = ScoreOutcome(stream, appended, scored.results if scored else None,
-                                   scored.scorer.points_until_scored if scored else None)
+                                   scored.scorer.points_until_scored if scored
+                                   else await self._warm_up_left(appended, cached))
             receipt = None
             if idempotency is not None:
                 receipt = (idempotency.key, _encode_receipt(
@@ -214,6 +215,18 @@ class ScoreTransaction:
             scored = await asyncio.to_thread(self._run, appended, sections)  # afresh
         self.metrics.points_recovered_total.inc(appended.unscored)
         return appended, scored
+
+    async def _warm_up_left(self, appended: AppendResult, cached: Cached | None
+                            ) -> int | None:
+        """points_until_scored of a batch that stored nothing (a retry, dropped points):
+        the stream's warm-up progress as it stands, so a retry answers what the first
+        answer did. Reads the stream's state unless its scorer is cached."""
+        scorer = ScorerCache.valid(cached, appended)
+        if scorer is None:
+            sections = await self.backend.streams.sections(appended.meta.stream)
+            scorer = await asyncio.to_thread(StreamScorer.from_sections, appended.meta,
+                                             self.settings, sections)
+        return scorer.loop.points_until_scored(appended.meta.points_seen)
 
     def _run(self, appended: AppendResult, sections: dict[str, bytes] | None,
              scorer: StreamScorer | None = None) -> _Scored:

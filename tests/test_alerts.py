@@ -158,6 +158,10 @@ def test_alerts_api_lists_filters_pages_and_explains(client):
     client.post("/score", json={"stream": "b", "points": spiky(400, [380])})
     everything = client.get("/alerts").json()
     assert len(everything["alerts"]) >= 4 and everything["next_cursor"] is None
+    # `?stream=` as the README's query template reads when pasted: every stream
+    assert client.get("/alerts?stream=").json() == everything
+    bad = client.get("/alerts", params={"stream": "no spaces"})
+    assert bad.status_code == 422 and "query.stream" in bad.json()["message"]
     ours = client.get("/alerts", params={"stream": "a"}).json()["alerts"]
     opened = [a["opened_at"] for a in ours]
     assert opened == sorted(opened, reverse=True)

@@ -60,13 +60,18 @@ def test_score_warms_up_then_scores_every_point(client):
 
 def test_response_counts_down_the_warm_up(client):
     r = post(client, "w", sine_points(0, 10)).json()
-    left = r["points_until_scored"]
-    assert left > 0 and all(p["status"] == "warming_up" for p in r["results"])
-    r = post(client, "w", sine_points(10, left)).json()
-    assert r["points_until_scored"] == 0
+    left = r["points_until_scored"]  # points still needed for the first score
+    assert left > 1 and all(p["status"] == "warming_up" for p in r["results"])
+    r = post(client, "w", sine_points(10, left - 1)).json()
+    assert r["points_until_scored"] == 1  # the next point is the first scored
     assert all(p["status"] == "warming_up" for p in r["results"])
-    r = post(client, "w", sine_points(10 + left, 1)).json()
+    again = post(client, "w", sine_points(10, left - 1)).json()  # a retry: no point stored
+    assert {p["status"] for p in again["results"]} == {"duplicate"}
+    assert again["points_until_scored"] == 1  # still says how far the warm-up is
+    r = post(client, "w", sine_points(9 + left, 1)).json()
     assert r["results"][0]["status"] == "scored" and r["points_until_scored"] == 0
+    again = post(client, "w", sine_points(9 + left, 1)).json()
+    assert again["results"][0]["status"] == "duplicate" and again["points_until_scored"] == 0
 
 
 def test_rfc3339_timestamps_are_accepted_and_echoed(client):

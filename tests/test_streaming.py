@@ -103,7 +103,7 @@ def test_points_until_scored_counts_down_to_the_first_score(name, config, stride
     rng = np.random.default_rng(1)
     predicted, first_scored, at = set(), None, 0
     while first_scored is None:
-        predicted.add(at + loop.points_until_scored(at))
+        predicted.add(at + loop.points_until_scored(at) - 1)  # counts the first scored
         n = int(rng.integers(1, 90))
         lo = max(0, at - 64 - config["window"])  # context the store keeps
         out = loop.run(values[lo:at + n], np.arange(lo, at + n, dtype=float), n, at)

@@ -12,6 +12,8 @@ from service.errors import InvalidInput, NotFound
 from service.schemas import STREAM_ID_PATTERN, ErrorOut, FiniteFloat, epoch
 
 router = APIRouter(prefix="/alerts", tags=["alerts"], responses=AUTH_RESPONSES)
+# `?stream=` (empty) lists every stream: the README's query template pasted as written
+_STREAM_OR_EMPTY = rf"^$|{STREAM_ID_PATTERN}"
 _ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
@@ -20,7 +22,9 @@ _ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": Er
 async def list_alerts(
     store: AlertsDep,
     who: Reader,
-    stream: Annotated[str | None, Query(pattern=STREAM_ID_PATTERN)] = None,
+    stream: Annotated[str | None, Query(
+        pattern=_STREAM_OR_EMPTY, description="One stream's alerts; empty or absent: every "
+        "stream (the caller's tenant's)", examples=["web-01.cpu"])] = None,
     state: Annotated[Literal["open", "resolved"] | None, Query()] = None,
     since: Annotated[FiniteFloat | datetime | None, Query(
         description="opened_at >= since: epoch seconds or RFC 3339 (no offset means UTC), "
@@ -32,7 +36,9 @@ async def list_alerts(
     cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[0-9eE.+\-]+:al_[0-9a-f]+$",
                                         description="next_cursor of the previous page")] = None,
 ) -> AlertList:
-    """A key with a tenant sees that tenant's alerts only."""
+    """A key with a tenant sees that tenant's alerts only. Times in the answer are epoch
+    seconds, like every time the API answers; since and until take either form."""
+    stream = stream or None  # `?stream=` is no filter, as a user pasting it expects
     if stream is not None:
         who.check_stream(stream)
     if cursor is not None and not valid_cursor(cursor):
