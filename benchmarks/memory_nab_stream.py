@@ -153,7 +153,9 @@ def run_row(row: Row, series: np.ndarray, start: int, args: argparse.Namespace) 
     entries_fit = det.memory_entries if row.memory else None
     run = stream_scores(det, series, start, threshold, chunk=args.chunk,
                         score_stride=score_stride, online=row.online)
-    out = {"scores": run.scores, "scored_windows": int(run.fresh.sum()),
+    # the loop scores on the stride's grid of the stream index: the few points before the
+    # first grid point have no score yet (the service answers warming_up), and score 0
+    out = {"scores": np.nan_to_num(run.scores), "scored_windows": int(run.fresh.sum()),
            "alarms": int((run.anomalous & run.fresh).sum()) if row.online else None,
            "offered": run.offered if row.online else 0}
     if entries_fit is not None:

@@ -15,17 +15,17 @@ probationary period only (the rows NAB never scores; series scaling, log-odds sc
 ``configs/eval/msl_spear_scale.yaml``), then scored through the same loop every STRIDE-th
 point (its newest STRIDE points' max), as an offline-loop row. Slow on a CPU: 35 fits.
 
-``--lm STRIDE`` adds the language-model member: the embedding memory (MiniLM embeddings of
-each window's prompt, nearest remembered normal window; online) scored every STRIDE-th
-point through the same loop, alone, and beside the default as an ensemble member (its
-distance divided by its own running record, the maximum taken with the default's record
-ratio). Slow on a CPU: about 45k / STRIDE prompts.
-
-Beside it, in the same run, offline rows through the same scoring loop
-(``models.streaming``): every member of the default ensemble alone, the combinations, and
-the previous default (residual linear), with their cost per point; and the published
+Beside it, in the same run, offline rows through the same scoring loop, threshold and
+likelihood as the service (``models.streaming``): the default and its ablations (each part
+taken out or set back to what it replaced), and the previous default (residual linear),
+with their cost per point; and the published
 detectors' scores on the same files from NAB's scoreboard, when the data directory is the
-35-file part this project ships with (``--reference``).
+35-file part this project ships with (``--reference``). The language model's rows (as
+the default's ranking member and as a confirmation tier) are ``benchmarks/lm_member.py``.
+The live likelihood on NAB's normal points (outside every labelled window, after the
+probationary period) is summarised too: its median and its share at 0.99 or above; and
+how it ranks: its point-wise AUC over each file's labelled windows (nyc_taxi's and the
+median over the files).
 
     python benchmarks/nab.py --data-dir ../shared/datasets
 
@@ -57,12 +57,14 @@ from throughput import start_redis  # noqa: E402
 from models import nab  # noqa: E402
 from models.data import run_main  # noqa: E402
 from models.detectors import build_detector  # noqa: E402
-from models.detectors.base import Records  # noqa: E402
 from models.reporting import results_dir, save_report  # noqa: E402
 from models.streaming import stream_scores  # noqa: E402
+from models.thresholds import build_threshold, verdict_spec  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
 from service.replay import fetch_alerts, post_score  # noqa: E402
+from service.scoring import stream_spec  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.stores.base import StreamMeta  # noqa: E402
 
 PROFILES = list(nab.PROFILES)
 SETTINGS = Settings()  # the service's defaults: what the live replay runs
@@ -75,23 +77,30 @@ PUBLISHED = {
     "tsad before the ensemble (residual linear + SPOT, live; ../shared/nab-reference)":
         (23.53, 15.49, 27.39),
 }
-# Offline rows: (label, detector, config). Same loop as the service, one file at a time.
+# Offline rows: (label, detector, config, loop options). Same loop, threshold and
+# likelihood as the service, one file at a time. The default and its ablations: each
+# part of the default taken out or set back to what it replaced.
 OFFLINE = [
-    ("ensemble default: range records at scales 1 and 16, shape grading", "ensemble", {}),
-    ("ensemble: range records at scale 1 only", "ensemble", {"range_scales": [1]}),
-    ("ensemble member alone: range", "ensemble", {"members": ["range"]}),
-    ("ensemble member alone: shape", "ensemble",
-     {"members": ["shape"], "record_members": ["shape"]}),
-    ("ensemble member alone: forecast", "ensemble",
-     {"members": ["forecast"], "record_members": ["forecast"]}),
-    ("ensemble: range + shape records", "ensemble",
-     {"members": ["range", "shape"], "record_members": ["range", "shape"]}),
-    ("ensemble: range + forecast records", "ensemble",
-     {"members": ["range", "forecast"], "record_members": ["range", "forecast"]}),
-    ("ensemble: range + shape + forecast records", "ensemble",
-     {"members": ["range", "shape", "forecast"],
-      "record_members": ["range", "shape", "forecast"]}),
-    ("residual linear (previous default), raw score", "residual_linear", {}),
+    ("ensemble default: robust range and level records, memory ranking", "ensemble", {}, {}),
+    ("ensemble: range records only (no level member, no memory ranking)", "ensemble",
+     {"members": ["range"]}, {}),
+    ("ensemble: range records + memory ranking (no level member)", "ensemble",
+     {"members": ["range", "memory"]}, {}),
+    ("ensemble: no noise margin on range records", "ensemble",
+     {"range_noise_margin": 0.0}, {}),
+    ("ensemble: range set by the most extreme block (not robust)", "ensemble",
+     {"range_rank": 1}, {}),
+    ("ensemble: wild values join the range (no exclusion)", "ensemble",
+     {"wild_spans": float("inf")}, {}),
+    ("ensemble: level records at the record itself (no 10% margin)", "ensemble",
+     {"distance_margin": 0.0}, {}),
+    ("ensemble: memories learn every window (not only normal ones)", "ensemble",
+     {"memory_learns": "all"}, {}),
+    ("ensemble: memories of 1,024 points", "ensemble", {"memory_points": 1024}, {}),
+    ("ensemble: memories of 4,096 points", "ensemble", {"memory_points": 4096}, {}),
+    ("ensemble: a verdict right after another counts (no repeat factor)", "ensemble", {},
+     {"repeat_factor": 1.0}),
+    ("residual linear (the default before the ensemble)", "residual_linear", {}, {}),
 ]
 
 
@@ -147,38 +156,23 @@ def live(corpus: list[nab.NabFile], batch: int, concurrency: int) -> tuple[dict,
 
 
 def offline(corpus: list[nab.NabFile], detector: str, config: dict,
-            stride: int = 1) -> tuple[dict, dict, float]:
+            stride: int = 1, loop: dict | None = None) -> tuple[dict, dict, float]:
+    """Per-file scores and likelihoods of the service's loop, offline: the detector as the
+    service builds it (its window and warm-up) with the row's config, and the stream's
+    threshold as the service builds it (a record detector's fixed cut, else the server's
+    default), so the likelihood is the live one."""
     scores, lik = {}, {}
     t0 = time.perf_counter()
     for f in tqdm(corpus, desc=detector, unit="file", leave=False):
         # as the service builds it (its window, the detector's own defaults), with the
-        # row's config
+        # row's config, and the threshold it gives such a stream
         det = build_detector(detector, window=SETTINGS.default_window, **config)
-        run = stream_scores(det, f.values, 0, timestamps=f.timestamps, score_stride=stride)
+        meta = StreamMeta(stream_id(f.key), 1, det.config.window, detector)
+        spec = verdict_spec(stream_spec(SETTINGS, meta), det, chosen=False)
+        run = stream_scores(det, f.values, 0, build_threshold(spec), timestamps=f.timestamps,
+                            score_stride=stride, **(loop or {}))
         scores[f.key], lik[f.key] = np.nan_to_num(run.scores), np.nan_to_num(run.likelihood)
     return scores, lik, time.perf_counter() - t0
-
-
-def record_ratio(scores: np.ndarray, history: int = 4096, warmup: int = 64) -> np.ndarray:
-    """Each score divided by the largest of the previous ``history`` scores (0 before
-    ``warmup`` scores): a member's surprise on the ensemble's scale (1 = its record)."""
-    out = np.zeros(len(scores))
-    for i in range(warmup, len(scores)):
-        record = scores[max(0, i - history):i].max()
-        out[i] = scores[i] / record if record > 0 else 0.0
-    return out
-
-
-def lm_rows(corpus: list[nab.NabFile], default: dict, stride: int,
-            n_points: int) -> list[dict]:
-    """The embedding memory alone and as a member of the default ensemble."""
-    lm_scores, lm_lik, seconds = offline(corpus, "embedding_memory", {}, stride)
-    member = {k: np.maximum(default[k], record_ratio(v)) for k, v in lm_scores.items()}
-    return [table_row(label, "offline loop", arrays, corpus, n_points / seconds)
-            for label, arrays in (
-                (f"embedding memory alone (LM member, every {stride}th point), likelihood",
-                 lm_lik),
-                (f"ensemble + LM member (every {stride}th point), score", member))]
 
 
 SPEAR = {"window": 32, "scaling": "series", "max_steps": 120, "train_stride": 4,
@@ -245,9 +239,6 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=500, help="points per POST /score")
     ap.add_argument("--concurrency", type=int, default=4, help="files replayed at once")
     ap.add_argument("--no-offline", action="store_true", help="only the live replay")
-    ap.add_argument("--lm", type=int, metavar="STRIDE", default=0,
-                    help="add the language-model member's rows, scoring every STRIDE-th "
-                    "point (0 = no; slow on a CPU)")
     ap.add_argument("--spear", type=int, metavar="STRIDE", default=0,
                     help="add SPEAR's rows (fitted on each file's probationary period), "
                     "scoring every STRIDE-th point (0 = no; slow on a CPU)")
@@ -269,20 +260,16 @@ def main() -> int:
         rows.append(table_row(f"tsad live (default: ensemble), {label}", "live",
                               {k: v[name] for k, v in results.items()}, corpus,
                               n_points / elapsed, fixed=name != "likelihood"))
-    default_scores = None
     if not args.no_offline:
-        for label, detector, config in tqdm(OFFLINE, desc="offline rows", unit="row"):
-            scores, lik, seconds = offline(corpus, detector, config)
-            default_scores = default_scores or scores
-            # a record-ratio detector's likelihood ranks points exactly as its score
-            kinds = [("score", scores)] + [("likelihood", lik)] * (
-                not isinstance(build_detector(detector), Records))
+        for label, detector, config, loop in tqdm(OFFLINE, desc="offline rows", unit="row"):
+            scores, lik, seconds = offline(corpus, detector, config, loop=loop)
             rows += [table_row(f"{label}, {what}", "offline loop", arrays, corpus,
-                               n_points / seconds) for what, arrays in kinds]
-    if args.lm and default_scores is not None:
-        rows += lm_rows(corpus, default_scores, args.lm, n_points)
+                               n_points / seconds)
+                     for what, arrays in (("score", scores), ("likelihood", lik))]
     if args.spear:
         rows += spear_rows(corpus, args.spear, n_points)
+    normal = normal_likelihood(corpus, {k: v["likelihood"] for k, v in results.items()})
+    ranking = window_auc(corpus, {k: v["likelihood"] for k, v in results.items()})
     published = {k: dict(zip(PROFILES, v, strict=True)) for k, v in PUBLISHED.items()}
     result = {
         "data_dir": str(args.data_dir), "files": len(corpus), "points": n_points,
@@ -290,9 +277,51 @@ def main() -> int:
         "live_seconds": elapsed, "live_points_per_s": n_points / elapsed,
         "machine": platform.platform(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": rows, "published": published if reference else {},
+        "normal_likelihood": normal, "window_auc": ranking,
     }
     save_report(result, table(result), args.out)
     return 0
+
+
+def normal_likelihood(corpus: list[nab.NabFile], lik: dict[str, np.ndarray]) -> dict:
+    """The live likelihood on NAB's normal points: outside every labelled window, after
+    the probationary period, where the service reported one."""
+    values = []
+    for f in corpus:
+        normal = np.ones(len(f.values), dtype=bool)
+        normal[:f.probation] = False
+        for a, b in f.windows:
+            normal[a:b + 1] = False
+        values.append(lik[f.key][normal & (lik[f.key] > 0)])
+    v = np.concatenate(values)
+    return {"points": int(len(v)), "median": float(np.median(v)),
+            "share_at_099": float(np.mean(v >= 0.99))}
+
+
+def window_auc(corpus: list[nab.NabFile], lik: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per file with labelled windows: the point-wise AUC of the live likelihood, the
+    points inside the windows against the others (after the probationary period, where
+    the service reported one): how well it ranks, whatever the threshold."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for f in corpus:
+        labels = np.zeros(len(f.values), dtype=bool)
+        for a, b in f.windows:
+            labels[a:b + 1] = True
+        scored = lik[f.key] > 0
+        scored[:f.probation] = False
+        if 0 < labels[scored].sum() < scored.sum():
+            out[f.key] = float(roc_auc_score(labels[scored], lik[f.key][scored]))
+    return out
+
+
+def score_cells(row: dict) -> str:
+    """A table row's standard, low FP and low FN scores and its halves, as table cells."""
+    p = row["profiles"]
+    return (f"{p['standard']['score']:.2f} | {p['reward_low_FP_rate']['score']:.2f} | "
+            f"{p['reward_low_FN_rate']['score']:.2f} | {row['halves'][0]:.1f} / "
+            f"{row['halves'][1]:.1f}")
 
 
 def table(result: dict) -> str:
@@ -312,14 +341,22 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        p = r["profiles"]
-        lines.append(
-            f"| {r['row']} ({r['source']}) | {p['standard']['score']:.2f} | "
-            f"{p['reward_low_FP_rate']['score']:.2f} | {p['reward_low_FN_rate']['score']:.2f} "
-            f"| {r['halves'][0]:.1f} / {r['halves'][1]:.1f} | {r['points_per_s']:,.0f} |")
+        lines.append(f"| {r['row']} ({r['source']}) | {score_cells(r)} | "
+                     f"{r['points_per_s']:,.0f} |")
     for name, p in result["published"].items():
         lines.append(f"| {name} (NAB's scorer, same files) | {p['standard']:.2f} | "
                      f"{p['reward_low_FP_rate']:.2f} | {p['reward_low_FN_rate']:.2f} | | |")
+    if (n := result.get("normal_likelihood")) and n["points"]:
+        lines += ["", f"Live likelihood on NAB's normal points ({n['points']:,} points outside "
+                  f"every labelled window, after the probationary period): median "
+                  f"{n['median']:.3f}, {100 * n['share_at_099']:.2f}% at 0.99 or above."]
+    if auc := result.get("window_auc"):
+        nyc = auc.get("realKnownCause/nyc_taxi.csv")
+        lines += ["", f"Ranking: point-wise AUC of the live likelihood, the points of each "
+                  f"file's labelled windows against its other points (after the probationary "
+                  f"period): median {np.median(list(auc.values())):.3f} over the "
+                  f"{len(auc)} files with windows"
+                  + (f"; nyc_taxi {nyc:.3f}." if nyc is not None else ".")]
     live_rows = [r for r in result["rows"] if r["source"] == "live"]
     if live_rows:
         lines += ["", "Per file, live (NAB raw score, standard profile):", "",

@@ -1,80 +1,93 @@
-"""Anomaly likelihood: a per-point score in [0, 1] that means the same on every stream.
+"""Anomaly likelihood: a per-point value in [0, 1] that means the same on every stream and
+for every detector.
 
 A detector's raw score has the units of its stream (a noisy stream scores higher than a
-smooth one), so one threshold cannot serve many streams. The likelihood compares each
-score with the stream's own recent scores instead:
+smooth one), so one number cannot serve many streams. The likelihood puts every point on
+one scale, in two parts split at ``VERDICT_LINE`` (0.99):
 
-    p = (1 + #{recent scores > s}) / (n + 1)              (a conformal tail p-value)
-    p = 1 / (n + 1) * (max / s) ** tail   when s > max    (beyond the record: a Pareto tail)
-    likelihood = 1 - p
+* a point the stream's threshold judges **normal** reads its rank among the stream's
+  recent scores, ``VERDICT_LINE * (1 - p)``, with the conformal tail p-value
 
-Under normal operation (exchangeable scores) p is uniform, so ``likelihood >= 0.999``
-happens for about one point in a thousand on any stream, whatever its scale. The Pareto
-tail keeps ordering among scores that break the recent record (a score twice the record
-is less likely than one just above it) instead of tying them all at 1 / (n + 1).
+      p = (#{recent scores > s} + (#{recent scores = s} + 1) / 2) / (n + 1)
+
+  (ties count half, so a flat stream reads the middle, not the top). Under normal
+  operation p is uniform, so the likelihood of normal points is uniform on [0, 0.99):
+  its median is about 0.5 on any stream, whatever its scale;
+* a point the stream's threshold judges **anomalous** (its verdict) reads
+  ``1 - (1 - VERDICT_LINE) * t / s`` for score s over threshold t: 0.99 just above the
+  line, 0.995 at twice the threshold, 0.999 at ten times.
+
+So ``likelihood >= 0.99`` exactly when the stream raised a verdict, verdicts stay above
+every normal point (on every stream: one threshold over many streams keeps the
+verdicts' order), and they are ordered by how far they break the line. A stream with no
+threshold (an offline replay) has no verdicts: all its points are ranked.
 
 Each score is compared with the history *before* it and then joins it, so a chunk of
 points gives exactly what the same points give one at a time.
 
-A detector whose score already *is* a ratio to the stream's recent record
-(a ``Records`` detector: 1 = as surprising as the worst of its recent history) is
-calibrated by that ratio r alone, with the same tail: ``p = min(1, 1 / ((n + 1) r))``,
-n = ``history``. Ranking the record ratio through a second history would let a stream's
-second-worst moments compete with other streams' records (measured on NAB:
-``benchmarks/results/nab.md``).
-
 >>> cal = AnomalyLikelihood(history=100, min_history=10)
->>> lik = cal.process(np.r_[np.linspace(0.0, 1.0, 100), 5.0])
->>> bool(np.isnan(lik[:10]).all()), round(float(lik[-1]), 4)
-(True, 0.998)
+>>> lik = cal.process(np.r_[np.linspace(0.0, 1.0, 100), 5.0, 0.5],
+...                   anomalous=np.r_[np.zeros(100, bool), True, False],
+...                   thresholds=np.full(102, 1.0))
+>>> bool(np.isnan(lik[:10]).all()), round(float(lik[-2]), 4), round(float(lik[-1]), 2)
+(True, 0.998, 0.49)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+VERDICT_LINE = 0.99  # likelihoods at or above it are the stream's verdicts
+BLOCK = 256  # scores ranked at once (a block costs BLOCK x (history + BLOCK) comparisons)
+
 
 class AnomalyLikelihood:
     """Streaming likelihood of scores against a ring of the last ``history`` scores."""
 
-    def __init__(self, history: int = 2000, min_history: int = 64, tail: float = 1.0,
-                 record_ratio: bool = False) -> None:
-        if history < 2 or not 1 <= min_history <= history or tail <= 0:
-            raise ValueError("need history >= 2, 1 <= min_history <= history, tail > 0")
+    def __init__(self, history: int = 2000, min_history: int = 64) -> None:
+        if history < 2 or not 1 <= min_history <= history:
+            raise ValueError("need history >= 2 and 1 <= min_history <= history")
         self.history = history
         self.min_history = min_history
-        self.tail = tail
-        self.record_ratio = record_ratio
-        # a record-ratio likelihood needs no history: the detector keeps the record
-        self._ring = np.zeros(0 if record_ratio else history, dtype=np.float32)
+        self._ring = np.zeros(history, dtype=np.float32)
         self._count = 0  # scores seen (ring index = count % history)
 
-    def process(self, scores: np.ndarray) -> np.ndarray:
-        """Likelihood of each score (NaN while fewer than ``min_history`` came before it);
-        then every score joins the history, in order. A record ratio needs no history: its
-        likelihood is there from the first score."""
+    def process(self, scores: np.ndarray, anomalous: np.ndarray | None = None,
+                thresholds: np.ndarray | None = None) -> np.ndarray:
+        """Likelihood of each score, given the threshold's verdict and cut at each point
+        (None: no verdicts). A normal point reads NaN while fewer than ``min_history``
+        scores came before it; a verdict needs no history. Then every score joins the
+        history, in order."""
         scores = np.asarray(scores, dtype=np.float64)
-        if self.record_ratio:  # the detector measured against its own record history
-            ratio = np.maximum(scores, 1e-300) ** self.tail
-            return 1.0 - np.minimum(1.0, 1.0 / ((self.history + 1.0) * ratio))
+        flagged = (np.zeros(len(scores), bool) if anomalous is None
+                   else np.asarray(anomalous, dtype=bool))
+        cuts = (np.full(len(scores), np.nan) if thresholds is None
+                else np.asarray(thresholds, dtype=np.float64))
         out = np.full(len(scores), np.nan)
-        for i, s in enumerate(scores):
-            n = min(self._count, self.history)
-            if n >= self.min_history:
-                out[i] = 1.0 - self._p_value(s, self._ring[:n])
-            self._ring[self._count % self.history] = s
-            self._count += 1
+        for lo in range(0, len(scores), BLOCK):
+            part = slice(lo, lo + BLOCK)
+            out[part] = self._block(scores[part], flagged[part], cuts[part])
         return out
 
-    def _p_value(self, s: float, past: np.ndarray) -> float:
-        n = len(past)
-        above = int(np.count_nonzero(past > s))
-        if above:
-            return (1.0 + above) / (n + 1.0)
-        record = float(past.max())
-        if s <= record or s <= 0:
-            return 1.0 / (n + 1.0)
-        return (max(record, 0.0) / s if record > 0 else 0.0) ** self.tail / (n + 1.0)
+    def _block(self, scores: np.ndarray, flagged: np.ndarray, cuts: np.ndarray
+               ) -> np.ndarray:
+        """``process`` for a few scores at once: each compared with the history before it
+        (the ring's last scores, then the block's earlier ones), exactly as one point at a
+        time would be."""
+        count, size = self._count, self.history
+        s32 = scores.astype(np.float32)  # the ring holds float32: compare like with like
+        seen = min(count, size)
+        past = self._ring[(count - seen + np.arange(seen)) % size]  # oldest first
+        n = np.minimum(count + np.arange(len(scores)), size)  # the history of point i
+        above, ties = _counts(past, s32, seen + np.arange(len(scores)) - n)
+        p = (above + (ties + 1) / 2.0) / (n + 1.0)  # the conformal tail p-value
+        out = np.where(n >= self.min_history, VERDICT_LINE * (1.0 - p), np.nan)
+        for i in np.flatnonzero(flagged):
+            out[i] = verdict_likelihood(scores[i], cuts[i])
+        keep = slice(max(0, len(scores) - size), len(scores))  # a long block: its tail
+        self._ring[(count + np.arange(len(scores))[keep]) % size] = s32[keep]
+        self._count = count + len(scores)
+        return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"ring": self._ring.copy(), "count": np.array([self._count], dtype=np.int64)}
@@ -85,3 +98,43 @@ class AnomalyLikelihood:
             return
         self._ring = ring.copy()
         self._count = int(np.asarray(state["count"]).reshape(-1)[0])
+
+
+def _counts(past: np.ndarray, s: np.ndarray, dropped: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """For each score s[i], how many of its history lie above it and how many tie: the
+    history is ``past[dropped[i]:]`` (oldest first) and then ``s[:i]``. The whole past is
+    counted once, sorted; the few dropped and in-block values are compared directly."""
+    if np.isnan(past).any() or np.isnan(s).any():  # NaN does not sort like it compares
+        seq = np.concatenate([past, s])
+        at = np.arange(len(seq))[None, :]
+        ends = len(past) + np.arange(len(s))
+        inside = (at >= dropped[:, None]) & (at < ends[:, None])
+        return (np.count_nonzero((seq[None, :] > s[:, None]) & inside, axis=1),
+                np.count_nonzero((seq[None, :] == s[:, None]) & inside, axis=1))
+    ordered = np.sort(past)
+    right = np.searchsorted(ordered, s, side="right")
+    above, ties = len(past) - right, right - np.searchsorted(ordered, s, side="left")
+    gone = past[:dropped.max(initial=0)]
+    if len(gone):  # the oldest values left the history of the later points
+        out = np.arange(len(gone))[None, :] < dropped[:, None]
+        above = above - np.count_nonzero((gone[None, :] > s[:, None]) & out, axis=1)
+        ties = ties - np.count_nonzero((gone[None, :] == s[:, None]) & out, axis=1)
+    # the block's own earlier scores (beyond the history's length, only the latest)
+    at = np.arange(len(s))[None, :]
+    earlier = (at < np.arange(len(s))[:, None]) & (at >= (dropped - len(past))[:, None])
+    above = above + np.count_nonzero((s[None, :] > s[:, None]) & earlier, axis=1)
+    ties = ties + np.count_nonzero((s[None, :] == s[:, None]) & earlier, axis=1)
+    return above, ties
+
+
+def verdict_likelihood(score: float, threshold: float) -> float:
+    """The likelihood of a point judged anomalous: in [VERDICT_LINE, 1), higher the
+    further its score breaks the threshold (a threshold <= 0 or unknown reads the line).
+
+    >>> verdict_likelihood(1.0, 1.0), verdict_likelihood(10.0, 1.0)
+    (0.99, 0.999)
+    """
+    if not np.isfinite(threshold) or threshold <= 0 or score <= threshold:
+        return VERDICT_LINE
+    return 1.0 - (1.0 - VERDICT_LINE) * threshold / score

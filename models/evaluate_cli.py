@@ -63,9 +63,10 @@ MSL_ANCHORS = {
 PROTOCOL = (
     "each entity is its own stream: fit on its train split, test scores normalised by scores "
     "of held-out train data (memory rows: by the leave-one-out distances of their training "
-    "windows); fusion rows add their members' normalised scores per entity, calibrated and "
-    "weighted on training scores only; concatenated; TSB-AD metrics; no point adjustment; "
-    "no test labels used")
+    "windows), as (score - median) / IQR, except rows marked \"not normalised\" "
+    "(calibration 0: the scores as the detector gives them); fusion rows add their members' "
+    "normalised scores per entity, calibrated and weighted on training scores only; "
+    "concatenated; TSB-AD metrics; no point adjustment; no test labels used")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -370,7 +371,8 @@ def markdown(report: dict) -> str:
             inp = f"fusion of {len(row['fuse'])} rows ({row['method']}, {row['weights']} weights)"
         else:
             inp = ("all columns" if cols is None else f"columns {cols}") + (
-                ", tsad embed features" if "embeddings" in row else "")
+                ", tsad embed features" if "embeddings" in row else "") + (
+                ", not normalised" if row.get("calibration") == 0 else "")
         lines.append(f"| {row['label']} | " + " | ".join(
             f"{100 * m[k]:.2f}" for k in ("AUC-ROC", "Standard-F1", "Affiliation-F1",
                                           "VUS-ROC", "VUS-PR"))

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +38,38 @@ def results_dir(data_dir: str | Path) -> Path:
     if Path(data_dir).resolve().is_relative_to(SLICES):
         return ROOT / "runs" / "bench"
     return ROOT / "benchmarks" / "results"
+
+
+def git_commit() -> str:
+    """This checkout's short HEAD commit, which a report names as the tree it measured."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def service_benchmark_parser(doc: str, name: str,
+                             baseline: bool = True) -> argparse.ArgumentParser:
+    """The options a service benchmark starts from: ``doc`` (its module docstring) as
+    help, ``--name`` (the results file) and, with ``baseline``, ``--baseline DIR``
+    (another commit's tree, ``git archive COMMIT | tar -x -C DIR``) and
+    ``--baseline-label``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default=name, help="results file name (benchmarks/results/)")
+    if baseline:
+        ap.add_argument("--baseline", type=Path, default=None,
+                        help="another commit's tree (git archive COMMIT | tar -x -C DIR), "
+                        "measured beside this one")
+        ap.add_argument("--baseline-label", default="baseline")
+    return ap
+
+
+def trees_to_compare(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """(label, root) of the baseline if one was given, then this checkout (root None)."""
+    return ([(args.baseline_label, args.baseline)] if args.baseline else []) + [
+        (git_commit(), None)]
+
+
+def baseline_options(args: argparse.Namespace) -> str:
+    """The baseline options of the command line, as a report quotes them."""
+    return (f" --baseline DIR --baseline-label '{args.baseline_label}'"
+            if args.baseline else "")

@@ -418,7 +418,7 @@ def verdict_spec(spec: ThresholdSpec, detector: Detector, *, chosen: bool,
 
     >>> from models.detectors import build_detector
     >>> verdict_spec(ThresholdSpec(), build_detector("ensemble"), chosen=False).value
-    1.01
+    1.0
     >>> cut = verdict_spec(ThresholdSpec(), build_detector("pca"), chosen=False, calibrated=0.7)
     >>> cut.kind, cut.value
     ('fixed', 0.7)

@@ -15,11 +15,14 @@ from threadpoolctl import threadpool_limits
 from models.lm import runtime as lm_runtime
 from models.lm.cache import CacheConfig
 from service import http
+from service.auth.gate import AuthGate
 from service.auth.guard import exposure_problem, warn_if_open
 from service.errors import StoreUnavailable
+from service.ingest import router as ingest
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics, worker_exited
 from service.recovery import recover_all
+from service.redaction import register_secrets, settings_secrets
 from service.routers import alerts, keys, ops, score, shadows, streams, webhooks
 from service.scoring import stream_detector
 from service.services import build_services
@@ -33,6 +36,7 @@ def create_app(settings: Settings | None = None,
                metrics: ServiceMetrics | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = metrics or ServiceMetrics()
+    register_secrets(settings_secrets(settings))  # cut from every log line and answer
     if problem := exposure_problem(settings):  # an open service on a public address
         raise RuntimeError(problem)
 
@@ -61,15 +65,21 @@ def create_app(settings: Settings | None = None,
             log.warning("store unavailable at start-up", extra={"error": str(exc)})
         await worker.start()  # deliveries run beside requests, never inside /score
         await services.shadow_queue.start()  # costly shadows, off the request path
+        await services.ingest.start()  # watches, score write-back (service/ingest/)
         # what a crash left stored but unscored, scored without waiting for traffic
         recovery = (asyncio.create_task(recover_all(backend, services.score))
                     if settings.recover_on_start else None)
+        # scorers of streams deleted or written elsewhere leave this process's cache
+        checks = asyncio.create_task(services.scorers.run_checks(
+            backend.streams, settings.scorer_cache_check_seconds))
         yield
-        if recovery is not None:
-            recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await recovery
-        await services.shadow_queue.stop()
+        for task in (recovery, checks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await services.ingest.stop()
+        await services.shadow_queue.stop()  # after the ingest doors: nothing queues more
         await worker.stop()
         await backend.close()
         worker_exited()
@@ -89,10 +99,15 @@ def create_app(settings: Settings | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.detectors_ready = False
-    for module in (score, streams, shadows, alerts, webhooks, keys, ops):
+    for module in (score, streams, shadows, alerts, webhooks, keys, ops, ingest):
         app.include_router(module.router)
+    # /metrics declares (and needs) a key only with TSAD_METRICS_AUTH: schema = behaviour
+    app.include_router(ops.metrics_router(keyed=settings.metrics_auth))
     # inside the request middleware (added after it is outer), so 413s and 408s are counted
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        timeout_seconds=settings.body_timeout_seconds)
+    # outside the body limits: a request without a known key is a 401 before a byte of
+    # its body is read (service/auth/gate.py)
+    app.add_middleware(AuthGate, retry_after_seconds=settings.retry_after_seconds)
     http.install(app, settings, metrics)
     return app

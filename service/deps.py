@@ -3,14 +3,18 @@ which the routers take as arguments instead of reaching into app.state or the st
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.auth.gate import principal as authenticated
 from service.auth.guard import Principal
 from service.auth.keys import Scope
 from service.feedback.service import FeedbackService
+from service.ingest.admin import WatchAdmin
+from service.ingest.doors import IngestDoors
 from service.metrics import ServiceMetrics
 from service.schemas import STREAM_ID_PATTERN, ErrorOut
 from service.services import Services
@@ -73,6 +77,14 @@ async def _keys(services: ServicesDep) -> KeyStore:
     return services.backend.keys
 
 
+async def _doors(services: ServicesDep) -> IngestDoors:
+    return services.ingest.doors
+
+
+async def _watches(services: ServicesDep) -> WatchAdmin:
+    return services.ingest.watches
+
+
 ScoreDep = Annotated[ScoreTransaction, Depends(_score)]  # POST /score
 StreamsDep = Annotated[StreamAdmin, Depends(_streams)]  # /streams administration
 FeedbackDep = Annotated[FeedbackService, Depends(_feedback)]  # /streams/{id}/feedback
@@ -81,6 +93,8 @@ BackendDep = Annotated[Backend, Depends(_backend)]  # readiness
 AlertsDep = Annotated[AlertStore, Depends(_alerts)]
 WebhooksDep = Annotated[WebhookStore, Depends(_webhooks)]
 KeysDep = Annotated[KeyStore, Depends(_keys)]
+DoorsDep = Annotated[IngestDoors, Depends(_doors)]  # POST /api/v1/write, /v1/metrics
+WatchesDep = Annotated[WatchAdmin, Depends(_watches)]  # /watches
 StreamPath = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="Stream id",
                                  examples=["web-01.cpu"])]
 
@@ -94,10 +108,14 @@ AUTH_RESPONSES = {401: {"model": ErrorOut, "description": "Missing, unknown or r
                   403: {"model": ErrorOut, "description": "Scope or tenant does not allow"}}
 
 
+@functools.cache  # one callable per scope: FastAPI resolves it once per request
 def _require(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
     async def principal(request: Request, credentials: Credentials) -> Principal:
         auth = request.app.state.services.auth
-        who = await auth.authenticate(credentials.credentials if credentials else None)
+        # authenticated from the headers by the gate (service/auth/gate.py), before the
+        # body was read; looked up here only for a request the gate did not see
+        who = authenticated(request.scope) or await auth.authenticate(
+            credentials.credentials if credentials else None)
         return auth.require(who, scope)
     return principal
 
@@ -125,9 +143,7 @@ async def global_admin(who: Admin) -> Principal:
     return who
 
 
-async def metrics_access(request: Request, credentials: Credentials) -> None:
-    """/metrics is open unless TSAD_METRICS_AUTH: then a 'read' key without tenant (the
-    series span every tenant's streams)."""
-    if request.app.state.settings.metrics_auth:
-        who = await _require("read")(request, credentials)
-        who.check_global("metrics")
+async def metrics_reader(who: Reader) -> None:
+    """/metrics with TSAD_METRICS_AUTH: a 'read' key without tenant (the series span
+    every tenant's streams)."""
+    who.check_global("metrics")

@@ -44,6 +44,20 @@ class LimitReached(ServiceError):
         super().__init__(message, loc)
 
 
+class Undecodable(ServiceError):
+    """The body is not in the format its headers name (400): not snappy, not a
+    WriteRequest, not OTLP; nothing changed. A 400, not a 422: what remote-write and
+    OTLP senders expect of a body they must not send again."""
+
+
+class TooLarge(ServiceError):
+    """The body, or what it decompresses to, is over TSAD_MAX_BODY_BYTES (413)."""
+
+
+class UnsupportedMedia(ServiceError):
+    """A content type, encoding or protocol version the service does not speak (415)."""
+
+
 class NotFound(ServiceError):
     """No such stream, alert, webhook, key or dead letter (404)."""
 

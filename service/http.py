@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 import uuid
 
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
     Conflict,
@@ -29,16 +31,21 @@ from service.errors import (
     NotFound,
     ServiceError,
     StoreUnavailable,
+    TooLarge,
     Unauthenticated,
+    Undecodable,
+    UnsupportedMedia,
     describe,
 )
 from service.metrics import ServiceMetrics
+from service.redaction import redact
 from service.settings import Settings
 
 log = logging.getLogger("tsad.service")
 STATUS: dict[type[ServiceError], int] = {
     InvalidInput: 422, Conflict: 409, LimitReached: 429, NotFound: 404,
-    Unauthenticated: 401, Forbidden: 403, StoreUnavailable: 503}
+    Unauthenticated: 401, Forbidden: 403, StoreUnavailable: 503, Undecodable: 400,
+    TooLarge: 413, UnsupportedMedia: 415}
 REQUEST_ID = "X-Request-Id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # a caller's own id, if it is one
 
@@ -59,18 +66,23 @@ def _error(message: str, status: int, loc: tuple | None = None, kind: str = "val
                         headers=headers)
 
 
+def error_response(exc: ServiceError, retry_after_seconds: int) -> JSONResponse:
+    """A domain error as answered, by the app's handler or by ASGI middleware in front of
+    the app (the auth gate). A store outage is logged here, where its 503 is built, and
+    its message redacted (a store's URL may carry its password)."""
+    status = next(STATUS[k] for k in type(exc).__mro__ if k in STATUS)
+    if isinstance(exc, StoreUnavailable):
+        log.warning("store unavailable", extra={"error": str(exc)})
+        return _error(f"window store unavailable, retry later: {redact(str(exc))}", status,
+                      headers={"Retry-After": str(retry_after_seconds)})
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    return _error(exc.message, status, exc.loc, headers=headers)
+
+
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(ServiceError)
     async def domain(_: Request, exc: ServiceError) -> JSONResponse:
-        status = next(STATUS[k] for k in type(exc).__mro__ if k in STATUS)
-        headers = None
-        if isinstance(exc, Unauthenticated):
-            headers = {"WWW-Authenticate": "Bearer"}
-        if isinstance(exc, StoreUnavailable):
-            log.warning("store unavailable", extra={"error": str(exc)})
-            return _error(f"window store unavailable, retry later: {exc}", status,
-                          headers={"Retry-After": str(settings.retry_after_seconds)})
-        return _error(exc.message, status, exc.loc, headers=headers)
+        return error_response(exc, settings.retry_after_seconds)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -81,10 +93,10 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     # Starlette's own (404 for an unknown path, 405) as well as FastAPI's: one error shape
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-            # FastAPI answers a body that is not UTF-8 with a bare 400; bad JSON is a 422
-            return _error(f"JSON body is not valid UTF-8: {exc.__cause__.reason}", 422,
-                          ("body",), kind="json_invalid")
+        if exc.status_code == 400 and (why := _unparsable_body(exc.__cause__)):
+            # FastAPI answers a body it cannot parse (not UTF-8, nested deeper than the
+            # parser's recursion limit) with a bare 400; bad JSON is a 422 naming the body
+            return _error(why, 422, ("body",), kind="json_invalid")
         headers = exc.headers
         if exc.status_code == 405:  # Starlette's Allow names the first route's methods only
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
@@ -100,6 +112,27 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
                              "request_id": rid}, status_code=500, headers={REQUEST_ID: rid})
 
 
+def _unparsable_body(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body (its 400s), or None for another 400."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"JSON body is not valid UTF-8: {cause.reason}"
+    if isinstance(cause, RecursionError):
+        return (f"JSON nested too deeply: more than about {sys.getrecursionlimit()} levels "
+                "of arrays or objects")
+    return None
+
+
+def path_pattern(template: str) -> re.Pattern[str]:
+    """The paths an OpenAPI path template matches.
+
+    >>> bool(path_pattern("/streams/{stream}/window").fullmatch("/streams/web-01/window"))
+    True
+    >>> bool(path_pattern("/streams/{stream}").fullmatch("/streams/a/b"))
+    False
+    """
+    return re.compile(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)))
+
+
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
@@ -111,7 +144,7 @@ def _allowed_methods(request: Request) -> list[str]:
     path = request.scope["path"]
     matches = [(template.count("{"), ops) for template, ops
                in request.app.openapi()["paths"].items()
-               if re.fullmatch(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)), path)]
+               if path_pattern(template).fullmatch(path)]
     if matches:
         ops = min(matches, key=lambda m: m[0])[1]
         return [m for m in _METHODS if m.lower() in ops]
@@ -121,25 +154,49 @@ def _allowed_methods(request: Request) -> list[str]:
 
 
 def _install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:
-    access = logging.getLogger("tsad.access")
+    app.add_middleware(RequestObserver, metrics=metrics)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):  # noqa: ANN001, ANN202
+
+class RequestObserver:
+    """Plain ASGI middleware (outermost of the app's own): a request id on every request
+    (the caller's ``X-Request-Id`` when it is one, else a new one; in ``request.state``
+    and on the answer), the request metrics and the access log line. Starlette's
+    ``BaseHTTPMiddleware`` did the same at about twice the server's CPU for a cheap
+    request (a task, a stream and a response object per request: 442 against 218 us per
+    /healthz, benchmarks/results/edge_cost.md)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access = logging.getLogger("tsad.access")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        given = request.headers.get(REQUEST_ID, "")
-        rid = request.state.request_id = (given if _REQUEST_ID.match(given)
-                                          else uuid.uuid4().hex)
-        status = 500
+        given = next((v.decode("latin-1") for k, v in scope["headers"]
+                      if k == b"x-request-id"), "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid  # request.state.request_id
+        status = 500  # unless an answer starts: an error escaped (ServerErrorMiddleware)
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()),
+                                      (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            response.headers[REQUEST_ID] = rid
-            return response
+            await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            metrics.http_requests_total.labels(route, request.method, str(status)).inc()
-            metrics.http_request_duration_seconds.labels(route, request.method).observe(elapsed)
-            access.info("request", extra={"method": request.method, "route": route,
-                                          "status": status, "request_id": rid,
-                                          "duration_ms": round(elapsed * 1000, 2)})
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            self.metrics.http_requests_total.labels(route, method, str(status)).inc()
+            self.metrics.http_request_duration_seconds.labels(route, method).observe(elapsed)
+            self.access.info("request", extra={"method": method, "route": route,
+                                               "status": status, "request_id": rid,
+                                               "duration_ms": round(elapsed * 1000, 2)})

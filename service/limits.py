@@ -42,10 +42,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > self.max_bytes:
             err = too_large(self.max_bytes)
-            await _answer(err, scope, receive, send)
+            await error_response(err)(scope, receive, send)
             return
         deadline = time.monotonic() + self.timeout
         received = 0
@@ -71,7 +71,8 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
 
-def _content_length(scope: Scope) -> int | None:
+def content_length(scope: Scope) -> int | None:
+    """The request's declared Content-Length (None: not declared, e.g. chunked)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
@@ -81,7 +82,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _answer(err: HTTPException, scope: Scope, receive: Receive, send: Send) -> None:
-    response = JSONResponse({"message": err.detail, "detail": None},
-                            status_code=err.status_code, headers=err.headers)
-    await response(scope, receive, send)
+def error_response(err: HTTPException) -> JSONResponse:
+    """``err`` as answered straight from ASGI middleware, in the app's error shape."""
+    return JSONResponse({"message": err.detail, "detail": None},
+                        status_code=err.status_code, headers=err.headers)

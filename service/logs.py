@@ -13,6 +13,8 @@ import logging
 import sys
 import time
 
+from service.redaction import install_log_redaction
+
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 # uvicorn adds its message again with ANSI colour codes: noise in a log line
 _DROPPED = {"color_message"}
@@ -69,3 +71,4 @@ def configure_logging(level: str = "INFO", json_lines: bool | None = None) -> No
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("uvicorn.access").disabled = True  # our middleware logs requests
+    install_log_redaction()  # no secret in any line, uvicorn's own handlers included

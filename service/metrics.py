@@ -127,6 +127,44 @@ class ServiceMetrics:
             "tsad_stream_top_channel_total", "Anomalous points whose score was led by this "
             f"channel (per allow-listed stream; at most {MAX_CHANNEL_SERIES} channels, the "
             "rest counted as \"other\")", ["stream", "channel"], registry=r)
+        self.stream_likelihood = Gauge(
+            "tsad_stream_likelihood", "Likelihood (calibrated score, [0, 1]) of the last "
+            "scored point of an allow-listed stream", ["stream"],
+            multiprocess_mode="mostrecent", registry=r)
+        self.stream_anomaly = Gauge(
+            "tsad_stream_anomaly", "1 when the last scored point of an allow-listed stream "
+            "was anomalous, else 0", ["stream"], multiprocess_mode="mostrecent", registry=r)
+        # --- Prometheus-native ingest, write-back and watches (service/ingest/, issue 26)
+        self.ingest_samples_total = Counter(
+            "tsad_ingest_samples_total", "Samples received by remote-write, OTLP and "
+            "watches, by what became of them (accepted: handed to their stream, where the "
+            "usual point counters go on; the rest were dropped, by reason)",
+            ["door", "outcome"], registry=r)
+        self.writeback_points_sent_total = Counter(
+            "tsad_writeback_points_sent_total", "Scored points written back (3 samples "
+            "each: score, likelihood, anomaly) and acknowledged by the target", registry=r)
+        self.writeback_points_dropped_total = Counter(
+            "tsad_writeback_points_dropped_total", "Scored points not written back, by "
+            "reason (queue_full: the target was down too long; rejected: the target "
+            "refused them with a 4xx; out_of_order: older than a point already written)",
+            ["reason"], registry=r)
+        for reason in ("queue_full", "rejected", "out_of_order"):
+            self.writeback_points_dropped_total.labels(reason=reason)
+        self.writeback_requests_total = Counter(
+            "tsad_writeback_requests_total", "Write-back requests by outcome (ok, retry, "
+            "rejected)", ["outcome"], registry=r)
+        self.writeback_request_duration_seconds = Histogram(
+            "tsad_writeback_request_duration_seconds", "HTTP time of one write-back "
+            "request", buckets=LATENCY_BUCKETS, registry=r)
+        self.writeback_queue_points = Gauge(
+            "tsad_writeback_queue_points", "Scored points waiting to be written back",
+            multiprocess_mode="livesum", registry=r)
+        self.watch_evaluations_total = Counter(
+            "tsad_watch_evaluations_total", "Watch queries run, by watch and outcome (ok, "
+            "error)", ["watch", "outcome"], registry=r)
+        self.watch_lag_seconds = Gauge(
+            "tsad_watch_lag_seconds", "How far a watch's last evaluated time is behind the "
+            "clock", ["watch"], multiprocess_mode="livemax", registry=r)
         # --- alerts
         self.alerts_opened_total = Counter(
             "tsad_alerts_opened_total", "Alerts opened", ["severity"], registry=r)
@@ -257,19 +295,23 @@ class StreamSeries:
 
     def observe(self, stream: str, scores: Iterable[float | None],
                 anomalies: Iterable[bool], lead_channels: Iterable[str | None],
-                threshold: float | None) -> None:
-        """One scored batch: scores (None while warming up), verdicts, and the channel
-        that led each anomalous point (None for the others)."""
+                threshold: float | None,
+                likelihoods: Iterable[float | None] | None = None) -> None:
+        """One scored batch: scores (None while warming up), verdicts, the channel that
+        led each anomalous point (None for the others) and likelihoods."""
         if not self.admit(stream):
             return
         m = self.metrics
-        last = None
+        last = last_likelihood = last_anomaly = None
         scored = flagged = 0
-        for score, anomaly, channel in zip(scores, anomalies, lead_channels, strict=True):
+        scores = list(scores)
+        likelihoods = [None] * len(scores) if likelihoods is None else likelihoods
+        for score, anomaly, channel, likelihood in zip(scores, anomalies, lead_channels,
+                                                       likelihoods, strict=True):
             if score is None:
                 continue
             scored += 1
-            last = score
+            last, last_likelihood, last_anomaly = score, likelihood, anomaly
             if anomaly:
                 flagged += 1
                 if channel is not None:
@@ -277,6 +319,9 @@ class StreamSeries:
                                                       ).inc()
         if last is not None:
             m.stream_score.labels(stream).set(last)
+            m.stream_anomaly.labels(stream).set(1 if last_anomaly else 0)
+        if last_likelihood is not None:
+            m.stream_likelihood.labels(stream).set(last_likelihood)
         if threshold is not None:
             m.stream_threshold.labels(stream).set(threshold)
         # created at zero so rate() and increase() work from the first batch
@@ -336,7 +381,8 @@ class StreamSeries:
         for shadow in shadows:
             self.forget_shadow(stream, shadow)
         m = self.metrics
-        for gauge in (m.stream_threshold, m.stream_score, m.stream_points_scored_total,
+        for gauge in (m.stream_threshold, m.stream_score, m.stream_likelihood,
+                      m.stream_anomaly, m.stream_points_scored_total,
                       m.stream_anomalies_total, m.stream_alerts_opened_total):
             with contextlib.suppress(KeyError):  # never labelled yet
                 gauge.remove(stream)

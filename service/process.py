@@ -20,13 +20,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """SIGTERM a child that still runs, SIGKILL it after ``timeout`` s, and reap it."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServiceProcess:
     """`uvicorn service.main:app` on 127.0.0.1:<port>, configured by environment variables;
-    with workers > 1, `tsad serve --workers N` (which merges the workers' metrics)."""
+    with workers > 1, `tsad serve --workers N` (which merges the workers' metrics).
+    ``root``: the source tree to run (default this one; a benchmark compares another
+    commit's, exported with ``git archive``)."""
 
     def __init__(self, env: dict[str, str] | None = None, port: int | None = None,
-                 workers: int = 1, log_path: str | Path | None = None) -> None:
+                 workers: int = 1, log_path: str | Path | None = None,
+                 root: str | Path | None = None) -> None:
         self.env = env or {}
+        self.root = Path(root) if root else Path(__file__).resolve().parent.parent
         self.port = port or free_port()
         self.workers = workers
         self.log_path = Path(log_path) if log_path else None
@@ -49,7 +64,7 @@ class ServiceProcess:
             cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(self.workers)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parent.parent)
+                                     cwd=self.root)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -63,13 +78,7 @@ class ServiceProcess:
         raise RuntimeError(f"service did not become healthy on port {self.port}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def __enter__(self) -> ServiceProcess:

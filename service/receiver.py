@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from service.auth.keys import API_KEY_ENV, bearer
+from service.redaction import redact_url
 from service.replay import add_url_argument, apart, message, unreachable
 
 
@@ -89,7 +90,8 @@ def subscribe(service_url: str, hook_url: str, secret: str, streams: str = "*",
             time.sleep(1.0)  # e.g. 503 while the service starts
         fields = {"secret": secret, "streams": streams, "min_severity": min_severity,
                   "description": "tsad receive (demo receiver)"}
-        mine = [s for s in existing.json()["webhooks"] if s["url"] == hook_url]  # oldest first
+        shown = redact_url(hook_url)  # the service shows URLs without their password
+        mine = [s for s in existing.json()["webhooks"] if s["url"] == shown]  # oldest first
         for extra in mine[1:]:
             http.delete(f"/webhooks/{extra['id']}").raise_for_status()
         if mine:

@@ -6,9 +6,10 @@ RFC 3339 date-time, naive = UTC), the others are channel values. ``.npy`` files 
 
 Every time stamp it prints is RFC 3339 (UTC). At the end it lists the alerts the stream
 raised during the replay (GET /alerts) and prints a JSON summary (points, scored,
-anomalies, alerts, request latency). ``--plot`` draws the series, the scores against the
-threshold, the anomalies and the alerts into runs/plots/STREAM.png (or ``--plot
-PATH.png``; needs matplotlib: ``make extras EXTRA=plot``). When the file has labelled
+anomalies, alerts, the median likelihood of the points not flagged, request latency).
+``--plot`` draws the series, the scores against the threshold, the anomalies and the
+alerts into runs/plots/STREAM.png (or ``--plot PATH.png``; needs matplotlib: ``make
+extras EXTRA=plot``). When the file has labelled
 anomaly windows (NAB's ``combined_windows.json`` beside it or up to two folders above, or
 ``--windows``), the plot shades them and marks each one hit (an anomalous point inside)
 or missed, and the summary counts them.
@@ -208,6 +209,7 @@ def require_service(url: str) -> None:
     """Exit with one line saying what to do when no service answers at ``url``."""
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line for this request
     try:
         httpx.get(f"{url.rstrip('/')}/healthz", timeout=10)
     except httpx.TransportError as exc:
@@ -375,6 +377,8 @@ def describe_alert(a: dict) -> str:
 def summarize(stream: str, series: np.ndarray, results: list[dict], alerts: list[dict],
               latencies: list[float]) -> dict:
     lat = np.array(latencies) * 1000
+    normal = [r["likelihood"] for r in results
+              if r["likelihood"] is not None and not r["anomaly"]]
     return {
         "stream": stream, "points": len(series),
         "scored": sum(r["status"] == "scored" for r in results),
@@ -382,6 +386,9 @@ def summarize(stream: str, series: np.ndarray, results: list[dict], alerts: list
         "alerts": len(alerts),
         "alerts_open": sum(a["state"] == "open" for a in alerts),
         "alerts_critical": sum(a["severity"] == "critical" for a in alerts),
+        # about 0.5 on a stream's ordinary points (models/calibration.py); higher where
+        # windows still hold an anomaly
+        "likelihood_median_normal": None if not normal else round(float(np.median(normal)), 3),
         "requests": len(lat),
         "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
                        "p95": round(float(np.percentile(lat, 95)), 2),

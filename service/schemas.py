@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
@@ -14,9 +15,22 @@ StreamId = Annotated[str, Field(
     examples=["web-01.cpu"])]
 # strict: true/false and numeric strings are not numbers (lax pydantic reads false as 0)
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Timestamp = Annotated[FiniteFloat | datetime, Field(
-    description="Epoch seconds, or an RFC 3339 date-time (no offset means UTC)",
-    examples=[1700000000.0, "2023-11-14T22:13:20Z"])]
+# a date-time, its offset optional (none means UTC), as the JSON schema's format says
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:\d{2})?")
+
+
+def _strict_timestamp(value: object) -> object:
+    """A string must be an RFC 3339 date-time: pydantic's datetime alone also reads
+    "1700000000" (epoch seconds in a string) and "2023-11-14" (a date)."""
+    if isinstance(value, str) and not _RFC3339.fullmatch(value):
+        raise ValueError("a timestamp is epoch seconds as a JSON number, or an RFC 3339 "
+                         "date-time string such as 2023-11-14T22:13:20Z")
+    return value
+
+
+Timestamp = Annotated[FiniteFloat | datetime, BeforeValidator(_strict_timestamp), Field(
+    description="Epoch seconds (a number), or an RFC 3339 date-time string (no offset "
+    "means UTC)", examples=[1700000000.0, "2023-11-14T22:13:20Z"])]
 
 
 class Point(BaseModel):
@@ -49,7 +63,16 @@ class ScoreRequest(BaseModel):
                 {"timestamp": 1700000000, "values": [0.42]},
                 {"timestamp": "2023-11-14T22:13:21Z", "values": [0.44]}]},
             {"stream": "web-01.cpu", "timestamps": [1700000000, 1700000001],
-             "values": [[0.42], [0.44]]}]},
+             "values": [[0.42], [0.44]]}],
+            # one form or the other, as the service judges it: points, or timestamps
+            # with values (an absent field and a null one are the same)
+            "oneOf": [
+                {"required": ["points"], "properties": {
+                    "points": {"type": "array"}, "timestamps": {"type": "null"},
+                    "values": {"type": "null"}}},
+                {"required": ["timestamps", "values"], "properties": {
+                    "points": {"type": "null"}, "timestamps": {"type": "array"},
+                    "values": {"type": "array"}}}]},
     )
 
     stream: StreamId
@@ -131,11 +154,11 @@ class PointResultOut(BaseModel):
     score: float | None = Field(description="Anomaly score, higher is more anomalous; "
                                 "null while warming up", examples=[3.7])
     likelihood: float | None = Field(
-        None, ge=0.0, le=1.0, description="Anomaly likelihood in [0, 1]: 1 - p, p the share "
-        "of the stream's recent scores (TSAD_LIKELIHOOD_HISTORY) above this one (beyond the "
-        "largest, a Pareto tail). It means the same on every stream: on normal data about 1 "
-        "point in 1,000 reaches 0.999, so one threshold serves all streams. Null while "
-        "warming up", examples=[0.9993])
+        None, ge=0.0, le=1.0, description="Anomaly likelihood in [0, 1], one scale for "
+        "every stream and detector: a normal point reads 0.99 x (1 - p), p the share of the "
+        "stream's recent scores (TSAD_LIKELIHOOD_HISTORY) above it, so normal points are "
+        "uniform below 0.99 (median about 0.5); an anomaly reads 0.99 and above, higher the "
+        "further its score breaks the threshold. Null while warming up", examples=[0.42])
     anomaly: bool = Field(description="Score above the stream's threshold", examples=[False])
     threshold: float | None = Field(description="The stream's threshold when scored; null "
                                     "until enough scores are seen", examples=[5.2])
@@ -195,7 +218,13 @@ PARAMS_HELP = ("The detector's own tunables for this stream (fields of its Confi
 
 
 class StreamConfigIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # whole examples: the fields' own examples combined would ask for a SPOT q and an
+    # alert budget at once, which is refused
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"channels": 2, "channel_names": ["cpu", "memory"], "window": 64,
+         "detector": "residual_linear", "threshold": {"kind": "spot", "q": 0.001},
+         "timestamps": "nudge"},
+        {"channels": 2, "detector": "ensemble", "alert_budget_per_day": 2.0}]})
 
     channels: int = Field(ge=1, description="Values per point; fixed for the stream's life "
                           "(at most TSAD_MAX_CHANNELS)",
@@ -209,9 +238,10 @@ class StreamConfigIn(BaseModel):
                                examples=[64])
     detector: str | None = Field(None, description="Detector name (default "
                                  "TSAD_DEFAULT_DETECTOR), or \"artifact:<name>\": a fitted "
-                                 "artifact in TSAD_ARTIFACTS_DIR (its window and calibrated "
+                                 "artifact in TSAD_ARTIFACTS_DIR, such as the shipped "
+                                 "\"artifact:cma-msl\" (its window and calibrated "
                                  "threshold become the stream's defaults)",
-                                 examples=["residual_linear", "artifact:spear-msl"])
+                                 examples=["residual_linear", "ensemble"])
     params: dict[str, Any] | None = Field(
         None, description=PARAMS_HELP + ". A change restarts the detector, like a change of "
         "detector", examples=[{"warmup": 128}])
@@ -220,8 +250,8 @@ class StreamConfigIn(BaseModel):
         "calibration (the detector keeps its state)")
     alert_budget_per_day: float | None = Field(
         None, gt=0, le=1e6, description="At most this many alerts a day: converted to the "
-        "SPOT risk q = budget / points per day (measured over calibration); replaces q",
-        examples=[2.0])
+        "SPOT risk q = budget / points per day (measured over calibration); instead of "
+        "threshold.q, not with it (see the model's second example)")
     timestamps: Literal["nudge", "drop", "reject"] | None = Field(
         None, description="What to do with a point whose timestamp is not after the "
         "previous point's (a repeated or backward stamp, e.g. a daylight-saving hour): "

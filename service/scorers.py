@@ -3,15 +3,27 @@ between requests so that a request whose stream nobody else wrote since skips re
 decoding its state. Valid while the store's version of the stream is the cached one (plus
 this process's own append): another replica's append, commit, feedback or configuration
 change bumps the version, and a stream deleted and created again has another
-``created_at``. Bounded by state bytes, least recently used out."""
+``created_at``. Bounded by state bytes, least recently used out.
+
+A request checks its own stream's entry; an entry no request asks for again (its stream
+deleted, or now served by another replica) is found by ``check``, which compares every
+entry with the store in one round trip per thousand streams, every
+``TSAD_SCORER_CACHE_CHECK_SECONDS`` (``run_checks``, in the app's lifespan): a stream
+deleted through one replica leaves every replica's cache within that time.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
+from service.errors import StoreUnavailable
 from service.scoring import StreamScorer
-from service.stores.base import AppendResult, StreamMeta
+from service.stores.base import AppendResult, StreamMeta, StreamStore
+
+log = logging.getLogger("tsad.pipeline")
 
 
 @dataclass
@@ -55,6 +67,39 @@ class ScorerCache:
         entry = self._entries.get(stream)
         if entry is not None and entry.meta.version == version - 1:
             entry.meta = replace(entry.meta, version=version)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def check(self, streams: StreamStore, chunk: int = 1000) -> int:
+        """Evict the entries no request could use any more: their stream was deleted,
+        or written since by another replica (its version moved on: versions only grow).
+        Returns how many went."""
+        snapshot = list(self._entries.items())
+        gone = 0
+        for at in range(0, len(snapshot), chunk):
+            part = snapshot[at:at + chunk]
+            stored = await streams.versions([s for s, _ in part])
+            for stream, entry in part:
+                if self._entries.get(stream) is not entry:  # taken or replaced meanwhile
+                    continue
+                if stored.get(stream) != (entry.meta.created_at, entry.meta.version):
+                    self.take(stream)
+                    gone += 1
+        return gone
+
+    async def run_checks(self, streams: StreamStore, seconds: float) -> None:
+        """``check`` every ``seconds``, for the process's life (a task of the lifespan)."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                if gone := await self.check(streams):
+                    log.debug("scorer cache: stale entries evicted",
+                              extra={"evicted": gone, "kept": len(self)})
+            except StoreUnavailable:  # checked again next time
+                continue
+            except Exception:  # the checks must outlive any bug in one of them
+                log.exception("scorer cache check failed")
 
     def put(self, stream: str, entry: Cached) -> None:
         if entry.nbytes > self.limit_bytes:

@@ -23,7 +23,7 @@ import numpy as np
 
 from models.calibration import AnomalyLikelihood
 from models.detectors import Detector, build_detector
-from models.detectors.base import Adaptable, Records
+from models.detectors.base import Adaptable
 from models.streaming import OnlineLoop, Scored
 from models.thresholds import ThresholdSpec, build_threshold, verdict_spec
 from service import stream_state
@@ -77,8 +77,7 @@ class StreamScorer:
         stride = settings.costly_score_stride if self.detector.costly else 1
         self.loop = OnlineLoop(
             self.detector, self.threshold,
-            AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores,
-                              record_ratio=isinstance(self.detector, Records)),
+            AnomalyLikelihood(settings.likelihood_history, settings.likelihood_min_scores),
             score_stride=stride, online=self.artifact is None)
         names = meta.channel_names or [str(i) for i in range(meta.channels)]
         self.explainer = Explainer(names, settings.top_channels, settings.precedents)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from service.auth.guard import Authenticator
 from service.feedback.service import FeedbackService
+from service.ingest.runtime import IngestRuntime, build_ingest
 from service.metrics import ServiceMetrics, StreamSeries
 from service.scorers import ScorerCache
 from service.settings import Settings
@@ -30,6 +31,8 @@ class Services:
     shadows: ShadowService  # /streams/{id}/shadows
     shadow_queue: ShadowQueue  # costly shadows' background work (started by the app)
     auth: Authenticator
+    ingest: IngestRuntime  # remote-write, OTLP, watches, score write-back (service/ingest)
+    scorers: ScorerCache  # this process's decoded scorers (checked in the lifespan)
 
 
 def build_services(settings: Settings, metrics: ServiceMetrics,
@@ -47,4 +50,5 @@ def build_services(settings: Settings, metrics: ServiceMetrics,
         feedback=FeedbackService(backend, settings, metrics),
         shadows=ShadowService(backend, settings, metrics, series, scorers, queue, score,
                               streams),
-        shadow_queue=queue, auth=Authenticator(settings, backend.keys))
+        shadow_queue=queue, auth=Authenticator(settings, backend.keys), scorers=scorers,
+        ingest=build_ingest(settings, metrics, score, streams))

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
                             "stream may ask for")
     max_streams: int = Field(10_000, ge=0, description="streams per store; creating one "
                              "more is a 429 (0 = no limit)")
+    max_streams_per_tenant: int = Field(
+        0, ge=0, description="streams of one tenant (ids '<tenant>.*') that its keys may "
+        "create; one more is a 429, so one tenant cannot fill TSAD_MAX_STREAMS for the "
+        "others (0 = no limit but the store's; keys without tenant: the store's only)")
     duplicates: Literal["reject", "drop"] = Field(
         "reject",
         description="a batch that resends stored points (a retry) and goes on with new "
@@ -226,6 +230,60 @@ class Settings(BaseSettings):
         "reach although private, loopback, link-local or reserved; e.g. "
         "'receiver,10.1.0.0/16'")
 
+    # --- Prometheus-native ingest and write-back (service/ingest/, issue 26) -------------
+    ingest_config: Path | None = Field(
+        None, description="YAML file with `rules` (series to multichannel streams: match, "
+        "group_by, channels_by, channels) and `watches` (PromQL queries polled by tsad); "
+        "configs/prometheus/tsad-ingest.example.yml")
+    ingest_key: SecretStr | None = Field(
+        None, min_length=32, description="bootstrap key with the ingest scope only (no "
+        "tenant), compared by hash: what Prometheus' remote_write sends when nobody made "
+        "it a key (the compose stack)")
+    ingest_concurrency: int = Field(
+        8, ge=1, le=256, description="streams of one remote-write or OTLP request scored "
+        "at once")
+    ingest_flush_after_seconds: float = Field(
+        300.0, gt=0, description="grouped streams: a row still missing a channel this long "
+        "(sample time) behind the stream's newest sample is stored with the channel's last "
+        "value (PromQL's look-back does the same)")
+    writeback_url: str | None = Field(
+        None, description="remote-write endpoint that gets tsad_anomaly_score, "
+        "tsad_anomaly_likelihood and tsad_anomaly of ingested streams, e.g. "
+        "http://prometheus:9090/api/v1/write (--web.enable-remote-write-receiver); unset = "
+        "no write-back")
+    writeback_bearer_token: SecretStr | None = Field(None, description="sent as "
+                                                     "Authorization: Bearer to writeback_url")
+    writeback_batch_points: int = Field(
+        2000, ge=1, le=100_000, description="scored points per write-back request (3 "
+        "samples each)")
+    writeback_flush_seconds: float = Field(
+        1.0, gt=0, le=60, description="a partial batch is sent after this long")
+    writeback_max_points: int = Field(
+        100_000, ge=100, description="scored points held while the target is down, the "
+        "batch in flight included; beyond, the oldest are dropped "
+        "(tsad_writeback_points_dropped_total)")
+    writeback_timeout_seconds: float = Field(10.0, gt=0, description="per request")
+    writeback_backoff_seconds: float = Field(0.5, gt=0, description="first retry delay; "
+                                             "doubles each attempt, full jitter")
+    writeback_backoff_max_seconds: float = Field(30.0, gt=0)
+    prometheus_url: str | None = Field(
+        None, description="Prometheus HTTP API that watches query, e.g. "
+        "http://prometheus:9090; unset = no watches")
+    prometheus_bearer_token: SecretStr | None = Field(None, description="sent as "
+                                                      "Authorization: Bearer to prometheus_url")
+    prometheus_timeout_seconds: float = Field(30.0, gt=0, description="per query")
+    watch_max: int = Field(100, ge=0, le=10_000, description="watches per service")
+    watch_delay_seconds: float = Field(
+        5.0, ge=0, le=3600, description="default per watch: time t is evaluated at t + "
+        "this, so that samples scraped just before t have arrived")
+    watch_backfill_seconds: float = Field(
+        3600.0, ge=0, description="default per watch: how far back a new watch starts "
+        "(query_range), 0 = from now")
+    watch_backoff_max_seconds: float = Field(
+        300.0, gt=0, description="a watch whose Prometheus fails retries after 1 s, "
+        "doubling up to this")
+    # --- end of issue 26 settings -------------------------------------------------------
+
     lock_wait_seconds: float = Field(10.0, gt=0)
     # --- crash consistency (service/README.md, "Durability") ----------------------------
     lock_lease_seconds: float = Field(
@@ -247,6 +305,10 @@ class Settings(BaseSettings):
         256, ge=0, description="stream scorers each process keeps decoded between requests "
         "(least recently used out; counted by state size): a request whose stream nobody "
         "else wrote since skips reading and decoding its state; 0 = off")
+    scorer_cache_check_seconds: float = Field(
+        10.0, gt=0, description="how often each process checks its cached scorers against "
+        "the store (one round trip per 1,000 cached streams): those of streams deleted "
+        "(through any replica) or written by another replica since are evicted")
     fault_crash_after_append: int = Field(
         0, ge=0, description="TESTS ONLY: the process exits at once (os._exit) right after "
         "its Nth append that stored points, before scoring them; 0 = off")
@@ -280,7 +342,7 @@ class Settings(BaseSettings):
             check_params(name, params)
         return value
 
-    @field_validator("admin_key", mode="before")
+    @field_validator("admin_key", "ingest_key", mode="before")
     @classmethod
     def _unset_if_empty(cls, value: object) -> object:
         return None if value == "" else value  # compose passes TSAD_ADMIN_KEY= when unset

@@ -1,6 +1,7 @@
 """Stream administration: create or configure (PUT), describe, list, read the window,
 delete. A deleted stream's open alert resolves (event reason "stream deleted"), its
-per-stream series, its cached scorer and its shadows' queued work go with it."""
+per-stream series, its cached scorer, its shadows' queued work and the rows its ingest door
+held go with it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from service.alerts.events import record_events
 from service.artifacts import Artifact, artifact_name, load_artifact
 from service.errors import InvalidInput, NotFound
 from service.metrics import ServiceMetrics, StreamSeries
+from service.quotas import check_room
 from service.schemas import StreamConfigIn, StreamList, StreamOut, WindowOut
 from service.scorers import ScorerCache
 from service.settings import Settings
 from service.shadows.queue import ShadowQueue
 from service.stores.base import Backend
-from service.transaction import over_stream_cap, stream_cap_error
 from service.validation import check_shape, stream_meta
 
 
@@ -30,8 +31,10 @@ class StreamAdmin:
         self.scorers = scorers
         self.shadows = shadows
 
-    async def put(self, stream: str, cfg: StreamConfigIn) -> tuple[StreamOut, bool]:
-        """Create or configure a stream; (the stream as stored, created)."""
+    async def put(self, stream: str, cfg: StreamConfigIn,
+                  tenant: str | None = None) -> tuple[StreamOut, bool]:
+        """Create or configure a stream; (the stream as stored, created). ``tenant``: the
+        caller's, whose stream quota a new stream counts against."""
         s = self.settings
         detector = cfg.detector or s.default_detector
         check_shape(cfg.channels, cfg.window or s.default_window, s)
@@ -40,9 +43,8 @@ class StreamAdmin:
             artifact = await asyncio.to_thread(self.artifact, detector)
         meta = stream_meta(stream, cfg, s, artifact)
         # room for one more (checked before: a PUT has no points to lose)
-        if await over_stream_cap(self.backend, s, slack=1) and (
-                await self.backend.streams.get(stream) is None):
-            raise stream_cap_error(s, ("path", "stream"))
+        if await self.backend.streams.get(stream) is None:
+            await check_room(self.backend, s, tenant, ("path", "stream"), slack=1)
         stored, created = await self.backend.streams.put(meta)
         if created:
             self.metrics.streams_created_total.inc()
@@ -83,6 +85,7 @@ class StreamAdmin:
             self.scorers.evict(stream)
             if self.shadows is not None:
                 self.shadows.forget(stream)
+            await self.backend.ingest.forget_stream(stream)  # rows a grouped stream held
             record_events(await self.backend.alerts.forget_stream(stream), self.metrics,
                           self.series)
 

@@ -10,8 +10,12 @@ unscored: the stream's next append hands them back before its own points, so the
 scored (and their alerts raised) first; ``recover`` does the same for one stream and
 ``service/recovery.py`` for every stream at start-up. A retry of a stored batch is
 answered (its points' results when it scored them now, else status "duplicate"), and one
-sent with the same Idempotency-Key gets the kept response. Repeated and backward
-timestamps follow the stream's timestamp policy (``service/stores/plan.py``).
+sent with the same Idempotency-Key gets the kept response: a batch sent with a key is
+appended with a *pending receipt* (what the append decided for each point), and whoever
+scores its points after a crash completes it with their results, so the retry gets the
+answer the first request would have had, whether the retry itself, another batch or the
+start-up recovery scored them. Repeated and backward timestamps follow the stream's
+timestamp policy (``service/stores/plan.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,12 +38,13 @@ from pydantic_core import to_json
 from service.alerts.events import record_events
 from service.errors import InvalidInput, LimitReached
 from service.metrics import ServiceMetrics, StreamSeries
-from service.responses import score_response
+from service.quotas import check_room
+from service.responses import recovered_response, score_response
 from service.scorers import Cached, ScorerCache
 from service.scoring import Results, StreamScorer
 from service.settings import Settings
 from service.shadows.queue import ShadowQueue
-from service.stores.base import AppendResult, Backend, Commit
+from service.stores.base import AppendResult, Backend, Commit, PendingReceipt, PointAction
 from service.validation import check_points
 
 log = logging.getLogger("tsad.pipeline")
@@ -101,29 +107,41 @@ class ScoreTransaction:
         self.shadows = shadows  # shadow detectors' metrics and costly work, after commits
 
     async def __call__(self, stream: str, timestamps: np.ndarray, values: np.ndarray, *,
-                       idempotency: Idempotency | None = None) -> ScoreOutcome:
-        """Store the points (N timestamps, N x C values) of ``stream`` and score them."""
+                       idempotency: Idempotency | None = None,
+                       tenant: str | None = None) -> ScoreOutcome:
+        """Store the points (N timestamps, N x C values) of ``stream`` and score them.
+        ``tenant``: the caller's (its key's), whose stream quota a new stream counts
+        against (``service/quotas.py``)."""
         points = np.column_stack([np.asarray(timestamps, np.float64),
                                   np.asarray(values, np.float64).reshape(len(timestamps), -1)])
         check_points(points, self.settings)
         async with self.backend.streams.lock(stream):
-            if idempotency is not None and (
-                    kept := await self._receipt(stream, idempotency)):
-                return ScoreOutcome(stream, kept=kept)
+            pending = None
+            if idempotency is not None:
+                kept = await self._receipt(stream, idempotency)
+                if kept is not None and "response" in kept:
+                    return ScoreOutcome(stream, kept=kept["response"])
+                if kept is None:  # a pending one is kept as its first append wrote it
+                    pending = PendingReceipt(idempotency.key,
+                                             partial(_encode_pending, idempotency))
             cached = self.scorers.take(stream)  # back in only once committed
-            appended = await self._append(stream, points, cached)
+            appended = await self._append(stream, points, cached, pending, tenant)
             if self.after_append is not None:
                 self.after_append(appended)
             appended, scored = await self._score(appended, cached)
+            completed = await self._complete(appended, scored)
             outcome = ScoreOutcome(stream, appended, scored.results if scored else None,
                                    scored.scorer.points_until_scored if scored
                                    else await self._warm_up_left(appended, cached))
             receipt = None
-            if idempotency is not None:
+            if idempotency is not None and idempotency.key in completed:
+                outcome.kept = completed[idempotency.key][0]  # the first request's answer
+            elif idempotency is not None:
                 receipt = (idempotency.key, _encode_receipt(
                     idempotency.digest, appended.meta.created_at,
                     outcome.body(idempotency.sent)))
-            await self._commit(appended, scored, receipt, cached)
+            await self._commit(appended, scored, receipt, cached,
+                               {k: data for k, (_, data) in completed.items()})
         return outcome
 
     async def recover(self, stream: str) -> int:
@@ -136,14 +154,16 @@ class ScoreTransaction:
                 return 0
             appended = await self._append(stream, np.empty((0, 1 + meta.channels)))
             appended, scored = await self._score(appended, None)
-            await self._commit(appended, scored, None, None)
+            completed = await self._complete(appended, scored)
+            await self._commit(appended, scored, None, None,
+                               {k: data for k, (_, data) in completed.items()})
             return appended.unscored
 
     # --- the steps -----------------------------------------------------------------------
     async def _receipt(self, stream: str, idem: Idempotency) -> dict | None:
-        """The kept response of the batch first sent with the key (None: none, or one of
-        a deleted earlier stream of the same id); InvalidInput when this body is not that
-        batch."""
+        """The receipt of the batch first sent with the key: its ``response``, or
+        ``pending`` (None: none, or one of a deleted earlier stream of the same id);
+        InvalidInput when this body is not that batch."""
         raw = await self.backend.streams.receipt(stream, idem.key)
         meta = await self.backend.streams.get(stream) if raw else None
         if raw is None or meta is None:
@@ -156,22 +176,44 @@ class ScoreTransaction:
                                "used for a different batch (kept "
                                f"{self.settings.idempotency_ttl_seconds} s, "
                                "TSAD_IDEMPOTENCY_TTL_SECONDS): use a new key per batch")
-        self.metrics.idempotent_replays_total.inc()
-        return kept["response"]
+        if "response" in kept:
+            self.metrics.idempotent_replays_total.inc()
+        return kept
 
-    async def _append(self, stream: str, points: np.ndarray,
-                      cached: Cached | None = None) -> AppendResult:
+    async def _complete(self, appended: AppendResult, scored: _Scored | None
+                        ) -> dict[str, tuple[dict, bytes]]:
+        """The pending receipts whose batches' points were scored now, among the points
+        a crash had left unscored: Idempotency-Key -> (the answer, the receipt to keep)."""
+        if scored is None or not appended.unscored:
+            return {}
+        meta, done = appended.meta, {}
+        for key, raw in (await self.backend.streams.pending_receipts(meta.stream)).items():
+            kept = json.loads(zlib.decompress(raw))
+            if "pending" not in kept or kept["created_at"] != meta.created_at:
+                continue
+            body = recovered_response(meta.stream, kept["pending"], appended, scored.results,
+                                      scored.scorer.points_until_scored)
+            if body is not None:
+                done[key] = (body, _encode_receipt(kept["body"], meta.created_at, body))
+        return done
+
+    async def _append(self, stream: str, points: np.ndarray, cached: Cached | None = None,
+                      pending: PendingReceipt | None = None,
+                      tenant: str | None = None) -> AppendResult:
         m = self.metrics
         try:
             appended = await self.backend.streams.append(
-                stream, points, known=cached.meta if cached else None)
+                stream, points, known=cached.meta if cached else None, pending=pending)
         except InvalidInput:
             m.points_rejected_total.inc(len(points))
             raise
-        if appended.created and await over_stream_cap(self.backend, self.settings):
-            await self.backend.streams.delete(stream)  # undo: the cap is checked after
-            m.points_rejected_total.inc(len(points))  # the atomic append
-            raise stream_cap_error(self.settings, ("body", "stream"))
+        if appended.created:  # quotas are checked after the atomic append: undone if over
+            try:
+                await check_room(self.backend, self.settings, tenant, ("body", "stream"))
+            except LimitReached:
+                await self.backend.streams.delete(stream)
+                m.points_rejected_total.inc(len(points))
+                raise
         m.points_ingested_total.inc(appended.accepted)
         m.points_duplicate_total.inc(appended.duplicates)
         for action in ("nudged", "dropped"):
@@ -257,12 +299,16 @@ class ScoreTransaction:
                                                      strict=True)]
         leads = [e.top_channels[0].channel if (e := results.explained.get(k)) else None
                  for k in range(len(results))]
-        self.series.observe(stream, scores, results.anomalous.tolist(), leads, threshold)
+        likelihoods = [None if v != v else v for v in results.likelihood.tolist()]  # NaN
+        self.series.observe(stream, scores, results.anomalous.tolist(), leads, threshold,
+                            likelihoods)
 
     async def _commit(self, appended: AppendResult, scored: _Scored | None,
-                      receipt: tuple[str, bytes] | None, cached: Cached | None) -> None:
-        """Changed sections, scored-up-to mark, alerts, events and receipt: one atomic
-        write; then the scorer goes (back) into the cache, under the version it gave."""
+                      receipt: tuple[str, bytes] | None, cached: Cached | None,
+                      completed: dict[str, bytes] | None = None) -> None:
+        """Changed sections, scored-up-to mark, alerts, events, the receipt and those it
+        completed: one atomic write; then the scorer goes (back) into the cache, under the
+        version it gave."""
         meta = appended.meta
         if scored is None:
             if receipt is not None:
@@ -272,8 +318,8 @@ class ScoreTransaction:
             return
         version = await self.backend.commit(Commit(
             meta.stream, sections=scored.sections, drop=scored.drop,
-            scored=meta.points_seen, receipt=receipt, alerts=scored.alerts,
-            events=scored.events))
+            scored=meta.points_seen, receipt=receipt, completed=completed or {},
+            alerts=scored.alerts, events=scored.events))
         record_events(scored.events, self.metrics, self.series)
         if self.shadows is not None and scored.scorer.shadows:
             self.shadows.committed(meta.stream, scored.scorer.shadows)
@@ -291,18 +337,13 @@ def _encode_receipt(digest: str, created_at: float, response: dict) -> bytes:
                                   "response": response}))
 
 
-async def over_stream_cap(backend: Backend, settings: Settings, slack: int = 0) -> bool:
-    """More than TSAD_MAX_STREAMS - slack streams? The index count is cheap; the exact
-    count (which tidies streams expired by TTL out of the index) runs only past it."""
-    cap = settings.max_streams - slack
-    if not settings.max_streams or await backend.streams.count() <= cap:
-        return False
-    return await backend.streams.count(exact=True) > cap
-
-
-def stream_cap_error(settings: Settings, loc: tuple[str, ...]) -> LimitReached:
-    return LimitReached(loc, f"at most {settings.max_streams} streams (TSAD_MAX_STREAMS): "
-                        "delete one or raise the limit")
+def _encode_pending(idem: Idempotency, actions: list[PointAction],
+                    stamps: list[float | None], created_at: float) -> bytes:
+    """A pending receipt (``PendingReceipt.encode``): the batch's digest, the stream's
+    incarnation, and what the append decided for each point, to answer with once the
+    points are scored."""
+    return zlib.compress(to_json({"body": idem.digest, "created_at": created_at, "pending": {
+        "sent": idem.sent, "actions": actions, "stamps": stamps}}))
 
 
 def crash_after_appends(n: int) -> Callable[[AppendResult], None]:

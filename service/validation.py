@@ -104,22 +104,27 @@ def check_points(points: np.ndarray, settings: Settings, loc: Loc = POINTS) -> N
     if points.shape[1] - 1 > settings.max_channels:
         raise InvalidInput((*loc, 0, "values"), f"at most {settings.max_channels} "
                            f"channels, got {points.shape[1] - 1}")
+    for field, bad, why in bounds(points, settings):
+        if bad.any():
+            i, *j = (int(k) for k in np.argwhere(bad)[0])  # j: the channel, for values
+            value = points[i, 1 + j[0]] if j else points[i, 0]
+            raise InvalidInput((*loc, i, field, *j), f"{float(value)!r}: {why}")
+
+
+def bounds(points: np.ndarray, settings: Settings
+           ) -> list[tuple[str, np.ndarray, str]]:
+    """Where (N, 1 + C) points break the bounds a point must keep: (field, where (N,) for
+    "timestamp", (N, C) for "values", why). check_points refuses a batch for one; the
+    ingest doors drop the points alone (service/ingest/engine.py)."""
     ts = points[:, 0]
     latest = time.time() + settings.timestamp_max_lead_seconds
-    for bad, why in ((~np.isfinite(ts), "must be finite"),
-                     (ts > latest, f"more than {settings.timestamp_max_lead_seconds:g} s "
-                      "ahead of the server clock (TSAD_TIMESTAMP_MAX_LEAD_SECONDS)"),
-                     (ts < settings.timestamp_min, f"before {settings.timestamp_min!r} "
-                      "(TSAD_TIMESTAMP_MIN)")):
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise InvalidInput((*loc, i, "timestamp"), f"{float(ts[i])!r}: {why}")
-    huge = np.abs(points[:, 1:]) > settings.value_max_abs
-    if huge.any():
-        i, j = np.argwhere(huge)[0]
-        raise InvalidInput((*loc, int(i), "values", int(j)),
-                           f"{float(points[i, 1 + j])!r}: magnitude above "
-                           f"{settings.value_max_abs:g} (TSAD_VALUE_MAX_ABS)")
+    return [("timestamp", ~np.isfinite(ts), "must be finite"),
+            ("timestamp", ts > latest, f"more than {settings.timestamp_max_lead_seconds:g} "
+             "s ahead of the server clock (TSAD_TIMESTAMP_MAX_LEAD_SECONDS)"),
+            ("timestamp", ts < settings.timestamp_min, f"before "
+             f"{settings.timestamp_min!r} (TSAD_TIMESTAMP_MIN)"),
+            ("values", np.abs(points[:, 1:]) > settings.value_max_abs,
+             f"magnitude above {settings.value_max_abs:g} (TSAD_VALUE_MAX_ABS)")]
 
 
 def columnar(error: InvalidInput) -> InvalidInput:

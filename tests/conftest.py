@@ -41,18 +41,20 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):  # noqa:
 class RedisServer:
     """A throwaway redis-server process; stop() and start() let tests simulate outages."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:  # fail, never skip: CI must have Redis (make test installs it)
             raise RuntimeError("redis-server not found on PATH; run `make test` to install it")
         self.binary = binary
         self.port = port or free_port()
+        self.password = password  # requirepass: clients must AUTH
         self.dir = tempfile.mkdtemp(prefix="tsad-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -61,7 +63,8 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
+             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -69,7 +72,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.05)
@@ -83,7 +86,9 @@ class RedisServer:
 
     def flush(self) -> None:
         subprocess.run(["redis-cli", "-p", str(self.port), "FLUSHALL"], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL,
+                       env={**os.environ, **({"REDISCLI_AUTH": self.password}
+                                             if self.password else {})})
 
 
 @pytest.fixture(scope="session")

@@ -200,19 +200,23 @@ def test_metrics_can_require_a_read_key(redis_url):
         assert httpx.get(f"{service.url}/readyz").status_code == 200
 
 
-def test_openapi_declares_the_key_scheme_on_every_operation_but_health():
-    app = create_app(Settings(auth="keys", admin_key=ADMIN),
+@pytest.mark.parametrize("metrics_auth", [False, True])
+def test_openapi_declares_the_key_scheme_where_a_key_is_needed(metrics_auth):
+    # was: /metrics declared the key although it is open by default (TSAD_METRICS_AUTH)
+    app = create_app(Settings(auth="keys", admin_key=ADMIN, metrics_auth=metrics_auth),
                      ServiceMetrics(CollectorRegistry()))
-    schema = TestClient(app).get("/openapi.json").json()
+    with TestClient(app) as client:
+        schema = client.get("/openapi.json").json()
+        assert client.get("/metrics").status_code == (401 if metrics_auth else 200)
     assert schema["components"]["securitySchemes"]["ApiKey"] == {
         "type": "http", "scheme": "bearer", "bearerFormat": "tsad_<id>_<secret>",
         "description": schema["components"]["securitySchemes"]["ApiKey"]["description"]}
+    open_paths = {"/healthz", "/readyz"} | (set() if metrics_auth else {"/metrics"})
     for path, ops in schema["paths"].items():
         for method, op in ops.items():
             secured = op.get("security") == [{"ApiKey": []}]
-            assert secured == (path not in ("/healthz", "/readyz")), (method, path)
-            if secured and path != "/metrics":
-                assert {"401", "403"} <= set(op["responses"]), (method, path)
+            assert secured == (path not in open_paths), (method, path)
+            assert secured == ({"401", "403"} <= set(op["responses"])), (method, path)
 
 
 def test_open_mode_serves_loopback_only_and_says_so(tmp_path):

@@ -22,10 +22,14 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
+from service.errors import InvalidInput
 from service.metrics import ServiceMetrics
 from service.process import ServiceProcess
+from service.recovery import recover_all
+from service.services import build_services
 from service.settings import Settings
 from service.stores.base import Commit, StreamPolicy, retained
+from service.transaction import Idempotency
 from tests.conftest import BackendUnderTest, wait_for
 
 # --- the stream: 8 spikes, all in one batch longer than the window --------------------
@@ -311,3 +315,52 @@ def test_a_retry_without_key_is_answered_duplicate_never_422(service_backend):
         mixed = c.post("/score", json={"stream": "r", "points": sine(290, 20)})
         assert mixed.status_code == 422
         assert c.get("/streams/r").json()["points_seen"] == 300
+
+
+# --- Idempotency-Key after a crash, every backend: the first request's answer ----------
+class Crash(Exception):
+    """What the process's death between the append and the commit leaves: no commit."""
+
+
+async def test_an_idempotent_retry_gets_the_first_answer_after_recovery_scored_it(backend):
+    """A batch sent with a key is stored, then its process dies before the commit; the
+    start-up recovery (stream a) or the stream's next batch (stream b) scores it. The
+    retry with the same key gets the results the first request would have had (was:
+    status duplicate with no score, 50-150 points per client in the audit's crash runs)."""
+    settings = Settings(**backend.settings, default_detector="residual_linear",
+                        default_window=16, detector_params={"*": {"warmup": 64}},
+                        threshold_min_scores=20)
+    services = build_services(settings, ServiceMetrics(CollectorRegistry()))
+    score = services.score
+    warm, batch, later = (np.arange(a, b, dtype=float) for a, b in ((0, 150), (150, 190),
+                                                                    (190, 200)))
+    values = lambda t: np.sin(t / 5)[:, None] + (t == 170)[:, None] * 4  # noqa: E731
+    key = Idempotency("batch-2", "digest", batch.tolist())
+    try:
+        await score("ref", warm, values(warm))
+        first = (await score("ref", batch, values(batch), idempotency=key)).body(key.sent)
+        assert {r["status"] for r in first["results"]} == {"scored"}
+        assert any(r["anomaly"] for r in first["results"])
+
+        def die(appended) -> None:
+            raise Crash
+
+        for stream in ("a", "b"):
+            await score(stream, warm, values(warm))
+            score.after_append = die
+            with pytest.raises(Crash):
+                await score(stream, batch, values(batch), idempotency=key)
+            score.after_append = None
+        await recover_all(services.backend, score)  # stream a
+        assert (await services.backend.streams.get("a")).points_scored == 190
+        await score("b", later, values(later))  # stream b: its next batch scores it first
+        for stream in ("a", "b"):
+            again = (await score(stream, batch, values(batch), idempotency=key)).body(key.sent)
+            assert again["results"] == first["results"], stream
+            assert again["points_until_scored"] == first["points_until_scored"]
+            other = Idempotency("batch-2", "another body", batch.tolist())
+            with pytest.raises(InvalidInput, match="different batch"):
+                await score(stream, batch, values(batch), idempotency=other)
+        assert (await services.backend.streams.get("a")).points_seen == 190  # stored once
+    finally:
+        await services.backend.close()

@@ -157,10 +157,12 @@ def test_compose_and_example_env_name_only_real_settings():
     assert compose_vars <= documented, compose_vars - documented
 
 
-def test_compose_needs_no_newer_compose_than_v2_and_no_default_grafana_password():
-    """`env_file` entries with `required: false` need Compose 2.24: the plain form reads
-    .env on any Compose v2, and .env must exist anyway, for the Grafana password, which
-    has no default (admin/admin is refused by Compose before anything starts)."""
+def test_compose_needs_no_newer_compose_than_2_23_1_and_no_default_grafana_password():
+    """The README and the compose file name the one Compose version the file needs:
+    2.23.1, for `configs: environment:` (Prometheus' ingest key). `env_file` entries with
+    `required: false` would need 2.24: the plain form reads .env, which must exist
+    anyway, for the Grafana password, which has no default (admin/admin is refused by
+    Compose before anything starts)."""
     for name, svc in SERVICES.items():
         for entry in svc.get("env_file", []) if isinstance(svc.get("env_file"), list) else []:
             assert not isinstance(entry, dict), (name, entry)
@@ -171,8 +173,9 @@ def test_compose_needs_no_newer_compose_than_v2_and_no_default_grafana_password(
     assert interpolate(password, {"GRAFANA_ADMIN_PASSWORD": "s3cret"}) == "s3cret"
     header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
     readme = (ROOT / "README.md").read_text().split("## Run with Docker", 1)[1]
+    assert any("environment" in c for c in COMPOSE["configs"].values())  # 2.23.1's
     for text in (header, readme):
-        assert "Docker Compose v2" in text
+        assert "Docker Compose v2.23.1 or later" in " ".join(text.replace("#", "").split())
     assert 'echo "GRAFANA_ADMIN_PASSWORD=$(openssl rand -hex 16)" >> .env' in readme
 
 
@@ -265,6 +268,20 @@ def test_promtool_checks_the_prometheus_config_and_rules():
     scrape = yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"]
     targets = {t for c in scrape for s in c["static_configs"] for t in s["targets"]}
     assert "tsad:8000" in targets  # the compose service name and its port
+    # both directions (issue 26): remote_write to tsad with the ingest key compose mounts,
+    # scores written back to a Prometheus that receives remote-write
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    (write,) = config["remote_write"]
+    assert write["url"] == "http://tsad:8000/api/v1/write"
+    mounted = {c["target"] for c in SERVICES["prometheus"]["configs"]}
+    assert write["authorization"]["credentials_file"] in mounted
+    assert COMPOSE["configs"]["tsad_ingest_key"] == {"environment": "TSAD_INGEST_KEY"}
+    assert "--web.enable-remote-write-receiver" in SERVICES["prometheus"]["command"]
+    env = {k: interpolate(v) for k, v in SERVICES["tsad"]["environment"].items()}
+    assert env["TSAD_WRITEBACK_URL"] == "http://prometheus:9090/api/v1/write"
+    assert env["TSAD_PROMETHEUS_URL"] == "http://prometheus:9090"
+    keep = write["write_relabel_configs"][0]
+    assert keep["action"] == "keep" and "tsad_anomaly" not in keep["regex"]
 
 
 def test_promtool_rejects_a_broken_rule(tmp_path):
@@ -288,7 +305,8 @@ def test_grafana_datasource_and_dashboards_are_consistent():
     ds = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
     (source,) = ds["datasources"]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
-    assert {d.name for d in DASHBOARDS} == {"tsad-overview.json", "tsad-stream.json"}
+    assert {d.name for d in DASHBOARDS} == {"tsad-overview.json", "tsad-stream.json",
+                                            "tsad-prometheus.json"}
     uids = []
     for path in DASHBOARDS:
         board = json.loads(path.read_text())

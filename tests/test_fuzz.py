@@ -9,6 +9,7 @@ fuzzer, each named by its input.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -33,7 +34,8 @@ SEED = 15
 # Every check but positive_data_acceptance ("a schema-valid request is a 2xx"): the service
 # rightly refuses schema-valid requests on rules a schema cannot state (a webhook host that
 # does not resolve, a stream's channel count that cannot change, a time stamp a day ahead
-# of the server clock, an artifact that is not installed).
+# of the server clock, an artifact that is not installed). The schema's own examples pass
+# it (test_the_schemas_own_examples_are_accepted).
 CHECKS = ["--checks", "all", "--exclude-checks", "positive_data_acceptance"]
 # An idle service holds about 90 MB. A stream whose detector embeds prompts loads torch and
 # MiniLM (about 0.5 GB, measured), and the largest admissible body (TSAD_MAX_BODY_BYTES,
@@ -91,10 +93,14 @@ def seed_data(url: str, tmp_path: Path) -> Path:
                        json={"detector": "residual_linear"})
     assert shadow.status_code == 201, shadow.text
     alerts = [a["id"] for a in httpx.get(f"{url}/alerts", headers=auth).json()["alerts"]]
+    watch = httpx.put(f"{url}/watches/node-rx", headers=auth,  # polls a closed port
+                      json={"query": "up", "step": 60})
+    assert watch.status_code == 201, watch.text
     dead = wait_for(lambda: httpx.get(f"{url}/webhooks/dead-letters",
                                       headers=auth).json()["dead_letters"], timeout=30)
     ids = {"stream": ["web-01.cpu"], "webhook_id": [hook.json()["id"]], "alert_id": alerts,
-           "delivery_id": [d["id"] for d in dead], "name": ["candidate"]}
+           "delivery_id": [d["id"] for d in dead],
+           "name": ["candidate", "node-rx"]}  # a shadow's and a watch's name
     assert all(ids.values()), ids
     config = tmp_path / "schemathesis.toml"
     config.write_text("".join(
@@ -109,6 +115,8 @@ def test_schemathesis_run_has_no_failure_and_bounded_memory(service_backend, tmp
     env = {"TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN_KEY, "TSAD_METRICS_AUTH": "true",
            # the seeded webhook's deliveries fail at once and become dead letters
            "TSAD_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "TSAD_WEBHOOK_MAX_ATTEMPTS": "1",
+           # watches run (and fail, backing off) against a port nothing listens on
+           "TSAD_PROMETHEUS_URL": f"http://127.0.0.1:{free_port()}",
            **service_backend.env}
     report = tmp_path / "report.json"
     with ServiceProcess(env, log_path=tmp_path / "service.log") as svc:
@@ -125,7 +133,10 @@ def test_schemathesis_run_has_no_failure_and_bounded_memory(service_backend, tmp
              # Hypothesis's generation-speed check fails on a busy machine, not on the API
              "--suppress-health-check", "too_slow",
              "--report", "json", "--report-json-path", str(report)],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            # protobuf bodies (POST /api/v1/write, /v1/metrics) as raw bytes
+            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
         wall = time.monotonic() - start
         sampler.stop()
         assert svc.proc.poll() is None, "the service died under fuzzing"
@@ -137,7 +148,7 @@ def test_schemathesis_run_has_no_failure_and_bounded_memory(service_backend, tmp
     print(summary)
     assert run.returncode == 0 and not out["failures"] and not out["errors"], \
         f"{summary}\n{run.stdout[-12000:]}"
-    assert out["complete"] and out["operations"]["tested"] == out["operations"]["total"] >= 23
+    assert out["complete"] and out["operations"]["tested"] == out["operations"]["total"] >= 36
     assert out["test_cases"]["generated"] >= 20 * out["operations"]["total"]
     # the seeded ids reached real data (a dead letter, once replayed, is gone, and so is a
     # shadow once deleted: their replay and deletion may well see mostly 404s)
@@ -145,6 +156,33 @@ def test_schemathesis_run_has_no_failure_and_bounded_memory(service_backend, tmp
     assert not starved - {"POST /webhooks/dead-letters/{delivery_id}/replay",
                           "DELETE /streams/{stream}/shadows/{name}"}, starved
     assert sampler.samples and sampler.peak < RSS_BOUND, summary
+
+
+@pytest.mark.slow
+def test_the_schemas_own_examples_are_accepted(tmp_path):
+    """positive_data_acceptance on the examples phase: every request built from the
+    schema's own examples is accepted (2xx, or 404/409 where the example's ids meet the
+    state the other examples left). Was: PUT /streams with the example detector
+    artifact:spear-msl (not shipped), POST /score with both forms at once and one
+    Idempotency-Key example for two bodies, a SPOT q with an alert budget: 422s."""
+    env = {"TSAD_AUTH": "keys", "TSAD_ADMIN_KEY": ADMIN_KEY,
+           # the webhook example's host: example.com names resolve nowhere offline, and
+           # an allow-listed name skips the DNS check (the rest is judged as usual)
+           "TSAD_WEBHOOK_ALLOW_HOSTS": "hooks.example.com"}
+    report = tmp_path / "report.json"
+    with ServiceProcess(env) as svc:
+        run = subprocess.run(
+            [sys.executable, "-m", "schemathesis.cli", "run", f"{svc.url}/openapi.json",
+             "--phases", "examples", "--mode", "positive",
+             "--checks", "positive_data_acceptance,not_a_server_error",
+             "--header", f"Authorization: Bearer {ADMIN_KEY}", "--workers", "1",
+             "--generation-database", "none", "--no-color",
+             "--report", "json", "--report-json-path", str(report)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = json.loads(report.read_text())
+    assert run.returncode == 0 and not out["failures"] and not out["errors"], \
+        run.stdout[-6000:]
+    assert out["operations"]["tested"] >= 10 and out["test_cases"]["generated"] >= 15, out
 
 
 # --- what the fuzzer found (each was a failed check before its fix) ---------------------
@@ -196,3 +234,45 @@ def test_status_codes_the_service_answers_are_documented(client):
     for code in ("401", "403"):  # answered in JSON, like every error
         assert set(responses[code]["content"]) == {"application/json"}
     assert "503" in paths["/readyz"]["get"]["responses"]
+
+
+def test_deeply_nested_json_is_a_422_naming_the_body(client):
+    # was: 400 "There was an error parsing the body" (the parser's RecursionError), naming
+    # no field, in no documented status
+    deep = b'{"stream": "s", "points": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for method, path in (("POST", "/score"), ("PUT", "/streams/s"), ("POST", "/webhooks")):
+        r = client.request(method, path, content=deep,
+                           headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (method, path, r.text)
+        assert r.json()["message"].startswith("body: JSON nested too deeply"), r.text
+        assert r.json()["detail"][0]["loc"] == ["body"]
+
+
+@pytest.mark.parametrize("stamp", ["1700000000", "1700000000.5", "1e9", "2023-11-14",
+                                   "14/11/2023 22:13", "2023-11-14T22:13:20 Z"])
+def test_a_timestamp_string_is_an_rfc3339_date_time_or_a_422(client, stamp):
+    # was: "1700000000" (epoch seconds in a string) and "2023-11-14" (a date) accepted as
+    # time stamps: pydantic's lax datetime reads both
+    for body, loc in (
+            ({"stream": "ts", "points": [{"timestamp": stamp, "values": [1.0]}]},
+             "body.points.0.timestamp"),
+            ({"stream": "ts", "timestamps": [stamp], "values": [[1.0]]}, "body.timestamps.0"),
+    ):
+        r = client.post("/score", json=body)
+        assert r.status_code == 422 and r.json()["message"].startswith(f"{loc}: "), r.text
+        assert "RFC 3339" in r.json()["message"]
+    r = client.post("/streams/ts/feedback", json={"ranges": [
+        {"start": stamp, "end": 1700000001, "label": "normal"}]})
+    assert r.status_code == 422, r.text
+    assert r.json()["message"].startswith("body.ranges.0.start: "), r.text
+
+
+def test_rfc3339_strings_and_epoch_numbers_are_time_stamps(client):
+    stamps = ["2023-11-14T22:13:20Z", "2023-11-14T23:13:21+01:00", "2023-11-14 22:13:22.5",
+              "2023-11-14t22:13:23z", 1700000004, 1700000005.25]
+    r = client.post("/score", json={"stream": "ts-ok", "points": [
+        {"timestamp": s, "values": [1.0]} for s in stamps]})
+    assert r.status_code == 200, r.text
+    stored = [p["stored_timestamp"] for p in r.json()["results"]]
+    assert stored == [1700000000.0, 1700000001.0, 1700000002.5, 1700000003.0,
+                      1700000004.0, 1700000005.25]

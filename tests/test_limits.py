@@ -25,7 +25,9 @@ MEMORY = BackendUnderTest("memory")
 
 
 # --- body size and read deadline, in process (chunks fed one by one) ---------------------
-def asgi_post(client, path: str, chunks, delay: float = 0.0) -> tuple[int, dict, int]:
+def asgi_post(client, path: str, chunks, delay: float = 0.0,
+              headers: dict[str, str] | None = None,
+              method: str = "POST") -> tuple[int, dict, int]:
     """POST ``chunks`` as a chunked body straight into the app: (status, body, chunks the
     app pulled)."""
     pulled = 0
@@ -47,11 +49,13 @@ def asgi_post(client, path: str, chunks, delay: float = 0.0) -> tuple[int, dict,
 
     async def call() -> None:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
                  "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
                  "server": ("127.0.0.1", 80), "app": client.app,
                  "headers": [(b"content-type", b"application/json"),
-                             (b"transfer-encoding", b"chunked")]}
+                             (b"transfer-encoding", b"chunked"),
+                             *((k.lower().encode(), v.encode())
+                               for k, v in (headers or {}).items())]}
         await client.app(scope, receive, send)
 
     client.portal.call(call)
@@ -151,6 +155,60 @@ def test_stream_count_is_capped_for_put_and_score(service_backend):
         assert client.delete("/streams/b").status_code == 204
         assert client.post("/score", json={"stream": "d", "points": spiky(10, [])}
                            ).status_code == 200
+
+
+def test_one_tenant_cannot_fill_the_store_for_the_others(service_backend):
+    """TSAD_MAX_STREAMS_PER_TENANT beside TSAD_MAX_STREAMS: a tenant's keys create at most
+    its quota (POST /score and PUT alike); other tenants, and keys without tenant, still
+    create streams (was: the cap was global only, so one tenant's ingest key could take
+    every stream the store allows)."""
+    admin = "tenant-quota-admin-key-" + "k" * 32
+    with make_client(service_backend, auth="keys", admin_key=admin, max_streams=5,
+                     max_streams_per_tenant=2) as client:
+        def key(tenant: str | None, *scopes: str) -> dict[str, str]:
+            r = client.post("/keys", json={"name": "t", "scopes": list(scopes),
+                                           "tenant": tenant},
+                            headers={"Authorization": f"Bearer {admin}"})
+            return {"Authorization": f"Bearer {r.json()['key']}"}
+
+        def score(stream: str, headers: dict[str, str]) -> int:
+            return client.post("/score", json={"stream": stream, "points": spiky(5, [])},
+                               headers=headers).status_code
+
+        acme, globex = key("acme", "ingest"), key("globex", "admin")
+        assert [score(f"acme.s{i}", acme) for i in range(2)] == [200, 200]
+        r = client.post("/score", json={"stream": "acme.s2", "points": spiky(5, [])},
+                        headers=acme)
+        assert r.status_code == 429, r.text
+        assert "TSAD_MAX_STREAMS_PER_TENANT" in r.json()["message"]
+        assert "body.stream" in r.json()["message"]
+        assert score("acme.s0", acme) == 200  # its streams go on
+        r = client.put("/streams/acme.s3", json={"channels": 1}, headers=key("acme", "admin"))
+        assert r.status_code == 429 and "'acme'" in r.json()["message"]
+        # the other tenant, and a key without tenant, are not held by acme's streams
+        assert score("globex.s0", globex) == 200
+        assert client.put("/streams/globex.s1", json={"channels": 1},
+                          headers=globex).status_code == 201
+        assert score("ops.s0", {"Authorization": f"Bearer {admin}"}) == 200
+        assert score("globex.s2", globex) == 429  # its own quota
+        client.delete("/streams/acme.s1", headers=key("acme", "admin"))
+        assert score("acme.s2", acme) == 200  # room again
+        assert score("ops.s1", {"Authorization": f"Bearer {admin}"}) == 429  # the store's 5
+
+
+async def test_a_tenants_streams_are_counted_by_prefix(backend):
+    store = backend.build()
+    try:
+        for stream in ("acme.a", "acme.b", "acmex.c", "globex.d", "acme"):
+            await store.streams.append(stream, np.array([[1.0, 2.0]]))
+        assert await store.streams.count(prefix="acme.") == 2
+        assert await store.streams.count(exact=True, prefix="acme.") == 2
+        assert await store.streams.count(prefix="initech.") == 0
+        assert await store.streams.count() == 5
+        await store.streams.delete("acme.a")
+        assert await store.streams.count(exact=True, prefix="acme.") == 1
+    finally:
+        await store.close()
 
 
 def test_streams_are_listed_a_page_at_a_time(service_backend):

@@ -37,6 +37,7 @@ def test_per_stream_series_for_allow_listed_streams_up_to_the_cap(client):
     assert series_of(client, "web-2") == []  # allowed, but the cap (2) is reached
     assert series_of(client, "web-1") == [
         "tsad_stream_alerts_opened_total", "tsad_stream_anomalies_total",
+        "tsad_stream_anomaly", "tsad_stream_likelihood",
         "tsad_stream_points_scored_total", "tsad_stream_score", "tsad_stream_threshold",
         "tsad_stream_top_channel_total"]
     # the series count what the responses said
@@ -46,6 +47,9 @@ def test_per_stream_series_for_allow_listed_streams_up_to_the_cap(client):
         r["anomaly"] for r in results["web-1"])
     last = [r for r in results["web-1"] if r["score"] is not None][-1]
     assert sample(client, "tsad_stream_score", stream="web-1") == last["score"]
+    # the pull alternative to write-back: the last point's likelihood and verdict
+    assert sample(client, "tsad_stream_likelihood", stream="web-1") == last["likelihood"]
+    assert sample(client, "tsad_stream_anomaly", stream="web-1") == float(last["anomaly"])
     assert sample(client, "tsad_stream_alerts_opened_total", stream="web-1") >= 1
     # the spike is on the second channel, named "disk" for web-1 and "1" for db-01
     assert sample(client, "tsad_stream_top_channel_total", stream="web-1", channel="disk") >= 1

@@ -36,6 +36,9 @@ NOT_HERE = {
     "echo ": "writes the compose stack's secrets into .env",
     "REDIS_URL=redis://10.0.0.11": "needs a Redis Cluster at that address; "
                                    "tests/test_cluster.py runs the topology",
+    "curl -s -X PUT localhost:8000/watches/": "a watch needs a Prometheus to query "
+        "(TSAD_PROMETHEUS_URL): tests/test_prometheus_e2e.py runs watches on a real one, "
+        "tests/test_ingest.py checks this body against the watch API's model",
 }
 
 

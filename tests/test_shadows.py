@@ -520,3 +520,23 @@ async def test_a_commit_switches_the_binding_with_the_state(backend):
         assert await store.streams.get("s") is None
     finally:
         await store.close()
+
+
+# --- the other ingest doors ------------------------------------------------------------------
+def test_points_from_remote_write_reach_the_shadows(service_backend):
+    """Remote-write goes through the /score transaction: a stream's shadow sees its points
+    as it sees /score's (the transaction offers each committed batch)."""
+    from tests.test_ingest import CPU, CPU_ID, body, sine
+
+    with make_client(service_backend) as c:
+        assert c.post("/api/v1/write", content=body((CPU, sine(128)))).status_code == 204
+        assert c.put(f"/streams/{CPU_ID}/shadows/rl", json={"detector": "residual_linear"}
+                     ).status_code == 201
+        for a in range(128, 384, 64):
+            assert c.post("/api/v1/write", content=body((CPU, sine(64, a)))
+                          ).status_code == 204
+        settle(c)
+        got = c.get(f"/streams/{CPU_ID}/shadows/rl/scores", params={"limit": 1000}).json()
+        shadow = c.get(f"/streams/{CPU_ID}/shadows/rl").json()
+    assert len(got["timestamps"]) == 256 and shadow["lag_points"] == 0
+    assert all(s is not None for s in got["shadow_scores"])  # warmed up on the first 128

@@ -99,10 +99,11 @@ class Target:
         self.server.server_close()
 
 
-def deliver_once(url: str, allow: str) -> tuple[dict, list[str]]:
+def deliver_once(url: str, allow: str, auth: str = "keys") -> dict:
     """One event to one subscription of ``url`` through a real worker with one attempt:
-    (its dead letter, or {} when delivered; log lines)."""
-    settings = Settings(webhook_allow_hosts=allow, webhook_max_attempts=1,
+    its dead letter, or {} when delivered. A keyed service by default: an open one on
+    loopback also reaches loopback receivers (tests/test_ssrf.py)."""
+    settings = Settings(auth=auth, webhook_allow_hosts=allow, webhook_max_attempts=1,
                         webhook_poll_seconds=0.02, webhook_timeout_seconds=3)
     backend = MemoryBackend()
     store, outbox = backend.webhooks, backend.alerts.outbox

@@ -86,7 +86,8 @@ class Alert:
 
 def make_event(kind: str, alert: Alert, reason: str) -> dict:
     """One webhook event. Its id (alert id, version, stream incarnation) is the
-    idempotency key."""
+    idempotency key; ``sequence`` (the alert's version: 1 for alert.opened, one more per
+    event) orders the events of one alert."""
     suffix = f"-{alert.incarnation}" if alert.incarnation else ""
     return {"id": f"{alert.id}-{alert.version}{suffix}", "type": kind, "reason": reason,
-            "created": time.time(), "alert": alert.to_dict()}
+            "sequence": alert.version, "created": time.time(), "alert": alert.to_dict()}

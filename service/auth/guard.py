@@ -53,6 +53,8 @@ class Authenticator:
         self.keys = keys
         admin = settings.admin_key
         self._bootstrap = digest(admin.get_secret_value()) if admin else None
+        ingest = settings.ingest_key  # TSAD_INGEST_KEY: Prometheus' remote_write (issue 26)
+        self._ingest = digest(ingest.get_secret_value()) if ingest else None
 
     async def authenticate(self, raw: str | None) -> Principal:
         """The principal a presented key stands for; 401 when there is none or it is
@@ -63,6 +65,8 @@ class Authenticator:
             raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
         if self._bootstrap and hmac.compare_digest(self._bootstrap, digest(raw)):
             return Principal("bootstrap", SCOPES)
+        if self._ingest and hmac.compare_digest(self._ingest, digest(raw)):
+            return Principal("bootstrap-ingest", ("ingest",))
         kid = key_id(raw)
         record = await self.keys.get(kid) if kid else None
         if record is None or not record.matches(raw):

@@ -14,9 +14,10 @@ from service.deps import (
     BackendDep,
     MetricsDep,
     SettingsDep,
-    metrics_access,
+    metrics_reader,
 )
 from service.errors import StoreUnavailable
+from service.redaction import redact
 
 router = APIRouter(tags=["operations"])
 # /metrics answers text, its 401 and 403 JSON: a `model` would be documented as text/plain
@@ -37,7 +38,7 @@ async def readyz(backend: BackendDep, settings: SettingsDep, request: Request) -
         await backend.ping()
         checks["store"] = f"ok ({backend.name})"
     except StoreUnavailable as exc:
-        checks["store"] = f"unavailable: {exc}"
+        checks["store"] = f"unavailable: {redact(str(exc))}"  # a URL may hold a password
     checks["detectors"] = "ok" if request.app.state.detectors_ready else "not loaded"
     ready = all(v.startswith("ok") for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
@@ -46,12 +47,23 @@ async def readyz(backend: BackendDep, settings: SettingsDep, request: Request) -
                                                     str(settings.retry_after_seconds)})
 
 
-@router.get("/metrics", summary="Prometheus metrics (keyed when TSAD_METRICS_AUTH)",
-            response_class=PlainTextResponse, dependencies=[Depends(metrics_access)],
-            responses=_JSON_AUTH_ERRORS)
 async def metrics(m: MetricsDep, alerts: AlertsDep) -> PlainTextResponse:
     # a gauge of state held in the store, read when Prometheus asks; on an outage it keeps
     # its last value (tsad_window_store_up says the store is down)
     with contextlib.suppress(StoreUnavailable):
         m.alerts_open.set(await alerts.count_open())
-    return PlainTextResponse(m.exposition(), media_type=CONTENT_TYPE_LATEST)
+    # label values are client data (channel names): no URL credentials in them either
+    return PlainTextResponse(redact(m.exposition().decode()), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_router(keyed: bool) -> APIRouter:
+    """GET /metrics, open, or (TSAD_METRICS_AUTH) needing a 'read' key without tenant
+    (the series span every tenant's streams): the schema declares the key only then."""
+    router = APIRouter(tags=["operations"])
+    router.add_api_route(
+        "/metrics", metrics, methods=["GET"], response_class=PlainTextResponse,
+        summary="Prometheus metrics" + (" (a 'read' key without tenant)" if keyed else
+                                        " (open; TSAD_METRICS_AUTH=true requires a key)"),
+        dependencies=[Depends(metrics_reader)] if keyed else [],
+        responses=_JSON_AUTH_ERRORS if keyed else None)
+    return router

@@ -18,13 +18,16 @@ IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
     description="Any unique string per batch (a UUID): a retry with the same key and "
     "body gets the first response again, for TSAD_IDEMPOTENCY_TTL_SECONDS (a day); the "
-    "same key with another body is a 422", examples=["3f0c9a52-5b7e-4d0e-9a51-0c1d2e3f4a5b"])]
+    "same key with another body is a 422, e.g. 3f0c9a52-5b7e-4d0e-9a51-0c1d2e3f4a5b (no "
+    "example value here: one key sent with each body example would be refused)")]
 
 
 @router.post(
     "/score",
     response_model=ScoreResponse,
-    responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}, 429: {
+        "model": ErrorOut, "description": "A new stream beyond TSAD_MAX_STREAMS or the "
+        "key's tenant's TSAD_MAX_STREAMS_PER_TENANT"}},
     summary="Append points to a stream and score them",
 )
 async def score(body: ScoreRequest, transaction: ScoreDep, who: Ingest,
@@ -38,7 +41,7 @@ async def score(body: ScoreRequest, transaction: ScoreDep, who: Ingest,
     try:
         points = score_points(body, transaction.settings)
         outcome = await transaction(body.stream, points[:, 0], points[:, 1:],
-                                    idempotency=idempotency)
+                                    idempotency=idempotency, tenant=who.tenant)
     except InvalidInput as exc:
         if body.columnar:  # errors name points.i: name the columns sent
             raise columnar(exc) from None

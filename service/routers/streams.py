@@ -4,7 +4,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from service.deps import AUTH_RESPONSES, AdminStream, FeedbackDep, Reader, ReadStream, StreamsDep
+from service.deps import (
+    AUTH_RESPONSES,
+    Admin,
+    AdminStream,
+    FeedbackDep,
+    Reader,
+    ReadStream,
+    StreamsDep,
+)
 from service.feedback.schemas import FeedbackOut, FeedbackRequest
 from service.schemas import (
     STREAM_ID_PATTERN,
@@ -37,11 +45,15 @@ async def list_streams(
 
 
 @router.put("/{stream}", response_model=StreamOut,
-            responses={**_ERRORS, 201: {"model": StreamOut, "description": "Created"}},
+            responses={**_ERRORS, 201: {"model": StreamOut, "description": "Created"},
+                       429: {"model": ErrorOut, "description": "A new stream beyond "
+                             "TSAD_MAX_STREAMS or TSAD_MAX_STREAMS_PER_TENANT"}},
             summary="Create or configure a stream (channels are fixed once set)")
 async def put_stream(stream: AdminStream, body: StreamConfigIn, admin: StreamsDep,
-                     response: Response) -> StreamOut:
-    out, created = await admin.put(stream, body)
+                     response: Response, who: Admin) -> StreamOut:
+    """A new stream counts against the key's tenant's quota (TSAD_MAX_STREAMS_PER_TENANT)
+    and the store's (TSAD_MAX_STREAMS): 429 when either is full."""
+    out, created = await admin.put(stream, body, tenant=who.tenant)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return out
 

@@ -1,17 +1,21 @@
 """The storage interface: everything the service keeps, behind one declared ``Backend``.
 
 A backend is one package (``service/stores/memory``, ``service/stores/redis``: a single
-Redis or a Redis Cluster) with five parts and an explicit atomic commit:
+Redis or a Redis Cluster) with six parts and an explicit atomic commit:
 
 * ``streams`` (``StreamStore``): per stream, its metadata (channels, window, detector,
   points seen, the scored-up-to mark, last timestamp, timestamp policy, version), its
   last points, its state *sections* (named byte strings: the detector, the loop, the
   threshold, the alert tracker, feedback, ...), the kept responses of batches sent with
-  an Idempotency-Key (receipts) and its lock;
+  an Idempotency-Key (receipts, and *pending* receipts: written with a batch's append,
+  completed by the commit that scores its points) and its lock;
 * ``alerts`` (``AlertStore``): alert records, queried by stream, state and time;
 * ``webhooks`` (``WebhookStore``): subscriptions, the outbox of alert events, deliveries
   and dead letters;
 * ``keys`` (``KeyStore``): API key records;
+* ``ingest`` (``IngestStore``): what the Prometheus-native doors keep between requests
+  (``service/ingest/``): the rows of grouped streams still waiting for a channel, the
+  watches made over the API, each watch's cursor and which replica runs it;
 * ``commit(Commit)``: a scored batch's changed sections, its scored-up-to mark, the
   alerts and events it raised and its receipt, written in one atomic step (see
   ``service/README.md``, "Durability").
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -129,6 +133,19 @@ class AppendResult:
         return self.unscored + self.accepted
 
 
+@dataclass(frozen=True)
+class PendingReceipt:
+    """A batch sent with an Idempotency-Key, written with its append (atomically): if the
+    process dies before the commit that keeps the batch's response, whoever scores the
+    batch's points later (the stream's next request, start-up recovery) finds it
+    (``StreamStore.pending_receipts``) and completes it with their results. ``encode``
+    makes the bytes kept from what the append decided: each point's action and stored
+    stamp, and the stream's ``created_at``."""
+
+    key: str
+    encode: Callable[[list[PointAction], list[float | None], float], bytes]
+
+
 @dataclass
 class Commit:
     """What one atomic write stores for a stream (``Backend.commit``)."""
@@ -138,6 +155,9 @@ class Commit:
     drop: tuple[str, ...] = ()  # sections to remove (e.g. a shadow detector retired)
     scored: int | None = None  # the scored-up-to mark (None: unchanged)
     receipt: tuple[str, bytes] | None = None  # (Idempotency-Key, the kept response)
+    # pending receipts of earlier batches whose points this commit scored (a crash had
+    # left them unscored), completed: Idempotency-Key -> the kept response
+    completed: dict[str, bytes] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)  # records the batch changed
     events: list[dict] = field(default_factory=list)  # alert events, to the outbox
     # the stream's detector binding, switched with its state (a shadow promoted): None, or
@@ -169,15 +189,23 @@ class StreamStore(Protocol):
         """Streams by id, ascending: at most ``limit``, only ids after ``after``."""
         ...
 
-    async def count(self, exact: bool = False) -> int:
-        """Streams stored. Redis counts its index, which may still hold streams expired
-        by TTL; ``exact`` tidies those first (one round trip per call, O(streams))."""
+    async def count(self, exact: bool = False, prefix: str | None = None) -> int:
+        """Streams stored (only ids starting with ``prefix`` when given: a tenant's).
+        Redis counts its index, which may still hold streams expired by TTL; ``exact``
+        tidies those first (one round trip per call, O(streams)). With a prefix, Redis
+        scans its index (O(streams)): a tenant's count is taken when it creates one."""
+        ...
+
+    async def versions(self, streams: Collection[str]) -> dict[str, tuple[float, int]]:
+        """(created_at, version) of each of ``streams`` that exists, in one round trip:
+        what a process checks its cached scorers against."""
         ...
 
     async def delete(self, stream: str) -> bool: ...
 
     async def append(self, stream: str, points: np.ndarray, *,
-                     known: StreamMeta | None = None) -> AppendResult:
+                     known: StreamMeta | None = None,
+                     pending: PendingReceipt | None = None) -> AppendResult:
         """Atomically append ``points`` (N, 1 + C; column 0 the timestamp) as
         ``plan_append`` decides under the stream's timestamp policy (else the backend's),
         and trim the points to what scoring needs.
@@ -186,7 +214,8 @@ class StreamStore(Protocol):
         Raises InvalidInput (nothing written) on a channel-count mismatch or when the
         plan rejects a point. ``known``: the stream's meta as the caller last saw it (a
         cached scorer's): the plan is made on it without reading it first, and made again
-        if its version is no longer the stored one.
+        if its version is no longer the stored one. ``pending``: the batch's pending
+        receipt, written with the append (``PendingReceipt``).
         """
         ...
 
@@ -202,7 +231,13 @@ class StreamStore(Protocol):
         ...
 
     async def receipt(self, stream: str, key: str) -> bytes | None:
-        """The kept response of the batch sent with Idempotency-Key ``key``, if any."""
+        """The kept response of the batch sent with Idempotency-Key ``key``, if any (or
+        its pending receipt, until a commit completes it)."""
+        ...
+
+    async def pending_receipts(self, stream: str) -> dict[str, bytes]:
+        """The stream's pending receipts (Idempotency-Key -> bytes): batches stored whose
+        response no commit has kept yet."""
         ...
 
     def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
@@ -240,7 +275,20 @@ class WebhookStore(Protocol):
     async def fan_out(self, subs: dict[str, Subscription], limit: int) -> int: ...
     async def claim_due(self, now: float, limit: int, lease: float) -> list[dict]: ...
     async def ack(self, delivery: dict) -> None: ...
-    async def retry(self, delivery: dict, due: float) -> None: ...
+    async def retry(self, delivery: dict, due: float) -> None:
+        """Due again at ``due``, and *waiting* on its subscription until then (a failed
+        attempt, or held back behind its alert's previous event)."""
+        ...
+
+    async def release(self, subscription_id: str) -> int:
+        """The subscription's receiver answered: its waiting deliveries are due at once,
+        oldest event first (due = the event's time). Returns how many."""
+        ...
+
+    async def pending(self, delivery_ids: Collection[str]) -> dict[str, float]:
+        """The due time of each of these deliveries still queued (claimed ones: their
+        lease's end)."""
+        ...
     async def bury(self, delivery: dict) -> None: ...
     async def dead_letters(self, limit: int) -> list[dict]: ...
     async def dead_letter(self, delivery_id: str) -> dict | None: ...
@@ -257,6 +305,71 @@ class KeyStore(Protocol):
     async def revoke(self, kid: str) -> bool: ...
 
 
+Row = list[float | None]  # one value per channel; None: not arrived yet
+
+
+@dataclass
+class HeldRows:
+    """A grouped stream's rows not yet stored, by time stamp (ms), and the last stored
+    value of each channel (what a row missing one is completed with)."""
+
+    rows: dict[int, Row] = field(default_factory=dict)
+    last: Row | None = None
+
+    def copy(self) -> HeldRows:
+        return HeldRows({t: list(row) for t, row in self.rows.items()},
+                        None if self.last is None else list(self.last))
+
+
+class IngestStore(Protocol):
+    """What the Prometheus-native doors keep (``service/ingest/``). Held rows live in the
+    stream's slot; watches, cursors and leases in one slot of their own."""
+
+    async def held(self, stream: str) -> HeldRows:
+        """A grouped stream's held rows (a copy: change it, then ``hold`` it)."""
+        ...
+
+    async def hold(self, stream: str, held: HeldRows, removed: Collection[int]) -> None:
+        """Keep ``held`` as the stream's held rows, the rows at ``removed`` (ms) gone."""
+        ...
+
+    def holding(self, stream: str) -> AbstractAsyncContextManager[None]:
+        """Serialises read-modify-write of one stream's held rows (across replicas for
+        Redis); taken outside the stream's own lock, which scoring takes."""
+        ...
+
+    async def forget_stream(self, stream: str) -> None:
+        """The stream was deleted: its held rows go (a new stream of the id starts bare)."""
+        ...
+
+    async def watches(self) -> dict[str, dict]:
+        """The watches made over the API: name -> definition."""
+        ...
+
+    async def put_watch(self, name: str, spec: dict) -> bool:
+        """Store a watch's definition; True when it is new."""
+        ...
+
+    async def delete_watch(self, name: str) -> bool:
+        """Forget a watch and its cursor; False when there was none."""
+        ...
+
+    async def cursor(self, name: str) -> float | None:
+        """A watch's last evaluated time (epoch s); None: not evaluated yet."""
+        ...
+
+    async def set_cursor(self, name: str, t: float) -> None: ...
+
+    async def lease(self, name: str, owner: str, seconds: float) -> bool:
+        """Take, or renew if ``owner`` holds it, the right to run watch ``name`` for
+        ``seconds``; False while another owner holds it."""
+        ...
+
+    async def release(self, name: str, owner: str) -> None:
+        """Give the lease up (if ``owner`` holds it): another replica may take it now."""
+        ...
+
+
 class Backend(Protocol):
     """One storage backend: its parts and the atomic commit that spans them."""
 
@@ -265,6 +378,7 @@ class Backend(Protocol):
     alerts: AlertStore
     webhooks: WebhookStore
     keys: KeyStore
+    ingest: IngestStore
 
     async def commit(self, commit: Commit) -> int:
         """Write ``commit`` atomically (a receipt alone needs no atomicity with anything)
@@ -278,5 +392,6 @@ class Backend(Protocol):
 
 
 __all__ = ["BINDING", "LEGACY_SECTION", "AlertStore", "AppendResult", "Backend", "Commit",
-           "DuplicatePolicy", "KeyStore", "PointAction", "StoreUnavailable", "StreamMeta",
-           "StreamPolicy", "StreamStore", "TimestampPolicy", "WebhookStore", "retained"]
+           "DuplicatePolicy", "HeldRows", "IngestStore", "KeyStore", "PendingReceipt",
+           "PointAction", "StoreUnavailable", "StreamMeta", "StreamPolicy", "StreamStore",
+           "TimestampPolicy", "WebhookStore", "retained"]

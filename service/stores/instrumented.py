@@ -12,8 +12,8 @@ from service.errors import StoreUnavailable
 from service.metrics import ServiceMetrics
 from service.stores.base import Backend, StreamStore
 
-_STREAM_OPS = ("put", "get", "list", "count", "delete", "append", "window", "sections",
-               "receipt")
+_STREAM_OPS = ("put", "get", "list", "count", "versions", "delete", "append", "window",
+               "sections", "receipt", "pending_receipts")
 
 
 class _Timed:
@@ -64,6 +64,7 @@ class InstrumentedBackend:
         self.alerts = backend.alerts
         self.webhooks = backend.webhooks
         self.keys = backend.keys
+        self.ingest = backend.ingest
         self.commit = timed("commit", backend.commit)
         self.ping = timed("ping", backend.ping)
 

@@ -6,6 +6,27 @@ TCP connection is checked again, on the addresses it is about to connect to
 to 127.0.0.1 or 169.254.169.254 later (DNS rebinding) is refused at connect time, and the
 connection goes to the very address that was checked. Redirects are never followed (the
 worker's client), so a public target cannot bounce a delivery inside either.
+
+"Public" is decided here, from the IANA special-purpose registries, not from Python's
+``is_global`` alone (which differs between Python versions and, before 3.13, calls
+``fec0::1``, ``::127.0.0.1`` and ``64:ff9b::a9fe:a9fe`` global):
+
+- IPv4: not in any special-purpose block (``_V4_REFUSED``) and not multicast;
+- IPv6 that carries an IPv4 address meant to be reached: IPv4-mapped ``::ffff:0:0/96``,
+  IPv4-translated ``::ffff:0:0:0/96`` and NAT64 ``64:ff9b::/96`` are judged by that IPv4
+  address (a NAT64 gateway forwards to it);
+- IPv6 forms refused whatever they embed: IPv4-compatible ``::/96`` (deprecated), local-use
+  NAT64 ``64:ff9b:1::/48`` (no fixed place for the IPv4 part), 6to4 ``2002::/16`` and
+  Teredo ``2001::/32`` (they tunnel to the IPv4 they embed; nobody serves webhooks there);
+- other IPv6: global unicast ``2000::/3`` only, outside its special blocks
+  (``_V6_REFUSED``): so never ULA ``fc00::/7``, link-local ``fe80::/10``, site-local
+  ``fec0::/10``, multicast, loopback or unspecified.
+
+A NAT64 gateway with its own (network-specific) prefix cannot be told from a public IPv6
+address: behind one, an egress firewall is the guard.
+
+Loopback receivers (``tsad receive`` beside ``make serve``) are reachable on an open
+service bound to loopback only (``local_receivers``): see ``AllowList.for_settings``.
 """
 
 from __future__ import annotations
@@ -14,15 +35,33 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpcore
 import httpx
 
+from service.auth.guard import is_loopback
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _HOSTNAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+_net = ipaddress.ip_network
+# IANA IPv4 special-purpose blocks, multicast and reserved (RFC 6890 and successors)
+_V4_REFUSED = tuple(_net(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4"))
+_V6_GLOBAL_UNICAST = _net("2000::/3")
+# inside 2000::/3: IETF protocol assignments (Teredo, ORCHID, benchmarking, ...) 2001::/23,
+# 6to4, documentation (two blocks)
+_V6_REFUSED = tuple(_net(n) for n in ("2001::/23", "2002::/16", "2001:db8::/32", "3fff::/20"))
+# the forms whose embedded IPv4 address (the low 32 bits) is the real destination
+_V4_CARRIERS = tuple(_net(n) for n in ("::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
 
 
 class DestinationRefused(httpcore.ConnectError):
@@ -30,25 +69,33 @@ class DestinationRefused(httpcore.ConnectError):
     httpx reports it like any connection failure; the worker tells it apart by cause.)"""
 
 
-def _embedded(addr: IPAddress) -> Iterable[IPAddress]:
-    """The address and the IPv4 addresses an IPv6 one carries (mapped, 6to4, Teredo)."""
-    yield addr
-    if isinstance(addr, ipaddress.IPv6Address):
-        yield from (a for a in (addr.ipv4_mapped, addr.sixtofour) if a is not None)
-        if addr.teredo:
-            yield from addr.teredo
-
-
 def is_public(addr: IPAddress) -> bool:
-    """Global unicast only: no loopback, private, link-local, shared, reserved, unspecified
-    or multicast address (Python counts some multicast ranges as global).
+    """Global unicast only, judged as the module docstring says.
 
     >>> [is_public(ipaddress.ip_address(a)) for a in
     ...  ("93.184.215.14", "169.254.169.254", "10.0.0.1", "::1", "0.0.0.0", "224.0.0.1",
-    ...   "::ffff:127.0.0.1", "100.64.0.1", "2606:4700::1111")]
-    [True, False, False, False, False, False, False, False, True]
+    ...   "::ffff:127.0.0.1", "100.64.0.1", "2606:4700::1111", "64:ff9b::a9fe:a9fe",
+    ...   "64:ff9b::5db8:d70e", "::127.0.0.1", "fec0::1", "2002:5db8:d70e::1")]
+    [True, False, False, False, False, False, False, False, True, False, True, False, False, False]
     """
-    return all(a.is_global and not a.is_multicast for a in _embedded(addr))
+    if isinstance(addr, ipaddress.IPv4Address):
+        return (addr.is_global and not addr.is_multicast
+                and not any(addr in net for net in _V4_REFUSED))
+    if any(addr in net for net in _V4_CARRIERS):
+        return is_public(ipaddress.IPv4Address(int(addr) & 0xFFFF_FFFF))
+    return (addr in _V6_GLOBAL_UNICAST and addr.is_global
+            and not any(addr in net for net in _V6_REFUSED))
+
+
+def names_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP literal (127.0.0.0/8, ::1): a host that says it is
+    this machine, as opposed to a name that happens to resolve here.
+
+    >>> [names_loopback(h) for h in ("localhost", "LOCALHOST.", "127.0.0.2", "::1",
+    ...                                "::ffff:127.0.0.1", "loopback.example.com")]
+    [True, True, True, True, False, False]
+    """
+    return host.lower().rstrip(".") == "localhost" or is_loopback(host)
 
 
 @dataclass(frozen=True)
@@ -58,6 +105,32 @@ class AllowList:
 
     hosts: frozenset[str] = frozenset()
     networks: tuple[IPNetwork, ...] = field(default_factory=tuple)
+    # loopback addresses of hosts that name loopback (localhost, 127.0.0.1, ::1), never
+    # of other names (DNS rebinding): on for an open service on loopback (for_settings)
+    local_receivers: bool = False
+
+    @classmethod
+    def for_settings(cls, settings: Settings, client: str | None = None) -> AllowList:
+        """The service's allow-list: TSAD_WEBHOOK_ALLOW_HOSTS, plus loopback receivers
+        when the service runs open (TSAD_AUTH=open) on a loopback address (make serve):
+        there every caller is already on this machine, unauthenticated, and reaches its
+        loopback ports directly, so a webhook to them grants nothing new. A keyed service,
+        or one open on another address (TSAD_ALLOW_OPEN), gets no such exception. At
+        subscription, ``client`` (the caller's address) must be loopback too, in case the
+        process was bound elsewhere by hand (uvicorn --host) with TSAD_HOST left at its
+        default.
+
+        >>> from service.settings import Settings
+        >>> AllowList.for_settings(Settings()).local_receivers
+        True
+        >>> [AllowList.for_settings(s, c).local_receivers for s, c in (
+        ...     (Settings(), "10.0.0.7"), (Settings(auth="keys"), "127.0.0.1"),
+        ...     (Settings(host="0.0.0.0", allow_open=True), "127.0.0.1"))]
+        [False, False, False]
+        """
+        local = (settings.auth == "open" and is_loopback(settings.host)
+                 and (client is None or is_loopback(client)))
+        return replace(cls.parse(settings.webhook_allow_hosts), local_receivers=local)
 
     @classmethod
     def parse(cls, spec: str) -> AllowList:
@@ -106,13 +179,16 @@ async def checked_addresses(host: str, port: int, allow: AllowList) -> list[IPAd
     """The addresses of ``host`` a webhook may connect to; DestinationRefused when any of
     them is refused (a name that also resolves inside is refused as a whole)."""
     addrs = await resolve(host, port)
-    refused = [a for a in addrs if not allow.allows_address(a)]
+    local = allow.local_receivers and names_loopback(host)
+    refused = [a for a in addrs
+               if not (allow.allows_address(a) or (local and a.is_loopback))]
     if refused or not addrs:
         shown = ", ".join(str(a) for a in refused[:3])
         raise DestinationRefused(
             f"host {host!r} resolves to {shown or 'nothing'}: loopback, private, "
-            "link-local, reserved and multicast addresses are refused unless "
-            "TSAD_WEBHOOK_ALLOW_HOSTS names them")
+            "link-local, reserved and multicast addresses, and IPv6 addresses that embed "
+            "one (IPv4-mapped, -compatible or -translated, NAT64, 6to4, Teredo), are "
+            "refused unless TSAD_WEBHOOK_ALLOW_HOSTS names them")
     return addrs
 
 

@@ -14,6 +14,11 @@ destination check (service/webhooks/destinations.py); redirects are not followed
 attempt keeps a short summary (``HTTP 503``, ``timeout``, ``connection failed``,
 ``destination refused``), never the target's response body or the socket error's text: a
 subscription must not turn the dead-letter list into a probe of other hosts.
+
+A success to a subscription releases its deliveries waiting on a backoff (its receiver is
+back: they go at once, oldest first). One alert's events go to a subscription in their
+``sequence`` order: one after another, the later ones held back behind a failed or still
+queued earlier one (``service/webhooks/model.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.stores.base import WebhookStore
 from service.webhooks.destinations import AllowList, DestinationRefused, GuardedTransport
-from service.webhooks.model import DELETED, Subscription
+from service.webhooks.model import DELETED, Subscription, place, previous
 from service.webhooks.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 log = logging.getLogger("tsad.webhooks")
 USER_AGENT = "tsad-webhooks/0.1"
+# a delivery held back behind its alert's previous event is due just after it
+BEHIND_SECONDS = 0.001
 
 
 def backoff_seconds(attempt: int, base: float, cap: float,
@@ -76,7 +83,7 @@ class WebhookWorker:
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        allow = AllowList.parse(self.settings.webhook_allow_hosts)
+        allow = AllowList.for_settings(self.settings)
         self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_seconds,
                                          follow_redirects=False, trust_env=False,
                                          transport=GuardedTransport(allow),
@@ -118,17 +125,42 @@ class WebhookWorker:
         due = await self.store.claim_due(time.time(), s.webhook_concurrency,
                                          s.webhook_lease_seconds)
         if due:
-            await asyncio.gather(*(self._deliver(d, subs.get(d["subscription_id"]))
-                                   for d in due))
+            await self._deliver_all(due, subs)
         self.metrics.webhook_queue_depth.set(await self.store.depth())
         return bool(fanned or due)
 
-    async def _deliver(self, delivery: dict, sub: Subscription | None) -> None:
+    async def _deliver_all(self, due: list[dict], subs: dict[str, Subscription]) -> None:
+        """Alerts side by side; each alert's events to a subscription one after another,
+        in sequence order, all held back while the delivery of the first one's
+        predecessor (claimed elsewhere, or waiting on a backoff) is queued."""
+        groups: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+        for d in due:
+            key, sequence = place(d)
+            groups.setdefault(key, []).append((sequence, d))
+        ordered = [[d for _, d in sorted(g, key=lambda sd: sd[0])] for g in groups.values()]
+        before = {g[0]["id"]: p for g in ordered if (p := previous(g[0]))}
+        queued = await self.store.pending(before.values())
+
+        async def in_order(group: list[dict]) -> None:
+            behind = queued.get(before.get(group[0]["id"], ""))
+            for delivery in group:
+                if behind is None:
+                    sub = subs.get(delivery["subscription_id"])
+                    behind = await self._deliver(delivery, sub)
+                else:  # no attempt: due again just after the one it follows
+                    behind += BEHIND_SECONDS
+                    await self.store.retry(delivery, behind)
+
+        await asyncio.gather(*(in_order(g) for g in ordered))
+
+    async def _deliver(self, delivery: dict, sub: Subscription | None) -> float | None:
+        """One attempt; the time the delivery is due again (None: done with, delivered
+        or dead-lettered)."""
         if sub is None:  # unsubscribed after this was claimed or fanned out
             self.metrics.webhook_deliveries_total.labels("dead_letter").inc()
             self.metrics.webhook_dead_letters_total.inc()
             await self.store.bury(delivery | {"last_error": DELETED, "last_status": None})
-            return
+            return None
         assert self._client is not None
         delivery["attempts"] += 1
         body = delivery["body"].encode()
@@ -161,7 +193,10 @@ class WebhookWorker:
             self.metrics.webhook_delivery_latency_seconds.observe(
                 max(time.time() - delivery["created"], 0.0))
             await self.store.ack(delivery)
-            return
+            if released := await self.store.release(sub.id):  # its receiver is back
+                log.info("webhook destination back: queued deliveries released",
+                         extra={"subscription": sub.id, "deliveries": released})
+            return None
         delivery["last_error"], delivery["last_status"] = error, status
         s = self.settings
         delay = backoff_seconds(delivery["attempts"], s.webhook_backoff_seconds,
@@ -176,6 +211,7 @@ class WebhookWorker:
                         extra={"delivery": delivery["id"], "url": sub.url, "error": error,
                                "detail": detail, "attempts": delivery["attempts"]})
             await self.store.bury(delivery)
-            return
+            return None
         self.metrics.webhook_deliveries_total.labels("retry").inc()
         await self.store.retry(delivery, due)
+        return due

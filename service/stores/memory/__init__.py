@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from service.stores.base import Commit, StreamPolicy
 from service.stores.memory.alerts import MemoryAlerts
+from service.stores.memory.ingest import MemoryIngest
 from service.stores.memory.keys import MemoryKeys
 from service.stores.memory.streams import MemoryStreams
 from service.stores.memory.webhooks import MemoryWebhooks
@@ -21,6 +22,7 @@ class MemoryBackend:
         self.alerts = MemoryAlerts(alert_retention_seconds)
         self.webhooks = MemoryWebhooks(self.alerts.outbox, dead_letter_retention_seconds)
         self.keys = MemoryKeys()
+        self.ingest = MemoryIngest()
 
     async def commit(self, commit: Commit) -> int:
         version = self.streams.apply(commit)

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from service.errors import Conflict, InvalidInput
-from service.stores.base import AppendResult, Commit, StreamMeta, StreamPolicy, retained
+from service.stores.base import (
+    AppendResult,
+    Commit,
+    PendingReceipt,
+    StreamMeta,
+    StreamPolicy,
+    retained,
+)
 from service.stores.plan import NO_NUDGES, may_resend, plan_append, scoreable_unscored
 
 # Receipts (Idempotency-Key responses) kept per stream, newest first: the in-process store
@@ -33,6 +40,7 @@ class _Stream:
     sections: dict[str, bytes] = field(default_factory=dict)
     touched: float = field(default_factory=time.monotonic)
     receipts: OrderedDict = field(default_factory=OrderedDict)  # key -> (expiry, data)
+    pending: set[str] = field(default_factory=set)  # keys of pending receipts
 
 
 class MemoryStreams:
@@ -86,11 +94,17 @@ class MemoryStreams:
                 out.append(replace(e.meta))
         return out
 
-    async def count(self, exact: bool = False) -> int:
+    async def count(self, exact: bool = False, prefix: str | None = None) -> int:
         if exact:
             for s in list(self._streams):
                 self._get(s)  # drops it when idle past its TTL
-        return len(self._streams)
+        if prefix is None:
+            return len(self._streams)
+        return sum(s.startswith(prefix) for s in self._streams)
+
+    async def versions(self, streams: Collection[str]) -> dict[str, tuple[float, int]]:
+        return {s: (e.meta.created_at, e.meta.version) for s in streams
+                if (e := self._get(s)) is not None}
 
     async def delete(self, stream: str) -> bool:
         lock = self._locks.get(stream)
@@ -99,7 +113,8 @@ class MemoryStreams:
         return self._streams.pop(stream, None) is not None
 
     async def append(self, stream: str, points: np.ndarray, *,
-                     known: StreamMeta | None = None) -> AppendResult:
+                     known: StreamMeta | None = None,
+                     pending: PendingReceipt | None = None) -> AppendResult:
         # ``known`` is unused: this store's meta is always current
         policy = self.policy
         channels = points.shape[1] - 1
@@ -143,6 +158,10 @@ class MemoryStreams:
             m.last_timestamp = float(new[-1, 0])
             m.version += 1
         entry.touched = time.monotonic()
+        if pending is not None:
+            self._keep_receipt(entry, pending.key,
+                               pending.encode(plan.actions, plan.stamps, m.created_at))
+            entry.pending.add(pending.key)
         rows = context + list(new)
         out = np.array(rows, dtype=np.float64).reshape(len(rows), 1 + channels)
         usable = scoreable_unscored(unscored, len(out), len(new), m.points_seen, m.window)
@@ -170,6 +189,14 @@ class MemoryStreams:
         found = entry.receipts.get(key) if entry else None
         return found[1] if found and found[0] > time.monotonic() else None
 
+    async def pending_receipts(self, stream: str) -> dict[str, bytes]:
+        entry = self._get(stream)
+        if entry is None:
+            return {}
+        found = {k: data for k in entry.pending if (data := await self.receipt(stream, k))}
+        entry.pending.intersection_update(found)  # expired ones are gone
+        return found
+
     # --- the commit's part (no await: atomic on the event loop) ---------------------------
     def apply(self, commit: Commit) -> int:
         """A commit's stream writes; the new version (0: no such stream, or only a
@@ -177,8 +204,10 @@ class MemoryStreams:
         entry = self._get(commit.stream)
         if entry is None:
             return 0
-        if commit.receipt is not None:
-            self._keep_receipt(entry, *commit.receipt)
+        for key, data in ([commit.receipt] if commit.receipt else []) + list(
+                commit.completed.items()):
+            self._keep_receipt(entry, key, data)
+            entry.pending.discard(key)
         if not commit.writes_state:
             return 0
         entry.sections.update(commit.sections)

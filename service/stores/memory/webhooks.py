@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
+from collections import defaultdict, deque
+from collections.abc import Collection
 
 from service.webhooks.model import DELETED, Subscription, delivery_for, revived
 
@@ -18,6 +19,8 @@ class MemoryWebhooks:
         self.deliveries: dict[str, dict] = {}
         self.due: dict[str, float] = {}
         self.dead: dict[str, dict] = {}
+        # subscription -> waiting delivery -> the due time it waits for
+        self.waiting: defaultdict[str, dict[str, float]] = defaultdict(dict)
 
     async def add(self, sub: Subscription) -> None:
         self.subs[sub.id] = sub
@@ -27,6 +30,7 @@ class MemoryWebhooks:
             return False
         for d in [d for d in self.deliveries.values() if d["subscription_id"] == sub_id]:
             await self.bury(d | {"last_error": DELETED, "last_status": None})
+        self.waiting.pop(sub_id, None)
         return True
 
     async def subscriptions(self) -> dict[str, Subscription]:
@@ -58,10 +62,23 @@ class MemoryWebhooks:
     async def ack(self, delivery: dict) -> None:
         self.deliveries.pop(delivery["id"], None)
         self.due.pop(delivery["id"], None)
+        self.waiting[delivery["subscription_id"]].pop(delivery["id"], None)
 
     async def retry(self, delivery: dict, due: float) -> None:
         self.deliveries[delivery["id"]] = delivery
         self.due[delivery["id"]] = due
+        self.waiting[delivery["subscription_id"]][delivery["id"]] = due
+
+    async def release(self, subscription_id: str) -> int:
+        waiting, now, n = self.waiting.pop(subscription_id, {}), time.time(), 0
+        for i, at in waiting.items():
+            if self.due.get(i) == at and at > now:  # not claimed since, not due anyway
+                self.due[i] = self.deliveries[i]["created"]
+                n += 1
+        return n
+
+    async def pending(self, delivery_ids: Collection[str]) -> dict[str, float]:
+        return {i: self.due[i] for i in delivery_ids if i in self.due}
 
     async def bury(self, delivery: dict) -> None:
         await self.ack(delivery)

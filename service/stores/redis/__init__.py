@@ -17,6 +17,7 @@ from __future__ import annotations
 from service.stores.base import Commit, StreamPolicy
 from service.stores.redis.alerts import RedisAlerts
 from service.stores.redis.connection import RedisConnection
+from service.stores.redis.ingest import RedisIngest
 from service.stores.redis.keys import RedisKeys
 from service.stores.redis.streams import RedisStreams
 from service.stores.redis.webhooks import RedisWebhooks
@@ -38,8 +39,11 @@ class RedisBackend:
         self.webhooks = RedisWebhooks(self.conn, self.alerts.outbox,
                                       dead_letter_retention_seconds)
         self.keys = RedisKeys(self.conn)
+        self.ingest = RedisIngest(self.conn, lock_lease_seconds=lock_lease_seconds,
+                                  lock_wait_seconds=lock_wait_seconds)
 
     async def commit(self, commit: Commit) -> int:
+        await self.conn.ready()  # before building a pipeline
         if not commit.writes_state:  # a receipt alone: nothing else to keep it atomic with
             pipe = self.conn.pipeline(transaction=True)
             self.streams.stage_receipt(pipe, commit)

@@ -5,13 +5,15 @@ Keys of one stream carry the stream's hash tag (``<prefix>:{<stream>}:<part>``),
 live in one Redis Cluster slot and one Lua script or MULTI may touch them together.
 Alerts and webhooks share another slot on a cluster (``<prefix>:{alerts}:<part>``; a
 single Redis keeps the plain names ``<prefix>:<part>``), API keys and the stream index
-are single keys (``<prefix>:apikeys``, ``<prefix>:streams``).
+are single keys (``<prefix>:apikeys``, ``<prefix>:streams``). The watches of the ingest
+doors share a slot whose tag no stream id can take (``<prefix>:{~watches}:<part>``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,6 +23,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import StoreUnavailable
+from service.redaction import redact_url
 
 
 def connect(url: str, *, cluster: bool = False,
@@ -51,23 +54,39 @@ class RedisConnection:
                 await self.client.initialize()
                 self._ready = True
 
+    async def ready(self) -> None:
+        """Read a cluster's slot map if not yet done. Before a MULTI pipeline is built:
+        a cluster pipeline built on a client that has not read it fails (redis-py 8)."""
+        if not self._ready:
+            with self._unavailable():
+                await self._initialise()
+
     async def call(self, coro: Awaitable[Any]) -> Any:
         """Await a Redis command; an outage or a Redis error is StoreUnavailable (503)."""
         try:
-            if not self._ready:
-                try:
-                    await self._initialise()
-                except BaseException:
-                    getattr(coro, "close", lambda: None)()  # never to be awaited
-                    raise
+            await self.ready()
+        except BaseException:
+            getattr(coro, "close", lambda: None)()  # never to be awaited
+            raise
+        with self._unavailable():
             return await coro
+
+    @contextlib.contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
+            raise StoreUnavailable(  # the URL may carry the password: never shown
+                f"Redis unreachable at {redact_url(self.url)}: {exc}") from exc
         except RedisError as exc:
             raise StoreUnavailable(f"Redis error: {exc}") from exc
 
     def stream_key(self, stream: str, part: str) -> str:
-        return f"{self.prefix}:{{{stream}}}:{part}"
+        return self.slot_key(stream, part)
+
+    def slot_key(self, tag: str, part: str) -> str:
+        """A key in ``tag``'s hash slot: keys of one tag may share a script or MULTI."""
+        return f"{self.prefix}:{{{tag}}}:{part}"
 
     def shared_key(self, part: str) -> str:
         """Alerts' and webhooks' keys (one hash slot on a cluster)."""

@@ -23,8 +23,9 @@ log = logging.getLogger("tsad.store")
 
 class LeaseLock:
     def __init__(self, conn: RedisConnection, *, lease_seconds: float = 5.0,
-                 wait_seconds: float = 10.0) -> None:
+                 wait_seconds: float = 10.0, part: str = "lock") -> None:
         self.conn = conn
+        self.part = part  # the key: <prefix>:{<stream>}:<part>, in the stream's slot
         self.lease_seconds = lease_seconds
         self.wait_seconds = wait_seconds
         self._unlock = conn.client.register_script(UNLOCK)
@@ -32,7 +33,7 @@ class LeaseLock:
 
     @asynccontextmanager
     async def __call__(self, stream: str) -> AsyncIterator[None]:
-        key, token = self.conn.stream_key(stream, "lock"), secrets.token_hex(8)
+        key, token = self.conn.stream_key(stream, self.part), secrets.token_hex(8)
         lease_ms = int(self.lease_seconds * 1000)
         deadline = time.monotonic() + self.wait_seconds
         delay = 0.002

@@ -3,16 +3,19 @@ keys (one stream's keys share a hash slot)."""
 
 from service.stores.base import HISTORY_EXTRA
 
-# KEYS: meta, win, sections, nudges, legacy state. ARGV: channels, default window, default
+# KEYS: meta, win, sections, nudges, legacy state, pending receipts' keys, the batch's
+# receipt. ARGV: channels, default window, default
 # detector, ttl seconds, created_at, the last_ts and points_seen the plan was made on (""
 # and "0": no stream or no points), the new last_ts, n, m, the most unscored points to keep, the
 # version the plan was made on, then n encoded points (the plan's rows), then m encoded
-# (stored, sent) stamp pairs of nudged points. Returns 'ok', created, the stream's
+# (stored, sent) stamp pairs of nudged points, then the batch's Idempotency-Key ("": none),
+# its pending receipt and the receipt's ttl seconds. Returns 'ok', created, the stream's
 # unscored points before the batch, the length of the meta hash and the hash after the
 # append (field, value, ...), then the held points: up to that many unscored ones with
 # their context, then the batch.
 APPEND = """
 local meta, win, sections, nudges, legacy = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local pending, receipt = KEYS[6], KEYS[7]
 local channels = tonumber(ARGV[1])
 local ttl, n, m = tonumber(ARGV[4]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local cap = tonumber(ARGV[11])
@@ -59,6 +62,12 @@ if n > 0 then
   redis.call('HSET', meta, 'last_ts', ARGV[8])
 elseif unscored > 0 then
   context = redis.call('LRANGE', win, -keep, -1)
+end
+local idem = P + n + m  -- the pending receipt: with the append, or not at all
+if ARGV[idem + 1] ~= '' then
+  redis.call('SET', receipt, ARGV[idem + 2], 'EX', ARGV[idem + 3])
+  redis.call('SADD', pending, ARGV[idem + 1])
+  redis.call('EXPIRE', pending, ARGV[idem + 3])
 end
 if ttl > 0 then
   redis.call('EXPIRE', meta, ttl)
@@ -110,6 +119,14 @@ return 0
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
+"""
+
+# KEYS: lease. ARGV: owner, lease ms. Take a free lease, or renew one the owner holds.
+LEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 # KEYS: meta. ARGV: points scored ("": unchanged), then field, value pairs of the meta to

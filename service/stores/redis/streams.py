@@ -16,7 +16,9 @@ many streams, like ``list``, is split by slot):
     <prefix>:{<stream>}:nudges   list: (stored, sent) stamps of the last nudged points
     <prefix>:{<stream>}:lock     string: per-stream lease (``lock.py``)
     <prefix>:{<stream>}:idem:<h> string: a batch's kept response (Idempotency-Key,
-                                 h = its SHA-256), expiring
+                                 h = its SHA-256), expiring; pending until the commit
+                                 that scores the batch completes it
+    <prefix>:{<stream>}:pending  set: the Idempotency-Keys of pending receipts
     <prefix>:streams             set: stream ids (an index; entries are checked on read)
 
 Every append runs as one Lua script: the channel check, the RPUSH, the LTRIM and the
@@ -41,7 +43,14 @@ from typing import Any
 import numpy as np
 
 from service.errors import Conflict, InvalidInput, StoreUnavailable
-from service.stores.base import LEGACY_SECTION, AppendResult, Commit, StreamMeta, StreamPolicy
+from service.stores.base import (
+    LEGACY_SECTION,
+    AppendResult,
+    Commit,
+    PendingReceipt,
+    StreamMeta,
+    StreamPolicy,
+)
 from service.stores.plan import (
     NO_NUDGES,
     decode_points,
@@ -75,8 +84,10 @@ class RedisStreams:
         return self._key(stream, "idem:" + hashlib.sha256(key.encode()).hexdigest())
 
     def _keys(self, stream: str) -> list[str]:
-        """What the scripts touch (and a delete removes): meta, points, state, nudges."""
-        return [self._key(stream, p) for p in ("meta", "win", "sections", "nudges", "state")]
+        """What the scripts touch (and a delete removes): meta, points, state, nudges,
+        the pending receipts' keys."""
+        return [self._key(stream, p)
+                for p in ("meta", "win", "sections", "nudges", "state", "pending")]
 
     @property
     def _index(self) -> str:
@@ -128,17 +139,44 @@ class RedisStreams:
             await self.conn.call(self._redis.srem(self._index, *gone))
         return out
 
-    async def count(self, exact: bool = False) -> int:
+    async def count(self, exact: bool = False, prefix: str | None = None) -> int:
+        if prefix is not None:  # a tenant's: scanned (ids and tenants hold no glob chars)
+            ids, cursor = set(), 0
+            while True:
+                cursor, batch = await self.conn.call(self._redis.sscan(
+                    self._index, cursor, match=f"{prefix}*", count=1000))
+                ids.update(s.decode() for s in batch)
+                if not cursor:
+                    break
+            return len(ids) - (len(await self._tidy(ids)) if exact else 0)
         if exact:
-            ids = [s.decode() for s in await self.conn.call(self._redis.smembers(self._index))]
-            pipe = self.conn.pipeline(transaction=False)
-            for stream in ids:
-                pipe.exists(self._key(stream, "meta"))
-            gone = [s for s, n in zip(ids, await self.conn.call(pipe.execute()), strict=True)
-                    if not n]
-            if gone:
-                await self.conn.call(self._redis.srem(self._index, *gone))
+            ids = {s.decode() for s in await self.conn.call(self._redis.smembers(self._index))}
+            await self._tidy(ids)
         return int(await self.conn.call(self._redis.scard(self._index)))
+
+    async def _tidy(self, ids: Collection[str]) -> list[str]:
+        """Streams of the index that are gone (expired by TTL): out of it; returns them."""
+        ids = list(ids)
+        pipe = self.conn.pipeline(transaction=False)
+        for stream in ids:
+            pipe.exists(self._key(stream, "meta"))
+        gone = [s for s, n in zip(ids, await self.conn.call(pipe.execute()), strict=True)
+                if not n]
+        if gone:
+            await self.conn.call(self._redis.srem(self._index, *gone))
+        return gone
+
+    async def versions(self, streams: Collection[str]) -> dict[str, tuple[float, int]]:
+        streams = list(streams)
+        if not streams:
+            return {}
+        pipe = self.conn.pipeline(transaction=False)
+        for stream in streams:
+            pipe.hmget(self._key(stream, "meta"), "created_at", "version")
+        found = await self.conn.call(pipe.execute())
+        return {s: (float(c or 0.0), int(v or 0)) for s, (c, v) in zip(streams, found,
+                                                                        strict=True)
+                if c is not None or v is not None}
 
     async def delete(self, stream: str) -> bool:
         removed = await self.conn.call(self._redis.delete(*self._keys(stream)))
@@ -146,7 +184,8 @@ class RedisStreams:
         return bool(removed)
 
     async def append(self, stream: str, points: np.ndarray, *,
-                     known: StreamMeta | None = None) -> AppendResult:
+                     known: StreamMeta | None = None,
+                     pending: PendingReceipt | None = None) -> AppendResult:
         policy = self.policy
         channels = points.shape[1] - 1
         deadline = time.monotonic() + self.lock_wait_seconds
@@ -172,15 +211,21 @@ class RedisStreams:
                                (meta and meta.timestamps) or policy.timestamps, nudges,
                                policy.max_back_seconds)
             rows = plan.rows
+            now = time.time()  # the created_at of a stream this append creates
             args: list = [channels, policy.window, policy.detector, policy.ttl_seconds,
-                          repr(time.time()), "" if last is None else repr(last),
+                          repr(now), "" if last is None else repr(last),
                           str(meta.points_seen if meta else 0),
                           repr(float(rows[-1, 0])) if len(rows) else "", len(rows),
                           len(plan.nudges), policy.unscored_max_points,
                           str(meta.version if meta else 0)]
             args += [encode_point(row) for row in rows]
             args += [encode_point(pair) for pair in plan.nudges]
-            out = await self.conn.call(self._append(keys=self._keys(stream), args=args))
+            receipt_key = self._receipt_key(stream, pending.key if pending else "")
+            args += [pending.key, pending.encode(plan.actions, plan.stamps,
+                                                 meta.created_at if meta else now),
+                     self.policy.receipt_ttl_seconds] if pending else ["", "", 0]
+            out = await self.conn.call(self._append(keys=[*self._keys(stream), receipt_key],
+                                                    args=args))
             status = out[0].decode()
             if status == "err_stale":  # another append got in between: plan again
                 if time.monotonic() > deadline:
@@ -231,6 +276,18 @@ class RedisStreams:
     async def receipt(self, stream: str, key: str) -> bytes | None:
         return await self.conn.call(self._redis.get(self._receipt_key(stream, key)))
 
+    async def pending_receipts(self, stream: str) -> dict[str, bytes]:
+        keys = sorted(k.decode() for k in await self.conn.call(
+            self._redis.smembers(self._key(stream, "pending"))))
+        if not keys:
+            return {}
+        found = await self.conn.call(self._redis.mget(
+            [self._receipt_key(stream, k) for k in keys]))  # one slot: the stream's
+        gone = [k for k, data in zip(keys, found, strict=True) if data is None]
+        if gone:  # expired
+            await self.conn.call(self._redis.srem(self._key(stream, "pending"), *gone))
+        return {k: data for k, data in zip(keys, found, strict=True) if data is not None}
+
     def lock(self, stream: str) -> AbstractAsyncContextManager[None]:
         return self._lock(stream)
 
@@ -255,10 +312,13 @@ class RedisStreams:
         self.stage_receipt(pipe, commit)
 
     def stage_receipt(self, pipe: Any, commit: Commit) -> None:
-        if commit.receipt is not None:
-            key, data = commit.receipt
+        """The batch's receipt and those it completed; none of them pending any more."""
+        kept = ([commit.receipt] if commit.receipt else []) + list(commit.completed.items())
+        for key, data in kept:
             pipe.set(self._receipt_key(commit.stream, key), data,
                      ex=self.policy.receipt_ttl_seconds)
+        if kept:
+            pipe.srem(self._key(commit.stream, "pending"), *(key for key, _ in kept))
 
 
 def _binding_fields(binding: dict) -> dict[str, str]:

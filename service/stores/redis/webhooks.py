@@ -7,6 +7,8 @@ the alerts' hash slot on a cluster):
     <prefix>:webhooks:fanout             list: events being fanned out (crash recovery)
     <prefix>:webhooks:deliveries         hash: delivery id -> JSON (event body, attempts)
     <prefix>:webhooks:due                zset: delivery id -> due time (epoch seconds)
+    <prefix>:webhooks:waiting:<sub id>   zset: deliveries waiting on a backoff for the
+                                         subscription -> the due time they wait for
     <prefix>:webhooks:dead               hash: delivery id -> JSON, after the last failure
                                          (deleted after the dead-letter retention)
     <prefix>:webhooks:dead:idx           zset: delivery id -> time of death
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from dataclasses import asdict
 from typing import Any
 
@@ -33,6 +36,25 @@ end
 return out
 """
 
+# KEYS: waiting, due, deliveries. ARGV: now. Deliveries still waiting for the due time they
+# were given (not claimed since, not due anyway) are due at their event's time: at once,
+# oldest first.
+_RELEASE = """
+local waiting = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local n = 0
+for i = 1, #waiting, 2 do
+  local id, at = waiting[i], tonumber(waiting[i + 1])
+  local due = tonumber(redis.call('ZSCORE', KEYS[2], id) or '-1')
+  local body = redis.call('HGET', KEYS[3], id)
+  if body and due == at and due > tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[2], cjson.decode(body)['created'], id)
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return n
+"""
+
 
 class RedisWebhooks:
     def __init__(self, conn: RedisConnection, outbox: str,
@@ -46,6 +68,10 @@ class RedisWebhooks:
         self.k_deliveries, self.k_due = k("webhooks:deliveries"), k("webhooks:due")
         self.k_dead, self.k_dead_idx = k("webhooks:dead"), k("webhooks:dead:idx")
         self._claim = self.redis.register_script(_CLAIM)
+        self._release = self.redis.register_script(_RELEASE)
+
+    def _waiting(self, sub_id: str) -> str:
+        return self.conn.shared_key(f"webhooks:waiting:{sub_id}")
 
     async def _call(self, coro: Any) -> Any:
         return await self.conn.call(coro)
@@ -67,6 +93,7 @@ class RedisWebhooks:
                 break
         for d in orphans:
             await self.bury(d | {"last_error": DELETED, "last_status": None})
+        await self._call(self.redis.delete(self._waiting(sub_id)))
         return True
 
     async def subscriptions(self) -> dict[str, Subscription]:
@@ -107,19 +134,34 @@ class RedisWebhooks:
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(self.k_due, delivery["id"])
         pipe.hdel(self.k_deliveries, delivery["id"])
+        pipe.zrem(self._waiting(delivery["subscription_id"]), delivery["id"])
         await self._call(pipe.execute())
 
     async def retry(self, delivery: dict, due: float) -> None:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.k_deliveries, delivery["id"], json.dumps(delivery))
         pipe.zadd(self.k_due, {delivery["id"]: due})
+        pipe.zadd(self._waiting(delivery["subscription_id"]), {delivery["id"]: due})
         await self._call(pipe.execute())
+
+    async def release(self, subscription_id: str) -> int:
+        return int(await self._call(self._release(
+            keys=[self._waiting(subscription_id), self.k_due, self.k_deliveries],
+            args=[repr(time.time())])))
+
+    async def pending(self, delivery_ids: Collection[str]) -> dict[str, float]:
+        ids = list(delivery_ids)
+        if not ids:
+            return {}
+        dues = await self._call(self.redis.zmscore(self.k_due, ids))
+        return {i: float(d) for i, d in zip(ids, dues, strict=True) if d is not None}
 
     async def bury(self, delivery: dict) -> None:
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(self.k_due, delivery["id"])
         pipe.hdel(self.k_deliveries, delivery["id"])
+        pipe.zrem(self._waiting(delivery["subscription_id"]), delivery["id"])
         pipe.hset(self.k_dead, delivery["id"], json.dumps(delivery | {"failed_at": now}))
         pipe.zadd(self.k_dead_idx, {delivery["id"]: now})
         await self._call(pipe.execute())
