@@ -6,7 +6,10 @@ repeated, also under a real kill -9), and a costly shadow lagging never blocks /
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -18,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from service.app import create_app
 from service.errors import StoreUnavailable
 from service.metrics import ServiceMetrics
-from service.process import ServiceProcess
+from service.process import ServiceProcess, free_port, terminate
 from service.settings import Settings
 from service.shadows import report as rep
 from service.shadows.log import COMPARED, Columns
@@ -522,7 +525,7 @@ async def test_a_commit_switches_the_binding_with_the_state(backend):
         await store.close()
 
 
-# --- the other ingest doors ------------------------------------------------------------------
+# --- the other ingest doors; store faults; shutdown -----------------------------------------
 def test_points_from_remote_write_reach_the_shadows(service_backend):
     """Remote-write goes through the /score transaction: a stream's shadow sees its points
     as it sees /score's (the transaction offers each committed batch)."""
@@ -540,3 +543,77 @@ def test_points_from_remote_write_reach_the_shadows(service_backend):
         shadow = c.get(f"/streams/{CPU_ID}/shadows/rl").json()
     assert len(got["timestamps"]) == 256 and shadow["lag_points"] == 0
     assert all(s is not None for s in got["shadow_scores"])  # warmed up on the first 128
+
+
+def test_a_shadow_job_the_store_fails_is_put_back_and_skips_nothing(service_backend):
+    """A shadow's commit refused by the store (a busy lock, Redis away) is transient: the
+    job goes back on the queue and its points are scored by the next try, not counted as
+    skipped."""
+    ts, values = series(384, spikes=[])
+    with make_client(service_backend) as c:
+        assert c.put("/streams/s", json={"channels": 1}).status_code == 201
+        assert c.put("/streams/s/shadows/rl", json={"detector": "residual_linear"}
+                     ).status_code == 201
+        backend = c.app.state.services.backend
+        commit, failed = backend.commit, []
+
+        async def fail_shadows_once(done) -> int:  # noqa: ANN001
+            if done.scored is None and not failed:  # a shadow's own sections
+                failed.append(done)
+                raise StoreUnavailable("stream 's' is busy (lock wait timed out)")
+            return await commit(done)
+
+        backend.commit = fail_shadows_once
+        try:
+            for a in range(0, 384, 64):
+                post(c, "s", ts[a:a + 64], values[a:a + 64])
+            settle(c)
+        finally:
+            backend.commit = commit
+        got = c.get("/streams/s/shadows/rl/scores", params={"limit": 1000}).json()
+        metrics = c.get("/metrics").text
+    assert failed and got["timestamps"] == ts
+    assert "tsad_shadow_points_skipped_total 0.0" in metrics
+
+
+@pytest.mark.slow
+def test_tsad_serve_stops_on_sigterm_while_a_costly_shadow_job_runs(tmp_path):
+    """SIGTERM while the language model embeds hundreds of a shadow's windows: `tsad
+    serve` (which exits 0 on it, unlike bare uvicorn) ends at once, its shadow job's
+    thread not waited for (was: the job's end, tens of seconds); on a Redis the shadow
+    would resume from its committed mark."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "service.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, **PROCESS_ENV, "TSAD_SHADOWS_ALLOW_COSTLY": "true"})
+    try:
+        wait_for(lambda: _healthy(url), timeout=60)
+        ts, values = series(1536, spikes=[])
+        assert httpx.put(f"{url}/streams/a", json={"channels": 1}).status_code == 201
+        assert httpx.put(f"{url}/streams/a/shadows/mem", json={
+            "detector": "embedding_memory"}, timeout=120).status_code == 201
+        r = httpx.post(f"{url}/score", json={"stream": "a", "timestamps": ts,
+                                             "values": values}, timeout=60)
+        assert r.status_code == 200, r.text
+        time.sleep(1.0)  # the job has started: it embeds about 1,500 windows
+        assert httpx.get(f"{url}/streams/a/shadows/mem").json()["lag_points"] == 1536
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        took = time.monotonic() - start
+    finally:
+        terminate(proc)
+    text = log.read_text()
+    assert code == 0 and "shutdown complete" in text, text[-3000:]
+    assert took < 5.0, f"{took:.1f} s\n{text[-3000:]}"
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

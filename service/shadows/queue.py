@@ -25,13 +25,15 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from models.streaming import CHUNK
 from service import stream_state
+from service.errors import StoreUnavailable
 from service.metrics import ServiceMetrics, StreamSeries
 from service.scorers import ScorerCache
 from service.settings import Settings
@@ -42,6 +44,8 @@ from service.stores.base import Backend, Commit, retained
 
 log = logging.getLogger("tsad.shadows")
 ENGINES_KEPT = 256  # decoded shadow engines kept between jobs, per process
+T = TypeVar("T")
+RETRY_SECONDS = 1.0  # a worker's pause after a job the store failed, put back
 
 
 @dataclass
@@ -102,7 +106,6 @@ class ShadowQueue:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.running: set[tuple[str, str]] = set()  # shadows being scored now
-        self._executor: ThreadPoolExecutor | None = None
 
     # --- from the score transaction ---------------------------------------------------------
     def committed(self, stream: str, shadows: StreamShadows) -> None:
@@ -149,10 +152,8 @@ class ShadowQueue:
 
     # --- the workers ------------------------------------------------------------------------
     async def start(self) -> None:
-        workers = self.settings.shadow_workers
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tsad-shadows",
-                                            initializer=_lower_priority)
-        self._tasks = [asyncio.create_task(self._work()) for _ in range(workers)]
+        self._tasks = [asyncio.create_task(self._work())
+                       for _ in range(self.settings.shadow_workers)]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -160,9 +161,7 @@ class ShadowQueue:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._tasks = []  # a job's thread still scoring is left behind (_in_thread)
 
     async def drained(self, timeout: float = 60.0) -> bool:
         """Wait until no ready job waits or runs (tests, benchmarks, a promotion); False on
@@ -201,6 +200,12 @@ class ShadowQueue:
             await self._run(job)
         except asyncio.CancelledError:
             raise
+        except StoreUnavailable as exc:  # transient (a busy lock, Redis away): again later
+            log.warning("shadow job put back: store unavailable", extra={
+                "stream": job.stream, "shadow": job.config.name, "error": str(exc)})
+            self.engines.pop(job.key, None)  # it may have scored what was not committed
+            self._requeue(job)
+            await asyncio.sleep(RETRY_SECONDS)
         except Exception:  # one shadow's failure must not stop the others
             log.exception("shadow failed: its points are skipped",
                           extra={"stream": job.stream, "shadow": job.config.name})
@@ -208,6 +213,16 @@ class ShadowQueue:
             self.engines.pop(job.key, None)
         finally:
             self.running.discard(key)
+
+    def _requeue(self, job: Job) -> None:
+        """A job that could not finish goes back, ahead of what was offered meanwhile (the
+        same points are scored by the next try: nothing is skipped)."""
+        newer = self.jobs.pop(job.key, None)
+        if newer is not None:
+            job.merge(newer)
+        self.jobs[job.key] = job
+        self.jobs.move_to_end(job.key, last=False)
+        self.metrics.shadow_queue_points.set(self.waiting)
 
     async def _run(self, job: Job) -> None:
         streams, config = self.backend.streams, job.config
@@ -224,8 +239,7 @@ class ShadowQueue:
             engine = ShadowEngine.load(config, meta, self.settings, parts.get(config.name, {}))
         if job.new < mark:  # another process scored some meanwhile
             job.new = mark
-        caught = await asyncio.get_running_loop().run_in_executor(
-            self._executor, engine.catch_up, job.points, job.first, job.live)
+        caught = await _in_thread(engine.catch_up, job.points, job.first, job.live)
         if caught is None:
             self._keep(job.key, engine)
             return
@@ -269,6 +283,35 @@ class ShadowQueue:
         self.series.shadow(stream, name, caught.alerts_opened,
                            c["alerted_both_seconds"] / either if either else None,
                            max(newest - engine.run.mark, 0))
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a daemon thread at a lower priority. Not a thread pool: a pool's
+    threads are joined at exit, so a costly job (minutes of a language model) would hold
+    a SIGTERM'd process until it ends; a cancelled job's thread is left behind instead,
+    and the shadow resumes from its committed mark."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        _lower_priority()
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="tsad-shadows", daemon=True).start()
+    return await done
 
 
 def _lower_priority() -> None:
