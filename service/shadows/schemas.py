@@ -14,9 +14,13 @@ from service.shadows.config import NAME_PATTERN
 class ShadowIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        # whole examples: the fields' own examples combined would ask for a SPOT q and an
+        # alert budget at once, which is refused
         json_schema_extra={"examples": [{"detector": "residual_linear"},
                                         {"detector": "ensemble", "params": {"warmup": 128},
-                                         "threshold": {"kind": "spot", "q": 0.0005}}]})
+                                         "threshold": {"kind": "spot", "q": 0.0005}},
+                                        {"detector": "residual_linear",
+                                         "alert_budget_per_day": 2.0}]})
 
     detector: str = Field(description="A registered detector that learns online, or "
                           "\"artifact:<name>\" (a fitted artifact in TSAD_ARTIFACTS_DIR, of "
@@ -30,7 +34,8 @@ class ShadowIn(BaseModel):
         "stream)")
     alert_budget_per_day: float | None = Field(
         None, gt=0, le=1e6, description="The shadow's own alert budget (SPOT risk = budget "
-        "/ points per day)", examples=[2.0])
+        "/ points per day); instead of threshold.q, not with it (see the model's third "
+        "example)")
 
 
 class ShadowOut(BaseModel):
