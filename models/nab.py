@@ -107,6 +107,20 @@ def scaled_sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x > 3.0, -1.0, 2.0 / (1.0 + np.exp(5.0 * np.minimum(x, 3.0))) - 1.0)
 
 
+def detection_reward(first: int, last: int, rows: np.ndarray | int,
+                     profile: Profile | str = "standard") -> np.ndarray:
+    """What a detection at ``rows`` of the window [first, last] (inclusive rows) earns:
+    ``tp`` at the window's first row, less further in (NAB's scaled sigmoid).
+
+    >>> [round(float(r), 3) for r in detection_reward(10, 19, np.array([10, 15, 19]))]
+    [1.0, 0.86, 0.248]
+    """
+    p = PROFILES[profile] if isinstance(profile, str) else profile
+    width = last - first + 1
+    rows = np.asarray(rows, dtype=np.float64)
+    return p.tp * scaled_sigmoid(-(last - rows + 1) / width) / float(scaled_sigmoid(-1.0))
+
+
 def window_rows(timestamps: np.ndarray, limits: list[tuple[float, float]]) -> list[tuple[int, int]]:
     """Inclusive row ranges of windows given as (start, end) epoch seconds.
 
@@ -164,15 +178,12 @@ def _row_rewards(f: NabFile, p: Profile) -> tuple[np.ndarray, np.ndarray]:
     window = np.full(n, -1, dtype=np.int64)
     reward = np.empty(n, dtype=np.float64)
     rows = np.arange(n)
-    max_tp = float(scaled_sigmoid(-1.0))
     prev_last = -1
     for j, (first, last) in enumerate(f.windows):
         if not 0 <= first <= last < n or first <= prev_last:
             raise ValueError(f"{f.key}: windows must be ordered, disjoint rows in [0, {n})")
         window[first:last + 1] = j
-        width = last - first + 1
-        reward[first:last + 1] = (
-            p.tp * scaled_sigmoid(-(last - rows[first:last + 1] + 1) / width) / max_tp)
+        reward[first:last + 1] = detection_reward(first, last, rows[first:last + 1], p)
         prev_last = last
     outside = window < 0
     lasts = np.array([b for _, b in f.windows], dtype=np.int64)

@@ -23,7 +23,7 @@ from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics, worker_exited
 from service.recovery import recover_all
 from service.redaction import register_secrets, settings_secrets
-from service.routers import alerts, keys, ops, score, streams, webhooks
+from service.routers import alerts, keys, ops, score, shadows, streams, webhooks
 from service.scoring import stream_detector
 from service.services import build_services
 from service.settings import Settings
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None,
         except StoreUnavailable as exc:  # start anyway; /readyz says 503 until it's back
             log.warning("store unavailable at start-up", extra={"error": str(exc)})
         await worker.start()  # deliveries run beside requests, never inside /score
+        await services.shadow_queue.start()  # costly shadows, off the request path
         await services.ingest.start()  # watches, score write-back (service/ingest/)
         # what a crash left stored but unscored, scored without waiting for traffic
         recovery = (asyncio.create_task(recover_all(backend, services.score))
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None,
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await services.ingest.stop()
+        await services.shadow_queue.stop()  # after the ingest doors: nothing queues more
         await worker.stop()
         await backend.close()
         worker_exited()
@@ -97,7 +99,7 @@ def create_app(settings: Settings | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.detectors_ready = False
-    for module in (score, streams, alerts, webhooks, keys, ops, ingest):
+    for module in (score, streams, shadows, alerts, webhooks, keys, ops, ingest):
         app.include_router(module.router)
     # /metrics declares (and needs) a key only with TSAD_METRICS_AUTH: schema = behaviour
     app.include_router(ops.metrics_router(keyed=settings.metrics_auth))

@@ -19,6 +19,7 @@ from service.metrics import ServiceMetrics
 from service.schemas import STREAM_ID_PATTERN, ErrorOut
 from service.services import Services
 from service.settings import Settings
+from service.shadows.service import ShadowService
 from service.stores.base import AlertStore, Backend, KeyStore, WebhookStore
 from service.streams import StreamAdmin
 from service.transaction import ScoreTransaction
@@ -56,6 +57,10 @@ async def _feedback(services: ServicesDep) -> FeedbackService:
     return services.feedback
 
 
+async def _shadows(services: ServicesDep) -> ShadowService:
+    return services.shadows
+
+
 async def _backend(services: ServicesDep) -> Backend:
     return services.backend
 
@@ -83,6 +88,7 @@ async def _watches(services: ServicesDep) -> WatchAdmin:
 ScoreDep = Annotated[ScoreTransaction, Depends(_score)]  # POST /score
 StreamsDep = Annotated[StreamAdmin, Depends(_streams)]  # /streams administration
 FeedbackDep = Annotated[FeedbackService, Depends(_feedback)]  # /streams/{id}/feedback
+ShadowsDep = Annotated[ShadowService, Depends(_shadows)]  # /streams/{id}/shadows
 BackendDep = Annotated[Backend, Depends(_backend)]  # readiness
 AlertsDep = Annotated[AlertStore, Depends(_alerts)]
 WebhooksDep = Annotated[WebhookStore, Depends(_webhooks)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 ADAPTATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 THRESHOLD_BUCKETS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 1000)
+LAG_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 MAX_CHANNEL_SERIES = 16  # channels per stream in tsad_stream_top_channel_total, then "other"
 
 
@@ -185,6 +187,33 @@ class ServiceMetrics:
             "tsad_feedback_adaptation_seconds", "Time to tune one stream's soft prompts on "
             "its feedback (bounded by TSAD_FEEDBACK_MAX_SECONDS)",
             buckets=ADAPTATION_BUCKETS, registry=r)
+        # --- shadow detectors (service/shadows): per stream for allow-listed streams only
+        self.shadow_alerts_total = Counter(
+            "tsad_shadow_alerts_total", "Alerts a shadow detector opened: recorded for its "
+            "report, never delivered to webhooks (per allow-listed stream)",
+            ["stream", "shadow"], registry=r)
+        self.shadow_agreement_ratio = Gauge(
+            "tsad_shadow_agreement_ratio", "Agreement of a shadow with the live detector "
+            "since it started: the Jaccard index of their alerted time (per allow-listed "
+            "stream; NaN while neither alerted)", ["stream", "shadow"],
+            multiprocess_mode="mostrecent", registry=r)
+        self.shadow_lag_points = Gauge(
+            "tsad_shadow_lag_points", "Points the stream stored that a shadow has not "
+            "scored yet (shadows catch up at each chunk end of 64 points, on the background "
+            "queue; per allow-listed stream)", ["stream", "shadow"],
+            multiprocess_mode="mostrecent", registry=r)
+        self.shadow_lag_seconds = Histogram(
+            "tsad_shadow_lag_seconds", "From a point's storing to its score by a shadow, per "
+            "point, by the shadow's kind (cheap; costly: a language model or torch per "
+            "window)", ["kind"], buckets=LAG_BUCKETS,
+            registry=r)
+        self.shadow_points_skipped_total = Counter(
+            "tsad_shadow_points_skipped_total", "Points a shadow never scored: dropped from "
+            "a full queue (TSAD_SHADOW_QUEUE_POINTS) or no longer held after a crash",
+            registry=r)
+        self.shadow_queue_points = Gauge(
+            "tsad_shadow_queue_points", "Points waiting on this process's background queue "
+            "for shadow detectors", multiprocess_mode="livesum", registry=r)
         # --- webhooks
         self.webhook_deliveries_total = Counter(
             "tsad_webhook_deliveries_total", "Webhook delivery attempts by outcome "
@@ -248,6 +277,7 @@ class StreamSeries:
         self.max_streams = max_streams
         self._admitted: set[str] = set()
         self._channels: dict[str, set[str]] = {}
+        self._shadows: dict[str, set[str]] = {}  # of admitted streams
         self._lock = threading.Lock()  # scoring runs in worker threads
 
     def admit(self, stream: str) -> bool:
@@ -303,6 +333,33 @@ class StreamSeries:
         if self.admit(stream):
             self.metrics.stream_alerts_opened_total.labels(stream).inc()
 
+    def shadow(self, stream: str, shadow: str, alerts_opened: int = 0,
+               agreement: float | None = None, lag_points: int | None = None) -> None:
+        """A shadow was offered points or scored them. Its series exist from the first
+        call (alerts at 0, agreement NaN until either side alerted)."""
+        if not self.admit(stream):
+            return
+        with self._lock:
+            seen = self._shadows.setdefault(stream, set())
+            new = shadow not in seen
+            seen.add(shadow)
+        m = self.metrics
+        m.shadow_alerts_total.labels(stream, shadow).inc(alerts_opened)
+        if agreement is not None or new:
+            m.shadow_agreement_ratio.labels(stream, shadow).set(
+                math.nan if agreement is None else agreement)
+        if lag_points is not None:
+            m.shadow_lag_points.labels(stream, shadow).set(lag_points)
+
+    def forget_shadow(self, stream: str, shadow: str) -> None:
+        """The shadow was deleted or promoted: drop its series."""
+        with self._lock:
+            self._shadows.get(stream, set()).discard(shadow)
+        m = self.metrics
+        for metric in (m.shadow_alerts_total, m.shadow_agreement_ratio, m.shadow_lag_points):
+            with contextlib.suppress(KeyError):  # never labelled yet
+                metric.remove(stream, shadow)
+
     def _channel(self, stream: str, channel: str) -> str:
         seen = self._channels[stream]
         if channel in seen:
@@ -320,6 +377,9 @@ class StreamSeries:
                 return
             self._admitted.discard(stream)
             channels = self._channels.pop(stream, set()) | {"other"}
+            shadows = self._shadows.pop(stream, set())
+        for shadow in shadows:
+            self.forget_shadow(stream, shadow)
         m = self.metrics
         for gauge in (m.stream_threshold, m.stream_score, m.stream_likelihood,
                       m.stream_anomaly, m.stream_points_scored_total,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -212,6 +212,11 @@ class ThresholdConfigIn(BaseModel):
                                       "for an artifact: its calibrated cut)", examples=[0.7])
 
 
+PARAMS_HELP = ("The detector's own tunables for this stream (fields of its Config, "
+               "models/README.md), over the service's TSAD_DETECTOR_PARAMS; not the window "
+               "(the stream's), not for an artifact (its config is fixed)")
+
+
 class StreamConfigIn(BaseModel):
     # whole examples: the fields' own examples combined would ask for a SPOT q and an
     # alert budget at once, which is refused
@@ -237,6 +242,9 @@ class StreamConfigIn(BaseModel):
                                  "\"artifact:cma-msl\" (its window and calibrated "
                                  "threshold become the stream's defaults)",
                                  examples=["residual_linear", "ensemble"])
+    params: dict[str, Any] | None = Field(
+        None, description=PARAMS_HELP + ". A change restarts the detector, like a change of "
+        "detector", examples=[{"warmup": 128}])
     threshold: ThresholdConfigIn | None = Field(
         None, description="Threshold overrides; a change restarts the threshold's "
         "calibration (the detector keeps its state)")
@@ -258,6 +266,9 @@ class StreamOut(BaseModel):
     channel_names: list[str] | None = Field(examples=[["cpu", "memory"]])
     window: int = Field(examples=[64])
     detector: str = Field(examples=["residual_linear"])
+    params: dict[str, Any] | None = Field(None, description="The detector's own tunables "
+                                          "for this stream; null = the service's",
+                                          examples=[{"warmup": 128}])
     points_seen: int = Field(description="Points accepted since creation", examples=[1024])
     last_timestamp: float | None = Field(description="Epoch seconds of the newest point",
                                          examples=[1700000000.0])

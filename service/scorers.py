@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.errors import StoreUnavailable
 from service.scoring import StreamScorer
@@ -61,6 +61,14 @@ class ScorerCache:
                 appended.meta.created_at, appended.meta.version):
             return None
         return cached.scorer
+
+    def bumped(self, stream: str, version: int) -> None:
+        """A write that changed nothing a cached scorer holds (a costly shadow's own
+        sections) moved the stream to ``version``: the scorer stays valid if it was the
+        stream's state just before."""
+        entry = self._entries.get(stream)
+        if entry is not None and entry.meta.version == version - 1:
+            entry.meta = replace(entry.meta, version=version)
 
     def __len__(self) -> int:
         return len(self._entries)

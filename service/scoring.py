@@ -15,6 +15,7 @@ with an adapted copy of the artifact, which stays shared and unchanged
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from service.artifacts import Artifact, artifact_name, load_artifact
 from service.explain import Explainer, Explanation
 from service.feedback.labels import FeedbackSet
 from service.settings import Settings
+from service.shadows.stream import StreamShadows
 from service.stores.base import LEGACY_SECTION, StreamMeta
 
 # The parts of a scorer that own state sections (service/stream_state.py), and those that
@@ -65,7 +67,9 @@ class Results:
 
 
 class StreamScorer:
-    def __init__(self, meta: StreamMeta, settings: Settings) -> None:
+    def __init__(self, meta: StreamMeta, settings: Settings,
+                 alert_scope: str | None = None) -> None:
+        """``alert_scope``: a shadow detector's name (its alerts get ids of their own)."""
         self.meta = meta
         self.settings = settings
         name = artifact_name(meta.detector)
@@ -79,7 +83,7 @@ class StreamScorer:
             self.artifact = load_artifact(settings.artifacts_dir, name)
             self.detector: Detector = self.artifact.detector
         else:
-            self.detector = stream_detector(settings, meta.detector, meta.window)
+            self.detector = stream_detector(settings, meta.detector, meta.window, meta.params)
         self.threshold = build_threshold(verdict_spec(
             stream_spec(settings, meta), self.detector,
             chosen=bool((meta.threshold or {}).get("kind")),
@@ -91,8 +95,10 @@ class StreamScorer:
             score_stride=stride, online=self.artifact is None)
         names = meta.channel_names or [str(i) for i in range(meta.channels)]
         self.explainer = Explainer(names, settings.top_channels, settings.precedents)
+        life = incarnation(meta.stream, meta.created_at)
         self.tracker = AlertTracker(meta.stream, names, alert_rules(settings),
-                                    incarnation(meta.stream, meta.created_at))
+                                    f"{life}~{alert_scope}" if alert_scope else life)
+        self.shadows = StreamShadows.none(meta, settings)  # shadow detectors: service/shadows
         self.points_until_scored: int | None = None  # after process(): see OnlineLoop
         self.stored: dict[str, bytes] = {}  # the sections as the store holds them
         # the loop's detector updates when the detector's sections were last encoded
@@ -105,9 +111,12 @@ class StreamScorer:
 
     # --- state -------------------------------------------------------------------------
     @classmethod
-    def from_sections(cls, meta: StreamMeta, settings: Settings,
-                      stored: Mapping[str, bytes]) -> StreamScorer:
-        scorer = cls(meta, settings)
+    def from_sections(cls, meta: StreamMeta, settings: Settings, stored: Mapping[str, bytes],
+                      alert_scope: str | None = None) -> StreamScorer:
+        scorer = cls(meta, settings, alert_scope)
+        if any(StreamShadows.owns(k) for k in stored):
+            scorer.shadows = StreamShadows.load(meta, settings, dict(stored))
+            stored = {k: v for k, v in stored.items() if not StreamShadows.owns(k)}
         parts = stream_state.decode(stored)
         state = {owner: stream_state.merge(owner, parts) for owner in OWNERS}
         if scorer.loop.online:
@@ -167,7 +176,10 @@ class StreamScorer:
         for name in drop:
             del self.stored[name]
         self.stored.update(encoded)
-        return changed, drop, sum(len(b) for b in self.stored.values())
+        # shadow detectors' sections: their own changed/drop (service/shadows)
+        shadows_changed, shadows_drop, shadows_bytes = self.shadows.to_commit()
+        return (changed | shadows_changed, drop + shadows_drop,
+                sum(len(b) for b in self.stored.values()) + shadows_bytes)
 
     def touch(self, *owners: str) -> None:
         """Parts changed outside scoring (feedback, adaptation): the next commit encodes
@@ -194,11 +206,18 @@ class StreamScorer:
         """points: (K, 1 + C), oldest first, the last ``n_new`` rows to score."""
         self._first_row = self.meta.points_seen - n_new  # stream index of the first row
         self._explained = {}
+        start = time.perf_counter()
         out = self.loop.run(points[:, 1:], points[:, 0], n_new, self._first_row,
                             self._observe)
         self.points_until_scored = self.loop.points_until_scored(self.meta.points_seen)
-        return Results(out.scored, out.scores, out.likelihood, out.thresholds,
-                       out.anomalous & out.scored, self._explained)
+        results = Results(out.scored, out.scores, out.likelihood, out.thresholds,
+                          out.anomalous & out.scored, self._explained)
+        if self.shadows:  # the same points, before the alerts are drained
+            self.shadows.meta = self.meta
+            self.shadows.advance(points, n_new, self._first_row, results.scores,
+                                 results.scored, results.anomalous,
+                                 self.tracker.changed.values(), time.perf_counter() - start)
+        return results
 
     def _observe(self, scored: Scored) -> None:
         """Explanations and alerts for freshly scored points, before the detector learns."""
@@ -213,13 +232,14 @@ class StreamScorer:
                 self.explainer.shares(scored.channel_scores[i]), precedents.get(int(i)))
 
 
-def stream_detector(settings: Settings, name: str, window: int) -> Detector:
+def stream_detector(settings: Settings, name: str, window: int,
+                    own: dict | None = None) -> Detector:
     """A fresh detector for a stream: its Config's defaults, with the operator's
     overrides (TSAD_DETECTOR_PARAMS: "*" for every detector with the field, then the
-    detector's own) and the stream's window."""
+    detector's own), the stream's own params and its window."""
     params = settings.detector_params
     return build_detector(name, defaults=params.get("*"),
-                          **{**params.get(name, {}), "window": window})
+                          **{**params.get(name, {}), **(own or {}), "window": window})
 
 
 def stream_spec(settings: Settings, meta: StreamMeta) -> ThresholdSpec:

@@ -11,6 +11,8 @@ from service.ingest.runtime import IngestRuntime, build_ingest
 from service.metrics import ServiceMetrics, StreamSeries
 from service.scorers import ScorerCache
 from service.settings import Settings
+from service.shadows.queue import ShadowQueue
+from service.shadows.service import ShadowService
 from service.stores import build_backend
 from service.stores.base import Backend
 from service.stores.instrumented import InstrumentedBackend
@@ -26,6 +28,8 @@ class Services:
     score: ScoreTransaction  # the /score transaction: (stream, timestamps, values)
     streams: StreamAdmin
     feedback: FeedbackService
+    shadows: ShadowService  # /streams/{id}/shadows
+    shadow_queue: ShadowQueue  # costly shadows' background work (started by the app)
     auth: Authenticator
     ingest: IngestRuntime  # remote-write, OTLP, watches, score write-back (service/ingest)
     scorers: ScorerCache  # this process's decoded scorers (checked in the lifespan)
@@ -37,11 +41,14 @@ def build_services(settings: Settings, metrics: ServiceMetrics,
     series = StreamSeries(metrics, settings.metrics_streams, settings.metrics_max_streams)
     scorers = ScorerCache(settings.scorer_cache_mb * 2**20)
     crash = settings.fault_crash_after_append
+    queue = ShadowQueue(backend, settings, metrics, series, scorers)
     score = ScoreTransaction(backend, settings, metrics, series, scorers,
-                             crash_after_appends(crash) if crash else None)
-    streams = StreamAdmin(backend, settings, metrics, series, scorers)
+                             crash_after_appends(crash) if crash else None, queue)
+    streams = StreamAdmin(backend, settings, metrics, series, scorers, queue)
     return Services(
         settings=settings, metrics=metrics, backend=backend, score=score, streams=streams,
         feedback=FeedbackService(backend, settings, metrics),
-        auth=Authenticator(settings, backend.keys), scorers=scorers,
+        shadows=ShadowService(backend, settings, metrics, series, scorers, queue, score,
+                              streams),
+        shadow_queue=queue, auth=Authenticator(settings, backend.keys), scorers=scorers,
         ingest=build_ingest(settings, metrics, score, streams))

@@ -195,6 +195,25 @@ class Settings(BaseSettings):
         10.0, gt=0, le=600, description="an adaptation stops after this long, whatever its "
         "steps (it runs in a worker thread, outside the stream's lock)")
 
+    # --- shadow detectors (README, "Shadow detectors"; service/shadows) ----------------
+    shadows_max_per_stream: int = Field(
+        3, ge=0, le=16, description="shadow detectors a stream may run beside its live one "
+        "(PUT /streams/{id}/shadows/{name}; one more is a 429; 0 = shadows off)")
+    shadows_allow_costly: bool = Field(
+        False, description="allow shadows whose detector runs a language model or torch "
+        "per window (embedding_memory, CMA, SPEAR, SSM x LLM, fusions of them); like "
+        "every shadow they are scored on the background queue, off the request path")
+    shadow_log_points: int = Field(
+        20_000, ge=64, le=1_000_000, description="per-point comparison (both scores and "
+        "verdicts) kept per shadow, newest first: what the report's rank correlation, "
+        "precision and recall cover (about 22 bytes a point)")
+    shadow_queue_points: int = Field(
+        100_000, ge=64, description="points waiting for shadows on one process's background "
+        "queue (all streams); beyond it a shadow's oldest waiting points are dropped and "
+        "counted as skipped, so a lagging shadow never holds back /score or memory")
+    shadow_workers: int = Field(1, ge=1, le=16, description="background tasks scoring "
+                                "shadows per process (cheap shadows' jobs first)")
+
     # --- security: API keys and webhook destinations (README, "Security") ---------------
     auth: Literal["keys", "open"] = Field(
         "open", description="keys: every request but /healthz, /readyz (and /metrics "
@@ -293,6 +312,9 @@ class Settings(BaseSettings):
     fault_crash_after_append: int = Field(
         0, ge=0, description="TESTS ONLY: the process exits at once (os._exit) right after "
         "its Nth append that stored points, before scoring them; 0 = off")
+    fault_kill_in_promotion: Literal["", "before-commit", "after-commit"] = Field(
+        "", description="TESTS ONLY: the process SIGKILLs itself in a shadow promotion, just "
+        "before or just after its commit; empty = off")
     retry_after_seconds: int = Field(5, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool | None = Field(

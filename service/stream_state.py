@@ -10,7 +10,7 @@ windows (``det/memory``, at most once a chunk), the loop's record of the last ch
 (``loop/recent``, when a record enters or leaves it), the tracker's alerts and normal
 statistics (``alr/alerts`` while an alert changes, ``alr/normal`` once a chunk) beside
 what moves with every point (``loop``, ``alr``: a few hundred bytes). A shadow detector's
-sections would carry its name as a prefix (``shadow.<name>.det``).
+sections carry its name as a prefix (``shadow.<name>.det``, ``service/shadows``).
 
 A commit writes only the sections whose bytes changed since they were loaded or last
 committed (``changed``), atomically with the scored-up-to mark. State written whole by

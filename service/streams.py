@@ -1,6 +1,7 @@
 """Stream administration: create or configure (PUT), describe, list, read the window,
 delete. A deleted stream's open alert resolves (event reason "stream deleted"), its
-per-stream series, its cached scorer and the rows its ingest door held go with it."""
+per-stream series, its cached scorer, its shadows' queued work and the rows its ingest door
+held go with it."""
 
 from __future__ import annotations
 
@@ -14,18 +15,21 @@ from service.quotas import check_room
 from service.schemas import StreamConfigIn, StreamList, StreamOut, WindowOut
 from service.scorers import ScorerCache
 from service.settings import Settings
+from service.shadows.queue import ShadowQueue
 from service.stores.base import Backend
 from service.validation import check_shape, stream_meta
 
 
 class StreamAdmin:
     def __init__(self, backend: Backend, settings: Settings, metrics: ServiceMetrics,
-                 series: StreamSeries, scorers: ScorerCache) -> None:
+                 series: StreamSeries, scorers: ScorerCache,
+                 shadows: ShadowQueue | None = None) -> None:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
         self.series = series
         self.scorers = scorers
+        self.shadows = shadows
 
     async def put(self, stream: str, cfg: StreamConfigIn,
                   tenant: str | None = None) -> tuple[StreamOut, bool]:
@@ -79,6 +83,8 @@ class StreamAdmin:
             if not await self.backend.streams.delete(stream):
                 raise not_found(stream)
             self.scorers.evict(stream)
+            if self.shadows is not None:
+                self.shadows.forget(stream)
             await self.backend.ingest.forget_stream(stream)  # rows a grouped stream held
             record_events(await self.backend.alerts.forget_stream(stream), self.metrics,
                           self.series)

@@ -54,6 +54,7 @@ from service.responses import recovered_response, score_response
 from service.scorers import Cached, ScorerCache
 from service.scoring import Results, StreamScorer
 from service.settings import Settings
+from service.shadows.queue import ShadowQueue
 from service.stores.base import (
     AppendResult,
     Backend,
@@ -130,13 +131,15 @@ class _Scored:
 class ScoreTransaction:
     def __init__(self, backend: Backend, settings: Settings, metrics: ServiceMetrics,
                  series: StreamSeries, scorers: ScorerCache,
-                 after_append: Callable[[AppendResult], None] | None = None) -> None:
+                 after_append: Callable[[AppendResult], None] | None = None,
+                 shadows: ShadowQueue | None = None) -> None:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
         self.series = series
         self.scorers = scorers
         self.after_append = after_append  # tests: a crash between append and commit
+        self.shadows = shadows  # shadow detectors' metrics and costly work, after commits
         self._queues: dict[str, _Queue] = {}  # streams with requests queued or served
 
     async def __call__(self, stream: str, timestamps: np.ndarray, values: np.ndarray, *,
@@ -469,6 +472,8 @@ class ScoreTransaction:
             scored=meta.points_seen, receipts=receipts, completed=completed or {},
             alerts=scored.alerts, events=scored.events, release=held))
         record_events(scored.events, self.metrics, self.series)
+        if self.shadows is not None and scored.scorer.shadows:
+            self.shadows.committed(meta.stream, scored.scorer.shadows)
         if version:
             self.scorers.put(meta.stream, Cached(
                 replace(meta, version=version, points_scored=meta.points_seen),

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from models.detectors import REGISTRY
+from models.detectors import REGISTRY, check_params
 from models.detectors.base import Online
 from service.artifacts import Artifact
 from service.errors import InvalidInput, Loc
@@ -25,6 +25,7 @@ from service.schemas import (
     columnar_loc,
     epoch,
 )
+from service.scoring import stream_detector
 from service.settings import Settings
 from service.stores.base import StreamMeta
 
@@ -151,6 +152,9 @@ def stream_meta(stream: str, cfg: StreamConfigIn, settings: Settings,
     window = cfg.window or settings.default_window
     if artifact is not None:
         window = _artifact_window(artifact, cfg)
+        if cfg.params:
+            raise InvalidInput(("body", "params"), f"artifact {artifact.name!r} is fitted "
+                               "with its own config: no params")
     elif detector not in REGISTRY:
         raise InvalidInput(("body", "detector"), f"unknown detector {detector!r}; known: "
                            f"{sorted(REGISTRY)} or 'artifact:<name>'")
@@ -159,6 +163,14 @@ def stream_meta(stream: str, cfg: StreamConfigIn, settings: Settings,
         raise InvalidInput(("body", "detector"), f"detector {detector!r} is trained "
                            "offline: fit it with `tsad train` and bind 'artifact:<name>', "
                            f"or pick one that learns online: {online}")
+    if artifact is None:
+        if cfg.params:
+            check_detector_params(detector, cfg.params)
+        try:  # what its config refuses with this window (a window shorter than a part)
+            stream_detector(settings, detector, window, cfg.params)
+        except ValueError as exc:
+            raise InvalidInput(("body", "params" if cfg.params else "window"),
+                               f"{detector}: {exc}") from None
     if cfg.channel_names is not None and len(cfg.channel_names) != cfg.channels:
         raise InvalidInput(("body", "channel_names"), f"expected {cfg.channels} names, "
                            f"got {len(cfg.channel_names)}")
@@ -176,7 +188,19 @@ def stream_meta(stream: str, cfg: StreamConfigIn, settings: Settings,
     return StreamMeta(stream=stream, channels=cfg.channels, window=window, detector=detector,
                       channel_names=cfg.channel_names, threshold=threshold or None,
                       alert_budget_per_day=cfg.alert_budget_per_day,
-                      timestamps=cfg.timestamps)
+                      timestamps=cfg.timestamps, params=cfg.params or None)
+
+
+def check_detector_params(detector: str, params: dict, loc: Loc = ("body", "params")) -> None:
+    """A stream's own detector tunables: fields of the detector's Config, of its types,
+    never the window (the stream's)."""
+    if "window" in params:
+        raise InvalidInput((*loc, "window"), "the window is the stream's (PUT "
+                           "/streams/{id} window), not a detector parameter")
+    try:
+        check_params(detector, params)
+    except ValueError as exc:
+        raise InvalidInput(loc, str(exc)) from None
 
 
 def _artifact_window(artifact: Artifact, cfg: StreamConfigIn) -> int:

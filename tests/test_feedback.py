@@ -81,7 +81,8 @@ HELD = {"start": 39, "end": 39, "label": "normal"}  # the newest held point: a f
     ({"ranges": []}, "body.ranges"),
     ({"ranges": [HELD | {"label": "bogus"}]}, "body.ranges.0.label"),
     ({"ranges": [HELD | {"start": 39, "end": 38}]}, "body.ranges.0.end"),
-    ({"ranges": [HELD, HELD | {"start": 0, "end": 10}]}, "body.ranges.1"),
+    # adapting needs windows: points 0-10 end none (the window is 32)
+    ({"ranges": [HELD, HELD | {"start": 0, "end": 10}], "adapt": True}, "body.ranges.1"),
     ({"ranges": [HELD] * 5}, "body.ranges"),
     ({"ranges": [HELD], "steps": 5}, "body.steps"),
     ({"ranges": [HELD], "adapt": True, "steps": 100_000}, "body.steps"),
@@ -119,6 +120,11 @@ def test_unknown_stream_and_detectors_that_cannot_adapt(client):
     assert (out["stored"], out["windows"], out["adapted"]) == (1, 1, False)
     assert out["ranges"][0] | {"received_at": 0} == {
         "start": 39.0, "end": 39.0, "label": "normal", "received_at": 0, "windows": 1}
+    # a range no held window ends in still labels the timeline (shadow reports use it)
+    r = client.post("/streams/rl/feedback", json={"ranges": [HELD | {"start": 0, "end": 10,
+                                                                      "label": "anomaly"}]})
+    assert r.status_code == 200 and r.json()["windows"] == 0, r.text
+    assert r.json()["ranges"][-1]["windows"] == 0
 
 
 def test_ranges_are_bounded_oldest_dropped(client):

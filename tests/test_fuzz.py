@@ -78,8 +78,9 @@ class RssSampler(threading.Thread):
 def seed_data(url: str, tmp_path: Path) -> Path:
     """Real data behind every path parameter, and a schemathesis config that offers it
     (half of the time; the other half the fuzzer invents ids): a webhook subscribed to a
-    closed port, a scored stream under the schema's example id with alerts, and the dead
-    letters of their events. Without it, six operations only ever see 404s."""
+    closed port, a scored stream under the schema's example id with alerts and a shadow
+    detector, and the dead letters of their events. Without it, six operations only ever
+    see 404s."""
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
     hook = httpx.post(f"{url}/webhooks", headers=auth,
                       json={"url": f"http://127.0.0.1:{free_port()}/hook"})
@@ -88,6 +89,9 @@ def seed_data(url: str, tmp_path: Path) -> Path:
                         json={"stream": "web-01.cpu", "points": spiky(600, [400, 500])})
     assert scored.status_code == 200 and any(
         p["anomaly"] for p in scored.json()["results"]), scored.text
+    shadow = httpx.put(f"{url}/streams/web-01.cpu/shadows/candidate", headers=auth,
+                       json={"detector": "residual_linear"})
+    assert shadow.status_code == 201, shadow.text
     alerts = [a["id"] for a in httpx.get(f"{url}/alerts", headers=auth).json()["alerts"]]
     watch = httpx.put(f"{url}/watches/node-rx", headers=auth,  # polls a closed port
                       json={"query": "up", "step": 60})
@@ -95,7 +99,8 @@ def seed_data(url: str, tmp_path: Path) -> Path:
     dead = wait_for(lambda: httpx.get(f"{url}/webhooks/dead-letters",
                                       headers=auth).json()["dead_letters"], timeout=30)
     ids = {"stream": ["web-01.cpu"], "webhook_id": [hook.json()["id"]], "alert_id": alerts,
-           "delivery_id": [d["id"] for d in dead], "name": ["node-rx"]}
+           "delivery_id": [d["id"] for d in dead],
+           "name": ["candidate", "node-rx"]}  # a shadow's and a watch's name
     assert all(ids.values()), ids
     config = tmp_path / "schemathesis.toml"
     config.write_text("".join(
@@ -143,12 +148,13 @@ def test_schemathesis_run_has_no_failure_and_bounded_memory(service_backend, tmp
     print(summary)
     assert run.returncode == 0 and not out["failures"] and not out["errors"], \
         f"{summary}\n{run.stdout[-12000:]}"
-    assert out["complete"] and out["operations"]["tested"] == out["operations"]["total"] >= 29
+    assert out["complete"] and out["operations"]["tested"] == out["operations"]["total"] >= 36
     assert out["test_cases"]["generated"] >= 20 * out["operations"]["total"]
-    # the seeded ids reached real data (a dead letter, once replayed, is gone: its replay
-    # may well see mostly 404s)
+    # the seeded ids reached real data (a dead letter, once replayed, is gone, and so is a
+    # shadow once deleted: their replay and deletion may well see mostly 404s)
     starved = set(out["warnings"]["missing_test_data"])
-    assert not starved - {"POST /webhooks/dead-letters/{delivery_id}/replay"}, starved
+    assert not starved - {"POST /webhooks/dead-letters/{delivery_id}/replay",
+                          "DELETE /streams/{stream}/shadows/{name}"}, starved
     assert sampler.samples and sampler.peak < RSS_BOUND, summary
 
 

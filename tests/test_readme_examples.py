@@ -30,6 +30,7 @@ BIN = Path(sys.executable).absolute().parent
 # commands (by how they start) that cannot run in a test, and why
 NOT_HERE = {
     "make serve": "the test's own service stands in for it",
+    "TSAD_SHADOWS_ALLOW_COSTLY=true make serve": "the test's own service, with the setting",
     "make test": "this is make test",
     "docker compose": "no Docker engine here; tests/test_deploy_config.py checks the stack",
     "echo ": "writes the compose stack's secrets into .env",
@@ -86,7 +87,8 @@ def service(redis_server, tmp_path_factory):
     # loopback receiver needs nothing: an open service bound to loopback takes it as pasted
     env = {"REDIS_URL": redis_server.url, "TSAD_AUTH": "open",
            "TSAD_WEBHOOK_ALLOW_HOSTS": "hooks.example.com",
-           "TSAD_WEBHOOK_BACKOFF_SECONDS": "600"}  # hooks.example.com: one try, then quiet
+           "TSAD_WEBHOOK_BACKOFF_SECONDS": "600",  # hooks.example.com: one try, then quiet
+           "TSAD_SHADOWS_ALLOW_COSTLY": "true"}  # the README's shadow example
     with ServiceProcess(env, log_path=logs) as proc:
         yield proc, redis_server.url
 

@@ -81,8 +81,16 @@ def stack(redis_server, tmp_path_factory):
             # deliveries run concurrently: wait for both the opening and the resolution
             got = wait_for(lambda: {"alert.opened", "alert.resolved"} <= {
                 r["body"]["type"] for r in received()} and received(), timeout=20.0)
-            metrics = httpx.get(f"{service.url}/metrics").text
             alerts = httpx.get(f"{service.url}/alerts").json()["alerts"]
+            # a shadow detector beside the live one: the per-stream dashboard's shadow
+            # panels query its series (a chunk more of the file: it catches up once)
+            assert httpx.put(f"{service.url}/streams/nyc_taxi/shadows/candidate",
+                             json={"detector": "ensemble"}).status_code == 201
+            more = load_series(DATA_DIR / "nab" / "nyc_taxi.csv")[700:764]
+            assert httpx.post(f"{service.url}/score", json={
+                "stream": "nyc_taxi", "timestamps": more[:, 0].tolist(),
+                "values": more[:, 1:].tolist()}).status_code == 200
+            metrics = httpx.get(f"{service.url}/metrics").text
         finally:
             receiver.terminate()
             out, _ = receiver.communicate(timeout=10)
@@ -236,3 +244,4 @@ def test_per_stream_alert_and_embedding_series_are_exported(stack):
     assert 'tsad_stream_alerts_opened_total{stream="nyc_taxi"} 1.0' in text
     assert "tsad_alerts_open 0.0" in text
     assert 'tsad_embedding_cache_hits_total{level="lru"}' in text
+    assert 'tsad_shadow_lag_points{shadow="candidate",stream="nyc_taxi"}' in text

@@ -9,7 +9,10 @@ range and holds that point and the ``window - 1`` before it (exactly what the de
 scored there). The points come from the stream's stored window, or from the range's
 inline ``points`` when the service no longer holds them. At most
 ``TSAD_FEEDBACK_WINDOWS_PER_RANGE`` windows are kept per range (evenly spread over it),
-and the stream keeps its last ``TSAD_FEEDBACK_MAX_RANGES`` ranges with their windows.
+and the stream keeps its last ``TSAD_FEEDBACK_MAX_RANGES`` ranges with their windows. A
+range whose points are no longer held (and not sent inline) is kept without windows: it
+still labels the stream's timeline, which shadow reports score on
+(``service/shadows/report.py``); adapting on it is refused (422).
 
 The feedback lives in the stream's state (section ``fb``), beside the detector, threshold
 and alert state, so it survives a restart and every replica sees it; rebinding the stream

@@ -87,8 +87,9 @@ class FeedbackService:
 
     def _store(self, meta: StreamMeta, sections: dict[str, bytes], held: np.ndarray,
                req: FeedbackRequest) -> tuple[StreamScorer, tuple[int, int, int]]:
-        """Resolve the ranges to labelled windows (InvalidInput naming the range when it
-        has none), add negatives, keep all in the state. A worker thread (it may score)."""
+        """Resolve the ranges to labelled windows (InvalidInput naming a range that has
+        none when adapting), add negatives, keep all in the state. A worker thread (it may
+        score)."""
         s = self.settings
         scorer = StreamScorer.from_sections(meta, s, sections)
         w = meta.window
@@ -100,7 +101,9 @@ class FeedbackService:
                 points = inline_points(r.points, meta.channels, i, s)
                 sources.append(points)
             wins = windows_ending_in(points, start, end, w, s.feedback_windows_per_range)
-            if not len(wins):
+            # a range of points no longer held still labels the timeline (shadow reports
+            # score on it); only adaptation needs its windows
+            if not len(wins) and req.adapt:
                 where = ("its inline points" if r.points is not None else
                          f"the {len(held)} points the service holds for the stream "
                          + (f"({held[0, 0]!r} to {held[-1, 0]!r})" if len(held) else "")

@@ -104,7 +104,7 @@ class WatchIn(BaseModel):
         "TSAD_WATCH_DELAY_SECONDS)", examples=[5])
     group_by: list[str] | None = Field(
         None, min_length=1, description="labels whose values name a multichannel stream "
-        "(needs channels)", examples=[["instance"]])
+        "(needs channels), such as [\"instance\"]")  # no example: one without channels is refused
     channels_by: str = Field("__name__", description="with group_by: the label that tells "
                              "channels apart")
     channels: list[str] | None = Field(None, min_length=1, max_length=1024,

@@ -56,6 +56,8 @@ NUDGE_SECONDS = 0.001
 # Points kept per stream beyond its window: the scoring loop learns a chunk when it
 # completes, from windows that started up to a chunk before the newest point.
 HISTORY_EXTRA = CHUNK - 1
+# What binds a stream to its detector (StreamMeta fields): ``Commit.binding`` sets them all
+BINDING = ("detector", "params", "threshold", "alert_budget_per_day")
 # The section a stream's state was kept in, whole, before state had sections
 # (service/stream_state.py splits it)
 LEGACY_SECTION = "legacy"
@@ -93,6 +95,8 @@ class StreamMeta:
     threshold: dict | None = None  # {"kind", "q", "depth"} overrides; None = defaults
     alert_budget_per_day: float | None = None
     timestamps: TimestampPolicy | None = None  # None = the backend's policy
+    # the detector's Config overrides for this stream, over TSAD_DETECTOR_PARAMS (None: none)
+    params: dict | None = None
     # points whose scores are committed with the state (the scored-up-to mark); None: a
     # stream stored before the mark existed, taken as all scored
     points_scored: int | None = None
@@ -159,6 +163,9 @@ class Commit:
     completed: dict[str, bytes] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)  # records the batch changed
     events: list[dict] = field(default_factory=list)  # alert events, to the outbox
+    # the stream's detector binding, switched with its state (a shadow promoted): None, or
+    # every field of BINDING; unlike PUT /streams, it keeps the state it is written with
+    binding: dict | None = None
     # the stream's lock as ``streams.lock`` yielded it, when the commit is the last write
     # under it: a backend may release it with the commit (Redis: in the same script)
     release: object | None = None
@@ -173,7 +180,7 @@ class Commit:
     def writes_state(self) -> bool:
         """A state write (bumps the stream's version), not a receipt alone."""
         return bool(self.sections or self.drop or self.scored is not None
-                    or self.alerts or self.events)
+                    or self.alerts or self.events or self.binding)
 
 
 class StreamStore(Protocol):
@@ -183,8 +190,8 @@ class StreamStore(Protocol):
 
     async def put(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
         """Create a stream or update its configuration; (meta, created). Conflict when
-        ``channels`` differs from the stored stream's. A change of window or detector
-        drops the stream's state sections."""
+        ``channels`` differs from the stored stream's. A change of window, detector or
+        its params drops the stream's state sections."""
         ...
 
     async def get(self, stream: str) -> StreamMeta | None: ...
@@ -225,8 +232,9 @@ class StreamStore(Protocol):
         """
         ...
 
-    async def window(self, stream: str) -> np.ndarray:
-        """The stored window, oldest first: (n <= window, 1 + C)."""
+    async def window(self, stream: str, last: int | None = None) -> np.ndarray:
+        """The stored window, oldest first: (n <= window, 1 + C); ``last``: up to that many
+        of the points held instead (e.g. ``retained(window)``, for a detector to warm up)."""
         ...
 
     async def sections(self, stream: str,
@@ -398,7 +406,7 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-__all__ = ["LEGACY_SECTION", "AlertStore", "AppendResult", "Backend", "Commit",
+__all__ = ["BINDING", "LEGACY_SECTION", "AlertStore", "AppendResult", "Backend", "Commit",
            "DuplicatePolicy", "HeldRows", "IngestStore", "KeyStore", "PendingReceipt",
            "PointAction", "StoreUnavailable", "StreamMeta", "StreamPolicy", "StreamStore",
            "TimestampPolicy", "WebhookStore", "retained"]

@@ -73,7 +73,7 @@ class MemoryStreams:
         if old.channels != meta.channels:
             raise Conflict(("body", "channels"), f"stream {meta.stream!r} has "
                            f"{old.channels} channels; it cannot change")
-        if (old.window, old.detector) != (meta.window, meta.detector):
+        if (old.window, old.detector, old.params) != (meta.window, meta.detector, meta.params):
             entry.sections = {}  # a new detector starts afresh: nothing left to score
             old.points_scored = old.points_seen
         while len(entry.points) > retained(meta.window):
@@ -81,7 +81,8 @@ class MemoryStreams:
         entry.meta = replace(old, window=meta.window, detector=meta.detector,
                              channel_names=meta.channel_names, threshold=meta.threshold,
                              alert_budget_per_day=meta.alert_budget_per_day,
-                             timestamps=meta.timestamps, version=old.version + 1)
+                             timestamps=meta.timestamps, params=meta.params,
+                             version=old.version + 1)
         entry.touched = time.monotonic()
         return replace(entry.meta), False
 
@@ -177,12 +178,12 @@ class MemoryStreams:
                             actions=plan.actions, stamps=plan.stamps, unscored=usable,
                             skipped=unscored - usable)
 
-    async def window(self, stream: str) -> np.ndarray:
+    async def window(self, stream: str, last: int | None = None) -> np.ndarray:
         entry = self._get(stream)
         if entry is None or not entry.points:
             channels = entry.meta.channels if entry else 0
             return np.empty((0, 1 + channels))
-        return np.array(entry.points, dtype=np.float64)[-entry.meta.window:]
+        return np.array(entry.points, dtype=np.float64)[-(last or entry.meta.window):]
 
     async def sections(self, stream: str,
                        names: Collection[str] | None = None) -> dict[str, bytes]:
@@ -219,6 +220,8 @@ class MemoryStreams:
         entry.sections.update(commit.sections)
         for name in commit.drop:
             entry.sections.pop(name, None)
+        if commit.binding is not None:
+            entry.meta = replace(entry.meta, **commit.binding)
         if commit.scored is not None:
             entry.meta.points_scored = commit.scored
         entry.meta.version += 1

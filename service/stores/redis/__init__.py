@@ -51,7 +51,8 @@ class RedisBackend:
             self.streams.stage_receipt(pipe, commit)
             await self.conn.call(pipe.execute())
             return 0
-        if not (commit.alerts or commit.events):  # the stream's keys only: one script
+        # the stream's keys only, no binding switched: one script
+        if not (commit.alerts or commit.events or commit.binding is not None):
             return await self.streams.commit_alone(commit)
         if self.conn.cluster and (commit.alerts or commit.events):  # their slot first
             alerts = self.alerts.stage(self.conn.pipeline(transaction=True), commit.stream,

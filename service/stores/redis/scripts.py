@@ -87,15 +87,15 @@ return {'ok', tostring(created), tostring(unscored), held}
 
 # KEYS: meta, win, sections, nudges, legacy state. ARGV: channels, window, detector, names
 # json, created_at, ttl, threshold json, alert budget ("" = unset), timestamp policy (""
-# = the backend's).
+# = the backend's), detector params json ("" = none).
 PUT = """
 local meta, win, sections, legacy = KEYS[1], KEYS[2], KEYS[3], KEYS[5]
 local channels, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local created = 0
 if redis.call('EXISTS', meta) == 1 then
-  local m = redis.call('HMGET', meta, 'channels', 'window', 'detector')
+  local m = redis.call('HMGET', meta, 'channels', 'window', 'detector', 'params')
   if tonumber(m[1]) ~= channels then return {'err_channels', m[1]} end
-  if tonumber(m[2]) ~= window or m[3] ~= ARGV[3] then
+  if tonumber(m[2]) ~= window or m[3] ~= ARGV[3] or (m[4] or '') ~= ARGV[10] then
     redis.call('DEL', sections, legacy)  -- a new detector starts afresh: nothing to score
     redis.call('HSET', meta, 'scored', redis.call('HGET', meta, 'points_seen') or 0)
   end
@@ -106,7 +106,7 @@ else
 end
 redis.call('HSET', meta, 'channels', channels, 'window', window, 'detector', ARGV[3],
            'names', ARGV[4], 'threshold', ARGV[7], 'alert_budget', ARGV[8],
-           'timestamps', ARGV[9])
+           'timestamps', ARGV[9], 'params', ARGV[10])
 redis.call('HINCRBY', meta, 'version', 1)
 if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', meta, tonumber(ARGV[6])) end
 return created
@@ -212,12 +212,14 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
-# KEYS: meta. ARGV: points scored ("": unchanged). A state commit: set the mark, bump the
-# version, return it. Only on a stream that still exists (a mark alone would be a meta
+# KEYS: meta. ARGV: points scored ("": unchanged), then field, value pairs of the meta to
+# set (a detector binding switched with its state). A state commit: set the mark, bump
+# the version, return it. Only on a stream that still exists (a mark alone would be a meta
 # hash without its fields): 0. The sections follow it in the same MULTI.
 COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'scored', ARGV[1]) end
+if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
 return redis.call('HINCRBY', KEYS[1], 'version', 1)
 """
 

@@ -99,12 +99,12 @@ class RedisStreams:
     # --- the interface -------------------------------------------------------------------
     async def put(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
         names = json.dumps(meta.channel_names) if meta.channel_names else ""
-        threshold = json.dumps(meta.threshold) if meta.threshold else ""
-        budget = repr(meta.alert_budget_per_day) if meta.alert_budget_per_day else ""
+        bound = _binding_fields(meta.to_dict())
         out = await self.conn.call(self._put(
             keys=self._keys(meta.stream),
             args=[meta.channels, meta.window, meta.detector, names, repr(meta.created_at),
-                  self.policy.ttl_seconds, threshold, budget, meta.timestamps or ""],
+                  self.policy.ttl_seconds, bound["threshold"], bound["alert_budget"],
+                  meta.timestamps or "", bound["params"]],
         ))
         if isinstance(out, list):
             raise Conflict(("body", "channels"), f"stream {meta.stream!r} has "
@@ -265,12 +265,12 @@ class RedisStreams:
                                 accepted=len(rows), points=held, actions=plan.actions,
                                 stamps=plan.stamps, unscored=usable, skipped=unscored - usable)
 
-    async def window(self, stream: str) -> np.ndarray:
+    async def window(self, stream: str, last: int | None = None) -> np.ndarray:
         meta = await self.get(stream)
         if meta is None:
             return np.empty((0, 1))
         blobs = await self.conn.call(self._redis.lrange(self._key(stream, "win"),
-                                                        -meta.window, -1))
+                                                        -(last or meta.window), -1))
         return decode_points(blobs, meta.channels)
 
     async def sections(self, stream: str,
@@ -337,7 +337,9 @@ class RedisStreams:
         writes to the same transaction (or, on a cluster, runs them first)."""
         stream, ttl = commit.stream, self.policy.ttl_seconds or None
         scored = "" if commit.scored is None else commit.scored
-        pipe.eval(COMMIT, 1, self._key(stream, "meta"), scored)
+        bound = _binding_fields(commit.binding) if commit.binding is not None else {}
+        pipe.eval(COMMIT, 1, self._key(stream, "meta"), scored,
+                  *(x for pair in bound.items() for x in pair))
         sections = self._key(stream, "sections")
         if commit.sections:
             pipe.hset(sections, mapping=commit.sections)
@@ -358,6 +360,16 @@ class RedisStreams:
             pipe.srem(self._key(commit.stream, "pending"), *(key for key, _ in kept))
 
 
+def _binding_fields(binding: dict) -> dict[str, str]:
+    """A stream's detector binding (``BINDING`` fields) as its meta hash stores it ("":
+    unset)."""
+    params, threshold = binding["params"], binding["threshold"]
+    budget = binding["alert_budget_per_day"]
+    return {"detector": binding["detector"], "params": json.dumps(params) if params else "",
+            "threshold": json.dumps(threshold) if threshold else "",
+            "alert_budget": repr(budget) if budget else ""}
+
+
 def _channel_rejection(stream: str, stored: int, sent: int) -> InvalidInput:
     return InvalidInput(("body", "points", 0, "values"),
                         f"stream {stream!r} has {stored} channels, got {sent}")
@@ -370,6 +382,7 @@ def _meta_from_hash(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
     threshold = get.get("threshold") or ""
     budget = get.get("alert_budget") or ""
     timestamps = get.get("timestamps") or None  # absent in metas stored before the field
+    params = get.get("params") or ""
     return StreamMeta(
         stream=stream,
         channels=int(get["channels"]),
@@ -383,5 +396,6 @@ def _meta_from_hash(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
         alert_budget_per_day=float(budget) if budget else None,
         timestamps=timestamps,
         points_scored=int(get["scored"]) if "scored" in get else None,
+        params=json.loads(params) if params else None,
         version=int(get.get("version", 0)),
     )

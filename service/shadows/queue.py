@@ -1,0 +1,320 @@
+"""Shadow detectors off the request path: a bounded queue of their pending points in
+each process, worked by background tasks, so a shadow never adds its detector's cost to
+a live request, and a lagging one never holds /score back.
+
+After each commit the score transaction hands over each shadow's batch (``committed``):
+the points with the context their windows need, and the live results to compare with.
+Batches join the shadow's pending job (one per shadow: batches merge). A shadow catches
+up when its stream completes a chunk (64 points): a job is ready once it holds a chunk
+end, so a detector scores a chunk in one vectorised call (a language model embeds its
+windows in one call), and a shadow runs at most a chunk behind plus the queue's wait.
+Cheap shadows' jobs go first. A worker (its own thread, at a lower priority than the
+requests') scores a ready job outside the stream's lock, then commits the shadow's own
+sections under it, after checking that the shadow is still the one it scored (same id:
+not deleted, promoted or replaced) and still where it started (same mark). When more
+than ``TSAD_SHADOW_QUEUE_POINTS`` points wait, the oldest are dropped and counted as
+skipped; after a crash, a shadow goes on from its mark with what the store holds (and
+the live results committed with it, ``stream.py``), skipping what is gone, counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from models.streaming import CHUNK
+from service import stream_state
+from service.errors import StoreUnavailable
+from service.metrics import ServiceMetrics, StreamSeries
+from service.scorers import ScorerCache
+from service.settings import Settings
+from service.shadows.config import ShadowConfig, section, split
+from service.shadows.engine import Caught, Run, ShadowEngine
+from service.shadows.stream import Offer, StreamShadows
+from service.stores.base import Backend, Commit, retained
+
+log = logging.getLogger("tsad.shadows")
+ENGINES_KEPT = 256  # decoded shadow engines kept between jobs, per process
+T = TypeVar("T")
+RETRY_SECONDS = 1.0  # a worker's pause after a job the store failed, put back
+
+
+@dataclass
+class Job(Offer):
+    """A shadow's pending batches, merged: the stream's points from index ``first`` (with
+    the context their windows need), the first of them not yet scored (``new``) and the
+    live results known for them."""
+
+    @classmethod
+    def of(cls, offer: Offer) -> Job:
+        return cls(**vars(offer))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.stream, self.config.id
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.points)
+
+    @property
+    def pending(self) -> int:
+        return self.end - self.new
+
+    @property
+    def ready(self) -> bool:
+        """It holds a chunk end: a chunk of the stream is complete."""
+        return self.end // CHUNK > self.new // CHUNK
+
+    def merge(self, offer: Offer) -> None:
+        if offer.first <= self.end:  # overlapping context: append what is new
+            self.points = np.concatenate([self.points, offer.points[self.end - offer.first:]])
+        else:  # a gap (batches offered to another process, or dropped): skipped
+            self.points, self.first, self.new = offer.points, offer.first, offer.new
+        self.live = self.live.extend(offer.live.since(self.live.end))
+
+    def drop_oldest(self, n: int) -> None:
+        """Forget the ``n`` oldest pending points (and the context only they needed)."""
+        self.new += n
+        keep_from = max(self.first, self.new - retained(self.window) + 1)
+        self.points = self.points[keep_from - self.first:]
+        self.first = keep_from
+        self.live = self.live.since(keep_from)
+
+
+class ShadowQueue:
+    def __init__(self, backend: Backend, settings: Settings, metrics: ServiceMetrics,
+                 series: StreamSeries, scorers: ScorerCache) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.series = series
+        self.scorers = scorers
+        self.jobs: OrderedDict[tuple[str, str], Job] = OrderedDict()  # oldest first
+        self.engines: OrderedDict[tuple[str, str], ShadowEngine] = OrderedDict()
+        self.offered: dict[tuple[str, str], int] = {}  # the newest point offered, per shadow
+        self.marks: dict[tuple[str, str], int] = {}  # where each shadow was last committed
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.running: set[tuple[str, str]] = set()  # shadows being scored now
+
+    # --- from the score transaction ---------------------------------------------------------
+    def committed(self, stream: str, shadows: StreamShadows) -> None:
+        """A batch of ``stream`` committed: its shadows' work."""
+        for offer in shadows.drain():
+            self.offer(offer)
+
+    def offer(self, offer: Offer) -> None:
+        key = (offer.stream, offer.config.id)
+        job = self.jobs.get(key)
+        if job is None:
+            self.jobs[key] = Job.of(offer)
+        else:
+            job.merge(offer)
+        end = offer.first + len(offer.points)
+        self.offered[key] = end
+        self.series.shadow(offer.stream, offer.config.name,
+                           lag_points=end - self.marks.get(key, offer.config.start))
+        self._bound()
+        self._ready.set()
+
+    def _bound(self) -> None:
+        """At most TSAD_SHADOW_QUEUE_POINTS waiting: the longest job loses its oldest."""
+        over = self.waiting - self.settings.shadow_queue_points
+        while over > 0:
+            job = max(self.jobs.values(), key=lambda j: j.pending)
+            n = min(over, job.pending)
+            job.drop_oldest(n)
+            self.metrics.shadow_points_skipped_total.inc(n)
+            over -= n
+        self.metrics.shadow_queue_points.set(self.waiting)
+
+    @property
+    def waiting(self) -> int:
+        return sum(j.pending for j in self.jobs.values())
+
+    def forget(self, stream: str, shadow_id: str | None = None) -> None:
+        """The stream was deleted (``shadow_id`` None), or one shadow deleted, promoted or
+        replaced: its pending work goes."""
+        for held in (self.jobs, self.engines, self.offered, self.marks):
+            for key in [k for k in held if k[0] == stream and shadow_id in (None, k[1])]:
+                del held[key]
+        self.metrics.shadow_queue_points.set(self.waiting)
+
+    # --- the workers ------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work())
+                       for _ in range(self.settings.shadow_workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []  # a job's thread still scoring is left behind (_in_thread)
+
+    async def drained(self, timeout: float = 60.0) -> bool:
+        """Wait until no ready job waits or runs (tests, benchmarks, a promotion); False on
+        timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(j.ready for j in self.jobs.values()) or self.running:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _work(self) -> None:
+        while True:
+            ready = [k for k, j in self.jobs.items() if j.ready]  # oldest first, cheap first
+            key = min(ready, key=lambda k: self.jobs[k].config.costly, default=None)
+            if key is None:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            await self._take(key)
+
+    async def settle(self, stream: str, shadow_id: str, timeout: float = 120.0) -> None:
+        """Score what waits for one shadow now, ready or not (before a promotion)."""
+        key = (stream, shadow_id)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while key in self.running and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if key in self.jobs and key not in self.running:
+            await self._take(key)
+
+    async def _take(self, key: tuple[str, str]) -> None:
+        job = self.jobs.pop(key)
+        self.metrics.shadow_queue_points.set(self.waiting)
+        self.running.add(key)
+        try:
+            await self._run(job)
+        except asyncio.CancelledError:
+            raise
+        except StoreUnavailable as exc:  # transient (a busy lock, Redis away): again later
+            log.warning("shadow job put back: store unavailable", extra={
+                "stream": job.stream, "shadow": job.config.name, "error": str(exc)})
+            self.engines.pop(job.key, None)  # it may have scored what was not committed
+            self._requeue(job)
+            await asyncio.sleep(RETRY_SECONDS)
+        except Exception:  # one shadow's failure must not stop the others
+            log.exception("shadow failed: its points are skipped",
+                          extra={"stream": job.stream, "shadow": job.config.name})
+            self.metrics.shadow_points_skipped_total.inc(job.pending)
+            self.engines.pop(job.key, None)
+        finally:
+            self.running.discard(key)
+
+    def _requeue(self, job: Job) -> None:
+        """A job that could not finish goes back, ahead of what was offered meanwhile (the
+        same points are scored by the next try: nothing is skipped)."""
+        newer = self.jobs.pop(job.key, None)
+        if newer is not None:
+            job.merge(newer)
+        self.jobs[job.key] = job
+        self.jobs.move_to_end(job.key, last=False)
+        self.metrics.shadow_queue_points.set(self.waiting)
+
+    async def _run(self, job: Job) -> None:
+        streams, config = self.backend.streams, job.config
+        mark = await self._mark(job)
+        if mark is None:  # deleted, promoted or replaced meanwhile
+            self.engines.pop(job.key, None)
+            return
+        engine = self.engines.pop(job.key, None)
+        if engine is None or engine.run.mark != mark:
+            meta = await streams.get(job.stream)
+            if meta is None:
+                return
+            _, parts = split(await streams.sections(job.stream))
+            engine = ShadowEngine.load(config, meta, self.settings, parts.get(config.name, {}))
+        if job.new < mark:  # another process scored some meanwhile
+            job.new = mark
+        caught = await _in_thread(engine.catch_up, job.points, job.first, job.live)
+        if caught is None:
+            self._keep(job.key, engine)
+            return
+        async with streams.lock(job.stream):
+            if await self._mark(job) != mark:  # changed meanwhile: not ours to write
+                return
+            changed, drop = engine.to_commit()
+            version = await self.backend.commit(Commit(job.stream, sections=changed,
+                                                       drop=drop))
+            self.scorers.bumped(job.stream, version)
+        self._keep(job.key, engine)
+        self.marks[job.key] = engine.run.mark
+        newest = self.offered.get(job.key, engine.run.mark)
+        self._record(job.stream, config.name, caught, engine, newest)
+
+    async def _mark(self, job: Job) -> int | None:
+        """The shadow's mark as stored, if it is still the job's shadow."""
+        names = [section(job.config.name, "cfg"), section(job.config.name, "run")]
+        head = await self.backend.streams.sections(job.stream, names)
+        if names[0] not in head:
+            return None
+        parts = stream_state.decode(head)
+        if ShadowConfig.decode(parts[names[0]]).id != job.config.id:
+            return None
+        return Run.decode(parts.get(names[1], {}), job.config.start).mark
+
+    def _keep(self, key: tuple[str, str], engine: ShadowEngine) -> None:
+        self.engines[key] = engine
+        while len(self.engines) > ENGINES_KEPT:
+            self.engines.popitem(last=False)
+
+    def _record(self, stream: str, name: str, caught: Caught, engine: ShadowEngine,
+                newest: int) -> None:
+        m = self.metrics
+        kind = "costly" if engine.config.costly else "cheap"
+        for lag in caught.lag_seconds:
+            m.shadow_lag_seconds.labels(kind).observe(lag)
+        m.shadow_points_skipped_total.inc(caught.skipped)
+        c = engine.run.counters
+        either = c["alerted_either_seconds"]
+        self.series.shadow(stream, name, caught.alerts_opened,
+                           c["alerted_both_seconds"] / either if either else None,
+                           max(newest - engine.run.mark, 0))
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a daemon thread at a lower priority. Not a thread pool: a pool's
+    threads are joined at exit, so a costly job (minutes of a language model) would hold
+    a SIGTERM'd process until it ends; a cancelled job's thread is left behind instead,
+    and the shadow resumes from its committed mark."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        _lower_priority()
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="tsad-shadows", daemon=True).start()
+    return await done
+
+
+def _lower_priority() -> None:
+    """The shadow workers' thread yields the CPU to the requests' (Linux: per thread)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
