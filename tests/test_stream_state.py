@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import safetensors.numpy
 
+from models.calibration import RING_SLICE
 from service import stream_state
 from service.scoring import StreamScorer
 from service.settings import Settings
@@ -32,7 +33,7 @@ def test_a_commit_writes_only_the_sections_that_changed():
     first, _, nbytes = scorer.to_commit()
     # the ensemble's memory of raw values is a section of its own (det/memory), and so
     # are the loop's recent rows, the tracker's alerts and its normal-window sample
-    lik_slices = {f"lik/ring{k}" for k in range(-(-SETTINGS.likelihood_history // 128))}
+    lik_slices = {f"lik/ring{k}" for k in range(-(-SETTINGS.likelihood_history // RING_SLICE))}
     assert set(first) == {"det", "det/memory", "loop", "loop/recent", "lik", "thr", "alr",
                           "alr/alerts", "alr/normal", "fb", "ada"} | lik_slices
     assert nbytes == sum(len(b) for b in first.values())
@@ -53,7 +54,7 @@ def test_a_point_that_completes_no_chunk_writes_nothing_of_the_detector():
     scored past its warm-up, no alert open: each point's commit writes the loop's verdict
     and pending chunk, the tracker's counters and the likelihood's count and the slice of
     its recent scores the point entered (``lik/ring<k>``, not the whole 8 KB history):
-    under 1.5 KB together, nothing of the detector."""
+    under a kilobyte together, nothing of the detector."""
     settings = Settings()
     scorer = StreamScorer(StreamMeta("s", 1, 64, settings.default_detector), settings)
     t = np.arange(2000, dtype=np.float64)
@@ -66,7 +67,7 @@ def test_a_point_that_completes_no_chunk_writes_nothing_of_the_detector():
 
     score(0, 1200)
     scorer.to_commit()
-    written = []
+    written, written_all = [], []
     for i in range(1200, 1264):
         score(i, i + 1)
         changed, drop, _ = scorer.to_commit()
@@ -74,10 +75,12 @@ def test_a_point_that_completes_no_chunk_writes_nothing_of_the_detector():
         if (i + 1) % 64:
             assert {stream_state.owner(n) for n in changed} <= {"loop", "lik", "alr"}, set(changed)
             assert len([n for n in changed if n.startswith("lik/")]) <= 1, set(changed)
-            written.append(sum(len(b) for b in changed.values()))
+            written.append(len(changed["loop"]) + len(changed.get("alr", b"")))
+            written_all.append(sum(len(b) for b in changed.values()))
         else:  # a chunk's last point: the detector learnt
             assert "det" in changed
-    assert scorer.tracker.open is None and max(written) <= 1536, written
+    assert scorer.tracker.open is None and max(written) <= 1024, written
+    assert max(written_all) <= 1024, written_all  # the likelihood's slice and count too
 
 
 def test_state_written_whole_by_an_earlier_version_loads_and_scores_the_same():
