@@ -57,16 +57,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
+from models.detectors.window_search import (
+    CosineMemory,
+    SquaredMemory,
+    cosine_bounds,
+    project,
+)
 
 MEMBERS = ("range", "level", "memory")
 RECORD_MEMBERS = ("range", "level")  # the others only rank
 RECORD_FLOOR = 1e-3  # smallest record a distance is divided by
 MIN_RECORD_BLOCKS = 4  # blocks of a member's history before it can set a record
 RANK_CAP = 1.0 - 1e-9  # the ranking stays under the record line
+# The searches' pruned path (window_search) keeps projections of the memories beside them
+# (about 400 KB a channel): only for streams of up to PRUNE_MAX_CHANNELS channels; where
+# it gives up, it backs off for up to PRUNE_RETRY_BLOCKS blocks (see _prunes)
+PRUNE_MAX_CHANNELS = 8
+PRUNE_RETRY_BLOCKS = 16
 # E|x_t - x_t-1| = 2 sigma / sqrt(pi) for Gaussian noise
 SIGMA_PER_STEP = np.sqrt(np.pi) / 2.0
 
@@ -162,6 +172,8 @@ class Ensemble(Online, Records):
         # fingerprints and raw surprises of the windows scored since the last block
         self._scored = (np.zeros((0, 2), np.int64), np.zeros((0, len(cfg.members), channels)))
         self._shapes: dict = {}  # derived from the ring, see _memory_shapes
+        self._projections: dict = {}  # derived from the ring, see _level_projections
+        self._prune_waits: dict[str, tuple] = {}  # see _prunes
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
     # state keys -> attributes; the memory (the large part) under one prefix
@@ -248,6 +260,7 @@ class Ensemble(Online, Records):
                 m = cfg.members.index(member)
                 ring[slot] = (stat(np.where(wild | held, np.nan, seen[:, m]), axis=0)
                               if seen is not None else np.nan)
+        self._note_pruning()
         self._memo = {}  # the block history moved
         normal = (np.ones(len(windows), dtype=bool) if raw is None else
                   self._combine(raw).max(axis=1) <= self.record_threshold)
@@ -280,9 +293,22 @@ class Ensemble(Online, Records):
             scaled = scale_windows(new).transpose(1, 0, 2) * keep[None, :, None]
             shapes["shapes"][:, slots] = scaled
             shapes["norms"][:, slots] = _norms(scaled)
+            if "bounds" in shapes:
+                shapes["bounds"][..., slots] = cosine_bounds(scaled, shapes["norms"][:, slots])
             shapes["head"] = int(slots[-1] + 1) % total
         else:
             self._shapes = {}
+        cache = self._projections
+        if cache and not fresh and len(newest) < cache["projections"].shape[2]:
+            # the same circular slots, for the raw windows' projections (level member)
+            n, total = len(newest), cache["projections"].shape[2]
+            slots = (cache["head"] + np.arange(n)) % total
+            new = sliding_windows(self._ring, w)[-n:]  # (n, W, C)
+            cache["projections"][:, :, slots] = np.swapaxes(project(new.transpose(2, 0, 1)),
+                                                            1, 2)
+            cache["head"] = int(slots[-1] + 1) % total
+        else:
+            self._projections = {}
 
     # --- scoring -----------------------------------------------------------------------
     def _scales(self, window: int) -> list[int]:
@@ -377,14 +403,34 @@ class Ensemble(Online, Records):
                 wins = sliding_windows(self._ring, w)[ends]  # (N', W, C)
                 shapes[:, ends] = scale_windows(wins).transpose(1, 0, 2)
             self._shapes = {"shapes": shapes, "norms": _norms(shapes), "head": 0}
+            if channels <= PRUNE_MAX_CHANNELS:
+                self._shapes["bounds"] = cosine_bounds(shapes, self._shapes["norms"])
         return self._shapes["shapes"], self._shapes["norms"]
+
+    def _level_projections(self, kept: np.ndarray) -> np.ndarray | None:
+        """(C, k, len(kept)): ``project`` of the raw windows starting at ``kept`` in the
+        ring (window_search's pruned level search), kept in circular slots like the
+        shapes; None for a stream too wide to keep them."""
+        if self._ring.shape[1] > PRUNE_MAX_CHANNELS:
+            return None
+        if not self._projections:
+            wins = sliding_windows(self._ring, self.config.window)  # (N, W, C)
+            self._projections = {"head": 0, "projections": np.ascontiguousarray(
+                np.swapaxes(project(wins.transpose(2, 0, 1)), 1, 2))}
+        cache = self._projections
+        return cache["projections"][..., (cache["head"] + kept) % cache["projections"].shape[2]]
 
     def _memory_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): cosine distance of each channel window's shape to the nearest
         remembered one (``CosineMemory``); an empty slot, all zeros, is never the
         nearest."""
-        memories = self._derived("memory_search", lambda: tuple(
-            CosineMemory(mem, norms) for mem, norms in zip(*self._memory_shapes(), strict=True)))
+        def build() -> tuple[CosineMemory, ...]:
+            shapes, norms = self._memory_shapes()
+            bounds = self._shapes.get("bounds")
+            return tuple(CosineMemory(shapes[c], norms[c], bounds[c] if bounds is not None
+                                      and self._prunes("memory_search", c) else None)
+                         for c in range(len(shapes)))
+        memories = self._derived("memory_search", build)
         q = scale_windows(windows).astype(np.float32)  # (B, C, W)
         q_norms = _norms(q)  # (B, C)
         out = np.empty((len(windows), windows.shape[2]))
@@ -406,13 +452,43 @@ class Ensemble(Online, Records):
             return out
         lo, hi = self._range()
         refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
-        memories = self._derived("level_search", lambda: tuple(
-            SquaredMemory(self._ring[:, c] - refs[c], kept, w) for c in range(len(refs))))
+        def build() -> tuple[SquaredMemory, ...]:
+            prunes = [self._prunes("level_search", c) for c in range(len(refs))]
+            projections = self._level_projections(kept) if any(prunes) else None
+            return tuple(SquaredMemory(self._ring[:, c] - refs[c], kept, w,
+                                       projections[c] if projections is not None
+                                       and prunes[c] else None, refs[c])
+                         for c in range(len(refs)))
+        memories = self._derived("level_search", build)
         for c, memory in enumerate(memories):
             span = max(hi[0, c] - lo[0, c], 1e-12)
             d2 = memory.nearest(windows[attached, :, c] - refs[c])
             out[attached, c] = np.sqrt(np.maximum(d2, 0.0) / w) / span
         return out
+
+    def _prunes(self, key: str, channel: int) -> bool:
+        """Whether this block's search of ``key`` tries the pruned path on ``channel``:
+        after it gave up there n times in a row, not for the next 2^(n-1) blocks (at most
+        PRUNE_RETRY_BLOCKS): a noisy stream, whose bound is loose, seldom pays for it, a
+        smooth one that gave up once tries again at the next block."""
+        waits = self._prune_waits.get(key)
+        return waits is None or channel >= len(waits[0]) or waits[0][channel] <= 0
+
+    def _note_pruning(self) -> None:
+        """Before the searches are dropped (a new block): count each channel's wait down,
+        and start it again where a pruned search gave up."""
+        for key in ("memory_search", "level_search"):
+            if key not in self._memo:
+                continue
+            searches = self._memo[key]
+            gave_up = np.array([s.gave_up for s in searches], dtype=bool)
+            answered = np.array([s.pruned > 0 for s in searches], dtype=bool)
+            wait, strikes = self._prune_waits.get(key, (None, None))
+            if wait is None or len(wait) != len(gave_up):
+                wait = strikes = np.zeros(len(gave_up), np.int64)
+            strikes = np.where(gave_up, strikes + 1, np.where(answered, 0, strikes))
+            backoff = np.minimum(2 ** np.maximum(strikes - 1, 0), PRUNE_RETRY_BLOCKS)
+            self._prune_waits[key] = (np.where(gave_up, backoff, wait - 1), strikes)
 
     def _continues(self, windows: np.ndarray) -> np.ndarray:
         """(B,) whether each window continues the stream this detector learnt: its
@@ -514,105 +590,6 @@ class Ensemble(Online, Records):
         raw = self._raw(windows)  # (B, M, C)
         self._remember_raw(windows, raw)
         return self._combine(raw)
-
-
-# The nearest-window searches. Both run in float32 over the whole memory, then compute
-# exactly, as the float64 formula over every remembered window would, the few windows
-# within the float32 search's error of the nearest (its error is below 1e-5 relative;
-# SEARCH_SLACK is ten times that); where more than CANDIDATES per query are that close
-# (a flat or exactly repeating stream) the formula runs over the whole memory instead.
-SEARCH_SLACK = 1e-4
-CANDIDATES = 8
-
-
-class CosineMemory:
-    """The memory member's search over one channel's remembered shapes ``mem`` (N, W),
-    uint8 (zeros: empty), with their norms (N,): prepared once per block, searched by
-    every scoring call until the next."""
-
-    def __init__(self, mem: np.ndarray, norms: np.ndarray) -> None:
-        self.mem, self.norms = mem, norms
-        inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        # (W, N): the unit-scaled shapes the float32 search runs on
-        self.unit_t = np.multiply(mem, inverse.astype(np.float32)[:, None],
-                                  dtype=np.float32).T
-
-    def nearest(self, q: np.ndarray, q_norms: np.ndarray) -> np.ndarray:
-        """(B,) the largest cosine similarity ``dot / max(|q| |m|, 1)`` of each shape q
-        (B, W), float32 integers, to the remembered shapes. The candidates' dot products
-        are integers, exact in float32, so the result is the formula's to the last bit."""
-        mem, norms = self.mem, self.norms
-        approx = q @ self.unit_t
-        first = approx.argmax(axis=1)
-        top = approx[np.arange(len(q)), first]
-        rows, cols = _near(-approx, first, -top * np.float32(1 - SEARCH_SLACK))
-        if len(rows) > CANDIDATES * len(q):
-            sims = (q @ mem.astype(np.float32).T) / np.maximum(np.outer(q_norms, norms), 1.0)
-            return sims.max(axis=1)
-        dots = (q[rows] * mem[cols]).sum(axis=1, dtype=np.float32)
-        best = np.full(len(q), -np.inf)
-        np.maximum.at(best, rows, dots / np.maximum(q_norms[rows] * norms[cols], 1.0))
-        return best
-
-
-class SquaredMemory:
-    """The level member's search over the windows of ``ring`` (R,) (one channel's raw
-    values, centred as the queries will be) that start at ``kept``: prepared once per
-    block, searched by every scoring call until the next."""
-
-    def __init__(self, ring: np.ndarray, kept: np.ndarray, w: int) -> None:
-        self.windows = _windows_of(ring, w)  # (R - W + 1, W), a view
-        self.kept = kept
-        search_windows = _windows_of(ring.astype(np.float32), w)
-        mem = np.empty((len(kept), w + 1), np.float32)  # [m, |m|^2]
-        mem[:, :w] = search_windows if len(kept) == len(self.windows) else search_windows[kept]
-        msq = np.einsum("ij,ij->i", mem[:, :w], mem[:, :w])  # |m|^2 (the search's)
-        mem[:, w] = msq
-        self.mem_t = mem.T  # (W + 1, N)
-        self.msq_max = msq.max()
-
-    def nearest(self, q: np.ndarray) -> np.ndarray:
-        """(B,) the smallest squared Euclidean distance ``|q|^2 + |m|^2 - 2 q.m``
-        (float64) of each window q (B, W) to the remembered windows. The float32
-        search's error is below 1e-5 of |q|^2 plus the largest |m|^2."""
-        w, windows, kept = q.shape[1], self.windows, self.kept
-        search = np.empty((len(q), w + 1), np.float32)  # [-2 q, 1]: times [m, |m|^2]
-        search[:, :w] = -2.0 * q  # gives |m|^2 - 2 q.m
-        search[:, w] = 1.0
-        approx = search @ self.mem_t  # (B, N)
-        qsq = (q**2).sum(axis=1)
-        first = approx.argmin(axis=1)
-        low = approx[np.arange(len(q)), first]
-        rows, cols = _near(approx, first, low + 2.0 * SEARCH_SLACK * (qsq + self.msq_max))
-        if len(rows) > CANDIDATES * len(q):
-            m = windows[kept]
-            return (qsq[:, None] + (m**2).sum(1)[None] - 2.0 * q @ m.T).min(axis=1)
-        m = windows[kept[cols]]
-        d2 = (qsq[rows] + (m**2).sum(axis=1)) - (2.0 * q[rows] * m).sum(axis=1)
-        best = np.full(len(q), np.inf)
-        np.minimum.at(best, rows, d2)
-        return best
-
-
-def _windows_of(x: np.ndarray, w: int) -> np.ndarray:
-    """The sliding windows of a 1-D array, (len - w + 1, w), as a read-only view (what
-    ``sliding_window_view`` gives, without its checks: this runs per chunk)."""
-    return as_strided(x, (len(x) - w + 1, w), (x.strides[0], x.strides[0]),
-                      writeable=False)
-
-
-def _near(approx: np.ndarray, first: np.ndarray, bound: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, columns) of the entries of ``approx`` (B, N; overwritten) at or below
-    ``bound`` (B,), given each row's smallest (``first``): usually that one alone, told
-    by the row's second smallest."""
-    rows = np.arange(len(first))
-    approx[rows, first] = np.inf
-    more = np.flatnonzero(approx.min(axis=1) <= bound)
-    if not len(more):
-        return rows, first
-    more_rows, more_cols = np.nonzero(approx[more] <= bound[more, None])
-    return np.concatenate([rows, more[more_rows]]), np.concatenate([first, more_cols])
 
 
 def _nanmedian(x: np.ndarray, axis: int = 0) -> np.ndarray:
