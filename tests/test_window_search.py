@@ -1,0 +1,159 @@
+"""The default detector's nearest-window searches: the pruned path answers what the
+formula over the whole memory answers, to the last bit, on ordinary and adversarial
+memories (ties, flat and exactly repeating windows, empty slots, a ring still filling up,
+NaN queries); and the detector scores the same with and without pruning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.detectors.base import sliding_windows
+from models.detectors.ensemble import Ensemble, _norms
+from models.detectors.raw_knn import scale_windows
+from models.detectors.window_search import (
+    CosineMemory,
+    SquaredMemory,
+    cosine_bounds,
+    project,
+)
+
+W = 64
+RING = 1024
+
+
+def _series(kind: str, rng: np.random.Generator, n: int = RING + 200) -> np.ndarray:
+    t = np.arange(n, dtype=np.float64)
+    if kind == "smooth":
+        return 300.0 * np.sin(t / 17.0) + rng.normal(0, 0.01, n)
+    if kind == "offset":  # a small wave on a large level: centring cancels digits
+        return 1e4 + np.sin(t / 11.0)
+    if kind == "noise":
+        return rng.normal(0, 1, n)
+    if kind == "repeat":  # exact repeats: many windows tie for the nearest
+        return np.tile(rng.normal(0, 1, 48), n // 48 + 1)[:n]
+    if kind == "flat":  # steps: flat windows, all one shape
+        return np.repeat(rng.integers(0, 3, n // 100 + 1).astype(np.float64), 100)[:n]
+    raise ValueError(kind)
+
+
+def _cosine_formula(mem: np.ndarray, norms: np.ndarray, q: np.ndarray,
+                    q_norms: np.ndarray) -> np.ndarray:
+    """The brute force: every slot's dot / max(|q| |m|, 1) (exact integer dots)."""
+    dots = q @ mem.astype(np.float32).T
+    return (dots / np.maximum(np.outer(q_norms, norms), 1.0)).max(axis=1)
+
+
+def _squared_formula(ring: np.ndarray, kept: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The brute force: every kept window's (|q|^2 + |m|^2) - 2 q.m, pair by pair."""
+    windows = np.lib.stride_tricks.sliding_window_view(ring, W)[kept]
+    qsq = (q**2).sum(axis=1)
+    return np.array([((qsq[i] + (windows**2).sum(axis=1))
+                      - (2.0 * q[i] * windows).sum(axis=1)).min() for i in range(len(q))])
+
+
+@pytest.mark.parametrize("kind", ["smooth", "offset", "noise", "repeat", "flat"])
+@pytest.mark.parametrize("kept_share", [1.0, 0.3])
+def test_pruned_searches_answer_the_formula(kind: str, kept_share: float) -> None:
+    rng = np.random.default_rng(7)
+    x = _series(kind, rng)
+    raw = np.lib.stride_tricks.sliding_window_view(x[:RING], W)  # (N, W)
+    keep = rng.random(len(raw)) < kept_share
+    keep[0] = True
+    kept = np.flatnonzero(keep)
+    queries = np.lib.stride_tricks.sliding_window_view(x[RING - 63:RING + 64], W).copy()
+
+    # level: centred on the ring's middle, as the detector centres on its range
+    centre = float((x[:RING].max() + x[:RING].min()) / 2.0)
+    full = SquaredMemory(x[:RING] - centre, kept, W)
+    pruned = SquaredMemory(x[:RING] - centre, kept, W, project(raw[kept]).T, centre)
+    want, got = full.nearest(queries - centre), pruned.nearest(queries - centre)
+    assert np.array_equal(want, got)
+    if pruned.pruned:  # it answered: the pair-by-pair formula, bit for bit
+        assert np.array_equal(got, _squared_formula(x[:RING] - centre, kept, queries - centre))
+
+    # memory: shapes, empty slots (zeros) where a window is not kept
+    mem = scale_windows(raw[:, :, None])[:, 0].astype(np.uint8) * keep[:, None].astype(np.uint8)
+    norms = _norms(mem)
+    q = scale_windows(queries[:, :, None])[:, 0].astype(np.float32)
+    q_norms = _norms(q)
+    searched = CosineMemory(mem, norms, cosine_bounds(mem, norms))
+    got = searched.nearest(q, q_norms)
+    assert np.array_equal(got, _cosine_formula(mem, norms, q, q_norms))
+    assert np.array_equal(got, CosineMemory(mem, norms).nearest(q, q_norms))
+    if kind == "smooth":
+        assert searched.pruned and pruned.pruned  # a smooth stream is what it is for
+
+
+def test_pruning_pays_off_where_the_bound_is_tight_and_gives_up_where_it_is_not() -> None:
+    rng = np.random.default_rng(3)
+    outcomes = {}
+    for kind in ("smooth", "noise"):
+        x = _series(kind, rng)
+        raw = np.lib.stride_tricks.sliding_window_view(x[:RING], W)
+        mem = scale_windows(raw[:, :, None])[:, 0].astype(np.uint8)
+        norms = _norms(mem)
+        search = CosineMemory(mem, norms, cosine_bounds(mem, norms))
+        q = scale_windows(np.lib.stride_tricks.sliding_window_view(
+            x[RING - 63:RING + 64], W)[:, :, None])[:, 0].astype(np.float32)
+        search.nearest(q, _norms(q))
+        outcomes[kind] = (search.pruned, search.gave_up)
+    assert outcomes == {"smooth": (1, False), "noise": (0, True)}
+
+
+def test_empty_memory_and_nan_queries_answer_as_the_full_search() -> None:
+    mem = np.zeros((50, W), np.uint8)  # nothing remembered yet
+    norms = _norms(mem)
+    q = np.ones((3, W), np.float32)  # a NaN window's shape: all ones
+    got = CosineMemory(mem, norms, cosine_bounds(mem, norms)).nearest(q, _norms(q))
+    assert np.array_equal(got, CosineMemory(mem, norms).nearest(q, _norms(q)))
+    assert np.array_equal(got, np.zeros(3))
+
+    rng = np.random.default_rng(1)
+    x = _series("smooth", rng)
+    ring = x[:RING].copy()
+    ring[:300] = np.nan  # a ring still filling up: its first windows are not kept
+    kept = np.arange(300, RING - W + 1)
+    queries = np.lib.stride_tricks.sliding_window_view(x[RING - 63:RING + 64], W).copy()
+    queries[5, 10] = np.nan
+    projections = project(np.lib.stride_tricks.sliding_window_view(ring, W)[kept]).T
+    got = SquaredMemory(ring, kept, W, projections).nearest(queries)
+    want = SquaredMemory(ring, kept, W).nearest(queries)
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.isnan(got[5]) and not np.isnan(np.delete(got, 5)).any()
+
+
+@pytest.mark.parametrize("kind", ["smooth", "noise"])
+def test_the_detector_scores_the_same_with_and_without_pruning(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    series = _series(kind, rng, 2000)[:, None]
+    windows = sliding_windows(series, W)
+
+    answered = []
+
+    def run(prune: bool) -> np.ndarray:
+        if not prune:
+            monkeypatch.setattr(Ensemble, "_prunes", lambda self, key, channel: False)
+        det = Ensemble(memory_points=RING)
+        scores = []
+        for lo in range(0, len(windows), 64):
+            block = windows[lo:lo + 64]
+            if det.is_fitted:
+                scores.append(det.channel_scores(block))
+                answered.extend(s.pruned for key in ("memory_search", "level_search")
+                                for s in det._memo.get(key, ()))
+            det.partial_fit(block)
+            if lo == 1280:  # through a save and load: the projections are rebuilt
+                state = det.state_dict()
+                det = Ensemble(memory_points=RING)
+                det.load_state_dict(state)
+        monkeypatch.undo()
+        return np.concatenate(scores)
+
+    pruned = run(True)
+    pruned_answers = sum(answered)
+    full = run(False)
+    assert np.array_equal(pruned, full)
+    assert sum(answered) == pruned_answers  # the full run answered nothing pruned
+    assert (pruned_answers > 0) == (kind == "smooth")
