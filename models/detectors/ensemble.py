@@ -76,7 +76,7 @@ RANK_CAP = 1.0 - 1e-9  # the ranking stays under the record line
 # (about 400 KB a channel): only for streams of up to PRUNE_MAX_CHANNELS channels; where
 # it gives up, it backs off for up to PRUNE_RETRY_BLOCKS blocks (see _prunes)
 PRUNE_MAX_CHANNELS = 8
-PRUNE_RETRY_BLOCKS = 16
+PRUNE_RETRY_BLOCKS = 64
 # E|x_t - x_t-1| = 2 sigma / sqrt(pi) for Gaussian noise
 SIGMA_PER_STEP = np.sqrt(np.pi) / 2.0
 
@@ -403,8 +403,6 @@ class Ensemble(Online, Records):
                 wins = sliding_windows(self._ring, w)[ends]  # (N', W, C)
                 shapes[:, ends] = scale_windows(wins).transpose(1, 0, 2)
             self._shapes = {"shapes": shapes, "norms": _norms(shapes), "head": 0}
-            if channels <= PRUNE_MAX_CHANNELS:
-                self._shapes["bounds"] = cosine_bounds(shapes, self._shapes["norms"])
         return self._shapes["shapes"], self._shapes["norms"]
 
     def _level_projections(self, kept: np.ndarray) -> np.ndarray | None:
@@ -426,9 +424,15 @@ class Ensemble(Online, Records):
         nearest."""
         def build() -> tuple[CosineMemory, ...]:
             shapes, norms = self._memory_shapes()
-            bounds = self._shapes.get("bounds")
-            return tuple(CosineMemory(shapes[c], norms[c], bounds[c] if bounds is not None
-                                      and self._prunes("memory_search", c) else None)
+            prunes = [self._prunes("memory_search", c) for c in range(len(shapes))]
+            cache = self._shapes
+            if not any(prunes) or len(shapes) > PRUNE_MAX_CHANNELS:
+                cache.pop("bounds", None)  # not kept up to date while no search reads it
+                prunes = [False] * len(shapes)
+            elif "bounds" not in cache:
+                cache["bounds"] = cosine_bounds(shapes, norms)
+            return tuple(CosineMemory(shapes[c], norms[c],
+                                      cache["bounds"][c] if prunes[c] else None)
                          for c in range(len(shapes)))
         memories = self._derived("memory_search", build)
         q = scale_windows(windows).astype(np.float32)  # (B, C, W)
@@ -454,6 +458,8 @@ class Ensemble(Online, Records):
         refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
         def build() -> tuple[SquaredMemory, ...]:
             prunes = [self._prunes("level_search", c) for c in range(len(refs))]
+            if not any(prunes):
+                self._projections = {}  # not kept up to date while no search reads them
             projections = self._level_projections(kept) if any(prunes) else None
             return tuple(SquaredMemory(self._ring[:, c] - refs[c], kept, w,
                                        projections[c] if projections is not None
@@ -468,9 +474,11 @@ class Ensemble(Online, Records):
 
     def _prunes(self, key: str, channel: int) -> bool:
         """Whether this block's search of ``key`` tries the pruned path on ``channel``:
-        after it gave up there n times in a row, not for the next 2^(n-1) blocks (at most
-        PRUNE_RETRY_BLOCKS): a noisy stream, whose bound is loose, seldom pays for it, a
-        smooth one that gave up once tries again at the next block."""
+        after n strikes there (a give-up adds one, an answer takes one off), not for the
+        next 2^(n-1) blocks (at most PRUNE_RETRY_BLOCKS, and that at once where the bound
+        was hopelessly loose): a noisy stream seldom pays for it; a smooth one that gave up
+        once tries again at the next block. While no channel tries, the projections are
+        dropped, not kept up to date."""
         waits = self._prune_waits.get(key)
         return waits is None or channel >= len(waits[0]) or waits[0][channel] <= 0
 
@@ -482,12 +490,17 @@ class Ensemble(Online, Records):
                 continue
             searches = self._memo[key]
             gave_up = np.array([s.gave_up for s in searches], dtype=bool)
+            hopeless = np.array([s.hopeless for s in searches], dtype=bool)
             answered = np.array([s.pruned > 0 for s in searches], dtype=bool)
             wait, strikes = self._prune_waits.get(key, (None, None))
             if wait is None or len(wait) != len(gave_up):
                 wait = strikes = np.zeros(len(gave_up), np.int64)
-            strikes = np.where(gave_up, strikes + 1, np.where(answered, 0, strikes))
-            backoff = np.minimum(2 ** np.maximum(strikes - 1, 0), PRUNE_RETRY_BLOCKS)
+            # an answer takes one strike off: a stream the bound fits now and then keeps
+            # most of its back-off
+            strikes = np.where(gave_up, strikes + 1,
+                               np.where(answered, np.maximum(strikes - 1, 0), strikes))
+            backoff = np.where(hopeless, PRUNE_RETRY_BLOCKS,
+                               np.minimum(2 ** np.maximum(strikes - 1, 0), PRUNE_RETRY_BLOCKS))
             self._prune_waits[key] = (np.where(gave_up, backoff, wait - 1), strikes)
 
     def _continues(self, windows: np.ndarray) -> np.ndarray:

@@ -45,6 +45,9 @@ CANDIDATES = 8
 # by one, costs about what the full product does).
 BASIS_SIZE = 16
 PRUNE_MAX_PER_QUERY = 16
+# a give-up where this share of the memory survived says the bound does not fit the stream
+# (noise: 40-90% survive), not that this block was unlucky (a smooth one: under 2%)
+HOPELESS_SHARE = 0.1
 # Projections and residual norms are computed in float64, so the bounds' only error is
 # their float32 product with BASIS_SIZE + 2 terms (under 1e-6 of the scale below). Margins:
 COSINE_MARGIN = SEARCH_SLACK  # similarity units: unit-scaled windows
@@ -96,12 +99,12 @@ def cosine_bounds(shapes: np.ndarray, norms: np.ndarray) -> np.ndarray:
 
 
 def _survivors(bound: np.ndarray, threshold: np.ndarray, limit: int
-               ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(rows, cols) where ``bound`` (B, N) <= ``threshold`` (B,), rows ascending; None
-    when more than ``limit`` survive or a row has none (a NaN)."""
+               ) -> tuple[np.ndarray, np.ndarray] | float | None:
+    """(rows, cols) where ``bound`` (B, N) <= ``threshold`` (B,), rows ascending; the
+    share that survives when more than ``limit`` do; None when a row has none (a NaN)."""
     found = np.flatnonzero(bound <= threshold[:, None])  # 2-D nonzero is 10x slower
     if len(found) > limit:
-        return None
+        return len(found) / bound.size
     rows, cols = np.divmod(found, bound.shape[1])
     if len(rows) < len(bound) or np.count_nonzero(np.diff(rows)) != len(bound) - 1:
         return None
@@ -126,6 +129,7 @@ class CosineMemory:
         self.prune = bounds is not None and len(norms) > 0
         self.pruned = 0  # calls answered by the pruned search
         self.gave_up = False  # a pruned search found the bound too loose
+        self.hopeless = False  # .. and far too loose: HOPELESS_SHARE of the memory survived
         if self.prune:
             self.bounds_t = bounds
 
@@ -162,7 +166,8 @@ class CosineMemory:
         # a window can win only if its bound reaches the floor, less the margin
         found = _survivors(lower, (COSINE_MARGIN - floor).astype(np.float32),
                            PRUNE_MAX_PER_QUERY * len(q))
-        if found is None:
+        if not isinstance(found, tuple):
+            self.hopeless = found is not None and found > HOPELESS_SHARE
             return None
         rows, cols = found
         return np.maximum.reduceat(self._similarity(q, q_norms, rows, cols),
@@ -197,7 +202,7 @@ class SquaredMemory:
         self.kept = kept
         self.prune = projections is not None and len(kept) > 0
         self.pruned = 0
-        self.gave_up = False
+        self.gave_up = self.hopeless = False
         if self.prune:
             # the centred windows' squared norms from running sums (error under 1e-9 of
             # the largest), their projections by linearity: P(m - c) = Pm - c P1
@@ -266,7 +271,8 @@ class SquaredMemory:
         margin = SQUARED_MARGIN * (qsq + self.msq_max64)
         found = _survivors(lower, (ceiling + margin - qsq).astype(np.float32),
                            CANDIDATES * len(q))
-        if found is None:
+        if not isinstance(found, tuple):
+            self.hopeless = found is not None and found > HOPELESS_SHARE
             return None
         rows, cols = found
         return np.minimum.reduceat(self._distance(q, qsq, rows, cols), _row_starts(rows))
