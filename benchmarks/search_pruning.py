@@ -82,6 +82,10 @@ def main() -> int:
     settings = Settings()
     threadpool_limits(settings.blas_threads, user_api="blas")  # as the service does
     corpus = {f.key: f for f in nab.load_corpus(args.data_dir)}
+    files = [key for key in args.files if key in corpus]
+    if not files:
+        print(f"search_pruning.py: none of --files in {args.data_dir}", file=sys.stderr)
+        return 2
     counts = counting()
     prunes = Ensemble._prunes
     ways = {"full": lambda self, key, channel: False, "pruned": prunes}
@@ -106,7 +110,7 @@ def main() -> int:
                     "basis_size": window_search.BASIS_SIZE, "rounds": args.rounds,
                     "files": {}}
     lines = []
-    for key in args.files:
+    for key in files:
         cpu: dict[str, list[float]] = {"full": [], "pruned": []}
         outs = {}
         for r in range(args.rounds):

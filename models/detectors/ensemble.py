@@ -32,7 +32,10 @@ stream's own recent history, so it means the same on every stream:
 Both memories are the stream's last ``memory_points`` raw values: every window inside
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
 the ``memory/`` keys of the state: the service keeps them in a section of their own).
-``memory_learns`` says whether windows judged anomalous stay out of them. The records'
+``memory_learns`` says whether windows judged anomalous stay out of them. Their
+nearest-window searches (``window_search``) are exact, and on a smooth stream pruned by a
+lower bound: the derived caches beside the state (search matrices, projections) are
+rebuilt from it after a load. The records'
 history is kept as per-block statistics (one block per ``partial_fit`` call: the
 service's 64-point chunk), so it forgets after ``history_blocks`` blocks.
 
