@@ -15,6 +15,7 @@ from models.detectors.window_search import (
     CosineMemory,
     SquaredMemory,
     cosine_bounds,
+    distinct_rows,
     project,
 )
 
@@ -157,3 +158,62 @@ def test_the_detector_scores_the_same_with_and_without_pruning(
     assert np.array_equal(pruned, full)
     assert sum(answered) == pruned_answers  # the full run answered nothing pruned
     assert (pruned_answers > 0) == (kind == "smooth")
+
+
+def _one_hot(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A command channel: 0 most of the time, 1 for a few short stretches."""
+    x = np.zeros(n)
+    for start in rng.integers(0, n - 30, 6):
+        x[start:start + rng.integers(3, 30)] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["one_hot", "flat", "repeat", "smooth"])
+@pytest.mark.parametrize("pruning", [False, True])
+def test_duplicate_shapes_and_queries_answer_the_formula(kind: str, pruning: bool) -> None:
+    """Memories of a few distinct shapes (one-hot command channels, flat steps, exact
+    repeats) and batches of equal queries: one search per distinct shape and query
+    answers the whole-memory formula bit for bit, empty slots included."""
+    rng = np.random.default_rng(11)
+    x = _one_hot(rng, RING + 200) if kind == "one_hot" else _series(kind, rng)
+    raw = np.lib.stride_tricks.sliding_window_view(x[:RING], W)
+    keep = (rng.random(len(raw)) < 0.8).astype(np.uint8)  # zeros: empty slots
+    mem = scale_windows(raw[:, :, None])[:, 0].astype(np.uint8) * keep[:, None]
+    norms = _norms(mem)
+    queries = np.lib.stride_tricks.sliding_window_view(x[RING - 63:RING + 64], W)
+    q = scale_windows(queries[:, :, None])[:, 0].astype(np.float32)
+    q = np.concatenate([q, q[::-1], np.ones((5, W), np.float32)])  # equal queries
+    q_norms = _norms(q)
+    search = CosineMemory(mem, norms, cosine_bounds(mem, norms) if pruning else None)
+    want = _cosine_formula(mem, norms, q, q_norms)
+    assert np.array_equal(search.nearest(q, q_norms), want)
+    for i in (0, 7, len(q) - 1):  # one query at a time: the same bits
+        assert np.array_equal(search.nearest(q[i:i + 1], q_norms[i:i + 1]), want[i:i + 1])
+    distinct = len(np.unique(mem, axis=0))
+    if kind in ("one_hot", "flat"):  # searched: one row per distinct shape
+        assert distinct < len(mem) / 4 and len(search.mem) == distinct
+
+
+def test_a_memory_of_one_shape_is_searched_as_that_shape() -> None:
+    mem = np.ones((2000, W), np.uint8)  # a constant channel: every window the same shape
+    norms = _norms(mem)
+    search = CosineMemory(mem, norms)
+    assert len(search.mem) == 1
+    q = np.ones((64, W), np.float32)
+    q[3, :10] = 100.0
+    got = search.nearest(q, _norms(q))
+    assert np.array_equal(got, _cosine_formula(mem, norms, q, _norms(q)))
+    assert got[0] == 1.0 and got[3] < 1.0
+
+
+def test_distinct_rows_merges_only_rows_equal_byte_for_byte() -> None:
+    rows = np.ones((40, W), np.float32)
+    rows[::2, 0] = -0.0 * rows[::2, 0] * 0.0  # -0.0: equal in value to 0.0, not in bytes
+    rows[1::2, 0] = 0.0
+    assert distinct_rows(rows, _norms(rows)) is None  # a hash tie it refuses to merge
+    rows[:, 0] = 0.0
+    rows[5, 1] = np.nan
+    rows[6, 1] = np.nan
+    firsts, inverse = distinct_rows(rows, _norms(rows))
+    assert np.array_equal(rows[firsts][inverse].view(np.uint8), rows.view(np.uint8))
+    assert len(firsts) == 3  # the plain rows, and each NaN row alone

@@ -111,6 +111,74 @@ def _survivors(bound: np.ndarray, threshold: np.ndarray, limit: int
     return rows, cols
 
 
+# Deduplication: one search per distinct row, where at most this share of the rows is
+# distinct (above it, the gather and the scatter cost about what the rows they save do)
+DISTINCT_SHARE = 0.75
+# odd 64-bit multipliers: a uint8 row of W bytes hashes as W / 8 words, multiplied and
+# xor-ed (wrapping); other rows as an exact float64 sum of integer-weighted values
+_WORD_KEYS = np.random.default_rng(24).integers(1, 2**63, 128, dtype=np.uint64) | np.uint64(1)
+_VALUE_KEYS = np.random.default_rng(25).integers(1, 2**38, 1024).astype(np.float64)
+
+
+def distinct_rows(rows: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """One index per distinct row of ``rows`` (N, W) with its ``norms`` (N,), and each
+    row's place among them (``rows[firsts][inverse]`` is ``rows`` byte for byte); None
+    where more than DISTINCT_SHARE of the rows are distinct. Cheap first: rows of
+    different norms differ, so the norms alone tell most memories apart. Rows are grouped
+    by a hash, then checked byte for byte: a hash collision (or rows equal in value, not
+    in bytes: -0.0, NaN) keeps every row (None), never merges two."""
+    n = len(rows)
+    if n < 2:
+        return None
+    ordered = np.sort(norms)  # NaNs last, each apart
+    differs = ordered[1:] != ordered[:-1]
+    if np.count_nonzero(differs) + 1 > DISTINCT_SHARE * n:
+        return None
+    if not differs.any() and _all_equal(rows) and _all_equal(norms):
+        return np.zeros(1, np.intp), np.zeros(n, np.intp)  # one shape (a constant channel)
+    hashes = _hashes(rows)
+    order = np.argsort(hashes)
+    starts = np.empty(n, dtype=bool)
+    starts[0] = True
+    np.not_equal(hashes[order[1:]], hashes[order[:-1]], out=starts[1:])
+    if np.count_nonzero(starts) > DISTINCT_SHARE * n:
+        return None
+    firsts = order[starts]
+    inverse = np.empty(n, dtype=np.intp)
+    inverse[order] = np.cumsum(starts) - 1
+    back = firsts[inverse]
+    if not (np.array_equal(_bytes(rows[back]), _bytes(rows))
+            and np.array_equal(_bytes(norms[back]), _bytes(norms))):
+        return None
+    return firsts, inverse
+
+
+def _hashes(rows: np.ndarray) -> np.ndarray:
+    """(N,) a hash of each row: equal rows hash equally wherever they sit."""
+    if rows.dtype == np.uint8 and rows.shape[1] % 8 == 0 and rows.shape[1] <= 8 * 128:
+        words = np.ascontiguousarray(rows).view(np.uint64)
+        out = words[:, 0] * _WORD_KEYS[0]
+        for j in range(1, words.shape[1]):
+            out ^= words[:, j] * _WORD_KEYS[j]
+        return out
+    if rows.shape[1] > len(_VALUE_KEYS):
+        return np.arange(len(rows), dtype=np.float64)  # no hash: every row apart
+    # integer values up to 255 sum exactly (64 * 255 * 2^38 < 2^53): equal rows hash
+    # equally; other values are rounded, and equal rows that hash apart stay apart
+    return rows.astype(np.float64) @ _VALUE_KEYS[:rows.shape[1]]
+
+
+def _bytes(x: np.ndarray) -> np.ndarray:
+    """The bytes of ``x``'s elements (compared as bytes: -0.0 is not 0.0, NaN is NaN)."""
+    return np.ascontiguousarray(x).view(np.uint8)
+
+
+def _all_equal(x: np.ndarray) -> bool:
+    """Whether every entry of ``x`` along its first axis is the first, byte for byte."""
+    rows = _bytes(x).reshape(len(x), -1)
+    return bool((rows == rows[0]).all())
+
+
 def _row_starts(rows: np.ndarray) -> np.ndarray:
     """Where each row's run starts in ``rows`` (ascending, every row present)."""
     return np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
@@ -124,9 +192,16 @@ class CosineMemory:
 
     def __init__(self, mem: np.ndarray, norms: np.ndarray, bounds: np.ndarray | None = None
                  ) -> None:
+        # the answer is a best value, not an index: one row per distinct shape gives the
+        # same (a one-hot command channel's memory is one or two shapes)
+        distinct = distinct_rows(mem, norms)
+        if distinct is not None:
+            firsts = distinct[0]
+            mem, norms = mem[firsts], norms[firsts]
+            bounds = bounds[:, firsts] if bounds is not None else None
         self.mem, self.norms = mem, norms
         self.inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        self.prune = bounds is not None and len(norms) > 0
+        self.prune = bounds is not None and len(norms) > CANDIDATES
         self.pruned = 0  # calls answered by the pruned search
         self.gave_up = False  # a pruned search found the bound too loose
         self.hopeless = False  # .. and far too loose: HOPELESS_SHARE of the memory survived
@@ -143,6 +218,15 @@ class CosineMemory:
         """(B,) the largest cosine similarity ``dot / max(|q| |m|, 1)`` of each shape q
         (B, W), float32 integers, to the remembered shapes. Dot products of integer shapes
         are exact in float32, so the result is the formula's to the last bit."""
+        distinct = distinct_rows(q, q_norms)
+        if distinct is not None:  # equal queries: one search, the answer scattered back
+            firsts, inverse = distinct
+            return self._nearest(q[firsts], q_norms[firsts])[inverse]
+        return self._nearest(q, q_norms)
+
+    def _nearest(self, q: np.ndarray, q_norms: np.ndarray) -> np.ndarray:
+        if len(self.norms) <= CANDIDATES:  # a few shapes: the formula on all of them
+            return self.formula(q, q_norms)
         if self.prune and len(q):
             out = self._pruned(q, q_norms)
             if out is not None:
@@ -173,16 +257,20 @@ class CosineMemory:
         return np.maximum.reduceat(self._similarity(q, q_norms, rows, cols),
                                    _row_starts(rows))
 
+    def formula(self, q: np.ndarray, q_norms: np.ndarray) -> np.ndarray:
+        """``nearest`` by the formula on every remembered shape."""
+        sims = (q @ self.mem.astype(np.float32).T) / np.maximum(np.outer(q_norms, self.norms),
+                                                                1.0)
+        return sims.max(axis=1)
+
     def full_nearest(self, q: np.ndarray, q_norms: np.ndarray) -> np.ndarray:
         """``nearest`` by a float32 product with the whole memory."""
-        mem, norms = self.mem, self.norms
         approx = q @ self.unit_t
         first = approx.argmax(axis=1)
         top = approx[np.arange(len(q)), first]
         rows, cols = _near(-approx, first, -top * np.float32(1 - SEARCH_SLACK))
         if len(rows) > CANDIDATES * len(q):
-            sims = (q @ mem.astype(np.float32).T) / np.maximum(np.outer(q_norms, norms), 1.0)
-            return sims.max(axis=1)
+            return self.formula(q, q_norms)
         best = np.full(len(q), -np.inf)
         np.maximum.at(best, rows, self._similarity(q, q_norms, rows, cols))
         return best
