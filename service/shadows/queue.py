@@ -76,8 +76,14 @@ class Job(Offer):
         return self.end // CHUNK > self.new // CHUNK
 
     def merge(self, offer: Offer) -> None:
-        if offer.first <= self.end:  # overlapping context: append what is new
-            self.points = np.concatenate([self.points, offer.points[self.end - offer.first:]])
+        if offer.first <= self.end:  # overlapping context: append what is new, and prepend
+            # the older context it carries: a batch completing a chunk carries the windows
+            # of the whole chunk (the store's context for it), which the shadow then learns
+            # even if its job began mid-chunk with one window of context
+            older = offer.points[:max(self.first - offer.first, 0)]
+            self.points = np.concatenate([older, self.points,
+                                          offer.points[self.end - offer.first:]])
+            self.first -= len(older)
         else:  # a gap (batches offered to another process, or dropped): skipped
             self.points, self.first, self.new = offer.points, offer.first, offer.new
         self.live = self.live.extend(offer.live.since(self.live.end))
