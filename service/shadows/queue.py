@@ -8,7 +8,9 @@ Batches join the shadow's pending job (one per shadow: batches merge). A shadow 
 up when its stream completes a chunk (64 points): a job is ready once it holds a chunk
 end, so a detector scores a chunk in one vectorised call (a language model embeds its
 windows in one call), and a shadow runs at most a chunk behind plus the queue's wait.
-Cheap shadows' jobs go first. A worker task hands a ready job to its child process
+Cheap shadows' jobs go first; costly ones go together, up to
+``TSAD_SHADOW_COSTLY_TOGETHER`` of them (their language-model prompts share forward passes
+in the child). A worker task hands a ready job to its child process
 (``worker.py``: off the service's interpreter, at a lower priority), which scores it and
 encodes the shadow's changed sections outside the stream's lock; the task then commits
 them under it, after checking that the shadow is still the one it scored (same id: not
@@ -194,7 +196,12 @@ class ShadowQueue:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            await self._take(key, worker)
+            if not self.jobs[key].config.costly:
+                await self._take(key, worker)
+                continue
+            together = [k for k in ready if self.jobs[k].config.costly]
+            await asyncio.gather(*(self._take(k, worker) for k in
+                                   together[:self.settings.shadow_costly_together]))
 
     async def settle(self, stream: str, shadow_id: str, timeout: float = 120.0) -> None:
         """Score what waits for one shadow now, ready or not (before a promotion)."""
@@ -206,7 +213,9 @@ class ShadowQueue:
             await self._take(key, self.workers[0])
 
     async def _take(self, key: tuple[str, str], worker: ShadowWorker) -> None:
-        job = self.jobs.pop(key)
+        job = self.jobs.pop(key, None)
+        if job is None:  # taken meanwhile (a promotion settling it)
+            return
         self._counted()
         self.running.add(key)
         try:
