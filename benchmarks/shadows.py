@@ -76,7 +76,7 @@ def body(stream: str, rows: np.ndarray) -> dict:
 
 
 # --- 1. live latency with 0, 1, 3 cheap shadows ------------------------------------------------
-BLOCK = 100  # requests per block; the three configurations take turns
+BLOCK = 100  # requests per block at most; the configurations take turns
 
 
 def caught_up(http: httpx.Client, stream: str) -> bool:
@@ -85,8 +85,8 @@ def caught_up(http: httpx.Client, stream: str) -> bool:
     return all(s["lag_points"] < 64 for s in shadows)
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and its children alive now (the shadows'
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user + system) of a process, and of its children alive now (the shadows'
     worker process): /proc, Linux."""
     def one(p: int) -> float:
         try:
@@ -98,16 +98,16 @@ def cpu_seconds(pid: int) -> float:
     kids = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
         kids += [int(k) for k in task.read_text().split()]
-    return one(pid) + sum(one(k) for k in kids)
+    return one(pid), sum(one(k) for k in kids)
 
 
 def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int, ...],
                   requests: int, trees: dict[str, Path | None]) -> list[dict]:
     """One service process per tree and configuration (0, 1, 3 shadows: a shadow's
     background work must not slow another configuration's requests), taking turns in
-    blocks of BLOCK requests; a block's shadows finish their work before the next block
-    starts, and the CPU time the service process and its children (a shadow worker)
-    spent over the block, shadows' work included, is counted to its requests."""
+    blocks of at most BLOCK requests (at least 12 turns); a block's shadows finish their
+    work before the next block starts, and the CPU time the service process and its
+    children (the shadows' worker) spent over the block is counted to its requests."""
     rows = []
     configs = [(tree, n) for tree in trees for n in (0, 1, 3)]
     envs = [{**env, "TSAD_REDIS_PREFIX": f"bench{k}"} for k in range(len(configs))]
@@ -126,16 +126,17 @@ def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int,
                 while not caught_up(http, stream):
                     time.sleep(0.05)
             latencies: list[list[float]] = [[] for _ in configs]
-            cpu = [0.0] * len(configs)
+            cpu = [[0.0, 0.0] for _ in configs]  # the service process's, its children's
             before = load()
             steps = min(requests, (len(series) - WARM) // batch)
+            block = max(1, min(BLOCK, steps // 12))
             done = 0
             with tqdm(total=steps * len(configs), desc=f"{store} batch {batch}",
                       leave=False) as bar:
                 while done < steps:
                     for k, (http, proc) in enumerate(zip(clients, procs, strict=True)):
                         cpu0 = cpu_seconds(proc.proc.pid)
-                        for i in range(done, min(done + BLOCK, steps)):
+                        for i in range(done, min(done + block, steps)):
                             rows_i = series[WARM + i * batch:WARM + (i + 1) * batch]
                             t0 = time.perf_counter()
                             r = http.post("/score", json=body(stream, rows_i))
@@ -144,8 +145,10 @@ def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int,
                             bar.update()
                         while not caught_up(http, stream):
                             time.sleep(0.05)
-                        cpu[k] += cpu_seconds(proc.proc.pid) - cpu0
-                    done = min(done + BLOCK, steps)
+                        for j, (a, b) in enumerate(zip(cpu0, cpu_seconds(proc.proc.pid),
+                                                       strict=True)):
+                            cpu[k][j] += b - a
+                    done = min(done + block, steps)
             after = load()
             for k, ((tree, n), http) in enumerate(zip(configs, clients, strict=True)):
                 shadows = http.get(f"/streams/{stream}/shadows").json()["shadows"]
@@ -153,13 +156,15 @@ def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int,
                              "detectors": [s["detector"] for s in shadows],
                              "shadow_points": [s["points"] for s in shadows],
                              **stats(latencies[k]),
-                             "cpu_ms_per_request": round(1000 * cpu[k] / steps, 3),
+                             "cpu_ms_per_request": round(1000 * sum(cpu[k]) / steps, 3),
+                             "service_cpu_ms_per_request": round(1000 * cpu[k][0] / steps, 3),
                              "load_1m_before": before, "load_1m_after": after})
             for tree in trees:
                 mine = [r for r in rows[-len(configs):] if r["tree"] == tree]
                 base = mine[0]
                 for row in mine[1:]:
-                    for key in ("mean_ms", "p50_ms", "cpu_ms_per_request"):
+                    for key in ("mean_ms", "p50_ms", "cpu_ms_per_request",
+                                "service_cpu_ms_per_request"):
                         row[f"{key}_vs_none"] = round(row[key] / base[key] - 1, 4)
     finally:
         for p in procs:
@@ -322,8 +327,9 @@ def table(result: dict) -> str:
     if result["cheap"]:
         lines += ["## Live /score latency with 0, 1 and 3 cheap shadows", "",
                   "| store | batch | tree | shadows | mean ms | vs none | p50 ms | vs none | "
-                  "p95 ms | p99 ms | CPU ms/request | vs none | requests | load 1m |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "p95 ms | p99 ms | service CPU ms/request | vs none | with shadow worker | "
+                  "vs none | requests | load 1m |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def vs(row: dict, key: str) -> str:
         return f"{100 * row[key]:+.1f}%" if key in row else ""
@@ -332,16 +338,20 @@ def table(result: dict) -> str:
         lines.append(f"| {r['store']} | {r['batch']} | {r.get('tree', '')} | {r['shadows']} | "
                      f"{r['mean_ms']} | {vs(r, 'mean_ms_vs_none')} | {r['p50_ms']} | "
                      f"{vs(r, 'p50_ms_vs_none')} | {r['p95_ms']} | {r['p99_ms']} | "
+                     f"{r.get('service_cpu_ms_per_request', '')} | "
+                     f"{vs(r, 'service_cpu_ms_per_request_vs_none')} | "
                      f"{r.get('cpu_ms_per_request', '')} | "
                      f"{vs(r, 'cpu_ms_per_request_vs_none')} | {r['requests']} | "
                      f"{r['load_1m_before']} → {r['load_1m_after']} |")
     if result["cheap"]:
         lines += ["", "Shadows: 1 = residual_linear; 3 = residual_linear, ensemble (warmup "
                   "128), raw_knn. Live: the default (ensemble). Each tree and configuration "
-                  "on its own service process, one client posting back to back, in turns of "
-                  "100 requests. CPU ms/request: the service process's and its children's "
-                  "(the shadows' worker process) CPU time over each turn, shadows' catch-up "
-                  "included, per request.", ""]
+                  "on its own service process, one client posting back to back, the "
+                  "configurations taking turns in blocks of requests (100 at batch 1, 8 at "
+                  "batch 100). Service CPU: the service process's CPU time over each turn "
+                  "per request (the live path; on the baseline also its shadows' threads); "
+                  "with shadow worker: the service's and its children's (this tree scores "
+                  "shadows in a child process), shadows' catch-up included.", ""]
     if lm := result.get("lm"):
         s = lm["score"]
         lines += ["## A language-model shadow's lag", "",

@@ -648,7 +648,6 @@ def test_a_costly_shadow_stopped_by_sigterm_resumes_from_its_mark_on_redis(redis
                         ).json()
     assert (done["points"], done["skipped_points"]) == (64 + 1600 - held, held - 64)
     assert got["timestamps"] == ts[:64] + ts[held:]  # none twice; the rest skipped
-    assert all(s is not None for s in got["shadow_scores"][-64:])  # whole windows held
 
 
 @contextlib.contextmanager
