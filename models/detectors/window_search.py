@@ -23,8 +23,9 @@ so the pruned search gives up (more than ``PRUNE_MAX_PER_QUERY`` survivors per q
 the full one answers; the caller then skips the pruned search for a while. Either way the
 answer is the formula's best over the whole memory: the pruning only skips windows that
 provably cannot win. The projections are the callers' to keep up to date (64 new windows
-per block): computing them for the whole memory every block costs more than the product
-they save (benchmarks/results/search_pruning.md).
+per block): computing them for the whole memory every block cost more than the product
+they save (measured on commit fe90e51, reverted). Even so the passes over the (B, N)
+bound matrix cost about what the product saves: benchmarks/results/search_pruning.md.
 """
 
 from __future__ import annotations
