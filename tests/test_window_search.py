@@ -217,3 +217,17 @@ def test_distinct_rows_merges_only_rows_equal_byte_for_byte() -> None:
     firsts, inverse = distinct_rows(rows, _norms(rows))
     assert np.array_equal(rows[firsts][inverse].view(np.uint8), rows.view(np.uint8))
     assert len(firsts) == 3  # the plain rows, and each NaN row alone
+
+
+def test_rows_of_one_norm_that_differ_stay_apart() -> None:
+    """Grouping by norm is checked: shapes that are permutations of each other share a
+    norm and are still two shapes."""
+    shape = np.arange(1, W + 1, dtype=np.uint8)
+    mem = np.stack([shape, shape[::-1]] * 500 + [np.zeros(W, np.uint8)] * 24)
+    norms = _norms(mem)
+    firsts, inverse = distinct_rows(mem, norms)
+    assert len(firsts) == 3 and np.array_equal(mem[firsts][inverse], mem)
+    q = np.stack([shape, shape[::-1], np.ones(W)]).astype(np.float32)
+    search = CosineMemory(mem, norms)
+    assert len(search.mem) == 3
+    assert np.array_equal(search.nearest(q, _norms(q)), _cosine_formula(mem, norms, q, _norms(q)))

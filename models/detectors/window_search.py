@@ -26,6 +26,14 @@ provably cannot win. The projections are the callers' to keep up to date (64 new
 per block): computing them for the whole memory every block cost more than the product
 they save (measured on commit fe90e51, reverted). Even so the passes over the (B, N)
 bound matrix cost about what the product saves: benchmarks/results/search_pruning.md.
+
+Before either, ``CosineMemory`` keeps one row per distinct remembered shape and searches
+each distinct query once (``distinct_rows``): the answer is a best value, not an index,
+so duplicates never change it. A channel that is constant most of the time (MSL's one-hot
+command channels) remembers one or a few shapes, which all tie with a flat query: without
+this, every query took the whole-memory formula. The level search is left whole: its
+whole-memory formula is a float64 BLAS product whose rounding may depend on the matrix's
+shape (a one-column product is a matrix-vector one), so fewer columns could move a bit.
 """
 
 from __future__ import annotations
@@ -115,6 +123,7 @@ def _survivors(bound: np.ndarray, threshold: np.ndarray, limit: int
 # Deduplication: one search per distinct row, where at most this share of the rows is
 # distinct (above it, the gather and the scatter cost about what the rows they save do)
 DISTINCT_SHARE = 0.75
+FEW_NORMS = 32  # up to this many distinct norms, rows are grouped by norm (then checked)
 # odd 64-bit multipliers: a uint8 row of W bytes hashes as W / 8 words, multiplied and
 # xor-ed (wrapping); other rows as an exact float64 sum of integer-weighted values
 _WORD_KEYS = np.random.default_rng(24).integers(1, 2**63, 128, dtype=np.uint64) | np.uint64(1)
@@ -125,33 +134,45 @@ def distinct_rows(rows: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.n
     """One index per distinct row of ``rows`` (N, W) with its ``norms`` (N,), and each
     row's place among them (``rows[firsts][inverse]`` is ``rows`` byte for byte); None
     where more than DISTINCT_SHARE of the rows are distinct. Cheap first: rows of
-    different norms differ, so the norms alone tell most memories apart. Rows are grouped
-    by a hash, then checked byte for byte: a hash collision (or rows equal in value, not
-    in bytes: -0.0, NaN) keeps every row (None), never merges two."""
+    different norms differ, so the norms alone tell most memories apart, and where a few
+    norms are all there is (a constant channel), rows are grouped by norm. Otherwise by a
+    hash. Either grouping is checked byte for byte: rows equal in value but not in bytes
+    (-0.0, NaN) or a hash collision keep every row (None), never merge two."""
     n = len(rows)
     if n < 2:
         return None
     ordered = np.sort(norms)  # NaNs last, each apart
-    differs = ordered[1:] != ordered[:-1]
-    if np.count_nonzero(differs) + 1 > DISTINCT_SHARE * n:
-        return None
-    if not differs.any() and _all_equal(rows) and _all_equal(norms):
-        return np.zeros(1, np.intp), np.zeros(n, np.intp)  # one shape (a constant channel)
-    hashes = _hashes(rows)
-    order = np.argsort(hashes)
     starts = np.empty(n, dtype=bool)
     starts[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    kinds = np.count_nonzero(starts)
+    if kinds > DISTINCT_SHARE * n:
+        return None
+    if kinds <= FEW_NORMS and not np.isnan(ordered[-1]):
+        inverse = np.searchsorted(ordered[starts], norms)
+        firsts = np.empty(kinds, dtype=np.intp)
+        firsts[inverse] = np.arange(n)  # any row of each norm (verified below)
+        if _grouped(rows, norms, firsts, inverse):
+            return firsts, inverse
+    hashes = _hashes(rows)
+    order = np.argsort(hashes)
     np.not_equal(hashes[order[1:]], hashes[order[:-1]], out=starts[1:])
     if np.count_nonzero(starts) > DISTINCT_SHARE * n:
         return None
     firsts = order[starts]
     inverse = np.empty(n, dtype=np.intp)
     inverse[order] = np.cumsum(starts) - 1
+    return (firsts, inverse) if _grouped(rows, norms, firsts, inverse) else None
+
+
+def _grouped(rows: np.ndarray, norms: np.ndarray, firsts: np.ndarray, inverse: np.ndarray
+             ) -> bool:
+    """Whether every row and norm is its group's first, byte for byte."""
+    if len(firsts) == 1:
+        return _all_equal(rows) and _all_equal(norms)
     back = firsts[inverse]
-    if not (np.array_equal(_bytes(rows[back]), _bytes(rows))
-            and np.array_equal(_bytes(norms[back]), _bytes(norms))):
-        return None
-    return firsts, inverse
+    return (np.array_equal(_bytes(rows[back]), _bytes(rows))
+            and np.array_equal(_bytes(norms[back]), _bytes(norms)))
 
 
 def _hashes(rows: np.ndarray) -> np.ndarray:
