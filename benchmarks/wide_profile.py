@@ -176,7 +176,7 @@ def main() -> None:
         for code, root in codes.items():
             out = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--measure", str(root),
-                 "--data-dir", str(args.data_dir), "--batch", str(args.batch),
+                 "--data-dir", str(args.data_dir.resolve()), "--batch", str(args.batch),
                  "--requests", str(args.requests)],
                 capture_output=True, text=True, env=env, check=True, cwd=root)
             runs[code].append(json.loads(out.stdout.strip().splitlines()[-1]))
