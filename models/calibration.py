@@ -12,7 +12,10 @@ one scale, in two parts split at ``VERDICT_LINE`` (0.99):
 
   (ties count half, so a flat stream reads the middle, not the top). Under normal
   operation p is uniform, so the likelihood of normal points is uniform on [0, 0.99):
-  its median is about 0.5 on any stream, whatever its scale;
+  its median is about 0.5 on any stream, whatever its scale, once the detector's scores
+  are stationary (while a detector still settles on a new stream its later scores can
+  rank above its first ones: the default's first few hundred scored points read about
+  0.6 on a clean periodic stream);
 * a point the stream's threshold judges **anomalous** (its verdict) reads
   ``1 - (1 - VERDICT_LINE) * t / s`` for score s over threshold t: 0.99 just above the
   line, 0.995 at twice the threshold, 0.999 at ten times.

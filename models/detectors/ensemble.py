@@ -27,7 +27,10 @@ stream's own recent history, so it means the same on every stream:
   shape-normalised as ``raw_knn`` does (integers 1..100 over the window's own range), to
   the nearest window of the stream's recent past, as a multiple ``q`` of the stream's
   typical such distance, squashed to ``q / (1 + q)`` (0.5 = typical). It orders the
-  stream's ordinary moments for ranking and likelihood and never raises a verdict.
+  stream's ordinary moments for ranking and likelihood and never raises a verdict. It
+  grades what is new at the window's end: an earlier value of the window that broke the
+  stream's range was reported when it came, so it is replaced by the line between its
+  neighbours (a spike does not rank the W - 1 windows that still hold it as novel).
 
 Both memories are the stream's last ``memory_points`` raw values: every window inside
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
@@ -378,12 +381,45 @@ class Ensemble(Online, Records):
         span = np.maximum(hi - lo, floor)
         excess = np.maximum(np.maximum(x - hi, lo - x), 0.0)  # (B, K, C)
         if cfg.range_noise_margin > 0:
-            sigma, = self._derived("sigma", lambda: (
-                SIGMA_PER_STEP * _nanmedian(self._step[:self._filled()], axis=0),))
+            sigma = self._sigma()
             ks = np.asarray(self._scales(windows.shape[1]), dtype=np.float64)
             margin = cfg.range_noise_margin * sigma[None, :] / np.sqrt(ks)[:, None]
             excess = np.where(excess > margin, excess, 0.0)
         return (excess / span).max(axis=1)
+
+    def _reported_removed(self, windows: np.ndarray) -> np.ndarray:
+        """(B, W, C) the windows as the memory member grades them: an earlier value that
+        breaks the history's range by more than the noise margin (the range member's
+        record test at the value itself) was reported when it was the newest, so it is
+        replaced by the straight line between its neighbours that do not. The newest
+        value stays: the ranking says what is new at the window's end, and a spike does
+        not keep reading as novel for the W - 1 windows that still hold it."""
+        if "range" not in self.config.members or not self.is_fitted:
+            return windows  # in the warm-up the range member reports nothing
+        lo, hi = (end[0] for end in self._range())  # (C,) at the value itself
+        margin = self.config.range_noise_margin * self._sigma()
+        broke = (windows > hi + margin) | (windows < lo - margin)  # NaN ends break nothing
+        broke[:, -1] = False
+        rows = np.flatnonzero(broke.any(axis=(1, 2)))
+        if not len(rows):
+            return windows
+        sub, bad = windows[rows], broke[rows]  # (R, W, C)
+        at = np.arange(windows.shape[1])[None, :, None]
+        w = windows.shape[1]
+        # the nearest unbroken positions before and after (the newest never breaks)
+        before = np.maximum.accumulate(np.where(bad, -1, at), axis=1)
+        after = np.minimum.accumulate(np.where(bad, w, at)[:, ::-1], axis=1)[:, ::-1]
+        v_after = np.take_along_axis(sub, after, axis=1)
+        v_before = np.take_along_axis(sub, np.maximum(before, 0), axis=1)
+        share = np.where(before >= 0, (at - before) / np.maximum(after - before, 1), 1.0)
+        out = windows.copy()
+        out[rows] = np.where(bad, v_before + share * (v_after - v_before), sub)
+        return out
+
+    def _sigma(self) -> np.ndarray:
+        """(C,) the noise standard deviation, from the typical step between points."""
+        return self._derived("sigma", lambda: (
+            SIGMA_PER_STEP * _nanmedian(self._step[:self._filled()], axis=0),))[0]
 
     def _holds_wild(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): whether any value of the window lies beyond the history's range (at
@@ -452,7 +488,7 @@ class Ensemble(Online, Records):
                                       cache["bounds"][c] if prunes[c] else None)
                          for c in range(len(shapes)))
         memories = self._derived("memory_search", build)
-        q = scale_windows(windows).astype(np.float32)  # (B, C, W)
+        q = scale_windows(self._reported_removed(windows)).astype(np.float32)  # (B, C, W)
         q_norms = _norms(q)  # (B, C)
         out = np.empty((len(windows), windows.shape[2]))
         for c, memory in enumerate(memories):
