@@ -26,23 +26,37 @@ from service.errors import StoreUnavailable
 from service.redaction import redact_url
 
 
-def connect(url: str, *, cluster: bool = False,
-            timeout_seconds: float = 2.0) -> aioredis.Redis | RedisCluster:
+def connect(url: str, *, cluster: bool = False, timeout_seconds: float = 2.0,
+            max_connections: int = 128,
+            pool_wait_seconds: float = 10.0) -> aioredis.Redis | RedisCluster:
     """A client of one Redis, or of a Redis Cluster that ``url`` names one node of (the
-    client finds the others and routes each command to its key's slot)."""
-    kind = RedisCluster if cluster else aioredis.Redis
-    return kind.from_url(url, socket_timeout=timeout_seconds,
-                         socket_connect_timeout=timeout_seconds, health_check_interval=15)
+    client finds the others and routes each command to its key's slot).
+
+    On one Redis the client's connections are a blocking pool of ``max_connections``: a
+    command that finds them all busy waits for one (up to ``pool_wait_seconds``) instead
+    of failing. redis-py's default pool raises "Too many connections" past 100, which a
+    burst of concurrent requests met as 503s."""
+    options: dict[str, Any] = {"socket_timeout": timeout_seconds,
+                               "socket_connect_timeout": timeout_seconds,
+                               "health_check_interval": 15}
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_wait_seconds, **options)
+    return aioredis.Redis.from_pool(pool)  # the client closes its pool with it
 
 
 class RedisConnection:
     def __init__(self, url: str, *, prefix: str = "tsad", cluster: bool = False,
-                 timeout_seconds: float = 2.0) -> None:
+                 timeout_seconds: float = 2.0, max_connections: int = 128,
+                 pool_wait_seconds: float = 10.0) -> None:
         self.url = url
         self.prefix = prefix
         self.cluster = cluster
         self.timeout_seconds = timeout_seconds
-        self.client = connect(url, cluster=cluster, timeout_seconds=timeout_seconds)
+        self.client = connect(url, cluster=cluster, timeout_seconds=timeout_seconds,
+                              max_connections=max_connections,
+                              pool_wait_seconds=pool_wait_seconds)
         self._shared_tag = "{alerts}:" if cluster else ""  # alerts and webhooks: one slot
         # a cluster client reads the slot map once, before any command: concurrent first
         # commands on an uninitialised client race on its connections (redis-py 8)
