@@ -40,7 +40,9 @@ log = logging.getLogger("tsad.store")
 @dataclass
 class Held:
     """A held stream lock: a commit may release it in its own script (``released``,
-    ``granted``: the waiter it was handed to), which saves a round trip."""
+    ``granted``: the waiter it was handed to), which saves a round trip. A lock taken
+    ``deferred`` is not held yet (``acquired`` False): the first append takes it in its
+    own script (``RedisStreams.append``), another round trip saved."""
 
     stream: str
     token: str
@@ -49,6 +51,8 @@ class Held:
     released: bool = False
     granted: bytes | str | None = None
     done: bool = False  # its holder left the lock's block
+    acquired: bool = True
+    heartbeat: asyncio.Handle | asyncio.Task | None = None  # a timer, then a task
 
 
 class LeaseLock:
@@ -75,27 +79,63 @@ class LeaseLock:
         return self.conn.stream_key(stream, f"{self.part}wake:{token}")
 
     @asynccontextmanager
-    async def __call__(self, stream: str) -> AsyncIterator[Held]:
+    async def __call__(self, stream: str, deferred: bool = False) -> AsyncIterator[Held]:
+        """``deferred``: not taken yet; the block's first append takes it (``taken``, or
+        ``queued`` when it was busy), or ``acquire`` before anything else reads."""
         keys, token = self._keys(stream), secrets.token_hex(8)
-        lease_ms = int(self.lease_seconds * 1000)
-        await self._wait_for(stream, keys, token, lease_ms)
-        held = Held(stream, token, keys, lease_ms)
-        heartbeat = asyncio.create_task(self._hold(held))
+        held = Held(stream, token, keys, int(self.lease_seconds * 1000), acquired=False)
+        if not deferred:
+            await self.acquire(held)
         try:
             yield held
         finally:
             held.done = True  # the heartbeat stops at its next turn even if a cancel is lost
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([heartbeat], timeout=self.lease_seconds)
+            heartbeat = held.heartbeat
+            if heartbeat is not None:
+                heartbeat.cancel()  # a timer (uvloop's too): the lease never needed renewing
+            if isinstance(heartbeat, asyncio.Task):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([heartbeat], timeout=self.lease_seconds)
             with contextlib.suppress(RedisError, StoreUnavailable):  # else it lapses
-                if not held.released:
-                    held.granted = await self._release(keys=keys, args=[token, lease_ms])
-                await self._wake(stream, held.granted, lease_ms)
+                if held.acquired and not held.released:
+                    held.granted = await self._release(keys=keys,
+                                                       args=[token, held.lease_ms])
+                await self._wake(stream, held.granted, held.lease_ms)
+
+    async def acquire(self, held: Held) -> None:
+        """Take a deferred lock now (returns holding it; StoreUnavailable after
+        ``wait_seconds`` in the queue); nothing if it is held."""
+        if not held.acquired:
+            await self._wait_for(held.stream, held.keys, held.token, held.lease_ms)
+            self.taken(held)
+
+    async def queued(self, held: Held, out: list) -> None:
+        """A deferred lock that a script found busy and queued for (``out``: ACQUIRE's
+        answer): returns holding it, as ``acquire``."""
+        await self._wait_queued(held.stream, held.keys, held.token, held.lease_ms, out)
+        self.taken(held)
+
+    def taken(self, held: Held) -> None:
+        """The lock is held (by ``acquire`` or a script): its lease is renewed while it
+        is. A timer, not a task, until a third of the lease has passed: most holders
+        are done by then, and a timer costs a fraction of a task to start and stop."""
+        held.acquired = True
+        held.heartbeat = asyncio.get_running_loop().call_later(
+            held.lease_ms / 3000, self._start_renewing, held)
+
+    def _start_renewing(self, held: Held) -> None:
+        if not (held.released or held.done):
+            held.heartbeat = asyncio.create_task(self._hold(held))
 
     async def _wait_for(self, stream: str, keys: list[str], token: str, lease_ms: int) -> None:
         """Returns holding the lock; StoreUnavailable after ``wait_seconds`` in the queue."""
         out = await self.conn.call(self._acquire(keys=keys, args=[token, lease_ms]))
+        await self._wait_queued(stream, keys, token, lease_ms, out)
+
+    async def _wait_queued(self, stream: str, keys: list[str], token: str, lease_ms: int,
+                           out: list) -> None:
+        """After ACQUIRE answered ``out``: returns holding the lock (at once if it took
+        it); StoreUnavailable after ``wait_seconds`` in the queue."""
         if int(out[0]) == 1:
             return
         wake = self._wake_key(stream, token)
@@ -135,10 +175,10 @@ class LeaseLock:
         await self.conn.call(pipe.execute())
 
     async def _hold(self, held: Held) -> None:
-        """Renew the lease while its holder is alive; stop if another holder has it, or
-        once a commit released it (``held.released``)."""
+        """Renew the lease (a third of it has passed) while its holder is alive, every
+        third of a lease; stop if another holder has it, or once a commit released it
+        (``held.released``)."""
         while True:
-            await asyncio.sleep(held.lease_ms / 3000)
             if held.released or held.done:
                 return
             try:
@@ -150,3 +190,4 @@ class LeaseLock:
             except (RedisError, OSError) as exc:  # unreachable now: try next period
                 log.warning("stream lock renewal failed", extra={"stream": held.stream,
                                                                  "error": str(exc)})
+            await asyncio.sleep(held.lease_ms / 3000)
