@@ -25,9 +25,13 @@ from service.scoring import Results
 from service.stores.base import AppendResult
 
 _NULL = b"null"
-_NOT_SCORED = {status: f'"score":null,"likelihood":null,"anomaly":false,"threshold":null,'
-               f'"status":"{status}","top_channels":null,"precedents":null'.encode()
-               for status in ("warming_up", "duplicate", "dropped")}
+# a point's object: these constants between its fields' values (then a comma)
+_KEYS = (b'{"timestamp":', b',"score":', b',"likelihood":', b',"anomaly":', b',"threshold":',
+         b',"status":', b',"top_channels":', b',"precedents":', b',"timestamp_action":',
+         b',"stored_timestamp":', b"},")
+_BOOL = np.array([b"false", b"true"], dtype=object)
+_STATUS = {"scored": b'"scored"', "warming_up": b'"warming_up"', "duplicate": b'"duplicate"',
+           "dropped": b'"dropped"'}
 _TIMESTAMP_ACTION = {"nudged": b'"nudged"', "dropped": b'"dropped"'}
 
 
@@ -79,52 +83,80 @@ def _write(stream: str, sent: Sequence, actions: Sequence[str],
            stamps: Sequence[float | None], rows: np.ndarray, results: Results | None,
            points_until_scored: int | None) -> bytes:
     """The response's bytes: point i is row ``rows[i]`` of ``results`` (-1: none, its
-    action is its status; a row not scored: warming up)."""
+    action is its status; a row not scored: warming up). Each field is a column of JSON
+    tokens; the points' objects are the columns interleaved with the constants between
+    them (list slices, joined once)."""
     n = len(rows)
+    has = rows >= 0
     scored = np.zeros(n, bool)
     if results is not None:
-        has = rows >= 0
         scored[has] = results.scored[rows[has]]
-    # each point's fields from score to precedents: constant unless scored
-    if scored.all():
-        middle = [b""] * n
-    else:
-        middle = [_NOT_SCORED["warming_up"] if row >= 0 else _NOT_SCORED[action]
-                  for row, action in zip(rows.tolist(), actions, strict=True)]
-    if scored.any():
+    at = np.flatnonzero(scored)
+    picked = rows[at]
+    null = [_NULL] * n
+    values = [list(sent), list(stamps)]  # then, for the points scored, their numbers
+    if len(at):
         assert results is not None
-        at = np.flatnonzero(scored)
-        picked = rows[at]
-        columns = zip(_tokens(results.scores[picked].tolist()),
-                      _tokens(_nan_none(results.likelihood[picked])),
-                      results.anomalous[picked].tolist(),
-                      _tokens(_nan_none(results.thresholds[picked])), strict=True)
-        for i, row, (score, lik, anomaly, threshold) in zip(at.tolist(), picked.tolist(),
-                                                            columns, strict=True):
-            explained = results.explained.get(row)
-            middle[i] = b'"score":%b,"likelihood":%b,"anomaly":%b,"threshold":%b,' \
-                b'"status":"scored","top_channels":%b,"precedents":%b' % (
-                    score, lik, b"true" if anomaly else b"false", threshold,
-                    *_explanation(explained))
-    points = b",".join([
-        b'{"timestamp":%b,%b,"timestamp_action":%b,"stored_timestamp":%b}' % (
-            ts, mid, _TIMESTAMP_ACTION.get(action, _NULL), stamp)
-        for ts, mid, action, stamp in zip(_tokens(sent), middle, actions, _tokens(stamps),
-                                          strict=True)])
+        values += [results.scores[picked].tolist(), _nan_none(results.likelihood[picked]),
+                   _nan_none(results.thresholds[picked])]
+    tokens = _token_columns(values)
+    score = likelihood = threshold = top_channels = precedents = null
+    anomaly = [b"false"] * n
+    if len(at):
+        assert results is not None
+        score, likelihood, threshold = (_scatter(n, at, t) for t in tokens[2:])
+        anomaly = _scatter(n, at, _BOOL[results.anomalous[picked].astype(np.intp)],
+                           b"false")
+        explained = [(i, results.explained[row]) for i, row in zip(
+            at.tolist(), picked.tolist(), strict=True) if row in results.explained] if (
+            results.explained) else []
+        if explained:
+            top_channels, precedents = list(null), list(null)
+            for i, e in explained:
+                top_channels[i], precedents[i] = _explanation(e)
+    if len(at) == n:
+        status = [_STATUS["scored"]] * n
+    else:
+        status = [_STATUS["scored"] if ok else _STATUS["warming_up"] if row >= 0
+                  else _STATUS[action]
+                  for ok, row, action in zip(scored.tolist(), rows.tolist(), actions,
+                                             strict=True)]
+    timestamp_action = (null if "nudged" not in actions and "dropped" not in actions
+                        else [_TIMESTAMP_ACTION.get(a, _NULL) for a in actions])
+    columns = (tokens[0], score, likelihood, anomaly, threshold, status, top_channels,
+               precedents, timestamp_action, tokens[1])
+    width = 2 * len(columns) + 1  # a point: each field's key and value, then its end
+    parts: list[bytes] = [b""] * (n * width)
+    for k, (key, column) in enumerate(zip(_KEYS, columns, strict=False)):
+        parts[2 * k::width] = [key] * n
+        parts[2 * k + 1::width] = column
+    parts[width - 1::width] = [_KEYS[-1]] * n  # "}," (the last point's comma cut below)
+    points = b"".join(parts)[:-1]
     return b'{"stream":%b,"results":[%b],"points_until_scored":%b}' % (
         to_json(stream), points, to_json(points_until_scored))
 
 
-def _tokens(values: Sequence[Any]) -> list[bytes]:
-    """Each value's JSON, as ``to_json`` writes it inside a list: the list serialised in
-    one call and split at its commas (numbers, null, booleans and timestamps hold none;
-    anything else is serialised one value at a time)."""
-    if not len(values):
-        return []
-    tokens = to_json(list(values))[1:-1].split(b",")
-    if len(tokens) != len(values):  # a comma inside a value: one value at a time
-        return [to_json(v) for v in values]
-    return tokens
+def _scatter(n: int, at: np.ndarray, tokens: Sequence[bytes],
+             fill: bytes = _NULL) -> list[bytes]:
+    """A column of n tokens: ``tokens`` at ``at``, ``fill`` elsewhere."""
+    if len(at) == n:
+        return list(tokens)
+    column = np.full(n, fill, dtype=object)
+    column[at] = tokens
+    return column.tolist()
+
+
+def _token_columns(columns: list[list[Any]]) -> list[list[bytes]]:
+    """Each value's JSON, as ``to_json`` writes it inside a list, column by column: the
+    columns serialised in one call and split (numbers, null, booleans and timestamps
+    hold no comma nor bracket; a column where a value does is serialised value by
+    value)."""
+    blob = to_json(columns)[2:-2]  # [[a,b],[c,d]] -> a,b],[c,d
+    out = [part.split(b",") if part else [] for part in blob.split(b"],[")]
+    if len(out) == len(columns) and all(len(t) == len(c) for t, c in zip(out, columns,
+                                                                          strict=True)):
+        return out
+    return [[to_json(v) for v in column] for column in columns]
 
 
 def _nan_none(column: np.ndarray) -> list[float | None]:

@@ -52,7 +52,7 @@ class Held:
     granted: bytes | str | None = None
     done: bool = False  # its holder left the lock's block
     acquired: bool = True
-    heartbeat: asyncio.Handle | asyncio.Task | None = None  # a timer, then a task
+    heartbeat: asyncio.Task | None = None  # renews the lease while it is held
 
 
 class LeaseLock:
@@ -90,12 +90,10 @@ class LeaseLock:
             yield held
         finally:
             held.done = True  # the heartbeat stops at its next turn even if a cancel is lost
-            heartbeat = held.heartbeat
-            if heartbeat is not None:
-                heartbeat.cancel()  # a timer (uvloop's too): the lease never needed renewing
-            if isinstance(heartbeat, asyncio.Task):
+            if held.heartbeat is not None:
+                held.heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([heartbeat], timeout=self.lease_seconds)
+                    await asyncio.wait([held.heartbeat], timeout=self.lease_seconds)
             with contextlib.suppress(RedisError, StoreUnavailable):  # else it lapses
                 if held.acquired and not held.released:
                     held.granted = await self._release(keys=keys,
@@ -117,15 +115,9 @@ class LeaseLock:
 
     def taken(self, held: Held) -> None:
         """The lock is held (by ``acquire`` or a script): its lease is renewed while it
-        is. A timer, not a task, until a third of the lease has passed: most holders
-        are done by then, and a timer costs a fraction of a task to start and stop."""
+        is."""
         held.acquired = True
-        held.heartbeat = asyncio.get_running_loop().call_later(
-            held.lease_ms / 3000, self._start_renewing, held)
-
-    def _start_renewing(self, held: Held) -> None:
-        if not (held.released or held.done):
-            held.heartbeat = asyncio.create_task(self._hold(held))
+        held.heartbeat = asyncio.create_task(self._hold(held))
 
     async def _wait_for(self, stream: str, keys: list[str], token: str, lease_ms: int) -> None:
         """Returns holding the lock; StoreUnavailable after ``wait_seconds`` in the queue."""
@@ -175,10 +167,10 @@ class LeaseLock:
         await self.conn.call(pipe.execute())
 
     async def _hold(self, held: Held) -> None:
-        """Renew the lease (a third of it has passed) while its holder is alive, every
-        third of a lease; stop if another holder has it, or once a commit released it
-        (``held.released``)."""
+        """Renew the lease while its holder is alive; stop if another holder has it, or
+        once a commit released it (``held.released``)."""
         while True:
+            await asyncio.sleep(held.lease_ms / 3000)
             if held.released or held.done:
                 return
             try:
@@ -190,4 +182,3 @@ class LeaseLock:
             except (RedisError, OSError) as exc:  # unreachable now: try next period
                 log.warning("stream lock renewal failed", extra={"stream": held.stream,
                                                                  "error": str(exc)})
-            await asyncio.sleep(held.lease_ms / 3000)
