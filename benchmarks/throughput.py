@@ -9,7 +9,8 @@ HalfSpaceTrees scoring and learning the NAB series in process (one core, no HTTP
 redis-benchmark's pipelined LPUSH as the store's ceiling, and the service's own
 ceiling: streams configured with ``none``, a detector registered for this benchmark only
 (benchmarks/ceiling_app.py). ``--baseline DIR`` runs the same store rows again with the
-code of another checkout (e.g. a clone of main), side by side in the same run.
+code of another checkout (e.g. a clone of main), side by side in the same run, each row
+measured on one code then the other.
 
     python benchmarks/throughput.py --data-dir ../shared/datasets
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
@@ -423,7 +425,8 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout of earlier code (e.g. `git clone -q . /tmp/base && git "
                     "-C /tmp/base checkout main`): its service runs the same store rows in "
-                    "this run, labelled code=baseline")
+                    "this run, beside this code's, each row measured on one then the other "
+                    "(labelled code=baseline)")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 1000],
                     help="batch sizes profiled in process after the rows")
     ap.add_argument("--name", default="throughput",
@@ -441,9 +444,8 @@ def main() -> None:
     stats = redis.Redis(port=redis_port)
     codes = [("this", None)] + ([("baseline", args.baseline)] if args.baseline else [])
     try:
-        for code, root in codes:
-            for config in args.stores:
-                rows += store_rows(config, code, root, redis_port, stats, datasets, args)
+        for config in args.stores:  # each row run by every code in turn: interleaved
+            rows += store_rows(config, codes, redis_port, stats, datasets, args)
         lpush = redis_benchmark_lpush(redis_port, 200_000)
     finally:
         redis_server.terminate()
@@ -477,45 +479,53 @@ def main() -> None:
                 (args.out or results_dir(args.data_dir)) / args.name)
 
 
-def store_rows(config: str, code: str, root: Path | None, redis_port: int,
+def store_rows(config: str, codes: list[tuple[str, Path | None]], redis_port: int,
                stats: redis.Redis, datasets: dict[str, np.ndarray],
                args: argparse.Namespace) -> list[dict]:
-    """One service (``config``: memory, redis or redis-<workers>; ``root``: the checkout
-    whose code runs, None for this one) under every dataset, batch size and form; on the
-    one-worker Redis service, the other detectors' rows too (a baseline's with its own
-    code: its ceiling app is its own benchmarks/ceiling_app.py)."""
+    """One service per code (``config``: memory, redis or redis-<workers>; ``codes``:
+    (label, the checkout whose code runs, None for this one)), under every dataset, batch
+    size and form; on the one-worker Redis service, the other detectors' rows too (a
+    baseline's with its own code: its ceiling app is its own
+    benchmarks/ceiling_app.py). The services run side by side, each row measured on
+    each code in turn, so that the codes' rows of one configuration share the
+    machine's load of the moment."""
     store, _, workers = config.partition("-")
     env = {"TSAD_MAX_BATCH_POINTS": "10000", "TSAD_LOG_LEVEL": "WARNING"}
     if store == "redis":
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     detectors = args.detectors if (config == "redis" and "nab/nyc_taxi" in datasets) else []
     app = "benchmarks.ceiling_app:app" if "none" in detectors else "service.main:app"
+    plan = []  # (row, series, batch, max requests, form, detector)
+    for name, series in datasets.items():
+        for batch in args.batch_sizes:
+            for form in args.forms:
+                max_req = min(args.max_requests, max(args.clients, args.max_points // batch))
+                plan.append(({"store": store, "workers": int(workers or 1),
+                              "detector": "default", "form": form, "dataset": name,
+                              "channels": series.shape[1] - 1, "batch": batch},
+                             series, batch, max_req, form, None))
+    for detector in detectors:
+        costly = detector == "embedding_memory"
+        for batch in [b for b in args.batch_sizes if not costly or b >= 100]:
+            points = args.costly_points if costly else args.max_points
+            max_req = min(args.max_requests, max(args.clients, points // batch))
+            plan.append(({"store": "redis", "workers": 1, "detector": detector,
+                          "form": "columnar", "dataset": "nab/nyc_taxi", "channels": 1,
+                          "batch": batch}, datasets["nab/nyc_taxi"], batch, max_req,
+                         "columnar", detector))
     rows = []
-    with ServiceProcess(env, workers=int(workers or 1), app=app, root=root) as service:
-        for name, series in datasets.items():
-            for batch in args.batch_sizes:
-                for form in args.forms:
-                    max_req = min(args.max_requests, max(args.clients,
-                                                         args.max_points // batch))
-                    tag = f"{code}-{config}-{form}-{name.replace('/', '.')}-{batch}"
-                    row = {"code": code, "store": store, "workers": int(workers or 1),
-                           "detector": "default", "form": form, "dataset": name,
-                           "channels": series.shape[1] - 1, "batch": batch}
-                    rows.append(measured(row, stats if store == "redis" else None,
-                                         service.url, series, batch, args.clients, max_req,
-                                         tag, form, pid=service.proc.pid))
-        for detector in detectors:
-            costly = detector == "embedding_memory"
-            for batch in [b for b in args.batch_sizes if not costly or b >= 100]:
-                points = args.costly_points if costly else args.max_points
-                max_req = min(args.max_requests, max(args.clients, points // batch))
-                row = {"code": code, "store": "redis", "workers": 1, "detector": detector,
-                       "form": "columnar", "dataset": "nab/nyc_taxi", "channels": 1,
-                       "batch": batch}
-                rows.append(measured(row, stats, service.url, datasets["nab/nyc_taxi"],
-                                     batch, args.clients, max_req, f"{code}-{detector}-{batch}",
-                                     "columnar", detector, pid=service.proc.pid))
-    return rows
+    with contextlib.ExitStack() as stack:
+        services = [(code, stack.enter_context(ServiceProcess(
+            env, workers=int(workers or 1), app=app, root=root))) for code, root in codes]
+        for row, series, batch, max_req, form, detector in plan:
+            for code, service in services:
+                tag = (f"{code}-{config}-{row['detector']}-{form}-"
+                       f"{row['dataset'].replace('/', '.')}-{batch}")
+                rows.append(measured({"code": code, **row},
+                                     stats if store == "redis" else None, service.url,
+                                     series, batch, args.clients, max_req, tag, form,
+                                     detector, pid=service.proc.pid))
+    return sorted(rows, key=lambda r: [c for c, _ in codes].index(r["code"]))
 
 
 def measured(row: dict, stats: redis.Redis | None, url: str, series: np.ndarray,
