@@ -487,8 +487,8 @@ def store_rows(config: str, codes: list[tuple[str, Path | None]], redis_port: in
     size and form; on the one-worker Redis service, the other detectors' rows too (a
     baseline's with its own code: its ceiling app is its own
     benchmarks/ceiling_app.py). The services run side by side, each row measured on
-    each code in turn, so that the codes' rows of one configuration share the
-    machine's load of the moment."""
+    each code in turn (the first code alternating), so that the codes' rows of one
+    configuration share the machine's load of the moment."""
     store, _, workers = config.partition("-")
     env = {"TSAD_MAX_BATCH_POINTS": "10000", "TSAD_LOG_LEVEL": "WARNING"}
     if store == "redis":
@@ -517,8 +517,9 @@ def store_rows(config: str, codes: list[tuple[str, Path | None]], redis_port: in
     with contextlib.ExitStack() as stack:
         services = [(code, stack.enter_context(ServiceProcess(
             env, workers=int(workers or 1), app=app, root=root))) for code, root in codes]
-        for row, series, batch, max_req, form, detector in plan:
-            for code, service in services:
+        for i, (row, series, batch, max_req, form, detector) in enumerate(plan):
+            for code, service in services if i % 2 == 0 else services[::-1]:  # who goes
+                # first alternates: neither code always meets the load a row leaves
                 tag = (f"{code}-{config}-{row['detector']}-{form}-"
                        f"{row['dataset'].replace('/', '.')}-{batch}")
                 rows.append(measured({"code": code, **row},
