@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from service.ingest.writeback import ScoreWriter
 from service.metrics import ServiceMetrics
 from service.process import free_port
 from service.settings import Settings
+from tests.loopback import Answer, LoopbackServer
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = int(time.time() * 1000) - 600_000  # ms, ten minutes ago
@@ -241,31 +240,21 @@ class RemoteWriteTarget:
         self.unavailable, self.refuse_ms = unavailable, refuse_ms
         self.got: list[tuple[str, int, float]] = []
         self.requests = 0
-        target = self
+        self.server = LoopbackServer(self._answer)
+        self.url = self.server.url("/api/v1/write")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                raw = self.rfile.read(int(self.headers["Content-Length"]))
-                target.requests += 1
-                decoded = decode_remote_write(raw, 2**24)
-                stamps = {int(round(t * 1000)) for s in decoded.series for t in s.timestamps}
-                if target.requests <= target.unavailable:
-                    self.send_response(503)
-                elif target.refuse_ms in stamps:
-                    self.send_response(400)
-                else:
-                    for s in decoded.series:
-                        target.got += [(s.labels["__name__"], round(t * 1000), v)
-                                       for t, v in zip(s.timestamps, s.values, strict=True)]
-                    self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1/write"
+    def _answer(self, path: str, headers: object, raw: bytes) -> Answer:
+        self.requests += 1
+        decoded = decode_remote_write(raw, 2**24)
+        stamps = {int(round(t * 1000)) for s in decoded.series for t in s.timestamps}
+        if self.requests <= self.unavailable:
+            return 503, {}, b""
+        if self.refuse_ms in stamps:
+            return 400, {}, b""
+        for s in decoded.series:
+            self.got += [(s.labels["__name__"], round(t * 1000), v)
+                         for t, v in zip(s.timestamps, s.values, strict=True)]
+        return 204, {}, b""
 
 
 def test_score_writer_retries_then_isolates_a_refused_point(redis_url):
@@ -292,7 +281,7 @@ def test_score_writer_retries_then_isolates_a_refused_point(redis_url):
     assert dropped.labels("rejected")._value.get() == 1
     assert dropped.labels("out_of_order")._value.get() == 1  # the late point for 2 s
     assert metrics.writeback_points_sent_total._value.get() == 9
-    target.server.shutdown()
+    target.server.close()
 
 
 def test_score_writer_queue_is_bounded_oldest_dropped():

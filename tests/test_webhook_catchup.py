@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Awaitable, Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.client import HTTPMessage
 
 from prometheus_client import CollectorRegistry
 
@@ -19,6 +18,7 @@ from service.settings import Settings
 from service.stores.base import Backend, Commit
 from service.webhooks.model import Subscription
 from service.webhooks.worker import WebhookWorker
+from tests.loopback import Answer, LoopbackServer
 
 
 class Receiver:
@@ -29,30 +29,19 @@ class Receiver:
         self.refuse: Callable[[dict, int], bool] = lambda event, attempt: False
         self.accepted: list[tuple[float, dict]] = []
         self.refused = 0
-        outer = self
+        self.server = LoopbackServer(self._answer)
+        self.url = self.server.url("/hook")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                event = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                no = outer.refuse(event, int(self.headers["X-Tsad-Attempt"]))
-                if no:
-                    outer.refused += 1
-                else:
-                    outer.accepted.append((time.monotonic(), event))
-                self.send_response(503 if no else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_: object) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, path: str, headers: HTTPMessage, body: bytes) -> Answer:
+        event = json.loads(body)
+        if self.refuse(event, int(headers["X-Tsad-Attempt"])):
+            self.refused += 1
+            return 503, {}, b""
+        self.accepted.append((time.monotonic(), event))
+        return 200, {}, b""
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 def events(alert_id: str, *kinds: str) -> list[dict]:

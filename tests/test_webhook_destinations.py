@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.client import HTTPMessage
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,6 +19,7 @@ from service.stores.base import Commit
 from service.stores.memory import MemoryBackend
 from service.webhooks.model import Subscription
 from service.webhooks.worker import WebhookWorker
+from tests.loopback import Answer, LoopbackServer
 
 INTERNAL = [
     "http://169.254.169.254/latest/meta-data/",  # cloud metadata
@@ -74,29 +74,16 @@ class Target:
     def __init__(self, status: int, headers: dict[str, str] | None = None,
                  body: bytes = b"") -> None:
         self.requests: list[str] = []
-        outer = self
+        self.status, self.headers, self.body = status, headers or {}, body
+        self.server = LoopbackServer(self._answer)
+        self.port = self.server.port
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests.append(self.path)
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: object) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, path: str, headers: HTTPMessage, body: bytes) -> Answer:
+        self.requests.append(path)
+        return self.status, self.headers, self.body
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 def deliver_once(url: str, allow: str, auth: str = "keys") -> dict:
