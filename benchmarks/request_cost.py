@@ -118,21 +118,10 @@ def worker(args: argparse.Namespace) -> dict:
         return json.dumps({"stream": stream, "timestamps": rows[:, 0].tolist(),
                            "values": rows[:, 1:].tolist()}).encode()
 
-    import concurrent.futures
-
     import redis.asyncio.client as aioclient
 
-    class Inline(concurrent.futures.ThreadPoolExecutor):
-        """Runs submitted work at once in the calling thread: the detector's
-        ``asyncio.to_thread`` then shows in the profile (and in this thread's CPU)."""
-
-        def submit(self, fn, /, *a, **kw):  # noqa: ANN001, ANN202 - Executor's signature
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            try:
-                future.set_result(fn(*a, **kw))
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
-                future.set_exception(exc)
-            return future
+    # the detector's asyncio.to_thread run inline: in the profile and this thread's CPU
+    from benchmarks.throughput import _Inline as Inline
 
     # round trips from the service: one per command or pipeline sent
     trips: dict[str, int] = {}
