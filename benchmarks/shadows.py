@@ -76,7 +76,7 @@ def body(stream: str, rows: np.ndarray) -> dict:
 
 
 # --- 1. live latency with 0, 1, 3 cheap shadows ------------------------------------------------
-BLOCK = 100  # requests per block; the three configurations take turns
+BLOCK = 100  # requests per block at most; the configurations take turns
 
 
 def caught_up(http: httpx.Client, stream: str) -> bool:
@@ -85,52 +85,87 @@ def caught_up(http: httpx.Client, stream: str) -> bool:
     return all(s["lag_points"] < 64 for s in shadows)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user + system) of a process, and of its children alive now (the shadows'
+    worker process): /proc, Linux."""
+    def one(p: int) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        kids += [int(k) for k in task.read_text().split()]
+    return one(pid), sum(one(k) for k in kids)
+
+
 def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int, ...],
-                  requests: int) -> list[dict]:
-    """One service process per configuration (0, 1, 3 shadows: a shadow's background work
-    must not slow another configuration's requests), taking turns in blocks of BLOCK
-    requests; a block's shadows finish their work before the next block starts."""
+                  requests: int, trees: dict[str, Path | None]) -> list[dict]:
+    """One service process per tree and configuration (0, 1, 3 shadows: a shadow's
+    background work must not slow another configuration's requests), taking turns in
+    blocks of at most BLOCK requests (at least 12 turns); a block's shadows finish their
+    work before the next block starts, and the CPU time the service process and its
+    children (the shadows' worker) spent over the block is counted to its requests."""
     rows = []
-    counts = (0, 1, 3)
-    envs = [{**env, "TSAD_REDIS_PREFIX": f"bench{n}"} for n in counts]
-    procs = [ServiceProcess(e).start() for e in envs]
+    configs = [(tree, n) for tree in trees for n in (0, 1, 3)]
+    envs = [{**env, "TSAD_REDIS_PREFIX": f"bench{k}"} for k in range(len(configs))]
+    procs = [ServiceProcess(e, root=trees[tree]).start()
+             for e, (tree, _) in zip(envs, configs, strict=True)]
     try:
         clients = [httpx.Client(base_url=p.url, timeout=120) for p in procs]
         for batch in batches:
             stream = f"{store}-b{batch}"
-            for n, http in zip(counts, clients, strict=True):
+            for (_, n), http in zip(configs, clients, strict=True):
                 assert http.put(f"/streams/{stream}", json={"channels": 1}).status_code == 201
                 for name, spec in CHEAP[:n]:
                     r = http.put(f"/streams/{stream}/shadows/{name}", json=spec)
                     assert r.status_code == 201, r.text
                 http.post("/score", json=body(stream, series[:WARM])).raise_for_status()
-            latencies: dict[int, list[float]] = {n: [] for n in counts}
+                while not caught_up(http, stream):
+                    time.sleep(0.05)
+            latencies: list[list[float]] = [[] for _ in configs]
+            cpu = [[0.0, 0.0] for _ in configs]  # the service process's, its children's
             before = load()
             steps = min(requests, (len(series) - WARM) // batch)
-            done = {n: 0 for n in counts}
-            with tqdm(total=steps * 3, desc=f"{store} batch {batch}", leave=False) as bar:
-                while done[counts[-1]] < steps:
-                    for n, http in zip(counts, clients, strict=True):
-                        for i in range(done[n], min(done[n] + BLOCK, steps)):
+            block = max(1, min(BLOCK, steps // 12))
+            done = 0
+            with tqdm(total=steps * len(configs), desc=f"{store} batch {batch}",
+                      leave=False) as bar:
+                while done < steps:
+                    for k, (http, proc) in enumerate(zip(clients, procs, strict=True)):
+                        cpu0 = cpu_seconds(proc.proc.pid)
+                        for i in range(done, min(done + block, steps)):
                             rows_i = series[WARM + i * batch:WARM + (i + 1) * batch]
                             t0 = time.perf_counter()
                             r = http.post("/score", json=body(stream, rows_i))
-                            latencies[n].append((time.perf_counter() - t0) * 1000)
+                            latencies[k].append((time.perf_counter() - t0) * 1000)
                             assert r.status_code == 200, r.text
                             bar.update()
-                        done[n] = min(done[n] + BLOCK, steps)
                         while not caught_up(http, stream):
                             time.sleep(0.05)
-            for n, http in zip(counts, clients, strict=True):
+                        for j, (a, b) in enumerate(zip(cpu0, cpu_seconds(proc.proc.pid),
+                                                       strict=True)):
+                            cpu[k][j] += b - a
+                    done = min(done + block, steps)
+            after = load()
+            for k, ((tree, n), http) in enumerate(zip(configs, clients, strict=True)):
                 shadows = http.get(f"/streams/{stream}/shadows").json()["shadows"]
-                rows.append({"store": store, "batch": batch, "shadows": n,
+                rows.append({"store": store, "batch": batch, "tree": tree, "shadows": n,
                              "detectors": [s["detector"] for s in shadows],
                              "shadow_points": [s["points"] for s in shadows],
-                             **stats(latencies[n]), "load_1m_before": before,
-                             "load_1m_after": load()})
-            base = rows[-3]["mean_ms"]
-            for row in rows[-2:]:
-                row["mean_vs_none"] = round(row["mean_ms"] / base - 1, 4)
+                             **stats(latencies[k]),
+                             "cpu_ms_per_request": round(1000 * sum(cpu[k]) / steps, 3),
+                             "service_cpu_ms_per_request": round(1000 * cpu[k][0] / steps, 3),
+                             "load_1m_before": before, "load_1m_after": after})
+            for tree in trees:
+                mine = [r for r in rows[-len(configs):] if r["tree"] == tree]
+                base = mine[0]
+                for row in mine[1:]:
+                    for key in ("mean_ms", "p50_ms", "cpu_ms_per_request",
+                                "service_cpu_ms_per_request"):
+                        row[f"{key}_vs_none"] = round(row[key] / base[key] - 1, 4)
     finally:
         for p in procs:
             p.stop()
@@ -291,18 +326,32 @@ def table(result: dict) -> str:
              *([result["note"], ""] if result.get("note") else [])]
     if result["cheap"]:
         lines += ["## Live /score latency with 0, 1 and 3 cheap shadows", "",
-                  "| store | batch | shadows | mean ms | vs none | p50 ms | p95 ms | p99 ms | "
-                  "requests | load 1m |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| store | batch | tree | shadows | mean ms | vs none | p50 ms | vs none | "
+                  "p95 ms | p99 ms | service CPU ms/request | vs none | with shadow worker | "
+                  "vs none | requests | load 1m |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def vs(row: dict, key: str) -> str:
+        return f"{100 * row[key]:+.1f}%" if key in row else ""
+
     for r in result["cheap"]:
-        vs = f"{100 * r['mean_vs_none']:+.1f}%" if "mean_vs_none" in r else ""
-        lines.append(f"| {r['store']} | {r['batch']} | {r['shadows']} | {r['mean_ms']} | {vs} "
-                     f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['requests']} | "
+        lines.append(f"| {r['store']} | {r['batch']} | {r.get('tree', '')} | {r['shadows']} | "
+                     f"{r['mean_ms']} | {vs(r, 'mean_ms_vs_none')} | {r['p50_ms']} | "
+                     f"{vs(r, 'p50_ms_vs_none')} | {r['p95_ms']} | {r['p99_ms']} | "
+                     f"{r.get('service_cpu_ms_per_request', '')} | "
+                     f"{vs(r, 'service_cpu_ms_per_request_vs_none')} | "
+                     f"{r.get('cpu_ms_per_request', '')} | "
+                     f"{vs(r, 'cpu_ms_per_request_vs_none')} | {r['requests']} | "
                      f"{r['load_1m_before']} → {r['load_1m_after']} |")
     if result["cheap"]:
         lines += ["", "Shadows: 1 = residual_linear; 3 = residual_linear, ensemble (warmup "
-                  "128), raw_knn. Live: the default (ensemble). Each configuration on its own "
-                  "service process, one client posting back to back, in turns of 100 "
-                  "requests.", ""]
+                  "128), raw_knn. Live: the default (ensemble). Each tree and configuration "
+                  "on its own service process, one client posting back to back, the "
+                  "configurations taking turns in blocks of requests (100 at batch 1, 8 at "
+                  "batch 100). Service CPU: the service process's CPU time over each turn "
+                  "per request (the live path; on the baseline also its shadows' threads); "
+                  "with shadow worker: the service's and its children's (this tree scores "
+                  "shadows in a child process), shadows' catch-up included.", ""]
     if lm := result.get("lm"):
         s = lm["score"]
         lines += ["## A language-model shadow's lag", "",
@@ -353,6 +402,9 @@ def main() -> int | None:
     ap.add_argument("--batches", default="1,100", help="batch sizes of the latency part")
     ap.add_argument("--requests", type=int, default=1500,
                     help="requests per stream and batch size in the latency part")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another source tree (e.g. a checkout of main) run side by side in "
+                    "the latency part, interleaved with this one")
     ap.add_argument("--lm-streams", type=int, default=100)
     ap.add_argument("--lm-seconds", type=float, default=180.0,
                     help="paced phase of the language-model part (0: skip it)")
@@ -376,7 +428,10 @@ def main() -> int | None:
             url = f"redis://127.0.0.1:{port}/0"
             for store in filter(None, args.stores.split(",")):  # "": no latency part
                 env = {"REDIS_URL": url} if store == "redis" else {}
-                result["cheap"] += cheap_shadows(series, store, env, batches, args.requests)
+                trees = {"this": None, **({"baseline": args.baseline} if args.baseline
+                                          else {})}
+                result["cheap"] += cheap_shadows(series, store, env, batches, args.requests,
+                                                 trees)
                 save_report(result, table(result), out, echo=False)
             if args.lm_seconds > 0:
                 subprocess.run(["redis-cli", "-p", str(port), "FLUSHALL"], check=True,

@@ -223,7 +223,7 @@ class OnlineLoop:
             seq = np.concatenate([self.recent[(index[0] + np.arange(self.chunk)) % self.chunk],
                                   ratios])
             seq = np.where(seq > line, seq * self.repeat_factor, seq)
-            previous = sliding_window_view(seq, self.chunk, axis=0)[:n].max(axis=2)
+            previous = _sliding_max(seq, self.chunk)[:n]
             out = np.where(ratios > 1.0, ratios / np.maximum(previous, 1.0), ratios)
             keep = slice(max(0, n - self.chunk), n)
             self.recent[index[keep] % self.chunk] = ratios[keep]
@@ -365,6 +365,24 @@ class OnlineLoop:
         self.detector.partial_fit(windows, stamps)
         self.learnt += 1
         return len(rows)
+
+
+def _sliding_max(x: np.ndarray, width: int) -> np.ndarray:
+    """(N, C) -> (N - width + 1, C): the largest of each ``width`` consecutive rows, by
+    doubling (log2(width) maxima of whole arrays instead of a strided reduction per row;
+    the same values, max does not round).
+
+    >>> _sliding_max(np.array([[3.0], [1.0], [4.0], [1.0], [5.0]]), 3)[:, 0].tolist()
+    [4.0, 4.0, 5.0]
+    """
+    out, span = x, 1  # out[i]: the largest of rows i .. i + span - 1
+    while 2 * span <= width:
+        out = np.maximum(out[:-span], out[span:])
+        span *= 2
+    if span < width:  # two runs of span rows cover width rows
+        count = len(x) - width + 1
+        out = np.maximum(out[:count], out[width - span:width - span + count])
+    return out
 
 
 @dataclass

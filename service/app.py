@@ -12,8 +12,6 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from threadpoolctl import threadpool_limits
 
-from models.lm import runtime as lm_runtime
-from models.lm.cache import CacheConfig
 from service import http
 from service.auth.gate import AuthGate
 from service.auth.guard import exposure_problem, warn_if_open
@@ -27,6 +25,7 @@ from service.routers import alerts, keys, ops, score, shadows, streams, webhooks
 from service.scoring import stream_detector
 from service.services import build_services
 from service.settings import Settings
+from service.shadows.worker import configure_lm
 from service.webhooks.worker import WebhookWorker
 
 log = logging.getLogger("tsad.service")
@@ -52,10 +51,7 @@ def create_app(settings: Settings | None = None,
         worker = WebhookWorker(backend.webhooks, settings, metrics)
         # detectors that embed prompts share one cached encoder per process: its Redis
         # level and its metrics (tsad_embedding_*) are the service's
-        lm_runtime.configure(CacheConfig(redis_url=settings.redis_url,
-                                         redis_cluster=settings.redis_cluster,
-                                         key_prefix=f"{settings.redis_prefix}:emb:v1"),
-                             metrics.embedding, settings.lm_batch_window_ms / 1000)
+        configure_lm(settings, metrics.embedding)
         stream_detector(settings, settings.default_detector, settings.default_window)
         app.state.detectors_ready = True
         try:

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import get_args
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
@@ -247,6 +248,27 @@ class ServiceMetrics:
 def multiprocess_dir() -> str | None:
     """Where worker processes write their samples; None in a single process."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def observe_all(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
+    """``histogram.observe`` of each value, counted per bucket: one increment a bucket
+    rather than one call a value (a shadow's catch-up observes the lag of each point it
+    scored: a hundred observe calls cost about a millisecond).
+
+    >>> h = Histogram("demo_seconds", "demo", buckets=(1, 5), registry=None)
+    >>> observe_all(h, [0.5, 1.0, 3.0, 9.0])
+    >>> [(s.labels["le"], s.value) for s in h.collect()[0].samples if s.name.endswith("bucket")]
+    [('1.0', 2.0), ('5.0', 3.0), ('+Inf', 4.0)]
+    """
+    values = np.asarray(values, np.float64)
+    if not len(values):
+        return
+    bounds = np.asarray(histogram._upper_bounds)  # what observe() reads, in this form
+    counts = np.bincount(np.searchsorted(bounds, values), minlength=len(bounds))
+    histogram._sum.inc(float(values.sum()))
+    for bucket, n in zip(histogram._buckets, counts[:len(bounds)].tolist(), strict=True):
+        if n:
+            bucket.inc(n)
 
 
 def worker_exited() -> None:

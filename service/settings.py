@@ -216,6 +216,9 @@ class Settings(BaseSettings):
         "counted as skipped, so a lagging shadow never holds back /score or memory")
     shadow_workers: int = Field(1, ge=1, le=16, description="background tasks scoring "
                                 "shadows per process (cheap shadows' jobs first)")
+    shadow_costly_together: int = Field(
+        16, ge=1, le=256, description="ready jobs of costly shadows (of any streams) a "
+        "background task scores together: their language-model prompts share forward passes")
 
     # --- security: API keys and webhook destinations (README, "Security") ---------------
     auth: Literal["keys", "open"] = Field(

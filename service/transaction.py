@@ -227,10 +227,9 @@ class ScoreTransaction:
         """Under the stream's lock: each request's receipt check and append, in order,
         then one scoring pass and one commit for all of them."""
         cached = self.scorers.take(stream)  # back in only once committed
-        # a known meta trims the context the store returns to what the live scorer needs;
-        # a stream with shadows takes it whole: a shadow catching up from mid-chunk learns
-        # that chunk's windows from the points its offers carry (service/shadows/queue.py)
-        known = cached.meta if cached and not cached.scorer.shadows else None
+        # a known meta trims the context the store returns to what the live scorer needs,
+        # which is what a shadow in step with it needs too (service/shadows/queue.py, Job)
+        known = cached.meta if cached else None
         appended: list[tuple[_Job, AppendResult]] = []
         pending = 0  # points appended by this batch so far: unscored until it commits
         for i, job in enumerate(batch):

@@ -224,7 +224,7 @@ class Ensemble(Online, Records):
         if not fitted and self._blocks[0] > 0 and len(self._ring) and self._memory_size():
             early = self._raw(windows)
         slot = int(self._blocks[0]) % cfg.history_blocks
-        smoothed = self._smoothed(windows)[:, :, -1]  # (B, K, C) newest point per scale
+        smoothed = self._newest_smoothed(windows)  # (B, K, C)
         # a wild value (beyond the range by wild_spans ranges) is flagged and kept out of
         # what the block says is normal, unless most of the block is that wild (a new
         # level: it becomes normal after one block, as any level does); the windows that
@@ -276,8 +276,9 @@ class Ensemble(Online, Records):
             # the ring exactly as a rebuild after a load would
             n, total = len(newest), len(shapes["norms"][0])
             slots = (shapes["head"] + np.arange(n)) % total
-            new = sliding_windows(self._ring, w)[-n:] * keep[:, None, None]
-            scaled = scale_windows(new).transpose(1, 0, 2) * keep[None, :, None]
+            scaled = scale_windows(sliding_windows(self._ring, w)[-n:]).transpose(1, 0, 2)
+            if not keep.all():  # a window the memories do not keep: an empty slot
+                scaled = scaled * keep[None, :, None]
             shapes["shapes"][:, slots] = scaled
             shapes["norms"][:, slots] = _norms(scaled)
             shapes["head"] = int(slots[-1] + 1) % total
@@ -297,12 +298,21 @@ class Ensemble(Online, Records):
     def _smoothed(self, windows: np.ndarray) -> np.ndarray:
         """(B, W, C) -> (B, K, W', C): the mean of the last k points at every position
         of the window where k points are there, for each scale k (W' = W - max(k) + 1)."""
-        ks = self._scales(windows.shape[1])
-        tail = windows.shape[1] - max(ks) + 1  # positions every scale can fill
-        csum = np.concatenate([np.zeros_like(windows[:, :1]), np.cumsum(windows, axis=1)],
-                              axis=1)  # (B, W + 1, C)
-        ends = np.arange(windows.shape[1] - tail + 1, windows.shape[1] + 1)
-        return np.stack([(csum[:, ends] - csum[:, ends - k]) / k for k in ks], axis=1)
+        b, w, c = windows.shape
+        ks = self._scales(w)
+        tail = w - max(ks) + 1  # positions every scale can fill
+        csum = _cumsum(windows)
+        out = np.empty((b, len(ks), tail, c), csum.dtype)
+        for i, k in enumerate(ks):  # the differences of cumulative sums k apart
+            np.subtract(csum[:, w + 1 - tail:], csum[:, w + 1 - tail - k:w + 1 - k],
+                        out=out[:, i])
+            out[:, i] /= k
+        return out
+
+    def _newest_smoothed(self, windows: np.ndarray) -> np.ndarray:
+        """``_smoothed(windows)[:, :, -1]`` (B, K, C), the newest position alone."""
+        csum, w = _cumsum(windows), windows.shape[1]
+        return np.stack([(csum[:, w] - csum[:, w - k]) / k for k in self._scales(w)], axis=1)
 
     def _filled(self) -> int:
         return min(int(self._blocks[0]), self.config.history_blocks)
@@ -352,8 +362,12 @@ class Ensemble(Online, Records):
         lo, hi = (end[0] for end in self._range())
         span = np.maximum(hi - lo, self.config.min_std * np.maximum(
             np.maximum(np.abs(lo), np.abs(hi)), 1.0))
-        beyond = np.maximum(np.maximum(windows - hi, lo - windows), 0.0) / span
-        return (beyond > self.config.wild_spans).any(axis=1)
+        # the farthest value of each window is the window's max or min: rounding keeps
+        # x - hi, lo - x and the division by span monotone, so testing those two is
+        # testing every value
+        top, bottom = windows.max(axis=1), windows.min(axis=1)  # (B, C)
+        beyond = np.maximum(np.maximum(top - hi, lo - bottom), 0.0) / span
+        return beyond > self.config.wild_spans
 
     # the memories: the windows inside the ring whose end is marked
     def _memory_size(self) -> int:
@@ -633,14 +647,28 @@ def _nanmedian(x: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def _norms(shapes: np.ndarray) -> np.ndarray:
-    """Euclidean norms along the last axis, in float64 (exact for integer shapes)."""
-    return np.sqrt((shapes.astype(np.float64) ** 2).sum(axis=-1))
+    """Euclidean norms along the last axis, in float64 (exact for integer shapes: their
+    squares' sums are integers, so the order of the sum does not matter)."""
+    s = shapes.astype(np.float64, copy=False)
+    return np.sqrt(np.einsum("...i,...i->...", s, s))
 
 
-def _shift_in(ring: np.ndarray, new: np.ndarray, axis: int = 0) -> np.ndarray:
-    """The ring with ``new`` appended along ``axis`` and as many of its oldest entries
-    dropped."""
-    size, n = ring.shape[axis], new.shape[axis]
-    both = np.concatenate([ring, new.astype(ring.dtype)], axis=axis)
-    return both.take(np.arange(n, n + size), axis=axis) if n < size else new.take(
-        np.arange(n - size, n), axis=axis).astype(ring.dtype)
+def _cumsum(windows: np.ndarray) -> np.ndarray:
+    """(B, W, C) -> (B, W + 1, C): 0, then the cumulative sums along the window."""
+    csum = np.empty((windows.shape[0], windows.shape[1] + 1, windows.shape[2]),
+                    windows.dtype)
+    csum[:, 0] = 0.0
+    np.cumsum(windows, axis=1, out=csum[:, 1:])
+    return csum
+
+
+def _shift_in(ring: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """A new ring: ``ring`` with ``new`` appended (along the first axis) and as many of
+    its oldest entries dropped (one copy of the ring: a wide stream's is 2,048 x C)."""
+    size, n = len(ring), len(new)
+    if n >= size:
+        return new[n - size:].astype(ring.dtype)
+    out = np.empty_like(ring)
+    out[:size - n] = ring[n:]
+    out[size - n:] = new
+    return out

@@ -26,11 +26,18 @@ def scale_windows(windows: np.ndarray, levels: int = 99) -> np.ndarray:
 
     A constant window maps to all ones, so constant windows match each other exactly.
     """
-    wc = windows.transpose(0, 2, 1)
-    lo = wc.min(axis=2, keepdims=True)
-    span = wc.max(axis=2, keepdims=True) - lo
-    scaled = np.where(span > 0, (wc - lo) / np.where(span > 0, span, 1.0), 0.0)
-    return np.round(scaled * levels) + 1.0
+    # computed in the windows' own (B, W, C) layout, in place after the first division
+    # (a wide stream's chunk is 64 x 64 x C values), and returned transposed
+    lo = windows.min(axis=1, keepdims=True)
+    span = windows.max(axis=1, keepdims=True) - lo
+    varies = span > 0
+    scaled = (windows - lo) / np.where(varies, span, 1.0)
+    if not varies.all():  # 0 already where the span is 0; this clears a NaN span's values
+        np.copyto(scaled, 0.0, where=~varies)
+    scaled *= levels
+    np.round(scaled, out=scaled)
+    scaled += 1.0
+    return scaled.transpose(0, 2, 1)
 
 
 class RawKnn(MemoryDetector):

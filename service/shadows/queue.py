@@ -8,10 +8,13 @@ Batches join the shadow's pending job (one per shadow: batches merge). A shadow 
 up when its stream completes a chunk (64 points): a job is ready once it holds a chunk
 end, so a detector scores a chunk in one vectorised call (a language model embeds its
 windows in one call), and a shadow runs at most a chunk behind plus the queue's wait.
-Cheap shadows' jobs go first. A worker (its own thread, at a lower priority than the
-requests') scores a ready job outside the stream's lock, then commits the shadow's own
-sections under it, after checking that the shadow is still the one it scored (same id:
-not deleted, promoted or replaced) and still where it started (same mark). When more
+Cheap shadows' jobs go first; costly ones go together, up to
+``TSAD_SHADOW_COSTLY_TOGETHER`` of them (their language-model prompts share forward passes
+in the child). A worker task hands a ready job to its child process
+(``worker.py``: off the service's interpreter, at a lower priority), which scores it and
+encodes the shadow's changed sections outside the stream's lock; the task then commits
+them under it, after checking that the shadow is still the one it scored (same id: not
+deleted, promoted or replaced) and still where it started (same mark). When more
 than ``TSAD_SHADOW_QUEUE_POINTS`` points wait, the oldest are dropped and counted as
 skipped; after a crash, a shadow goes on from its mark with what the store holds (and
 the live results committed with it, ``stream.py``), skipping what is gone, counted.
@@ -22,29 +25,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import numpy as np
 
 from models.streaming import CHUNK
 from service import stream_state
 from service.errors import StoreUnavailable
-from service.metrics import ServiceMetrics, StreamSeries
+from service.metrics import ServiceMetrics, StreamSeries, observe_all
 from service.scorers import ScorerCache
 from service.settings import Settings
 from service.shadows.config import ShadowConfig, section, split
-from service.shadows.engine import Caught, Run, ShadowEngine
+from service.shadows.engine import Run
 from service.shadows.stream import Offer, StreamShadows
-from service.stores.base import Backend, Commit, retained
+from service.shadows.worker import Scored, ShadowWorker
+from service.stores.base import Backend, Commit, StreamMeta, retained
 
 log = logging.getLogger("tsad.shadows")
-ENGINES_KEPT = 256  # decoded shadow engines kept between jobs, per process
-T = TypeVar("T")
 RETRY_SECONDS = 1.0  # a worker's pause after a job the store failed, put back
 
 
@@ -76,8 +74,14 @@ class Job(Offer):
         return self.end // CHUNK > self.new // CHUNK
 
     def merge(self, offer: Offer) -> None:
-        if offer.first <= self.end:  # overlapping context: append what is new
-            self.points = np.concatenate([self.points, offer.points[self.end - offer.first:]])
+        if offer.first <= self.end:  # overlapping context: append what is new, and prepend
+            # the older context it carries: a batch completing a chunk carries the windows
+            # of the whole chunk (the store's context for it), which the shadow then learns
+            # even if its job began mid-chunk with one window of context
+            older = offer.points[:max(self.first - offer.first, 0)]
+            self.points = np.concatenate([older, self.points,
+                                          offer.points[self.end - offer.first:]])
+            self.first -= len(older)
         else:  # a gap (batches offered to another process, or dropped): skipped
             self.points, self.first, self.new = offer.points, offer.first, offer.new
         self.live = self.live.extend(offer.live.since(self.live.end))
@@ -100,9 +104,10 @@ class ShadowQueue:
         self.series = series
         self.scorers = scorers
         self.jobs: OrderedDict[tuple[str, str], Job] = OrderedDict()  # oldest first
-        self.engines: OrderedDict[tuple[str, str], ShadowEngine] = OrderedDict()
+        self.workers = [ShadowWorker(settings) for _ in range(settings.shadow_workers)]
         self.offered: dict[tuple[str, str], int] = {}  # the newest point offered, per shadow
         self.marks: dict[tuple[str, str], int] = {}  # where each shadow was last committed
+        self._waiting = 0  # points waiting in jobs (kept as offers come: ``waiting``)
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.running: set[tuple[str, str]] = set()  # shadows being scored now
@@ -116,44 +121,52 @@ class ShadowQueue:
     def offer(self, offer: Offer) -> None:
         key = (offer.stream, offer.config.id)
         job = self.jobs.get(key)
+        before = 0 if job is None else job.pending
         if job is None:
-            self.jobs[key] = Job.of(offer)
+            job = self.jobs[key] = Job.of(offer)
         else:
             job.merge(offer)
+        self._waiting += job.pending - before
         end = offer.first + len(offer.points)
         self.offered[key] = end
         self.series.shadow(offer.stream, offer.config.name,
                            lag_points=end - self.marks.get(key, offer.config.start))
         self._bound()
-        self._ready.set()
+        if job.ready:  # else nothing for a worker to do yet
+            self._ready.set()
 
     def _bound(self) -> None:
         """At most TSAD_SHADOW_QUEUE_POINTS waiting: the longest job loses its oldest."""
-        over = self.waiting - self.settings.shadow_queue_points
+        over = self._waiting - self.settings.shadow_queue_points
         while over > 0:
             job = max(self.jobs.values(), key=lambda j: j.pending)
             n = min(over, job.pending)
             job.drop_oldest(n)
             self.metrics.shadow_points_skipped_total.inc(n)
             over -= n
-        self.metrics.shadow_queue_points.set(self.waiting)
+            self._waiting -= n
+        self.metrics.shadow_queue_points.set(self._waiting)
 
     @property
     def waiting(self) -> int:
         return sum(j.pending for j in self.jobs.values())
 
+    def _counted(self) -> None:
+        """Jobs taken, put back or forgotten: the count of waiting points again."""
+        self._waiting = self.waiting
+        self.metrics.shadow_queue_points.set(self._waiting)
+
     def forget(self, stream: str, shadow_id: str | None = None) -> None:
         """The stream was deleted (``shadow_id`` None), or one shadow deleted, promoted or
         replaced: its pending work goes."""
-        for held in (self.jobs, self.engines, self.offered, self.marks):
+        for held in (self.jobs, self.offered, self.marks, *(w.at for w in self.workers)):
             for key in [k for k in held if k[0] == stream and shadow_id in (None, k[1])]:
                 del held[key]
-        self.metrics.shadow_queue_points.set(self.waiting)
+        self._counted()
 
     # --- the workers ------------------------------------------------------------------------
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work())
-                       for _ in range(self.settings.shadow_workers)]
+        self._tasks = [asyncio.create_task(self._work(w)) for w in self.workers]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -161,7 +174,9 @@ class ShadowQueue:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []  # a job's thread still scoring is left behind (_in_thread)
+        self._tasks = []
+        for worker in self.workers:  # a job still scoring is not waited for
+            await worker.stop()
 
     async def drained(self, timeout: float = 60.0) -> bool:
         """Wait until no ready job waits or runs (tests, benchmarks, a promotion); False on
@@ -173,7 +188,7 @@ class ShadowQueue:
             await asyncio.sleep(0.01)
         return True
 
-    async def _work(self) -> None:
+    async def _work(self, worker: ShadowWorker) -> None:
         while True:
             ready = [k for k, j in self.jobs.items() if j.ready]  # oldest first, cheap first
             key = min(ready, key=lambda k: self.jobs[k].config.costly, default=None)
@@ -181,7 +196,12 @@ class ShadowQueue:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            await self._take(key)
+            if not self.jobs[key].config.costly:
+                await self._take(key, worker)
+                continue
+            together = [k for k in ready if self.jobs[k].config.costly]
+            await asyncio.gather(*(self._take(k, worker) for k in
+                                   together[:self.settings.shadow_costly_together]))
 
     async def settle(self, stream: str, shadow_id: str, timeout: float = 120.0) -> None:
         """Score what waits for one shadow now, ready or not (before a promotion)."""
@@ -190,27 +210,29 @@ class ShadowQueue:
         while key in self.running and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         if key in self.jobs and key not in self.running:
-            await self._take(key)
+            await self._take(key, self.workers[0])
 
-    async def _take(self, key: tuple[str, str]) -> None:
-        job = self.jobs.pop(key)
-        self.metrics.shadow_queue_points.set(self.waiting)
+    async def _take(self, key: tuple[str, str], worker: ShadowWorker) -> None:
+        job = self.jobs.pop(key, None)
+        if job is None:  # taken meanwhile (a promotion settling it)
+            return
+        self._counted()
         self.running.add(key)
         try:
-            await self._run(job)
+            await self._run(job, worker)
         except asyncio.CancelledError:
             raise
         except StoreUnavailable as exc:  # transient (a busy lock, Redis away): again later
             log.warning("shadow job put back: store unavailable", extra={
                 "stream": job.stream, "shadow": job.config.name, "error": str(exc)})
-            self.engines.pop(job.key, None)  # it may have scored what was not committed
+            worker.at.pop(job.key, None)  # it may have scored what was not committed
             self._requeue(job)
             await asyncio.sleep(RETRY_SECONDS)
         except Exception:  # one shadow's failure must not stop the others
             log.exception("shadow failed: its points are skipped",
                           extra={"stream": job.stream, "shadow": job.config.name})
             self.metrics.shadow_points_skipped_total.inc(job.pending)
-            self.engines.pop(job.key, None)
+            worker.at.pop(job.key, None)
         finally:
             self.running.discard(key)
 
@@ -222,38 +244,48 @@ class ShadowQueue:
             job.merge(newer)
         self.jobs[job.key] = job
         self.jobs.move_to_end(job.key, last=False)
-        self.metrics.shadow_queue_points.set(self.waiting)
+        self._counted()
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, worker: ShadowWorker) -> None:
         streams, config = self.backend.streams, job.config
         mark = await self._mark(job)
         if mark is None:  # deleted, promoted or replaced meanwhile
-            self.engines.pop(job.key, None)
+            worker.at.pop(job.key, None)
             return
-        engine = self.engines.pop(job.key, None)
-        if engine is None or engine.run.mark != mark:
-            meta = await streams.get(job.stream)
-            if meta is None:
-                return
-            _, parts = split(await streams.sections(job.stream))
-            engine = ShadowEngine.load(config, meta, self.settings, parts.get(config.name, {}))
         if job.new < mark:  # another process scored some meanwhile
             job.new = mark
-        caught = await _in_thread(engine.catch_up, job.points, job.first, job.live)
-        if caught is None:
-            self._keep(job.key, engine)
+        load, scored = None, None
+        for _ in range(2):  # the second time with its sections: the child let it go
+            if load is None and worker.at.get(job.key) != mark:
+                load = await self._load(job)
+                if load is None:  # the stream was deleted meanwhile
+                    return
+            try:
+                scored = await worker.catch_up(job.key, config, mark, job.points,
+                                               job.first, job.live, load)
+                break
+            except KeyError:
+                worker.at.pop(job.key, None)
+        if scored is None:
             return
         async with streams.lock(job.stream):
             if await self._mark(job) != mark:  # changed meanwhile: not ours to write
-                return
-            changed, drop = engine.to_commit()
-            version = await self.backend.commit(Commit(job.stream, sections=changed,
-                                                       drop=drop))
+                return  # (the child's engine is ahead of the store: loaded afresh next time)
+            version = await self.backend.commit(Commit(job.stream, sections=scored.changed,
+                                                       drop=scored.drop))
             self.scorers.bumped(job.stream, version)
-        self._keep(job.key, engine)
-        self.marks[job.key] = engine.run.mark
-        newest = self.offered.get(job.key, engine.run.mark)
-        self._record(job.stream, config.name, caught, engine, newest)
+        worker.at[job.key] = self.marks[job.key] = scored.mark
+        newest = self.offered.get(job.key, scored.mark)
+        self._record(job.stream, config, scored, newest)
+
+    async def _load(self, job: Job) -> tuple[StreamMeta, dict[str, bytes]] | None:
+        """What the child builds the shadow's engine from: the stream's meta and the
+        shadow's sections (None: the stream is gone)."""
+        meta = await self.backend.streams.get(job.stream)
+        if meta is None:
+            return None
+        _, parts = split(await self.backend.streams.sections(job.stream))
+        return meta, parts.get(job.config.name, {})
 
     async def _mark(self, job: Job) -> int | None:
         """The shadow's mark as stored, if it is still the job's shadow."""
@@ -266,55 +298,13 @@ class ShadowQueue:
             return None
         return Run.decode(parts.get(names[1], {}), job.config.start).mark
 
-    def _keep(self, key: tuple[str, str], engine: ShadowEngine) -> None:
-        self.engines[key] = engine
-        while len(self.engines) > ENGINES_KEPT:
-            self.engines.popitem(last=False)
-
-    def _record(self, stream: str, name: str, caught: Caught, engine: ShadowEngine,
-                newest: int) -> None:
-        m = self.metrics
-        kind = "costly" if engine.config.costly else "cheap"
-        for lag in caught.lag_seconds:
-            m.shadow_lag_seconds.labels(kind).observe(lag)
+    def _record(self, stream: str, config: ShadowConfig, scored: Scored, newest: int) -> None:
+        m, caught = self.metrics, scored.caught
+        kind = "costly" if config.costly else "cheap"
+        observe_all(m.shadow_lag_seconds.labels(kind), caught.lag_seconds)
         m.shadow_points_skipped_total.inc(caught.skipped)
-        c = engine.run.counters
+        c = scored.counters
         either = c["alerted_either_seconds"]
-        self.series.shadow(stream, name, caught.alerts_opened,
+        self.series.shadow(stream, config.name, caught.alerts_opened,
                            c["alerted_both_seconds"] / either if either else None,
-                           max(newest - engine.run.mark, 0))
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a daemon thread at a lower priority. Not a thread pool: a pool's
-    threads are joined at exit, so a costly job (minutes of a language model) would hold
-    a SIGTERM'd process until it ends; a cancelled job's thread is left behind instead,
-    and the shadow resumes from its committed mark."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if done.cancelled():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def run() -> None:
-        _lower_priority()
-        try:
-            result, error = fn(*args), None
-        except BaseException as exc:  # handed to the awaiting task
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="tsad-shadows", daemon=True).start()
-    return await done
-
-
-def _lower_priority() -> None:
-    """The shadow workers' thread yields the CPU to the requests' (Linux: per thread)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+                           max(newest - scored.mark, 0))

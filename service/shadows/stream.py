@@ -92,10 +92,10 @@ class StreamShadows:
             cost=np.full(n_new, seconds / n_new)))
         end = first + n_new
         held = self.recent.extend(batch)
-        for config in self.configs.values():
-            self.offers.append(Offer(self.meta.stream, config, self.meta.window,
-                                     points.copy(), end - len(points), first,
-                                     held.since(end - len(points))))
+        live = held.since(end - len(points))  # read only from here on: shared
+        self.offers += [Offer(self.meta.stream, config, self.meta.window, points,
+                              end - len(points), first, live)
+                        for config in self.configs.values()]
         # what the store holds after this batch: the batch, and a chunk and a window more
         self.recent = held.since(first - retained(self.meta.window) + 1)
 
