@@ -9,7 +9,8 @@ HalfSpaceTrees scoring and learning the NAB series in process (one core, no HTTP
 redis-benchmark's pipelined LPUSH as the store's ceiling, and the service's own
 ceiling: streams configured with ``none``, a detector registered for this benchmark only
 (benchmarks/ceiling_app.py). ``--baseline DIR`` runs the same store rows again with the
-code of another checkout (e.g. a clone of main), side by side in the same run.
+code of another checkout (e.g. a clone of main), side by side in the same run, each row
+measured on one code then the other.
 
     python benchmarks/throughput.py --data-dir ../shared/datasets
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
@@ -84,14 +86,42 @@ def warm_points() -> int:
     return settings.default_window + (det.windows_to_fit or 0) + 64
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its descendants (a
+    service's workers), from /proc; 0.0 where /proc is not there."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(entry.name)] = int(fields[1])
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in tree} - tree
+        grew = bool(more)
+        tree |= more
+    return sum(used.get(p, 0.0) for p in tree)
+
+
+def redis_cpu_seconds(r: redis.Redis) -> float:
+    cpu = r.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
                    max_requests: int, tag: str, form: str = "points",
-                   detector: str | None = None, stats: redis.Redis | None = None) -> dict:
+                   detector: str | None = None, stats: redis.Redis | None = None,
+                   pid: int | None = None) -> dict:
     """Each client replays the series into its own stream, sequential batches; with
     ``detector``, each stream is configured with it first (PUT /streams/{id}). The first
     ``warm_points()`` of the series go in untimed, one request per stream: the rows
     measure streams past their warm-up, as a running stream is. ``stats``: the Redis
-    whose input bytes are counted over the timed requests."""
+    whose input bytes (and CPU) are counted over the timed requests; ``pid``: the
+    service's process, whose CPU (its workers' included) is counted likewise."""
     warm = warm_points()
     per_client = max(1, min(max_requests // clients, (len(series) - warm) // batch))
     latencies: list[float] = []
@@ -135,12 +165,17 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
         for _ in range(clients):
             await warmed.get()
         sent = stats.info("stats")["total_net_input_bytes"] if stats else 0
+        redis_cpu = redis_cpu_seconds(stats) if stats else 0.0
+        service_cpu = tree_cpu_seconds(pid) if pid else 0.0
         start = time.perf_counter()
         go.set()
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
+        if pid:
+            service_cpu = tree_cpu_seconds(pid) - service_cpu
         if stats:
             sent = stats.info("stats")["total_net_input_bytes"] - sent
+            redis_cpu = redis_cpu_seconds(stats) - redis_cpu
     lat = np.array(latencies) * 1000
     result = {
         "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
@@ -151,8 +186,13 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "load_1m": round(os.getloadavg()[0], 2),
     }
+    if pid:
+        result["service_cpu_ms_per_request"] = round(service_cpu / max(len(latencies), 1)
+                                                     * 1000, 3)
     if stats:
         result["redis_bytes_per_request"] = round(sent / max(len(latencies), 1))
+        result["redis_cpu_ms_per_request"] = round(redis_cpu / max(len(latencies), 1)
+                                                   * 1000, 3)
     return result
 
 
@@ -305,8 +345,8 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None,
              profile: list[dict] | None = None, state: dict | None = None) -> str:
     lines = ["| code | store | workers | detector | form | dataset | channels | batch | "
              "requests | points/s | requests/s | p50 ms | p95 ms | p99 ms | errors | "
-             "Redis bytes/request | load 1m |",
-             "|" + "---|" * 17]
+             "service CPU ms/request | Redis CPU ms/request | Redis bytes/request | load 1m |",
+             "|" + "---|" * 19]
     for r in rows:
         lines.append(f"| {r.get('code', 'this')} | {r['store']} | {r['workers']} | "
                      f"{r['detector']} | {r['form']} | "
@@ -314,6 +354,8 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None,
                      f"{r['channels']} | {r['batch']} | {r['requests']} | "
                      f"{r['points_per_s']} | {r['requests_per_s']} | {r['p50_ms']} | "
                      f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} | "
+                     f"{r.get('service_cpu_ms_per_request', '')} | "
+                     f"{r.get('redis_cpu_ms_per_request', '')} | "
                      f"{r.get('redis_bytes_per_request', '')} | {r['load_1m']} |")
     reference = ("river not installed (`pip install river`)" if river is None else
                  f"{river['points_per_s']:,.0f} points/s ({river['points']} points of "
@@ -326,6 +368,10 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None,
                  "below an idle machine's; compare rows of one run, not runs.")
     lines.append(f"\nReference: River HalfSpaceTrees in process, one core: {reference}.")
     lines.append(f"\nCeiling: redis-benchmark -t lpush -P 16 on the same Redis: {ceiling}.")
+    lines.append("\nservice CPU ms/request: the service process's CPU time (user + "
+                 "system, its workers' included, from /proc) over the row's timed requests, "
+                 "per request; Redis CPU likewise (INFO cpu). Under load these hold better "
+                 "than rates: they count the work, not the wait for a core.")
     lines.append("\nRedis bytes/request: what the service sent Redis over the row's timed "
                  "requests (INFO total_net_input_bytes: commands, key names, scripts' "
                  "arguments, the lock's calls, reads included) per request.")
@@ -379,7 +425,8 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout of earlier code (e.g. `git clone -q . /tmp/base && git "
                     "-C /tmp/base checkout main`): its service runs the same store rows in "
-                    "this run, labelled code=baseline")
+                    "this run, beside this code's, each row measured on one then the other "
+                    "(labelled code=baseline)")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 1000],
                     help="batch sizes profiled in process after the rows")
     ap.add_argument("--name", default="throughput",
@@ -397,9 +444,8 @@ def main() -> None:
     stats = redis.Redis(port=redis_port)
     codes = [("this", None)] + ([("baseline", args.baseline)] if args.baseline else [])
     try:
-        for code, root in codes:
-            for config in args.stores:
-                rows += store_rows(config, code, root, redis_port, stats, datasets, args)
+        for config in args.stores:  # each row run by every code in turn: interleaved
+            rows += store_rows(config, codes, redis_port, stats, datasets, args)
         lpush = redis_benchmark_lpush(redis_port, 200_000)
     finally:
         redis_server.terminate()
@@ -433,53 +479,63 @@ def main() -> None:
                 (args.out or results_dir(args.data_dir)) / args.name)
 
 
-def store_rows(config: str, code: str, root: Path | None, redis_port: int,
+def store_rows(config: str, codes: list[tuple[str, Path | None]], redis_port: int,
                stats: redis.Redis, datasets: dict[str, np.ndarray],
                args: argparse.Namespace) -> list[dict]:
-    """One service (``config``: memory, redis or redis-<workers>; ``root``: the checkout
-    whose code runs, None for this one) under every dataset, batch size and form; on the
-    one-worker Redis service of this code, the other detectors' rows too."""
+    """One service per code (``config``: memory, redis or redis-<workers>; ``codes``:
+    (label, the checkout whose code runs, None for this one)), under every dataset, batch
+    size and form; on the one-worker Redis service, the other detectors' rows too (a
+    baseline's with its own code: its ceiling app is its own
+    benchmarks/ceiling_app.py). The services run side by side, each row measured on
+    each code in turn (the first code alternating), so that the codes' rows of one
+    configuration share the machine's load of the moment."""
     store, _, workers = config.partition("-")
     env = {"TSAD_MAX_BATCH_POINTS": "10000", "TSAD_LOG_LEVEL": "WARNING"}
     if store == "redis":
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-    detectors = args.detectors if (config == "redis" and root is None
-                                   and "nab/nyc_taxi" in datasets) else []
+    detectors = args.detectors if (config == "redis" and "nab/nyc_taxi" in datasets) else []
     app = "benchmarks.ceiling_app:app" if "none" in detectors else "service.main:app"
+    plan = []  # (row, series, batch, max requests, form, detector)
+    for name, series in datasets.items():
+        for batch in args.batch_sizes:
+            for form in args.forms:
+                max_req = min(args.max_requests, max(args.clients, args.max_points // batch))
+                plan.append(({"store": store, "workers": int(workers or 1),
+                              "detector": "default", "form": form, "dataset": name,
+                              "channels": series.shape[1] - 1, "batch": batch},
+                             series, batch, max_req, form, None))
+    for detector in detectors:
+        costly = detector == "embedding_memory"
+        for batch in [b for b in args.batch_sizes if not costly or b >= 100]:
+            points = args.costly_points if costly else args.max_points
+            max_req = min(args.max_requests, max(args.clients, points // batch))
+            plan.append(({"store": "redis", "workers": 1, "detector": detector,
+                          "form": "columnar", "dataset": "nab/nyc_taxi", "channels": 1,
+                          "batch": batch}, datasets["nab/nyc_taxi"], batch, max_req,
+                         "columnar", detector))
     rows = []
-    with ServiceProcess(env, workers=int(workers or 1), app=app, root=root) as service:
-        for name, series in datasets.items():
-            for batch in args.batch_sizes:
-                for form in args.forms:
-                    max_req = min(args.max_requests, max(args.clients,
-                                                         args.max_points // batch))
-                    tag = f"{code}-{config}-{form}-{name.replace('/', '.')}-{batch}"
-                    row = {"code": code, "store": store, "workers": int(workers or 1),
-                           "detector": "default", "form": form, "dataset": name,
-                           "channels": series.shape[1] - 1, "batch": batch}
-                    rows.append(measured(row, stats if store == "redis" else None,
-                                         service.url, series, batch, args.clients, max_req,
-                                         tag, form))
-        for detector in detectors:
-            costly = detector == "embedding_memory"
-            for batch in [b for b in args.batch_sizes if not costly or b >= 100]:
-                points = args.costly_points if costly else args.max_points
-                max_req = min(args.max_requests, max(args.clients, points // batch))
-                row = {"code": code, "store": "redis", "workers": 1, "detector": detector,
-                       "form": "columnar", "dataset": "nab/nyc_taxi", "channels": 1,
-                       "batch": batch}
-                rows.append(measured(row, stats, service.url, datasets["nab/nyc_taxi"],
-                                     batch, args.clients, max_req, f"{code}-{detector}-{batch}",
-                                     "columnar", detector))
-    return rows
+    with contextlib.ExitStack() as stack:
+        services = [(code, stack.enter_context(ServiceProcess(
+            env, workers=int(workers or 1), app=app, root=root))) for code, root in codes]
+        for i, (row, series, batch, max_req, form, detector) in enumerate(plan):
+            for code, service in services if i % 2 == 0 else services[::-1]:  # who goes
+                # first alternates: neither code always meets the load a row leaves
+                tag = (f"{code}-{config}-{row['detector']}-{form}-"
+                       f"{row['dataset'].replace('/', '.')}-{batch}")
+                rows.append(measured({"code": code, **row},
+                                     stats if store == "redis" else None, service.url,
+                                     series, batch, args.clients, max_req, tag, form,
+                                     detector, pid=service.proc.pid))
+    return sorted(rows, key=lambda r: [c for c, _ in codes].index(r["code"]))
 
 
 def measured(row: dict, stats: redis.Redis | None, url: str, series: np.ndarray,
              batch: int, clients: int, max_requests: int, tag: str, form: str,
-             detector: str | None = None) -> dict:
-    """``row`` with its load's figures (on Redis, the bytes sent to it per request)."""
+             detector: str | None = None, pid: int | None = None) -> dict:
+    """``row`` with its load's figures (the service's CPU per request; on Redis, the
+    bytes sent to it and its CPU per request)."""
     row = {**row, **asyncio.run(run_load(url, series, batch, clients, max_requests, tag,
-                                         form, detector, stats))}
+                                         form, detector, stats, pid))}
     print(json.dumps(row), flush=True)
     return row
 

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
         "and webhooks share another)")
     redis_prefix: str = Field("tsad", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     redis_timeout_seconds: float = Field(2.0, gt=0)
+    redis_max_connections: int = Field(
+        128, ge=1, description="connections to a single Redis per process; past them a "
+        "command waits for a free one (up to lock_wait_seconds) instead of failing")
     stream_ttl_seconds: int = Field(0, ge=0, description="expire idle streams; 0 = never")
 
     default_window: int = Field(64, ge=4, le=65_536)

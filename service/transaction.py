@@ -50,7 +50,7 @@ from service.alerts.events import record_events
 from service.errors import InvalidInput, LimitReached, ServiceError, StoreUnavailable
 from service.metrics import ServiceMetrics, StreamSeries
 from service.quotas import check_room
-from service.responses import recovered_response, score_response
+from service.responses import as_dict, recovered_body, score_body
 from service.scorers import Cached, ScorerCache
 from service.scoring import Results, StreamScorer
 from service.settings import Settings
@@ -86,18 +86,26 @@ class ScoreOutcome:
     appended: AppendResult | None = None
     results: Results | None = None  # a row per point scored (unscored first, then new)
     points_until_scored: int | None = None
-    kept: dict | None = None  # the response of an earlier call with the same key
-    _body: dict | None = field(default=None, repr=False)
+    # the response of an earlier call with the same key: as its receipt kept it, or as
+    # written for a batch a crash had left pending
+    kept: dict | bytes | None = None
+    _json: bytes | None = field(default=None, repr=False)
+
+    def json(self, sent: Sequence[float | datetime]) -> bytes:
+        """The /score answer (``ScoreResponse``'s JSON), ``sent`` the stamps as sent."""
+        if isinstance(self.kept, bytes):
+            return self.kept
+        if self.kept is not None:
+            return to_json(self.kept)
+        if self._json is None:
+            assert self.appended is not None
+            self._json = score_body(self.stream, self.appended, self.results, sent,
+                                    self.points_until_scored)
+        return self._json
 
     def body(self, sent: Sequence[float | datetime]) -> dict[str, Any]:
-        """The /score answer (``ScoreResponse``'s shape), ``sent`` the stamps as sent."""
-        if self.kept is not None:
-            return self.kept
-        if self._body is None:
-            assert self.appended is not None
-            self._body = score_response(self.stream, self.appended, self.results, sent,
-                                        self.points_until_scored)
-        return self._body
+        """The answer as a client parses it (``json``'s)."""
+        return self.kept if isinstance(self.kept, dict) else as_dict(self.json(sent))
 
 
 @dataclass
@@ -175,8 +183,11 @@ class ScoreTransaction:
         try:
             while queue.jobs:
                 batch = self._take(queue)
+                # without Idempotency-Keys the batch's first store call is an append, which
+                # then takes the lock in its own round trip (a receipt is read holding it)
+                deferred = all(job.idempotency is None for job in batch)
                 try:
-                    async with self.backend.streams.lock(stream) as held:
+                    async with self.backend.streams.lock(stream, deferred) as held:
                         await self._serve_batch(stream, batch, held)
                 except BaseException as exc:  # the lock, the store or the detector failed
                     for job in batch:
@@ -233,7 +244,7 @@ class ScoreTransaction:
                         receipt = PendingReceipt(job.idempotency.key,
                                                  partial(_encode_pending, job.idempotency))
                 result = await self._append(stream, job.points, known, pending, receipt,
-                                            job.tenant)
+                                            job.tenant, held)
             except ServiceError as exc:  # this request's own: the others go on
                 job.done.set_exception(exc)
                 if isinstance(exc, StoreUnavailable):  # the store is gone: so are they
@@ -272,7 +283,7 @@ class ScoreTransaction:
                 out.kept = completed[idem.key][0]  # the first request's answer
             elif idem is not None:
                 receipts.append((idem.key, _encode_receipt(
-                    idem.digest, mine.meta.created_at, out.body(idem.sent))))
+                    idem.digest, mine.meta.created_at, out.json(idem.sent))))
             outcomes.append((job, out))
         await self._commit(last, scored, receipts, cached, writes, held,
                            {k: data for k, (_, data) in completed.items()})
@@ -324,7 +335,7 @@ class ScoreTransaction:
         return kept
 
     async def _complete(self, appended: AppendResult, scored: _Scored | None
-                        ) -> dict[str, tuple[dict, bytes]]:
+                        ) -> dict[str, tuple[bytes, bytes]]:
         """The pending receipts whose batches' points were scored now, among the points
         a crash had left unscored: Idempotency-Key -> (the answer, the receipt to keep)."""
         if scored is None or not appended.unscored:
@@ -334,23 +345,24 @@ class ScoreTransaction:
             kept = json.loads(zlib.decompress(raw))
             if "pending" not in kept or kept["created_at"] != meta.created_at:
                 continue
-            body = recovered_response(meta.stream, kept["pending"], appended, scored.results,
-                                      scored.scorer.points_until_scored)
+            body = recovered_body(meta.stream, kept["pending"], appended, scored.results,
+                                  scored.scorer.points_until_scored)
             if body is not None:
                 done[key] = (body, _encode_receipt(kept["body"], meta.created_at, body))
         return done
 
     async def _append(self, stream: str, points: np.ndarray, known: StreamMeta | None = None,
                       pending: int = 0, receipt: PendingReceipt | None = None,
-                      tenant: str | None = None) -> AppendResult:
+                      tenant: str | None = None, held: object = None) -> AppendResult:
         """``known``: the stream's meta as last seen (a cached scorer's, or the previous
         append's); ``pending``: points appended before in this batch (still unscored);
         ``receipt``: the request's pending receipt, written with its points; ``tenant``:
-        whose stream quota a new stream counts against."""
+        whose stream quota a new stream counts against; ``held``: the stream's lock (a
+        deferred one is taken by the append)."""
         m = self.metrics
         try:
             appended = await self.backend.streams.append(stream, points, known=known,
-                                                         pending=receipt)
+                                                         pending=receipt, lock=held)
         except InvalidInput:
             m.points_rejected_total.inc(len(points))
             raise
@@ -499,12 +511,12 @@ def _outcome(stream: str, appended: AppendResult, scored: _Scored | None,
     return ScoreOutcome(stream, appended, results.head(n), until)
 
 
-def _encode_receipt(digest: str, created_at: float, response: dict) -> bytes:
+def _encode_receipt(digest: str, created_at: float, response: bytes) -> bytes:
     """What an Idempotency-Key keeps: the batch's digest, the stream's incarnation (a
-    receipt of a deleted stream of the same id does not answer) and the response (as
-    /score sends it: date-times as RFC 3339 strings)."""
-    return zlib.compress(to_json({"body": digest, "created_at": created_at,
-                                  "response": response}))
+    receipt of a deleted stream of the same id does not answer) and the response (its
+    JSON as /score sends it: date-times as RFC 3339 strings)."""
+    return zlib.compress(b'{"body":%b,"created_at":%b,"response":%b}' % (
+        to_json(digest), to_json(created_at), response))
 
 
 def _encode_pending(idem: Idempotency, actions: list[PointAction],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
@@ -100,3 +101,41 @@ def _backend(kind: str, request: pytest.FixtureRequest) -> BackendUnderTest:
     if kind == "memory":
         return BackendUnderTest("memory")
     return BackendUnderTest("redis", request.getfixturevalue("redis_url"))
+
+
+async def test_an_append_that_takes_the_lock_queues_in_arrival_order(kind, request):
+    """A lone request's append takes the stream's lock in its own call (deferred): while
+    the lock is held, it stores nothing and queues like any writer, behind those already
+    waiting, then appends holding the lock."""
+    backend = _backend(kind, request)
+    stores = writers(backend, 3)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with stores[0].streams.lock("s"):
+            order.append("holder")
+            await release.wait()
+            meta = await stores[0].streams.get("s")
+            order.append(f"holder saw {meta.points_seen if meta else 0} points")
+
+    async def writer() -> None:
+        async with stores[1].streams.lock("s"):
+            order.append("writer")
+
+    async def appender() -> None:
+        async with stores[2].streams.lock("s", deferred=True) as held:
+            appended = await stores[2].streams.append("s", np.array([[1.0, 2.0]]), lock=held)
+            order.append(f"appender stored {appended.accepted}")
+
+    tasks = [asyncio.create_task(holder())]
+    await asyncio.sleep(0.05)
+    tasks.append(asyncio.create_task(writer()))
+    await queued(backend, stores[0], "s", 1)
+    tasks.append(asyncio.create_task(appender()))
+    await queued(backend, stores[0], "s", 2)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert order == ["holder", "holder saw 0 points", "writer", "appender stored 1"]
+    for store in set(stores):
+        await store.close()

@@ -4,7 +4,6 @@ import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
-from pydantic_core import to_json
 
 from service.deps import AUTH_RESPONSES, Ingest, ScoreDep
 from service.errors import InvalidInput
@@ -46,12 +45,6 @@ async def score(body: ScoreRequest, transaction: ScoreDep, who: Ingest,
         if body.columnar:  # errors name points.i: name the columns sent
             raise columnar(exc) from None
         raise
-    # ScoreResponse's shape as plain dicts, serialised in one call (pydantic-core's JSON
-    # encoder, in Rust): no model object per point
-    return Response(to_json(outcome.body(sent), fallback=_numpy_scalar),
-                    media_type="application/json")
-
-
-def _numpy_scalar(value: object) -> object:
-    """A numpy scalar a detector let through (np.bool_, np.float32) as its Python value."""
-    return value.item()  # type: ignore[attr-defined]
+    # ScoreResponse's JSON written from the scorer's columns (service/responses.py): no
+    # model object, nor dict, per point
+    return Response(outcome.json(sent), media_type="application/json")

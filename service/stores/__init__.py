@@ -32,6 +32,7 @@ def build_backend(settings: Settings) -> Backend:
         return RedisBackend(
             settings.redis_url, policy, prefix=settings.redis_prefix,
             cluster=settings.redis_cluster, timeout_seconds=settings.redis_timeout_seconds,
+            max_connections=settings.redis_max_connections,
             lock_lease_seconds=settings.lock_lease_seconds,
             lock_wait_seconds=settings.lock_wait_seconds,
             alert_retention_seconds=settings.alert_retention_seconds,

@@ -217,7 +217,8 @@ class StreamStore(Protocol):
 
     async def append(self, stream: str, points: np.ndarray, *,
                      known: StreamMeta | None = None,
-                     pending: PendingReceipt | None = None) -> AppendResult:
+                     pending: PendingReceipt | None = None,
+                     lock: object = None) -> AppendResult:
         """Atomically append ``points`` (N, 1 + C; column 0 the timestamp) as
         ``plan_append`` decides under the stream's timestamp policy (else the backend's),
         and trim the points to what scoring needs.
@@ -228,7 +229,9 @@ class StreamStore(Protocol):
         cached scorer's): the plan is made on it without reading it first, and made again
         if its version is no longer the stored one; the context returned is then only
         what scoring the batch needs (``plan.context_needed``). ``pending``: the batch's
-        pending receipt, written with the append (``PendingReceipt``).
+        pending receipt, written with the append (``PendingReceipt``). ``lock``: the
+        stream's lock as ``lock(stream, deferred=True)`` yielded it: if not held yet, the
+        append takes it first (on Redis in the same round trip), and returns holding it.
         """
         ...
 
@@ -253,10 +256,11 @@ class StreamStore(Protocol):
         response no commit has kept yet."""
         ...
 
-    def lock(self, stream: str) -> AbstractAsyncContextManager[object]:
+    def lock(self, stream: str, deferred: bool = False) -> AbstractAsyncContextManager[object]:
         """Serialises read-modify-write of one stream (across replicas for Redis), its
         writers served in arrival order. Yields a handle that the last commit under it
-        may carry (``Commit.release``)."""
+        may carry (``Commit.release``). ``deferred``: the block's first call is an
+        ``append`` given the handle, which takes the lock (nothing reads before it)."""
         ...
 
 

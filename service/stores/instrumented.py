@@ -51,8 +51,8 @@ class _InstrumentedStreams:
     def policy(self) -> Any:
         return self.inner.policy
 
-    def lock(self, stream: str) -> AbstractAsyncContextManager[object]:
-        return self.inner.lock(stream)
+    def lock(self, stream: str, deferred: bool = False) -> AbstractAsyncContextManager[object]:
+        return self.inner.lock(stream, deferred)
 
 
 class InstrumentedBackend:

@@ -120,7 +120,8 @@ class MemoryStreams:
 
     async def append(self, stream: str, points: np.ndarray, *,
                      known: StreamMeta | None = None,
-                     pending: PendingReceipt | None = None) -> AppendResult:
+                     pending: PendingReceipt | None = None,
+                     lock: object = None) -> AppendResult:
         # this store's meta is always current: ``known`` only says that the caller scores
         # with a scorer it kept, which needs only the context scoring the batch takes
         policy = self.policy
@@ -236,7 +237,8 @@ class MemoryStreams:
             entry.receipts.popitem(last=False)  # the oldest: expired, or beyond the cap
 
     @asynccontextmanager
-    async def lock(self, stream: str) -> AsyncIterator[None]:
-        # asyncio.Lock serves its waiters in arrival order: the memory store is fair
+    async def lock(self, stream: str, deferred: bool = False) -> AsyncIterator[None]:
+        # asyncio.Lock serves its waiters in arrival order: the memory store is fair; taken
+        # at once (``deferred`` saves a round trip only where there is one)
         async with self._locks.setdefault(stream, asyncio.Lock()):
             yield

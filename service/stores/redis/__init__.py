@@ -30,11 +30,15 @@ class RedisBackend:
 
     def __init__(self, url: str, policy: StreamPolicy, *, prefix: str = "tsad",
                  cluster: bool = False, timeout_seconds: float = 2.0,
-                 lock_lease_seconds: float = 5.0, lock_wait_seconds: float = 10.0,
+                 max_connections: int = 128, lock_lease_seconds: float = 5.0,
+                 lock_wait_seconds: float = 10.0,
                  alert_retention_seconds: int = 30 * 86_400,
                  dead_letter_retention_seconds: float = 30 * 86_400) -> None:
+        # a command waits for a free connection as long as a request waits for its lock
         self.conn = RedisConnection(url, prefix=prefix, cluster=cluster,
-                                    timeout_seconds=timeout_seconds)
+                                    timeout_seconds=timeout_seconds,
+                                    max_connections=max_connections,
+                                    pool_wait_seconds=lock_wait_seconds)
         self.streams = RedisStreams(self.conn, policy, lock_lease_seconds=lock_lease_seconds,
                                     lock_wait_seconds=lock_wait_seconds)
         self.alerts = RedisAlerts(self.conn, alert_retention_seconds)

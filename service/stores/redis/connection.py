@@ -18,31 +18,112 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import StoreUnavailable
 from service.redaction import redact_url
 
 
-def connect(url: str, *, cluster: bool = False,
-            timeout_seconds: float = 2.0) -> aioredis.Redis | RedisCluster:
+class _Connection(Connection):
+    """redis-py's connection, its commands packed by hiredis (in C) where installed: the
+    Python packer and its per-argument encoder were about a sixth of a batch-1 request's
+    CPU on the client side (three script calls of 10 to 25 arguments each;
+    benchmarks/results/request_cost.md). Arguments as redis-py's own encoder takes them:
+    str (UTF-8), bytes, int, float (shortest repr)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if _pack is None:
+            return super().pack_command(*args)
+        if isinstance(args[0], str):  # a command name of several words: apart, as redis-py
+            args = tuple(args[0].encode().split()) + args[1:]
+        elif b" " in args[0]:
+            args = tuple(args[0].split()) + args[1:]
+        try:
+            return [_pack(tuple(bytes(a) if isinstance(a, memoryview | bytearray) else a
+                                for a in args))]
+        except TypeError:  # a type hiredis does not pack: redis-py's encoder says why
+            return super().pack_command(*args)
+
+
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # redis-py's own packer
+    _pack = None
+
+
+class _WaitingPool(aioredis.ConnectionPool):
+    """redis-py's pool of at most ``max_connections``, where a command that finds them all
+    in use waits for one, in turn (up to ``timeout`` seconds, then redis-py's "No
+    connection available."), instead of failing with "Too many connections". Unlike
+    redis-py's BlockingConnectionPool, a command that finds a connection free takes it
+    without going through a lock and a timer: that pool cost about 15 us more per
+    command at 8 concurrent requests (71-81 against 56-65 us of client CPU)."""
+
+    def __init__(self, *args: Any, timeout: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout = timeout
+        self._free = asyncio.Condition()
+        self._waiting = 0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._waiting and self.can_get_connection():
+            with contextlib.suppress(MaxConnectionsError):  # taken meanwhile: wait below
+                return await super().get_connection()
+        async with self._free:
+            self._waiting += 1
+            try:
+                async with asyncio.timeout(self.timeout):
+                    while True:
+                        await self._free.wait_for(self.can_get_connection)
+                        with contextlib.suppress(MaxConnectionsError):
+                            return await super().get_connection()
+            except TimeoutError:
+                raise RedisConnectionError("No connection available.") from None
+            finally:
+                self._waiting -= 1
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)
+        if self._waiting:
+            async with self._free:
+                self._free.notify()
+
+
+def connect(url: str, *, cluster: bool = False, timeout_seconds: float = 2.0,
+            max_connections: int = 128,
+            pool_wait_seconds: float = 10.0) -> aioredis.Redis | RedisCluster:
     """A client of one Redis, or of a Redis Cluster that ``url`` names one node of (the
-    client finds the others and routes each command to its key's slot)."""
-    kind = RedisCluster if cluster else aioredis.Redis
-    return kind.from_url(url, socket_timeout=timeout_seconds,
-                         socket_connect_timeout=timeout_seconds, health_check_interval=15)
+    client finds the others and routes each command to its key's slot).
+
+    On one Redis the client's connections are a pool of ``max_connections``: a command
+    that finds them all busy waits for one (up to ``pool_wait_seconds``) instead of
+    failing. redis-py's default pool raises "Too many connections" past 100, which a
+    burst of concurrent requests met as 503s."""
+    options: dict[str, Any] = {"socket_timeout": timeout_seconds,
+                               "socket_connect_timeout": timeout_seconds,
+                               "health_check_interval": 15}
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    pool = _WaitingPool.from_url(url, max_connections=max_connections,
+                                 timeout=pool_wait_seconds, connection_class=_Connection,
+                                 **options)
+    return aioredis.Redis.from_pool(pool)  # the client closes its pool with it
 
 
 class RedisConnection:
     def __init__(self, url: str, *, prefix: str = "tsad", cluster: bool = False,
-                 timeout_seconds: float = 2.0) -> None:
+                 timeout_seconds: float = 2.0, max_connections: int = 128,
+                 pool_wait_seconds: float = 10.0) -> None:
         self.url = url
         self.prefix = prefix
         self.cluster = cluster
         self.timeout_seconds = timeout_seconds
-        self.client = connect(url, cluster=cluster, timeout_seconds=timeout_seconds)
+        self.client = connect(url, cluster=cluster, timeout_seconds=timeout_seconds,
+                              max_connections=max_connections,
+                              pool_wait_seconds=pool_wait_seconds)
         self._shared_tag = "{alerts}:" if cluster else ""  # alerts and webhooks: one slot
         # a cluster client reads the slot map once, before any command: concurrent first
         # commands on an uninitialised client race on its connections (redis-py 8)

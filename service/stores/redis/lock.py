@@ -40,7 +40,9 @@ log = logging.getLogger("tsad.store")
 @dataclass
 class Held:
     """A held stream lock: a commit may release it in its own script (``released``,
-    ``granted``: the waiter it was handed to), which saves a round trip."""
+    ``granted``: the waiter it was handed to), which saves a round trip. A lock taken
+    ``deferred`` is not held yet (``acquired`` False): the first append takes it in its
+    own script (``RedisStreams.append``), another round trip saved."""
 
     stream: str
     token: str
@@ -49,6 +51,8 @@ class Held:
     released: bool = False
     granted: bytes | str | None = None
     done: bool = False  # its holder left the lock's block
+    acquired: bool = True
+    heartbeat: asyncio.Task | None = None  # renews the lease while it is held
 
 
 class LeaseLock:
@@ -75,27 +79,55 @@ class LeaseLock:
         return self.conn.stream_key(stream, f"{self.part}wake:{token}")
 
     @asynccontextmanager
-    async def __call__(self, stream: str) -> AsyncIterator[Held]:
+    async def __call__(self, stream: str, deferred: bool = False) -> AsyncIterator[Held]:
+        """``deferred``: not taken yet; the block's first append takes it (``taken``, or
+        ``queued`` when it was busy), or ``acquire`` before anything else reads."""
         keys, token = self._keys(stream), secrets.token_hex(8)
-        lease_ms = int(self.lease_seconds * 1000)
-        await self._wait_for(stream, keys, token, lease_ms)
-        held = Held(stream, token, keys, lease_ms)
-        heartbeat = asyncio.create_task(self._hold(held))
+        held = Held(stream, token, keys, int(self.lease_seconds * 1000), acquired=False)
+        if not deferred:
+            await self.acquire(held)
         try:
             yield held
         finally:
             held.done = True  # the heartbeat stops at its next turn even if a cancel is lost
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([heartbeat], timeout=self.lease_seconds)
+            if held.heartbeat is not None:
+                held.heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([held.heartbeat], timeout=self.lease_seconds)
             with contextlib.suppress(RedisError, StoreUnavailable):  # else it lapses
-                if not held.released:
-                    held.granted = await self._release(keys=keys, args=[token, lease_ms])
-                await self._wake(stream, held.granted, lease_ms)
+                if held.acquired and not held.released:
+                    held.granted = await self._release(keys=keys,
+                                                       args=[token, held.lease_ms])
+                await self._wake(stream, held.granted, held.lease_ms)
+
+    async def acquire(self, held: Held) -> None:
+        """Take a deferred lock now (returns holding it; StoreUnavailable after
+        ``wait_seconds`` in the queue); nothing if it is held."""
+        if not held.acquired:
+            await self._wait_for(held.stream, held.keys, held.token, held.lease_ms)
+            self.taken(held)
+
+    async def queued(self, held: Held, out: list) -> None:
+        """A deferred lock that a script found busy and queued for (``out``: ACQUIRE's
+        answer): returns holding it, as ``acquire``."""
+        await self._wait_queued(held.stream, held.keys, held.token, held.lease_ms, out)
+        self.taken(held)
+
+    def taken(self, held: Held) -> None:
+        """The lock is held (by ``acquire`` or a script): its lease is renewed while it
+        is."""
+        held.acquired = True
+        held.heartbeat = asyncio.create_task(self._hold(held))
 
     async def _wait_for(self, stream: str, keys: list[str], token: str, lease_ms: int) -> None:
         """Returns holding the lock; StoreUnavailable after ``wait_seconds`` in the queue."""
         out = await self.conn.call(self._acquire(keys=keys, args=[token, lease_ms]))
+        await self._wait_queued(stream, keys, token, lease_ms, out)
+
+    async def _wait_queued(self, stream: str, keys: list[str], token: str, lease_ms: int,
+                           out: list) -> None:
+        """After ACQUIRE answered ``out``: returns holding the lock (at once if it took
+        it); StoreUnavailable after ``wait_seconds`` in the queue."""
         if int(out[0]) == 1:
             return
         wake = self._wake_key(stream, token)

@@ -139,6 +139,23 @@ local function release(lock, queue, alive, token, lease)
   if redis.call('GET', lock) == token then redis.call('DEL', lock) end
   return promote(lock, queue, alive, lease, now_ms()) or ''
 end
+local function show_alive(queue, alive, token, lease, now)
+  redis.call('HSET', alive, token, now + lease)
+  redis.call('PEXPIRE', queue, 3 * lease)
+  redis.call('PEXPIRE', alive, 3 * lease)
+end
+-- take the lock if it is free and nobody waits ({1}), else join the queue ({0, the token
+-- the lock was just handed to or '', the holder's lease left in ms})
+local function acquire(lock, queue, alive, token, lease, now)
+  local granted = promote(lock, queue, alive, lease, now)
+  if not granted and redis.call('EXISTS', lock) == 0 then
+    redis.call('SET', lock, token, 'PX', lease)
+    return {1}
+  end
+  redis.call('RPUSH', queue, token)
+  show_alive(queue, alive, token, lease, now)
+  return {0, granted or '', redis.call('PTTL', lock)}
+end
 """
 
 # KEYS: lock, queue, alive. ARGV: token, lease ms.
@@ -146,24 +163,12 @@ _LOCK = _LOCK_LIB + """
 local lock, queue, alive = KEYS[1], KEYS[2], KEYS[3]
 local token, lease = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
-local function wait()
-  redis.call('HSET', alive, token, now + lease)
-  redis.call('PEXPIRE', queue, 3 * lease)
-  redis.call('PEXPIRE', alive, 3 * lease)
-end
+local function wait() show_alive(queue, alive, token, lease, now) end
 """
 
-# Take the lock if it is free and nobody waits ({1}), else join the queue ({0, the token
-# the lock was just handed to or '', the holder's lease left in ms}).
+# The lock taken, or the queue joined (``acquire``).
 ACQUIRE = _LOCK + """
-local granted = promote(lock, queue, alive, lease, now)
-if not granted and redis.call('EXISTS', lock) == 0 then
-  redis.call('SET', lock, token, 'PX', lease)
-  return {1}
-end
-redis.call('RPUSH', queue, token)
-wait()
-return {0, granted or '', redis.call('PTTL', lock)}
+return acquire(lock, queue, alive, token, lease, now)
 """
 
 # A waiter awake (woken, or its sleep over): holding the lock now ({1}), or still waiting
@@ -258,4 +263,21 @@ if ARGV[4] ~= '' then
   granted = release(KEYS[4], KEYS[5], KEYS[6], ARGV[4], tonumber(ARGV[5]))
 end
 return {version, granted}
+"""
+
+# The stream's lock taken and a batch appended in one call (a lone request's first round
+# trip): APPEND's KEYS and ARGV, then the lock's keys (lock, queue, alive) and its token
+# and lease ms. The lock is taken first, as ACQUIRE takes it; if it is not free the
+# batch is not appended and the call has queued for the lock, as ACQUIRE queues:
+# {'err_locked', the token the lock was just handed to or '', the holder's lease left in
+# ms}. Else APPEND's answer, the lock held whatever it says.
+LOCKED_APPEND = _LOCK_LIB + """
+local function append()
+""" + APPEND + """
+end
+local k, a = #KEYS, #ARGV
+local got = acquire(KEYS[k - 2], KEYS[k - 1], KEYS[k], ARGV[a - 1], tonumber(ARGV[a]),
+                    now_ms())
+if got[1] ~= 1 then return {'err_locked', got[2], got[3]} end
+return append()
 """

@@ -63,7 +63,7 @@ from service.stores.plan import (
 )
 from service.stores.redis.connection import RedisConnection
 from service.stores.redis.lock import Held, LeaseLock
-from service.stores.redis.scripts import APPEND, COMMIT, COMMIT_STREAM, PUT
+from service.stores.redis.scripts import APPEND, COMMIT, COMMIT_STREAM, LOCKED_APPEND, PUT
 
 
 class RedisStreams:
@@ -74,6 +74,7 @@ class RedisStreams:
         self.lock_wait_seconds = lock_wait_seconds
         self._redis = conn.client
         self._append = self._redis.register_script(APPEND)
+        self._locked_append = self._redis.register_script(LOCKED_APPEND)
         self._put = self._redis.register_script(PUT)
         self._commit = self._redis.register_script(COMMIT_STREAM)
         self._lock = LeaseLock(conn, lease_seconds=lock_lease_seconds,
@@ -188,8 +189,14 @@ class RedisStreams:
 
     async def append(self, stream: str, points: np.ndarray, *,
                      known: StreamMeta | None = None,
-                     pending: PendingReceipt | None = None) -> AppendResult:
+                     pending: PendingReceipt | None = None,
+                     lock: object = None) -> AppendResult:
+        """``lock``: the stream's lock, taken deferred (``lock(stream, deferred=True)``)
+        and not yet held: the append's script takes it first, in the same round trip;
+        busy, the append waits its turn in the lock's queue, then goes on. A refusal is
+        decided holding it."""
         policy = self.policy
+        taking = lock if isinstance(lock, Held) and not lock.acquired else None
         channels = points.shape[1] - 1
         deadline = time.monotonic() + self.lock_wait_seconds
         delay = 0.002
@@ -204,6 +211,10 @@ class RedisStreams:
             if meta is not None and meta.channels != channels:
                 if cached is not None:
                     continue  # a refusal is decided on the stored meta, never a kept one
+                if taking is not None:  # ... read holding the lock
+                    await self._lock.acquire(taking)
+                    taking = None
+                    continue
                 raise _channel_rejection(stream, meta.channels, channels)
             last = meta.last_timestamp if meta else None
             stored, nudges = np.empty((0, 1 + channels)), NO_NUDGES
@@ -221,6 +232,10 @@ class RedisStreams:
             except InvalidInput:
                 if cached is not None:
                     continue  # the kept meta may be stale (a PUT changed the policy)
+                if taking is not None:  # decided holding the lock, on what it protects
+                    await self._lock.acquire(taking)
+                    taking = None
+                    continue
                 raise
             rows = plan.rows
             now = repr(time.time())  # the created_at of a stream this append creates
@@ -236,8 +251,18 @@ class RedisStreams:
             args += [pending.key, pending.encode(plan.actions, plan.stamps,
                                                  meta.created_at if meta else float(now)),
                      self.policy.receipt_ttl_seconds] if pending else ["", "", 0]
-            out = await self.conn.call(self._append(keys=[*self._keys(stream), receipt_key],
-                                                    args=args))
+            keys = [*self._keys(stream), receipt_key]
+            if taking is not None:  # the lock first, then the append, in one call
+                out = await self.conn.call(self._locked_append(
+                    keys=keys + taking.keys, args=args + [taking.token, taking.lease_ms]))
+                if out[0] == b"err_locked":  # busy: queued for it, and nothing appended
+                    await self._lock.queued(taking, [0, *out[1:]])
+                    taking, known = None, cached  # the same plan, holding it now
+                    continue
+                self._lock.taken(taking)
+                taking = None
+            else:
+                out = await self.conn.call(self._append(keys=keys, args=args))
             status = out[0].decode()
             if status == "err_stale":  # another append got in between: plan again
                 if time.monotonic() > deadline:
@@ -303,15 +328,15 @@ class RedisStreams:
             await self.conn.call(self._redis.srem(self._key(stream, "pending"), *gone))
         return {k: data for k, data in zip(keys, found, strict=True) if data is not None}
 
-    def lock(self, stream: str) -> AbstractAsyncContextManager[Held]:
-        return self._lock(stream)
+    def lock(self, stream: str, deferred: bool = False) -> AbstractAsyncContextManager[Held]:
+        return self._lock(stream, deferred)
 
     # --- the commit's part -------------------------------------------------------------
     async def commit_alone(self, commit: Commit) -> int:
         """A commit that changed no alert: one script writes all of it (the MULTI's
         writes), then releases the stream's lock when ``commit.release`` holds it."""
         stream, held = commit.stream, commit.release
-        if not (isinstance(held, Held) and held.stream == stream):
+        if not (isinstance(held, Held) and held.stream == stream and held.acquired):
             held = None
         keys = [self._key(stream, p) for p in ("meta", "sections", "state")]
         keys += held.keys if held else self._lock._keys(stream)
