@@ -21,9 +21,8 @@ ROOT = DATA_DIR.parents[1]
 # every benchmark reading a data directory, with the flags it requires besides it
 SCRIPTS = {"alerts_nab.py": [], "default_cost.py": ["--previous", "x"], "embeddings.py": [],
            "lm_member.py": ["--embeddings", "x"], "memory_nab_stream.py": [], "nab.py": [],
-           "search_pruning.py": [], "spear.py": [], "spear_diagnosis.py": ["--out", "x"],
-           "spear_feedback_nab.py": [], "spear_inputs.py": ["--out", "x"], "throughput.py": [],
-           "wide_profile.py": []}
+           "spear.py": [], "spear_diagnosis.py": ["--out", "x"], "spear_feedback_nab.py": [],
+           "spear_inputs.py": ["--out", "x"], "throughput.py": [], "wide_profile.py": []}
 MAKE_ERROR = re.compile(r"make(\[\d+\])?: \*\*\* ")  # make's own note that a recipe failed
 
 

@@ -36,9 +36,7 @@ Both memories are the stream's last ``memory_points`` raw values: every window i
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
 the ``memory/`` keys of the state: the service keeps them in a section of their own).
 ``memory_learns`` says whether windows judged anomalous stay out of them. Their
-nearest-window searches (``window_search``) are exact, and on a smooth stream pruned by a
-lower bound: the derived caches beside the state (search matrices, projections) are
-rebuilt from it after a load. The records'
+nearest-window searches (``window_search``) are exact. The records'
 history is kept as per-block statistics (one block per ``partial_fit`` call: the
 service's 64-point chunk), so it forgets after ``history_blocks`` blocks.
 
@@ -66,23 +64,13 @@ import numpy as np
 
 from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
-from models.detectors.window_search import (
-    CosineMemory,
-    SquaredMemory,
-    cosine_bounds,
-    project,
-)
+from models.detectors.window_search import CosineMemory, SquaredMemory
 
 MEMBERS = ("range", "level", "memory")
 RECORD_MEMBERS = ("range", "level")  # the others only rank
 RECORD_FLOOR = 1e-3  # smallest record a distance is divided by
 MIN_RECORD_BLOCKS = 4  # blocks of a member's history before it can set a record
 RANK_CAP = 1.0 - 1e-9  # the ranking stays under the record line
-# The searches' pruned path (window_search) keeps projections of the memories beside them
-# (about 400 KB a channel): only for streams of up to PRUNE_MAX_CHANNELS channels; where
-# it gives up, it backs off for up to PRUNE_RETRY_BLOCKS blocks (see _prunes)
-PRUNE_MAX_CHANNELS = 8
-PRUNE_RETRY_BLOCKS = 64
 # E|x_t - x_t-1| = 2 sigma / sqrt(pi) for Gaussian noise
 SIGMA_PER_STEP = np.sqrt(np.pi) / 2.0
 
@@ -178,8 +166,6 @@ class Ensemble(Online, Records):
         # fingerprints and raw surprises of the windows scored since the last block
         self._scored = (np.zeros((0, 2), np.int64), np.zeros((0, len(cfg.members), channels)))
         self._shapes: dict = {}  # derived from the ring, see _memory_shapes
-        self._projections: dict = {}  # derived from the ring, see _level_projections
-        self._prune_waits: dict[str, tuple] = {}  # see _prunes
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
     # state keys -> attributes; the memory (the large part) under one prefix
@@ -266,7 +252,6 @@ class Ensemble(Online, Records):
                 m = cfg.members.index(member)
                 ring[slot] = (stat(np.where(wild | held, np.nan, seen[:, m]), axis=0)
                               if seen is not None else np.nan)
-        self._note_pruning()
         self._memo = {}  # the block history moved
         normal = (np.ones(len(windows), dtype=bool) if raw is None else
                   self._combine(raw).max(axis=1) <= self.record_threshold)
@@ -300,22 +285,9 @@ class Ensemble(Online, Records):
                 scaled = scaled * keep[None, :, None]
             shapes["shapes"][:, slots] = scaled
             shapes["norms"][:, slots] = _norms(scaled)
-            if "bounds" in shapes:
-                shapes["bounds"][..., slots] = cosine_bounds(scaled, shapes["norms"][:, slots])
             shapes["head"] = int(slots[-1] + 1) % total
         else:
             self._shapes = {}
-        cache = self._projections
-        if cache and not fresh and len(newest) < cache["projections"].shape[2]:
-            # the same circular slots, for the raw windows' projections (level member)
-            n, total = len(newest), cache["projections"].shape[2]
-            slots = (cache["head"] + np.arange(n)) % total
-            new = sliding_windows(self._ring, w)[-n:]  # (n, W, C)
-            cache["projections"][:, :, slots] = np.swapaxes(project(new.transpose(2, 0, 1)),
-                                                            1, 2)
-            cache["head"] = int(slots[-1] + 1) % total
-        else:
-            self._projections = {}
 
     # --- scoring -----------------------------------------------------------------------
     def _scales(self, window: int) -> list[int]:
@@ -458,36 +430,12 @@ class Ensemble(Online, Records):
             self._shapes = {"shapes": shapes, "norms": _norms(shapes), "head": 0}
         return self._shapes["shapes"], self._shapes["norms"]
 
-    def _level_projections(self, kept: np.ndarray) -> np.ndarray | None:
-        """(C, k, len(kept)): ``project`` of the raw windows starting at ``kept`` in the
-        ring (window_search's pruned level search), kept in circular slots like the
-        shapes; None for a stream too wide to keep them."""
-        if self._ring.shape[1] > PRUNE_MAX_CHANNELS:
-            return None
-        if not self._projections:
-            wins = sliding_windows(self._ring, self.config.window)  # (N, W, C)
-            self._projections = {"head": 0, "projections": np.ascontiguousarray(
-                np.swapaxes(project(wins.transpose(2, 0, 1)), 1, 2))}
-        cache = self._projections
-        return cache["projections"][..., (cache["head"] + kept) % cache["projections"].shape[2]]
-
     def _memory_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): cosine distance of each channel window's shape to the nearest
         remembered one (``CosineMemory``); an empty slot, all zeros, is never the
         nearest."""
-        def build() -> tuple[CosineMemory, ...]:
-            shapes, norms = self._memory_shapes()
-            prunes = [self._prunes("memory_search", c) for c in range(len(shapes))]
-            cache = self._shapes
-            if not any(prunes) or len(shapes) > PRUNE_MAX_CHANNELS:
-                cache.pop("bounds", None)  # not kept up to date while no search reads it
-                prunes = [False] * len(shapes)
-            elif "bounds" not in cache:
-                cache["bounds"] = cosine_bounds(shapes, norms)
-            return tuple(CosineMemory(shapes[c], norms[c],
-                                      cache["bounds"][c] if prunes[c] else None)
-                         for c in range(len(shapes)))
-        memories = self._derived("memory_search", build)
+        memories = self._derived("memory_search", lambda: tuple(
+            CosineMemory(mem, norms) for mem, norms in zip(*self._memory_shapes(), strict=True)))
         q = scale_windows(self._reported_removed(windows)).astype(np.float32)  # (B, C, W)
         q_norms = _norms(q)  # (B, C)
         out = np.empty((len(windows), windows.shape[2]))
@@ -509,52 +457,13 @@ class Ensemble(Online, Records):
             return out
         lo, hi = self._range()
         refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
-        def build() -> tuple[SquaredMemory, ...]:
-            prunes = [self._prunes("level_search", c) for c in range(len(refs))]
-            if not any(prunes):
-                self._projections = {}  # not kept up to date while no search reads them
-            projections = self._level_projections(kept) if any(prunes) else None
-            return tuple(SquaredMemory(self._ring[:, c] - refs[c], kept, w,
-                                       projections[c] if projections is not None
-                                       and prunes[c] else None, refs[c])
-                         for c in range(len(refs)))
-        memories = self._derived("level_search", build)
+        memories = self._derived("level_search", lambda: tuple(
+            SquaredMemory(self._ring[:, c] - refs[c], kept, w) for c in range(len(refs))))
         for c, memory in enumerate(memories):
             span = max(hi[0, c] - lo[0, c], 1e-12)
             d2 = memory.nearest(windows[attached, :, c] - refs[c])
             out[attached, c] = np.sqrt(np.maximum(d2, 0.0) / w) / span
         return out
-
-    def _prunes(self, key: str, channel: int) -> bool:
-        """Whether this block's search of ``key`` tries the pruned path on ``channel``:
-        after n strikes there (a give-up adds one, an answer takes one off), not for the
-        next 2^(n-1) blocks (at most PRUNE_RETRY_BLOCKS, and that at once where the bound
-        was hopelessly loose): a noisy stream seldom pays for it; a smooth one that gave up
-        once tries again at the next block. While no channel tries, the projections are
-        dropped, not kept up to date."""
-        waits = self._prune_waits.get(key)
-        return waits is None or channel >= len(waits[0]) or waits[0][channel] <= 0
-
-    def _note_pruning(self) -> None:
-        """Before the searches are dropped (a new block): count each channel's wait down,
-        and start it again where a pruned search gave up."""
-        for key in ("memory_search", "level_search"):
-            if key not in self._memo:
-                continue
-            searches = self._memo[key]
-            gave_up = np.array([s.gave_up for s in searches], dtype=bool)
-            hopeless = np.array([s.hopeless for s in searches], dtype=bool)
-            answered = np.array([s.pruned > 0 for s in searches], dtype=bool)
-            wait, strikes = self._prune_waits.get(key, (None, None))
-            if wait is None or len(wait) != len(gave_up):
-                wait = strikes = np.zeros(len(gave_up), np.int64)
-            # an answer takes one strike off: a stream the bound fits now and then keeps
-            # most of its back-off
-            strikes = np.where(gave_up, strikes + 1,
-                               np.where(answered, np.maximum(strikes - 1, 0), strikes))
-            backoff = np.where(hopeless, PRUNE_RETRY_BLOCKS,
-                               np.minimum(2 ** np.maximum(strikes - 1, 0), PRUNE_RETRY_BLOCKS))
-            self._prune_waits[key] = (np.where(gave_up, backoff, wait - 1), strikes)
 
     def _continues(self, windows: np.ndarray) -> np.ndarray:
         """(B,) whether each window continues the stream this detector learnt: its
