@@ -17,8 +17,9 @@ from service.scoring import StreamScorer
 from service.settings import Settings
 from service.shadows.config import LOG_BLOCK, LOG_SLICE, section
 from service.shadows.log import COMPARED, Columns
-from service.stores.base import Commit, StreamMeta, retained
+from service.stores.base import Commit, StreamMeta
 from tests.test_shadows import make_client, post, sections, series, settle
+from tests.test_stream_state import run
 
 
 def test_a_batch_1_request_past_warm_up_writes_one_small_slice_of_each_history():
@@ -26,26 +27,17 @@ def test_a_batch_1_request_past_warm_up_writes_one_small_slice_of_each_history()
     points in (past warm-up and the threshold's calibration), then one point a request.
     Measured here: a point that completes no chunk writes ``loop`` (176 B), ``lik`` (80 B),
     one likelihood slice ``lik/ring<k>`` (584 B), ``thr`` (the threshold's scalars, 368 B)
-    and ``alr`` (145 B): 1,353 B, where the whole threshold section was 9.9 KB. A point
-    that becomes one of SPOT's peaks (above t) adds its peaks slice ``thr/peaks<k>``
-    (1,160 B, not the 8 KB of peaks); an alert that changes adds ``alr/alerts``."""
-    settings = Settings()
-    scorer = StreamScorer(StreamMeta("s", 1, 64, "residual_linear"), settings)
-    t = np.arange(2300, dtype=np.float64)
-    values = np.sin(t / 7) + 0.1 * np.random.default_rng(0).standard_normal(len(t))
-    data = np.column_stack([t, values])
-    context = retained(64) - 1
-
-    def score(lo: int, hi: int) -> None:
-        scorer.meta.points_seen = hi
-        scorer.process(data[max(0, lo - context):hi], hi - lo)
-
-    score(0, 2000)
+    and ``alr`` (145 B): 1,353 B, where the whole threshold section was 9,200 B (10,185 B
+    in all, main d0ab229). A point that becomes one of SPOT's peaks (above t) adds its
+    peaks slice ``thr/peaks<k>`` (1,160 B, not the 8 KB of peaks); an alert that changes
+    adds ``alr/alerts``."""
+    scorer = StreamScorer(StreamMeta("s", 1, 64, "residual_linear"), Settings())
+    run(scorer, 0, 2000)
     scorer.to_commit()
     assert scorer.threshold.describe()["calibrated"]
     plain, peaks = [], Counter()
     for i in range(2000, 2256):
-        score(i, i + 1)
+        run(scorer, i, i + 1)
         changed, drop, _ = scorer.to_commit()
         assert not drop
         if "det" in changed:  # a chunk's last point: the detector learnt
