@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.slices import sliced, unsliced
+
 VERDICT_LINE = 0.99  # likelihoods at or above it are the stream's verdicts
 BLOCK = 256  # scores ranked at once (a block costs BLOCK x (history + BLOCK) comparisons)
 RING_SLICE = 128  # scores per slice of the stored history (512 bytes)
@@ -94,26 +96,22 @@ class AnomalyLikelihood:
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The ring in slices of RING_SLICE scores, ``"ring<k>/scores"``: a store that keeps
-        ``part/name`` keys apart (service/stream_state.py) rewrites only the slice a few
-        new scores changed, not the whole history (8 KB at the default 2,000).
+        """The ring in slices of RING_SLICE scores, ``"ring<k>/scores"``
+        (models/slices.py): a store that keeps ``part/name`` keys apart
+        (service/stream_state.py) rewrites only the slice a few new scores changed, not
+        the whole history (8 KB at the default 2,000).
 
         >>> cal = AnomalyLikelihood(history=300, min_history=10)
         >>> sorted(cal.state_dict())
         ['count', 'ring0/scores', 'ring1/scores', 'ring2/scores']
         """
-        state = {"count": np.array([self._count], dtype=np.int64)}
-        for k, lo in enumerate(range(0, self.history, RING_SLICE)):
-            state[f"ring{k}/scores"] = self._ring[lo:lo + RING_SLICE].copy()
-        return state
+        return {"count": np.array([self._count], dtype=np.int64),
+                **sliced("ring", RING_SLICE, scores=self._ring)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if "ring" in state:  # one array, as versions before the slices wrote it
-            ring = np.asarray(state["ring"], dtype=np.float32)
-        else:
-            slices = [state[f"ring{k}/scores"] for k in range(-(-self.history // RING_SLICE))
-                      if f"ring{k}/scores" in state]
-            ring = np.concatenate(slices).astype(np.float32) if slices else np.zeros(0)
+        # "ring": one array, as versions before the slices wrote it
+        ring = state["ring"] if "ring" in state else unsliced(state, "ring", "scores")
+        ring = np.zeros(0, np.float32) if ring is None else np.asarray(ring, np.float32)
         if ring.shape != self._ring.shape:  # the history setting changed: start again
             return
         self._ring = ring.copy()

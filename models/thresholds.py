@@ -58,10 +58,14 @@ import numpy as np
 
 from models.detectors.base import Detector, Records
 from models.evt import GPDFit, fit_gpd, gpd_quantile
+from models.slices import sliced, unsliced
 
 KINDS = ("spot", "dspot", "quantile", "fixed")
 DAY_SECONDS = 86_400.0
 Q_MIN, Q_MAX = 1e-7, 0.25  # what a budget may turn into
+# scores per slice of a stored history (models/slices.py: 512 bytes of float64), so that a
+# commit rewrites the slice a few new scores changed, not the whole history
+HISTORY_SLICE = 64
 
 
 @dataclass(frozen=True)
@@ -270,10 +274,11 @@ class Spot:
                 "first_ts", "last_ts")
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        state = {k: np.array([float(getattr(self, k))]) for k in self._SCALARS}
-        state |= {"calib": self._calib.copy(), "peaks": self._peaks.copy(),
-                  "censored": self._censored.copy(),
-                  "fit": np.array([self.fit.gamma, self.fit.sigma]),
+        # one array of the scalars (what moves with every point: one small section)
+        state = {"scalars": np.array([float(getattr(self, k)) for k in self._SCALARS])}
+        state |= sliced("calib", HISTORY_SLICE, scores=self._calib)
+        state |= sliced("peaks", HISTORY_SLICE, excess=self._peaks, censored=self._censored)
+        state |= {"fit": np.array([self.fit.gamma, self.fit.sigma]),
                   "kind": np.array([KINDS.index(self.kind)]),
                   "spec": np.array([self.spec.fingerprint()])}
         return state
@@ -282,12 +287,13 @@ class Spot:
         """Loads a state written by the same spec; anything else leaves a fresh one."""
         if "spec" not in state or float(state["spec"][0]) != self.spec.fingerprint():
             return
-        for k in self._SCALARS:
-            value = float(state[k][0])
+        scalars = (state["scalars"] if "scalars" in state  # else one array each, as before
+                   else [state[k][0] for k in self._SCALARS])
+        for k, value in zip(self._SCALARS, (float(v) for v in scalars), strict=True):
             setattr(self, k, int(value) if k.startswith("n") else value)
-        self._calib = np.asarray(state["calib"], float).copy()
-        self._peaks = np.asarray(state["peaks"], float).copy()
-        self._censored = np.asarray(state["censored"], float).copy()
+        self._calib = _history(state, "calib", "scores")
+        self._peaks = _history(state, "peaks", "excess", whole="peaks")
+        self._censored = _history(state, "peaks", "censored", whole="censored")
         gamma, sigma = (float(v) for v in state["fit"])
         self.fit = GPDFit(gamma, sigma, "mle" if self.calibrated else "none")
 
@@ -369,11 +375,11 @@ class QuantileThreshold:
                 "n": self._count}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"buf": self._buf.copy(), "count": np.array([self._count]),
-                "kind": np.array([KINDS.index(self.kind)])}
+        return {"count": np.array([self._count]), "kind": np.array([KINDS.index(self.kind)]),
+                **sliced("buf", HISTORY_SLICE, scores=self._buf)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        buf = np.asarray(state.get("buf", np.zeros(0)), dtype=np.float64)
+        buf = _history(state, "buf", "scores")
         if len(buf) == self.history and int(state.get("kind", [2])[0]) == 2:
             self._buf = buf.copy()
             self._count = int(state["count"][0])
@@ -406,6 +412,15 @@ class FixedThreshold:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Nothing is learnt."""
+
+
+def _history(state: dict[str, np.ndarray], name: str, field: str, whole: str | None = None
+             ) -> np.ndarray:
+    """A history from its slices, or whole (``whole``, default ``name``: as versions before
+    the slices wrote it); empty when neither is there."""
+    whole = whole or name
+    values = state[whole] if whole in state else unsliced(state, name, field)
+    return np.zeros(0) if values is None else np.asarray(values, float).copy()
 
 
 def verdict_spec(spec: ThresholdSpec, detector: Detector, *, chosen: bool,

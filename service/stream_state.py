@@ -51,6 +51,11 @@ def encode(arrays: Mapping[str, np.ndarray]) -> bytes:
     >>> all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
     True
     """
+    if len(arrays) == 1:  # a slice of a history, most of the sections: nothing to order
+        ((name, value),) = arrays.items()
+        a = np.asarray(value)
+        if a.dtype.byteorder != ">":
+            return _head(((name, a.dtype.str, a.shape),)) + a.tobytes()
     parts = []
     for name, value in arrays.items():
         a = np.asarray(value)
@@ -58,16 +63,20 @@ def encode(arrays: Mapping[str, np.ndarray]) -> bytes:
             a = a.astype(a.dtype.newbyteorder("<"))
         parts.append((-a.dtype.itemsize, name, a))
     parts.sort(key=lambda p: p[:2])
-    layout = tuple((name, a.dtype.str, a.shape) for _, name, a in parts)
+    head = _head(tuple((name, a.dtype.str, a.shape) for _, name, a in parts))
+    return head + b"".join(np.ascontiguousarray(a).tobytes() for _, _, a in parts)
+
+
+_HEADERS: dict[tuple, bytes] = {}
+
+
+def _head(layout: tuple) -> bytes:
     head = _HEADERS.get(layout)
     if head is None:
         head = _HEADERS[layout] = _header(layout)
         if len(_HEADERS) > 4096:  # layouts are few (one per kind of section); bounded
             del _HEADERS[next(iter(_HEADERS))]
-    return head + b"".join(np.ascontiguousarray(a).tobytes() for _, _, a in parts)
-
-
-_HEADERS: dict[tuple, bytes] = {}
+    return head
 
 
 def _header(layout: tuple) -> bytes:

@@ -4,8 +4,11 @@ A shadow's sections carry its name as a prefix (``shadow.<name>.``): ``cfg`` (th
 binding), the detector's own sections as a live stream has them (``det``, ``det/<part>``,
 ``loop``, ``lik``, ``thr``, ``alr``, ``ada``), ``run`` (the next point it scores and its
 counters), ``alerts`` (its alert records, kept for the report, never delivered) and
-``log/<k>`` (the per-point comparison with the live detector, in blocks of ``LOG_BLOCK``
-points of the stream's index). The stream's own section ``shadows`` holds the names of
+``log/<k>/<j>`` (the per-point comparison with the live detector: block k of
+``LOG_BLOCK`` points of the stream's index, kept or dropped whole, in slices j of
+``LOG_SLICE`` points, so that a commit rewrites only the slices its points reached:
+O(chunk) bytes, not O(block); a whole block ``log/<k>``, as versions before the slices
+wrote it, is read before its slices). The stream's own section ``shadows`` holds the names of
 its shadows and the live detector's results of the points the store holds.
 """
 
@@ -25,7 +28,8 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 _NAME = re.compile(NAME_PATTERN)
 REGISTRY = "shadows"  # the stream's section: shadow names, pending live results
 PREFIX = "shadow."
-LOG_BLOCK = 1024  # points of the stream's index per comparison-log section
+LOG_BLOCK = 1024  # points of the stream's index per comparison-log block
+LOG_SLICE = 64  # points per section of a block (about 2 KB)
 # a shadow's sections that are not the detector's state
 OWN_PARTS = ("cfg", "run", "alerts")
 
@@ -77,8 +81,23 @@ def section(name: str, part: str) -> str:
     return prefix(name) + part
 
 
-def log_section(name: str, block: int) -> str:
-    return section(name, f"log/{block}")
+def log_part(index_slice: int) -> str:
+    """The section (without the shadow's prefix) of the log's points from stream index
+    ``index_slice * LOG_SLICE`` on.
+
+    >>> log_part(0), log_part(17)
+    ('log/0/0', 'log/1/1')
+    """
+    block, j = divmod(index_slice, LOG_BLOCK // LOG_SLICE)
+    return f"log/{block}/{j}"
+
+
+def log_sections(name: str, block: int) -> list[str]:
+    """A log block's sections, in stream order: the whole block an earlier version wrote,
+    then the slices."""
+    first = block * (LOG_BLOCK // LOG_SLICE)
+    return [section(name, f"log/{block}")] + [
+        section(name, log_part(first + j)) for j in range(LOG_BLOCK // LOG_SLICE)]
 
 
 def owner(section_name: str) -> str | None:

@@ -16,11 +16,13 @@ from service.scoring import StreamScorer
 from service.settings import Settings
 from service.shadows.config import (
     LOG_BLOCK,
+    LOG_SLICE,
     OWN_PARTS,
     ShadowConfig,
     decode_json,
     encode_json,
-    log_section,
+    log_part,
+    log_sections,
     section,
 )
 from service.shadows.log import COMPARED, Columns, LiveResults, alerted, compared
@@ -74,13 +76,14 @@ class Caught:
 
 class ShadowEngine:
     def __init__(self, config: ShadowConfig, scorer: StreamScorer, run: Run,
-                 alerts: list[dict], block: Columns, settings: Settings) -> None:
+                 alerts: list[dict], rows: Columns, settings: Settings) -> None:
+        """``rows``: the log's rows of the slice the mark is in."""
         self.config = config
         self.scorer = scorer
         self.run = run
         self.alerts = alerts
         self.settings = settings
-        self.blocks: dict[int, Columns] = {self._block_of(run.mark): block}
+        self.slices: dict[int, Columns] = {run.mark // LOG_SLICE: rows}  # by index slice
         self.stored: dict[str, bytes] = {}  # the sections as the store holds them
         self.dirty = True
 
@@ -94,24 +97,25 @@ class ShadowEngine:
     @classmethod
     def load(cls, config: ShadowConfig, meta: StreamMeta, settings: Settings,
              parts: dict[str, bytes]) -> ShadowEngine:
-        """From its sections (names without the prefix); only the current log block."""
+        """From its sections (names without the prefix); of the log, only the slice the mark
+        is in (what the next commit appends to)."""
         own = {k: v for k, v in parts.items()
                if k not in OWN_PARTS and not k.startswith("log/")}
         scorer = StreamScorer.from_sections(config.meta(meta), settings, own,
                                             alert_scope=config.name)
         decoded = {k: stream_state.decode({k: parts[k]})[k] for k in OWN_PARTS if k in parts}
         run = Run.decode(decoded.get("run", {}), config.start)
-        block_name = f"log/{run.mark // LOG_BLOCK}"
-        block = Columns.empty(COMPARED)
-        if block_name in parts:
-            block = Columns.decode(stream_state.decode({block_name: parts[block_name]})[
-                block_name], COMPARED)
+        current = log_part(run.mark // LOG_SLICE)
+        rows = Columns.empty(COMPARED)
+        if current in parts:
+            rows = Columns.decode(stream_state.decode({current: parts[current]})[current],
+                                  COMPARED)
         engine = cls(config, scorer, run, list(decode_json(decoded.get("alerts", {}), [])),
-                     block, settings)
+                     rows, settings)
         engine.stored = {section(config.name, k): v for k, v in parts.items()
                          if not k.startswith("log/")}
-        if block_name in parts:
-            engine.stored[section(config.name, block_name)] = parts[block_name]
+        if current in parts:
+            engine.stored[section(config.name, current)] = parts[current]
         engine.dirty = False
         return engine
 
@@ -121,7 +125,7 @@ class ShadowEngine:
         if len(held):
             self.scorer.loop.run(held[:, 1:], held[:, 0], len(held), first)
         self.run = Run.start(first + len(held))
-        self.blocks = {self._block_of(self.run.mark): Columns.empty(COMPARED)}
+        self.slices = {self.run.mark // LOG_SLICE: Columns.empty(COMPARED)}
         self.dirty = True
 
     # --- scoring -------------------------------------------------------------------------
@@ -186,22 +190,18 @@ class ShadowEngine:
         self.alerts = sorted(by_id.values(), key=lambda a: a["opened_at"])[-MAX_ALERTS:]
 
     def _log(self, first: int, rows: Columns) -> None:
-        """Append rows (stream indices from ``first``) to the log's blocks."""
+        """Append rows (stream indices from ``first``) to the log's slices."""
         pos = 0
         while pos < len(rows):
-            k = self._block_of(first + pos)
-            take = min(len(rows) - pos, (k + 1) * LOG_BLOCK - (first + pos))
-            block = self.blocks.get(k, Columns.empty(COMPARED))
-            self.blocks[k] = block.concat(rows.rows(pos, pos + take))
+            k = (first + pos) // LOG_SLICE
+            take = min(len(rows) - pos, (k + 1) * LOG_SLICE - (first + pos))
+            held = self.slices.get(k, Columns.empty(COMPARED))
+            self.slices[k] = held.concat(rows.rows(pos, pos + take))
             pos += take
-
-    @staticmethod
-    def _block_of(index: int) -> int:
-        return index // LOG_BLOCK
 
     # --- state ---------------------------------------------------------------------------
     def sections(self) -> dict[str, bytes]:
-        """The shadow's sections as they are now (prefixed), but for log blocks not in
+        """The shadow's sections as they are now (prefixed), but for log slices not in
         memory (written before, unchanged)."""
         name = self.config.name
         parts = {k: v for k, v in self.scorer.sections().items() if k not in NOT_OWN}
@@ -209,27 +209,31 @@ class ShadowEngine:
         out[section(name, "cfg")] = stream_state.encode(self.config.encode())
         out[section(name, "run")] = stream_state.encode(self.run.encode())
         out[section(name, "alerts")] = stream_state.encode(encode_json(self.alerts))
-        for k, block in self.blocks.items():
-            out[log_section(name, k)] = stream_state.encode(block.data)
+        for k, rows in self.slices.items():
+            out[section(name, log_part(k))] = stream_state.encode(rows.data)
         return out
 
     def to_commit(self) -> tuple[dict[str, bytes], tuple[str, ...]]:
-        """(changed sections, sections to drop: log blocks past the kept length); then
-        only the current log block stays in memory."""
+        """(changed sections, sections to drop: log blocks past the kept length and
+        sections the state no longer has, such as a threshold's calibration scores once
+        fitted); then only the log slice the mark is in stays in memory."""
         if not self.dirty:
             return {}, ()
+        name = self.config.name
         keep_from = max(self.run.log_first,
                         (self.run.mark - self.settings.shadow_log_points) // LOG_BLOCK)
-        drop = tuple(log_section(self.config.name, k)
-                     for k in range(self.run.log_first, keep_from))
+        drop = tuple(n for k in range(self.run.log_first, keep_from)
+                     for n in log_sections(name, k))
         self.run.log_first = keep_from
-        self.blocks = {k: b for k, b in self.blocks.items() if k >= keep_from}
+        per_block = LOG_BLOCK // LOG_SLICE
+        self.slices = {k: r for k, r in self.slices.items() if k // per_block >= keep_from}
         encoded = self.sections()
         changed = stream_state.changed(encoded, self.stored)
-        current = self._block_of(self.run.mark)
-        self.blocks = {current: self.blocks.get(current, Columns.empty(COMPARED))}
-        self.stored = {k: v for k, v in encoded.items()
-                       if "log/" not in k or k == log_section(self.config.name, current)}
+        drop += tuple(k for k in self.stored if k not in encoded and "log/" not in k)
+        current = self.run.mark // LOG_SLICE
+        self.slices = {current: self.slices.get(current, Columns.empty(COMPARED))}
+        current_name = section(name, log_part(current))
+        self.stored = {k: v for k, v in encoded.items() if "log/" not in k or k == current_name}
         self.dirty = False
         return changed, drop
 

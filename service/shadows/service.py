@@ -31,7 +31,7 @@ from service.shadows.config import (
     REGISTRY,
     ShadowConfig,
     decode_json,
-    log_section,
+    log_sections,
     section,
     split,
 )
@@ -239,7 +239,8 @@ class ShadowService:
         decoded = stream_state.decode(stored)
         run = Run.decode(decoded.get(section(name, "run"), {}), config.start)
         alerts = list(decode_json(decoded.get(section(name, "alerts"), {}), []))
-        names = [log_section(name, k) for k in range(run.log_first, run.mark // LOG_BLOCK + 1)]
+        names = [n for k in range(run.log_first, run.mark // LOG_BLOCK + 1)
+                 for n in log_sections(name, k)]
         blocks = await self.backend.streams.sections(stream, names)
         logged = Columns.join([Columns.decode(stream_state.decode({n: blocks[n]})[n], COMPARED)
                                for n in names if n in blocks], COMPARED)
