@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -38,15 +39,27 @@ class ScorerCache:
         self.limit_bytes = limit_bytes
         self._entries: OrderedDict[str, Cached] = OrderedDict()  # least recent first
         self._bytes = 0
+        # entries a request has taken and not put back yet: a shadow's commit while the
+        # request waits for the stream's lock still reaches them (``bumped``)
+        self._out: weakref.WeakValueDictionary[str, Cached] = weakref.WeakValueDictionary()
 
     def take(self, stream: str) -> Cached | None:
         """The stream's entry, out of the cache (it goes back in once committed)."""
+        cached = self._drop(stream)
+        if cached is not None:
+            self._out[stream] = cached
+        return cached
+
+    def evict(self, stream: str) -> None:
+        """A deleted stream's scorer must not outlive it."""
+        self._out.pop(stream, None)
+        self._drop(stream)
+
+    def _drop(self, stream: str) -> Cached | None:
         cached = self._entries.pop(stream, None)
         if cached is not None:
             self._bytes -= cached.nbytes
         return cached
-
-    evict = take  # a deleted stream's scorer must not outlive it
 
     @staticmethod
     def valid(cached: Cached | None, appended: AppendResult,
@@ -65,8 +78,11 @@ class ScorerCache:
     def bumped(self, stream: str, version: int) -> None:
         """A write that changed nothing a cached scorer holds (a costly shadow's own
         sections) moved the stream to ``version``: the scorer stays valid if it was the
-        stream's state just before."""
-        entry = self._entries.get(stream)
+        stream's state just before. An entry a request has taken counts too: the lock is
+        taken by the request's append (one script), so a shadow may commit between the
+        take and the append, and its bump, missed, would make the request decode the
+        stream's state again."""
+        entry = self._entries.get(stream) or self._out.get(stream)
         if entry is not None and entry.meta.version == version - 1:
             entry.meta = replace(entry.meta, version=version)
 
@@ -86,7 +102,7 @@ class ScorerCache:
                 if self._entries.get(stream) is not entry:  # taken or replaced meanwhile
                     continue
                 if stored.get(stream) != (entry.meta.created_at, entry.meta.version):
-                    self.take(stream)
+                    self._drop(stream)
                     gone += 1
         return gone
 
@@ -104,6 +120,7 @@ class ScorerCache:
                 log.exception("scorer cache check failed")
 
     def put(self, stream: str, entry: Cached) -> None:
+        self._out.pop(stream, None)
         if entry.nbytes > self.limit_bytes:
             return
         self._entries[stream] = entry

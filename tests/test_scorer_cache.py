@@ -140,3 +140,33 @@ async def test_a_deleted_streams_scorer_leaves_every_replicas_cache(backend):
     finally:
         for services in (a, b):
             await services.backend.close()
+
+
+def test_a_shadows_commit_reaches_a_scorer_a_request_has_taken():
+    """The stream's lock is taken by the request's append (one script), after the request
+    took its scorer out of the cache: a shadow committing its own sections in between
+    bumps the stream's version, and the scorer must stay valid (or the request decodes
+    the whole state again, at every chunk of a stream with a shadow)."""
+    from dataclasses import replace
+
+    from service.scorers import Cached, ScorerCache
+    from service.stores.base import AppendResult, StreamMeta
+
+    cache = ScorerCache(limit_bytes=1 << 20)
+    meta = StreamMeta("s", channels=1, window=16, detector="residual_linear", version=5)
+    scorer = object()  # the cache never looks inside a scorer
+    cache.put("s", Cached(meta, scorer, nbytes=100))
+    cached = cache.take("s")
+    cache.bumped("s", 6)  # the shadow's commit, while the request waits for the lock
+    appended = AppendResult(meta=replace(meta, version=7), created=False, duplicates=0,
+                            accepted=1, points=np.zeros((1, 2)), actions=["stored"],
+                            stamps=[0.0])
+    assert ScorerCache.valid(cached, appended) is scorer
+    # another writer's bump (not the version just after ours) still invalidates
+    cache.put("s", replace(cached, meta=appended.meta))
+    cached = cache.take("s")
+    cache.bumped("s", 9)
+    assert ScorerCache.valid(cached, replace(appended, meta=replace(meta, version=10))) is None
+    # once put back, nothing of the taken entry lingers
+    cache.put("s", cached)
+    assert len(cache._out) == 0
