@@ -217,6 +217,8 @@ def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 
 
 def _redis_cpu(r) -> float:  # noqa: ANN001
+    # throughput.redis_cpu_seconds's twin: the worker cannot import throughput, which
+    # puts this tree first on sys.path (the worker measures --baseline's tree)
     cpu = r.info("cpu")
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
@@ -286,14 +288,12 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    from throughput import start_redis
+
     from service.process import free_port
     port = free_port()
-    workdir = tempfile.mkdtemp(prefix="tsad-cost-")
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no", "--dir", workdir],
-                              stdout=subprocess.DEVNULL)
-    time.sleep(0.3)
+    server = start_redis(port, tempfile.mkdtemp(prefix="tsad-cost-"))  # answers PING
     codes = [("this", ROOT)] + ([("baseline", args.baseline.resolve())]
                                 if args.baseline else [])
     runs: dict[str, list[dict]] = {c: [] for c, _ in codes}
