@@ -51,6 +51,7 @@ from throughput import load_nab, start_redis  # noqa: E402
 from models.data import run_main  # noqa: E402
 from models.reporting import results_dir, save_report  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 CHEAP = [("rl", {"detector": "residual_linear"}),
          ("ens", {"detector": "ensemble", "params": {"warmup": 128}}),
@@ -77,12 +78,23 @@ def body(stream: str, rows: np.ndarray) -> dict:
 
 # --- 1. live latency with 0, 1, 3 cheap shadows ------------------------------------------------
 BLOCK = 100  # requests per block at most; the configurations take turns
+CATCH_UP_SECONDS = Settings.model_fields["shadow_catch_up_seconds"].default
 
 
 def caught_up(http: httpx.Client, stream: str) -> bool:
     """Every shadow of the stream has scored every chunk the stream completed."""
     shadows = http.get(f"/streams/{stream}/shadows").json()["shadows"]
     return all(s["lag_points"] < 64 for s in shadows)
+
+
+def wait_caught_up(http: httpx.Client, stream: str) -> None:
+    """Until ``caught_up``: first a sleep as long as a cheap shadow's longest wait for a
+    catch-up (TSAD_SHADOW_CATCH_UP_SECONDS, 1 s), then a poll every 50 ms, so that the
+    polls' own CPU (counted to the block's requests) is about one request per block
+    whichever the tree."""
+    time.sleep(CATCH_UP_SECONDS)
+    while not caught_up(http, stream):
+        time.sleep(0.05)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -123,8 +135,7 @@ def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int,
                     r = http.put(f"/streams/{stream}/shadows/{name}", json=spec)
                     assert r.status_code == 201, r.text
                 http.post("/score", json=body(stream, series[:WARM])).raise_for_status()
-                while not caught_up(http, stream):
-                    time.sleep(0.05)
+                wait_caught_up(http, stream)
             latencies: list[list[float]] = [[] for _ in configs]
             cpu = [[0.0, 0.0] for _ in configs]  # the service process's, its children's
             before = load()
@@ -143,8 +154,7 @@ def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int,
                             latencies[k].append((time.perf_counter() - t0) * 1000)
                             assert r.status_code == 200, r.text
                             bar.update()
-                        while not caught_up(http, stream):
-                            time.sleep(0.05)
+                        wait_caught_up(http, stream)
                         for j, (a, b) in enumerate(zip(cpu0, cpu_seconds(proc.proc.pid),
                                                        strict=True)):
                             cpu[k][j] += b - a
