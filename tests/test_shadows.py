@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from models.lm.metrics import HIT_LEVELS
 from service.app import create_app
 from service.errors import StoreUnavailable
 from service.metrics import ServiceMetrics
@@ -319,6 +320,13 @@ def test_a_lagging_costly_shadow_never_blocks_score(service_backend):
         settle(c)
         got = c.get("/streams/a/shadows/mem/scores", params={"limit": 10_000}).json()
         assert c.get("/streams/a/shadows/mem").json()["lag_points"] == 0
+        # the child's language-model metrics, relayed: the live detector embeds nothing
+        registry = c.app.state.metrics.registry
+        embedded = sum(registry.get_sample_value("tsad_embedding_cache_hits_total",
+                                                 {"level": level}) for level in HIT_LEVELS)
+        embedded += registry.get_sample_value("tsad_embedding_cache_misses_total")
+        assert embedded > 0
+        assert registry.get_sample_value("tsad_shadow_embedding_lru_entries") > 0
         assert c.put("/streams/b", json={"channels": 1, **memory}).status_code == 201
         live = [r for a in range(0, n, 128) for r in post(c, "b", ts[a:a + 128],
                                                            values[a:a + 128])]

@@ -12,12 +12,12 @@ cheap one catches up once ``TSAD_SHADOW_CATCH_UP_POINTS`` (512) of its points wa
 its oldest has waited ``TSAD_SHADOW_CATCH_UP_SECONDS`` (1 s), whichever comes first: a
 catch-up's fixed cost (its mark read, its state encoded and sent, its commit under the
 stream's lock, which a live request of the stream then waits for) is paid once per
-several chunks, not at every batch-100 request. Cheap shadows' jobs go first; costly ones go together, up to
-``TSAD_SHADOW_COSTLY_TOGETHER`` of them (their language-model prompts share forward passes
-in the child). A worker task hands a ready job to its child process
-(``worker.py``: off the service's interpreter, at a lower priority), which scores it and
-encodes the shadow's changed sections outside the stream's lock; the task then commits
-them under it, after checking that the shadow is still the one it scored (same id: not
+several chunks, not at every batch-100 request. Cheap shadows' jobs go first; costly
+ones go together, up to ``TSAD_SHADOW_COSTLY_TOGETHER`` of them (their language-model
+prompts share forward passes in the child). A worker task hands a ready job to its child
+process (``worker.py``: off the service's interpreter, at a lower priority), which scores
+it and encodes the shadow's changed sections outside the stream's lock; the task then
+commits them under it, after checking that the shadow is still the one it scored (same id: not
 deleted, promoted or replaced) and still where it started (same mark). When more
 than ``TSAD_SHADOW_QUEUE_POINTS`` points wait, the oldest are dropped and counted as
 skipped; after a crash, a shadow goes on from its mark with what the store holds (and
@@ -127,7 +127,7 @@ class ShadowQueue:
         self.series = series
         self.scorers = scorers
         self.jobs: OrderedDict[tuple[str, str], Job] = OrderedDict()  # oldest first
-        self.workers = [ShadowWorker(settings) for _ in range(settings.shadow_workers)]
+        self.workers = [ShadowWorker(settings, metrics) for _ in range(settings.shadow_workers)]
         self.offered: dict[tuple[str, str], int] = {}  # the newest point offered, per shadow
         self.marks: dict[tuple[str, str], int] = {}  # where each shadow was last committed
         self._waiting = 0  # points waiting in jobs (kept as offers come: ``waiting``)
