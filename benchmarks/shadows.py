@@ -358,10 +358,12 @@ def table(result: dict) -> str:
                   "128), raw_knn. Live: the default (ensemble). Each tree and configuration "
                   "on its own service process, one client posting back to back, the "
                   "configurations taking turns in blocks of requests (100 at batch 1, 8 at "
-                  "batch 100). Service CPU: the service process's CPU time over each turn "
-                  "per request (the live path; on the baseline also its shadows' threads); "
-                  "with shadow worker: the service's and its children's (this tree scores "
-                  "shadows in a child process), shadows' catch-up included.", ""]
+                  "batch 100); after each turn a sleep of TSAD_SHADOW_CATCH_UP_SECONDS' "
+                  "default, then polls until the shadows have caught up. Service CPU: the "
+                  "service process's CPU time over each turn per request (the live path, "
+                  "the shadows' commits; a tree before the child process, also its "
+                  "shadows' scoring); with shadow worker: the service's and its children's "
+                  "(the child process scoring the shadows), shadows' catch-up included.", ""]
     if lm := result.get("lm"):
         s = lm["score"]
         lines += ["## A language-model shadow's lag", "",
