@@ -49,14 +49,15 @@ class ScoreRoute(APIRoute):
 
 
 def _plain(headers: list[tuple[bytes, bytes]]) -> bool:
-    """A JSON body (exactly as clients send it) and no Idempotency-Key to validate."""
-    json = False
+    """A JSON body (exactly as clients send it) and no Idempotency-Key to validate. The
+    first Content-Type counts, as for FastAPI (``request.headers.get``)."""
+    json = None
     for name, value in headers:
-        if name == b"content-type":
+        if name == b"content-type" and json is None:
             json = value == b"application/json"
         elif name == b"idempotency-key":
             return False
-    return json
+    return bool(json)
 
 
 router = APIRouter(tags=["scoring"], responses=AUTH_RESPONSES, route_class=ScoreRoute)
