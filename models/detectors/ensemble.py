@@ -31,11 +31,14 @@ stream's own recent history, so it means the same on every stream:
   ``raw_knn`` calibrates: a scale that moved with each block graded the first scored
   points against the warm-up's few blocks and later ones against more, and the
   likelihood, which ranks a point among the stream's earlier scores, read ordinary points
-  high while it settled. It orders the
-  stream's ordinary moments for ranking and likelihood and never raises a verdict. It
-  grades what is new at the window's end: an earlier value of the window that broke the
-  stream's range was reported when it came, so it is replaced by the line between its
-  neighbours (a spike does not rank the W - 1 windows that still hold it as novel).
+  high while it settled. The grade is therefore no calibrated scale: as the memory fills
+  after the warm-up its distances shrink below that typical one (on NAB the files'
+  ordinary points grade 0.34 in the median, nyc_taxi's 0.06); the likelihood is. It
+  orders the stream's ordinary moments for ranking and likelihood and never raises a
+  verdict. It grades what is new at the window's end: an earlier value of the window
+  that broke the stream's range was reported when it came, so it is replaced by the line
+  between its neighbours (a spike does not rank the W - 1 windows that still hold it as
+  novel).
 
 Both memories are the stream's last ``memory_points`` raw values: every window inside
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
