@@ -296,8 +296,8 @@ def test_nyc_taxi_residual_linear_ranks_labelled_windows_above_chance():
 def test_nyc_taxi_default_likelihood_ranks_labelled_windows():
     """Issue 22's ranking target, end to end through POST /score: the default detector's
     likelihood ranks the points of nyc_taxi's labelled windows well above chance (the
-    previous default ranked them below it: 0.44). Measured 0.744 over every scored point
-    (0.746 after NAB's probationary period, benchmarks/results/nab_live.md)."""
+    previous default ranked them below it: 0.44). Measured 0.840 over every scored point
+    (0.842 after NAB's probationary period, benchmarks/results/nab_live.md)."""
     from sklearn.metrics import roc_auc_score
 
     _, _, labels = load_nyc_taxi()
