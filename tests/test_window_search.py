@@ -174,3 +174,27 @@ def test_rows_of_one_norm_that_differ_stay_apart() -> None:
     search = CosineMemory(mem, norms)
     assert len(search.mem) == 3
     assert np.array_equal(search.nearest(q, _norms(q)), _cosine_formula(mem, norms, q, _norms(q)))
+
+
+def test_a_level_memory_that_follows_its_ring_is_the_one_built_whole() -> None:
+    """``SquaredMemory.follow``: block after block (the ring moved on by 64 values, some
+    windows not kept, a buffer that fills and moves), its search matrix is byte for byte
+    the one a whole build makes, so its searches give the same bits."""
+    rng = np.random.default_rng(3)
+    x = _series("smooth", rng, 6 * RING)
+    keep = rng.random(len(x)) < 0.9
+    memory = None
+    for end in range(RING, len(x) - 64, 64):
+        ring = x[end - RING:end] - 5.0
+        kept = np.flatnonzero(keep[end - RING + W - 1:end])
+        whole = SquaredMemory(ring, kept, W)
+        memory = whole if memory is None else memory.follow(ring, kept, 64)
+        assert memory.mem_t.tobytes() == whole.mem_t.tobytes()
+        assert memory.msq_max.tobytes() == whole.msq_max.tobytes()
+        queries = np.lib.stride_tricks.sliding_window_view(x[end - W + 1:end + 64], W) - 5.0
+        assert np.array_equal(memory.nearest(queries), whole.nearest(queries))
+    # a memory already followed is not written again: the second follower builds whole
+    later = memory.follow(ring, kept, 0)
+    again = memory.follow(ring, kept, 0)
+    assert again.mem_t.tobytes() == later.mem_t.tobytes() == memory.mem_t.tobytes()
+    assert again._rows is not later._rows

@@ -64,7 +64,7 @@ import numpy as np
 
 from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
-from models.detectors.window_search import CosineMemory, SquaredMemory
+from models.detectors.window_search import CosineMemory, SquaredMemory, unit_inverse, unit_shapes
 
 MEMBERS = ("range", "level", "memory")
 RECORD_MEMBERS = ("range", "level")  # the others only rank
@@ -166,6 +166,7 @@ class Ensemble(Online, Records):
         # fingerprints and raw surprises of the windows scored since the last block
         self._scored = (np.zeros((0, 2), np.int64), np.zeros((0, len(cfg.members), channels)))
         self._shapes: dict = {}  # derived from the ring, see _memory_shapes
+        self._level_prep: dict = {}  # derived from the ring, see _level_memories
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
     # state keys -> attributes; the memory (the large part) under one prefix
@@ -284,10 +285,16 @@ class Ensemble(Online, Records):
             if not keep.all():  # a window the memories do not keep: an empty slot
                 scaled = scaled * keep[None, :, None]
             shapes["shapes"][:, slots] = scaled
-            shapes["norms"][:, slots] = _norms(scaled)
+            shapes["norms"][:, slots] = norms = _norms(scaled)
+            shapes["unit_t"][:, :, slots] = unit_shapes(
+                shapes["shapes"][:, slots], unit_inverse(norms)).transpose(0, 2, 1)
             shapes["head"] = int(slots[-1] + 1) % total
         else:
             self._shapes = {}
+        if self._level_prep and not fresh:  # the level memories follow the ring
+            self._level_prep["shift"] += len(newest)
+        else:
+            self._level_prep = {}
 
     # --- scoring -----------------------------------------------------------------------
     def _scales(self, window: int) -> list[int]:
@@ -427,7 +434,12 @@ class Ensemble(Online, Records):
             if len(ends):
                 wins = sliding_windows(self._ring, w)[ends]  # (N', W, C)
                 shapes[:, ends] = scale_windows(wins).transpose(1, 0, 2)
-            self._shapes = {"shapes": shapes, "norms": _norms(shapes), "head": 0}
+            norms = _norms(shapes)
+            # the float32 search's unit-scaled shapes, (C, W, N) C-ordered (its product
+            # runs faster on them than on the transposed (C, N, W)), kept slot by slot
+            unit_t = np.ascontiguousarray(
+                unit_shapes(shapes, unit_inverse(norms)).transpose(0, 2, 1))
+            self._shapes = {"shapes": shapes, "norms": norms, "unit_t": unit_t, "head": 0}
         return self._shapes["shapes"], self._shapes["norms"]
 
     def _memory_distance(self, windows: np.ndarray) -> np.ndarray:
@@ -435,7 +447,8 @@ class Ensemble(Online, Records):
         remembered one (``CosineMemory``); an empty slot, all zeros, is never the
         nearest."""
         memories = self._derived("memory_search", lambda: tuple(
-            CosineMemory(mem, norms) for mem, norms in zip(*self._memory_shapes(), strict=True)))
+            CosineMemory(mem, norms, unit_t) for mem, norms, unit_t in zip(
+                *self._memory_shapes(), self._shapes["unit_t"], strict=True)))
         q = scale_windows(self._reported_removed(windows)).astype(np.float32)  # (B, C, W)
         q_norms = _norms(q)  # (B, C)
         out = np.empty((len(windows), windows.shape[2]))
@@ -457,13 +470,27 @@ class Ensemble(Online, Records):
             return out
         lo, hi = self._range()
         refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
-        memories = self._derived("level_search", lambda: tuple(
-            SquaredMemory(self._ring[:, c] - refs[c], kept, w) for c in range(len(refs))))
+        memories = self._derived("level_search", lambda: self._level_memories(refs, kept))
         for c, memory in enumerate(memories):
             span = max(hi[0, c] - lo[0, c], 1e-12)
             d2 = memory.nearest(windows[attached, :, c] - refs[c])
             out[attached, c] = np.sqrt(np.maximum(d2, 0.0) / w) / span
         return out
+
+    def _level_memories(self, refs: np.ndarray, kept: np.ndarray) -> tuple[SquaredMemory, ...]:
+        """Each channel's ``SquaredMemory`` of the ring centred on ``refs`` (C,): the last
+        block's, moved on by the values the ring took since (``follow``: only the new
+        windows' rows are computed), where the channel's centre is the same to the bit;
+        else built whole."""
+        w, prep = self.config.window, self._level_prep
+        same = (prep["refs"].view(np.uint64) == refs.view(np.uint64) if prep
+                else np.zeros(len(refs), dtype=bool))
+        memories = tuple(
+            prep["memories"][c].follow(self._ring[:, c] - refs[c], kept, prep["shift"])
+            if same[c] else SquaredMemory(self._ring[:, c] - refs[c], kept, w)
+            for c in range(len(refs)))
+        self._level_prep = {"refs": refs.copy(), "shift": 0, "memories": memories}
+        return memories
 
     def _continues(self, windows: np.ndarray) -> np.ndarray:
         """(B,) whether each window continues the stream this detector learnt: its
@@ -516,7 +543,9 @@ class Ensemble(Online, Records):
         keys, raws = self._scored
         if not len(keys) or raws.shape[1:] != (len(self.config.members), windows.shape[2]):
             return self._raw(windows)
-        match = (self._keys(windows)[:, None, :] == keys[None, :, :]).all(axis=2)
+        new = self._keys(windows)
+        match = ((new[:, None, 0] == keys[None, :, 0])  # both words equal (cheaper than a
+                 & (new[:, None, 1] == keys[None, :, 1]))  # reduction over pairs)
         known = match.any(axis=1)
         if not known.any():
             return self._raw(windows)
