@@ -198,3 +198,29 @@ def test_a_level_memory_that_follows_its_ring_is_the_one_built_whole() -> None:
     again = memory.follow(ring, kept, 0)
     assert again.mem_t.tobytes() == later.mem_t.tobytes() == memory.mem_t.tobytes()
     assert again._rows is not later._rows
+
+
+@pytest.mark.parametrize("kind", ["one_hot", "counts", "flat"])
+def test_level_searches_of_small_halves_are_the_products_least(kind: str) -> None:
+    """A one-hot or small-count channel centred on its range (multiples of 1/2): the
+    float32 product is exact, so its least is the answer, and it is the bits both
+    formulas give (the pairs' and the whole-memory product's)."""
+    rng = np.random.default_rng(5)
+    if kind == "one_hot":
+        x = _one_hot(rng, RING + 200)
+    elif kind == "counts":
+        x = rng.poisson(40.0, RING + 200).astype(np.float64)
+    else:
+        x = np.repeat(rng.integers(0, 3, RING // 100 + 3).astype(np.float64), 100)[:RING + 200]
+    centre = float((x[:RING].max() + x[:RING].min()) / 2.0)
+    keep = rng.random(RING - W + 1) < 0.8
+    keep[0] = True
+    kept = np.flatnonzero(keep)
+    queries = np.lib.stride_tricks.sliding_window_view(x[RING - 63:RING + 64], W) - centre
+    search = SquaredMemory(x[:RING] - centre, kept, W)
+    assert search.halves
+    got = search.nearest(queries)
+    assert np.array_equal(got, _squared_formula(x[:RING] - centre, kept, queries))
+    assert np.array_equal(got, _squared_product(x[:RING] - centre, kept, queries))
+    assert not SquaredMemory(x[:RING] - centre + 0.1, kept, W).halves
+    assert not SquaredMemory(1000.0 * (x[:RING] - centre + 1.0), kept, W).halves

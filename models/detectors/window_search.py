@@ -188,7 +188,7 @@ class SquaredMemory:
     next."""
 
     def __init__(self, ring: np.ndarray, kept: np.ndarray, w: int) -> None:
-        self.windows = _windows_of(ring, w)  # (R - W + 1, W), a view
+        self.ring, self.windows = ring, _windows_of(ring, w)  # (R - W + 1, W), a view
         self.kept, self.w = kept, w
         # the search matrix [m, |m|^2] (N, W + 1) is rows [lo, hi) of a buffer with room
         # to grow, so that the next block's memory (``follow``) writes only its new rows
@@ -210,7 +210,7 @@ class SquaredMemory:
                 or not np.array_equal(kept[:len(stayed)], stayed)):
             return SquaredMemory(ring, kept, self.w)
         out = object.__new__(SquaredMemory)
-        out.windows, out.kept, out.w = _windows_of(ring, self.w), kept, self.w
+        out.ring, out.windows, out.kept, out.w = ring, _windows_of(ring, self.w), kept, self.w
         out._rows, out._lo, out._hi, out._owner = self._rows, self._lo + drop, self._hi, self._owner
         self._owner[0] = out
         out._append(kept[len(stayed):])
@@ -237,13 +237,16 @@ class SquaredMemory:
     def nearest(self, q: np.ndarray) -> np.ndarray:
         """(B,) the smallest squared Euclidean distance ``|q|^2 + |m|^2 - 2 q.m``
         (float64) of each window q (B, W) to the remembered windows. The float32
-        search's error is below 2e-5 of |q|^2 plus the largest |m|^2."""
+        search's error is below 2e-5 of |q|^2 plus the largest |m|^2 (and nothing where
+        the windows are small multiples of 1/2: ``HALVES_MAX``)."""
         w, windows, kept = q.shape[1], self.windows, self.kept
         search = np.empty((len(q), w + 1), np.float32)  # [-2 q, 1]: times [m, |m|^2]
         search[:, :w] = -2.0 * q  # gives |m|^2 - 2 q.m
         search[:, w] = 1.0
         approx = search @ self.mem_t  # (B, N)
         qsq = (q**2).sum(axis=1)
+        if self.halves and _halves(q):  # the product is exact: its least is the answer
+            return qsq + approx.min(axis=1)
         first = approx.argmin(axis=1)
         low = approx[np.arange(len(q)), first]
         rows, cols = _near(approx, first, low + 2.0 * SEARCH_SLACK * (qsq + self.msq_max))
@@ -255,6 +258,33 @@ class SquaredMemory:
         best = np.full(len(q), np.inf)
         np.minimum.at(best, rows, d2)
         return best
+
+    @functools.cached_property
+    def halves(self) -> bool:
+        """Whether the remembered windows are small multiples of 1/2 (``_halves``): a
+        one-hot or small-count channel centred on its range (centres are halves)."""
+        if not len(self.kept) or self.w > 64:  # the bound below is for up to 64 values
+            return False
+        first, last = self.kept[0], self.kept[-1] + self.w  # every kept window's values
+        return _halves(self.ring[first:last])
+
+
+# Exact level searches: where every value of the queries and the remembered windows is a
+# multiple of 1/2 at most HALVES_MAX / 2 in size, each term of |m|^2 - 2 q.m is a multiple
+# of 1/4 and their sum over a window of 64 is at most 64 * 3 * HALVES_MAX^2 quarters <
+# 2^24: the float32 product with [m, |m|^2] and every partial sum in it are exact, in any
+# order, and so are the formulas the searches end with. The product's least is then the
+# answer bit for bit: what the candidates' formula and the whole-memory product give too
+# (+0.0 for a window met again: x - x is +0.0). A one-hot channel (0/1 centred on 1/2)
+# skips the candidates and the whole-memory fallback its flat windows always took.
+HALVES_MAX = 295
+
+
+def _halves(x: np.ndarray) -> bool:
+    """Whether every value of ``x`` is a multiple of 1/2 of size at most HALVES_MAX / 2
+    (NaN and infinities are not)."""
+    twice = 2.0 * x
+    return bool((np.abs(twice) <= HALVES_MAX).all() and np.array_equal(twice, np.rint(twice)))
 
 
 def _windows_of(x: np.ndarray, w: int) -> np.ndarray:
