@@ -224,3 +224,32 @@ def test_level_searches_of_small_halves_are_the_products_least(kind: str) -> Non
     assert np.array_equal(got, _squared_product(x[:RING] - centre, kept, queries))
     assert not SquaredMemory(x[:RING] - centre + 0.1, kept, W).halves
     assert not SquaredMemory(1000.0 * (x[:RING] - centre + 1.0), kept, W).halves
+
+
+def test_the_ensembles_kept_search_memories_are_the_ones_a_load_builds() -> None:
+    """Block after block (past the ring's wrap, two channels), the memories the ensemble
+    keeps for its searches are byte for byte what it builds from its ring after a load."""
+    from models.detectors.base import sliding_windows
+    from models.detectors.ensemble import Ensemble
+
+    rng = np.random.default_rng(9)
+    t = np.arange(2000.0)
+    x = np.column_stack([np.sin(t / 9.0) + rng.normal(0, 0.05, len(t)), _one_hot(rng, len(t))])
+    det = Ensemble(window=W, memory_points=512, warmup=128)
+    windows = sliding_windows(x, W)
+    for lo in range(0, len(windows) - 64, 64):
+        if det.is_fitted:
+            det.score(windows[lo:lo + 64])
+        det.partial_fit(windows[lo:lo + 64])
+    assert det._shapes and det._shapes["head"] != 0 and det._level_prep
+    kept_unit = det._shapes["unit_t"].copy()
+    det.score(windows[-64:])
+    fresh = Ensemble(window=W, memory_points=512, warmup=128)
+    fresh.load_state_dict(det.state_dict())
+    fresh.score(windows[-64:])
+    # slots are circular: the kept memory is the rebuilt one rolled by the head
+    assert np.roll(fresh._shapes["unit_t"], det._shapes["head"], axis=2).tobytes() == \
+        kept_unit.tobytes()
+    for mine, built in zip(det._level_prep["memories"], fresh._level_prep["memories"],
+                           strict=True):
+        assert mine.mem_t.tobytes() == built.mem_t.tobytes()

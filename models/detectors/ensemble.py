@@ -286,8 +286,11 @@ class Ensemble(Online, Records):
                 scaled = scaled * keep[None, :, None]
             shapes["shapes"][:, slots] = scaled
             shapes["norms"][:, slots] = norms = _norms(scaled)
-            shapes["unit_t"][:, :, slots] = unit_shapes(
-                shapes["shapes"][:, slots], unit_inverse(norms)).transpose(0, 2, 1)
+            unit = unit_shapes(shapes["shapes"][:, slots], unit_inverse(norms))
+            start = int(slots[0])  # as at most two slices: a fancy index along the last
+            first = min(n, total - start)  # axis writes element by element (30x slower)
+            shapes["unit_t"][:, :, start:start + first] = unit[:, :first].transpose(0, 2, 1)
+            shapes["unit_t"][:, :, :n - first] = unit[:, first:].transpose(0, 2, 1)
             shapes["head"] = int(slots[-1] + 1) % total
         else:
             self._shapes = {}
