@@ -242,14 +242,15 @@ def test_the_ensembles_kept_search_memories_are_the_ones_a_load_builds() -> None
             det.score(windows[lo:lo + 64])
         det.partial_fit(windows[lo:lo + 64])
     assert det._shapes and det._shapes["head"] != 0 and det._level_prep
-    kept_unit = det._shapes["unit_t"].copy()
+    kept_unit = [None if u is None else u.copy() for u in det._shapes["unit_t"]]
+    assert kept_unit[0] is not None and kept_unit[1] is None  # the flag: a few shapes
     det.score(windows[-64:])
     fresh = Ensemble(window=W, memory_points=512, warmup=128)
     fresh.load_state_dict(det.state_dict())
     fresh.score(windows[-64:])
     # slots are circular: the kept memory is the rebuilt one rolled by the head
-    assert np.roll(fresh._shapes["unit_t"], det._shapes["head"], axis=2).tobytes() == \
-        kept_unit.tobytes()
+    built = fresh._shapes["unit_t"][0]
+    assert np.roll(built, det._shapes["head"], axis=1).tobytes() == kept_unit[0].tobytes()
     for mine, built in zip(det._level_prep["memories"], fresh._level_prep["memories"],
                            strict=True):
         assert mine.mem_t.tobytes() == built.mem_t.tobytes()

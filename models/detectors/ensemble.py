@@ -286,11 +286,13 @@ class Ensemble(Online, Records):
                 scaled = scaled * keep[None, :, None]
             shapes["shapes"][:, slots] = scaled
             shapes["norms"][:, slots] = norms = _norms(scaled)
-            unit = unit_shapes(shapes["shapes"][:, slots], unit_inverse(norms))
             start = int(slots[0])  # as at most two slices: a fancy index along the last
             first = min(n, total - start)  # axis writes element by element (30x slower)
-            shapes["unit_t"][:, :, start:start + first] = unit[:, :first].transpose(0, 2, 1)
-            shapes["unit_t"][:, :, :n - first] = unit[:, first:].transpose(0, 2, 1)
+            for c, unit_t in enumerate(shapes["unit_t"]):
+                if unit_t is not None:
+                    unit = unit_shapes(shapes["shapes"][c, slots], unit_inverse(norms[c])).T
+                    unit_t[:, start:start + first] = unit[:, :first]
+                    unit_t[:, :n - first] = unit[:, first:]
             shapes["head"] = int(slots[-1] + 1) % total
         else:
             self._shapes = {}
@@ -437,21 +439,36 @@ class Ensemble(Online, Records):
             if len(ends):
                 wins = sliding_windows(self._ring, w)[ends]  # (N', W, C)
                 shapes[:, ends] = scale_windows(wins).transpose(1, 0, 2)
-            norms = _norms(shapes)
-            # the float32 search's unit-scaled shapes, (C, W, N) C-ordered (its product
-            # runs faster on them than on the transposed (C, N, W)), kept slot by slot
-            unit_t = np.ascontiguousarray(
-                unit_shapes(shapes, unit_inverse(norms)).transpose(0, 2, 1))
-            self._shapes = {"shapes": shapes, "norms": norms, "unit_t": unit_t, "head": 0}
+            # unit_t: per channel, the float32 search's unit-scaled shapes (W, N), kept
+            # slot by slot where the channel's memory is searched whole (None: not yet,
+            # or searched as its few distinct shapes, see _cosine_memories)
+            self._shapes = {"shapes": shapes, "norms": _norms(shapes),
+                            "unit_t": [None] * channels, "head": 0}
         return self._shapes["shapes"], self._shapes["norms"]
+
+    def _cosine_memories(self) -> tuple[CosineMemory, ...]:
+        """Each channel's ``CosineMemory`` of its remembered shapes. A memory searched
+        whole keeps its unit-scaled shapes from block to block, C-ordered (W, N): its
+        product runs faster on them than on the transposed (N, W); one searched as a few
+        distinct shapes (``distinct_rows``) keeps none."""
+        shapes, norms = self._memory_shapes()
+        units = self._shapes["unit_t"]
+        memories = []
+        for c, unit_t in enumerate(units):
+            memory = CosineMemory(shapes[c], norms[c], unit_t)
+            if memory.distinct:
+                units[c] = None
+            elif unit_t is None:
+                units[c] = np.ascontiguousarray(memory.unit_t)
+                memory.__dict__["unit_t"] = units[c]
+            memories.append(memory)
+        return tuple(memories)
 
     def _memory_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): cosine distance of each channel window's shape to the nearest
         remembered one (``CosineMemory``); an empty slot, all zeros, is never the
         nearest."""
-        memories = self._derived("memory_search", lambda: tuple(
-            CosineMemory(mem, norms, unit_t) for mem, norms, unit_t in zip(
-                *self._memory_shapes(), self._shapes["unit_t"], strict=True)))
+        memories = self._derived("memory_search", self._cosine_memories)
         q = scale_windows(self._reported_removed(windows)).astype(np.float32)  # (B, C, W)
         q_norms = _norms(q)  # (B, C)
         out = np.empty((len(windows), windows.shape[2]))

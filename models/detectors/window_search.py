@@ -32,6 +32,10 @@ from numpy.lib.stride_tricks import as_strided
 # where more than CANDIDATES per query are that close.
 SEARCH_SLACK = 1e-4
 CANDIDATES = 8
+# rows a level memory's buffer holds beyond its windows: 8 chunks of 64 new windows before
+# its rows move to a new buffer (one copy per 8 blocks; a buffer twice the memory would
+# hold twice its bytes in every cached scorer)
+FOLLOW_ROOM = 512
 
 
 # Deduplication: one search per distinct row, where at most this share of the rows is
@@ -128,6 +132,7 @@ class CosineMemory:
         # the answer is a best value, not an index: one row per distinct shape gives the
         # same (a one-hot command channel's memory is one or two shapes)
         distinct = distinct_rows(mem, norms)
+        self.distinct = distinct is not None  # searched as its distinct shapes
         if distinct is not None:
             firsts = distinct[0]
             mem, norms = mem[firsts], norms[firsts]
@@ -192,7 +197,7 @@ class SquaredMemory:
         self.kept, self.w = kept, w
         # the search matrix [m, |m|^2] (N, W + 1) is rows [lo, hi) of a buffer with room
         # to grow, so that the next block's memory (``follow``) writes only its new rows
-        self._rows = np.empty((2 * len(self.windows), w + 1), np.float32)
+        self._rows = np.empty((len(self.windows) + FOLLOW_ROOM, w + 1), np.float32)
         self._lo, self._hi = 0, 0
         self._owner = [self]  # the buffer's rows past _hi belong to this memory alone
         self._append(kept)
@@ -220,8 +225,8 @@ class SquaredMemory:
         """Rows for the windows starting at ``new`` (after every row kept so far)."""
         w, hi = self.w, self._hi
         if hi + len(new) > len(self._rows):  # out of room: the rows move to a new buffer
-            rows = np.empty((max(2 * len(self.windows), self._hi - self._lo + len(new)),
-                             w + 1), np.float32)
+            rows = np.empty((max(len(self.windows) + FOLLOW_ROOM,
+                                 self._hi - self._lo + len(new)), w + 1), np.float32)
             rows[:hi - self._lo] = self._rows[self._lo:hi]
             self._rows, self._lo, hi = rows, 0, hi - self._lo
         part = self._rows[hi:hi + len(new)]
