@@ -26,11 +26,19 @@ stream's own recent history, so it means the same on every stream:
 * **below 1: the ranking.** ``memory``: the cosine distance of the newest window,
   shape-normalised as ``raw_knn`` does (integers 1..100 over the window's own range), to
   the nearest window of the stream's recent past, as a multiple ``q`` of the stream's
-  typical such distance, squashed to ``q / (1 + q)`` (0.5 = typical). It orders the
-  stream's ordinary moments for ranking and likelihood and never raises a verdict. It
-  grades what is new at the window's end: an earlier value of the window that broke the
-  stream's range was reported when it came, so it is replaced by the line between its
-  neighbours (a spike does not rank the W - 1 windows that still hold it as novel).
+  typical such distance, squashed to ``q / (1 + q)`` (0.5 = typical). The typical
+  distance is measured once, when the warm-up ends (offline, at the end of ``fit``), as
+  ``raw_knn`` calibrates: a scale that moved with each block graded the first scored
+  points against the warm-up's few blocks and later ones against more, and the
+  likelihood, which ranks a point among the stream's earlier scores, read ordinary points
+  high while it settled. The grade is therefore no calibrated scale: as the memory fills
+  after the warm-up its distances shrink below that typical one (on NAB the files'
+  ordinary points grade 0.34 in the median, nyc_taxi's 0.06); the likelihood is. It
+  orders the stream's ordinary moments for ranking and likelihood and never raises a
+  verdict. It grades what is new at the window's end: an earlier value of the window
+  that broke the stream's range was reported when it came, so it is replaced by the line
+  between its neighbours (a spike does not rank the W - 1 windows that still hold it as
+  novel).
 
 Both memories are the stream's last ``memory_points`` raw values: every window inside
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
@@ -64,7 +72,7 @@ import numpy as np
 
 from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
-from models.detectors.window_search import CosineMemory, SquaredMemory
+from models.detectors.window_search import CosineMemory, SquaredMemory, unit_inverse, unit_shapes
 
 MEMBERS = ("range", "level", "memory")
 RECORD_MEMBERS = ("range", "level")  # the others only rank
@@ -158,6 +166,8 @@ class Ensemble(Online, Records):
         self._step = np.full((blocks, channels), np.nan)
         self._level_top = np.full((blocks, channels), np.nan)
         self._memory_mid = np.full((blocks, channels), np.nan)
+        # the memory member's typical distance, measured once (NaN = not yet: _settle)
+        self._typical_at = np.full(channels, np.nan)
         # the last memory_points raw values (oldest first; NaN = not yet seen) and, per
         # position, whether the window ending there is remembered
         size = cfg.memory_points if {"level", "memory"} & set(cfg.members) else 0
@@ -166,12 +176,15 @@ class Ensemble(Online, Records):
         # fingerprints and raw surprises of the windows scored since the last block
         self._scored = (np.zeros((0, 2), np.int64), np.zeros((0, len(cfg.members), channels)))
         self._shapes: dict = {}  # derived from the ring, see _memory_shapes
+        self._level_prep: dict = {}  # derived from the ring, see _level_memories
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
     # state keys -> attributes; the memory (the large part) under one prefix
     _STATE = {"n": "_n", "blocks": "_blocks", "lo": "_lo", "hi": "_hi", "step": "_step",
               "level_top": "_level_top", "memory_mid": "_memory_mid",
-              "memory/ring": "_ring", "memory/keep": "_keep"}
+              "typical": "_typical_at", "memory/ring": "_ring", "memory/keep": "_keep"}
+    # keys a state written before them may lack: rebuilt from the rest (_settle)
+    _LATER = frozenset({"typical"})
 
     def state_dict(self) -> dict[str, np.ndarray]:
         if not hasattr(self, "_n"):
@@ -179,12 +192,15 @@ class Ensemble(Online, Records):
         return {k: getattr(self, attr).copy() for k, attr in self._STATE.items()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if not state or set(state) != set(self._STATE):  # nothing learnt, or another layout
-            return
+        if not state or not set(self._STATE) - self._LATER <= set(state) <= set(self._STATE):
+            return  # nothing learnt, or another layout
         self._init_state(np.asarray(state["lo"]).shape[2])
         for key, attr in self._STATE.items():
-            dtype = np.uint8 if key == "memory/keep" else np.float64
-            setattr(self, attr, np.asarray(state[key], dtype=dtype).copy())
+            if key in state:
+                dtype = np.uint8 if key == "memory/keep" else np.float64
+                setattr(self, attr, np.asarray(state[key], dtype=dtype).copy())
+        if "typical" not in state and self.is_fitted:  # a stream from before the key
+            self._settle()
 
     @property
     def is_fitted(self) -> bool:
@@ -205,6 +221,8 @@ class Ensemble(Online, Records):
         windows = sliding_windows(train, self.config.window)
         for lo in range(0, len(windows), self.config.block):
             self._learn(windows[lo:lo + self.config.block])
+        self._typical_at[:] = np.nan  # measured on the whole training split, not its start
+        self._settle()
 
     def partial_fit(self, windows: np.ndarray, stamps: np.ndarray | None = None) -> Ensemble:
         """Learn from windows (B, W, C), oldest first, each adding its newest point; one
@@ -259,6 +277,8 @@ class Ensemble(Online, Records):
         self._blocks += 1
         self._memo = {}
         self._scored = (self._scored[0][:0], self._scored[1][:0])  # stale now: forget
+        if self.is_fitted:
+            self._settle()
         if len(self._ring):
             self._remember(windows, normal if cfg.memory_learns == "normal" else None)
 
@@ -284,10 +304,21 @@ class Ensemble(Online, Records):
             if not keep.all():  # a window the memories do not keep: an empty slot
                 scaled = scaled * keep[None, :, None]
             shapes["shapes"][:, slots] = scaled
-            shapes["norms"][:, slots] = _norms(scaled)
+            shapes["norms"][:, slots] = norms = _norms(scaled)
+            start = int(slots[0])  # as at most two slices: a fancy index along the last
+            first = min(n, total - start)  # axis writes element by element (30x slower)
+            for c, unit_t in enumerate(shapes["unit_t"]):
+                if unit_t is not None:
+                    unit = unit_shapes(shapes["shapes"][c, slots], unit_inverse(norms[c])).T
+                    unit_t[:, start:start + first] = unit[:, :first]
+                    unit_t[:, :n - first] = unit[:, first:]
             shapes["head"] = int(slots[-1] + 1) % total
         else:
             self._shapes = {}
+        if self._level_prep and not fresh:  # the level memories follow the ring
+            self._level_prep["shift"] += len(newest)
+        else:
+            self._level_prep = {}
 
     # --- scoring -----------------------------------------------------------------------
     def _scales(self, window: int) -> list[int]:
@@ -427,15 +458,36 @@ class Ensemble(Online, Records):
             if len(ends):
                 wins = sliding_windows(self._ring, w)[ends]  # (N', W, C)
                 shapes[:, ends] = scale_windows(wins).transpose(1, 0, 2)
-            self._shapes = {"shapes": shapes, "norms": _norms(shapes), "head": 0}
+            # unit_t: per channel, the float32 search's unit-scaled shapes (W, N), kept
+            # slot by slot where the channel's memory is searched whole (None: not yet,
+            # or searched as its few distinct shapes, see _cosine_memories)
+            self._shapes = {"shapes": shapes, "norms": _norms(shapes),
+                            "unit_t": [None] * channels, "head": 0}
         return self._shapes["shapes"], self._shapes["norms"]
+
+    def _cosine_memories(self) -> tuple[CosineMemory, ...]:
+        """Each channel's ``CosineMemory`` of its remembered shapes. A memory searched
+        whole keeps its unit-scaled shapes from block to block, C-ordered (W, N): its
+        product runs faster on them than on the transposed (N, W); one searched as a few
+        distinct shapes (``distinct_rows``) keeps none."""
+        shapes, norms = self._memory_shapes()
+        units = self._shapes["unit_t"]
+        memories = []
+        for c, unit_t in enumerate(units):
+            memory = CosineMemory(shapes[c], norms[c], unit_t)
+            if memory.distinct:
+                units[c] = None
+            elif unit_t is None:
+                units[c] = np.ascontiguousarray(memory.unit_t)
+                memory.__dict__["unit_t"] = units[c]
+            memories.append(memory)
+        return tuple(memories)
 
     def _memory_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): cosine distance of each channel window's shape to the nearest
         remembered one (``CosineMemory``); an empty slot, all zeros, is never the
         nearest."""
-        memories = self._derived("memory_search", lambda: tuple(
-            CosineMemory(mem, norms) for mem, norms in zip(*self._memory_shapes(), strict=True)))
+        memories = self._derived("memory_search", self._cosine_memories)
         q = scale_windows(self._reported_removed(windows)).astype(np.float32)  # (B, C, W)
         q_norms = _norms(q)  # (B, C)
         out = np.empty((len(windows), windows.shape[2]))
@@ -457,13 +509,27 @@ class Ensemble(Online, Records):
             return out
         lo, hi = self._range()
         refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
-        memories = self._derived("level_search", lambda: tuple(
-            SquaredMemory(self._ring[:, c] - refs[c], kept, w) for c in range(len(refs))))
+        memories = self._derived("level_search", lambda: self._level_memories(refs, kept))
         for c, memory in enumerate(memories):
             span = max(hi[0, c] - lo[0, c], 1e-12)
             d2 = memory.nearest(windows[attached, :, c] - refs[c])
             out[attached, c] = np.sqrt(np.maximum(d2, 0.0) / w) / span
         return out
+
+    def _level_memories(self, refs: np.ndarray, kept: np.ndarray) -> tuple[SquaredMemory, ...]:
+        """Each channel's ``SquaredMemory`` of the ring centred on ``refs`` (C,): the last
+        block's, moved on by the values the ring took since (``follow``: only the new
+        windows' rows are computed), where the channel's centre is the same to the bit;
+        else built whole."""
+        w, prep = self.config.window, self._level_prep
+        same = (prep["refs"].view(np.uint64) == refs.view(np.uint64) if prep
+                else np.zeros(len(refs), dtype=bool))
+        memories = tuple(
+            prep["memories"][c].follow(self._ring[:, c] - refs[c], kept, prep["shift"])
+            if same[c] else SquaredMemory(self._ring[:, c] - refs[c], kept, w)
+            for c in range(len(refs)))
+        self._level_prep = {"refs": refs.copy(), "shift": 0, "memories": memories}
+        return memories
 
     def _continues(self, windows: np.ndarray) -> np.ndarray:
         """(B,) whether each window continues the stream this detector learnt: its
@@ -516,7 +582,9 @@ class Ensemble(Online, Records):
         keys, raws = self._scored
         if not len(keys) or raws.shape[1:] != (len(self.config.members), windows.shape[2]):
             return self._raw(windows)
-        match = (self._keys(windows)[:, None, :] == keys[None, :, :]).all(axis=2)
+        new = self._keys(windows)
+        match = ((new[:, None, 0] == keys[None, :, 0])  # both words equal (cheaper than a
+                 & (new[:, None, 1] == keys[None, :, 1]))  # reduction over pairs)
         known = match.any(axis=1)
         if not known.any():
             return self._raw(windows)
@@ -556,9 +624,25 @@ class Ensemble(Online, Records):
         return (np.maximum(tops.max(axis=0), RECORD_FLOOR),)
 
     def _typical(self, channels: int) -> np.ndarray:
-        """The memory member's typical distance: the median of the blocks' medians."""
+        """The memory member's typical distance: measured once (``_settle``), else (no
+        block measured yet) the median of the blocks' medians."""
+        if not np.isnan(self._typical_at).any():
+            return self._typical_at
+        return self._blocks_typical(channels)
+
+    def _blocks_typical(self, channels: int) -> np.ndarray:
+        """The median of the recorded blocks' median distances (0 before any)."""
         mids = self._memory_mid[~np.isnan(self._memory_mid[:, 0])]
         return np.median(mids, axis=0) if len(mids) else np.zeros(channels)
+
+    def _settle(self) -> None:
+        """Measure the typical distance once: when the warm-up ends (``_learn``), at the
+        end of ``fit``, or on loading a state from before it was kept. It stays fixed:
+        the likelihood ranks each score among the stream's earlier ones, so a scale that
+        moved under them would rank points by when they came (the first scored points,
+        graded against the warm-up's few blocks, read lower than the later ones)."""
+        if np.isnan(self._typical_at).any() and not np.isnan(self._memory_mid[:, 0]).all():
+            self._typical_at = self._blocks_typical(len(self._typical_at))
 
     def _channel_scores(self, windows: np.ndarray) -> np.ndarray:
         windows = np.ascontiguousarray(windows, dtype=np.float64)
