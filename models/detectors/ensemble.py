@@ -65,12 +65,14 @@ import numpy as np
 from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
 from models.detectors.window_search import CosineMemory, SquaredMemory
+from models.slices import sliced, unsliced
 
 MEMBERS = ("range", "level", "memory")
 RECORD_MEMBERS = ("range", "level")  # the others only rank
 RECORD_FLOOR = 1e-3  # smallest record a distance is divided by
 MIN_RECORD_BLOCKS = 4  # blocks of a member's history before it can set a record
 RANK_CAP = 1.0 - 1e-9  # the ranking stays under the record line
+MEMORY_SLICE = 64  # rows per stored slice of the memory's ring (the service's chunk)
 # E|x_t - x_t-1| = 2 sigma / sqrt(pi) for Gaussian noise
 SIGMA_PER_STEP = np.sqrt(np.pi) / 2.0
 
@@ -168,23 +170,52 @@ class Ensemble(Online, Records):
         self._shapes: dict = {}  # derived from the ring, see _memory_shapes
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
-    # state keys -> attributes; the memory (the large part) under one prefix
+    # state keys -> attributes, besides the memory (the ring and its keep flags)
     _STATE = {"n": "_n", "blocks": "_blocks", "lo": "_lo", "hi": "_hi", "step": "_step",
-              "level_top": "_level_top", "memory_mid": "_memory_mid",
-              "memory/ring": "_ring", "memory/keep": "_keep"}
+              "level_top": "_level_top", "memory_mid": "_memory_mid"}
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """The block history, and the memory as a circular buffer in slices of
+        MEMORY_SLICE rows, ``"memory<k>/ring"`` and ``"memory<k>/keep"``: the value
+        that entered the ring t-th sits at row t mod ring size (``_ring_turn``), so a
+        store that keeps ``part/name`` keys apart (service/stream_state.py) rewrites only
+        the slices a block's new values entered (one, for the service's 64-point chunk),
+        not the whole ring (2,048 x channels float64 values: 901 KB for MSL's 55).
+
+        >>> det = Ensemble(window=8, memory_points=200, warmup=16).fit(np.ones((64, 2)))
+        >>> sorted(k for k in det.state_dict() if k.startswith("memory"))[:3]
+        ['memory0/keep', 'memory0/ring', 'memory1/keep']
+        """
         if not hasattr(self, "_n"):
             return {}
-        return {k: getattr(self, attr).copy() for k, attr in self._STATE.items()}
+        state = {k: getattr(self, attr).copy() for k, attr in self._STATE.items()}
+        turn = self._ring_turn()
+        return state | sliced("memory", MEMORY_SLICE, ring=np.roll(self._ring, turn, axis=0),
+                              keep=np.roll(self._keep, turn))
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if not state or set(state) != set(self._STATE):  # nothing learnt, or another layout
+        if not state or not set(self._STATE) <= set(state):  # nothing learnt, or another
             return
+        if "memory/ring" in state:  # one array each, oldest first, as written before slices
+            ring, keep = state["memory/ring"], state["memory/keep"]
+        else:
+            ring, keep = unsliced(state, "memory", "ring"), unsliced(state, "memory", "keep")
+            if ring is None:  # a detector without memories
+                ring, keep = np.zeros((0, np.asarray(state["lo"]).shape[2])), np.zeros(0)
         self._init_state(np.asarray(state["lo"]).shape[2])
         for key, attr in self._STATE.items():
-            dtype = np.uint8 if key == "memory/keep" else np.float64
-            setattr(self, attr, np.asarray(state[key], dtype=dtype).copy())
+            setattr(self, attr, np.asarray(state[key], dtype=np.float64).copy())
+        self._ring = np.asarray(ring, dtype=np.float64)
+        self._keep = np.asarray(keep, dtype=np.uint8)
+        turn = self._ring_turn() if "memory/ring" not in state else 0
+        self._ring = np.roll(self._ring, -turn, axis=0)  # copies: the state is not held
+        self._keep = np.roll(self._keep, -turn)
+
+    def _ring_turn(self) -> int:
+        """Where the stored ring's oldest value sits: the count of values the ring took
+        (its first window brings W - 1 values before its own), mod the ring's size."""
+        size = len(self._ring)
+        return (int(self._n[0]) + self.config.window - 1) % size if size else 0
 
     @property
     def is_fitted(self) -> bool:
