@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from models.detectors.ensemble import HISTORY_SLICE
 from models.streaming import CHUNK
 from models.thresholds import Spot, ThresholdSpec, build_threshold
 from service import stream_state
@@ -203,10 +204,12 @@ def wide_points(lo: int, hi: int, channels: int = 8) -> np.ndarray:
 
 def test_a_wide_streams_chunk_writes_one_slice_of_the_detectors_memory():
     """The default ensemble's memory (its ring of raw values and keep flags) is stored as
-    a circular buffer in slices of one chunk (``det/memory<k>``): a chunk's end writes the
-    slice its 64 points entered, round the ring, not the whole ring (2,048 x 55 float64
-    values, 901 KB, for MSL); a scorer decoded from what the store holds after any commit
-    is the live one, array for array, and scores the same."""
+    a circular buffer in slices of one chunk (``det/memory<k>``), its block history in
+    slices of HISTORY_SLICE blocks (``det/history<k>``): a chunk's end writes the slice
+    its 64 points entered, round the ring, and the one its block's statistics entered,
+    not the whole ring and history (2,048 x 55 float64 values, 901 KB, and 197 KB for
+    MSL); a scorer decoded from what the store holds after any commit is the live one,
+    array for array, and scores the same."""
     meta = StreamMeta("w", 8, 16, "ensemble")
     scorer = StreamScorer(meta, WIDE)
     scorer.meta.points_seen = 320
@@ -226,9 +229,12 @@ def test_a_wide_streams_chunk_writes_one_slice_of_the_detectors_memory():
             assert not det
             continue
         # the slice of the chunk that ended: its points lo + 32 - CHUNK .. lo + 31, mod 256
-        assert det == ["det", f"det/memory{((lo + 32) // CHUNK - 1) % 4}"], (lo, det)
-        assert len(changed[det[1]]) < 64 * 8 * 9 + 300  # its values, keep flags, header
-        entered.append(det[1])
+        chunk = (lo + 32) // CHUNK - 1
+        block = int(scorer.detector._blocks[0]) - 1  # the block the chunk was
+        history = f"det/history{block % 64 // HISTORY_SLICE}"
+        assert det == ["det", history, f"det/memory{chunk % 4}"], (lo, det)
+        assert len(changed[det[2]]) < 64 * 8 * 9 + 300  # its values, keep flags, header
+        entered.append(det[2])
         decoded = StreamScorer.from_sections(StreamMeta("w", 8, 16, "ensemble"), WIDE, stored)
         live, back = scorer.detector.state_dict(), decoded.detector.state_dict()
         assert set(live) == set(back)
@@ -245,15 +251,20 @@ def test_a_wide_streams_chunk_writes_one_slice_of_the_detectors_memory():
 
 
 def test_a_detector_memory_written_whole_by_an_earlier_version_continues_the_same():
-    """``det/memory`` as versions before the slices wrote it (the ring oldest first, one
-    array): it loads, scores the same, and the first commit drops it for the slices."""
+    """``det`` and ``det/memory`` as versions before the slices wrote them (the block
+    history whole in ``det``, the ring oldest first in ``det/memory``): they load, score
+    the same, and the first commit drops ``det/memory`` for the slices."""
     scorer = StreamScorer(StreamMeta("w", 8, 16, "ensemble"), WIDE)
     scorer.meta.points_seen = 700
     scorer.process(wide_points(0, 700), 700)
     held = scorer.sections()
-    whole = {k: v for k, v in held.items() if not k.startswith("det/memory")}
-    whole["det/memory"] = stream_state.encode({"ring": scorer.detector._ring,
-                                               "keep": scorer.detector._keep})
+    whole = {k: v for k, v in held.items() if stream_state.owner(k) != "det"}
+    det = scorer.detector
+    whole["det"] = stream_state.encode({"n": det._n, "blocks": det._blocks, "lo": det._lo,
+                                        "hi": det._hi, "step": det._step,
+                                        "level_top": det._level_top,
+                                        "memory_mid": det._memory_mid})
+    whole["det/memory"] = stream_state.encode({"ring": det._ring, "keep": det._keep})
     a, b = (StreamScorer.from_sections(StreamMeta("w", 8, 16, "ensemble"), WIDE, s)
             for s in (held, whole))
     for s in (a, b):
@@ -262,4 +273,6 @@ def test_a_detector_memory_written_whole_by_an_earlier_version_continues_the_sam
     np.testing.assert_array_equal(b.process(context, 200).scores,
                                   a.process(context, 200).scores)
     changed, drop, _ = b.to_commit()
-    assert drop == ("det/memory",) and {f"det/memory{k}" for k in range(4)} <= set(changed)
+    assert drop == ("det/memory",)
+    assert {f"det/memory{k}" for k in range(4)} | {f"det/history{k}" for k in range(8)} <= set(
+        changed)

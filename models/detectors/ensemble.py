@@ -73,6 +73,7 @@ RECORD_FLOOR = 1e-3  # smallest record a distance is divided by
 MIN_RECORD_BLOCKS = 4  # blocks of a member's history before it can set a record
 RANK_CAP = 1.0 - 1e-9  # the ranking stays under the record line
 MEMORY_SLICE = 64  # rows per stored slice of the memory's ring (the service's chunk)
+HISTORY_SLICE = 8  # blocks per stored slice of the block history
 # E|x_t - x_t-1| = 2 sigma / sqrt(pi) for Gaussian noise
 SIGMA_PER_STEP = np.sqrt(np.pi) / 2.0
 
@@ -170,41 +171,56 @@ class Ensemble(Online, Records):
         self._shapes: dict = {}  # derived from the ring, see _memory_shapes
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
-    # state keys -> attributes, besides the memory (the ring and its keep flags)
-    _STATE = {"n": "_n", "blocks": "_blocks", "lo": "_lo", "hi": "_hi", "step": "_step",
-              "level_top": "_level_top", "memory_mid": "_memory_mid"}
+    # state keys -> attributes: the counts, and the block history (a ring of blocks: a
+    # block's statistics sit at row blocks mod history_blocks)
+    _COUNTS = {"n": "_n", "blocks": "_blocks"}
+    _HISTORY = {"lo": "_lo", "hi": "_hi", "step": "_step", "level_top": "_level_top",
+                "memory_mid": "_memory_mid"}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The block history, and the memory as a circular buffer in slices of
-        MEMORY_SLICE rows, ``"memory<k>/ring"`` and ``"memory<k>/keep"``: the value
-        that entered the ring t-th sits at row t mod ring size (``_ring_turn``), so a
-        store that keeps ``part/name`` keys apart (service/stream_state.py) rewrites only
-        the slices a block's new values entered (one, for the service's 64-point chunk),
-        not the whole ring (2,048 x channels float64 values: 901 KB for MSL's 55).
+        """The counts, the block history in slices of HISTORY_SLICE blocks
+        (``"history<k>/lo"``, ...) and the memory as a circular buffer in slices of
+        MEMORY_SLICE rows (``"memory<k>/ring"``, ``"memory<k>/keep"``: the value that
+        entered the ring t-th sits at row t mod its size, ``_ring_turn``). A store that
+        keeps ``part/name`` keys apart (service/stream_state.py) then rewrites at a
+        block's end the slices its statistics and its new values entered (one of each,
+        for the service's 64-point chunk), not the whole of them: MSL's 55 channels keep
+        a 197 KB history and a 901 KB memory.
 
         >>> det = Ensemble(window=8, memory_points=200, warmup=16).fit(np.ones((64, 2)))
-        >>> sorted(k for k in det.state_dict() if k.startswith("memory"))[:3]
-        ['memory0/keep', 'memory0/ring', 'memory1/keep']
+        >>> sorted(k for k in det.state_dict() if not k.startswith("history"))[:5]
+        ['blocks', 'memory0/keep', 'memory0/ring', 'memory1/keep', 'memory1/ring']
         """
         if not hasattr(self, "_n"):
             return {}
-        state = {k: getattr(self, attr).copy() for k, attr in self._STATE.items()}
+        state = {k: getattr(self, attr).copy() for k, attr in self._COUNTS.items()}
+        state |= sliced("history", HISTORY_SLICE,
+                        **{k: getattr(self, attr) for k, attr in self._HISTORY.items()})
         turn = self._ring_turn()
         return state | sliced("memory", MEMORY_SLICE, ring=np.roll(self._ring, turn, axis=0),
                               keep=np.roll(self._keep, turn))
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if not state or not set(self._STATE) <= set(state):  # nothing learnt, or another
+        """The state as ``state_dict`` gives it, or as versions before the slices wrote
+        it (each array whole, the ring oldest first)."""
+        if not state or not set(self._COUNTS) <= set(state):  # nothing learnt
             return
-        if "memory/ring" in state:  # one array each, oldest first, as written before slices
+        whole = "lo" in state  # the block history written whole
+        history = {k: state[k] if whole else unsliced(state, "history", k)
+                   for k in self._HISTORY}
+        if any(v is None for v in history.values()):  # another layout
+            return
+        if "memory/ring" in state:  # written whole, oldest first
             ring, keep = state["memory/ring"], state["memory/keep"]
         else:
             ring, keep = unsliced(state, "memory", "ring"), unsliced(state, "memory", "keep")
-            if ring is None:  # a detector without memories
-                ring, keep = np.zeros((0, np.asarray(state["lo"]).shape[2])), np.zeros(0)
-        self._init_state(np.asarray(state["lo"]).shape[2])
-        for key, attr in self._STATE.items():
-            setattr(self, attr, np.asarray(state[key], dtype=np.float64).copy())
+        channels = np.asarray(history["lo"]).shape[2]
+        self._init_state(channels)
+        for key, attr in (self._COUNTS | self._HISTORY).items():
+            setattr(self, attr, np.asarray(history.get(key, state.get(key)),
+                                           dtype=np.float64).copy())
+        if ring is None:  # a detector without memories
+            ring, keep = np.zeros((0, channels)), np.zeros(0)
         self._ring = np.asarray(ring, dtype=np.float64)
         self._keep = np.asarray(keep, dtype=np.uint8)
         turn = self._ring_turn() if "memory/ring" not in state else 0
