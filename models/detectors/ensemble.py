@@ -357,7 +357,8 @@ class Ensemble(Online, Records):
         for i, k in enumerate(ks):  # the differences of cumulative sums k apart
             np.subtract(csum[:, w + 1 - tail:], csum[:, w + 1 - tail - k:w + 1 - k],
                         out=out[:, i])
-            out[:, i] /= k
+            if k > 1:  # x / 1 is x, to the bit
+                out[:, i] /= k
         return out
 
     def _newest_smoothed(self, windows: np.ndarray) -> np.ndarray:
@@ -422,9 +423,13 @@ class Ensemble(Online, Records):
         rows = np.flatnonzero(broke.any(axis=(1, 2)))
         if not len(rows):
             return windows
-        sub, bad = windows[rows], broke[rows]  # (R, W, C)
-        at = np.arange(windows.shape[1])[None, :, None]
+        # the channels where a value broke (one or two of a wide stream's): each channel's
+        # values are filled from its own alone
+        cols = np.flatnonzero(broke[rows].any(axis=(0, 1)))
         w = windows.shape[1]
+        at = np.arange(w)[None, :, None]
+        where = (rows[:, None, None], at, cols[None, None, :])
+        sub, bad = windows[where], broke[where]  # (R, W, C')
         # the nearest unbroken positions before and after (the newest never breaks)
         before = np.maximum.accumulate(np.where(bad, -1, at), axis=1)
         after = np.minimum.accumulate(np.where(bad, w, at)[:, ::-1], axis=1)[:, ::-1]
@@ -432,7 +437,7 @@ class Ensemble(Online, Records):
         v_before = np.take_along_axis(sub, np.maximum(before, 0), axis=1)
         share = np.where(before >= 0, (at - before) / np.maximum(after - before, 1), 1.0)
         out = windows.copy()
-        out[rows] = np.where(bad, v_before + share * (v_after - v_before), sub)
+        out[where] = np.where(bad, v_before + share * (v_after - v_before), sub)
         return out
 
     def _sigma(self) -> np.ndarray:
@@ -483,12 +488,14 @@ class Ensemble(Online, Records):
         nearest."""
         memories = self._derived("memory_search", lambda: tuple(
             CosineMemory(mem, norms) for mem, norms in zip(*self._memory_shapes(), strict=True)))
-        q = scale_windows(self._reported_removed(windows)).astype(np.float32)  # (B, C, W)
-        q_norms = _norms(q)  # (B, C)
-        out = np.empty((len(windows), windows.shape[2]))
+        # (C, B, W): each channel's queries contiguous, as the search reads them
+        q = scale_windows(self._reported_removed(windows)).transpose(1, 0, 2).astype(
+            np.float32, order="C")
+        q_norms = _norms(q)  # (C, B)
+        out = np.empty((windows.shape[2], len(windows)))
         for c, memory in enumerate(memories):
-            out[:, c] = 1.0 - memory.nearest(q[:, c], q_norms[:, c])
-        return np.clip(out, 0.0, 2.0)
+            out[c] = memory.nearest(q[c], q_norms[c])
+        return np.clip(1.0 - out.T, 0.0, 2.0)
 
     def _level_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): Euclidean distance of each channel window to the nearest remembered
@@ -506,10 +513,14 @@ class Ensemble(Online, Records):
         refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
         memories = self._derived("level_search", lambda: tuple(
             SquaredMemory(self._ring[:, c] - refs[c], kept, w) for c in range(len(refs))))
+        # (C, B', W): each channel's queries contiguous, centred as its memory
+        queries = np.subtract(windows[attached].transpose(2, 0, 1), refs[:, None, None],
+                              order="C")
+        d2 = np.empty(queries.shape[:2])
         for c, memory in enumerate(memories):
-            span = max(hi[0, c] - lo[0, c], 1e-12)
-            d2 = memory.nearest(windows[attached, :, c] - refs[c])
-            out[attached, c] = np.sqrt(np.maximum(d2, 0.0) / w) / span
+            d2[c] = memory.nearest(queries[c])
+        span = np.maximum(hi[0] - lo[0], 1e-12)
+        out[attached] = (np.sqrt(np.maximum(d2, 0.0) / w) / span[:, None]).T
         return out
 
     def _continues(self, windows: np.ndarray) -> np.ndarray:
