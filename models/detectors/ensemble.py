@@ -34,7 +34,8 @@ stream's own recent history, so it means the same on every stream:
 
 Both memories are the stream's last ``memory_points`` raw values: every window inside
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
-the ``memory/`` keys of the state: the service keeps them in a section of their own).
+the ``memory<k>/`` keys of the state, one chunk of rows each: the service keeps each in
+a section of its own, so a chunk rewrites the one its points entered).
 ``memory_learns`` says whether windows judged anomalous stay out of them. Their
 nearest-window searches (``window_search``) are exact. The records'
 history is kept as per-block statistics (one block per ``partial_fit`` call: the
