@@ -10,7 +10,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from models.detectors.ensemble import HISTORY_SLICE
 from models.streaming import CHUNK
 from models.thresholds import Spot, ThresholdSpec, build_threshold
 from service import stream_state
@@ -205,7 +204,7 @@ def wide_points(lo: int, hi: int, channels: int = 8) -> np.ndarray:
 def test_a_wide_streams_chunk_writes_one_slice_of_the_detectors_memory():
     """The default ensemble's memory (its ring of raw values and keep flags) is stored as
     a circular buffer in slices of one chunk (``det/memory<k>``), its block history in
-    slices of HISTORY_SLICE blocks (``det/history<k>``): a chunk's end writes the slice
+    slices of a few blocks (``det/history<k>``): a chunk's end writes the slice
     its 64 points entered, round the ring, and the one its block's statistics entered,
     not the whole ring and history (2,048 x 55 float64 values, 901 KB, and 197 KB for
     MSL); a scorer decoded from what the store holds after any commit is the live one,
@@ -217,6 +216,7 @@ def test_a_wide_streams_chunk_writes_one_slice_of_the_detectors_memory():
     stored = scorer.to_commit()[0]
     memory = sorted(n for n in stored if n.startswith("det/memory"))
     assert memory == [f"det/memory{k}" for k in range(4)]  # 256 rows: 4 slices of 64
+    assert scorer.detector._history_slice() == 8  # 448 bytes a block: 8 in 4 KB
     entered = []
     for lo in range(320, 960, 32):  # half a chunk a request: a chunk ends every other
         scorer.meta.points_seen = lo + 32
@@ -231,7 +231,7 @@ def test_a_wide_streams_chunk_writes_one_slice_of_the_detectors_memory():
         # the slice of the chunk that ended: its points lo + 32 - CHUNK .. lo + 31, mod 256
         chunk = (lo + 32) // CHUNK - 1
         block = int(scorer.detector._blocks[0]) - 1  # the block the chunk was
-        history = f"det/history{block % 64 // HISTORY_SLICE}"
+        history = f"det/history{block % 64 // scorer.detector._history_slice()}"
         assert det == ["det", history, f"det/memory{chunk % 4}"], (lo, det)
         assert len(changed[det[2]]) < 64 * 8 * 9 + 300  # its values, keep flags, header
         entered.append(det[2])
@@ -274,5 +274,5 @@ def test_a_detector_memory_written_whole_by_an_earlier_version_continues_the_sam
                                   a.process(context, 200).scores)
     changed, drop, _ = b.to_commit()
     assert drop == ("det/memory",)
-    assert {f"det/memory{k}" for k in range(4)} | {f"det/history{k}" for k in range(8)} <= set(
-        changed)
+    history = {f"det/history{k}" for k in range(64 // b.detector._history_slice())}
+    assert {f"det/memory{k}" for k in range(4)} | history <= set(changed)

@@ -7,7 +7,7 @@ import numpy as np
 import safetensors.numpy
 
 from models.calibration import RING_SLICE
-from models.detectors.ensemble import HISTORY_SLICE, MEMORY_SLICE
+from models.detectors.ensemble import MEMORY_SLICE
 from service import stream_state
 from service.scoring import StreamScorer
 from service.settings import Settings
@@ -33,11 +33,11 @@ def test_a_commit_writes_only_the_sections_that_changed():
     run(scorer, 0, 300)
     first, _, nbytes = scorer.to_commit()
     # the ensemble's memory of raw values and its block history are in sections of their
-    # own (det/memory<k>: one chunk of rows each; det/history<k>: a few blocks each), and
+    # own (det/memory<k>: one chunk of rows each; det/history<k>: a few KB each), and
     # so are the loop's recent rows, the tracker's alerts and its normal-window sample
     lik_slices = {f"lik/ring{k}" for k in range(-(-SETTINGS.likelihood_history // RING_SLICE))}
     memory = {f"det/memory{k}" for k in range(2048 // MEMORY_SLICE)}
-    memory |= {f"det/history{k}" for k in range(64 // HISTORY_SLICE)}
+    memory |= {"det/history0"}  # a univariate stream's history: one slice
     assert set(first) == {"det", "loop", "loop/recent", "lik", "thr", "alr", "alr/alerts",
                           "alr/normal", "fb", "ada"} | lik_slices | memory
     assert nbytes == sum(len(b) for b in first.values())

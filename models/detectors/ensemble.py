@@ -74,7 +74,9 @@ RECORD_FLOOR = 1e-3  # smallest record a distance is divided by
 MIN_RECORD_BLOCKS = 4  # blocks of a member's history before it can set a record
 RANK_CAP = 1.0 - 1e-9  # the ranking stays under the record line
 MEMORY_SLICE = 64  # rows per stored slice of the memory's ring (the service's chunk)
-HISTORY_SLICE = 8  # blocks per stored slice of the block history
+# bytes per stored slice of the block history, at most (but one block): a univariate
+# stream's history, 3.6 KB, is one slice; MSL's 55 channels' (3 KB a block) one per block
+HISTORY_SLICE_BYTES = 4096
 # E|x_t - x_t-1| = 2 sigma / sqrt(pi) for Gaussian noise
 SIGMA_PER_STEP = np.sqrt(np.pi) / 2.0
 
@@ -179,8 +181,8 @@ class Ensemble(Online, Records):
                 "memory_mid": "_memory_mid"}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The counts, the block history in slices of HISTORY_SLICE blocks
-        (``"history<k>/lo"``, ...) and the memory as a circular buffer in slices of
+        """The counts, the block history in slices of a few blocks (``_history_slice``:
+        ``"history<k>/lo"``, ...) and the memory as a circular buffer in slices of
         MEMORY_SLICE rows (``"memory<k>/ring"``, ``"memory<k>/keep"``: the value that
         entered the ring t-th sits at row t mod its size, ``_ring_turn``). A store that
         keeps ``part/name`` keys apart (service/stream_state.py) then rewrites at a
@@ -195,8 +197,8 @@ class Ensemble(Online, Records):
         if not hasattr(self, "_n"):
             return {}
         state = {k: getattr(self, attr).copy() for k, attr in self._COUNTS.items()}
-        state |= sliced("history", HISTORY_SLICE,
-                        **{k: getattr(self, attr) for k, attr in self._HISTORY.items()})
+        history = {k: getattr(self, attr) for k, attr in self._HISTORY.items()}
+        state |= sliced("history", self._history_slice(), **history)
         turn = self._ring_turn()
         return state | sliced("memory", MEMORY_SLICE, ring=np.roll(self._ring, turn, axis=0),
                               keep=np.roll(self._keep, turn))
@@ -227,6 +229,13 @@ class Ensemble(Online, Records):
         turn = self._ring_turn() if "memory/ring" not in state else 0
         self._ring = np.roll(self._ring, -turn, axis=0)  # copies: the state is not held
         self._keep = np.roll(self._keep, -turn)
+
+    def _history_slice(self) -> int:
+        """Blocks per stored slice of the history: a power of two, the most that keep a
+        slice within HISTORY_SLICE_BYTES (slices then split the ring of blocks evenly)."""
+        per_block = 8 * sum(getattr(self, attr)[0].size for attr in self._HISTORY.values())
+        blocks = max(1, min(HISTORY_SLICE_BYTES // per_block, len(self._lo)))
+        return 1 << (blocks.bit_length() - 1)
 
     def _ring_turn(self) -> int:
         """Where the stored ring's oldest value sits: the count of values the ring took
