@@ -112,16 +112,72 @@ def redis_cpu_seconds(r: redis.Redis) -> float:
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
+class _Answer:
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status_code, self.content = status, body
+        self.is_success = 200 <= status < 300
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+
+class RawClient:
+    """The least a client can do over HTTP/1.1: a kept-alive connection per concurrent
+    request, the JSON body and its Content-Length written, the status line and the body
+    of Content-Length read back (``--client raw``). The service gets the same requests
+    as from httpx (the same bodies, the same Content-Type), at a small part of httpx's
+    CPU per request, which on a shared 2-core machine is CPU taken from the service."""
+
+    def __init__(self, url: str, timeout: float = 120.0) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port, self.timeout = host, int(port), timeout
+        self._free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for _, writer in self._free:
+            writer.close()
+
+    async def put(self, path: str, json: dict) -> _Answer:
+        return await self._call("PUT", path, json)
+
+    async def post(self, path: str, json: dict) -> _Answer:
+        return await self._call("POST", path, json)
+
+    async def _call(self, method: str, path: str, body: dict) -> _Answer:
+        data = json.dumps(body).encode()
+        async with asyncio.timeout(self.timeout):
+            reader, writer = (self._free.pop() if self._free else
+                              await asyncio.open_connection(self.host, self.port))
+            writer.write(b"%b %b HTTP/1.1\r\nhost: %b:%d\r\ncontent-type: application/json"
+                         b"\r\ncontent-length: %d\r\n\r\n%b" % (
+                             method.encode(), path.encode(), self.host.encode(), self.port,
+                             len(data), data))
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            fields = dict(line.lower().split(": ", 1) for line in head[1:] if line)
+            answer = _Answer(int(head[0].split()[1]),
+                             await reader.readexactly(int(fields.get("content-length", 0))))
+        if fields.get("connection") == "close":
+            writer.close()
+        else:
+            self._free.append((reader, writer))
+        return answer
+
+
 async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
                    max_requests: int, tag: str, form: str = "points",
                    detector: str | None = None, stats: redis.Redis | None = None,
-                   pid: int | None = None) -> dict:
+                   pid: int | None = None, client_kind: str = "httpx") -> dict:
     """Each client replays the series into its own stream, sequential batches; with
     ``detector``, each stream is configured with it first (PUT /streams/{id}). The first
     ``warm_points()`` of the series go in untimed, one request per stream: the rows
     measure streams past their warm-up, as a running stream is. ``stats``: the Redis
     whose input bytes (and CPU) are counted over the timed requests; ``pid``: the
-    service's process, whose CPU (its workers' included) is counted likewise."""
+    service's process, whose CPU (its workers' included) is counted likewise.
+    ``client_kind``: httpx, or raw (``RawClient``)."""
     warm = warm_points()
     per_client = max(1, min(max_requests // clients, (len(series) - warm) // batch))
     latencies: list[float] = []
@@ -130,7 +186,7 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
                 for i in range(per_client)]
     warmed, go = asyncio.Queue(), asyncio.Event()
 
-    async def client(k: int, http: httpx.AsyncClient) -> None:
+    async def client(k: int, http: httpx.AsyncClient | RawClient) -> None:
         nonlocal errors
         stream = f"{tag}-{k}"
         if detector is not None:  # a row that silently ran another detector would lie
@@ -142,7 +198,7 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
             warm_up = await http.post("/score", json={"stream": stream,
                                                       **to_body(series[:warm], form)})
             ok = warm_up.is_success
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             ok = False
         finally:
             warmed.put_nowait(k)
@@ -154,23 +210,26 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
             t0 = time.perf_counter()
             try:
                 ok = (await http.post("/score", json={"stream": stream, **body})).is_success
-            except httpx.TimeoutException:  # counted, and the row goes on
+            except (httpx.TimeoutException, TimeoutError):  # counted, and the row goes on
                 ok = False
             latencies.append(time.perf_counter() - t0)
             errors += not ok
 
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with (RawClient(url) if client_kind == "raw" else
+                httpx.AsyncClient(base_url=url, timeout=120, limits=limits)) as http:
         tasks = [asyncio.create_task(client(k, http)) for k in range(clients)]
         for _ in range(clients):
             await warmed.get()
         sent = stats.info("stats")["total_net_input_bytes"] if stats else 0
         redis_cpu = redis_cpu_seconds(stats) if stats else 0.0
         service_cpu = tree_cpu_seconds(pid) if pid else 0.0
+        client_cpu = time.process_time()  # this process: the clients, nothing else runs
         start = time.perf_counter()
         go.set()
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
+        client_cpu = time.process_time() - client_cpu
         if pid:
             service_cpu = tree_cpu_seconds(pid) - service_cpu
         if stats:
@@ -186,6 +245,9 @@ async def run_load(url: str, series: np.ndarray, batch: int, clients: int,
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "load_1m": round(os.getloadavg()[0], 2),
     }
+    # the load's own cost (httpx, JSON bodies): on a shared machine it competes with the
+    # service for the same cores, so it bounds the rates a row can show
+    result["client_cpu_ms_per_request"] = round(client_cpu / max(len(latencies), 1) * 1000, 3)
     if pid:
         result["service_cpu_ms_per_request"] = round(service_cpu / max(len(latencies), 1)
                                                      * 1000, 3)
@@ -345,8 +407,9 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None,
              profile: list[dict] | None = None, state: dict | None = None) -> str:
     lines = ["| code | store | workers | detector | form | dataset | channels | batch | "
              "requests | points/s | requests/s | p50 ms | p95 ms | p99 ms | errors | "
-             "service CPU ms/request | Redis CPU ms/request | Redis bytes/request | load 1m |",
-             "|" + "---|" * 19]
+             "service CPU ms/request | Redis CPU ms/request | Redis bytes/request | "
+             "client CPU ms/request | load 1m |",
+             "|" + "---|" * 20]
     for r in rows:
         lines.append(f"| {r.get('code', 'this')} | {r['store']} | {r['workers']} | "
                      f"{r['detector']} | {r['form']} | "
@@ -356,7 +419,8 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None,
                      f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} | "
                      f"{r.get('service_cpu_ms_per_request', '')} | "
                      f"{r.get('redis_cpu_ms_per_request', '')} | "
-                     f"{r.get('redis_bytes_per_request', '')} | {r['load_1m']} |")
+                     f"{r.get('redis_bytes_per_request', '')} | "
+                     f"{r.get('client_cpu_ms_per_request', '')} | {r['load_1m']} |")
     reference = ("river not installed (`pip install river`)" if river is None else
                  f"{river['points_per_s']:,.0f} points/s ({river['points']} points of "
                  f"nab/nyc_taxi scored then learnt, one at a time, in "
@@ -372,6 +436,11 @@ def markdown(rows: list[dict], lpush: float | None, river: dict | None,
                  "system, its workers' included, from /proc) over the row's timed requests, "
                  "per request; Redis CPU likewise (INFO cpu). Under load these hold better "
                  "than rates: they count the work, not the wait for a core.")
+    kinds = sorted({r.get("client", "httpx") for r in rows})
+    lines.append(f"\nclient CPU ms/request: the benchmark's own clients ({', '.join(kinds)}; "
+                 "one process, its CPU time over the row's timed requests, per request). They "
+                 "share the machine's cores with the service and Redis: a row's rate is "
+                 "bounded by cores / (service + Redis + client CPU per request).")
     lines.append("\nRedis bytes/request: what the service sent Redis over the row's timed "
                  "requests (INFO total_net_input_bytes: commands, key names, scripts' "
                  "arguments, the lock's calls, reads included) per request.")
@@ -429,6 +498,10 @@ def main() -> None:
                     "(labelled code=baseline)")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 1000],
                     help="batch sizes profiled in process after the rows")
+    ap.add_argument("--client", choices=["httpx", "raw"], default="httpx",
+                    help="the load's HTTP client: httpx, or raw (a minimal HTTP/1.1 client "
+                    "of the same requests, RawClient): the client's own CPU per request is "
+                    "in each row")
     ap.add_argument("--name", default="throughput",
                     help="output file name under --out (.json and .md)")
     args = ap.parse_args()
@@ -525,17 +598,18 @@ def store_rows(config: str, codes: list[tuple[str, Path | None]], redis_port: in
                 rows.append(measured({"code": code, **row},
                                      stats if store == "redis" else None, service.url,
                                      series, batch, args.clients, max_req, tag, form,
-                                     detector, pid=service.proc.pid))
+                                     detector, pid=service.proc.pid, client=args.client))
     return sorted(rows, key=lambda r: [c for c, _ in codes].index(r["code"]))
 
 
 def measured(row: dict, stats: redis.Redis | None, url: str, series: np.ndarray,
              batch: int, clients: int, max_requests: int, tag: str, form: str,
-             detector: str | None = None, pid: int | None = None) -> dict:
+             detector: str | None = None, pid: int | None = None,
+             client: str = "httpx") -> dict:
     """``row`` with its load's figures (the service's CPU per request; on Redis, the
-    bytes sent to it and its CPU per request)."""
-    row = {**row, **asyncio.run(run_load(url, series, batch, clients, max_requests, tag,
-                                         form, detector, stats, pid))}
+    bytes sent to it and its CPU per request); ``client``: the load's HTTP client."""
+    row = {**row, "client": client, **asyncio.run(run_load(
+        url, series, batch, clients, max_requests, tag, form, detector, stats, pid, client))}
     print(json.dumps(row), flush=True)
     return row
 

@@ -13,9 +13,10 @@ one scale, in two parts split at ``VERDICT_LINE`` (0.99):
   (ties count half, so a flat stream reads the middle, not the top). Under normal
   operation p is uniform, so the likelihood of normal points is uniform on [0, 0.99):
   its median is about 0.5 on any stream, whatever its scale, once the detector's scores
-  are stationary (while a detector still settles on a new stream its later scores can
-  rank above its first ones: the default's first few hundred scored points read about
-  0.6 on a clean periodic stream);
+  are stationary. A short stretch of one stream need not read 0.5: a detector's scores
+  move slowly (the default's window shares 63 of its 64 values with the next), so a few
+  hundred points are a few independent draws (over 40 noise draws of ``tsad demo``'s
+  stream, the median of its 95 ranked points ranges from 0.13 to 0.89, 0.52 on average);
 * a point the stream's threshold judges **anomalous** (its verdict) reads
   ``1 - (1 - VERDICT_LINE) * t / s`` for score s over threshold t: 0.99 just above the
   line, 0.995 at twice the threshold, 0.999 at ten times.

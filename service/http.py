@@ -169,6 +169,18 @@ class RequestObserver:
         self.app = app
         self.metrics = metrics
         self.access = logging.getLogger("tsad.access")
+        self._bound: dict[tuple[str, str, int], tuple] = {}  # the labels' series, once found
+
+    def _series(self, route: str, method: str, status: int) -> tuple:
+        """The request counter's and latency histogram's series of a route, method and
+        status: looked up by label once, not per request (as many as the metrics' own)."""
+        key = (route, method, status)
+        if (series := self._bound.get(key)) is None:
+            m = self.metrics
+            series = self._bound[key] = (
+                m.http_requests_total.labels(route, method, str(status)),
+                m.http_request_duration_seconds.labels(route, method))
+        return series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -195,8 +207,9 @@ class RequestObserver:
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"]
-            self.metrics.http_requests_total.labels(route, method, str(status)).inc()
-            self.metrics.http_request_duration_seconds.labels(route, method).observe(elapsed)
+            count, duration = self._series(route, method, status)
+            count.inc()
+            duration.observe(elapsed)
             if self.access.isEnabledFor(logging.INFO):  # else no record is built at all
                 self.access.info("request", extra={
                     "method": method, "route": route, "status": status, "request_id": rid,

@@ -55,8 +55,9 @@ class BodyLimitMiddleware:
             nonlocal received, done
             if done:  # body complete: later receives wait for a disconnect, untimed
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            try:  # a timer on this task: wait_for would start a task per receive
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    message = await receive()
             except TimeoutError:
                 raise too_slow(self.timeout) from None
             if message["type"] == "http.request":

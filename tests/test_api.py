@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -295,8 +296,8 @@ def test_nyc_taxi_residual_linear_ranks_labelled_windows_above_chance():
 def test_nyc_taxi_default_likelihood_ranks_labelled_windows():
     """Issue 22's ranking target, end to end through POST /score: the default detector's
     likelihood ranks the points of nyc_taxi's labelled windows well above chance (the
-    previous default ranked them below it: 0.44). Measured 0.744 over every scored point
-    (0.746 after NAB's probationary period, benchmarks/results/nab_live.md)."""
+    previous default ranked them below it: 0.44). Measured 0.840 over every scored point
+    (0.842 after NAB's probationary period, benchmarks/results/nab_live.md)."""
     from sklearn.metrics import roc_auc_score
 
     _, _, labels = load_nyc_taxi()
@@ -364,3 +365,38 @@ def test_the_request_middleware_is_plain_asgi_and_sees_every_answer():
         assert re.fullmatch(r"[0-9a-f]{32}", client.get("/healthz").headers["X-Request-Id"])
         metrics = client.get("/metrics").text
     assert 'tsad_http_requests_total{method="POST",route="/score",status="401"} 1.0' in metrics
+
+
+def test_the_short_way_answers_what_fastapis_way_does(monkeypatch):
+    """POST /score's short way (``ScoreRoute``: a plain JSON request) and FastAPI's own
+    handler (the same body sent as ``application/json; charset=utf-8``, which the short
+    way leaves to it) answer the same bytes, warming up and scoring; each way is the one
+    taken, else this test would compare FastAPI with itself."""
+    from service.routers import score as score_route
+
+    callers: list[str] = []
+    real = score_route._score
+
+    async def recorded(*args, **kwargs):  # both ways end in _score: who called it?
+        callers.append(sys._getframe(1).f_code.co_name)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(score_route, "_score", recorded)
+    answers = {}
+    with make_client(MEMORY) as c:
+        for stream, kind in (("plain", "application/json"),
+                             ("other", "application/json; charset=utf-8")):
+            answers[stream] = [c.post("/score", content=json.dumps(
+                {"stream": stream, "points": sine_points(start, 100)}),
+                headers={"content-type": kind}) for start in range(0, 400, 100)]
+        # the first Content-Type is the one FastAPI reads: not JSON, so no body parsed
+        twice = c.post("/score", content=json.dumps(
+            {"stream": "plain", "points": sine_points(400, 1)}), headers=[
+            ("content-type", "text/plain"), ("content-type", "application/json")])
+    assert twice.status_code == 422, twice.text
+    assert [r.status_code for r in answers["plain"] + answers["other"]] == [200] * 8
+    assert callers == ["handler"] * 4 + ["score"] * 4  # short way, then FastAPI's
+    for plain, other in zip(answers["plain"], answers["other"], strict=True):
+        assert plain.content.replace(b'"plain"', b'"other"') == other.content
+    statuses = {p["status"] for r in answers["plain"] for p in r.json()["results"]}
+    assert statuses == {"warming_up", "scored"}

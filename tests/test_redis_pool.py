@@ -52,3 +52,18 @@ async def test_concurrent_requests_share_a_small_pool(redis_url):
         opened = len(pool._available_connections) + len(pool._in_use_connections)
     assert [r.status_code for r in answers] == [200] * 64, answers[0].text
     assert 1 <= opened <= 3
+
+
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them():
+    """The connections pack commands with hiredis (service/stores/redis/connection.py):
+    the bytes redis-py's own packer writes, for every argument type the stores send."""
+    from redis.asyncio.connection import Connection
+
+    from service.stores.redis.connection import _Connection
+
+    ours, theirs = _Connection(), Connection()
+    for args in [("SET", "k", "é"), ("EVALSHA", "ab", 2, b"k1", b"k2", 1.5, -3, 1e-7),
+                 ("RPUSH", b"w", memoryview(b"\x00\x01"), bytearray(b"\xff")),
+                 ("SCRIPT LOAD", "return 1"), (b"CLIENT SETNAME", b"x"),
+                 ("HSET", "h", "f", 0.1 + 0.2)]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args)), args

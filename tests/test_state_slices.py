@@ -263,7 +263,8 @@ def test_a_detector_memory_written_whole_by_an_earlier_version_continues_the_sam
     whole["det"] = stream_state.encode({"n": det._n, "blocks": det._blocks, "lo": det._lo,
                                         "hi": det._hi, "step": det._step,
                                         "level_top": det._level_top,
-                                        "memory_mid": det._memory_mid})
+                                        "memory_mid": det._memory_mid,
+                                        "typical": det._typical_at})
     whole["det/memory"] = stream_state.encode({"ring": det._ring, "keep": det._keep})
     a, b = (StreamScorer.from_sections(StreamMeta("w", 8, 16, "ensemble"), WIDE, s)
             for s in (held, whole))

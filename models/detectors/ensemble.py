@@ -26,11 +26,19 @@ stream's own recent history, so it means the same on every stream:
 * **below 1: the ranking.** ``memory``: the cosine distance of the newest window,
   shape-normalised as ``raw_knn`` does (integers 1..100 over the window's own range), to
   the nearest window of the stream's recent past, as a multiple ``q`` of the stream's
-  typical such distance, squashed to ``q / (1 + q)`` (0.5 = typical). It orders the
-  stream's ordinary moments for ranking and likelihood and never raises a verdict. It
-  grades what is new at the window's end: an earlier value of the window that broke the
-  stream's range was reported when it came, so it is replaced by the line between its
-  neighbours (a spike does not rank the W - 1 windows that still hold it as novel).
+  typical such distance, squashed to ``q / (1 + q)`` (0.5 = typical). The typical
+  distance is measured once, when the warm-up ends (offline, at the end of ``fit``), as
+  ``raw_knn`` calibrates: a scale that moved with each block graded the first scored
+  points against the warm-up's few blocks and later ones against more, and the
+  likelihood, which ranks a point among the stream's earlier scores, read ordinary points
+  high while it settled. The grade is therefore no calibrated scale: as the memory fills
+  after the warm-up its distances shrink below that typical one (on NAB the files'
+  ordinary points grade 0.34 in the median, nyc_taxi's 0.06); the likelihood is. It
+  orders the stream's ordinary moments for ranking and likelihood and never raises a
+  verdict. It grades what is new at the window's end: an earlier value of the window
+  that broke the stream's range was reported when it came, so it is replaced by the line
+  between its neighbours (a spike does not rank the W - 1 windows that still hold it as
+  novel).
 
 Both memories are the stream's last ``memory_points`` raw values: every window inside
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
@@ -164,6 +172,8 @@ class Ensemble(Online, Records):
         self._step = np.full((blocks, channels), np.nan)
         self._level_top = np.full((blocks, channels), np.nan)
         self._memory_mid = np.full((blocks, channels), np.nan)
+        # the memory member's typical distance, measured once (NaN = not yet: _settle)
+        self._typical_at = np.full(channels, np.nan)
         # the last memory_points raw values (oldest first; NaN = not yet seen) and, per
         # position, whether the window ending there is remembered
         size = cfg.memory_points if {"level", "memory"} & set(cfg.members) else 0
@@ -174,11 +184,14 @@ class Ensemble(Online, Records):
         self._shapes: dict = {}  # derived from the ring, see _memory_shapes
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
-    # state keys -> attributes: the counts, and the block history (a ring of blocks: a
-    # block's statistics sit at row blocks mod history_blocks)
-    _COUNTS = {"n": "_n", "blocks": "_blocks"}
+    # state keys -> attributes: the counts and the memory member's typical distance, and
+    # the block history (a ring of blocks: a block's statistics sit at row blocks mod
+    # history_blocks)
+    _COUNTS = {"n": "_n", "blocks": "_blocks", "typical": "_typical_at"}
     _HISTORY = {"lo": "_lo", "hi": "_hi", "step": "_step", "level_top": "_level_top",
                 "memory_mid": "_memory_mid"}
+    # keys a state written before them may lack: rebuilt from the rest (_settle)
+    _LATER = frozenset({"typical"})
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The counts, the block history in slices of a few blocks (``_history_slice``:
@@ -206,7 +219,7 @@ class Ensemble(Online, Records):
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """The state as ``state_dict`` gives it, or as versions before the slices wrote
         it (each array whole, the ring oldest first)."""
-        if not state or not set(self._COUNTS) <= set(state):  # nothing learnt
+        if not state or not set(self._COUNTS) - self._LATER <= set(state):  # nothing learnt
             return
         whole = "lo" in state  # the block history written whole
         history = {k: state[k] if whole else unsliced(state, "history", k)
@@ -220,8 +233,9 @@ class Ensemble(Online, Records):
         channels = np.asarray(history["lo"]).shape[2]
         self._init_state(channels)
         for key, attr in (self._COUNTS | self._HISTORY).items():
-            setattr(self, attr, np.asarray(history.get(key, state.get(key)),
-                                           dtype=np.float64).copy())
+            if key in history or key in state:
+                setattr(self, attr, np.asarray(history.get(key, state.get(key)),
+                                               dtype=np.float64).copy())
         if ring is None:  # a detector without memories
             ring, keep = np.zeros((0, channels)), np.zeros(0)
         self._ring = np.asarray(ring, dtype=np.float64)
@@ -229,6 +243,8 @@ class Ensemble(Online, Records):
         turn = self._ring_turn() if "memory/ring" not in state else 0
         self._ring = np.roll(self._ring, -turn, axis=0)  # copies: the state is not held
         self._keep = np.roll(self._keep, -turn)
+        if "typical" not in state and self.is_fitted:  # a stream from before the key
+            self._settle()
 
     def _history_slice(self) -> int:
         """Blocks per stored slice of the history: a power of two, the most that keep a
@@ -262,6 +278,8 @@ class Ensemble(Online, Records):
         windows = sliding_windows(train, self.config.window)
         for lo in range(0, len(windows), self.config.block):
             self._learn(windows[lo:lo + self.config.block])
+        self._typical_at[:] = np.nan  # measured on the whole training split, not its start
+        self._settle()
 
     def partial_fit(self, windows: np.ndarray, stamps: np.ndarray | None = None) -> Ensemble:
         """Learn from windows (B, W, C), oldest first, each adding its newest point; one
@@ -316,6 +334,8 @@ class Ensemble(Online, Records):
         self._blocks += 1
         self._memo = {}
         self._scored = (self._scored[0][:0], self._scored[1][:0])  # stale now: forget
+        if self.is_fitted:
+            self._settle()
         if len(self._ring):
             self._remember(windows, normal if cfg.memory_learns == "normal" else None)
 
@@ -624,9 +644,25 @@ class Ensemble(Online, Records):
         return (np.maximum(tops.max(axis=0), RECORD_FLOOR),)
 
     def _typical(self, channels: int) -> np.ndarray:
-        """The memory member's typical distance: the median of the blocks' medians."""
+        """The memory member's typical distance: measured once (``_settle``), else (no
+        block measured yet) the median of the blocks' medians."""
+        if not np.isnan(self._typical_at).any():
+            return self._typical_at
+        return self._blocks_typical(channels)
+
+    def _blocks_typical(self, channels: int) -> np.ndarray:
+        """The median of the recorded blocks' median distances (0 before any)."""
         mids = self._memory_mid[~np.isnan(self._memory_mid[:, 0])]
         return np.median(mids, axis=0) if len(mids) else np.zeros(channels)
+
+    def _settle(self) -> None:
+        """Measure the typical distance once: when the warm-up ends (``_learn``), at the
+        end of ``fit``, or on loading a state from before it was kept. It stays fixed:
+        the likelihood ranks each score among the stream's earlier ones, so a scale that
+        moved under them would rank points by when they came (the first scored points,
+        graded against the warm-up's few blocks, read lower than the later ones)."""
+        if np.isnan(self._typical_at).any() and not np.isnan(self._memory_mid[:, 0]).all():
+            self._typical_at = self._blocks_typical(len(self._typical_at))
 
     def _channel_scores(self, windows: np.ndarray) -> np.ndarray:
         windows = np.ascontiguousarray(windows, dtype=np.float64)

@@ -41,6 +41,10 @@ class _Connection(Connection):
             args = tuple(args[0].encode().split()) + args[1:]
         elif b" " in args[0]:
             args = tuple(args[0].split()) + args[1:]
+        try:  # as they come (memoryview included): no pass over the arguments
+            return [_pack(args)]
+        except TypeError:  # a bytearray, or a type hiredis does not pack
+            pass
         try:
             return [_pack(tuple(bytes(a) if isinstance(a, memoryview | bytearray) else a
                                 for a in args))]
