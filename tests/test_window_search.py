@@ -174,3 +174,83 @@ def test_rows_of_one_norm_that_differ_stay_apart() -> None:
     search = CosineMemory(mem, norms)
     assert len(search.mem) == 3
     assert np.array_equal(search.nearest(q, _norms(q)), _cosine_formula(mem, norms, q, _norms(q)))
+
+
+def test_a_level_memory_that_follows_its_ring_is_the_one_built_whole() -> None:
+    """``SquaredMemory.follow``: block after block (the ring moved on by 64 values, some
+    windows not kept, a buffer that fills and moves), its search matrix is byte for byte
+    the one a whole build makes, so its searches give the same bits."""
+    rng = np.random.default_rng(3)
+    x = _series("smooth", rng, 6 * RING)
+    keep = rng.random(len(x)) < 0.9
+    memory = None
+    for end in range(RING, len(x) - 64, 64):
+        ring = x[end - RING:end] - 5.0
+        kept = np.flatnonzero(keep[end - RING + W - 1:end])
+        whole = SquaredMemory(ring, kept, W)
+        memory = whole if memory is None else memory.follow(ring, kept, 64)
+        assert memory.mem_t.tobytes() == whole.mem_t.tobytes()
+        assert memory.msq_max.tobytes() == whole.msq_max.tobytes()
+        queries = np.lib.stride_tricks.sliding_window_view(x[end - W + 1:end + 64], W) - 5.0
+        assert np.array_equal(memory.nearest(queries), whole.nearest(queries))
+    # a memory already followed is not written again: the second follower builds whole
+    later = memory.follow(ring, kept, 0)
+    again = memory.follow(ring, kept, 0)
+    assert again.mem_t.tobytes() == later.mem_t.tobytes() == memory.mem_t.tobytes()
+    assert again._rows is not later._rows
+
+
+@pytest.mark.parametrize("kind", ["one_hot", "counts", "flat"])
+def test_level_searches_of_small_halves_are_the_products_least(kind: str) -> None:
+    """A one-hot or small-count channel centred on its range (multiples of 1/2): the
+    float32 product is exact, so its least is the answer, and it is the bits both
+    formulas give (the pairs' and the whole-memory product's)."""
+    rng = np.random.default_rng(5)
+    if kind == "one_hot":
+        x = _one_hot(rng, RING + 200)
+    elif kind == "counts":
+        x = rng.poisson(40.0, RING + 200).astype(np.float64)
+    else:
+        x = np.repeat(rng.integers(0, 3, RING // 100 + 3).astype(np.float64), 100)[:RING + 200]
+    centre = float((x[:RING].max() + x[:RING].min()) / 2.0)
+    keep = rng.random(RING - W + 1) < 0.8
+    keep[0] = True
+    kept = np.flatnonzero(keep)
+    queries = np.lib.stride_tricks.sliding_window_view(x[RING - 63:RING + 64], W) - centre
+    search = SquaredMemory(x[:RING] - centre, kept, W)
+    assert search.halves
+    got = search.nearest(queries)
+    assert np.array_equal(got, _squared_formula(x[:RING] - centre, kept, queries))
+    assert np.array_equal(got, _squared_product(x[:RING] - centre, kept, queries))
+    assert not SquaredMemory(x[:RING] - centre + 0.1, kept, W).halves
+    assert not SquaredMemory(1000.0 * (x[:RING] - centre + 1.0), kept, W).halves
+
+
+def test_the_ensembles_kept_search_memories_are_the_ones_a_load_builds() -> None:
+    """Block after block (past the ring's wrap, two channels), the memories the ensemble
+    keeps for its searches are byte for byte what it builds from its ring after a load."""
+    from models.detectors.base import sliding_windows
+    from models.detectors.ensemble import Ensemble
+
+    rng = np.random.default_rng(9)
+    t = np.arange(2000.0)
+    x = np.column_stack([np.sin(t / 9.0) + rng.normal(0, 0.05, len(t)), _one_hot(rng, len(t))])
+    det = Ensemble(window=W, memory_points=512, warmup=128)
+    windows = sliding_windows(x, W)
+    for lo in range(0, len(windows) - 64, 64):
+        if det.is_fitted:
+            det.score(windows[lo:lo + 64])
+        det.partial_fit(windows[lo:lo + 64])
+    assert det._shapes and det._shapes["head"] != 0 and det._level_prep
+    kept_unit = [None if u is None else u.copy() for u in det._shapes["unit_t"]]
+    assert kept_unit[0] is not None and kept_unit[1] is None  # the flag: a few shapes
+    det.score(windows[-64:])
+    fresh = Ensemble(window=W, memory_points=512, warmup=128)
+    fresh.load_state_dict(det.state_dict())
+    fresh.score(windows[-64:])
+    # slots are circular: the kept memory is the rebuilt one rolled by the head
+    built = fresh._shapes["unit_t"][0]
+    assert np.roll(built, det._shapes["head"], axis=1).tobytes() == kept_unit[0].tobytes()
+    for mine, built in zip(det._level_prep["memories"], fresh._level_prep["memories"],
+                           strict=True):
+        assert mine.mem_t.tobytes() == built.mem_t.tobytes()

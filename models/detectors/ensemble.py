@@ -73,7 +73,7 @@ import numpy as np
 
 from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
-from models.detectors.window_search import CosineMemory, SquaredMemory
+from models.detectors.window_search import CosineMemory, SquaredMemory, unit_inverse, unit_shapes
 from models.slices import sliced, unsliced
 
 MEMBERS = ("range", "level", "memory")
@@ -182,6 +182,7 @@ class Ensemble(Online, Records):
         # fingerprints and raw surprises of the windows scored since the last block
         self._scored = (np.zeros((0, 2), np.int64), np.zeros((0, len(cfg.members), channels)))
         self._shapes: dict = {}  # derived from the ring, see _memory_shapes
+        self._level_prep: dict = {}  # derived from the ring, see _level_memories
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
     # state keys -> attributes: the counts and the memory member's typical distance, and
@@ -361,10 +362,21 @@ class Ensemble(Online, Records):
             if not keep.all():  # a window the memories do not keep: an empty slot
                 scaled = scaled * keep[None, :, None]
             shapes["shapes"][:, slots] = scaled
-            shapes["norms"][:, slots] = _norms(scaled)
+            shapes["norms"][:, slots] = norms = _norms(scaled)
+            start = int(slots[0])  # as at most two slices: a fancy index along the last
+            first = min(n, total - start)  # axis writes element by element (30x slower)
+            for c, unit_t in enumerate(shapes["unit_t"]):
+                if unit_t is not None:
+                    unit = unit_shapes(shapes["shapes"][c, slots], unit_inverse(norms[c])).T
+                    unit_t[:, start:start + first] = unit[:, :first]
+                    unit_t[:, :n - first] = unit[:, first:]
             shapes["head"] = int(slots[-1] + 1) % total
         else:
             self._shapes = {}
+        if self._level_prep and not fresh:  # the level memories follow the ring
+            self._level_prep["shift"] += len(newest)
+        else:
+            self._level_prep = {}
 
     # --- scoring -----------------------------------------------------------------------
     def _scales(self, window: int) -> list[int]:
@@ -509,15 +521,36 @@ class Ensemble(Online, Records):
             if len(ends):
                 wins = sliding_windows(self._ring, w)[ends]  # (N', W, C)
                 shapes[:, ends] = scale_windows(wins).transpose(1, 0, 2)
-            self._shapes = {"shapes": shapes, "norms": _norms(shapes), "head": 0}
+            # unit_t: per channel, the float32 search's unit-scaled shapes (W, N), kept
+            # slot by slot where the channel's memory is searched whole (None: not yet,
+            # or searched as its few distinct shapes, see _cosine_memories)
+            self._shapes = {"shapes": shapes, "norms": _norms(shapes),
+                            "unit_t": [None] * channels, "head": 0}
         return self._shapes["shapes"], self._shapes["norms"]
+
+    def _cosine_memories(self) -> tuple[CosineMemory, ...]:
+        """Each channel's ``CosineMemory`` of its remembered shapes. A memory searched
+        whole keeps its unit-scaled shapes from block to block, C-ordered (W, N): its
+        product runs faster on them than on the transposed (N, W); one searched as a few
+        distinct shapes (``distinct_rows``) keeps none."""
+        shapes, norms = self._memory_shapes()
+        units = self._shapes["unit_t"]
+        memories = []
+        for c, unit_t in enumerate(units):
+            memory = CosineMemory(shapes[c], norms[c], unit_t)
+            if memory.distinct:
+                units[c] = None
+            elif unit_t is None:
+                units[c] = np.ascontiguousarray(memory.unit_t)
+                memory.__dict__["unit_t"] = units[c]
+            memories.append(memory)
+        return tuple(memories)
 
     def _memory_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): cosine distance of each channel window's shape to the nearest
         remembered one (``CosineMemory``); an empty slot, all zeros, is never the
         nearest."""
-        memories = self._derived("memory_search", lambda: tuple(
-            CosineMemory(mem, norms) for mem, norms in zip(*self._memory_shapes(), strict=True)))
+        memories = self._derived("memory_search", self._cosine_memories)
         # (C, B, W): each channel's queries contiguous, as the search reads them
         q = scale_windows(self._reported_removed(windows)).transpose(1, 0, 2).astype(
             np.float32, order="C")
@@ -541,8 +574,7 @@ class Ensemble(Online, Records):
             return out
         lo, hi = self._range()
         refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
-        memories = self._derived("level_search", lambda: tuple(
-            SquaredMemory(self._ring[:, c] - refs[c], kept, w) for c in range(len(refs))))
+        memories = self._derived("level_search", lambda: self._level_memories(refs, kept))
         # (C, B', W): each channel's queries contiguous, centred as its memory
         queries = np.subtract(windows[attached].transpose(2, 0, 1), refs[:, None, None],
                               order="C")
@@ -552,6 +584,21 @@ class Ensemble(Online, Records):
         span = np.maximum(hi[0] - lo[0], 1e-12)
         out[attached] = (np.sqrt(np.maximum(d2, 0.0) / w) / span[:, None]).T
         return out
+
+    def _level_memories(self, refs: np.ndarray, kept: np.ndarray) -> tuple[SquaredMemory, ...]:
+        """Each channel's ``SquaredMemory`` of the ring centred on ``refs`` (C,): the last
+        block's, moved on by the values the ring took since (``follow``: only the new
+        windows' rows are computed), where the channel's centre is the same to the bit;
+        else built whole."""
+        w, prep = self.config.window, self._level_prep
+        same = (prep["refs"].view(np.uint64) == refs.view(np.uint64) if prep
+                else np.zeros(len(refs), dtype=bool))
+        memories = tuple(
+            prep["memories"][c].follow(self._ring[:, c] - refs[c], kept, prep["shift"])
+            if same[c] else SquaredMemory(self._ring[:, c] - refs[c], kept, w)
+            for c in range(len(refs)))
+        self._level_prep = {"refs": refs.copy(), "shift": 0, "memories": memories}
+        return memories
 
     def _continues(self, windows: np.ndarray) -> np.ndarray:
         """(B,) whether each window continues the stream this detector learnt: its
@@ -604,7 +651,9 @@ class Ensemble(Online, Records):
         keys, raws = self._scored
         if not len(keys) or raws.shape[1:] != (len(self.config.members), windows.shape[2]):
             return self._raw(windows)
-        match = (self._keys(windows)[:, None, :] == keys[None, :, :]).all(axis=2)
+        new = self._keys(windows)
+        match = ((new[:, None, 0] == keys[None, :, 0])  # both words equal (cheaper than a
+                 & (new[:, None, 1] == keys[None, :, 1]))  # reduction over pairs)
         known = match.any(axis=1)
         if not known.any():
             return self._raw(windows)

@@ -14,6 +14,10 @@ command channels) remembers one or a few shapes, which all tie with a flat query
 this, every query took the whole-memory formula. The level search is left whole: its
 whole-memory formula is a float64 BLAS product whose rounding may depend on the matrix's
 shape (a one-column product is a matrix-vector one), so fewer columns could move a bit.
+
+Both are prepared once per block and kept from block to block: a block adds a chunk's
+windows and drops the oldest, so only the new windows' rows are computed (the caller
+keeps ``CosineMemory``'s unit-scaled shapes slot by slot; ``SquaredMemory.follow``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from numpy.lib.stride_tricks import as_strided
 # where more than CANDIDATES per query are that close.
 SEARCH_SLACK = 1e-4
 CANDIDATES = 8
+# rows a level memory's buffer holds beyond its windows: 8 chunks of 64 new windows before
+# its rows move to a new buffer (one copy per 8 blocks; a buffer twice the memory would
+# hold twice its bytes in every cached scorer)
+FOLLOW_ROOM = 512
 
 
 # Deduplication: one search per distinct row, where at most this share of the rows is
@@ -113,24 +121,30 @@ def _all_equal(x: np.ndarray) -> bool:
 
 class CosineMemory:
     """The memory member's search over one channel's remembered shapes ``mem`` (N, W),
-    uint8 (zeros: empty), with their norms (N,): prepared once per block, searched by
-    every scoring call until the next."""
+    uint8 (zeros: empty), with their norms (N,): prepared per block, searched by every
+    scoring call until the next."""
 
-    def __init__(self, mem: np.ndarray, norms: np.ndarray) -> None:
+    def __init__(self, mem: np.ndarray, norms: np.ndarray,
+                 unit_t: np.ndarray | None = None) -> None:
+        """``unit_t``: the shapes' ``unit_t`` (W, N) where the caller keeps it (any
+        float32 within rounding of it would do: the answer is the formula's whatever
+        the product's rounding, see ``nearest``)."""
         # the answer is a best value, not an index: one row per distinct shape gives the
         # same (a one-hot command channel's memory is one or two shapes)
         distinct = distinct_rows(mem, norms)
+        self.distinct = distinct is not None  # searched as its distinct shapes
         if distinct is not None:
             firsts = distinct[0]
             mem, norms = mem[firsts], norms[firsts]
+            unit_t = None if unit_t is None else unit_t[:, firsts]
         self.mem, self.norms = mem, norms
-        self.inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        if unit_t is not None:
+            self.__dict__["unit_t"] = unit_t  # the cached property, given
 
     @functools.cached_property
     def unit_t(self) -> np.ndarray:
         """(W, N): the unit-scaled shapes the full float32 search runs on."""
-        return np.multiply(self.mem, self.inverse.astype(np.float32)[:, None],
-                           dtype=np.float32).T
+        return unit_shapes(self.mem, unit_inverse(self.norms)).T
 
     def nearest(self, q: np.ndarray, q_norms: np.ndarray) -> np.ndarray:
         """(B,) the largest cosine similarity ``dot / max(|q| |m|, 1)`` of each shape q
@@ -164,7 +178,7 @@ class CosineMemory:
         approx = q @ self.unit_t
         first = approx.argmax(axis=1)
         top = approx[np.arange(len(q)), first]
-        rows, cols = _near(-approx, first, -top * np.float32(1 - SEARCH_SLACK))
+        rows, cols = _near(approx, first, top * np.float32(1 - SEARCH_SLACK), largest=True)
         if len(rows) > CANDIDATES * len(q):
             return self.formula(q, q_norms)
         best = np.full(len(q), -np.inf)
@@ -174,30 +188,70 @@ class CosineMemory:
 
 class SquaredMemory:
     """The level member's search over the windows of ``ring`` (R,) (one channel's raw
-    values, centred as the queries will be) that start at ``kept``: prepared once per
-    block, searched by every scoring call until the next."""
+    values, centred as the queries will be) that start at ``kept``: prepared per block
+    (whole, or following the last block's), searched by every scoring call until the
+    next."""
 
     def __init__(self, ring: np.ndarray, kept: np.ndarray, w: int) -> None:
-        self.windows = _windows_of(ring, w)  # (R - W + 1, W), a view
-        self.kept = kept
-        search_windows = _windows_of(ring.astype(np.float32), w)
-        mem = np.empty((len(kept), w + 1), np.float32)  # [m, |m|^2]
-        mem[:, :w] = search_windows if len(kept) == len(self.windows) else search_windows[kept]
-        msq = np.einsum("ij,ij->i", mem[:, :w], mem[:, :w])  # |m|^2 (the search's)
-        mem[:, w] = msq
+        self.ring, self.windows = ring, _windows_of(ring, w)  # (R - W + 1, W), a view
+        self.kept, self.w = kept, w
+        # the search matrix [m, |m|^2] (N, W + 1) is rows [lo, hi) of a buffer with room
+        # to grow, so that the next block's memory (``follow``) writes only its new rows
+        self._rows = np.empty((len(self.windows) + FOLLOW_ROOM, w + 1), np.float32)
+        self._lo, self._hi = 0, 0
+        self._owner = [self]  # the buffer's rows past _hi belong to this memory alone
+        self._append(kept)
+
+    def follow(self, ring: np.ndarray, kept: np.ndarray, shift: int) -> SquaredMemory:
+        """The memory of ``ring``, which is this memory's ring moved on by ``shift``
+        values (bit for bit the same values before its last ``shift``: the caller's
+        promise), with windows ``kept``: the windows that stayed keep their rows, only
+        the new ones are computed. Row for row, byte for byte, what ``SquaredMemory(ring,
+        kept, w)`` builds (the rows are the same values, each computed by the same
+        operations), so every search gives the same bits."""
+        drop = int(np.searchsorted(self.kept, shift))  # windows that left the ring
+        stayed = self.kept[drop:] - shift
+        if (self._owner[0] is not self or len(kept) < len(stayed)
+                or not np.array_equal(kept[:len(stayed)], stayed)):
+            return SquaredMemory(ring, kept, self.w)
+        out = object.__new__(SquaredMemory)
+        out.ring, out.windows, out.kept, out.w = ring, _windows_of(ring, self.w), kept, self.w
+        out._rows, out._lo, out._hi, out._owner = self._rows, self._lo + drop, self._hi, self._owner
+        self._owner[0] = out
+        out._append(kept[len(stayed):])
+        return out
+
+    def _append(self, new: np.ndarray) -> None:
+        """Rows for the windows starting at ``new`` (after every row kept so far)."""
+        w, hi = self.w, self._hi
+        if hi + len(new) > len(self._rows):  # out of room: the rows move to a new buffer
+            rows = np.empty((max(len(self.windows) + FOLLOW_ROOM,
+                                 self._hi - self._lo + len(new)), w + 1), np.float32)
+            rows[:hi - self._lo] = self._rows[self._lo:hi]
+            self._rows, self._lo, hi = rows, 0, hi - self._lo
+        part = self._rows[hi:hi + len(new)]
+        # float64 values rounded to float32 as astype rounds them; |m|^2 by einsum, row by
+        # row over the same strided layout as a whole-memory build
+        part[:, :w] = self.windows[new] if len(new) < len(self.windows) else self.windows
+        part[:, w] = np.einsum("ij,ij->i", part[:, :w], part[:, :w])
+        self._hi = hi + len(new)
+        mem = self._rows[self._lo:self._hi]
         self.mem_t = mem.T  # (W + 1, N)
-        self.msq_max = msq.max()
+        self.msq_max = mem[:, w].max() if len(mem) else np.float32(np.nan)
 
     def nearest(self, q: np.ndarray) -> np.ndarray:
         """(B,) the smallest squared Euclidean distance ``|q|^2 + |m|^2 - 2 q.m``
         (float64) of each window q (B, W) to the remembered windows. The float32
-        search's error is below 2e-5 of |q|^2 plus the largest |m|^2."""
+        search's error is below 2e-5 of |q|^2 plus the largest |m|^2 (and nothing where
+        the windows are small multiples of 1/2: ``HALVES_MAX``)."""
         w, windows, kept = q.shape[1], self.windows, self.kept
         search = np.empty((len(q), w + 1), np.float32)  # [-2 q, 1]: times [m, |m|^2]
         search[:, :w] = -2.0 * q  # gives |m|^2 - 2 q.m
         search[:, w] = 1.0
         approx = search @ self.mem_t  # (B, N)
         qsq = (q**2).sum(axis=1)
+        if self.halves and _halves(q):  # the product is exact: its least is the answer
+            return qsq + approx.min(axis=1)
         first = approx.argmin(axis=1)
         low = approx[np.arange(len(q)), first]
         rows, cols = _near(approx, first, low + 2.0 * SEARCH_SLACK * (qsq + self.msq_max))
@@ -210,6 +264,33 @@ class SquaredMemory:
         np.minimum.at(best, rows, d2)
         return best
 
+    @functools.cached_property
+    def halves(self) -> bool:
+        """Whether the remembered windows are small multiples of 1/2 (``_halves``): a
+        one-hot or small-count channel centred on its range (centres are halves)."""
+        if not len(self.kept) or self.w > 64:  # the bound below is for up to 64 values
+            return False
+        first, last = self.kept[0], self.kept[-1] + self.w  # every kept window's values
+        return _halves(self.ring[first:last])
+
+
+# Exact level searches: where every value of the queries and the remembered windows is a
+# multiple of 1/2 at most HALVES_MAX / 2 in size, each term of |m|^2 - 2 q.m is a multiple
+# of 1/4 and their sum over a window of 64 is at most 64 * 3 * HALVES_MAX^2 quarters <
+# 2^24: the float32 product with [m, |m|^2] and every partial sum in it are exact, in any
+# order, and so are the formulas the searches end with. The product's least is then the
+# answer bit for bit: what the candidates' formula and the whole-memory product give too
+# (+0.0 for a window met again: x - x is +0.0). A one-hot channel (0/1 centred on 1/2)
+# skips the candidates and the whole-memory fallback its flat windows always took.
+HALVES_MAX = 295
+
+
+def _halves(x: np.ndarray) -> bool:
+    """Whether every value of ``x`` is a multiple of 1/2 of size at most HALVES_MAX / 2
+    (NaN and infinities are not)."""
+    twice = 2.0 * x
+    return bool((np.abs(twice) <= HALVES_MAX).all() and np.array_equal(twice, np.rint(twice)))
+
 
 def _windows_of(x: np.ndarray, w: int) -> np.ndarray:
     """The sliding windows of a 1-D array, (len - w + 1, w), as a read-only view (what
@@ -218,15 +299,29 @@ def _windows_of(x: np.ndarray, w: int) -> np.ndarray:
                       writeable=False)
 
 
-def _near(approx: np.ndarray, first: np.ndarray, bound: np.ndarray
+def _near(approx: np.ndarray, first: np.ndarray, bound: np.ndarray, largest: bool = False
           ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, columns) of the entries of ``approx`` (B, N; overwritten) at or below
-    ``bound`` (B,), given each row's smallest (``first``): usually that one alone, told
-    by the row's second smallest."""
+    ``bound`` (B,) (``largest``: at or above it), given each row's smallest (largest):
+    ``first``; usually that one alone, told by the row's second smallest (largest)."""
     rows = np.arange(len(first))
-    approx[rows, first] = np.inf
-    more = np.flatnonzero(approx.min(axis=1) <= bound)
+    approx[rows, first] = -np.inf if largest else np.inf
+    if largest:
+        more = np.flatnonzero(approx.max(axis=1) >= bound)
+    else:
+        more = np.flatnonzero(approx.min(axis=1) <= bound)
     if not len(more):
         return rows, first
-    more_rows, more_cols = np.nonzero(approx[more] <= bound[more, None])
+    near = approx[more] >= bound[more, None] if largest else approx[more] <= bound[more, None]
+    more_rows, more_cols = np.nonzero(near)
     return np.concatenate([rows, more[more_rows]]), np.concatenate([first, more_cols])
+
+
+def unit_inverse(norms: np.ndarray) -> np.ndarray:
+    """1 / norm (float64), 0 for an empty slot (norm 0)."""
+    return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+
+
+def unit_shapes(mem: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """(..., N, W) shapes scaled to unit norm by their ``inverse`` (..., N), float32."""
+    return np.multiply(mem, inverse.astype(np.float32)[..., None], dtype=np.float32)
