@@ -6,7 +6,9 @@ pending chunk, ``lik`` the likelihood's history, ``thr`` the threshold, ``alr`` 
 tracker, ``fb`` the operator feedback and ``ada`` a SPEAR stream's adapted prompts. A
 state key ``"<part>/<name>"`` goes to a section of its own, ``<owner>/<part>``, so that
 what changes at another rate is written at its own: the detector's memory of normal
-windows (``det/memory``, at most once a chunk), the loop's record of the last chunk
+windows and its block history (the default's ``det/memory<k>`` and ``det/history<k>``:
+slices of a circular buffer, a chunk's end writes the one it entered of each), the
+loop's record of the last chunk
 (``loop/recent``, when a record enters or leaves it), the tracker's alerts and normal
 statistics (``alr/alerts`` while an alert changes, ``alr/normal`` once a chunk) beside
 what moves with every point (``loop``, ``alr``: a few hundred bytes). A shadow detector's

@@ -7,6 +7,7 @@ import numpy as np
 import safetensors.numpy
 
 from models.calibration import RING_SLICE
+from models.detectors.ensemble import MEMORY_SLICE
 from service import stream_state
 from service.scoring import StreamScorer
 from service.settings import Settings
@@ -31,15 +32,18 @@ def test_a_commit_writes_only_the_sections_that_changed():
     scorer = StreamScorer(StreamMeta("s", 1, 16, "ensemble"), SETTINGS)
     run(scorer, 0, 300)
     first, _, nbytes = scorer.to_commit()
-    # the ensemble's memory of raw values is a section of its own (det/memory), and so
-    # are the loop's recent rows, the tracker's alerts and its normal-window sample
+    # the ensemble's memory of raw values and its block history are in sections of their
+    # own (det/memory<k>: one chunk of rows each; det/history<k>: a few KB each), and
+    # so are the loop's recent rows, the tracker's alerts and its normal-window sample
     lik_slices = {f"lik/ring{k}" for k in range(-(-SETTINGS.likelihood_history // RING_SLICE))}
-    assert set(first) == {"det", "det/memory", "loop", "loop/recent", "lik", "thr", "alr",
-                          "alr/alerts", "alr/normal", "fb", "ada"} | lik_slices
+    memory = {f"det/memory{k}" for k in range(2048 // MEMORY_SLICE)}
+    memory |= {"det/history0"}  # a univariate stream's history: one slice
+    assert set(first) == {"det", "loop", "loop/recent", "lik", "thr", "alr", "alr/alerts",
+                          "alr/normal", "fb", "ada"} | lik_slices | memory
     assert nbytes == sum(len(b) for b in first.values())
     run(scorer, 300, 310)  # within a chunk: the detector learns nothing yet
     changed, drop, _ = scorer.to_commit()
-    assert not {"det", "det/memory", "fb"} & set(changed) and not drop
+    assert not ({"det", "fb"} | memory) & set(changed) and not drop
     assert {"loop", "alr"} <= set(changed)
     assert set(changed) - lik_slices <= {"loop", "loop/recent", "lik", "alr", "alr/alerts"}
     again, _, _ = scorer.to_commit()
@@ -47,6 +51,8 @@ def test_a_commit_writes_only_the_sections_that_changed():
     run(scorer, 310, 320)  # completes the chunk of points 256-319: the detector learns
     changed, drop, _ = scorer.to_commit()
     assert {"det", "alr/normal"} <= set(changed) and not drop
+    # the slices of the memory and of the history the chunk entered
+    assert len(memory & set(changed)) == 2, memory & set(changed)
 
 
 def test_a_point_that_completes_no_chunk_writes_nothing_of_the_detector():

@@ -42,7 +42,8 @@ stream's own recent history, so it means the same on every stream:
 
 Both memories are the stream's last ``memory_points`` raw values: every window inside
 them is a remembered window (a univariate stream's memory costs 8 bytes a point, under
-the ``memory/`` keys of the state: the service keeps them in a section of their own).
+the ``memory<k>/`` keys of the state, one chunk of rows each: the service keeps each in
+a section of its own, so a chunk rewrites the one its points entered).
 ``memory_learns`` says whether windows judged anomalous stay out of them. Their
 nearest-window searches (``window_search``) are exact. The records'
 history is kept as per-block statistics (one block per ``partial_fit`` call: the
@@ -73,12 +74,17 @@ import numpy as np
 from models.detectors.base import DetectorConfig, Online, Records, as_windows, sliding_windows
 from models.detectors.raw_knn import scale_windows
 from models.detectors.window_search import CosineMemory, SquaredMemory, unit_inverse, unit_shapes
+from models.slices import sliced, unsliced
 
 MEMBERS = ("range", "level", "memory")
 RECORD_MEMBERS = ("range", "level")  # the others only rank
 RECORD_FLOOR = 1e-3  # smallest record a distance is divided by
 MIN_RECORD_BLOCKS = 4  # blocks of a member's history before it can set a record
 RANK_CAP = 1.0 - 1e-9  # the ranking stays under the record line
+MEMORY_SLICE = 64  # rows per stored slice of the memory's ring (the service's chunk)
+# bytes per stored slice of the block history, at most (but one block): a univariate
+# stream's history, 3.6 KB, is one slice; MSL's 55 channels' (3 KB a block) one per block
+HISTORY_SLICE_BYTES = 4096
 # E|x_t - x_t-1| = 2 sigma / sqrt(pi) for Gaussian noise
 SIGMA_PER_STEP = np.sqrt(np.pi) / 2.0
 
@@ -179,28 +185,80 @@ class Ensemble(Online, Records):
         self._level_prep: dict = {}  # derived from the ring, see _level_memories
         self._memo: dict[str, tuple] = {}  # derived from the block history, see _derived
 
-    # state keys -> attributes; the memory (the large part) under one prefix
-    _STATE = {"n": "_n", "blocks": "_blocks", "lo": "_lo", "hi": "_hi", "step": "_step",
-              "level_top": "_level_top", "memory_mid": "_memory_mid",
-              "typical": "_typical_at", "memory/ring": "_ring", "memory/keep": "_keep"}
+    # state keys -> attributes: the counts and the memory member's typical distance, and
+    # the block history (a ring of blocks: a block's statistics sit at row blocks mod
+    # history_blocks)
+    _COUNTS = {"n": "_n", "blocks": "_blocks", "typical": "_typical_at"}
+    _HISTORY = {"lo": "_lo", "hi": "_hi", "step": "_step", "level_top": "_level_top",
+                "memory_mid": "_memory_mid"}
     # keys a state written before them may lack: rebuilt from the rest (_settle)
     _LATER = frozenset({"typical"})
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """The counts, the block history in slices of a few blocks (``_history_slice``:
+        ``"history<k>/lo"``, ...) and the memory as a circular buffer in slices of
+        MEMORY_SLICE rows (``"memory<k>/ring"``, ``"memory<k>/keep"``: the value that
+        entered the ring t-th sits at row t mod its size, ``_ring_turn``). A store that
+        keeps ``part/name`` keys apart (service/stream_state.py) then rewrites at a
+        block's end the slices its statistics and its new values entered (one of each,
+        for the service's 64-point chunk), not the whole of them: MSL's 55 channels keep
+        a 197 KB history and a 901 KB memory.
+
+        >>> det = Ensemble(window=8, memory_points=200, warmup=16).fit(np.ones((64, 2)))
+        >>> sorted(k for k in det.state_dict() if not k.startswith("history"))[:5]
+        ['blocks', 'memory0/keep', 'memory0/ring', 'memory1/keep', 'memory1/ring']
+        """
         if not hasattr(self, "_n"):
             return {}
-        return {k: getattr(self, attr).copy() for k, attr in self._STATE.items()}
+        state = {k: getattr(self, attr).copy() for k, attr in self._COUNTS.items()}
+        history = {k: getattr(self, attr) for k, attr in self._HISTORY.items()}
+        state |= sliced("history", self._history_slice(), **history)
+        turn = self._ring_turn()
+        return state | sliced("memory", MEMORY_SLICE, ring=np.roll(self._ring, turn, axis=0),
+                              keep=np.roll(self._keep, turn))
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if not state or not set(self._STATE) - self._LATER <= set(state) <= set(self._STATE):
-            return  # nothing learnt, or another layout
-        self._init_state(np.asarray(state["lo"]).shape[2])
-        for key, attr in self._STATE.items():
-            if key in state:
-                dtype = np.uint8 if key == "memory/keep" else np.float64
-                setattr(self, attr, np.asarray(state[key], dtype=dtype).copy())
+        """The state as ``state_dict`` gives it, or as versions before the slices wrote
+        it (each array whole, the ring oldest first)."""
+        if not state or not set(self._COUNTS) - self._LATER <= set(state):  # nothing learnt
+            return
+        whole = "lo" in state  # the block history written whole
+        history = {k: state[k] if whole else unsliced(state, "history", k)
+                   for k in self._HISTORY}
+        if any(v is None for v in history.values()):  # another layout
+            return
+        if "memory/ring" in state:  # written whole, oldest first
+            ring, keep = state["memory/ring"], state["memory/keep"]
+        else:
+            ring, keep = unsliced(state, "memory", "ring"), unsliced(state, "memory", "keep")
+        channels = np.asarray(history["lo"]).shape[2]
+        self._init_state(channels)
+        for key, attr in (self._COUNTS | self._HISTORY).items():
+            if key in history or key in state:
+                setattr(self, attr, np.asarray(history.get(key, state.get(key)),
+                                               dtype=np.float64).copy())
+        if ring is None:  # a detector without memories
+            ring, keep = np.zeros((0, channels)), np.zeros(0)
+        self._ring = np.asarray(ring, dtype=np.float64)
+        self._keep = np.asarray(keep, dtype=np.uint8)
+        turn = self._ring_turn() if "memory/ring" not in state else 0
+        self._ring = np.roll(self._ring, -turn, axis=0)  # copies: the state is not held
+        self._keep = np.roll(self._keep, -turn)
         if "typical" not in state and self.is_fitted:  # a stream from before the key
             self._settle()
+
+    def _history_slice(self) -> int:
+        """Blocks per stored slice of the history: a power of two, the most that keep a
+        slice within HISTORY_SLICE_BYTES (slices then split the ring of blocks evenly)."""
+        per_block = 8 * sum(getattr(self, attr)[0].size for attr in self._HISTORY.values())
+        blocks = max(1, min(HISTORY_SLICE_BYTES // per_block, len(self._lo)))
+        return 1 << (blocks.bit_length() - 1)
+
+    def _ring_turn(self) -> int:
+        """Where the stored ring's oldest value sits: the count of values the ring took
+        (its first window brings W - 1 values before its own), mod the ring's size."""
+        size = len(self._ring)
+        return (int(self._n[0]) + self.config.window - 1) % size if size else 0
 
     @property
     def is_fitted(self) -> bool:
@@ -341,7 +399,8 @@ class Ensemble(Online, Records):
         for i, k in enumerate(ks):  # the differences of cumulative sums k apart
             np.subtract(csum[:, w + 1 - tail:], csum[:, w + 1 - tail - k:w + 1 - k],
                         out=out[:, i])
-            out[:, i] /= k
+            if k > 1:  # x / 1 is x, to the bit
+                out[:, i] /= k
         return out
 
     def _newest_smoothed(self, windows: np.ndarray) -> np.ndarray:
@@ -406,9 +465,13 @@ class Ensemble(Online, Records):
         rows = np.flatnonzero(broke.any(axis=(1, 2)))
         if not len(rows):
             return windows
-        sub, bad = windows[rows], broke[rows]  # (R, W, C)
-        at = np.arange(windows.shape[1])[None, :, None]
+        # the channels where a value broke (one or two of a wide stream's): each channel's
+        # values are filled from its own alone
+        cols = np.flatnonzero(broke[rows].any(axis=(0, 1)))
         w = windows.shape[1]
+        at = np.arange(w)[None, :, None]
+        where = (rows[:, None, None], at, cols[None, None, :])
+        sub, bad = windows[where], broke[where]  # (R, W, C')
         # the nearest unbroken positions before and after (the newest never breaks)
         before = np.maximum.accumulate(np.where(bad, -1, at), axis=1)
         after = np.minimum.accumulate(np.where(bad, w, at)[:, ::-1], axis=1)[:, ::-1]
@@ -416,7 +479,7 @@ class Ensemble(Online, Records):
         v_before = np.take_along_axis(sub, np.maximum(before, 0), axis=1)
         share = np.where(before >= 0, (at - before) / np.maximum(after - before, 1), 1.0)
         out = windows.copy()
-        out[rows] = np.where(bad, v_before + share * (v_after - v_before), sub)
+        out[where] = np.where(bad, v_before + share * (v_after - v_before), sub)
         return out
 
     def _sigma(self) -> np.ndarray:
@@ -488,12 +551,14 @@ class Ensemble(Online, Records):
         remembered one (``CosineMemory``); an empty slot, all zeros, is never the
         nearest."""
         memories = self._derived("memory_search", self._cosine_memories)
-        q = scale_windows(self._reported_removed(windows)).astype(np.float32)  # (B, C, W)
-        q_norms = _norms(q)  # (B, C)
-        out = np.empty((len(windows), windows.shape[2]))
+        # (C, B, W): each channel's queries contiguous, as the search reads them
+        q = scale_windows(self._reported_removed(windows)).transpose(1, 0, 2).astype(
+            np.float32, order="C")
+        q_norms = _norms(q)  # (C, B)
+        out = np.empty((windows.shape[2], len(windows)))
         for c, memory in enumerate(memories):
-            out[:, c] = 1.0 - memory.nearest(q[:, c], q_norms[:, c])
-        return np.clip(out, 0.0, 2.0)
+            out[c] = memory.nearest(q[c], q_norms[c])
+        return np.clip(1.0 - out.T, 0.0, 2.0)
 
     def _level_distance(self, windows: np.ndarray) -> np.ndarray:
         """(B, C): Euclidean distance of each channel window to the nearest remembered
@@ -510,10 +575,14 @@ class Ensemble(Online, Records):
         lo, hi = self._range()
         refs = (hi[0] + lo[0]) / 2.0  # (C,) each channel's windows centred on its range
         memories = self._derived("level_search", lambda: self._level_memories(refs, kept))
+        # (C, B', W): each channel's queries contiguous, centred as its memory
+        queries = np.subtract(windows[attached].transpose(2, 0, 1), refs[:, None, None],
+                              order="C")
+        d2 = np.empty(queries.shape[:2])
         for c, memory in enumerate(memories):
-            span = max(hi[0, c] - lo[0, c], 1e-12)
-            d2 = memory.nearest(windows[attached, :, c] - refs[c])
-            out[attached, c] = np.sqrt(np.maximum(d2, 0.0) / w) / span
+            d2[c] = memory.nearest(queries[c])
+        span = np.maximum(hi[0] - lo[0], 1e-12)
+        out[attached] = (np.sqrt(np.maximum(d2, 0.0) / w) / span[:, None]).T
         return out
 
     def _level_memories(self, refs: np.ndarray, kept: np.ndarray) -> tuple[SquaredMemory, ...]:
