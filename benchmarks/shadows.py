@@ -51,6 +51,7 @@ from throughput import load_nab, start_redis  # noqa: E402
 from models.data import run_main  # noqa: E402
 from models.reporting import results_dir, save_report  # noqa: E402
 from service.process import ServiceProcess, free_port  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 CHEAP = [("rl", {"detector": "residual_linear"}),
          ("ens", {"detector": "ensemble", "params": {"warmup": 128}}),
@@ -77,12 +78,23 @@ def body(stream: str, rows: np.ndarray) -> dict:
 
 # --- 1. live latency with 0, 1, 3 cheap shadows ------------------------------------------------
 BLOCK = 100  # requests per block at most; the configurations take turns
+CATCH_UP_SECONDS = Settings.model_fields["shadow_catch_up_seconds"].default
 
 
 def caught_up(http: httpx.Client, stream: str) -> bool:
     """Every shadow of the stream has scored every chunk the stream completed."""
     shadows = http.get(f"/streams/{stream}/shadows").json()["shadows"]
     return all(s["lag_points"] < 64 for s in shadows)
+
+
+def wait_caught_up(http: httpx.Client, stream: str) -> None:
+    """Until ``caught_up``: first a sleep as long as a cheap shadow's longest wait for a
+    catch-up (TSAD_SHADOW_CATCH_UP_SECONDS, 1 s), then a poll every 50 ms, so that the
+    polls' own CPU (counted to the block's requests) is about one request per block
+    whichever the tree."""
+    time.sleep(CATCH_UP_SECONDS)
+    while not caught_up(http, stream):
+        time.sleep(0.05)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -123,8 +135,7 @@ def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int,
                     r = http.put(f"/streams/{stream}/shadows/{name}", json=spec)
                     assert r.status_code == 201, r.text
                 http.post("/score", json=body(stream, series[:WARM])).raise_for_status()
-                while not caught_up(http, stream):
-                    time.sleep(0.05)
+                wait_caught_up(http, stream)
             latencies: list[list[float]] = [[] for _ in configs]
             cpu = [[0.0, 0.0] for _ in configs]  # the service process's, its children's
             before = load()
@@ -143,8 +154,7 @@ def cheap_shadows(series: np.ndarray, store: str, env: dict, batches: tuple[int,
                             latencies[k].append((time.perf_counter() - t0) * 1000)
                             assert r.status_code == 200, r.text
                             bar.update()
-                        while not caught_up(http, stream):
-                            time.sleep(0.05)
+                        wait_caught_up(http, stream)
                         for j, (a, b) in enumerate(zip(cpu0, cpu_seconds(proc.proc.pid),
                                                        strict=True)):
                             cpu[k][j] += b - a
@@ -348,10 +358,12 @@ def table(result: dict) -> str:
                   "128), raw_knn. Live: the default (ensemble). Each tree and configuration "
                   "on its own service process, one client posting back to back, the "
                   "configurations taking turns in blocks of requests (100 at batch 1, 8 at "
-                  "batch 100). Service CPU: the service process's CPU time over each turn "
-                  "per request (the live path; on the baseline also its shadows' threads); "
-                  "with shadow worker: the service's and its children's (this tree scores "
-                  "shadows in a child process), shadows' catch-up included.", ""]
+                  "batch 100); after each turn a sleep of TSAD_SHADOW_CATCH_UP_SECONDS' "
+                  "default, then polls until the shadows have caught up. Service CPU: the "
+                  "service process's CPU time over each turn per request (the live path, "
+                  "the shadows' commits; a tree before the child process, also its "
+                  "shadows' scoring); with shadow worker: the service's and its children's "
+                  "(the child process scoring the shadows), shadows' catch-up included.", ""]
     if lm := result.get("lm"):
         s = lm["score"]
         lines += ["## A language-model shadow's lag", "",

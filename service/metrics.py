@@ -200,9 +200,9 @@ class ServiceMetrics:
             multiprocess_mode="mostrecent", registry=r)
         self.shadow_lag_points = Gauge(
             "tsad_shadow_lag_points", "Points the stream stored that a shadow has not "
-            "scored yet (shadows catch up at each chunk end of 64 points, on the background "
-            "queue; per allow-listed stream)", ["stream", "shadow"],
-            multiprocess_mode="mostrecent", registry=r)
+            "scored yet (on the background queue, costly shadows catch up at each chunk end "
+            "of 64 points, cheap ones once 512 points wait or 1 s; per allow-listed "
+            "stream)", ["stream", "shadow"], multiprocess_mode="mostrecent", registry=r)
         self.shadow_lag_seconds = Histogram(
             "tsad_shadow_lag_seconds", "From a point's storing to its score by a shadow, per "
             "point, by the shadow's kind (cheap; costly: a language model or torch per "
@@ -215,6 +215,15 @@ class ServiceMetrics:
         self.shadow_queue_points = Gauge(
             "tsad_shadow_queue_points", "Points waiting on this process's background queue "
             "for shadow detectors", multiprocess_mode="livesum", registry=r)
+        # the shadows' child processes' embedding LRUs (their other language-model
+        # metrics count in tsad_embedding_*, with the service's own)
+        self.shadow_embedding_lru_bytes = Gauge(
+            "tsad_shadow_embedding_lru_bytes", "Bytes of embeddings held by the LRUs of "
+            "the shadow detectors' child processes (summed)", multiprocess_mode="livesum",
+            registry=r)
+        self.shadow_embedding_lru_entries = Gauge(
+            "tsad_shadow_embedding_lru_entries", "Embeddings held by the LRUs of the shadow "
+            "detectors' child processes (summed)", multiprocess_mode="livesum", registry=r)
         # --- webhooks
         self.webhook_deliveries_total = Counter(
             "tsad_webhook_deliveries_total", "Webhook delivery attempts by outcome "

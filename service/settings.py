@@ -214,6 +214,14 @@ class Settings(BaseSettings):
         100_000, ge=64, description="points waiting for shadows on one process's background "
         "queue (all streams); beyond it a shadow's oldest waiting points are dropped and "
         "counted as skipped, so a lagging shadow never holds back /score or memory")
+    shadow_catch_up_points: int = Field(
+        512, ge=64, le=100_000, description="a cheap shadow catches up once this many of "
+        "its points wait (and a chunk end is among them), or once its oldest has waited "
+        "shadow_catch_up_seconds: each catch-up's fixed cost (its mark read, its state "
+        "encoded and committed under the stream's lock) is spread over that many points")
+    shadow_catch_up_seconds: float = Field(
+        1.0, ge=0, le=3600, description="the longest a cheap shadow's waiting point waits "
+        "for the next catch-up (0: at every chunk end, as costly shadows)")
     shadow_workers: int = Field(1, ge=1, le=16, description="background tasks scoring "
                                 "shadows per process (cheap shadows' jobs first)")
     shadow_costly_together: int = Field(

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import numpy as np
@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from models.lm.metrics import HIT_LEVELS
 from service.app import create_app
 from service.errors import StoreUnavailable
 from service.metrics import ServiceMetrics
@@ -27,6 +28,7 @@ from service.process import ServiceProcess, free_port, terminate
 from service.settings import Settings
 from service.shadows import report as rep
 from service.shadows.log import COMPARED, Columns
+from service.stores.base import Commit
 from tests.conftest import BackendUnderTest, wait_for
 from tests.test_webhooks_integration import SECRET, Receiver
 
@@ -318,6 +320,13 @@ def test_a_lagging_costly_shadow_never_blocks_score(service_backend):
         settle(c)
         got = c.get("/streams/a/shadows/mem/scores", params={"limit": 10_000}).json()
         assert c.get("/streams/a/shadows/mem").json()["lag_points"] == 0
+        # the child's language-model metrics, relayed: the live detector embeds nothing
+        registry = c.app.state.metrics.registry
+        embedded = sum(registry.get_sample_value("tsad_embedding_cache_hits_total",
+                                                 {"level": level}) for level in HIT_LEVELS)
+        embedded += registry.get_sample_value("tsad_embedding_cache_misses_total")
+        assert embedded > 0
+        assert registry.get_sample_value("tsad_shadow_embedding_lru_entries") > 0
         assert c.put("/streams/b", json={"channels": 1, **memory}).status_code == 201
         live = [r for a in range(0, n, 128) for r in post(c, "b", ts[a:a + 128],
                                                            values[a:a + 128])]
@@ -545,6 +554,58 @@ def test_points_from_remote_write_reach_the_shadows(service_backend):
         shadow = c.get(f"/streams/{CPU_ID}/shadows/rl").json()
     assert len(got["timestamps"]) == 256 and shadow["lag_points"] == 0
     assert all(s is not None for s in got["shadow_scores"])  # warmed up on the first 128
+
+
+def test_a_cheap_shadow_catches_up_every_catch_up_points_or_seconds(service_backend):
+    """At batch 100 every request completes a chunk; a cheap shadow still catches up (and
+    commits under the stream's lock) only once TSAD_SHADOW_CATCH_UP_POINTS of its points
+    wait, or once its oldest has waited TSAD_SHADOW_CATCH_UP_SECONDS, with no one asking."""
+    ts, values = series(400, spikes=[])
+
+    def run(stream: str, points: int, seconds: float,
+            check: Callable[[TestClient, list], None]) -> None:
+        with make_client(service_backend, shadow_catch_up_points=points,
+                         shadow_catch_up_seconds=seconds) as c:
+            assert c.put(f"/streams/{stream}", json={"channels": 1}).status_code == 201
+            assert c.put(f"/streams/{stream}/shadows/rl", json={"detector": "residual_linear"}
+                         ).status_code == 201
+            backend = c.app.state.services.backend
+            real, commits = backend.commit, []
+
+            async def commit(change: Commit) -> int:
+                if change.scored is None:  # a shadow's own
+                    commits.append(change)
+                return await real(change)
+
+            backend.commit = commit
+            try:
+                check(c, commits)
+            finally:
+                backend.commit = real
+
+    def lag(c: TestClient, stream: str) -> int:
+        return c.get(f"/streams/{stream}/shadows/rl").json()["lag_points"]
+
+    def by_points(c: TestClient, commits: list) -> None:
+        post(c, "p", ts[:200], values[:200])  # three chunk ends, 200 points waiting
+        time.sleep(0.5)
+        assert (len(commits), lag(c, "p")) == (0, 200)
+        post(c, "p", ts[200:300], values[200:300])  # 300 waiting: due
+        wait_for(lambda: lag(c, "p") == 0, timeout=30)
+        assert len(commits) == 1
+        post(c, "p", ts[300:400], values[300:400])
+        time.sleep(0.5)
+        assert (len(commits), lag(c, "p")) == (1, 100)
+        settle(c)  # a promotion's, a test's: every ready job at once
+        assert (len(commits), lag(c, "p")) == (2, 0)
+
+    def by_seconds(c: TestClient, commits: list) -> None:
+        post(c, "t", ts[:100], values[:100])  # a chunk end, 100 points waiting
+        wait_for(lambda: lag(c, "t") == 0, timeout=30)  # due once the oldest waited 0.3 s
+        assert len(commits) == 1
+
+    run("p", 256, 3600.0, by_points)
+    run("t", 100_000, 0.3, by_seconds)
 
 
 def test_a_shadow_job_the_store_fails_is_put_back_and_skips_nothing(service_backend):

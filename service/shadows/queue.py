@@ -4,16 +4,20 @@ a live request, and a lagging one never holds /score back.
 
 After each commit the score transaction hands over each shadow's batch (``committed``):
 the points with the context their windows need, and the live results to compare with.
-Batches join the shadow's pending job (one per shadow: batches merge). A shadow catches
-up when its stream completes a chunk (64 points): a job is ready once it holds a chunk
-end, so a detector scores a chunk in one vectorised call (a language model embeds its
-windows in one call), and a shadow runs at most a chunk behind plus the queue's wait.
-Cheap shadows' jobs go first; costly ones go together, up to
-``TSAD_SHADOW_COSTLY_TOGETHER`` of them (their language-model prompts share forward passes
-in the child). A worker task hands a ready job to its child process
-(``worker.py``: off the service's interpreter, at a lower priority), which scores it and
-encodes the shadow's changed sections outside the stream's lock; the task then commits
-them under it, after checking that the shadow is still the one it scored (same id: not
+Batches join the shadow's pending job (one per shadow: batches merge). A job is ready
+once it holds a chunk end (64 points), so a detector scores at least a chunk in one
+vectorised call (a language model embeds its windows in one call). A costly shadow
+catches up at every chunk end: it runs at most a chunk behind plus the queue's wait. A
+cheap one catches up once ``TSAD_SHADOW_CATCH_UP_POINTS`` (512) of its points wait or
+its oldest has waited ``TSAD_SHADOW_CATCH_UP_SECONDS`` (1 s), whichever comes first: a
+catch-up's fixed cost (its mark read, its state encoded and sent, its commit under the
+stream's lock, which a live request of the stream then waits for) is paid once per
+several chunks, not at every batch-100 request. Cheap shadows' jobs go first; costly
+ones go together, up to ``TSAD_SHADOW_COSTLY_TOGETHER`` of them (their language-model
+prompts share forward passes in the child). A worker task hands a ready job to its child
+process (``worker.py``: off the service's interpreter, at a lower priority), which scores
+it and encodes the shadow's changed sections outside the stream's lock; the task then
+commits them under it, after checking that the shadow is still the one it scored (same id: not
 deleted, promoted or replaced) and still where it started (same mark). When more
 than ``TSAD_SHADOW_QUEUE_POINTS`` points wait, the oldest are dropped and counted as
 skipped; after a crash, a shadow goes on from its mark with what the store holds (and
@@ -25,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -50,7 +55,10 @@ RETRY_SECONDS = 1.0  # a worker's pause after a job the store failed, put back
 class Job(Offer):
     """A shadow's pending batches, merged: the stream's points from index ``first`` (with
     the context their windows need), the first of them not yet scored (``new``) and the
-    live results known for them."""
+    live results known for them; ``since``: when the oldest of its pending batches came
+    (monotonic seconds)."""
+
+    since: float = field(default_factory=time.monotonic)
 
     @classmethod
     def of(cls, offer: Offer) -> Job:
@@ -72,6 +80,21 @@ class Job(Offer):
     def ready(self) -> bool:
         """It holds a chunk end: a chunk of the stream is complete."""
         return self.end // CHUNK > self.new // CHUNK
+
+    def due(self, settings: Settings, now: float) -> bool:
+        """Ready, and worth a catch-up now: a costly shadow at every chunk end (its
+        detector's cost is per point); a cheap one once TSAD_SHADOW_CATCH_UP_POINTS of
+        its points wait or its oldest has waited TSAD_SHADOW_CATCH_UP_SECONDS, so that
+        the fixed cost of a catch-up (its mark read, its state encoded and committed
+        under the stream's lock, which a live request of the stream then waits for) is
+        paid once per many chunks at batch 100, not at every request."""
+        return self.ready and (self.config.costly
+                               or self.pending >= settings.shadow_catch_up_points
+                               or now - self.since >= settings.shadow_catch_up_seconds)
+
+    def due_at(self, settings: Settings) -> float:
+        """When a ready job is due at the latest (monotonic seconds)."""
+        return self.since + (0.0 if self.config.costly else settings.shadow_catch_up_seconds)
 
     def merge(self, offer: Offer) -> None:
         if offer.first <= self.end:  # overlapping context: append what is new, and prepend
@@ -104,11 +127,12 @@ class ShadowQueue:
         self.series = series
         self.scorers = scorers
         self.jobs: OrderedDict[tuple[str, str], Job] = OrderedDict()  # oldest first
-        self.workers = [ShadowWorker(settings) for _ in range(settings.shadow_workers)]
+        self.workers = [ShadowWorker(settings, metrics) for _ in range(settings.shadow_workers)]
         self.offered: dict[tuple[str, str], int] = {}  # the newest point offered, per shadow
         self.marks: dict[tuple[str, str], int] = {}  # where each shadow was last committed
         self._waiting = 0  # points waiting in jobs (kept as offers come: ``waiting``)
-        self._ready = asyncio.Event()
+        self._ready = asyncio.Event()  # a job became ready or due: the workers look
+        self._flushing = 0  # ``drained`` waiting: every ready job is due
         self._tasks: list[asyncio.Task] = []
         self.running: set[tuple[str, str]] = set()  # shadows being scored now
 
@@ -122,6 +146,7 @@ class ShadowQueue:
         key = (offer.stream, offer.config.id)
         job = self.jobs.get(key)
         before = 0 if job is None else job.pending
+        was_ready = job is not None and job.ready
         if job is None:
             job = self.jobs[key] = Job.of(offer)
         else:
@@ -132,8 +157,11 @@ class ShadowQueue:
         self.series.shadow(offer.stream, offer.config.name,
                            lag_points=end - self.marks.get(key, offer.config.start))
         self._bound()
-        if job.ready:  # else nothing for a worker to do yet
-            self._ready.set()
+        if job.ready and (not was_ready or self._due(job, time.monotonic())):
+            self._ready.set()  # newly ready (a worker times when it is due) or due now
+
+    def _due(self, job: Job, now: float) -> bool:
+        return job.due(self.settings, now) or (self._flushing > 0 and job.ready)
 
     def _bound(self) -> None:
         """At most TSAD_SHADOW_QUEUE_POINTS waiting: the longest job loses its oldest."""
@@ -182,24 +210,34 @@ class ShadowQueue:
         """Wait until no ready job waits or runs (tests, benchmarks, a promotion); False on
         timeout."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while any(j.ready for j in self.jobs.values()) or self.running:
-            if asyncio.get_running_loop().time() > deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
+        self._flushing += 1  # meanwhile every ready job is due
+        self._ready.set()
+        try:
+            while any(j.ready for j in self.jobs.values()) or self.running:
+                if asyncio.get_running_loop().time() > deadline:
+                    return False
+                await asyncio.sleep(0.01)
+            return True
+        finally:
+            self._flushing -= 1
 
     async def _work(self, worker: ShadowWorker) -> None:
         while True:
-            ready = [k for k, j in self.jobs.items() if j.ready]  # oldest first, cheap first
-            key = min(ready, key=lambda k: self.jobs[k].config.costly, default=None)
-            if key is None:
+            now = time.monotonic()
+            waiting = [(k, j) for k, j in self.jobs.items() if j.ready]
+            due = [k for k, j in waiting if self._due(j, now)]  # oldest first, cheap first
+            key = min(due, key=lambda k: self.jobs[k].config.costly, default=None)
+            if key is None:  # sleep until one is offered, or the first ready one is due
                 self._ready.clear()
-                await self._ready.wait()
+                wake = min((j.due_at(self.settings) for _, j in waiting), default=None)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(),
+                                           None if wake is None else max(wake - now, 0.0))
                 continue
             if not self.jobs[key].config.costly:
                 await self._take(key, worker)
                 continue
-            together = [k for k in ready if self.jobs[k].config.costly]
+            together = [k for k in due if self.jobs[k].config.costly]
             await asyncio.gather(*(self._take(k, worker) for k in
                                    together[:self.settings.shadow_costly_together]))
 

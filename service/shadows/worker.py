@@ -12,7 +12,10 @@ decoded engines between jobs (least recently used out), scores each job in a thr
 its own (the prompts of costly jobs sent together share the language model's forward
 passes, and its embedding cache), encodes the changed sections and answers; the service
 commits them under the stream's lock (``queue.py``), so the store is touched by the
-service only. A child that dies is started again by the next job; the service kills it
+service only. The child's language-model metrics (its encoder's cache hits and misses,
+passes, encode time, LRU size) travel back with each answer and are made on the
+service's own metrics (``RelayedMetrics``), so its /metrics shows the shadows'
+language-model work too. A child that dies is started again by the next job; the service kills it
 when it stops (a language-model job of minutes never holds a SIGTERM'd service), and a
 child whose service is gone exits.
 """
@@ -29,13 +32,14 @@ import struct
 import sys
 import threading
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.shadows.config import ShadowConfig
 from service.shadows.engine import Caught, ShadowEngine
@@ -75,13 +79,54 @@ def configure_lm(settings: Settings, embedding_metrics: Any) -> None:  # noqa: A
                          embedding_metrics, settings.lm_batch_window_ms / 1000)
 
 
+class RelayedMetrics:
+    """Stands in for ``EmbeddingMetrics`` in the child: each call on one of its metrics
+    (which, with what labels, what value) is kept until the next answer carries it to the
+    service, which makes the same call on its own (``ShadowWorker.replay``)."""
+
+    def __init__(self) -> None:
+        self.calls: deque[tuple[str, tuple, str, float]] = deque()
+
+    def __getattr__(self, name: str) -> _Relayed:
+        return _Relayed(self.calls, name, ())
+
+    def take(self) -> list[tuple[str, tuple, str, float]]:
+        """The calls made since the last take (jobs in other threads may add meanwhile)."""
+        out = []
+        with contextlib.suppress(IndexError):
+            while True:
+                out.append(self.calls.popleft())
+        return out
+
+
+class _Relayed:
+    __slots__ = ("bound", "calls", "name")
+
+    def __init__(self, calls: deque, name: str, bound: tuple) -> None:
+        self.calls, self.name, self.bound = calls, name, bound
+
+    def labels(self, **labels: str) -> _Relayed:
+        return _Relayed(self.calls, self.name, tuple(sorted(labels.items())))
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.calls.append((self.name, self.bound, "inc", float(amount)))
+
+    def observe(self, value: float) -> None:
+        self.calls.append((self.name, self.bound, "observe", float(value)))
+
+    def set(self, value: float) -> None:
+        self.calls.append((self.name, self.bound, "set", float(value)))
+
+
 class ShadowWorker:
     """The service's end of one child process. Calls may overlap: each carries an id and
     its answer comes back with it (the child scores jobs in threads of its own, so the
     language-model prompts of jobs sent together share forward passes)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics  # where the child's language-model metrics are made
+        self.lru: dict[str, float] = {}  # the child's LRU gauges, as last relayed
         self.at: dict[Key, int] = {}  # the child holds these shadows' engines at these marks
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
@@ -140,12 +185,14 @@ class ShadowWorker:
         try:
             while True:
                 (n,) = _LENGTH.unpack(await proc.stdout.readexactly(_LENGTH.size))
-                call, reply = pickle.loads(await proc.stdout.readexactly(n))
+                call, reply, relayed = pickle.loads(await proc.stdout.readexactly(n))
+                self.replay(relayed)
                 answer = self._waiting.get(call)
                 if answer is not None and not answer.done():
                     answer.set_result(reply)
         except (asyncio.IncompleteReadError, ConnectionError):  # it died: calls fail
             self.at.clear()
+            self._lru_gone()
             for answer in self._waiting.values():
                 if not answer.done():
                     answer.set_exception(ShadowWorkerGone("the shadow worker process died"))
@@ -158,6 +205,7 @@ class ShadowWorker:
         proc, self._proc = self._proc, None
         reader, self._reader = self._reader, None
         self.at.clear()
+        self._lru_gone()
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -170,6 +218,32 @@ class ShadowWorker:
         for answer in self._waiting.values():
             if not answer.done():
                 answer.set_exception(ShadowWorkerGone("the shadow worker was stopped"))
+
+
+    def replay(self, relayed: list[tuple[str, tuple, str, float]]) -> None:
+        """The child's language-model metrics, made on the service's: counters and
+        histograms as the child made them (its cache hits count with the service's own);
+        its LRU's size in gauges of their own (tsad_shadow_embedding_lru_*, summed over
+        the children), which the service's encoder would otherwise overwrite."""
+        if self.metrics is None:
+            return
+        embedding = self.metrics.embedding
+        for name, bound, method, value in relayed:
+            if method == "set":  # lru_bytes, lru_entries
+                gauge = getattr(self.metrics, f"shadow_embedding_{name}", None)
+                if gauge is not None:
+                    gauge.inc(value - self.lru.get(name, 0.0))
+                    self.lru[name] = value
+                continue
+            metric = getattr(embedding, name)
+            getattr(metric.labels(**dict(bound)) if bound else metric, method)(value)
+
+    def _lru_gone(self) -> None:
+        """The child is gone, and its LRU with it."""
+        if self.metrics is not None:
+            for name, value in self.lru.items():
+                getattr(self.metrics, f"shadow_embedding_{name}").dec(value)
+        self.lru.clear()
 
 
 def _frame(obj: object) -> bytes:
@@ -223,13 +297,11 @@ def main() -> None:
         settings: Settings = _read(stdin)
     except EOFError:
         return
-    from prometheus_client import CollectorRegistry
     from threadpoolctl import threadpool_limits
 
-    from models.lm.metrics import EmbeddingMetrics
-
     threadpool_limits(settings.blas_threads, user_api="blas")
-    configure_lm(settings, EmbeddingMetrics(CollectorRegistry()))
+    relayed = RelayedMetrics()
+    configure_lm(settings, relayed)
     engines = _Engines(settings)
     sending = threading.Lock()
 
@@ -239,7 +311,7 @@ def main() -> None:
         except Exception:  # the service logs it: one shadow's failure skips its points
             reply = ("error", traceback.format_exc(limit=8))
         with sending:
-            out.write(_frame((call, reply)))
+            out.write(_frame((call, reply, relayed.take())))
             out.flush()
 
     # jobs sent together run together: their language-model prompts share passes
