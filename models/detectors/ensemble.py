@@ -530,19 +530,15 @@ class Ensemble(Online, Records):
 
     def _cosine_memories(self) -> tuple[CosineMemory, ...]:
         """Each channel's ``CosineMemory`` of its remembered shapes. A memory searched
-        whole keeps its unit-scaled shapes from block to block, C-ordered (W, N): its
-        product runs faster on them than on the transposed (N, W); one searched as a few
-        distinct shapes (``distinct_rows``) keeps none."""
+        whole keeps its unit-scaled shapes (``unit_t``) from block to block, where
+        ``_remember`` updates them slot by slot; one searched as a few distinct shapes
+        (``distinct_rows``) keeps none."""
         shapes, norms = self._memory_shapes()
         units = self._shapes["unit_t"]
         memories = []
         for c, unit_t in enumerate(units):
             memory = CosineMemory(shapes[c], norms[c], unit_t)
-            if memory.distinct:
-                units[c] = None
-            elif unit_t is None:
-                units[c] = np.ascontiguousarray(memory.unit_t)
-                memory.__dict__["unit_t"] = units[c]
+            units[c] = None if memory.distinct else memory.unit_t
             memories.append(memory)
         return tuple(memories)
 

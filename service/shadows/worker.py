@@ -219,7 +219,6 @@ class ShadowWorker:
             if not answer.done():
                 answer.set_exception(ShadowWorkerGone("the shadow worker was stopped"))
 
-
     def replay(self, relayed: list[tuple[str, tuple, str, float]]) -> None:
         """The child's language-model metrics, made on the service's: counters and
         histograms as the child made them (its cache hits count with the service's own);
